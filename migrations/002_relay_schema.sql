@@ -1,0 +1,30 @@
+-- The relay's own state. `outbox-relay init` applies this file (with `outbox_relay` replaced
+-- by relay.schema when that is set); it is idempotent.
+CREATE SCHEMA IF NOT EXISTS outbox_relay;
+
+-- Per (slot, sink): every event at or below (commit_lsn, event_index) is acknowledged by the
+-- sink. On restart, events at or below it are skipped for that sink.
+CREATE TABLE IF NOT EXISTS outbox_relay.checkpoints (
+    slot        text        NOT NULL,
+    sink        text        NOT NULL,
+    commit_lsn  pg_lsn      NOT NULL,
+    event_index integer     NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot, sink)
+);
+
+-- Rows that could not become events (sink = '') or that a sink refused for good, with the
+-- reason and the raw row. Replays after a crash do not duplicate them.
+CREATE TABLE IF NOT EXISTS outbox_relay.dead_letters (
+    id           bigserial   PRIMARY KEY,
+    slot         text        NOT NULL,
+    sink         text        NOT NULL DEFAULT '',
+    source_table text        NOT NULL,
+    commit_lsn   pg_lsn      NOT NULL,
+    event_index  integer     NOT NULL,
+    xid          bigint      NOT NULL,
+    reason       text        NOT NULL,
+    row_data     jsonb       NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (slot, sink, commit_lsn, event_index)
+);

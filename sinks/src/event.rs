@@ -1,0 +1,121 @@
+//! The event that crosses the sink seam, and the source position that orders it.
+//!
+//! Text fields are [`Text`]: UTF-8-checked slices of the replication receive buffer, so
+//! building an event copies no row data.
+
+use bytes::Bytes;
+use std::fmt;
+use std::sync::Arc;
+
+/// A PostgreSQL write-ahead-log position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+impl std::str::FromStr for Lsn {
+    type Err = String;
+
+    /// Parses PostgreSQL's `XXXXXXXX/XXXXXXXX` text form.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| format!("invalid LSN {s:?}: expected the form 16/B374D848"))?;
+        let parse = |part: &str| {
+            u32::from_str_radix(part, 16)
+                .map_err(|_| format!("invalid LSN {s:?}: {part:?} is not hex"))
+        };
+        Ok(Lsn((u64::from(parse(hi)?) << 32) | u64::from(parse(lo)?)))
+    }
+}
+
+/// Where an event sits in the source's total order: the commit LSN of its transaction, then
+/// its index among the transaction's outbox events. Ordering positions is ordering commits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub index: u32,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.commit_lsn, self.index)
+    }
+}
+
+/// UTF-8 text sharing the buffer it was received in.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Text(Bytes);
+
+impl Text {
+    /// Wraps `bytes` if they are valid UTF-8.
+    pub fn new(bytes: Bytes) -> Result<Self, std::str::Utf8Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Text(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: `Text::new` and `From<&str>`/`From<String>` are the only constructors and
+        // both guarantee UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text(Bytes::from(s))
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One committed outbox row, ready to publish.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub position: Position,
+    /// Transaction id of the writing transaction.
+    pub xid: u32,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_micros: i64,
+    /// Source table, `schema.name`.
+    pub table: Arc<str>,
+    /// The outbox row's `id`: stable across redeliveries, for consumer-side dedup.
+    pub id: Text,
+    /// Aggregate id: the ordering key.
+    pub key: Text,
+    pub aggregate_type: Text,
+    pub event_type: Text,
+    /// The payload as a JSON document.
+    pub payload: Text,
+}

@@ -1,0 +1,236 @@
+//! The file sink: appends one JSON event per line to a file, fsyncs each batch, and recovers
+//! its position from the file's last complete line. Because the file itself records how far
+//! it got, a restart after a crash neither repeats nor loses events (exactly-once into the
+//! file); a torn last line from a crash mid-write is cut off before appending.
+
+use crate::{envelope, Delivery, Event, Position, Sink, SinkError};
+use async_trait::async_trait;
+use std::io::SeekFrom;
+use std::path::PathBuf;
+use tokio::fs::{File, OpenOptions};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+pub struct FileSink {
+    path: PathBuf,
+    fsync: bool,
+    /// The open file and its length after the last acknowledged batch. A failed append is
+    /// cut back to that length before the retry, so a torn batch never stays in the file.
+    open: Option<(File, u64)>,
+    buf: Vec<u8>,
+}
+
+impl FileSink {
+    /// A sink appending to `path`; with `fsync`, a batch is acknowledged only once it is on
+    /// disk.
+    pub fn new(path: impl Into<PathBuf>, fsync: bool) -> Self {
+        FileSink {
+            path: path.into(),
+            fsync,
+            open: None,
+            buf: Vec::with_capacity(64 * 1024),
+        }
+    }
+
+    fn io_error(&self, action: &str, err: std::io::Error) -> SinkError {
+        SinkError::from_io(&format!("{action} {}", self.path.display()), err)
+    }
+
+    /// Opens the file and cuts it back to its last complete line; returns that line.
+    async fn open(&mut self) -> Result<Option<Vec<u8>>, SinkError> {
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| self.io_error("creating the directory of", e))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .await
+            .map_err(|e| self.io_error("opening", e))?;
+        let (complete_len, last_line) = last_complete_line(&mut file)
+            .await
+            .map_err(|e| self.io_error("reading", e))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| self.io_error("reading", e))?
+            .len();
+        if len > complete_len {
+            tracing::warn!(path = %self.path.display(), bytes = len - complete_len,
+                "cutting off a torn last line left by an interrupted write");
+            file.set_len(complete_len)
+                .await
+                .map_err(|e| self.io_error("truncating", e))?;
+        }
+        self.open = Some((file, complete_len));
+        Ok(last_line)
+    }
+
+    async fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let (file, len) = self
+            .open
+            .as_mut()
+            .expect("append is called on an open file");
+        file.write_all(bytes).await?;
+        if self.fsync {
+            file.sync_data().await?;
+        }
+        *len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Returns the offset of the last `byte` strictly before `end`, reading backwards in chunks.
+async fn rfind_byte(file: &mut File, end: u64, byte: u8) -> std::io::Result<Option<u64>> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = end;
+    let mut chunk = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        chunk.resize((end - start) as usize, 0);
+        file.seek(SeekFrom::Start(start)).await?;
+        file.read_exact(&mut chunk).await?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == byte) {
+            return Ok(Some(start + i as u64));
+        }
+        end = start;
+    }
+    Ok(None)
+}
+
+/// The length of `file` up to its last newline, and the last complete line (without it).
+async fn last_complete_line(file: &mut File) -> std::io::Result<(u64, Option<Vec<u8>>)> {
+    let len = file.metadata().await?.len();
+    let Some(last_newline) = rfind_byte(file, len, b'\n').await? else {
+        return Ok((0, None));
+    };
+    let line_start = rfind_byte(file, last_newline, b'\n')
+        .await?
+        .map_or(0, |p| p + 1);
+    let mut line = vec![0; (last_newline - line_start) as usize];
+    file.seek(SeekFrom::Start(line_start)).await?;
+    file.read_exact(&mut line).await?;
+    Ok((last_newline + 1, Some(line)))
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
+        let Some(line) = self.open().await? else {
+            return Ok(None);
+        };
+        envelope::position_of_line(&line).map(Some).ok_or_else(|| {
+            SinkError::Permanent(format!(
+                "the last line of {} is not an outbox-relay event: point the file sink at a new \
+                 file or at one this relay wrote",
+                self.path.display()
+            ))
+        })
+    }
+
+    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        if self.open.is_none() {
+            self.open().await?;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        for event in batch {
+            envelope::write_json_line(event, &mut buf);
+        }
+        let appended = self.append(&buf).await;
+        self.buf = buf;
+        match appended {
+            Ok(()) => Ok(Delivery::default()),
+            Err(err) => {
+                // Drop the handle: the next attempt reopens and cuts the torn batch off.
+                if let Some((file, len)) = self.open.take() {
+                    let _ = file.set_len(len).await;
+                }
+                Err(self.io_error("appending to", err))
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        if let Some((file, _)) = self.open.take() {
+            file.sync_all()
+                .await
+                .map_err(|e| self.io_error("syncing", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Lsn, Text};
+
+    fn event(lsn: u64, index: u32) -> Event {
+        Event {
+            position: Position {
+                commit_lsn: Lsn(lsn),
+                index,
+            },
+            xid: 1,
+            commit_time_micros: 0,
+            table: "public.outbox".into(),
+            id: Text::from("id"),
+            key: Text::from("k"),
+            aggregate_type: Text::from("a"),
+            event_type: Text::from("t"),
+            payload: Text::from("{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn recovers_last_position_and_cuts_a_torn_line() {
+        let dir = std::env::temp_dir().join(format!("file-sink-{}", std::process::id()));
+        let path = dir.join("events.jsonl");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let mut sink = FileSink::new(&path, false);
+        assert_eq!(sink.recover().await.unwrap(), None);
+        sink.send(&[event(100, 0), event(100, 1), event(200, 0)])
+            .await
+            .unwrap();
+        sink.close().await.unwrap();
+
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.extend_from_slice(b"{\"id\":\"half");
+        std::fs::write(&path, &torn).unwrap();
+
+        let mut sink = FileSink::new(&path, false);
+        assert_eq!(
+            sink.recover().await.unwrap(),
+            Some(Position {
+                commit_lsn: Lsn(200),
+                index: 0
+            })
+        );
+        sink.send(&[event(300, 0)]).await.unwrap();
+        sink.close().await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 4);
+        assert!(text
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn refuses_a_foreign_file() {
+        let dir = std::env::temp_dir().join(format!("file-sink-foreign-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notes.txt");
+        std::fs::write(&path, "shopping list\n").unwrap();
+        let err = FileSink::new(&path, false).recover().await.unwrap_err();
+        assert!(
+            err.to_string().contains("not an outbox-relay event"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

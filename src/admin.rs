@@ -1,0 +1,321 @@
+//! The operator commands beside `run`: `init` creates what the relay needs, `check` finds
+//! every problem with the configuration and the database (one line each, with the fix), and
+//! `status` shows slot lag and checkpoints.
+
+use crate::config::{parse_table_name, Config};
+use crate::db;
+use crate::source::replication::ReplicationConnection;
+use anyhow::Context;
+use tokio_postgres::Client;
+
+const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/002_relay_schema.sql");
+
+/// Quotes `schema.table` for SQL.
+fn quoted_table(name: &str) -> String {
+    let (schema, table) = parse_table_name(name).expect("validated by the config");
+    format!("\"{schema}\".\"{table}\"")
+}
+
+/// Creates the relay schema, the publication (or adds missing tables to it) and the slot;
+/// safe to run any number of times.
+pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
+    let source = &config.source;
+    let client = db::connect(&source.connect_params()?).await?;
+    let mut done = Vec::new();
+
+    let schema_sql = RELAY_SCHEMA_SQL.replace("outbox_relay", &config.relay.schema);
+    client
+        .batch_execute(&schema_sql)
+        .await
+        .map_err(db::explain)
+        .with_context(|| format!("creating schema {} (the role needs CREATE on the database, or see migrations/003_relay_role.sql)", config.relay.schema))?;
+    done.push(format!("schema {} with checkpoints and dead_letters: ready", config.relay.schema));
+
+    let published = published_tables(&client, &source.publication).await?;
+    match published {
+        None => {
+            let tables: Vec<String> = source.tables.iter().map(|t| quoted_table(t)).collect();
+            client
+                .batch_execute(&format!("CREATE PUBLICATION \"{}\" FOR TABLE {}", source.publication, tables.join(", ")))
+                .await
+                .map_err(db::explain)
+                .with_context(|| format!("creating publication {} (the table owner must do it)", source.publication))?;
+            done.push(format!("publication {}: created for {}", source.publication, source.tables.join(", ")));
+        }
+        Some(published) => {
+            let missing: Vec<&String> = source.tables.iter().filter(|t| !published.contains(&normalized(t))).collect();
+            if missing.is_empty() {
+                done.push(format!("publication {}: already covers the outbox tables", source.publication));
+            } else {
+                let tables: Vec<String> = missing.iter().map(|t| quoted_table(t)).collect();
+                client
+                    .batch_execute(&format!("ALTER PUBLICATION \"{}\" ADD TABLE {}", source.publication, tables.join(", ")))
+                    .await
+                    .map_err(db::explain)
+                    .with_context(|| format!("adding tables to publication {}", source.publication))?;
+                done.push(format!("publication {}: added {}", source.publication, tables.join(", ")));
+            }
+        }
+    }
+
+    let slot_exists = client
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&source.slot])
+        .await
+        .map_err(db::explain)?
+        .is_some();
+    if slot_exists {
+        done.push(format!("replication slot {}: already exists", source.slot));
+    } else {
+        client
+            .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&source.slot])
+            .await
+            .map_err(db::explain)
+            .with_context(|| format!("creating replication slot {}", source.slot))?;
+        done.push(format!("replication slot {}: created", source.slot));
+    }
+    Ok(done)
+}
+
+fn normalized(table: &str) -> String {
+    let (schema, name) = parse_table_name(table).expect("validated by the config");
+    format!("{schema}.{name}")
+}
+
+/// The tables of `publication` as `schema.table`, or `None` if it does not exist.
+async fn published_tables(client: &Client, publication: &str) -> anyhow::Result<Option<Vec<String>>> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(db::explain)?
+        .is_some();
+    if !exists {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(db::explain)?;
+    Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+}
+
+/// Every problem found, one line each with its fix; empty when the relay can run.
+pub async fn check(config: &Config) -> Vec<String> {
+    let source = &config.source;
+    let params = match source.connect_params() {
+        Ok(params) => params,
+        Err(err) => return vec![format!("{err:#}")],
+    };
+    let client = match db::connect(&params).await {
+        Ok(client) => client,
+        Err(err) => return vec![format!("{err:#}")],
+    };
+    let mut problems = Vec::new();
+    if let Err(err) = check_database(config, &client, &mut problems).await {
+        problems.push(format!("checking the database failed: {err:#}"));
+    }
+    match ReplicationConnection::connect(&params).await {
+        Ok(mut connection) => {
+            if let Err(err) = connection.identify_system().await {
+                problems.push(format!("replication connection: {err}"));
+            }
+        }
+        Err(err) => problems.push(format!("replication connection: {err}")),
+    }
+    problems
+}
+
+async fn check_database(config: &Config, client: &Client, problems: &mut Vec<String>) -> anyhow::Result<()> {
+    let source = &config.source;
+    let one = |sql: &'static str| async move { client.query_one(sql, &[]).await.map_err(db::explain) };
+
+    let wal_level: String = one("SHOW wal_level").await?.get(0);
+    if wal_level != "logical" {
+        problems.push(format!(
+            "wal_level is {wal_level}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
+        ));
+    }
+    let role = one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").await?;
+    let (user, can_replicate): (String, bool) = (role.get(0), role.get(1));
+    if !can_replicate {
+        problems.push(format!("role {user} cannot stream: ALTER ROLE {user} WITH REPLICATION (see migrations/003_relay_role.sql)"));
+    }
+
+    for table in &source.tables {
+        let row = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL, \
+                 CASE WHEN to_regclass($1) IS NOT NULL THEN has_table_privilege(to_regclass($1), 'SELECT') END",
+                &[&quoted_table(table)],
+            )
+            .await
+            .map_err(db::explain)?;
+        let (exists, readable): (bool, Option<bool>) = (row.get(0), row.get(1));
+        if !exists {
+            problems.push(format!(
+                "outbox table {table} does not exist: create it (see migrations/001_outbox_table.sql) or fix source.tables"
+            ));
+            continue;
+        }
+        if readable == Some(false) {
+            problems.push(format!("role {user} cannot read {table}: GRANT SELECT ON {table} TO {user}"));
+        }
+        let (schema, name) = parse_table_name(table)?;
+        let rows = client
+            .query(
+                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(db::explain)?;
+        let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        for required in ["id", "aggregatetype", "aggregateid", "type", "payload"] {
+            if !columns.iter().any(|c| c == required) {
+                problems.push(format!("outbox table {table} has no column {required}: see migrations/001_outbox_table.sql"));
+            }
+        }
+    }
+
+    match published_tables(client, &source.publication).await? {
+        None => problems.push(format!(
+            "publication {} does not exist: run `outbox-relay init` (as the tables' owner), or fix source.publication",
+            source.publication
+        )),
+        Some(published) => {
+            for table in source.tables.iter().filter(|t| !published.contains(&normalized(t))) {
+                problems.push(format!(
+                    "publication {} does not include {table}: ALTER PUBLICATION {} ADD TABLE {table} (or run `outbox-relay init`)",
+                    source.publication, source.publication
+                ));
+            }
+        }
+    }
+
+    let slot = client
+        .query_opt(
+            "SELECT plugin::text, database::text = current_database(), active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&source.slot],
+        )
+        .await
+        .map_err(db::explain)?;
+    match slot {
+        Some(row) => {
+            let (plugin, same_db): (Option<String>, Option<bool>) = (row.get(0), row.get(1));
+            if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
+                problems.push(format!(
+                    "replication slot {} belongs to another database or plugin: choose another source.slot",
+                    source.slot
+                ));
+            }
+        }
+        None if !source.create_slot => problems.push(format!(
+            "replication slot {} does not exist: run `outbox-relay init`, or set source.create_slot = true",
+            source.slot
+        )),
+        None => {
+            let free: bool = one(
+                "SELECT current_setting('max_replication_slots')::int > (SELECT count(*) FROM pg_replication_slots)",
+            )
+            .await?
+            .get(0);
+            if !free {
+                problems.push(format!(
+                    "replication slot {} does not exist and every slot is in use: raise max_replication_slots",
+                    source.slot
+                ));
+            }
+        }
+    }
+
+    let schema = &config.relay.schema;
+    let state = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            &[&format!("{schema}.checkpoints"), &format!("{schema}.dead_letters")],
+        )
+        .await
+        .map_err(db::explain)?;
+    if !state.get::<_, bool>(0) {
+        problems.push(format!("the relay's tables in schema {schema} do not exist: run `outbox-relay init`"));
+    } else {
+        let writable: bool = client
+            .query_one(
+                "SELECT has_table_privilege($1, 'INSERT, UPDATE') AND has_table_privilege($2, 'INSERT')",
+                &[&format!("{schema}.checkpoints"), &format!("{schema}.dead_letters")],
+            )
+            .await
+            .map_err(db::explain)?
+            .get(0);
+        if !writable {
+            problems.push(format!("role {user} cannot write {schema}.checkpoints / {schema}.dead_letters: grant INSERT, UPDATE (see migrations/003_relay_role.sql)"));
+        }
+    }
+    Ok(())
+}
+
+/// A human-readable report: slot activity and lag, checkpoints per sink, dead letters.
+pub async fn status(config: &Config) -> anyhow::Result<String> {
+    let source = &config.source;
+    let client = db::connect(&source.connect_params()?).await?;
+    let mut out = String::new();
+    let slot = client
+        .query_opt(
+            "SELECT active, active_pid, confirmed_flush_lsn::text, pg_current_wal_lsn()::text, \
+             pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&source.slot],
+        )
+        .await
+        .map_err(db::explain)?;
+    match slot {
+        None => out.push_str(&format!("slot {}: does not exist (run `outbox-relay init`)\n", source.slot)),
+        Some(row) => {
+            let active: bool = row.get(0);
+            let pid: Option<i32> = row.get(1);
+            let confirmed: Option<String> = row.get(2);
+            let current: String = row.get(3);
+            let lag: Option<i64> = row.get(4);
+            out.push_str(&format!(
+                "slot {}: {}\n  confirmed_flush_lsn {}\n  server wal_lsn      {}\n  lag                 {} bytes\n",
+                source.slot,
+                match pid {
+                    Some(pid) if active => format!("active (pid {pid})"),
+                    _ => "inactive".into(),
+                },
+                confirmed.unwrap_or_else(|| "-".into()),
+                current,
+                lag.map_or_else(|| "-".into(), |l| l.to_string()),
+            ));
+        }
+    }
+    let schema = &config.relay.schema;
+    let rows = client
+        .query(
+            &format!("SELECT sink, commit_lsn::text, event_index, updated_at::text FROM {schema}.checkpoints WHERE slot = $1 ORDER BY sink"),
+            &[&source.slot],
+        )
+        .await
+        .map_err(db::explain)
+        .context("reading checkpoints (run `outbox-relay init` first)")?;
+    out.push_str("checkpoints:\n");
+    for name in config.sinks.keys() {
+        match rows.iter().find(|r| r.get::<_, String>(0) == *name) {
+            Some(row) => out.push_str(&format!(
+                "  {name}: {}#{} (updated {})\n",
+                row.get::<_, String>(1),
+                row.get::<_, i32>(2),
+                row.get::<_, String>(3)
+            )),
+            None => out.push_str(&format!("  {name}: none yet\n")),
+        }
+    }
+    let dead: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {schema}.dead_letters WHERE slot = $1"), &[&source.slot])
+        .await
+        .map_err(db::explain)?
+        .get(0);
+    out.push_str(&format!("dead letters: {dead}\n"));
+    Ok(out)
+}

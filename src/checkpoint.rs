@@ -1,0 +1,109 @@
+//! The checkpoint store: per (slot, sink), the highest position below which that sink has
+//! acknowledged everything; plus dead letters, which must be as durable as a checkpoint
+//! before the stream moves past them. Writes are batched: one statement per interval for all
+//! sinks, never one per event.
+
+use crate::db;
+use crate::outbox::DeadLetter;
+use anyhow::Context;
+use async_trait::async_trait;
+use outbox_relay_sinks::{Lsn, Position};
+use std::collections::BTreeMap;
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::Client;
+
+/// Where the relay keeps what it must not forget.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync {
+    /// Every sink's stored checkpoint for `slot`.
+    async fn load(&self, slot: &str) -> anyhow::Result<BTreeMap<String, Position>>;
+    /// Stores the given sinks' checkpoints for `slot` atomically.
+    async fn save(&self, slot: &str, positions: &BTreeMap<String, Position>) -> anyhow::Result<()>;
+    /// Stores a dead letter; storing the same one again is a no-op.
+    async fn dead_letter(&self, slot: &str, letter: &DeadLetter) -> anyhow::Result<()>;
+}
+
+/// Checkpoints and dead letters in tables of the relay's schema (see migrations/).
+pub struct PgCheckpointStore {
+    client: Client,
+    load_sql: String,
+    save_sql: String,
+    dead_letter_sql: String,
+}
+
+impl PgCheckpointStore {
+    pub fn new(client: Client, schema: &str) -> Self {
+        PgCheckpointStore {
+            client,
+            load_sql: format!("SELECT sink, commit_lsn, event_index FROM {schema}.checkpoints WHERE slot = $1"),
+            save_sql: format!(
+                "INSERT INTO {schema}.checkpoints (slot, sink, commit_lsn, event_index, updated_at) \
+                 SELECT $1, s.sink, s.lsn::pg_lsn, s.idx, now() \
+                 FROM unnest($2::text[], $3::text[], $4::int[]) AS s(sink, lsn, idx) \
+                 ON CONFLICT (slot, sink) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, \
+                 event_index = EXCLUDED.event_index, updated_at = EXCLUDED.updated_at"
+            ),
+            dead_letter_sql: format!(
+                "INSERT INTO {schema}.dead_letters \
+                 (slot, sink, source_table, commit_lsn, event_index, xid, reason, row_data) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (slot, sink, commit_lsn, event_index) DO NOTHING"
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for PgCheckpointStore {
+    async fn load(&self, slot: &str) -> anyhow::Result<BTreeMap<String, Position>> {
+        let rows = self
+            .client
+            .query(&self.load_sql, &[&slot])
+            .await
+            .map_err(db::explain)
+            .context("reading checkpoints (did `outbox-relay init` run?)")?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let lsn: PgLsn = row.get(1);
+                let index: i32 = row.get(2);
+                let position = Position { commit_lsn: Lsn(u64::from(lsn)), index: index as u32 };
+                (row.get::<_, String>(0), position)
+            })
+            .collect())
+    }
+
+    async fn save(&self, slot: &str, positions: &BTreeMap<String, Position>) -> anyhow::Result<()> {
+        let sinks: Vec<&str> = positions.keys().map(String::as_str).collect();
+        let lsns: Vec<String> = positions.values().map(|p| p.commit_lsn.to_string()).collect();
+        let indexes: Vec<i32> = positions.values().map(|p| p.index as i32).collect();
+        self.client
+            .execute(&self.save_sql, &[&slot, &sinks, &lsns, &indexes])
+            .await
+            .map_err(db::explain)
+            .context("writing checkpoints")?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, slot: &str, letter: &DeadLetter) -> anyhow::Result<()> {
+        let lsn = PgLsn::from(letter.position.commit_lsn.0);
+        self.client
+            .execute(
+                &self.dead_letter_sql,
+                &[
+                    &slot,
+                    &letter.sink.as_deref().unwrap_or(""),
+                    &letter.table,
+                    &lsn,
+                    &(letter.position.index as i32),
+                    &i64::from(letter.xid),
+                    &letter.reason,
+                    &letter.row,
+                ],
+            )
+            .await
+            .map_err(db::explain)
+            .context("writing a dead letter")?;
+        Ok(())
+    }
+}

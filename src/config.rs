@@ -1,0 +1,514 @@
+//! Configuration: a TOML file, every key overridable by `OUTBOX_RELAY__SECTION__KEY`
+//! environment variables, passwords from files so mounted secrets can rotate. Unknown keys and
+//! wrong types are errors that name the key.
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The environment variable prefix; `__` separates the section from the key.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `postgres://user[:password]@host[:port]/dbname[?sslmode=...]` or libpq `key=value` form.
+    pub url: String,
+    /// A file whose first line is the password; read at every connect so rotation works.
+    pub password_file: Option<PathBuf>,
+    /// Overrides the URL's `sslmode`.
+    pub sslmode: Option<SslMode>,
+    /// PEM file of the CA(s) trusted for verify-ca / verify-full; default: public web roots.
+    pub sslrootcert: Option<PathBuf>,
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// Outbox tables as `schema.table`.
+    #[serde(default = "default_tables")]
+    pub tables: Vec<String>,
+    /// Whether `run` may create a missing slot (`init` always may).
+    #[serde(default = "default_true")]
+    pub create_slot: bool,
+    /// How often a standby status update is sent, whatever the pipeline is doing. Keep it well
+    /// under the server's `wal_sender_timeout` (60 s by default).
+    #[serde(default = "default_status_interval", with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// When set, emit a `pg_logical_emit_message` this often so the slot advances even when
+    /// all other write traffic is in other databases.
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
+    #[serde(default = "default_application_name")]
+    pub application_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Schema holding the relay's checkpoint and dead-letter tables.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Most events per sink batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Batches queued per sink before reading the replication stream pauses (backpressure).
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// How often acknowledged positions are written to the checkpoint table.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// How long a graceful shutdown may spend draining in-flight deliveries.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            schema: default_schema(),
+            batch_size: default_batch_size(),
+            queue_depth: default_queue_depth(),
+            checkpoint_interval: default_checkpoint_interval(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `outbox_relay=debug`; `RUST_LOG` wins when set.
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// One JSON event per line on standard output.
+    Stdout {},
+    /// One JSON event per line appended to `path`.
+    File {
+        path: PathBuf,
+        /// fsync every batch before acknowledging it.
+        #[serde(default = "default_true")]
+        fsync: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl std::str::FromStr for SslMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => bail!(
+                "sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+            ),
+        })
+    }
+}
+
+fn default_slot() -> String {
+    "outbox_relay".into()
+}
+fn default_publication() -> String {
+    "outbox_relay".into()
+}
+fn default_tables() -> Vec<String> {
+    vec!["public.outbox".into()]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_status_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_application_name() -> String {
+    "outbox-relay".into()
+}
+fn default_schema() -> String {
+    "outbox_relay".into()
+}
+fn default_batch_size() -> usize {
+    1000
+}
+fn default_queue_depth() -> usize {
+    4
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Config {
+    /// Reads `path` (if given) and the `OUTBOX_RELAY__*` environment, then validates.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        Self::load_with_env(path, None)
+    }
+
+    /// Like [`Config::load`], with an explicit environment (tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> anyhow::Result<Config> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            if !path.exists() {
+                bail!(
+                    "config file {} does not exist: pass --config with the path of a TOML file \
+                     (examples are in config/)",
+                    path.display()
+                );
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("source.tables")
+            .try_parsing(true)
+            .source(env);
+        let raw = builder.add_source(environment).build().map_err(explain)?;
+        let config: Config = raw.try_deserialize().map_err(explain)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.sinks.is_empty() {
+            bail!("no sink is configured: add a [sinks.NAME] table with a `type` (stdout, file)");
+        }
+        for name in self.sinks.keys() {
+            check_identifier("sink name", name)?;
+        }
+        check_identifier("source.slot", &self.source.slot)?;
+        check_identifier("source.publication", &self.source.publication)?;
+        check_identifier("relay.schema", &self.relay.schema)?;
+        if self.source.tables.is_empty() {
+            bail!("source.tables is empty: list the outbox tables as \"schema.table\"");
+        }
+        for table in &self.source.tables {
+            parse_table_name(table)?;
+        }
+        if self.relay.batch_size == 0 || self.relay.queue_depth == 0 {
+            bail!("relay.batch_size and relay.queue_depth must be at least 1");
+        }
+        if self.source.status_interval.is_zero() {
+            bail!("source.status_interval must be positive (for example \"10s\")");
+        }
+        Ok(())
+    }
+}
+
+/// Splits `schema.table` (a bare name means `public`).
+pub fn parse_table_name(name: &str) -> anyhow::Result<(&str, &str)> {
+    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+    check_identifier("table schema", schema)
+        .and_then(|_| check_identifier("table name", table))
+        .with_context(|| format!("source.tables entry {name:?} must be \"schema.table\""))?;
+    Ok((schema, table))
+}
+
+/// Names the relay puts into SQL must be plain identifiers: lower-case letters, digits, `_`.
+fn check_identifier(what: &str, value: &str) -> anyhow::Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !ok {
+        bail!(
+            "{what} {value:?} must be 1–63 characters of a–z, 0–9 and _, not starting with a digit"
+        );
+    }
+    Ok(())
+}
+
+fn explain(err: config::ConfigError) -> anyhow::Error {
+    anyhow::anyhow!("invalid configuration: {err}; see config/ for examples of every key")
+}
+
+/// A secret that never shows up in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// Where and how to connect, resolved from `SourceConfig` (URL, password file, TLS keys).
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    pub host: Host,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Secret>,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ConnectParams {
+    /// Where we connect, without the password: for error messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Tcp(h) => write!(f, "{}@{}:{}/{}", self.user, h, self.port, self.dbname),
+            Host::Unix(p) => write!(
+                f,
+                "{}@{}:{}/{}",
+                self.user,
+                p.display(),
+                self.port,
+                self.dbname
+            ),
+        }
+    }
+}
+
+impl SourceConfig {
+    /// Resolves the URL, the password file and TLS options; reads the password file now.
+    pub fn connect_params(&self) -> anyhow::Result<ConnectParams> {
+        let (url, url_sslmode, url_rootcert) = split_tls_params(&self.url);
+        let pg: tokio_postgres::Config = url.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "source.url is not a valid PostgreSQL connection string ({e}): use \
+                 postgres://user@host:5432/dbname"
+            )
+        })?;
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => Host::Tcp(h.clone()),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
+            None => Host::Tcp("localhost".into()),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let user = pg
+            .get_user()
+            .map(str::to_owned)
+            .or_else(|| std::env::var("USER").ok())
+            .context("source.url names no user: use postgres://USER@host/dbname")?;
+        let dbname = pg
+            .get_dbname()
+            .map(str::to_owned)
+            .unwrap_or_else(|| user.clone());
+        let mut password = pg
+            .get_password()
+            .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
+        if let Some(file) = &self.password_file {
+            let text = std::fs::read_to_string(file).with_context(|| {
+                format!(
+                    "cannot read source.password_file {}: check the path and permissions",
+                    file.display()
+                )
+            })?;
+            password = Some(Secret::new(text.lines().next().unwrap_or_default()));
+        }
+        let sslmode = match (self.sslmode, url_sslmode) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => text.parse().context("in source.url")?,
+            (None, None) => SslMode::Prefer,
+        };
+        Ok(ConnectParams {
+            host,
+            port,
+            user,
+            dbname,
+            password,
+            sslmode,
+            sslrootcert: self.sslrootcert.clone().or(url_rootcert.map(PathBuf::from)),
+            application_name: self.application_name.clone(),
+            connect_timeout: pg
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(10)),
+        })
+    }
+}
+
+/// Removes `sslmode` and `sslrootcert` from a URL's query (tokio-postgres rejects the verify
+/// modes) and returns them.
+fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None, None);
+    };
+    let (mut mode, mut rootcert, mut kept) = (None, None, Vec::new());
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("sslmode", v)) => mode = Some(v.to_owned()),
+            Some(("sslrootcert", v)) => rootcert = Some(v.to_owned()),
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (url, mode, rootcert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::Write;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let mut file = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        file.write_all(toml.as_bytes()).unwrap();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with_env(Some(file.path()), Some(env))
+    }
+
+    const MINIMAL: &str =
+        "[source]\nurl = \"postgres://app@db/app\"\n[sinks.out]\ntype = \"stdout\"\n";
+
+    #[test]
+    fn defaults_and_env_overrides() {
+        let config = load(
+            MINIMAL,
+            &[
+                (
+                    "OUTBOX_RELAY__SOURCE__URL",
+                    "postgres://relay@other:6543/shop?sslmode=verify-full",
+                ),
+                ("OUTBOX_RELAY__SOURCE__STATUS_INTERVAL", "2s"),
+                (
+                    "OUTBOX_RELAY__SOURCE__TABLES",
+                    "public.outbox,billing.outbox",
+                ),
+                ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "10"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.source.slot, "outbox_relay");
+        assert_eq!(config.source.status_interval, Duration::from_secs(2));
+        assert_eq!(config.source.tables, ["public.outbox", "billing.outbox"]);
+        assert_eq!(config.relay.batch_size, 10);
+        let params = config.source.connect_params().unwrap();
+        assert_eq!(params.host, Host::Tcp("other".into()));
+        assert_eq!(
+            (params.port, params.user.as_str(), params.dbname.as_str()),
+            (6543, "relay", "shop")
+        );
+        assert_eq!(params.sslmode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let err = load(&format!("{MINIMAL}[relay]\nbatch_sise = 3\n"), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("batch_sise"), "{err:#}");
+        let err = load(&format!("{MINIMAL}[relay]\nbatch_size = \"many\"\n"), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("batch_size"), "{err:#}");
+        let err = load(MINIMAL, &[("OUTBOX_RELAY__SINKS__OUT__COLOR", "red")]).unwrap_err();
+        assert!(format!("{err:#}").contains("color"), "{err:#}");
+        let err = load(
+            "[source]\nurl = \"postgres://a@b/c\"\n[sinks.out]\ntype = \"kafak\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("kafak"), "{err:#}");
+    }
+
+    #[test]
+    fn password_file_wins_and_is_redacted() {
+        let mut secret = tempfile::NamedTempFile::new().unwrap();
+        writeln!(secret, "s3cret-from-file").unwrap();
+        let config = load(
+            MINIMAL,
+            &[
+                ("OUTBOX_RELAY__SOURCE__URL", "postgres://app:inline@db/app"),
+                (
+                    "OUTBOX_RELAY__SOURCE__PASSWORD_FILE",
+                    secret.path().to_str().unwrap(),
+                ),
+            ],
+        )
+        .unwrap();
+        let params = config.source.connect_params().unwrap();
+        assert_eq!(
+            params.password.as_ref().unwrap().expose(),
+            "s3cret-from-file"
+        );
+        let shown = format!("{params:?} {params}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("inline"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn missing_file_and_bad_names_say_what_to_do() {
+        let err = Config::load(Some(Path::new("/nonexistent/relay.toml"))).unwrap_err();
+        assert!(err.to_string().contains("--config"), "{err}");
+        let err = load(MINIMAL, &[("OUTBOX_RELAY__SOURCE__SLOT", "Bad-Slot")]).unwrap_err();
+        assert!(err.to_string().contains("source.slot"), "{err}");
+    }
+}

@@ -1,0 +1,63 @@
+//! Ordinary SQL connections (tokio-postgres) with the same connection parameters and TLS
+//! rules as the replication connection: used for setup, checks, checkpoints and dead letters.
+
+use crate::config::{ConnectParams, Host, SslMode};
+use anyhow::Context;
+use tokio_postgres::Client;
+
+/// Opens a SQL connection and drives it on a background task.
+pub async fn connect(params: &ConnectParams) -> anyhow::Result<Client> {
+    let mut config = tokio_postgres::Config::new();
+    match &params.host {
+        Host::Tcp(host) => config.host(host),
+        #[cfg(unix)]
+        Host::Unix(dir) => config.host_path(dir),
+        #[cfg(not(unix))]
+        Host::Unix(_) => anyhow::bail!("Unix sockets need a Unix system"),
+    };
+    config
+        .port(params.port)
+        .user(&params.user)
+        .dbname(&params.dbname)
+        .application_name(&params.application_name)
+        .connect_timeout(params.connect_timeout)
+        .keepalives(true);
+    if let Some(password) = &params.password {
+        config.password(password.expose());
+    }
+    let failed = || format!("cannot connect to PostgreSQL at {params}");
+    let client = match crate::source::tls::client_config(params.sslmode, params.sslrootcert.as_deref())? {
+        None => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(explain).with_context(failed)?;
+            tokio::spawn(connection);
+            client
+        }
+        Some(tls) => {
+            config.ssl_mode(if params.sslmode == SslMode::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = config.connect(connector).await.map_err(explain).with_context(failed)?;
+            tokio::spawn(connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+/// Turns a tokio-postgres error into one line with the server's message and our advice.
+pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
+    let Some(db) = err.as_db_error() else {
+        return anyhow::anyhow!("{err}");
+    };
+    let advice = match db.code().code() {
+        "28P01" => " -> check the password in source.url or source.password_file",
+        "28000" => " -> allow this user and database in pg_hba.conf, or fix the user in source.url",
+        "3D000" => " -> fix the database name in source.url",
+        "42501" => " -> grant the privilege to the relay's role (see migrations/)",
+        _ => "",
+    };
+    anyhow::anyhow!("PostgreSQL said: {} ({}){advice}", db.message(), db.code().code())
+}

@@ -1,0 +1,107 @@
+//! The `outbox-relay` command line: `run`, `check`, `init`, `status`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outbox_relay::config::{Config, LogFormat};
+use outbox_relay::{admin, relay};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(version, about = "Relays outbox rows from PostgreSQL logical replication to message brokers")]
+struct Cli {
+    /// TOML configuration file; every key can also be set as OUTBOX_RELAY__SECTION__KEY.
+    #[arg(long, short, global = true, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream outbox events to the configured sinks until SIGINT/SIGTERM.
+    Run,
+    /// Validate the configuration and the database; print each problem with its fix.
+    Check,
+    /// Create the relay schema, the publication and the replication slot (idempotent).
+    Init,
+    /// Show slot activity and lag, checkpoints per sink and dead letters.
+    Status,
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log.level.as_deref().unwrap_or("info")));
+    // Logs go to stderr: stdout belongs to the stdout sink.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+async fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
+        }
+        tracing::info!("shutdown requested: draining in-flight events");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    init_logging(&config);
+    match cli.command {
+        Command::Run => {
+            let shutdown = shutdown_signal().await;
+            relay::run(config, shutdown).await?;
+        }
+        Command::Init => {
+            for line in admin::init(&config).await.context("init failed")? {
+                println!("{line}");
+            }
+        }
+        Command::Check => {
+            let problems = admin::check(&config).await;
+            if problems.is_empty() {
+                println!("ok: configuration, database, publication, slot and privileges are ready");
+            } else {
+                for problem in &problems {
+                    println!("error: {problem}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Status => print!("{}", admin::status(&config).await?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

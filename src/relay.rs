@@ -1,0 +1,532 @@
+//! `outbox-relay run`: one replication session at a time, reconnecting with backoff after
+//! transient failures. A session wires the data path: replication stream → pgoutput decoder →
+//! outbox mapping → pipeline → sinks, with three helpers beside it: the status updater (its
+//! own timer, so a stalled pipeline never trips `wal_sender_timeout`), the checkpoint writer
+//! (batched), and the optional heartbeat.
+
+use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
+use crate::config::{Config, SinkConfig};
+use crate::outbox::{Mapped, OutboxMapper, RowContext, PG_EPOCH_OFFSET_MICROS};
+use crate::pipeline::{self, Batch, Pipeline, Progress, SinkWorker};
+use crate::source::pgoutput::{self, Message};
+use crate::source::replication::{ReplicationConnection, ReplicationStream, SourceError, StatusWriter};
+use crate::source::wire::ReplicationMessage;
+use crate::db;
+use bytes::Bytes;
+use outbox_relay_sinks::{file::FileSink, stdout::StdoutSink, Event, Lsn, Position, Sink};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+use tracing::{debug, error, info, warn};
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Shutdown was requested and everything was drained and checkpointed.
+    Shutdown,
+    /// Something that may heal (network, server restart, busy slot): try again.
+    Retry(anyhow::Error),
+    /// Something an operator must fix.
+    Fatal(anyhow::Error),
+}
+
+/// Runs the relay until `shutdown` turns true (clean exit) or a permanent error.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    // What each sink acknowledged in earlier sessions of this process.
+    let mut acknowledged: BTreeMap<String, Position> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        match session(&config, &mut acknowledged, shutdown.clone()).await {
+            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Fatal(err) => return Err(err),
+            SessionEnd::Retry(err) => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
+                warn!(error = %format!("{err:#}"), retry_in = ?backoff, "replication session ended; reconnecting");
+                let mut shutdown = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn classify_source(err: SourceError) -> SessionEnd {
+    if err.is_retryable() {
+        SessionEnd::Retry(err.into())
+    } else {
+        SessionEnd::Fatal(err.into())
+    }
+}
+
+/// Connection-level SQL failures are retried; what the server refuses for good is fatal.
+fn classify_sql(err: anyhow::Error) -> SessionEnd {
+    let permanent = err.chain().any(|cause| {
+        let text = cause.to_string();
+        ["(28P01)", "(28000)", "(3D000)", "(42501)", "(42P01)", "(3F000)"].iter().any(|code| text.contains(code))
+    });
+    if permanent {
+        SessionEnd::Fatal(err)
+    } else {
+        SessionEnd::Retry(err)
+    }
+}
+
+/// The slot's state, checked before streaming so problems have clear messages.
+struct SlotState {
+    confirmed_flush: Lsn,
+}
+
+async fn prepare_slot(sql: &tokio_postgres::Client, config: &Config) -> Result<SlotState, SessionEnd> {
+    let source = &config.source;
+    let publication = sql
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&source.publication])
+        .await
+        .map_err(|e| classify_sql(db::explain(e)))?;
+    if publication.is_none() {
+        return Err(SessionEnd::Fatal(anyhow::anyhow!(
+            "publication {:?} does not exist: run `outbox-relay init`, or fix source.publication",
+            source.publication
+        )));
+    }
+    let row = sql
+        .query_opt(
+            "SELECT plugin, database = current_database(), confirmed_flush_lsn::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&source.slot],
+        )
+        .await
+        .map_err(|e| classify_sql(db::explain(e)))?;
+    let row = match row {
+        Some(row) => row,
+        None if source.create_slot => {
+            info!(slot = %source.slot, "creating the replication slot");
+            sql.query_one(
+                "SELECT plugin, true, confirmed_flush_lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput') s \
+                 JOIN pg_replication_slots r ON r.slot_name = s.slot_name",
+                &[&source.slot],
+            )
+            .await
+            .map_err(|e| classify_sql(db::explain(e).context("creating the replication slot")))?
+        }
+        None => {
+            return Err(SessionEnd::Fatal(anyhow::anyhow!(
+                "replication slot {:?} does not exist: run `outbox-relay init`, or set source.create_slot = true",
+                source.slot
+            )))
+        }
+    };
+    let plugin: Option<String> = row.get(0);
+    let same_database: Option<bool> = row.get(1);
+    if plugin.as_deref() != Some("pgoutput") || same_database != Some(true) {
+        return Err(SessionEnd::Fatal(anyhow::anyhow!(
+            "replication slot {:?} belongs to another database or plugin ({}): choose another source.slot",
+            source.slot,
+            plugin.unwrap_or_default()
+        )));
+    }
+    let confirmed: Option<String> = row.get(2);
+    let confirmed_flush = confirmed.as_deref().unwrap_or("0/0").parse().map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
+    Ok(SlotState { confirmed_flush })
+}
+
+/// Builds the configured sinks.
+pub fn build_sinks(config: &Config) -> Vec<(String, Box<dyn Sink>)> {
+    config
+        .sinks
+        .iter()
+        .map(|(name, sink)| {
+            let sink: Box<dyn Sink> = match sink {
+                SinkConfig::Stdout {} => Box::new(StdoutSink::new()),
+                SinkConfig::File { path, fsync } => Box::new(FileSink::new(path, *fsync)),
+            };
+            (name.clone(), sink)
+        })
+        .collect()
+}
+
+async fn session(
+    config: &Config,
+    acknowledged: &mut BTreeMap<String, Position>,
+    mut shutdown: watch::Receiver<bool>,
+) -> SessionEnd {
+    let source = &config.source;
+    let params = match source.connect_params() {
+        Ok(params) => params,
+        Err(err) => return SessionEnd::Fatal(err),
+    };
+    let sql = match db::connect(&params).await {
+        Ok(sql) => sql,
+        Err(err) => return classify_sql(err),
+    };
+    let slot = match prepare_slot(&sql, config).await {
+        Ok(slot) => slot,
+        Err(end) => return end,
+    };
+    let heartbeat_sql = match source.heartbeat_interval {
+        Some(_) => match db::connect(&params).await {
+            Ok(client) => Some(client),
+            Err(err) => return classify_sql(err),
+        },
+        None => None,
+    };
+    let store: Arc<dyn CheckpointStore> = Arc::new(PgCheckpointStore::new(sql, &config.relay.schema));
+    let stored = match store.load(&source.slot).await {
+        Ok(stored) => stored,
+        Err(err) => return classify_sql(err),
+    };
+
+    let mut workers = Vec::new();
+    for (name, mut sink) in build_sinks(config) {
+        let recovered = match sink.recover().await {
+            Ok(recovered) => recovered,
+            Err(err) => return SessionEnd::Fatal(anyhow::anyhow!("sink {name}: {err}")),
+        };
+        let skip_through = [stored.get(&name).copied(), acknowledged.get(&name).copied(), recovered]
+            .into_iter()
+            .flatten()
+            .max();
+        info!(sink = %name, skip_through = ?skip_through.map(|p| p.to_string()), "sink ready");
+        workers.push(SinkWorker { name, sink, skip_through });
+    }
+
+    let connection = match ReplicationConnection::connect(&params).await {
+        Ok(connection) => connection,
+        Err(err) => return classify_source(err),
+    };
+    let (stream, status_writer) = match start_streaming(connection, config).await {
+        Ok(halves) => halves,
+        Err(err) => return classify_source(err),
+    };
+    info!(slot = %source.slot, publication = %source.publication, from = %slot.confirmed_flush, "streaming");
+
+    let progress = Progress::new(workers.iter().map(|w| w.name.clone()), slot.confirmed_flush);
+    let (pipeline, worker_handles) =
+        pipeline::start(workers, progress.clone(), store.clone(), &source.slot, config.relay.queue_depth);
+    let (stop_helpers, helpers_stopped) = watch::channel(false);
+    let reply_requested = Arc::new(Notify::new());
+    let status_task = tokio::spawn(status_updates(
+        status_writer,
+        progress.clone(),
+        source.status_interval,
+        reply_requested.clone(),
+        helpers_stopped.clone(),
+    ));
+    let checkpoint_task = tokio::spawn(write_checkpoints(
+        store.clone(),
+        source.slot.clone(),
+        progress.clone(),
+        config.relay.checkpoint_interval,
+        helpers_stopped.clone(),
+    ));
+    let heartbeat_task = heartbeat_sql.zip(source.heartbeat_interval).map(|(client, interval)| {
+        tokio::spawn(heartbeat(client, interval, helpers_stopped.clone()))
+    });
+
+    let mut reader = Reader {
+        stream,
+        mapper: OutboxMapper::new(&source.tables),
+        pipeline,
+        progress: progress.clone(),
+        store: store.clone(),
+        slot: source.slot.clone(),
+        reply_requested,
+        batch_size: config.relay.batch_size,
+        transaction: None,
+        pending: Vec::with_capacity(config.relay.batch_size),
+        pending_boundary: None,
+    };
+    let read_result = reader.run(&mut shutdown).await;
+    drop(reader); // closes the sink queues: workers drain what they hold, then stop
+
+    let mut end = match read_result {
+        Ok(()) => SessionEnd::Shutdown,
+        Err(ReadError::Source(err)) => classify_source(err),
+        Err(ReadError::Fatal(err)) => SessionEnd::Fatal(err),
+        Err(ReadError::Retry(err)) => SessionEnd::Retry(err),
+    };
+    let drain = async {
+        let mut failures = Vec::new();
+        for handle in worker_handles {
+            match handle.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => failures.push(err),
+                Err(join) => failures.push(anyhow::anyhow!("sink worker panicked: {join}")),
+            }
+        }
+        failures
+    };
+    match tokio::time::timeout(config.relay.shutdown_timeout, drain).await {
+        Ok(failures) => {
+            if let Some(err) = failures.into_iter().next() {
+                end = SessionEnd::Fatal(err);
+            }
+        }
+        Err(_) => warn!(timeout = ?config.relay.shutdown_timeout,
+            "sinks did not drain in time; undelivered events will be sent again after restart"),
+    }
+    let _ = stop_helpers.send(true);
+    if let Ok(Err(err)) = checkpoint_task.await {
+        error!(error = %format!("{err:#}"), "the final checkpoint could not be written; events since the last one may be delivered again");
+    }
+    if let Ok(Err(err)) = status_task.await {
+        debug!(error = %err, "final status update failed");
+    }
+    if let Some(task) = heartbeat_task {
+        let _ = task.await;
+    }
+    for (sink, position) in progress.checkpoints() {
+        let entry = acknowledged.entry(sink).or_insert(position);
+        *entry = (*entry).max(position);
+    }
+    info!(confirmed = %progress.confirmed(), "session ended");
+    end
+}
+
+async fn start_streaming(
+    mut connection: ReplicationConnection,
+    config: &Config,
+) -> Result<(ReplicationStream, StatusWriter), SourceError> {
+    let system = connection.identify_system().await?;
+    debug!(system_id = %system.system_id, timeline = system.timeline, wal = %system.wal_position, "identified");
+    connection.start_replication(&config.source.slot, &config.source.publication).await
+}
+
+/// Sends standby status updates every `interval` and whenever the server asks, independent
+/// of the reader; on stop, a final update with the last confirmed LSN, then ends streaming.
+async fn status_updates(
+    mut writer: StatusWriter,
+    progress: Arc<Progress>,
+    interval: Duration,
+    reply_requested: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), SourceError> {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = reply_requested.notified() => {}
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+        writer.send(progress.received_lsn(), progress.confirmed()).await?;
+    }
+    writer.send(progress.received_lsn(), progress.confirmed()).await?;
+    writer.finish().await
+}
+
+/// Writes changed checkpoints every `interval`, and once more on stop. A failed write is
+/// retried at the next tick: the stream goes on, only the restart point lags.
+async fn write_checkpoints(
+    store: Arc<dyn CheckpointStore>,
+    slot: String,
+    progress: Arc<Progress>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut saved = BTreeMap::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = stop.wait_for(|stop| *stop) => true,
+        };
+        let current = progress.checkpoints();
+        if current != saved {
+            match store.save(&slot, &current).await {
+                Ok(()) => saved = current,
+                Err(err) if stopping => return Err(err),
+                Err(err) => warn!(error = %format!("{err:#}"), "writing checkpoints failed; retrying"),
+            }
+        }
+        if stopping {
+            return Ok(());
+        }
+    }
+}
+
+/// Emits a non-transactional logical message so the slot advances even when this
+/// database has no other writes.
+async fn heartbeat(client: tokio_postgres::Client, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        if let Err(err) = client
+            .execute("SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')", &[])
+            .await
+        {
+            warn!(error = %format!("{:#}", db::explain(err)),
+                "heartbeat failed (the relay's role needs EXECUTE on pg_logical_emit_message)");
+        }
+    }
+}
+
+#[derive(Debug)]
+enum ReadError {
+    Source(SourceError),
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+impl From<SourceError> for ReadError {
+    fn from(err: SourceError) -> Self {
+        ReadError::Source(err)
+    }
+}
+
+/// The transaction being received.
+struct Transaction {
+    commit_lsn: Lsn,
+    xid: u32,
+    commit_time_micros: i64,
+    next_index: u32,
+}
+
+/// Drains the replication stream into batches.
+struct Reader {
+    stream: ReplicationStream,
+    mapper: OutboxMapper,
+    pipeline: Pipeline,
+    progress: Arc<Progress>,
+    store: Arc<dyn CheckpointStore>,
+    slot: String,
+    reply_requested: Arc<Notify>,
+    batch_size: usize,
+    transaction: Option<Transaction>,
+    pending: Vec<Event>,
+    pending_boundary: Option<Lsn>,
+}
+
+impl Reader {
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadError> {
+        loop {
+            while let Some(message) = self.stream.next_buffered()? {
+                self.handle(message).await?;
+                if self.pending.len() >= self.batch_size {
+                    self.flush(shutdown).await?;
+                }
+            }
+            // Everything received is handled: hand it on before waiting for more.
+            self.flush(shutdown).await?;
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                filled = self.stream.fill() => filled?,
+            }
+        }
+    }
+
+    async fn flush(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadError> {
+        if self.pending.is_empty() && self.pending_boundary.is_none() {
+            return Ok(());
+        }
+        let batch = Batch {
+            events: std::mem::replace(&mut self.pending, Vec::with_capacity(self.batch_size)),
+            boundary: self.pending_boundary.take(),
+        };
+        tokio::select! {
+            biased;
+            sent = self.pipeline.dispatch(batch) => sent.map_err(|e| ReadError::Retry(e.into())),
+            _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+        }
+    }
+
+    async fn handle(&mut self, message: ReplicationMessage) -> Result<(), ReadError> {
+        match message {
+            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                self.progress.received(Lsn(wal_end));
+                self.handle_pgoutput(data).await
+            }
+            ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
+                self.progress.received(Lsn(wal_end));
+                if reply_requested {
+                    self.reply_requested.notify_one();
+                }
+                // Outside a transaction, everything up to the server's position was sent.
+                if self.transaction.is_none() {
+                    self.set_boundary(Lsn(wal_end));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn set_boundary(&mut self, lsn: Lsn) {
+        self.pending_boundary = Some(self.pending_boundary.map_or(lsn, |b| b.max(lsn)));
+    }
+
+    async fn handle_pgoutput(&mut self, data: Bytes) -> Result<(), ReadError> {
+        let message = match pgoutput::decode(&data) {
+            Ok(message) => message,
+            Err(err) => return Err(ReadError::Fatal(anyhow::anyhow!("{err}; please report this with the server version"))),
+        };
+        match message {
+            Message::Begin(begin) => {
+                self.transaction = Some(Transaction {
+                    commit_lsn: Lsn(begin.final_lsn),
+                    xid: begin.xid,
+                    commit_time_micros: begin.commit_time + PG_EPOCH_OFFSET_MICROS,
+                    next_index: 0,
+                });
+            }
+            Message::Commit(commit) => {
+                self.transaction = None;
+                self.set_boundary(Lsn(commit.end_lsn));
+            }
+            Message::Relation(relation) => self.mapper.on_relation(relation),
+            Message::Insert(insert) => {
+                let tx = self.transaction.as_mut().ok_or_else(|| {
+                    ReadError::Fatal(anyhow::anyhow!("the replication stream sent a row outside a transaction"))
+                })?;
+                let ctx = RowContext {
+                    position: Position { commit_lsn: tx.commit_lsn, index: tx.next_index },
+                    xid: tx.xid,
+                    commit_time_micros: tx.commit_time_micros,
+                };
+                let mapped = self
+                    .mapper
+                    .map_insert(insert.relation_id, &insert.new, &data, ctx)
+                    .map_err(|e| ReadError::Fatal(e.into()))?;
+                match mapped {
+                    Mapped::NotOutbox => {}
+                    Mapped::Event(event) => {
+                        tx.next_index += 1;
+                        self.pending.push(event);
+                    }
+                    Mapped::DeadLetter(letter) => {
+                        tx.next_index += 1;
+                        warn!(table = %letter.table, position = %letter.position, reason = %letter.reason,
+                            "outbox row cannot become an event; dead-lettered");
+                        self.store
+                            .dead_letter(&self.slot, &letter)
+                            .await
+                            .map_err(|e| ReadError::Retry(e.context("storing a dead letter")))?;
+                    }
+                }
+            }
+            Message::Update(update) if self.mapper.is_outbox(update.relation_id) => {
+                debug!(table = self.mapper.table_name(update.relation_id), "skipping an UPDATE of an outbox row: only inserts are events");
+            }
+            Message::Delete(delete) if self.mapper.is_outbox(delete.relation_id) => {
+                debug!(table = self.mapper.table_name(delete.relation_id), "skipping a DELETE of an outbox row: only inserts are events");
+            }
+            Message::Truncate(truncate) => {
+                for id in truncate.relation_ids.iter().filter(|id| self.mapper.is_outbox(**id)) {
+                    warn!(table = self.mapper.table_name(*id), "outbox table truncated: removed rows are not events");
+                }
+            }
+            Message::Update(_) | Message::Delete(_) | Message::Message(_) | Message::Type(_) | Message::Origin(_) => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,6 @@
+//! The source side: our own replication connection to PostgreSQL and the pgoutput decoder.
+
+pub mod pgoutput;
+pub mod replication;
+pub mod tls;
+pub mod wire;
