@@ -1,0 +1,298 @@
+//! Test support: a throwaway PostgreSQL cluster per test (initdb into a temp dir,
+//! `wal_level=logical`, a free port, built from the server binaries on the machine), and the
+//! real relay binary run as a child process, so tests exercise what users run.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The directory of PostgreSQL's server binaries: `$PG_BIN`, else the newest
+/// /usr/lib/postgresql/*/bin, else `pg_config --bindir`.
+pub fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .unwrap_or_default();
+    versions.sort_by_key(|p| {
+        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
+    });
+    if let Some(dir) = versions.pop() {
+        return dir;
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().expect(
+        "PostgreSQL server binaries not found: install postgresql (initdb, pg_ctl) or set PG_BIN",
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn is_root() -> bool {
+    extern "C" {
+        fn geteuid() -> u32;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+/// Runs a PostgreSQL binary as the `postgres` user when we are root (initdb refuses root).
+fn pg_command(program: &str) -> Command {
+    let path = pg_bin().join(program);
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(path);
+        cmd
+    } else {
+        Command::new(path)
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn check(output: Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Options for a throwaway cluster.
+pub struct ClusterOptions {
+    pub wal_level: &'static str,
+    /// Lines put in front of pg_hba.conf (the rest is trust for local connections).
+    pub hba: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { wal_level: "logical", hba: Vec::new() }
+    }
+}
+
+/// A PostgreSQL cluster that lives as long as the value.
+pub struct PgCluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl PgCluster {
+    pub fn start() -> Self {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    pub fn start_with(options: ClusterOptions) -> Self {
+        let dir = tempfile::Builder::new().prefix("outbox-relay-pg").tempdir().unwrap();
+        if is_root() {
+            check(Command::new("chown").arg("postgres:").arg(dir.path()).output().unwrap(), "chown");
+        }
+        let data = dir.path().join("data");
+        check(
+            pg_command("initdb")
+                .args(["-D"])
+                .arg(&data)
+                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "-N"])
+                .output()
+                .unwrap(),
+            "initdb",
+        );
+        let mut hba = options.hba.join("\n");
+        hba.push_str("\nlocal all all trust\nhost all all 127.0.0.1/32 trust\nlocal replication all trust\nhost replication all 127.0.0.1/32 trust\n");
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = format!(
+                "wal_level = {}\nmax_wal_senders = 10\nmax_replication_slots = 10\nport = {port}\n\
+                 listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
+                 synchronous_commit = off\nfull_page_writes = off\nshared_buffers = 32MB\n\
+                 wal_sender_timeout = 60s\n",
+                options.wal_level,
+                dir.path().display()
+            );
+            std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
+            let started = pg_command("pg_ctl")
+                .args(["-D"])
+                .arg(&data)
+                .args(["-w", "-t", "30", "-l"])
+                .arg(dir.path().join("server.log"))
+                .arg("start")
+                .output()
+                .unwrap();
+            if started.status.success() {
+                return PgCluster { dir, port };
+            }
+            last_error = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+        }
+        panic!("PostgreSQL did not start: {last_error}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+    }
+
+    /// Runs SQL with psql and returns its unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(pg_bin().join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .output()
+            .unwrap();
+        check(out, &format!("psql {sql}")).trim().to_owned()
+    }
+
+    /// A tokio-postgres client for writers that need concurrency or open transactions.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Stops the server ("fast" or "immediate") and starts it again on the same port.
+    pub fn restart(&self, mode: &str) {
+        let data = self.dir.path().join("data");
+        check(pg_command("pg_ctl").arg("-D").arg(&data).args(["-w", "-m", mode, "stop"]).output().unwrap(), "pg_ctl stop");
+        check(
+            pg_command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .args(["-w", "-l"])
+                .arg(self.dir.path().join("server.log"))
+                .arg("start")
+                .output()
+                .unwrap(),
+            "pg_ctl start",
+        );
+    }
+
+    /// Creates the Debezium-layout outbox table.
+    pub fn create_outbox(&self, table: &str) {
+        self.psql(&format!(
+            "CREATE TABLE {table} (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+             aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL)"
+        ));
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The relay binary under test.
+pub fn relay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outbox-relay")
+}
+
+/// Writes a relay config with a file sink into `dir`; returns (config path, events path).
+pub fn write_config(dir: &Path, cluster: &PgCluster, extra: &str) -> (PathBuf, PathBuf) {
+    let events = dir.join("events.jsonl");
+    let config = dir.join("relay.toml");
+    let mut file = std::fs::File::create(&config).unwrap();
+    write!(
+        file,
+        "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n{extra}\n[relay]\ncheckpoint_interval = \"100ms\"\n\n\
+         [sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
+        cluster.url(),
+        events.display()
+    )
+    .unwrap();
+    (config, events)
+}
+
+/// Runs a one-shot relay command (`init`, `check`, `status`).
+pub fn relay_command(config: &Path, command: &str) -> Output {
+    Command::new(relay_bin()).arg("--config").arg(config).arg(command).env_remove("RUST_LOG").output().unwrap()
+}
+
+/// A running `outbox-relay run`.
+pub struct Relay {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    pub fn start(config: &Path) -> Self {
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let log = config.with_extension(format!("run{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(relay_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("RUST_LOG", "outbox_relay=debug,info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Relay { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.wait(timeout)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The events in a file sink's output, parsed.
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}

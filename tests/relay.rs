@@ -1,0 +1,283 @@
+//! End-to-end behaviour of `outbox-relay run` against a real PostgreSQL: events out of
+//! committed rows, commit order, restarts and crashes, schema changes, slot advancement.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn init(config: &std::path::Path) {
+    let out = relay_command(config, "init");
+    assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn committed_insert_becomes_an_event() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES \
+         ('6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11', 'order', 'o-1', 'OrderCreated', '{\"total\": 12.5, \"items\": [1, 2]}')",
+    );
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1), "no event; relay log:\n{}", relay.log());
+    let event = &read_events(&events)[0];
+    assert_eq!(event["id"], "6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11");
+    assert_eq!(event["aggregatetype"], "order");
+    assert_eq!(event["aggregateid"], "o-1");
+    assert_eq!(event["type"], "OrderCreated");
+    assert_eq!(event["payload"], serde_json::json!({"total": 12.5, "items": [1, 2]}));
+    assert_eq!(event["table"], "public.outbox");
+    assert_eq!(event["index"], 0);
+    assert!(event["lsn"].as_str().unwrap().contains('/'));
+}
+
+/// (lsn, index) of every event, which must be strictly increasing: commit order.
+fn positions(events: &[serde_json::Value]) -> Vec<(u64, u64)> {
+    events
+        .iter()
+        .map(|e| {
+            let (hi, lo) = e["lsn"].as_str().unwrap().split_once('/').unwrap();
+            let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+            (lsn, e["index"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+fn assert_commit_order(events: &[serde_json::Value]) {
+    let positions = positions(events);
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions not strictly increasing: {positions:?}");
+}
+
+fn insert_sql(key: &str, seq: usize) -> String {
+    format!("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', '{key}', 'Seq', '{{\"seq\": {seq}}}')")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transactions_arrive_in_commit_order() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let relay = Relay::start(&config);
+
+    // Three open transactions, inserted into in interleaved order, committed c, a, b.
+    let (a, b, c) = (pg.client().await, pg.client().await, pg.client().await);
+    for client in [&a, &b, &c] {
+        client.batch_execute("BEGIN").await.unwrap();
+    }
+    for round in 0..3 {
+        for (name, client) in [("a", &a), ("b", &b), ("c", &c)] {
+            client.batch_execute(&insert_sql(name, round)).await.unwrap();
+        }
+    }
+    for client in [&c, &a, &b] {
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    // Then four writers, 40 transactions of 5 rows each, concurrently.
+    let mut writers = Vec::new();
+    for writer in 0..4 {
+        let client = pg.client().await;
+        writers.push(tokio::spawn(async move {
+            for tx in 0..40 {
+                let mut sql = String::from("BEGIN;");
+                for row in 0..5 {
+                    sql.push_str(&insert_sql(&format!("w{writer}"), tx * 5 + row));
+                    sql.push(';');
+                }
+                sql.push_str("COMMIT;");
+                client.batch_execute(&sql).await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let expected = 9 + 4 * 40 * 5;
+    assert!(wait_until(WAIT, || read_events(&events).len() >= expected), "relay log:\n{}", relay.log());
+    let events = read_events(&events);
+    assert_eq!(events.len(), expected);
+    assert_commit_order(&events);
+    let keys: Vec<&str> = events[..9].iter().map(|e| e["aggregateid"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["c", "c", "c", "a", "a", "a", "b", "b", "b"]);
+    for writer in 0..4 {
+        let key = format!("w{writer}");
+        let seqs: Vec<u64> =
+            events.iter().filter(|e| e["aggregateid"] == key.as_str()).map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (0..200).collect::<Vec<u64>>(), "per-key order for {key}");
+    }
+}
+
+#[test]
+fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(&format!("BEGIN; {}; ROLLBACK;", insert_sql("gone", 0)));
+    pg.psql(&format!(
+        "BEGIN; {}; SAVEPOINT s; {}; ROLLBACK TO SAVEPOINT s; {}; COMMIT;",
+        insert_sql("kept", 1),
+        insert_sql("gone", 2),
+        insert_sql("kept", 3)
+    ));
+    // Debezium's housekeeping pattern: insert then delete in one transaction is one event.
+    pg.psql(&format!("BEGIN; {}; DELETE FROM outbox WHERE aggregateid = 'tidy'; COMMIT;", insert_sql("tidy", 4)));
+    pg.psql("UPDATE outbox SET type = 'Changed' WHERE aggregateid = 'kept'");
+    pg.psql(&insert_sql("last", 5));
+    assert!(wait_until(WAIT, || read_events(&events).iter().any(|e| e["aggregateid"] == "last")), "relay log:\n{}", relay.log());
+    let seqs: Vec<u64> = read_events(&events).iter().map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 3, 4, 5], "only committed inserts are events");
+}
+
+#[test]
+fn clean_restart_repeats_nothing() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let mut relay = Relay::start(&config);
+    for i in 0..20 {
+        pg.psql(&insert_sql("k", i));
+    }
+    assert!(wait_until(WAIT, || read_events(&events).len() == 20), "relay log:\n{}", relay.log());
+    let status = relay.terminate(Duration::from_secs(10)).expect("relay did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}; log:\n{}", relay.log());
+    // The final status update reached the server, and the checkpoint names the last event.
+    let last_lsn = read_events(&events).last().unwrap()["lsn"].as_str().unwrap().to_owned();
+    let confirmed = pg.psql(&format!(
+        "SELECT confirmed_flush_lsn > '{last_lsn}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+    ));
+    assert_eq!(confirmed, "t", "slot not confirmed past the last event at {last_lsn}");
+    let checkpoint = pg.psql("SELECT commit_lsn || '#' || event_index FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay' AND sink = 'file'");
+    assert_eq!(checkpoint, format!("{last_lsn}#0"));
+
+    for i in 20..30 {
+        pg.psql(&insert_sql("k", i));
+    }
+    let relay = Relay::start(&config);
+    assert!(wait_until(WAIT, || read_events(&events).len() >= 30), "relay log:\n{}", relay.log());
+    let seqs: Vec<u64> = read_events(&events).iter().map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..30).collect::<Vec<u64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_and_repeats_nothing() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let total = 3 * 300;
+    let mut writers = Vec::new();
+    for writer in 0..3 {
+        let client = pg.client().await;
+        writers.push(tokio::spawn(async move {
+            for tx in 0..100 {
+                let mut sql = String::from("BEGIN;");
+                for row in 0..3 {
+                    sql.push_str(&insert_sql(&format!("w{writer}"), tx * 3 + row));
+                    sql.push(';');
+                }
+                sql.push_str("COMMIT;");
+                client.batch_execute(&sql).await.unwrap();
+            }
+        }));
+    }
+    // Kill the relay three times while rows keep arriving.
+    for kill in 1..=3 {
+        let mut relay = Relay::start(&config);
+        let seen = read_events(&events).len();
+        let progressed = wait_until(WAIT, || read_events(&events).len() > seen || read_events(&events).len() == total);
+        assert!(progressed, "kill {kill}: no progress; log:\n{}", relay.log());
+        relay.kill9();
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let relay = Relay::start(&config);
+    assert!(wait_until(WAIT, || read_events(&events).len() >= total), "relay log:\n{}", relay.log());
+    let events = read_events(&events);
+    assert_eq!(events.len(), total, "every committed row exactly once");
+    assert_commit_order(&events);
+    for writer in 0..3 {
+        let key = format!("w{writer}");
+        let seqs: Vec<u64> =
+            events.iter().filter(|e| e["aggregateid"] == key.as_str()).map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (0..300).collect::<Vec<u64>>(), "per-key order for {key}");
+    }
+}
+
+#[test]
+fn alter_table_mid_stream_keeps_flowing() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(&insert_sql("k", 0));
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1), "relay log:\n{}", relay.log());
+    pg.psql("ALTER TABLE outbox ADD COLUMN tenant text DEFAULT 'acme'");
+    pg.psql(&insert_sql("k", 1));
+    pg.psql("ALTER TABLE outbox DROP COLUMN tenant");
+    pg.psql(&format!("BEGIN; {}; ALTER TABLE outbox ADD COLUMN note text; {}; COMMIT;", insert_sql("k", 2), insert_sql("k", 3)));
+    assert!(wait_until(WAIT, || read_events(&events).len() == 4), "relay log:\n{}", relay.log());
+    let seqs: Vec<u64> = read_events(&events).iter().map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [0, 1, 2, 3]);
+}
+
+#[test]
+fn idle_outbox_on_a_busy_database_advances_the_slot() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql("CREATE TABLE other (n int)");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let relay = Relay::start(&config);
+    let start = pg.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'");
+    let advanced = wait_until(WAIT, || {
+        pg.psql("INSERT INTO other SELECT generate_series(1, 100)");
+        let ahead = pg.psql(&format!(
+            "SELECT confirmed_flush_lsn > '{start}'::pg_lsn + 8192 FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+        ));
+        ahead == "t"
+    });
+    assert!(advanced, "confirmed_flush_lsn stayed near {start}; relay log:\n{}", relay.log());
+}
+
+#[test]
+fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE outbox (id text PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(
+        "INSERT INTO outbox VALUES \
+         ('00000000-0000-0000-0000-000000000001', 'order', 'o-1', 'T', '{not json'), \
+         ('00000000-0000-0000-0000-000000000002', 'order', NULL, 'T', '{}'), \
+         ('not-a-uuid', 'order', 'o-1', 'T', '{}'), \
+         ('00000000-0000-0000-0000-000000000004', 'order', 'o-1', 'T', '{\"ok\": true}')",
+    );
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1), "relay log:\n{}", relay.log());
+    assert_eq!(read_events(&events)[0]["payload"]["ok"], true);
+    assert!(wait_until(WAIT, || pg.psql("SELECT count(*) FROM outbox_relay.dead_letters") == "3"));
+    let reasons = pg.psql("SELECT string_agg(reason, ' | ' ORDER BY event_index) FROM outbox_relay.dead_letters");
+    assert!(reasons.contains("not valid JSON") && reasons.contains("\"aggregateid\" is NULL") && reasons.contains("not a UUID"), "{reasons}");
+    let raw = pg.psql("SELECT row_data->>'payload' FROM outbox_relay.dead_letters WHERE event_index = 0");
+    assert_eq!(raw, "{not json");
+}
