@@ -29,37 +29,73 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         .await
         .map_err(db::explain)
         .with_context(|| format!("creating schema {} (the role needs CREATE on the database, or see migrations/003_relay_role.sql)", config.relay.schema))?;
-    done.push(format!("schema {} with checkpoints and dead_letters: ready", config.relay.schema));
+    done.push(format!(
+        "schema {} with checkpoints and dead_letters: ready",
+        config.relay.schema
+    ));
 
     let published = published_tables(&client, &source.publication).await?;
     match published {
         None => {
             let tables: Vec<String> = source.tables.iter().map(|t| quoted_table(t)).collect();
             client
-                .batch_execute(&format!("CREATE PUBLICATION \"{}\" FOR TABLE {}", source.publication, tables.join(", ")))
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION \"{}\" FOR TABLE {}",
+                    source.publication,
+                    tables.join(", ")
+                ))
                 .await
                 .map_err(db::explain)
-                .with_context(|| format!("creating publication {} (the table owner must do it)", source.publication))?;
-            done.push(format!("publication {}: created for {}", source.publication, source.tables.join(", ")));
+                .with_context(|| {
+                    format!(
+                        "creating publication {} (the table owner must do it)",
+                        source.publication
+                    )
+                })?;
+            done.push(format!(
+                "publication {}: created for {}",
+                source.publication,
+                source.tables.join(", ")
+            ));
         }
         Some(published) => {
-            let missing: Vec<&String> = source.tables.iter().filter(|t| !published.contains(&normalized(t))).collect();
+            let missing: Vec<&String> = source
+                .tables
+                .iter()
+                .filter(|t| !published.contains(&normalized(t)))
+                .collect();
             if missing.is_empty() {
-                done.push(format!("publication {}: already covers the outbox tables", source.publication));
+                done.push(format!(
+                    "publication {}: already covers the outbox tables",
+                    source.publication
+                ));
             } else {
                 let tables: Vec<String> = missing.iter().map(|t| quoted_table(t)).collect();
                 client
-                    .batch_execute(&format!("ALTER PUBLICATION \"{}\" ADD TABLE {}", source.publication, tables.join(", ")))
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION \"{}\" ADD TABLE {}",
+                        source.publication,
+                        tables.join(", ")
+                    ))
                     .await
                     .map_err(db::explain)
-                    .with_context(|| format!("adding tables to publication {}", source.publication))?;
-                done.push(format!("publication {}: added {}", source.publication, tables.join(", ")));
+                    .with_context(|| {
+                        format!("adding tables to publication {}", source.publication)
+                    })?;
+                done.push(format!(
+                    "publication {}: added {}",
+                    source.publication,
+                    tables.join(", ")
+                ));
             }
         }
     }
 
     let slot_exists = client
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&source.slot])
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&source.slot],
+        )
         .await
         .map_err(db::explain)?
         .is_some();
@@ -67,7 +103,10 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         done.push(format!("replication slot {}: already exists", source.slot));
     } else {
         client
-            .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&source.slot])
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&source.slot],
+            )
             .await
             .map_err(db::explain)
             .with_context(|| format!("creating replication slot {}", source.slot))?;
@@ -82,9 +121,15 @@ fn normalized(table: &str) -> String {
 }
 
 /// The tables of `publication` as `schema.table`, or `None` if it does not exist.
-async fn published_tables(client: &Client, publication: &str) -> anyhow::Result<Option<Vec<String>>> {
+async fn published_tables(
+    client: &Client,
+    publication: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await
         .map_err(db::explain)?
         .is_some();
@@ -127,9 +172,14 @@ pub async fn check(config: &Config) -> Vec<String> {
     problems
 }
 
-async fn check_database(config: &Config, client: &Client, problems: &mut Vec<String>) -> anyhow::Result<()> {
+async fn check_database(
+    config: &Config,
+    client: &Client,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let source = &config.source;
-    let one = |sql: &'static str| async move { client.query_one(sql, &[]).await.map_err(db::explain) };
+    let one =
+        |sql: &'static str| async move { client.query_one(sql, &[]).await.map_err(db::explain) };
 
     let wal_level: String = one("SHOW wal_level").await?.get(0);
     if wal_level != "logical" {
@@ -160,7 +210,9 @@ async fn check_database(config: &Config, client: &Client, problems: &mut Vec<Str
             continue;
         }
         if readable == Some(false) {
-            problems.push(format!("role {user} cannot read {table}: GRANT SELECT ON {table} TO {user}"));
+            problems.push(format!(
+                "role {user} cannot read {table}: GRANT SELECT ON {table} TO {user}"
+            ));
         }
         let (schema, name) = parse_table_name(table)?;
         let rows = client
@@ -233,12 +285,17 @@ async fn check_database(config: &Config, client: &Client, problems: &mut Vec<Str
     let state = client
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-            &[&format!("{schema}.checkpoints"), &format!("{schema}.dead_letters")],
+            &[
+                &format!("{schema}.checkpoints"),
+                &format!("{schema}.dead_letters"),
+            ],
         )
         .await
         .map_err(db::explain)?;
     if !state.get::<_, bool>(0) {
-        problems.push(format!("the relay's tables in schema {schema} do not exist: run `outbox-relay init`"));
+        problems.push(format!(
+            "the relay's tables in schema {schema} do not exist: run `outbox-relay init`"
+        ));
     } else {
         let writable: bool = client
             .query_one(
@@ -270,7 +327,10 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
         .await
         .map_err(db::explain)?;
     match slot {
-        None => out.push_str(&format!("slot {}: does not exist (run `outbox-relay init`)\n", source.slot)),
+        None => out.push_str(&format!(
+            "slot {}: does not exist (run `outbox-relay init`)\n",
+            source.slot
+        )),
         Some(row) => {
             let active: bool = row.get(0);
             let pid: Option<i32> = row.get(1);
@@ -312,7 +372,10 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
         }
     }
     let dead: i64 = client
-        .query_one(&format!("SELECT count(*) FROM {schema}.dead_letters WHERE slot = $1"), &[&source.slot])
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.dead_letters WHERE slot = $1"),
+            &[&source.slot],
+        )
         .await
         .map_err(db::explain)?
         .get(0);

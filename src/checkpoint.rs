@@ -67,7 +67,10 @@ impl CheckpointStore for PgCheckpointStore {
             .map(|row| {
                 let lsn: PgLsn = row.get(1);
                 let index: i32 = row.get(2);
-                let position = Position { commit_lsn: Lsn(u64::from(lsn)), index: index as u32 };
+                let position = Position {
+                    commit_lsn: Lsn(u64::from(lsn)),
+                    index: index as u32,
+                };
                 (row.get::<_, String>(0), position)
             })
             .collect())
@@ -75,7 +78,10 @@ impl CheckpointStore for PgCheckpointStore {
 
     async fn save(&self, slot: &str, positions: &BTreeMap<String, Position>) -> anyhow::Result<()> {
         let sinks: Vec<&str> = positions.keys().map(String::as_str).collect();
-        let lsns: Vec<String> = positions.values().map(|p| p.commit_lsn.to_string()).collect();
+        let lsns: Vec<String> = positions
+            .values()
+            .map(|p| p.commit_lsn.to_string())
+            .collect();
         let indexes: Vec<i32> = positions.values().map(|p| p.index as i32).collect();
         self.client
             .execute(&self.save_sql, &[&slot, &sinks, &lsns, &indexes])

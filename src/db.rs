@@ -26,24 +26,33 @@ pub async fn connect(params: &ConnectParams) -> anyhow::Result<Client> {
         config.password(password.expose());
     }
     let failed = || format!("cannot connect to PostgreSQL at {params}");
-    let client = match crate::source::tls::client_config(params.sslmode, params.sslrootcert.as_deref())? {
-        None => {
-            let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(explain).with_context(failed)?;
-            tokio::spawn(connection);
-            client
-        }
-        Some(tls) => {
-            config.ssl_mode(if params.sslmode == SslMode::Prefer {
-                tokio_postgres::config::SslMode::Prefer
-            } else {
-                tokio_postgres::config::SslMode::Require
-            });
-            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-            let (client, connection) = config.connect(connector).await.map_err(explain).with_context(failed)?;
-            tokio::spawn(connection);
-            client
-        }
-    };
+    let client =
+        match crate::source::tls::client_config(params.sslmode, params.sslrootcert.as_deref())? {
+            None => {
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(explain)
+                    .with_context(failed)?;
+                tokio::spawn(connection);
+                client
+            }
+            Some(tls) => {
+                config.ssl_mode(if params.sslmode == SslMode::Prefer {
+                    tokio_postgres::config::SslMode::Prefer
+                } else {
+                    tokio_postgres::config::SslMode::Require
+                });
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                let (client, connection) = config
+                    .connect(connector)
+                    .await
+                    .map_err(explain)
+                    .with_context(failed)?;
+                tokio::spawn(connection);
+                client
+            }
+        };
     Ok(client)
 }
 
@@ -59,5 +68,9 @@ pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
         "42501" => " -> grant the privilege to the relay's role (see migrations/)",
         _ => "",
     };
-    anyhow::anyhow!("PostgreSQL said: {} ({}){advice}", db.message(), db.code().code())
+    anyhow::anyhow!(
+        "PostgreSQL said: {} ({}){advice}",
+        db.message(),
+        db.code().code()
+    )
 }

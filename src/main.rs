@@ -9,7 +9,10 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(version, about = "Relays outbox rows from PostgreSQL logical replication to message brokers")]
+#[command(
+    version,
+    about = "Relays outbox rows from PostgreSQL logical replication to message brokers"
+)]
 struct Cli {
     /// TOML configuration file; every key can also be set as OUTBOX_RELAY__SECTION__KEY.
     #[arg(long, short, global = true, env = "OUTBOX_RELAY_CONFIG")]
@@ -34,7 +37,9 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(config.log.level.as_deref().unwrap_or("info")));
     // Logs go to stderr: stdout belongs to the stdout sink.
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),

@@ -61,13 +61,17 @@ struct Layout {
 impl Layout {
     fn resolve(relation: &Relation) -> Result<Layout, String> {
         let find = |name: &str| {
-            relation.columns.iter().position(|c| c.name == name).ok_or_else(|| {
-                format!(
-                    "outbox table {}.{} has no column {name:?} (expected id, aggregatetype, \
+            relation
+                .columns
+                .iter()
+                .position(|c| c.name == name)
+                .ok_or_else(|| {
+                    format!(
+                        "outbox table {}.{} has no column {name:?} (expected id, aggregatetype, \
                      aggregateid, type, payload)",
-                    relation.namespace, relation.name
-                )
-            })
+                        relation.namespace, relation.name
+                    )
+                })
         };
         let id = find("id")?;
         let payload = find("payload")?;
@@ -105,7 +109,10 @@ impl OutboxMapper {
             .filter_map(|t| crate::config::parse_table_name(t).ok())
             .map(|(s, t)| (s.to_owned(), t.to_owned()))
             .collect();
-        OutboxMapper { outbox_tables, relations: HashMap::new() }
+        OutboxMapper {
+            outbox_tables,
+            relations: HashMap::new(),
+        }
     }
 
     /// Records a Relation message (sent before the first change of a table in a session and
@@ -116,7 +123,14 @@ impl OutboxMapper {
             .contains(&(relation.namespace.clone(), relation.name.clone()));
         let layout = is_outbox.then(|| Layout::resolve(&relation));
         let qualified: Arc<str> = format!("{}.{}", relation.namespace, relation.name).into();
-        self.relations.insert(relation.id, RelationInfo { relation, qualified, layout });
+        self.relations.insert(
+            relation.id,
+            RelationInfo {
+                relation,
+                qualified,
+                layout,
+            },
+        );
     }
 
     /// The `schema.table` of a relation seen in this session.
@@ -125,7 +139,9 @@ impl OutboxMapper {
     }
 
     pub fn is_outbox(&self, relation_id: u32) -> bool {
-        self.relations.get(&relation_id).is_some_and(|r| r.layout.is_some())
+        self.relations
+            .get(&relation_id)
+            .is_some_and(|r| r.layout.is_some())
     }
 
     /// Maps an inserted row. `data` is the buffer `tuple` borrows from, so text fields are
@@ -137,7 +153,10 @@ impl OutboxMapper {
         data: &Bytes,
         ctx: RowContext,
     ) -> Result<Mapped, UnknownRelation> {
-        let info = self.relations.get(&relation_id).ok_or(UnknownRelation(relation_id))?;
+        let info = self
+            .relations
+            .get(&relation_id)
+            .ok_or(UnknownRelation(relation_id))?;
         let Some(layout) = &info.layout else {
             return Ok(Mapped::NotOutbox);
         };
@@ -168,14 +187,19 @@ impl OutboxMapper {
                 Value::Text(bytes) => Text::new(data.slice_ref(bytes))
                     .map_err(|e| format!("column {name:?} is not valid UTF-8: {e}")),
                 Value::Null => Err(format!("column {name:?} is NULL")),
-                Value::UnchangedToast => Err(format!("column {name:?} was not sent (unchanged TOAST)")),
+                Value::UnchangedToast => {
+                    Err(format!("column {name:?} was not sent (unchanged TOAST)"))
+                }
                 Value::Binary(_) => Err(format!("column {name:?} arrived in binary format")),
             }
         };
         let event = (|| {
             let id = text(layout.id)?;
             if !layout.id_is_uuid && !is_uuid(&id) {
-                return Err(format!("column \"id\" is not a UUID: {:?}", truncate(&id, 80)));
+                return Err(format!(
+                    "column \"id\" is not a UUID: {:?}",
+                    truncate(&id, 80)
+                ));
             }
             let payload = text(layout.payload)?;
             if !layout.payload_is_jsonb {
@@ -226,7 +250,10 @@ fn truncate(s: &str, max: usize) -> &str {
 fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> serde_json::Value {
     let mut row = serde_json::Map::new();
     for (i, value) in tuple.columns.iter().enumerate() {
-        let name = relation.columns.get(i).map_or_else(|| format!("column{i}"), |c| c.name.clone());
+        let name = relation
+            .columns
+            .get(i)
+            .map_or_else(|| format!("column{i}"), |c| c.name.clone());
         let value = match value {
             Value::Text(bytes) | Value::Binary(bytes) => {
                 serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
@@ -264,7 +291,10 @@ mod tests {
 
     const TEXT: u32 = 25;
     const CTX: RowContext = RowContext {
-        position: Position { commit_lsn: Lsn(100), index: 3 },
+        position: Position {
+            commit_lsn: Lsn(100),
+            index: 3,
+        },
         xid: 9,
         commit_time_micros: 0,
     };
@@ -303,34 +333,85 @@ mod tests {
     fn maps_the_debezium_layout_in_any_column_order() {
         let mut reordered = DEBEZIUM;
         reordered.reverse();
-        let Mapped::Event(e) = map(&reordered, &[Some("{}"), Some("created"), Some("o-1"), Some("order"), Some(ID)])
-        else {
+        let Mapped::Event(e) = map(
+            &reordered,
+            &[
+                Some("{}"),
+                Some("created"),
+                Some("o-1"),
+                Some("order"),
+                Some(ID),
+            ],
+        ) else {
             panic!("expected an event")
         };
-        assert_eq!((&*e.id, &*e.key, &*e.aggregate_type, &*e.event_type), (ID, "o-1", "order", "created"));
-        assert_eq!((&*e.table, e.position, e.xid), ("public.outbox", CTX.position, 9));
+        assert_eq!(
+            (&*e.id, &*e.key, &*e.aggregate_type, &*e.event_type),
+            (ID, "o-1", "order", "created")
+        );
+        assert_eq!(
+            (&*e.table, e.position, e.xid),
+            ("public.outbox", CTX.position, 9)
+        );
     }
 
     #[test]
     fn bad_rows_become_dead_letters_with_reasons() {
-        let cases: Vec<(Vec<(&str, u32)>, Vec<Option<&str>>, &str)> = vec![
-            (DEBEZIUM.to_vec(), vec![Some(ID), Some("order"), None, Some("created"), Some("{}")], "\"aggregateid\" is NULL"),
+        type Case<'a> = (Vec<(&'a str, u32)>, Vec<Option<&'a str>>, &'a str);
+        let cases: Vec<Case> = vec![
             (
-                vec![("id", TEXT), ("aggregatetype", TEXT), ("aggregateid", TEXT), ("type", TEXT), ("payload", TEXT)],
-                vec![Some("not-a-uuid"), Some("order"), Some("o-1"), Some("created"), Some("{}")],
+                DEBEZIUM.to_vec(),
+                vec![Some(ID), Some("order"), None, Some("created"), Some("{}")],
+                "\"aggregateid\" is NULL",
+            ),
+            (
+                vec![
+                    ("id", TEXT),
+                    ("aggregatetype", TEXT),
+                    ("aggregateid", TEXT),
+                    ("type", TEXT),
+                    ("payload", TEXT),
+                ],
+                vec![
+                    Some("not-a-uuid"),
+                    Some("order"),
+                    Some("o-1"),
+                    Some("created"),
+                    Some("{}"),
+                ],
                 "not a UUID",
             ),
             (
-                vec![("id", UUID_OID), ("aggregatetype", TEXT), ("aggregateid", TEXT), ("type", TEXT), ("payload", TEXT)],
-                vec![Some(ID), Some("order"), Some("o-1"), Some("created"), Some("{oops")],
+                vec![
+                    ("id", UUID_OID),
+                    ("aggregatetype", TEXT),
+                    ("aggregateid", TEXT),
+                    ("type", TEXT),
+                    ("payload", TEXT),
+                ],
+                vec![
+                    Some(ID),
+                    Some("order"),
+                    Some("o-1"),
+                    Some("created"),
+                    Some("{oops"),
+                ],
                 "not valid JSON",
             ),
-            (DEBEZIUM[..4].to_vec(), vec![Some(ID), Some("order"), Some("o-1"), Some("created")], "no column \"payload\""),
+            (
+                DEBEZIUM[..4].to_vec(),
+                vec![Some(ID), Some("order"), Some("o-1"), Some("created")],
+                "no column \"payload\"",
+            ),
         ];
         for (columns, values, expected) in cases {
             match map(&columns, &values) {
                 Mapped::DeadLetter(d) => {
-                    assert!(d.reason.contains(expected), "{} does not mention {expected}", d.reason);
+                    assert!(
+                        d.reason.contains(expected),
+                        "{} does not mention {expected}",
+                        d.reason
+                    );
                     assert_eq!(d.position, CTX.position);
                     assert_eq!(d.table, "public.outbox");
                     assert!(d.row.is_object());
@@ -347,7 +428,10 @@ mod tests {
         other.name = "orders".into();
         mapper.on_relation(other);
         let tuple = Tuple { columns: vec![] };
-        assert!(matches!(mapper.map_insert(7, &tuple, &Bytes::new(), CTX), Ok(Mapped::NotOutbox)));
+        assert!(matches!(
+            mapper.map_insert(7, &tuple, &Bytes::new(), CTX),
+            Ok(Mapped::NotOutbox)
+        ));
         assert!(mapper.map_insert(8, &tuple, &Bytes::new(), CTX).is_err());
     }
 }

@@ -52,10 +52,16 @@ impl Progress {
             .into_iter()
             .map(|name| SinkProgress {
                 name,
-                acked: Mutex::new(Acked { position: None, confirmable: start }),
+                acked: Mutex::new(Acked {
+                    position: None,
+                    confirmable: start,
+                }),
             })
             .collect();
-        Arc::new(Progress { received: AtomicU64::new(start.0), sinks })
+        Arc::new(Progress {
+            received: AtomicU64::new(start.0),
+            sinks,
+        })
     }
 
     /// Records the highest WAL position received from the server.
@@ -80,7 +86,12 @@ impl Progress {
     pub fn checkpoints(&self) -> BTreeMap<String, Position> {
         self.sinks
             .iter()
-            .filter_map(|s| Some((s.name.clone(), s.acked.lock().expect("progress lock").position?)))
+            .filter_map(|s| {
+                Some((
+                    s.name.clone(),
+                    s.acked.lock().expect("progress lock").position?,
+                ))
+            })
             .collect()
     }
 
@@ -138,7 +149,14 @@ pub fn start(
         let (tx, rx) = mpsc::channel(queue_depth);
         senders.push(tx);
         let span = info_span!("sink", name = %worker.name);
-        let task = run_worker(index, worker, rx, progress.clone(), store.clone(), slot.to_owned());
+        let task = run_worker(
+            index,
+            worker,
+            rx,
+            progress.clone(),
+            store.clone(),
+            slot.to_owned(),
+        );
         handles.push(tokio::spawn(task.instrument(span)));
     }
     (Pipeline { senders }, handles)
@@ -171,7 +189,12 @@ async fn run_worker(
 
 /// Sends `events` until the sink takes them, backing off on retryable errors; rejected events
 /// go to the dead-letter store.
-async fn deliver(worker: &mut SinkWorker, events: &[Event], store: &dyn CheckpointStore, slot: &str) -> anyhow::Result<()> {
+async fn deliver(
+    worker: &mut SinkWorker,
+    events: &[Event],
+    store: &dyn CheckpointStore,
+    slot: &str,
+) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(100);
     let delivery = loop {
         match worker.sink.send(events).await {
@@ -188,7 +211,12 @@ async fn deliver(worker: &mut SinkWorker, events: &[Event], store: &dyn Checkpoi
     };
     for rejection in delivery.rejected {
         let event = events.get(rejection.index).ok_or_else(|| {
-            anyhow::anyhow!("sink {} rejected event #{} of a batch of {}", worker.name, rejection.index, events.len())
+            anyhow::anyhow!(
+                "sink {} rejected event #{} of a batch of {}",
+                worker.name,
+                rejection.index,
+                events.len()
+            )
         })?;
         let letter = DeadLetter {
             table: event.table.to_string(),
@@ -218,11 +246,22 @@ mod tests {
     fn confirmed_is_the_minimum_boundary_over_sinks() {
         let progress = Progress::new(["a".to_string(), "b".to_string()], Lsn(10));
         assert_eq!(progress.confirmed(), Lsn(10));
-        let p = |lsn, index| Position { commit_lsn: Lsn(lsn), index };
+        let p = |lsn, index| Position {
+            commit_lsn: Lsn(lsn),
+            index,
+        };
         progress.acknowledge(0, Some(p(20, 1)), Some(Lsn(25)));
-        assert_eq!(progress.confirmed(), Lsn(10), "sink b has not acknowledged the boundary");
+        assert_eq!(
+            progress.confirmed(),
+            Lsn(10),
+            "sink b has not acknowledged the boundary"
+        );
         progress.acknowledge(1, Some(p(20, 0)), None);
-        assert_eq!(progress.confirmed(), Lsn(10), "a partial transaction confirms nothing");
+        assert_eq!(
+            progress.confirmed(),
+            Lsn(10),
+            "a partial transaction confirms nothing"
+        );
         progress.acknowledge(1, Some(p(20, 1)), Some(Lsn(25)));
         assert_eq!(progress.confirmed(), Lsn(25));
         assert_eq!(progress.checkpoints()["b"], p(20, 1));

@@ -6,12 +6,14 @@
 
 use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::{Config, SinkConfig};
+use crate::db;
 use crate::outbox::{Mapped, OutboxMapper, RowContext, PG_EPOCH_OFFSET_MICROS};
 use crate::pipeline::{self, Batch, Pipeline, Progress, SinkWorker};
 use crate::source::pgoutput::{self, Message};
-use crate::source::replication::{ReplicationConnection, ReplicationStream, SourceError, StatusWriter};
+use crate::source::replication::{
+    ReplicationConnection, ReplicationStream, SourceError, StatusWriter,
+};
 use crate::source::wire::ReplicationMessage;
-use crate::db;
 use bytes::Bytes;
 use outbox_relay_sinks::{file::FileSink, stdout::StdoutSink, Event, Lsn, Position, Sink};
 use std::collections::BTreeMap;
@@ -69,7 +71,11 @@ fn classify_source(err: SourceError) -> SessionEnd {
 fn classify_sql(err: anyhow::Error) -> SessionEnd {
     let permanent = err.chain().any(|cause| {
         let text = cause.to_string();
-        ["(28P01)", "(28000)", "(3D000)", "(42501)", "(42P01)", "(3F000)"].iter().any(|code| text.contains(code))
+        [
+            "(28P01)", "(28000)", "(3D000)", "(42501)", "(42P01)", "(3F000)",
+        ]
+        .iter()
+        .any(|code| text.contains(code))
     });
     if permanent {
         SessionEnd::Fatal(err)
@@ -83,10 +89,16 @@ struct SlotState {
     confirmed_flush: Lsn,
 }
 
-async fn prepare_slot(sql: &tokio_postgres::Client, config: &Config) -> Result<SlotState, SessionEnd> {
+async fn prepare_slot(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<SlotState, SessionEnd> {
     let source = &config.source;
     let publication = sql
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&source.publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&source.publication],
+        )
         .await
         .map_err(|e| classify_sql(db::explain(e)))?;
     if publication.is_none() {
@@ -132,7 +144,11 @@ async fn prepare_slot(sql: &tokio_postgres::Client, config: &Config) -> Result<S
         )));
     }
     let confirmed: Option<String> = row.get(2);
-    let confirmed_flush = confirmed.as_deref().unwrap_or("0/0").parse().map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
+    let confirmed_flush = confirmed
+        .as_deref()
+        .unwrap_or("0/0")
+        .parse()
+        .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
     Ok(SlotState { confirmed_flush })
 }
 
@@ -176,7 +192,8 @@ async fn session(
         },
         None => None,
     };
-    let store: Arc<dyn CheckpointStore> = Arc::new(PgCheckpointStore::new(sql, &config.relay.schema));
+    let store: Arc<dyn CheckpointStore> =
+        Arc::new(PgCheckpointStore::new(sql, &config.relay.schema));
     let stored = match store.load(&source.slot).await {
         Ok(stored) => stored,
         Err(err) => return classify_sql(err),
@@ -188,12 +205,20 @@ async fn session(
             Ok(recovered) => recovered,
             Err(err) => return SessionEnd::Fatal(anyhow::anyhow!("sink {name}: {err}")),
         };
-        let skip_through = [stored.get(&name).copied(), acknowledged.get(&name).copied(), recovered]
-            .into_iter()
-            .flatten()
-            .max();
+        let skip_through = [
+            stored.get(&name).copied(),
+            acknowledged.get(&name).copied(),
+            recovered,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         info!(sink = %name, skip_through = ?skip_through.map(|p| p.to_string()), "sink ready");
-        workers.push(SinkWorker { name, sink, skip_through });
+        workers.push(SinkWorker {
+            name,
+            sink,
+            skip_through,
+        });
     }
 
     let connection = match ReplicationConnection::connect(&params).await {
@@ -207,8 +232,13 @@ async fn session(
     info!(slot = %source.slot, publication = %source.publication, from = %slot.confirmed_flush, "streaming");
 
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), slot.confirmed_flush);
-    let (pipeline, worker_handles) =
-        pipeline::start(workers, progress.clone(), store.clone(), &source.slot, config.relay.queue_depth);
+    let (pipeline, worker_handles) = pipeline::start(
+        workers,
+        progress.clone(),
+        store.clone(),
+        &source.slot,
+        config.relay.queue_depth,
+    );
     let (stop_helpers, helpers_stopped) = watch::channel(false);
     let reply_requested = Arc::new(Notify::new());
     let status_task = tokio::spawn(status_updates(
@@ -225,9 +255,11 @@ async fn session(
         config.relay.checkpoint_interval,
         helpers_stopped.clone(),
     ));
-    let heartbeat_task = heartbeat_sql.zip(source.heartbeat_interval).map(|(client, interval)| {
-        tokio::spawn(heartbeat(client, interval, helpers_stopped.clone()))
-    });
+    let heartbeat_task = heartbeat_sql
+        .zip(source.heartbeat_interval)
+        .map(|(client, interval)| {
+            tokio::spawn(heartbeat(client, interval, helpers_stopped.clone()))
+        });
 
     let mut reader = Reader {
         stream,
@@ -295,7 +327,9 @@ async fn start_streaming(
 ) -> Result<(ReplicationStream, StatusWriter), SourceError> {
     let system = connection.identify_system().await?;
     debug!(system_id = %system.system_id, timeline = system.timeline, wal = %system.wal_position, "identified");
-    connection.start_replication(&config.source.slot, &config.source.publication).await
+    connection
+        .start_replication(&config.source.slot, &config.source.publication)
+        .await
 }
 
 /// Sends standby status updates every `interval` and whenever the server asks, independent
@@ -315,9 +349,13 @@ async fn status_updates(
             _ = reply_requested.notified() => {}
             _ = stop.wait_for(|stop| *stop) => break,
         }
-        writer.send(progress.received_lsn(), progress.confirmed()).await?;
+        writer
+            .send(progress.received_lsn(), progress.confirmed())
+            .await?;
     }
-    writer.send(progress.received_lsn(), progress.confirmed()).await?;
+    writer
+        .send(progress.received_lsn(), progress.confirmed())
+        .await?;
     writer.finish().await
 }
 
@@ -343,7 +381,9 @@ async fn write_checkpoints(
             match store.save(&slot, &current).await {
                 Ok(()) => saved = current,
                 Err(err) if stopping => return Err(err),
-                Err(err) => warn!(error = %format!("{err:#}"), "writing checkpoints failed; retrying"),
+                Err(err) => {
+                    warn!(error = %format!("{err:#}"), "writing checkpoints failed; retrying")
+                }
             }
         }
         if stopping {
@@ -354,7 +394,11 @@ async fn write_checkpoints(
 
 /// Emits a non-transactional logical message so the slot advances even when this
 /// database has no other writes.
-async fn heartbeat(client: tokio_postgres::Client, interval: Duration, mut stop: watch::Receiver<bool>) {
+async fn heartbeat(
+    client: tokio_postgres::Client,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         tokio::select! {
@@ -362,7 +406,10 @@ async fn heartbeat(client: tokio_postgres::Client, interval: Duration, mut stop:
             _ = stop.wait_for(|stop| *stop) => return,
         }
         if let Err(err) = client
-            .execute("SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')", &[])
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
+                &[],
+            )
             .await
         {
             warn!(error = %format!("{:#}", db::explain(err)),
@@ -447,7 +494,11 @@ impl Reader {
                 self.progress.received(Lsn(wal_end));
                 self.handle_pgoutput(data).await
             }
-            ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
+            ReplicationMessage::PrimaryKeepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
                 self.progress.received(Lsn(wal_end));
                 if reply_requested {
                     self.reply_requested.notify_one();
@@ -468,7 +519,11 @@ impl Reader {
     async fn handle_pgoutput(&mut self, data: Bytes) -> Result<(), ReadError> {
         let message = match pgoutput::decode(&data) {
             Ok(message) => message,
-            Err(err) => return Err(ReadError::Fatal(anyhow::anyhow!("{err}; please report this with the server version"))),
+            Err(err) => {
+                return Err(ReadError::Fatal(anyhow::anyhow!(
+                    "{err}; please report this with the server version"
+                )))
+            }
         };
         match message {
             Message::Begin(begin) => {
@@ -486,10 +541,15 @@ impl Reader {
             Message::Relation(relation) => self.mapper.on_relation(relation),
             Message::Insert(insert) => {
                 let tx = self.transaction.as_mut().ok_or_else(|| {
-                    ReadError::Fatal(anyhow::anyhow!("the replication stream sent a row outside a transaction"))
+                    ReadError::Fatal(anyhow::anyhow!(
+                        "the replication stream sent a row outside a transaction"
+                    ))
                 })?;
                 let ctx = RowContext {
-                    position: Position { commit_lsn: tx.commit_lsn, index: tx.next_index },
+                    position: Position {
+                        commit_lsn: tx.commit_lsn,
+                        index: tx.next_index,
+                    },
                     xid: tx.xid,
                     commit_time_micros: tx.commit_time_micros,
                 };
@@ -515,17 +575,34 @@ impl Reader {
                 }
             }
             Message::Update(update) if self.mapper.is_outbox(update.relation_id) => {
-                debug!(table = self.mapper.table_name(update.relation_id), "skipping an UPDATE of an outbox row: only inserts are events");
+                debug!(
+                    table = self.mapper.table_name(update.relation_id),
+                    "skipping an UPDATE of an outbox row: only inserts are events"
+                );
             }
             Message::Delete(delete) if self.mapper.is_outbox(delete.relation_id) => {
-                debug!(table = self.mapper.table_name(delete.relation_id), "skipping a DELETE of an outbox row: only inserts are events");
+                debug!(
+                    table = self.mapper.table_name(delete.relation_id),
+                    "skipping a DELETE of an outbox row: only inserts are events"
+                );
             }
             Message::Truncate(truncate) => {
-                for id in truncate.relation_ids.iter().filter(|id| self.mapper.is_outbox(**id)) {
-                    warn!(table = self.mapper.table_name(*id), "outbox table truncated: removed rows are not events");
+                for id in truncate
+                    .relation_ids
+                    .iter()
+                    .filter(|id| self.mapper.is_outbox(**id))
+                {
+                    warn!(
+                        table = self.mapper.table_name(*id),
+                        "outbox table truncated: removed rows are not events"
+                    );
                 }
             }
-            Message::Update(_) | Message::Delete(_) | Message::Message(_) | Message::Type(_) | Message::Origin(_) => {}
+            Message::Update(_)
+            | Message::Delete(_)
+            | Message::Message(_)
+            | Message::Type(_)
+            | Message::Origin(_) => {}
         }
         Ok(())
     }

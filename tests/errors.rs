@@ -25,7 +25,10 @@ fn wrong_password_is_named_with_the_fix() {
     let (config, _) = write_config(dir.path(), &pg, "");
     let secret = dir.path().join("password");
     std::fs::write(&secret, "wrong\n").unwrap();
-    let url = format!("postgres://app@127.0.0.1:{}/postgres?sslmode=disable", pg.port);
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port
+    );
     let out = std::process::Command::new(relay_bin())
         .args(["--config", config.to_str().unwrap(), "check"])
         .env("OUTBOX_RELAY__SOURCE__URL", &url)
@@ -34,7 +37,10 @@ fn wrong_password_is_named_with_the_fix() {
         .unwrap();
     assert!(!out.status.success());
     let text = stdout(&out);
-    assert!(text.contains("password authentication failed") && text.contains("source.password_file"), "{text}");
+    assert!(
+        text.contains("password authentication failed") && text.contains("source.password_file"),
+        "{text}"
+    );
     assert!(!text.contains("wrong"), "the password leaked: {text}");
 
     // The right password over SCRAM gets through to the database checks.
@@ -47,12 +53,18 @@ fn wrong_password_is_named_with_the_fix() {
         .unwrap();
     let text = stdout(&out);
     assert!(!text.contains("password authentication failed"), "{text}");
-    assert!(text.contains("outbox table public.outbox does not exist"), "{text}");
+    assert!(
+        text.contains("outbox table public.outbox does not exist"),
+        "{text}"
+    );
 }
 
 #[test]
 fn wal_level_replica_is_reported_by_check_and_run() {
-    let pg = PgCluster::start_with(ClusterOptions { wal_level: "replica", ..Default::default() });
+    let pg = PgCluster::start_with(ClusterOptions {
+        wal_level: "replica",
+        ..Default::default()
+    });
     pg.create_outbox("public.outbox");
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = write_config(dir.path(), &pg, "");
@@ -85,10 +97,15 @@ fn missing_publication_and_slot_are_explained() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     let mut relay = Relay::start(&config);
-    let status = relay.wait(Duration::from_secs(30)).expect("run should exit on a permanent error");
+    let status = relay
+        .wait(Duration::from_secs(30))
+        .expect("run should exit on a permanent error");
     assert!(!status.success());
     let log = relay.log();
-    assert!(log.contains("publication \"outbox_relay\" does not exist: run `outbox-relay init`"), "{log}");
+    assert!(
+        log.contains("publication \"outbox_relay\" does not exist: run `outbox-relay init`"),
+        "{log}"
+    );
 
     // After init everything checks out, and init is idempotent.
     for _ in 0..2 {
@@ -99,7 +116,12 @@ fn missing_publication_and_slot_are_explained() {
     assert!(out.status.success(), "{}", stdout(&out));
     let out = relay_command(&config, "status");
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("slot outbox_relay: inactive") && stdout(&out).contains("file: none yet"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("slot outbox_relay: inactive")
+            && stdout(&out).contains("file: none yet"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -109,9 +131,17 @@ fn unreachable_database_and_bad_config_fail_fast_with_the_key() {
     std::fs::write(&config, "[source]\nurl = \"postgres://x@127.0.0.1:1/db?sslmode=disable\"\n[sinks.out]\ntype = \"stdout\"\n").unwrap();
     let out = relay_command(&config, "check");
     assert!(!out.status.success());
-    assert!(stdout(&out).contains("cannot connect to PostgreSQL at x@127.0.0.1:1/db"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("cannot connect to PostgreSQL at x@127.0.0.1:1/db"),
+        "{}",
+        stdout(&out)
+    );
 
-    std::fs::write(&config, "[source]\nurl = \"postgres://x@h/db\"\nslots = \"typo\"\n[sinks.out]\ntype = \"stdout\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[source]\nurl = \"postgres://x@h/db\"\nslots = \"typo\"\n[sinks.out]\ntype = \"stdout\"\n",
+    )
+    .unwrap();
     let out = relay_command(&config, "check");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("slots"), "{}", stderr(&out));

@@ -10,7 +10,11 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn init(config: &std::path::Path) {
     let out = relay_command(config, "init");
-    assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -25,13 +29,20 @@ fn committed_insert_becomes_an_event() {
         "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES \
          ('6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11', 'order', 'o-1', 'OrderCreated', '{\"total\": 12.5, \"items\": [1, 2]}')",
     );
-    assert!(wait_until(WAIT, || read_events(&events).len() == 1), "no event; relay log:\n{}", relay.log());
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "no event; relay log:\n{}",
+        relay.log()
+    );
     let event = &read_events(&events)[0];
     assert_eq!(event["id"], "6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11");
     assert_eq!(event["aggregatetype"], "order");
     assert_eq!(event["aggregateid"], "o-1");
     assert_eq!(event["type"], "OrderCreated");
-    assert_eq!(event["payload"], serde_json::json!({"total": 12.5, "items": [1, 2]}));
+    assert_eq!(
+        event["payload"],
+        serde_json::json!({"total": 12.5, "items": [1, 2]})
+    );
     assert_eq!(event["table"], "public.outbox");
     assert_eq!(event["index"], 0);
     assert!(event["lsn"].as_str().unwrap().contains('/'));
@@ -43,7 +54,8 @@ fn positions(events: &[serde_json::Value]) -> Vec<(u64, u64)> {
         .iter()
         .map(|e| {
             let (hi, lo) = e["lsn"].as_str().unwrap().split_once('/').unwrap();
-            let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+            let lsn =
+                (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
             (lsn, e["index"].as_u64().unwrap())
         })
         .collect()
@@ -51,7 +63,10 @@ fn positions(events: &[serde_json::Value]) -> Vec<(u64, u64)> {
 
 fn assert_commit_order(events: &[serde_json::Value]) {
     let positions = positions(events);
-    assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions not strictly increasing: {positions:?}");
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "positions not strictly increasing: {positions:?}"
+    );
 }
 
 fn insert_sql(key: &str, seq: usize) -> String {
@@ -74,7 +89,10 @@ async fn concurrent_transactions_arrive_in_commit_order() {
     }
     for round in 0..3 {
         for (name, client) in [("a", &a), ("b", &b), ("c", &c)] {
-            client.batch_execute(&insert_sql(name, round)).await.unwrap();
+            client
+                .batch_execute(&insert_sql(name, round))
+                .await
+                .unwrap();
         }
     }
     for client in [&c, &a, &b] {
@@ -100,17 +118,31 @@ async fn concurrent_transactions_arrive_in_commit_order() {
         writer.await.unwrap();
     }
     let expected = 9 + 4 * 40 * 5;
-    assert!(wait_until(WAIT, || read_events(&events).len() >= expected), "relay log:\n{}", relay.log());
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= expected),
+        "relay log:\n{}",
+        relay.log()
+    );
     let events = read_events(&events);
     assert_eq!(events.len(), expected);
     assert_commit_order(&events);
-    let keys: Vec<&str> = events[..9].iter().map(|e| e["aggregateid"].as_str().unwrap()).collect();
+    let keys: Vec<&str> = events[..9]
+        .iter()
+        .map(|e| e["aggregateid"].as_str().unwrap())
+        .collect();
     assert_eq!(keys, ["c", "c", "c", "a", "a", "a", "b", "b", "b"]);
     for writer in 0..4 {
         let key = format!("w{writer}");
-        let seqs: Vec<u64> =
-            events.iter().filter(|e| e["aggregateid"] == key.as_str()).map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
-        assert_eq!(seqs, (0..200).collect::<Vec<u64>>(), "per-key order for {key}");
+        let seqs: Vec<u64> = events
+            .iter()
+            .filter(|e| e["aggregateid"] == key.as_str())
+            .map(|e| e["payload"]["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..200).collect::<Vec<u64>>(),
+            "per-key order for {key}"
+        );
     }
 }
 
@@ -130,11 +162,23 @@ fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
         insert_sql("kept", 3)
     ));
     // Debezium's housekeeping pattern: insert then delete in one transaction is one event.
-    pg.psql(&format!("BEGIN; {}; DELETE FROM outbox WHERE aggregateid = 'tidy'; COMMIT;", insert_sql("tidy", 4)));
+    pg.psql(&format!(
+        "BEGIN; {}; DELETE FROM outbox WHERE aggregateid = 'tidy'; COMMIT;",
+        insert_sql("tidy", 4)
+    ));
     pg.psql("UPDATE outbox SET type = 'Changed' WHERE aggregateid = 'kept'");
     pg.psql(&insert_sql("last", 5));
-    assert!(wait_until(WAIT, || read_events(&events).iter().any(|e| e["aggregateid"] == "last")), "relay log:\n{}", relay.log());
-    let seqs: Vec<u64> = read_events(&events).iter().map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+    assert!(
+        wait_until(WAIT, || read_events(&events)
+            .iter()
+            .any(|e| e["aggregateid"] == "last")),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let seqs: Vec<u64> = read_events(&events)
+        .iter()
+        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, [1, 3, 4, 5], "only committed inserts are events");
 }
 
@@ -149,15 +193,31 @@ fn clean_restart_repeats_nothing() {
     for i in 0..20 {
         pg.psql(&insert_sql("k", i));
     }
-    assert!(wait_until(WAIT, || read_events(&events).len() == 20), "relay log:\n{}", relay.log());
-    let status = relay.terminate(Duration::from_secs(10)).expect("relay did not exit after SIGTERM");
-    assert!(status.success(), "exit status {status:?}; log:\n{}", relay.log());
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 20),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let status = relay
+        .terminate(Duration::from_secs(10))
+        .expect("relay did not exit after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        relay.log()
+    );
     // The final status update reached the server, and the checkpoint names the last event.
-    let last_lsn = read_events(&events).last().unwrap()["lsn"].as_str().unwrap().to_owned();
+    let last_lsn = read_events(&events).last().unwrap()["lsn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let confirmed = pg.psql(&format!(
         "SELECT confirmed_flush_lsn > '{last_lsn}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
     ));
-    assert_eq!(confirmed, "t", "slot not confirmed past the last event at {last_lsn}");
+    assert_eq!(
+        confirmed, "t",
+        "slot not confirmed past the last event at {last_lsn}"
+    );
     let checkpoint = pg.psql("SELECT commit_lsn || '#' || event_index FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay' AND sink = 'file'");
     assert_eq!(checkpoint, format!("{last_lsn}#0"));
 
@@ -165,8 +225,15 @@ fn clean_restart_repeats_nothing() {
         pg.psql(&insert_sql("k", i));
     }
     let relay = Relay::start(&config);
-    assert!(wait_until(WAIT, || read_events(&events).len() >= 30), "relay log:\n{}", relay.log());
-    let seqs: Vec<u64> = read_events(&events).iter().map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= 30),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let seqs: Vec<u64> = read_events(&events)
+        .iter()
+        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, (0..30).collect::<Vec<u64>>());
 }
 
@@ -197,23 +264,40 @@ async fn kill_9_mid_stream_loses_and_repeats_nothing() {
     for kill in 1..=3 {
         let mut relay = Relay::start(&config);
         let seen = read_events(&events).len();
-        let progressed = wait_until(WAIT, || read_events(&events).len() > seen || read_events(&events).len() == total);
-        assert!(progressed, "kill {kill}: no progress; log:\n{}", relay.log());
+        let progressed = wait_until(WAIT, || {
+            read_events(&events).len() > seen || read_events(&events).len() == total
+        });
+        assert!(
+            progressed,
+            "kill {kill}: no progress; log:\n{}",
+            relay.log()
+        );
         relay.kill9();
     }
     for writer in writers {
         writer.await.unwrap();
     }
     let relay = Relay::start(&config);
-    assert!(wait_until(WAIT, || read_events(&events).len() >= total), "relay log:\n{}", relay.log());
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= total),
+        "relay log:\n{}",
+        relay.log()
+    );
     let events = read_events(&events);
     assert_eq!(events.len(), total, "every committed row exactly once");
     assert_commit_order(&events);
     for writer in 0..3 {
         let key = format!("w{writer}");
-        let seqs: Vec<u64> =
-            events.iter().filter(|e| e["aggregateid"] == key.as_str()).map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
-        assert_eq!(seqs, (0..300).collect::<Vec<u64>>(), "per-key order for {key}");
+        let seqs: Vec<u64> = events
+            .iter()
+            .filter(|e| e["aggregateid"] == key.as_str())
+            .map(|e| e["payload"]["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..300).collect::<Vec<u64>>(),
+            "per-key order for {key}"
+        );
     }
 }
 
@@ -226,13 +310,28 @@ fn alter_table_mid_stream_keeps_flowing() {
     init(&config);
     let relay = Relay::start(&config);
     pg.psql(&insert_sql("k", 0));
-    assert!(wait_until(WAIT, || read_events(&events).len() == 1), "relay log:\n{}", relay.log());
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "relay log:\n{}",
+        relay.log()
+    );
     pg.psql("ALTER TABLE outbox ADD COLUMN tenant text DEFAULT 'acme'");
     pg.psql(&insert_sql("k", 1));
     pg.psql("ALTER TABLE outbox DROP COLUMN tenant");
-    pg.psql(&format!("BEGIN; {}; ALTER TABLE outbox ADD COLUMN note text; {}; COMMIT;", insert_sql("k", 2), insert_sql("k", 3)));
-    assert!(wait_until(WAIT, || read_events(&events).len() == 4), "relay log:\n{}", relay.log());
-    let seqs: Vec<u64> = read_events(&events).iter().map(|e| e["payload"]["seq"].as_u64().unwrap()).collect();
+    pg.psql(&format!(
+        "BEGIN; {}; ALTER TABLE outbox ADD COLUMN note text; {}; COMMIT;",
+        insert_sql("k", 2),
+        insert_sql("k", 3)
+    ));
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 4),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let seqs: Vec<u64> = read_events(&events)
+        .iter()
+        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, [0, 1, 2, 3]);
 }
 
@@ -245,7 +344,9 @@ fn idle_outbox_on_a_busy_database_advances_the_slot() {
     let (config, _events) = write_config(dir.path(), &pg, "");
     init(&config);
     let relay = Relay::start(&config);
-    let start = pg.psql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'");
+    let start = pg.psql(
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+    );
     let advanced = wait_until(WAIT, || {
         pg.psql("INSERT INTO other SELECT generate_series(1, 100)");
         let ahead = pg.psql(&format!(
@@ -253,7 +354,11 @@ fn idle_outbox_on_a_busy_database_advances_the_slot() {
         ));
         ahead == "t"
     });
-    assert!(advanced, "confirmed_flush_lsn stayed near {start}; relay log:\n{}", relay.log());
+    assert!(
+        advanced,
+        "confirmed_flush_lsn stayed near {start}; relay log:\n{}",
+        relay.log()
+    );
 }
 
 #[test]
@@ -273,11 +378,25 @@ fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
          ('not-a-uuid', 'order', 'o-1', 'T', '{}'), \
          ('00000000-0000-0000-0000-000000000004', 'order', 'o-1', 'T', '{\"ok\": true}')",
     );
-    assert!(wait_until(WAIT, || read_events(&events).len() == 1), "relay log:\n{}", relay.log());
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "relay log:\n{}",
+        relay.log()
+    );
     assert_eq!(read_events(&events)[0]["payload"]["ok"], true);
-    assert!(wait_until(WAIT, || pg.psql("SELECT count(*) FROM outbox_relay.dead_letters") == "3"));
-    let reasons = pg.psql("SELECT string_agg(reason, ' | ' ORDER BY event_index) FROM outbox_relay.dead_letters");
-    assert!(reasons.contains("not valid JSON") && reasons.contains("\"aggregateid\" is NULL") && reasons.contains("not a UUID"), "{reasons}");
-    let raw = pg.psql("SELECT row_data->>'payload' FROM outbox_relay.dead_letters WHERE event_index = 0");
+    assert!(wait_until(WAIT, || pg
+        .psql("SELECT count(*) FROM outbox_relay.dead_letters")
+        == "3"));
+    let reasons = pg.psql(
+        "SELECT string_agg(reason, ' | ' ORDER BY event_index) FROM outbox_relay.dead_letters",
+    );
+    assert!(
+        reasons.contains("not valid JSON")
+            && reasons.contains("\"aggregateid\" is NULL")
+            && reasons.contains("not a UUID"),
+        "{reasons}"
+    );
+    let raw =
+        pg.psql("SELECT row_data->>'payload' FROM outbox_relay.dead_letters WHERE event_index = 0");
     assert_eq!(raw, "{not json");
 }

@@ -5,8 +5,8 @@
 //! any I/O in the way: [`decode`] takes the payload of one `XLogData` (or one row of
 //! `pg_logical_slot_get_binary_changes`) and returns a [`Message`] that borrows from it.
 //! Tuple values and other byte fields are slices of the input; only [`Relation`]
-//! messages own their strings, because they are kept in a [`RelationCache`] long after
-//! the buffer they came in is gone.
+//! messages own their strings, because the caller keeps them long after the buffer they
+//! came in is gone.
 //!
 //! The input comes from the network, so the decoder treats it as untrusted: every
 //! length and count is checked against the bytes that remain before anything is
@@ -15,8 +15,6 @@
 //!
 //! Streaming (proto_version 2) and two-phase (proto_version 3) messages are recognised
 //! only to be rejected with a clear error, since the relay asks for proto_version 1.
-
-use std::collections::HashMap;
 
 /// A WAL location, as PostgreSQL's `XLogRecPtr`.
 pub type Lsn = u64;
@@ -617,36 +615,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The latest [`Relation`] message for each relation id. pgoutput sends a relation's
-/// shape once per decoding session and again whenever it changes (e.g. after
-/// `ALTER TABLE`), so row messages must be read against the most recent one.
-#[derive(Debug, Clone, Default)]
-pub struct RelationCache {
-    relations: HashMap<u32, Relation>,
-}
-
-impl RelationCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Stores `relation`, replacing and returning any earlier definition of its id.
-    pub fn update(&mut self, relation: Relation) -> Option<Relation> {
-        self.relations.insert(relation.id, relation)
-    }
-
-    pub fn get(&self, id: u32) -> Option<&Relation> {
-        self.relations.get(&id)
-    }
-
-    pub fn remove(&mut self, id: u32) -> Option<Relation> {
-        self.relations.remove(&id)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// Real messages captured by `scripts/capture-pgoutput.sh`, one hex line each.
     fn fixture() -> Vec<Vec<u8>> {
@@ -937,13 +909,13 @@ mod tests {
     #[test]
     fn fixture_transactions_are_framed_and_ordered() {
         let raw = fixture();
-        let mut cache = RelationCache::new();
+        let mut cache: HashMap<u32, Relation> = HashMap::new();
         let mut open: Option<Begin> = None;
         let mut last_end: Lsn = 0;
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for bytes in &raw {
             let message = decode(bytes).unwrap_or_else(|e| panic!("{e}"));
-            let width = |id: u32| cache.get(id).map(|r: &Relation| r.columns.len());
+            let width = |id: u32| cache.get(&id).map(|r: &Relation| r.columns.len());
             match &message {
                 Message::Begin(b) => {
                     assert!(open.is_none(), "nested Begin");
@@ -962,7 +934,7 @@ mod tests {
                     assert_eq!(m.transactional, open.is_some());
                 }
                 Message::Relation(r) => {
-                    cache.update(r.clone());
+                    cache.insert(r.id, r.clone());
                 }
                 Message::Insert(i) => {
                     assert_eq!(width(i.relation_id), Some(i.new.columns.len()));
@@ -1004,27 +976,6 @@ mod tests {
                 ("Update", 2),
             ]
         );
-    }
-
-    #[test]
-    fn relation_cache_keeps_the_latest_shape() {
-        let relations: Vec<Relation> = fixture()
-            .iter()
-            .filter_map(|bytes| match decode(bytes) {
-                Ok(Message::Relation(r)) => Some(r),
-                _ => None,
-            })
-            .collect();
-        let mut cache = RelationCache::new();
-        let id = relations[0].id;
-        assert_eq!(cache.get(id), None);
-        assert_eq!(cache.update(relations[0].clone()), None);
-        let last = relations.last().expect("relations").clone();
-        let previous = cache.update(last.clone());
-        assert_eq!(previous.map(|r| r.columns.len()), Some(5));
-        assert_eq!(cache.get(id).map(|r| r.columns.len()), Some(7));
-        assert_eq!(cache.remove(id), Some(last));
-        assert_eq!(cache.get(id), None);
     }
 
     #[test]

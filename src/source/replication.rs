@@ -115,7 +115,11 @@ impl ServerError {
 
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PostgreSQL said: {} ({} {})", self.message, self.severity, self.code)?;
+        write!(
+            f,
+            "PostgreSQL said: {} ({} {})",
+            self.message, self.severity, self.code
+        )?;
         if let Some(detail) = &self.detail {
             write!(f, "; {detail}")?;
         }
@@ -150,20 +154,30 @@ pub struct SystemInfo {
 impl ReplicationConnection {
     pub async fn connect(params: &ConnectParams) -> Result<Self, SourceError> {
         let target = params.to_string();
-        let connect_error = |source| SourceError::Connect { target: target.clone(), source };
+        let connect_error = |source| SourceError::Connect {
+            target: target.clone(),
+            source,
+        };
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "timed out");
         let io: Box<dyn Io> = match &params.host {
             #[cfg(unix)]
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", params.port));
-                let stream = tokio::time::timeout(params.connect_timeout, tokio::net::UnixStream::connect(path))
-                    .await
-                    .map_err(|_| connect_error(timed_out()))?
-                    .map_err(connect_error)?;
+                let stream = tokio::time::timeout(
+                    params.connect_timeout,
+                    tokio::net::UnixStream::connect(path),
+                )
+                .await
+                .map_err(|_| connect_error(timed_out()))?
+                .map_err(connect_error)?;
                 Box::new(stream)
             }
             #[cfg(not(unix))]
-            Host::Unix(_) => return Err(SourceError::Config("Unix sockets need a Unix system".into())),
+            Host::Unix(_) => {
+                return Err(SourceError::Config(
+                    "Unix sockets need a Unix system".into(),
+                ))
+            }
             Host::Tcp(host) => {
                 let stream = tokio::time::timeout(
                     params.connect_timeout,
@@ -210,12 +224,16 @@ impl ReplicationConnection {
 
     async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), SourceError> {
         let password = || {
-            params.password.as_ref().map(|p| p.expose().as_bytes().to_vec()).ok_or_else(|| {
-                SourceError::Config(format!(
+            params
+                .password
+                .as_ref()
+                .map(|p| p.expose().as_bytes().to_vec())
+                .ok_or_else(|| {
+                    SourceError::Config(format!(
                     "PostgreSQL at {params} asks for a password but none is configured: put it \
                      in source.url or source.password_file"
                 ))
-            })
+                })
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -294,7 +312,10 @@ impl ReplicationConnection {
     }
 
     /// Runs one simple-protocol command and returns its rows as text.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, SourceError> {
         frontend::query(sql, &mut self.out)?;
         self.flush().await?;
         let mut rows = Vec::new();
@@ -327,7 +348,9 @@ impl ReplicationConnection {
 
     pub async fn identify_system(&mut self) -> Result<SystemInfo, SourceError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows.first().ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| SourceError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         Ok(SystemInfo {
             system_id: field(0),
@@ -360,13 +383,23 @@ impl ReplicationConnection {
         }
         let (reader, writer) = tokio::io::split(self.io);
         Ok((
-            ReplicationStream { reader, buf: self.buf },
-            StatusWriter { writer, out: BytesMut::with_capacity(64) },
+            ReplicationStream {
+                reader,
+                buf: self.buf,
+            },
+            StatusWriter {
+                writer,
+                out: BytesMut::with_capacity(64),
+            },
         ))
     }
 }
 
-async fn negotiate_tls(mut tcp: TcpStream, host: &str, params: &ConnectParams) -> Result<Box<dyn Io>, SourceError> {
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    host: &str,
+    params: &ConnectParams,
+) -> Result<Box<dyn Io>, SourceError> {
     let Some(config) = super::tls::client_config(params.sslmode, params.sslrootcert.as_deref())
         .map_err(|e| SourceError::Config(format!("{e:#}")))?
     else {
@@ -434,9 +467,15 @@ impl ReplicationStream {
                 }
                 BackendMessage::Other(Message::NoticeResponse(_)) => continue,
                 BackendMessage::Other(Message::CopyDone) => {
-                    return Err(SourceError::Protocol("the server ended replication (CopyDone)".into()))
+                    return Err(SourceError::Protocol(
+                        "the server ended replication (CopyDone)".into(),
+                    ))
                 }
-                _ => return Err(SourceError::Protocol("unexpected message while streaming".into())),
+                _ => {
+                    return Err(SourceError::Protocol(
+                        "unexpected message while streaming".into(),
+                    ))
+                }
             }
         }
     }
@@ -465,7 +504,13 @@ impl StatusWriter {
     /// forget WAL up to `confirmed`.
     pub async fn send(&mut self, received: Lsn, confirmed: Lsn) -> Result<(), SourceError> {
         self.out.clear();
-        wire::standby_status_update(received.0, confirmed.0, confirmed.0, wire::pg_now(), &mut self.out);
+        wire::standby_status_update(
+            received.0,
+            confirmed.0,
+            confirmed.0,
+            wire::pg_now(),
+            &mut self.out,
+        );
         self.writer.write_all(&self.out).await?;
         self.writer.flush().await?;
         Ok(())

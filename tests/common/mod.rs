@@ -17,10 +17,18 @@ pub fn pg_bin() -> PathBuf {
         return PathBuf::from(dir);
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").exists())
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort_by_key(|p| {
-        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
     });
     if let Some(dir) = versions.pop() {
         return dir;
@@ -52,7 +60,11 @@ fn pg_command(program: &str) -> Command {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn check(output: Output, what: &str) -> String {
@@ -88,7 +100,10 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { wal_level: "logical", hba: Vec::new() }
+        ClusterOptions {
+            wal_level: "logical",
+            hba: Vec::new(),
+        }
     }
 }
 
@@ -104,16 +119,35 @@ impl PgCluster {
     }
 
     pub fn start_with(options: ClusterOptions) -> Self {
-        let dir = tempfile::Builder::new().prefix("outbox-relay-pg").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pg")
+            .tempdir()
+            .unwrap();
         if is_root() {
-            check(Command::new("chown").arg("postgres:").arg(dir.path()).output().unwrap(), "chown");
+            check(
+                Command::new("chown")
+                    .arg("postgres:")
+                    .arg(dir.path())
+                    .output()
+                    .unwrap(),
+                "chown",
+            );
         }
         let data = dir.path().join("data");
         check(
             pg_command("initdb")
                 .args(["-D"])
                 .arg(&data)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "-N"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "-N",
+                ])
                 .output()
                 .unwrap(),
             "initdb",
@@ -150,13 +184,28 @@ impl PgCluster {
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
     }
 
     /// Runs SQL with psql and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
         let out = Command::new(pg_bin().join("psql"))
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output()
             .unwrap();
@@ -165,7 +214,9 @@ impl PgCluster {
 
     /// A tokio-postgres client for writers that need concurrency or open transactions.
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.unwrap();
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(connection);
         client
     }
@@ -173,7 +224,15 @@ impl PgCluster {
     /// Stops the server ("fast" or "immediate") and starts it again on the same port.
     pub fn restart(&self, mode: &str) {
         let data = self.dir.path().join("data");
-        check(pg_command("pg_ctl").arg("-D").arg(&data).args(["-w", "-m", mode, "stop"]).output().unwrap(), "pg_ctl stop");
+        check(
+            pg_command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .args(["-w", "-m", mode, "stop"])
+                .output()
+                .unwrap(),
+            "pg_ctl stop",
+        );
         check(
             pg_command("pg_ctl")
                 .arg("-D")
@@ -231,7 +290,13 @@ pub fn write_config(dir: &Path, cluster: &PgCluster, extra: &str) -> (PathBuf, P
 
 /// Runs a one-shot relay command (`init`, `check`, `status`).
 pub fn relay_command(config: &Path, command: &str) -> Output {
-    Command::new(relay_bin()).arg("--config").arg(config).arg(command).env_remove("RUST_LOG").output().unwrap()
+    Command::new(relay_bin())
+        .arg("--config")
+        .arg(config)
+        .arg(command)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
 }
 
 /// A running `outbox-relay run`.
@@ -243,7 +308,8 @@ pub struct Relay {
 impl Relay {
     pub fn start(config: &Path) -> Self {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
-        let log = config.with_extension(format!("run{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let log =
+            config.with_extension(format!("run{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         let child = Command::new(relay_bin())
             .arg("--config")
             .arg(config)
@@ -267,7 +333,10 @@ impl Relay {
 
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         self.wait(timeout)
     }
 
