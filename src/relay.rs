@@ -27,8 +27,10 @@ use tracing::{debug, error, info, warn};
 enum SessionEnd {
     /// Shutdown was requested and everything was drained and checkpointed.
     Shutdown,
-    /// Something that may heal (network, server restart, busy slot): try again.
+    /// Something that may heal (network, server restart): try again with backoff.
     Retry(anyhow::Error),
+    /// Another relay streams from the slot: wait as a standby and try again shortly.
+    SlotInUse(anyhow::Error),
     /// Something an operator must fix.
     Fatal(anyhow::Error),
 }
@@ -38,12 +40,25 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     // What each sink acknowledged in earlier sessions of this process.
     let mut acknowledged: BTreeMap<String, Position> = BTreeMap::new();
     let mut backoff = Duration::from_millis(500);
+    let mut standby = false;
     loop {
         let started = Instant::now();
         match session(&config, &mut acknowledged, shutdown.clone()).await {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(err) => return Err(err),
+            SessionEnd::SlotInUse(err) => {
+                if !standby {
+                    info!(error = %format!("{err:#}"), retry_every = ?STANDBY_RETRY, "standing by until the slot is free");
+                    standby = true;
+                }
+                let mut shutdown = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(STANDBY_RETRY) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                }
+            }
             SessionEnd::Retry(err) => {
+                standby = false;
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
                 }
@@ -59,8 +74,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     }
 }
 
+/// How often a standby relay retries a slot that another relay streams from.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+
 fn classify_source(err: SourceError) -> SessionEnd {
-    if err.is_retryable() {
+    if err.is_slot_in_use() {
+        SessionEnd::SlotInUse(err.into())
+    } else if err.is_retryable() {
         SessionEnd::Retry(err.into())
     } else {
         SessionEnd::Fatal(err.into())
@@ -192,6 +212,16 @@ async fn session(
         },
         None => None,
     };
+    // Acquire the slot first: once streaming starts no other relay can write to the sinks,
+    // so the positions recovered below cannot go stale.
+    let connection = match ReplicationConnection::connect(&params).await {
+        Ok(connection) => connection,
+        Err(err) => return classify_source(err),
+    };
+    let (stream, status_writer) = match start_streaming(connection, config).await {
+        Ok(halves) => halves,
+        Err(err) => return classify_source(err),
+    };
     let store: Arc<dyn CheckpointStore> =
         Arc::new(PgCheckpointStore::new(sql, &config.relay.schema));
     let stored = match store.load(&source.slot).await {
@@ -221,14 +251,6 @@ async fn session(
         });
     }
 
-    let connection = match ReplicationConnection::connect(&params).await {
-        Ok(connection) => connection,
-        Err(err) => return classify_source(err),
-    };
-    let (stream, status_writer) = match start_streaming(connection, config).await {
-        Ok(halves) => halves,
-        Err(err) => return classify_source(err),
-    };
     info!(slot = %source.slot, publication = %source.publication, from = %slot.confirmed_flush, "streaming");
 
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), slot.confirmed_flush);

@@ -400,3 +400,126 @@ fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
         pg.psql("SELECT row_data->>'payload' FROM outbox_relay.dead_letters WHERE event_index = 0");
     assert_eq!(raw, "{not json");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_mid_stream_lose_and_repeat_nothing() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let relay = Relay::start(&config);
+    let mut expected = 0;
+    for mode in ["fast", "immediate"] {
+        for i in 0..50 {
+            pg.psql(&insert_sql("k", expected + i));
+        }
+        expected += 50;
+        assert!(
+            wait_until(WAIT, || read_events(&events).len() >= expected - 10),
+            "relay log:\n{}",
+            relay.log()
+        );
+        pg.restart(mode);
+    }
+    for i in 0..50 {
+        pg.psql(&insert_sql("k", expected + i));
+    }
+    expected += 50;
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= expected),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let seqs: Vec<usize> = read_events(&events)
+        .iter()
+        .map(|e| e["payload"]["seq"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(seqs, (0..expected).collect::<Vec<_>>());
+    assert!(
+        relay.log().contains("reconnecting"),
+        "the relay should have reconnected:\n{}",
+        relay.log()
+    );
+}
+
+#[test]
+fn a_second_relay_on_the_same_slot_stands_by_and_takes_over() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let mut first = Relay::start(&config);
+    pg.psql(&insert_sql("k", 0));
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "relay log:\n{}",
+        first.log()
+    );
+    let second = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || second
+            .log()
+            .contains("standing by until the slot is free")),
+        "second relay log:\n{}",
+        second.log()
+    );
+    assert!(
+        second
+            .log()
+            .contains("another relay is streaming from this slot"),
+        "{}",
+        second.log()
+    );
+    pg.psql(&insert_sql("k", 1));
+    assert!(wait_until(WAIT, || read_events(&events).len() == 2));
+    first.kill9();
+    pg.psql(&insert_sql("k", 2));
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= 3),
+        "second relay log:\n{}",
+        second.log()
+    );
+    let seqs: Vec<u64> = read_events(&events)
+        .iter()
+        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [0, 1, 2]);
+}
+
+#[test]
+fn the_stdout_example_config_works_with_only_the_url_from_the_environment() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/stdout.toml");
+    let relay_cmd = |command: &str| {
+        let mut cmd = std::process::Command::new(relay_bin());
+        cmd.args(["--config", example, command])
+            .env("OUTBOX_RELAY__SOURCE__URL", pg.url());
+        cmd
+    };
+    let out = relay_cmd("init").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = relay_cmd("run")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    pg.psql(&insert_sql("o-7", 7));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["aggregateid"], "o-7");
+    assert_eq!(event["payload"]["seq"], 7);
+}

@@ -50,6 +50,11 @@ impl SourceError {
             SourceError::Tls(_) | SourceError::Protocol(_) | SourceError::Config(_) => false,
         }
     }
+
+    /// Whether the slot is being streamed by another process (another relay).
+    pub fn is_slot_in_use(&self) -> bool {
+        matches!(self, SourceError::Server(e) if e.code == "55006")
+    }
 }
 
 /// An ErrorResponse from the server.
@@ -443,6 +448,21 @@ fn sslmode_name(mode: SslMode) -> &'static str {
     }
 }
 
+/// The name of a backend message, for errors.
+fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        Message::ParameterStatus(_) => "ParameterStatus",
+        Message::RowDescription(_) => "RowDescription",
+        Message::DataRow(_) => "DataRow",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        Message::NotificationResponse(_) => "NotificationResponse",
+        Message::EmptyQueryResponse => "EmptyQueryResponse",
+        _ => "backend message",
+    }
+}
+
 /// The receiving half while streaming.
 pub struct ReplicationStream {
     reader: ReadHalf<Box<dyn Io>>,
@@ -466,14 +486,23 @@ impl ReplicationStream {
                     return Err(SourceError::Server(ServerError::parse(&body)))
                 }
                 BackendMessage::Other(Message::NoticeResponse(_)) => continue,
-                BackendMessage::Other(Message::CopyDone) => {
-                    return Err(SourceError::Protocol(
-                        "the server ended replication (CopyDone)".into(),
-                    ))
+                BackendMessage::Other(Message::CopyDone | Message::CommandComplete(_)) => {
+                    // A shutting-down walsender ends streaming with CommandComplete
+                    // (PostgreSQL's WalSndDone) or CopyDone: reconnect later.
+                    return Err(SourceError::Io(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "PostgreSQL ended replication (is it shutting down?)",
+                    )));
                 }
-                _ => {
+                BackendMessage::Other(other) => {
+                    return Err(SourceError::Protocol(format!(
+                        "unexpected {} while streaming",
+                        message_name(&other)
+                    )))
+                }
+                BackendMessage::CopyBothResponse => {
                     return Err(SourceError::Protocol(
-                        "unexpected message while streaming".into(),
+                        "unexpected CopyBothResponse while streaming".into(),
                     ))
                 }
             }
