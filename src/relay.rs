@@ -301,6 +301,7 @@ async fn session(
 
     let mut end = match read_result {
         Ok(()) => SessionEnd::Shutdown,
+        Err(ReadError::Stopped) => SessionEnd::Shutdown,
         Err(ReadError::Source(err)) => classify_source(err),
         Err(ReadError::Fatal(err)) => SessionEnd::Fatal(err),
         Err(ReadError::Retry(err)) => SessionEnd::Retry(err),
@@ -442,6 +443,9 @@ async fn heartbeat(
 
 #[derive(Debug)]
 enum ReadError {
+    /// Shutdown was requested: nothing more may be dispatched, or a batch dropped on the
+    /// way out could be overtaken by a later one.
+    Stopped,
     Source(SourceError),
     Retry(anyhow::Error),
     Fatal(anyhow::Error),
@@ -478,6 +482,13 @@ struct Reader {
 
 impl Reader {
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadError> {
+        match self.read(shutdown).await {
+            Err(ReadError::Stopped) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn read(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadError> {
         loop {
             while let Some(message) = self.stream.next_buffered()? {
                 self.handle(message).await?;
@@ -489,7 +500,7 @@ impl Reader {
             self.flush(shutdown).await?;
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                _ = shutdown.wait_for(|stop| *stop) => return Err(ReadError::Stopped),
                 filled = self.stream.fill() => filled?,
             }
         }
@@ -506,7 +517,7 @@ impl Reader {
         tokio::select! {
             biased;
             sent = self.pipeline.dispatch(batch) => sent.map_err(|e| ReadError::Retry(e.into())),
-            _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+            _ = shutdown.wait_for(|stop| *stop) => Err(ReadError::Stopped),
         }
     }
 
@@ -619,6 +630,11 @@ impl Reader {
                         "outbox table truncated: removed rows are not events"
                     );
                 }
+            }
+            // A non-transactional message (such as our heartbeat) outside a transaction is a
+            // point the server decoded everything before: safe to confirm, like a keepalive.
+            Message::Message(message) if !message.transactional && self.transaction.is_none() => {
+                self.set_boundary(Lsn(message.lsn));
             }
             Message::Update(_)
             | Message::Delete(_)

@@ -237,19 +237,19 @@ fn clean_restart_repeats_nothing() {
     assert_eq!(seqs, (0..30).collect::<Vec<u64>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_loses_and_repeats_nothing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let total = 3 * 300;
-    let mut writers = Vec::new();
-    for writer in 0..3 {
+/// Starts `writers` concurrent writers, each committing `txs` transactions of 3 rows with
+/// per-key sequence numbers continuing from `first_tx * 3`.
+async fn start_writers(
+    pg: &PgCluster,
+    writers: usize,
+    first_tx: usize,
+    txs: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut handles = Vec::new();
+    for writer in 0..writers {
         let client = pg.client().await;
-        writers.push(tokio::spawn(async move {
-            for tx in 0..100 {
+        handles.push(tokio::spawn(async move {
+            for tx in first_tx..first_tx + txs {
                 let mut sql = String::from("BEGIN;");
                 for row in 0..3 {
                     sql.push_str(&insert_sql(&format!("w{writer}"), tx * 3 + row));
@@ -260,33 +260,18 @@ async fn kill_9_mid_stream_loses_and_repeats_nothing() {
             }
         }));
     }
-    // Kill the relay three times while rows keep arriving.
-    for kill in 1..=3 {
-        let mut relay = Relay::start(&config);
-        let seen = read_events(&events).len();
-        let progressed = wait_until(WAIT, || {
-            read_events(&events).len() > seen || read_events(&events).len() == total
-        });
-        assert!(
-            progressed,
-            "kill {kill}: no progress; log:\n{}",
-            relay.log()
-        );
-        relay.kill9();
-    }
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let relay = Relay::start(&config);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() >= total),
-        "relay log:\n{}",
-        relay.log()
+    handles
+}
+
+/// Every writer's events arrived exactly once and in per-key order.
+fn assert_exactly_once_per_key(events: &[serde_json::Value], writers: usize, rows_per_writer: u64) {
+    assert_eq!(
+        events.len() as u64,
+        writers as u64 * rows_per_writer,
+        "every committed row exactly once"
     );
-    let events = read_events(&events);
-    assert_eq!(events.len(), total, "every committed row exactly once");
-    assert_commit_order(&events);
-    for writer in 0..3 {
+    assert_commit_order(events);
+    for writer in 0..writers {
         let key = format!("w{writer}");
         let seqs: Vec<u64> = events
             .iter()
@@ -295,10 +280,100 @@ async fn kill_9_mid_stream_loses_and_repeats_nothing() {
             .collect();
         assert_eq!(
             seqs,
-            (0..300).collect::<Vec<u64>>(),
+            (0..rows_per_writer).collect::<Vec<u64>>(),
             "per-key order for {key}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_and_repeats_nothing() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let (writers, chunk, kills) = (3, 150, 5);
+    let mut killed_mid_stream = 0;
+    for kill in 0..kills {
+        // Each round: a relay starts, a chunk of writes begins, the relay is killed as soon
+        // as it made progress, while the chunk is still being written and delivered.
+        let mut relay = Relay::start(&config);
+        let seen = read_events(&events).len();
+        let chunk_writers = start_writers(&pg, writers, kill * chunk, chunk).await;
+        let progressed = wait_until(WAIT, || read_events(&events).len() > seen);
+        assert!(
+            progressed,
+            "round {kill}: no progress; log:\n{}",
+            relay.log()
+        );
+        relay.kill9();
+        if chunk_writers.iter().any(|w| !w.is_finished()) {
+            killed_mid_stream += 1;
+        }
+        for writer in chunk_writers {
+            writer.await.unwrap();
+        }
+    }
+    assert!(
+        killed_mid_stream > 0,
+        "no kill happened while rows were being written"
+    );
+    let relay = Relay::start(&config);
+    let total = writers * chunk * kills * 3;
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= total),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert_exactly_once_per_key(&read_events(&events), writers, (chunk * kills * 3) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_then_restart_repeats_nothing_on_the_stdout_sink() {
+    // The stdout sink keeps no position of its own, and batches of 4 events split the
+    // 3-row transactions, so shutdowns leave transactions partly delivered: only the
+    // checkpoint table (not the slot's confirmed LSN) prevents repeating their first rows.
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n[relay]\ncheckpoint_interval = \"10s\"\nbatch_size = 4\n[sinks.out]\ntype = \"stdout\"\n",
+            pg.url()
+        ),
+    )
+    .unwrap();
+    init(&config);
+    let events = stdout_events_path(&config);
+    let (writers, chunk, rounds) = (3, 150, 3);
+    for round in 0..rounds {
+        let mut relay = Relay::start(&config);
+        let seen = read_events(&events).len();
+        let chunk_writers = start_writers(&pg, writers, round * chunk, chunk).await;
+        assert!(
+            wait_until(WAIT, || read_events(&events).len() > seen),
+            "log:\n{}",
+            relay.log()
+        );
+        let status = relay
+            .terminate(Duration::from_secs(10))
+            .expect("no exit within 10 s of SIGTERM");
+        assert!(status.success(), "exit {status:?}; log:\n{}", relay.log());
+        for writer in chunk_writers {
+            writer.await.unwrap();
+        }
+    }
+    let relay = Relay::start(&config);
+    let total = writers * chunk * rounds * 3;
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= total),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert_exactly_once_per_key(&read_events(&events), writers, (chunk * rounds * 3) as u64);
 }
 
 #[test]
@@ -522,4 +597,29 @@ fn the_stdout_example_config_works_with_only_the_url_from_the_environment() {
     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(event["aggregateid"], "o-7");
     assert_eq!(event["payload"]["seq"], 7);
+}
+
+#[test]
+fn heartbeats_advance_the_slot_of_an_otherwise_idle_database() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _events) = write_config(dir.path(), &pg, "heartbeat_interval = \"100ms\"");
+    init(&config);
+    let start = pg.psql(
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+    );
+    let relay = Relay::start(&config);
+    // Idle PostgreSQL writes ~50 bytes of WAL per 15 s; ten heartbeats write far more.
+    let advanced = wait_until(WAIT, || {
+        pg.psql(&format!(
+            "SELECT confirmed_flush_lsn >= '{start}'::pg_lsn + 1000 FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+        )) == "t"
+    });
+    assert!(
+        advanced,
+        "confirmed_flush_lsn stayed near {start}; relay log:\n{}",
+        relay.log()
+    );
+    assert!(!relay.log().contains("heartbeat failed"), "{}", relay.log());
 }

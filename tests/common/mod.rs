@@ -308,14 +308,20 @@ pub struct Relay {
 impl Relay {
     pub fn start(config: &Path) -> Self {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
-        let log =
-            config.with_extension(format!("run{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let run = STARTS.fetch_add(1, Ordering::Relaxed);
+        let log = config.with_extension(format!("run{run}.log"));
+        // Stdout (the stdout sink's output) accumulates across restarts in one file.
+        let stdout = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.with_extension("stdout.jsonl"))
+            .unwrap();
         let child = Command::new(relay_bin())
             .arg("--config")
             .arg(config)
             .arg("run")
             .env("RUST_LOG", "outbox_relay=debug,info")
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -355,6 +361,11 @@ impl Drop for Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where `Relay::start` collects the stdout sink's output for `config`.
+pub fn stdout_events_path(config: &Path) -> PathBuf {
+    config.with_extension("stdout.jsonl")
 }
 
 /// The events in a file sink's output, parsed.
