@@ -293,40 +293,42 @@ async fn kill_9_mid_stream_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (config, events) = write_config(dir.path(), &pg, "");
     init(&config);
-    let (writers, chunk, kills) = (3, 150, 5);
+    // Writers run throughout; the relay is killed five times, each time as soon as it has
+    // delivered more, so kills land while rows are being written and delivered.
+    let (writers, txs, kills) = (3, 1500, 5);
+    let running = start_writers(&pg, writers, 0, txs).await;
     let mut killed_mid_stream = 0;
     for kill in 0..kills {
-        // Each round: a relay starts, a chunk of writes begins, the relay is killed as soon
-        // as it made progress, while the chunk is still being written and delivered.
         let mut relay = Relay::start(&config);
         let seen = read_events(&events).len();
-        let chunk_writers = start_writers(&pg, writers, kill * chunk, chunk).await;
-        let progressed = wait_until(WAIT, || read_events(&events).len() > seen);
+        let progressed = wait_until(WAIT, || {
+            read_events(&events).len() > seen + 50 || running.iter().all(|w| w.is_finished())
+        });
         assert!(
             progressed,
             "round {kill}: no progress; log:\n{}",
             relay.log()
         );
         relay.kill9();
-        if chunk_writers.iter().any(|w| !w.is_finished()) {
+        if running.iter().any(|w| !w.is_finished()) {
             killed_mid_stream += 1;
         }
-        for writer in chunk_writers {
-            writer.await.unwrap();
-        }
+    }
+    for writer in running {
+        writer.await.unwrap();
     }
     assert!(
         killed_mid_stream > 0,
         "no kill happened while rows were being written"
     );
     let relay = Relay::start(&config);
-    let total = writers * chunk * kills * 3;
+    let total = writers * txs * 3;
     assert!(
         wait_until(WAIT, || read_events(&events).len() >= total),
         "relay log:\n{}",
         relay.log()
     );
-    assert_exactly_once_per_key(&read_events(&events), writers, (chunk * kills * 3) as u64);
+    assert_exactly_once_per_key(&read_events(&events), writers, (txs * 3) as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
