@@ -110,6 +110,8 @@ pub enum LogFormat {
 pub enum SinkConfig {
     /// One JSON event per line on standard output.
     Stdout {},
+    /// Acknowledges everything, publishes nothing (benchmarks, draining a slot).
+    Null {},
     /// One JSON event per line appended to `path`.
     File {
         path: PathBuf,
@@ -220,7 +222,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         if self.sinks.is_empty() {
-            bail!("no sink is configured: add a [sinks.NAME] table with a `type` (stdout, file)");
+            bail!("no sink is configured: add a [sinks.NAME] table with a `type` (stdout, file, null)");
         }
         for name in self.sinks.keys() {
             check_identifier("sink name", name)?;

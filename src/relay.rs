@@ -15,7 +15,9 @@ use crate::source::replication::{
 };
 use crate::source::wire::ReplicationMessage;
 use bytes::Bytes;
-use outbox_relay_sinks::{file::FileSink, stdout::StdoutSink, Event, Lsn, Position, Sink};
+use outbox_relay_sinks::{
+    file::FileSink, null::NullSink, stdout::StdoutSink, Event, Lsn, Position, Sink,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,6 +182,7 @@ pub fn build_sinks(config: &Config) -> Vec<(String, Box<dyn Sink>)> {
         .map(|(name, sink)| {
             let sink: Box<dyn Sink> = match sink {
                 SinkConfig::Stdout {} => Box::new(StdoutSink::new()),
+                SinkConfig::Null {} => Box::new(NullSink),
                 SinkConfig::File { path, fsync } => Box::new(FileSink::new(path, *fsync)),
             };
             (name.clone(), sink)
@@ -295,8 +298,10 @@ async fn session(
         transaction: None,
         pending: Vec::with_capacity(config.relay.batch_size),
         pending_boundary: None,
+        counts: ReadCounts::default(),
     };
     let read_result = reader.run(&mut shutdown).await;
+    let counts = reader.counts;
     drop(reader); // closes the sink queues: workers drain what they hold, then stop
 
     let mut end = match read_result {
@@ -340,7 +345,16 @@ async fn session(
         let entry = acknowledged.entry(sink).or_insert(position);
         *entry = (*entry).max(position);
     }
-    info!(confirmed = %progress.confirmed(), "session ended");
+    info!(
+        confirmed = %progress.confirmed(),
+        transactions = counts.transactions,
+        events = counts.events,
+        dead_letters = counts.dead_letters,
+        skipped_updates = counts.skipped_updates,
+        skipped_deletes = counts.skipped_deletes,
+        truncates = counts.truncates,
+        "session ended"
+    );
     end
 }
 
@@ -478,6 +492,18 @@ struct Reader {
     transaction: Option<Transaction>,
     pending: Vec<Event>,
     pending_boundary: Option<Lsn>,
+    counts: ReadCounts,
+}
+
+/// What a session read, reported when it ends.
+#[derive(Debug, Default, Clone, Copy)]
+struct ReadCounts {
+    transactions: u64,
+    events: u64,
+    dead_letters: u64,
+    skipped_updates: u64,
+    skipped_deletes: u64,
+    truncates: u64,
 }
 
 impl Reader {
@@ -569,6 +595,7 @@ impl Reader {
             }
             Message::Commit(commit) => {
                 self.transaction = None;
+                self.counts.transactions += 1;
                 self.set_boundary(Lsn(commit.end_lsn));
             }
             Message::Relation(relation) => self.mapper.on_relation(relation),
@@ -594,10 +621,12 @@ impl Reader {
                     Mapped::NotOutbox => {}
                     Mapped::Event(event) => {
                         tx.next_index += 1;
+                        self.counts.events += 1;
                         self.pending.push(event);
                     }
                     Mapped::DeadLetter(letter) => {
                         tx.next_index += 1;
+                        self.counts.dead_letters += 1;
                         warn!(table = %letter.table, position = %letter.position, reason = %letter.reason,
                             "outbox row cannot become an event; dead-lettered");
                         self.store
@@ -608,12 +637,14 @@ impl Reader {
                 }
             }
             Message::Update(update) if self.mapper.is_outbox(update.relation_id) => {
+                self.counts.skipped_updates += 1;
                 debug!(
                     table = self.mapper.table_name(update.relation_id),
                     "skipping an UPDATE of an outbox row: only inserts are events"
                 );
             }
             Message::Delete(delete) if self.mapper.is_outbox(delete.relation_id) => {
+                self.counts.skipped_deletes += 1;
                 debug!(
                     table = self.mapper.table_name(delete.relation_id),
                     "skipping a DELETE of an outbox row: only inserts are events"
@@ -625,6 +656,7 @@ impl Reader {
                     .iter()
                     .filter(|id| self.mapper.is_outbox(**id))
                 {
+                    self.counts.truncates += 1;
                     warn!(
                         table = self.mapper.table_name(*id),
                         "outbox table truncated: removed rows are not events"

@@ -166,7 +166,7 @@ fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
         "BEGIN; {}; DELETE FROM outbox WHERE aggregateid = 'tidy'; COMMIT;",
         insert_sql("tidy", 4)
     ));
-    pg.psql("UPDATE outbox SET type = 'Changed' WHERE aggregateid = 'kept'");
+    pg.psql("UPDATE outbox SET type = 'Changed' WHERE aggregateid = 'kept'"); // two rows
     pg.psql(&insert_sql("last", 5));
     assert!(
         wait_until(WAIT, || read_events(&events)
@@ -180,6 +180,18 @@ fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
         .map(|e| e["payload"]["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, [1, 3, 4, 5], "only committed inserts are events");
+    let mut relay = relay;
+    let status = relay
+        .terminate(Duration::from_secs(10))
+        .expect("no exit after SIGTERM");
+    assert!(status.success());
+    let log = relay.log();
+    assert!(
+        log.contains("events=4")
+            && log.contains("skipped_updates=2")
+            && log.contains("skipped_deletes=1"),
+        "{log}"
+    );
 }
 
 #[test]

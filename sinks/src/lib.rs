@@ -8,6 +8,7 @@
 mod envelope;
 mod event;
 pub mod file;
+pub mod null;
 pub mod stdout;
 
 pub use event::{Event, Lsn, Position, Text};
