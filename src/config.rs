@@ -9,6 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use outbox_relay_sinks::format::Format;
+
 /// The environment variable prefix; `__` separates the section from the key.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
 
@@ -20,7 +22,120 @@ pub struct Config {
     pub relay: RelayConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Column mappings per outbox table (`[outbox."schema.table"]`); tables of
+    /// `source.tables` without an entry use Debezium's column names.
+    #[serde(default)]
+    pub outbox: BTreeMap<String, TableMapping>,
     pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+/// How the columns of one outbox table become an event.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableMapping {
+    #[serde(default = "column_id")]
+    pub id: String,
+    #[serde(default = "column_aggregate_type")]
+    pub aggregate_type: String,
+    #[serde(default = "column_aggregate_id")]
+    pub aggregate_id: String,
+    #[serde(default = "column_type", rename = "type")]
+    pub event_type: String,
+    #[serde(default = "column_payload")]
+    pub payload: String,
+    /// The message key (what per-key order means); default: the aggregate id column.
+    pub key: Option<String>,
+    /// Optional columns: used when the table has them. Naming one here that the table lacks
+    /// dead-letters its rows with that reason.
+    pub schema_version: Option<String>,
+    pub headers: Option<String>,
+    pub occurred_at: Option<String>,
+    pub traceparent: Option<String>,
+    /// Further columns to carry, as Debezium's `table.fields.additional.placement`.
+    #[serde(default)]
+    pub additional: Vec<AdditionalColumn>,
+    /// CloudEvents `source` template, e.g. "/orders/{aggregatetype}"; default "/{table}".
+    #[serde(default = "default_ce_source")]
+    pub source: String,
+    /// What an UPDATE of an outbox row does.
+    #[serde(default)]
+    pub on_update: ChangePolicy,
+    /// What a DELETE of an outbox row does (the default fits "insert then delete").
+    #[serde(default)]
+    pub on_delete: ChangePolicy,
+}
+
+impl Default for TableMapping {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every mapping field has a default")
+    }
+}
+
+/// A column carried along with the event.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdditionalColumn {
+    pub column: String,
+    pub placement: Placement,
+    /// The header or attribute name; default: the column name.
+    #[serde(rename = "as")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// A message header.
+    Header,
+    /// An attribute of the envelope (a CloudEvents extension attribute).
+    Envelope,
+}
+
+/// What to do with an UPDATE or DELETE on an outbox table (Debezium's
+/// `table.op.invalid.behavior`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChangePolicy {
+    /// Count it and go on.
+    #[default]
+    Skip,
+    /// Store it in the dead-letter table with the row.
+    DeadLetter,
+    /// Stop the relay with an error.
+    Fail,
+}
+
+fn column_id() -> String {
+    "id".into()
+}
+fn column_aggregate_type() -> String {
+    "aggregatetype".into()
+}
+fn column_aggregate_id() -> String {
+    "aggregateid".into()
+}
+fn column_type() -> String {
+    "type".into()
+}
+fn column_payload() -> String {
+    "payload".into()
+}
+fn default_ce_source() -> String {
+    "/{table}".into()
+}
+
+/// Which events a sink takes; an empty list matches everything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    /// `schema.table`, or `message:PREFIX` for logical-message events.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub aggregate_types: Vec<String>,
+    /// Globs: `*` any run of characters, `?` one character.
+    #[serde(default)]
+    pub event_types: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,7 +153,7 @@ pub struct SourceConfig {
     pub slot: String,
     #[serde(default = "default_publication")]
     pub publication: String,
-    /// Outbox tables as `schema.table`.
+    /// Outbox tables as `schema.table`; column mappings per table go in `[outbox."schema.table"]`.
     #[serde(default = "default_tables")]
     pub tables: Vec<String>,
     /// Whether `run` may create a missing slot (`init` always may).
@@ -54,6 +169,10 @@ pub struct SourceConfig {
     pub heartbeat_interval: Option<Duration>,
     #[serde(default = "default_application_name")]
     pub application_name: String,
+    /// Prefixes of transactional `pg_logical_emit_message` calls that carry outbox events
+    /// (a JSON document with the outbox fields): an outbox without a table.
+    #[serde(default)]
+    pub message_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,17 +227,40 @@ pub enum LogFormat {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
-    /// One JSON event per line on standard output.
-    Stdout {},
+    /// One event per line on standard output.
+    Stdout {
+        #[serde(default)]
+        format: Format,
+        #[serde(default, rename = "match")]
+        filter: MatchRule,
+    },
     /// Acknowledges everything, publishes nothing (benchmarks, draining a slot).
-    Null {},
-    /// One JSON event per line appended to `path`.
+    Null {
+        #[serde(default, rename = "match")]
+        filter: MatchRule,
+    },
+    /// One event per line appended to `path`.
     File {
         path: PathBuf,
         /// fsync every batch before acknowledging it.
         #[serde(default = "default_true")]
         fsync: bool,
+        #[serde(default)]
+        format: Format,
+        #[serde(default, rename = "match")]
+        filter: MatchRule,
     },
+}
+
+impl SinkConfig {
+    /// Which events this sink takes.
+    pub fn filter(&self) -> &MatchRule {
+        match self {
+            SinkConfig::Stdout { filter, .. }
+            | SinkConfig::Null { filter }
+            | SinkConfig::File { filter, .. } => filter,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -235,6 +377,26 @@ impl Config {
         }
         for table in &self.source.tables {
             parse_table_name(table)?;
+        }
+        for (table, mapping) in &self.outbox {
+            let (schema, name) = parse_table_name(table)?;
+            let listed = self
+                .source
+                .tables
+                .iter()
+                .any(|t| parse_table_name(t).ok() == Some((schema, name)));
+            if !listed {
+                bail!(
+                    "[outbox.\"{table}\"] maps a table that is not in source.tables: add it there"
+                );
+            }
+            outbox_relay_sinks::routing::Template::parse(&mapping.source)
+                .with_context(|| format!("outbox.\"{table}\".source"))?;
+        }
+        for prefix in &self.source.message_prefixes {
+            if prefix.is_empty() {
+                bail!("source.message_prefixes must not contain an empty prefix");
+            }
         }
         if self.relay.batch_size == 0 || self.relay.queue_depth == 0 {
             bail!("relay.batch_size and relay.queue_depth must be at least 1");

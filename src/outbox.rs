@@ -1,14 +1,19 @@
-//! Outbox mapping: turns an insert on an outbox table into an [`Event`], or into a
-//! [`DeadLetter`] that says why it cannot be one. Column positions are resolved once per
-//! Relation message (so ALTER TABLE mid-stream is picked up), never per row.
+//! Outbox mapping: turns an insert on an outbox table, or a transactional logical message
+//! with a configured prefix, into an [`Event`], or into a [`DeadLetter`] that says why it
+//! cannot be one. Column positions are resolved once per Relation message (so ALTER TABLE
+//! mid-stream is picked up), never per row.
 //!
 //! The default table layout is Debezium's outbox router convention:
-//! `id uuid, aggregatetype text, aggregateid text, type text, payload jsonb`.
+//! `id uuid, aggregatetype text, aggregateid text, type text, payload jsonb`, with the optional
+//! columns `schema_version`, `headers`, `occurred_at` and `traceparent` used when present.
 
-use crate::source::pgoutput::{Relation, Tuple, Value};
+use crate::config::{parse_table_name, ChangePolicy, Placement, TableMapping};
+use crate::source::pgoutput::{LogicalMessage, Relation, Tuple, Value};
 use bytes::Bytes;
+use outbox_relay_sinks::routing::Template;
 use outbox_relay_sinks::{Event, Position, Text};
-use std::collections::{HashMap, HashSet};
+use serde::Deserialize;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 const JSONB_OID: u32 = 3802;
@@ -32,10 +37,24 @@ pub struct DeadLetter {
     pub position: Position,
     pub xid: u32,
     pub reason: String,
-    /// Column name → text value (or null), as received.
+    /// Column name → text value (or null), as received; for messages, the content.
     pub row: serde_json::Value,
     /// The sink that refused it; `None` when the row could not be mapped at all.
     pub sink: Option<String>,
+}
+
+/// What to do with a decoded change.
+pub enum Mapped {
+    Event(Box<Event>),
+    DeadLetter(DeadLetter),
+    /// Not from an outbox table or prefix: nothing to publish.
+    NotOutbox,
+}
+
+/// A configured outbox table: its mapping and the parsed CloudEvents source.
+struct OutboxTable {
+    mapping: TableMapping,
+    source: Template,
 }
 
 /// What the mapper knows about one relation of the stream.
@@ -44,10 +63,12 @@ struct RelationInfo {
     /// `schema.name`, shared by every event of the table.
     qualified: Arc<str>,
     /// `None` when the relation is not a configured outbox table.
-    layout: Option<Result<Layout, String>>,
+    outbox: Option<(Arc<OutboxTable>, Result<Layout, String>)>,
+    /// The CloudEvents source when it is the same for every event of the table.
+    fixed_source: Option<Arc<str>>,
 }
 
-/// Positions of the outbox columns within the relation.
+/// Positions of the mapped columns within the relation.
 struct Layout {
     id: usize,
     id_is_uuid: bool,
@@ -56,79 +77,137 @@ struct Layout {
     event_type: usize,
     payload: usize,
     payload_is_jsonb: bool,
+    key: usize,
+    schema_version: Option<usize>,
+    headers: Option<usize>,
+    occurred_at: Option<usize>,
+    traceparent: Option<usize>,
+    additional: Vec<(usize, Placement, Arc<str>)>,
 }
 
 impl Layout {
-    fn resolve(relation: &Relation) -> Result<Layout, String> {
-        let find = |name: &str| {
-            relation
-                .columns
-                .iter()
-                .position(|c| c.name == name)
-                .ok_or_else(|| {
-                    format!(
-                        "outbox table {}.{} has no column {name:?} (expected id, aggregatetype, \
-                     aggregateid, type, payload)",
-                        relation.namespace, relation.name
-                    )
-                })
+    fn resolve(relation: &Relation, mapping: &TableMapping) -> Result<Layout, String> {
+        let position = |name: &str| relation.columns.iter().position(|c| c.name == name);
+        let find = |name: &str, role: &str| {
+            position(name).ok_or_else(|| {
+                format!(
+                    "outbox table {}.{} has no column {name:?} (the {role} column; see [outbox] in the configuration)",
+                    relation.namespace, relation.name
+                )
+            })
         };
-        let id = find("id")?;
-        let payload = find("payload")?;
+        // Optional columns: a configured name must exist; the default name is used if present.
+        let optional = |configured: &Option<String>, default: &str, role: &str| match configured {
+            Some(name) => find(name, role).map(Some),
+            None => Ok(position(default)),
+        };
+        let id = find(&mapping.id, "id")?;
+        let payload = find(&mapping.payload, "payload")?;
+        let aggregate_id = find(&mapping.aggregate_id, "aggregate id")?;
+        let additional = mapping
+            .additional
+            .iter()
+            .map(|extra| {
+                let name: Arc<str> = extra.name.as_deref().unwrap_or(&extra.column).into();
+                find(&extra.column, "additional").map(|index| (index, extra.placement, name))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Layout {
             id,
             id_is_uuid: relation.columns[id].type_oid == UUID_OID,
-            aggregate_type: find("aggregatetype")?,
-            aggregate_id: find("aggregateid")?,
-            event_type: find("type")?,
+            aggregate_type: find(&mapping.aggregate_type, "aggregate type")?,
+            aggregate_id,
+            event_type: find(&mapping.event_type, "type")?,
             payload,
             payload_is_jsonb: relation.columns[payload].type_oid == JSONB_OID,
+            key: match &mapping.key {
+                Some(name) => find(name, "key")?,
+                None => aggregate_id,
+            },
+            schema_version: optional(&mapping.schema_version, "schema_version", "schema version")?,
+            headers: optional(&mapping.headers, "headers", "headers")?,
+            occurred_at: optional(&mapping.occurred_at, "occurred_at", "occurred-at")?,
+            traceparent: optional(&mapping.traceparent, "traceparent", "traceparent")?,
+            additional,
         })
     }
 }
 
-/// What to do with a decoded change.
-pub enum Mapped {
-    Event(Event),
-    DeadLetter(DeadLetter),
-    /// Not an outbox table: nothing to publish.
-    NotOutbox,
+/// An UPDATE or DELETE on an outbox table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowChange {
+    Update,
+    Delete,
 }
 
-/// Maps rows of the configured outbox tables to events.
+/// Maps rows of the configured outbox tables, and logical messages with the configured
+/// prefixes, to events.
 pub struct OutboxMapper {
-    outbox_tables: HashSet<(String, String)>,
+    tables: HashMap<(String, String), Arc<OutboxTable>>,
     relations: HashMap<u32, RelationInfo>,
+    /// Prefix → the `message:PREFIX` name its events carry as their table.
+    message_prefixes: HashMap<String, (Arc<str>, Arc<str>)>,
 }
 
 impl OutboxMapper {
-    /// `tables` as `schema.table`, already validated by the config.
-    pub fn new(tables: &[String]) -> Self {
-        let outbox_tables = tables
+    /// `tables` as `schema.table` with their mappings (validated by the config).
+    pub fn new(
+        tables: &[String],
+        mappings: &std::collections::BTreeMap<String, TableMapping>,
+        message_prefixes: &[String],
+    ) -> Self {
+        let mut configured = HashMap::new();
+        for table in tables {
+            let Ok((schema, name)) = parse_table_name(table) else {
+                continue;
+            };
+            let mapping = mappings
+                .iter()
+                .find(|(t, _)| parse_table_name(t).ok() == Some((schema, name)))
+                .map(|(_, m)| m.clone())
+                .unwrap_or_default();
+            let source = Template::parse(&mapping.source).unwrap_or_else(|_| {
+                Template::parse("/{table}").expect("the default source template is valid")
+            });
+            configured.insert(
+                (schema.to_owned(), name.to_owned()),
+                Arc::new(OutboxTable { mapping, source }),
+            );
+        }
+        let message_prefixes = message_prefixes
             .iter()
-            .filter_map(|t| crate::config::parse_table_name(t).ok())
-            .map(|(s, t)| (s.to_owned(), t.to_owned()))
+            .map(|p| {
+                let table: Arc<str> = format!("message:{p}").into();
+                let source: Arc<str> = format!("/{table}").into();
+                (p.clone(), (table, source))
+            })
             .collect();
         OutboxMapper {
-            outbox_tables,
+            tables: configured,
             relations: HashMap::new(),
+            message_prefixes,
         }
     }
 
     /// Records a Relation message (sent before the first change of a table in a session and
     /// again whenever the table's definition changed).
     pub fn on_relation(&mut self, relation: Relation) {
-        let is_outbox = self
-            .outbox_tables
-            .contains(&(relation.namespace.clone(), relation.name.clone()));
-        let layout = is_outbox.then(|| Layout::resolve(&relation));
+        let outbox = self
+            .tables
+            .get(&(relation.namespace.clone(), relation.name.clone()))
+            .map(|table| (table.clone(), Layout::resolve(&relation, &table.mapping)));
         let qualified: Arc<str> = format!("{}.{}", relation.namespace, relation.name).into();
+        let fixed_source = outbox
+            .as_ref()
+            .and_then(|(table, _)| table.source.render_for_table(&qualified))
+            .map(Arc::from);
         self.relations.insert(
             relation.id,
             RelationInfo {
                 relation,
                 qualified,
-                layout,
+                outbox,
+                fixed_source,
             },
         );
     }
@@ -141,7 +220,47 @@ impl OutboxMapper {
     pub fn is_outbox(&self, relation_id: u32) -> bool {
         self.relations
             .get(&relation_id)
-            .is_some_and(|r| r.layout.is_some())
+            .is_some_and(|r| r.outbox.is_some())
+    }
+
+    /// The policy for an UPDATE or DELETE on `relation_id`; `None` if it is not an outbox.
+    pub fn change_policy(&self, relation_id: u32, change: RowChange) -> Option<ChangePolicy> {
+        let (table, _) = self.relations.get(&relation_id)?.outbox.as_ref()?;
+        Some(match change {
+            RowChange::Update => table.mapping.on_update,
+            RowChange::Delete => table.mapping.on_delete,
+        })
+    }
+
+    /// The dead letter for an UPDATE or DELETE whose policy is `dead-letter`.
+    pub fn change_dead_letter(
+        &self,
+        relation_id: u32,
+        change: RowChange,
+        tuple: &Tuple<'_>,
+        ctx: RowContext,
+    ) -> DeadLetter {
+        let info = &self.relations[&relation_id];
+        DeadLetter {
+            table: info.qualified.to_string(),
+            position: ctx.position,
+            xid: ctx.xid,
+            reason: format!(
+                "{} of an outbox row is not an event (on_{} = \"dead-letter\")",
+                if change == RowChange::Update {
+                    "UPDATE"
+                } else {
+                    "DELETE"
+                },
+                if change == RowChange::Update {
+                    "update"
+                } else {
+                    "delete"
+                },
+            ),
+            row: raw_row(&info.relation, tuple),
+            sink: None,
+        }
     }
 
     /// Maps an inserted row. `data` is the buffer `tuple` borrows from, so text fields are
@@ -157,7 +276,7 @@ impl OutboxMapper {
             .relations
             .get(&relation_id)
             .ok_or(UnknownRelation(relation_id))?;
-        let Some(layout) = &info.layout else {
+        let Some((table, layout)) = &info.outbox else {
             return Ok(Mapped::NotOutbox);
         };
         let dead = |reason: String| {
@@ -181,47 +300,218 @@ impl OutboxMapper {
                 info.relation.columns.len()
             )));
         }
-        let text = |index: usize| -> Result<Text, String> {
+        let column = |index: usize| -> Result<Option<Text>, String> {
             let name = &info.relation.columns[index].name;
             match tuple.columns[index] {
                 Value::Text(bytes) => Text::new(data.slice_ref(bytes))
+                    .map(Some)
                     .map_err(|e| format!("column {name:?} is not valid UTF-8: {e}")),
-                Value::Null => Err(format!("column {name:?} is NULL")),
+                Value::Null => Ok(None),
                 Value::UnchangedToast => {
                     Err(format!("column {name:?} was not sent (unchanged TOAST)"))
                 }
                 Value::Binary(_) => Err(format!("column {name:?} arrived in binary format")),
             }
         };
+        let required = |index: usize| -> Result<Text, String> {
+            column(index)?
+                .ok_or_else(|| format!("column {:?} is NULL", info.relation.columns[index].name))
+        };
+        let optional = |index: Option<usize>| -> Result<Option<Text>, String> {
+            index.map_or(Ok(None), column)
+        };
         let event = (|| {
-            let id = text(layout.id)?;
+            let id = required(layout.id)?;
             if !layout.id_is_uuid && !is_uuid(&id) {
                 return Err(format!(
-                    "column \"id\" is not a UUID: {:?}",
+                    "the id column is not a UUID: {:?}",
                     truncate(&id, 80)
                 ));
             }
-            let payload = text(layout.payload)?;
+            let payload = required(layout.payload)?;
             if !layout.payload_is_jsonb {
                 serde_json::from_str::<serde::de::IgnoredAny>(&payload)
-                    .map_err(|e| format!("column \"payload\" is not valid JSON: {e}"))?;
+                    .map_err(|e| format!("the payload column is not valid JSON: {e}"))?;
             }
-            Ok(Event {
-                position: ctx.position,
-                xid: ctx.xid,
-                commit_time_micros: ctx.commit_time_micros,
-                table: info.qualified.clone(),
+            let mut headers = match optional(layout.headers)? {
+                Some(text) => parse_headers(&text)?,
+                None => Vec::new(),
+            };
+            let mut attributes = Vec::new();
+            for (index, placement, name) in &layout.additional {
+                if let Some(value) = column(*index)? {
+                    match placement {
+                        Placement::Header => headers.push((name.clone(), value)),
+                        Placement::Envelope => attributes.push((name.clone(), value)),
+                    }
+                }
+            }
+            let fields = EventFields {
                 id,
-                key: text(layout.aggregate_id)?,
-                aggregate_type: text(layout.aggregate_type)?,
-                event_type: text(layout.event_type)?,
+                key: required(layout.key)?,
+                aggregate_type: required(layout.aggregate_type)?,
+                aggregate_id: required(layout.aggregate_id)?,
+                event_type: required(layout.event_type)?,
+                schema_version: optional(layout.schema_version)?
+                    .map(|v| parse_schema_version(&v))
+                    .transpose()?,
+                occurred_at: optional(layout.occurred_at)?
+                    .map(|t| {
+                        pg_timestamp_to_rfc3339(&t).map(Text::from).ok_or_else(|| {
+                            format!(
+                                "the occurred_at column is not a timestamp: {:?}",
+                                truncate(&t, 60)
+                            )
+                        })
+                    })
+                    .transpose()?,
+                traceparent: optional(layout.traceparent)?,
+                headers,
+                attributes,
                 payload,
-            })
+            };
+            let source = info
+                .fixed_source
+                .clone()
+                .unwrap_or_else(|| info.qualified.clone());
+            let mut event = fields.into_event(ctx, info.qualified.clone(), source);
+            if info.fixed_source.is_none() {
+                let mut rendered = String::new();
+                table.source.render(&event, &mut rendered);
+                event.source = rendered.into();
+            }
+            Ok(event)
         })();
         Ok(match event {
-            Ok(event) => Mapped::Event(event),
+            Ok(event) => Mapped::Event(Box::new(event)),
             Err(reason) => dead(reason),
         })
+    }
+
+    /// Maps a transactional logical message: outbox events without a table.
+    pub fn map_message(
+        &self,
+        message: &LogicalMessage<'_>,
+        data: &Bytes,
+        ctx: RowContext,
+    ) -> Mapped {
+        let Some((table, source)) = self.message_prefixes.get(message.prefix) else {
+            return Mapped::NotOutbox;
+        };
+        let dead = |reason: String| {
+            Mapped::DeadLetter(DeadLetter {
+                table: table.to_string(),
+                position: ctx.position,
+                xid: ctx.xid,
+                reason,
+                row: serde_json::Value::String(
+                    String::from_utf8_lossy(message.content).into_owned(),
+                ),
+                sink: None,
+            })
+        };
+        let content: MessageContent = match serde_json::from_slice(message.content) {
+            Ok(content) => content,
+            Err(e) => {
+                return dead(format!(
+                    "logical message {:?} is not an outbox event document: {e}",
+                    message.prefix
+                ))
+            }
+        };
+        let occurred_at = match content.occurred_at {
+            Some(time) => match humantime::parse_rfc3339_weak(&time) {
+                Ok(_) => Some(Text::from(time)),
+                Err(_) => return dead(format!("occurred_at is not an RFC 3339 time: {time:?}")),
+            },
+            None => None,
+        };
+        if !is_uuid(&content.id) {
+            return dead(format!("id is not a UUID: {:?}", truncate(&content.id, 80)));
+        }
+        let headers = content
+            .headers
+            .into_iter()
+            .map(|(k, v)| (Arc::<str>::from(k), Text::from(v)))
+            .collect();
+        let fields = EventFields {
+            id: Text::from(content.id),
+            key: Text::from(content.key.unwrap_or_else(|| content.aggregate_id.clone())),
+            aggregate_type: Text::from(content.aggregate_type),
+            aggregate_id: Text::from(content.aggregate_id),
+            event_type: Text::from(content.event_type),
+            schema_version: content.schema_version,
+            occurred_at,
+            traceparent: content.traceparent.map(Text::from),
+            headers,
+            attributes: Vec::new(),
+            payload: Text::new(data.slice_ref(content.payload.get().as_bytes()))
+                .expect("a slice of a JSON document that parsed as UTF-8"),
+        };
+        Mapped::Event(Box::new(fields.into_event(
+            ctx,
+            table.clone(),
+            source.clone(),
+        )))
+    }
+}
+
+/// The document a logical-message outbox event carries.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageContent<'a> {
+    id: String,
+    #[serde(rename = "aggregatetype")]
+    aggregate_type: String,
+    #[serde(rename = "aggregateid")]
+    aggregate_id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(borrow)]
+    payload: &'a serde_json::value::RawValue,
+    key: Option<String>,
+    schema_version: Option<i64>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    occurred_at: Option<String>,
+    traceparent: Option<String>,
+}
+
+/// The parts of an event that come from the row or message.
+struct EventFields {
+    id: Text,
+    key: Text,
+    aggregate_type: Text,
+    aggregate_id: Text,
+    event_type: Text,
+    schema_version: Option<i64>,
+    occurred_at: Option<Text>,
+    traceparent: Option<Text>,
+    headers: Vec<(Arc<str>, Text)>,
+    attributes: Vec<(Arc<str>, Text)>,
+    payload: Text,
+}
+
+impl EventFields {
+    fn into_event(self, ctx: RowContext, table: Arc<str>, source: Arc<str>) -> Event {
+        Event {
+            position: ctx.position,
+            xid: ctx.xid,
+            commit_time_micros: ctx.commit_time_micros,
+            source,
+            table,
+            id: self.id,
+            key: self.key,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            event_type: self.event_type,
+            schema_version: self.schema_version,
+            occurred_at: self.occurred_at,
+            traceparent: self.traceparent,
+            headers: self.headers,
+            attributes: self.attributes,
+            payload: self.payload,
+        }
     }
 }
 
@@ -229,6 +519,65 @@ impl OutboxMapper {
 #[derive(Debug, thiserror::Error)]
 #[error("the replication stream referenced relation {0} before describing it")]
 pub struct UnknownRelation(pub u32);
+
+fn parse_schema_version(text: &str) -> Result<i64, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "the schema_version column is not an integer: {:?}",
+            truncate(text, 40)
+        )
+    })
+}
+
+fn parse_headers(text: &str) -> Result<Vec<(Arc<str>, Text)>, String> {
+    let map: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|_| "the headers column is not a JSON object".to_owned())?;
+    map.into_iter()
+        .map(|(name, value)| match value {
+            serde_json::Value::String(s) => Ok((Arc::from(name), Text::from(s))),
+            _ => Err(format!(
+                "header {name:?} is not a string: headers must be an object of strings"
+            )),
+        })
+        .collect()
+}
+
+/// Converts PostgreSQL's ISO timestamp output (`2026-11-22 22:39:38.658915+00`, or without
+/// an offset for `timestamp`) to RFC 3339 (`2026-11-22T22:39:38.658915Z`).
+pub fn pg_timestamp_to_rfc3339(text: &str) -> Option<String> {
+    let (date, time) = text.split_once(' ')?;
+    let date_ok = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    if !date_ok {
+        return None;
+    }
+    let (clock, offset) = match time.find(['+', '-']) {
+        Some(at) => time.split_at(at),
+        None => (time, ""),
+    };
+    let clock_ok = clock.len() >= 8
+        && clock.bytes().enumerate().all(|(i, b)| match i {
+            2 | 5 => b == b':',
+            8 => b == b'.',
+            _ => b.is_ascii_digit(),
+        });
+    if !clock_ok {
+        return None;
+    }
+    let offset = match offset {
+        "" | "+00" | "-00" | "+00:00" => "Z".to_owned(),
+        o if o.len() == 3 => format!("{o}:00"),
+        o if o.len() == 6 => o.to_owned(),
+        _ => return None,
+    };
+    Some(format!("{date}T{clock}{offset}"))
+}
 
 fn is_uuid(s: &str) -> bool {
     let b = s.as_bytes();
@@ -268,14 +617,36 @@ fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AdditionalColumn;
     use crate::source::pgoutput::RelationColumn;
     use outbox_relay_sinks::Lsn;
+    use std::collections::BTreeMap;
 
-    fn relation(columns: &[(&str, u32)]) -> Relation {
+    const TEXT: u32 = 25;
+    const INT: u32 = 23;
+    const TIMESTAMPTZ: u32 = 1184;
+    const ID: &str = "6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11";
+    const CTX: RowContext = RowContext {
+        position: Position {
+            commit_lsn: Lsn(100),
+            index: 3,
+        },
+        xid: 9,
+        commit_time_micros: 0,
+    };
+    const DEBEZIUM: [(&str, u32); 5] = [
+        ("id", UUID_OID),
+        ("aggregatetype", TEXT),
+        ("aggregateid", TEXT),
+        ("type", TEXT),
+        ("payload", JSONB_OID),
+    ];
+
+    fn relation(name: &str, columns: &[(&str, u32)]) -> Relation {
         Relation {
             id: 7,
             namespace: "public".into(),
-            name: "outbox".into(),
+            name: name.into(),
             replica_identity: b'd',
             columns: columns
                 .iter()
@@ -289,19 +660,18 @@ mod tests {
         }
     }
 
-    const TEXT: u32 = 25;
-    const CTX: RowContext = RowContext {
-        position: Position {
-            commit_lsn: Lsn(100),
-            index: 3,
-        },
-        xid: 9,
-        commit_time_micros: 0,
-    };
-
-    fn map(columns: &[(&str, u32)], values: &[Option<&str>]) -> Mapped {
-        let mut mapper = OutboxMapper::new(&["public.outbox".into()]);
-        mapper.on_relation(relation(columns));
+    /// Maps one row of `public.outbox` with `mapping` and the given column values.
+    fn map_with(
+        mapping: Option<TableMapping>,
+        columns: &[(&str, u32)],
+        values: &[Option<&str>],
+    ) -> Mapped {
+        let mappings: BTreeMap<String, TableMapping> = mapping
+            .into_iter()
+            .map(|m| ("public.outbox".to_owned(), m))
+            .collect();
+        let mut mapper = OutboxMapper::new(&["public.outbox".into()], &mappings, &[]);
+        mapper.on_relation(relation("outbox", columns));
         let data = Bytes::from(values.iter().flatten().copied().collect::<String>());
         let mut offset = 0;
         let tuple = Tuple {
@@ -320,118 +690,304 @@ mod tests {
         mapper.map_insert(7, &tuple, &data, CTX).unwrap()
     }
 
-    const DEBEZIUM: [(&str, u32); 5] = [
-        ("id", UUID_OID),
-        ("aggregatetype", TEXT),
-        ("aggregateid", TEXT),
-        ("type", TEXT),
-        ("payload", JSONB_OID),
-    ];
-    const ID: &str = "6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11";
+    fn event(mapped: Mapped) -> Event {
+        match mapped {
+            Mapped::Event(e) => *e,
+            Mapped::DeadLetter(d) => panic!("dead letter: {}", d.reason),
+            Mapped::NotOutbox => panic!("not outbox"),
+        }
+    }
 
     #[test]
     fn maps_the_debezium_layout_in_any_column_order() {
         let mut reordered = DEBEZIUM;
         reordered.reverse();
-        let Mapped::Event(e) = map(
+        let e = event(map_with(
+            None,
             &reordered,
             &[
                 Some("{}"),
-                Some("created"),
+                Some("Created"),
                 Some("o-1"),
                 Some("order"),
                 Some(ID),
             ],
-        ) else {
-            panic!("expected an event")
+        ));
+        assert_eq!(
+            (
+                &*e.id,
+                &*e.key,
+                &*e.aggregate_id,
+                &*e.aggregate_type,
+                &*e.event_type
+            ),
+            (ID, "o-1", "o-1", "order", "Created")
+        );
+        assert_eq!(
+            (&*e.table, &*e.source, e.position, e.xid),
+            ("public.outbox", "/public.outbox", CTX.position, 9)
+        );
+        assert_eq!(
+            (e.schema_version, &e.occurred_at, &e.traceparent),
+            (None, &None, &None)
+        );
+    }
+
+    #[test]
+    fn optional_columns_are_used_when_present() {
+        let mut columns = DEBEZIUM.to_vec();
+        columns.extend([
+            ("schema_version", INT),
+            ("headers", JSONB_OID),
+            ("occurred_at", TIMESTAMPTZ),
+            ("traceparent", TEXT),
+        ]);
+        let e = event(map_with(
+            None,
+            &columns,
+            &[
+                Some(ID),
+                Some("order"),
+                Some("o-1"),
+                Some("Created"),
+                Some("{}"),
+                Some("2"),
+                Some(r#"{"x-tenant": "acme"}"#),
+                Some("2026-11-22 22:39:38.658915+00"),
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ],
+        ));
+        assert_eq!(e.schema_version, Some(2));
+        assert_eq!(e.headers, vec![(Arc::from("x-tenant"), Text::from("acme"))]);
+        assert_eq!(
+            e.occurred_at.as_deref(),
+            Some("2026-11-22T22:39:38.658915Z")
+        );
+        assert!(e.traceparent.is_some());
+    }
+
+    #[test]
+    fn a_custom_mapping_renames_columns_places_extras_and_templates_the_source() {
+        let mapping = TableMapping {
+            id: "event_id".into(),
+            aggregate_type: "kind".into(),
+            aggregate_id: "account".into(),
+            event_type: "name".into(),
+            payload: "body".into(),
+            key: Some("tenant".into()),
+            additional: vec![
+                AdditionalColumn {
+                    column: "tenant".into(),
+                    placement: Placement::Header,
+                    name: Some("x-tenant".into()),
+                },
+                AdditionalColumn {
+                    column: "region".into(),
+                    placement: Placement::Envelope,
+                    name: None,
+                },
+            ],
+            source: "/billing/{aggregatetype}".into(),
+            ..TableMapping::default()
         };
+        let columns = [
+            ("event_id", TEXT),
+            ("kind", TEXT),
+            ("account", TEXT),
+            ("name", TEXT),
+            ("body", TEXT),
+            ("tenant", TEXT),
+            ("region", TEXT),
+        ];
+        let e = event(map_with(
+            Some(mapping),
+            &columns,
+            &[
+                Some(ID),
+                Some("invoice"),
+                Some("a-9"),
+                Some("Billed"),
+                Some("[1]"),
+                Some("acme"),
+                Some("eu"),
+            ],
+        ));
         assert_eq!(
-            (&*e.id, &*e.key, &*e.aggregate_type, &*e.event_type),
-            (ID, "o-1", "order", "created")
+            (&*e.key, &*e.aggregate_id, &*e.source),
+            ("acme", "a-9", "/billing/invoice")
         );
-        assert_eq!(
-            (&*e.table, e.position, e.xid),
-            ("public.outbox", CTX.position, 9)
-        );
+        assert_eq!(e.headers, vec![(Arc::from("x-tenant"), Text::from("acme"))]);
+        assert_eq!(e.attributes, vec![(Arc::from("region"), Text::from("eu"))]);
     }
 
     #[test]
     fn bad_rows_become_dead_letters_with_reasons() {
         type Case<'a> = (Vec<(&'a str, u32)>, Vec<Option<&'a str>>, &'a str);
+        let text_outbox = vec![
+            ("id", TEXT),
+            ("aggregatetype", TEXT),
+            ("aggregateid", TEXT),
+            ("type", TEXT),
+            ("payload", TEXT),
+        ];
+        let mut with_optional = DEBEZIUM.to_vec();
+        with_optional.extend([("schema_version", TEXT), ("headers", JSONB_OID)]);
         let cases: Vec<Case> = vec![
             (
                 DEBEZIUM.to_vec(),
-                vec![Some(ID), Some("order"), None, Some("created"), Some("{}")],
+                vec![Some(ID), Some("order"), None, Some("T"), Some("{}")],
                 "\"aggregateid\" is NULL",
             ),
             (
-                vec![
-                    ("id", TEXT),
-                    ("aggregatetype", TEXT),
-                    ("aggregateid", TEXT),
-                    ("type", TEXT),
-                    ("payload", TEXT),
-                ],
+                text_outbox.clone(),
                 vec![
                     Some("not-a-uuid"),
                     Some("order"),
                     Some("o-1"),
-                    Some("created"),
+                    Some("T"),
                     Some("{}"),
                 ],
                 "not a UUID",
             ),
             (
-                vec![
-                    ("id", UUID_OID),
-                    ("aggregatetype", TEXT),
-                    ("aggregateid", TEXT),
-                    ("type", TEXT),
-                    ("payload", TEXT),
-                ],
+                text_outbox,
                 vec![
                     Some(ID),
                     Some("order"),
                     Some("o-1"),
-                    Some("created"),
+                    Some("T"),
                     Some("{oops"),
                 ],
                 "not valid JSON",
             ),
             (
                 DEBEZIUM[..4].to_vec(),
-                vec![Some(ID), Some("order"), Some("o-1"), Some("created")],
+                vec![Some(ID), Some("order"), Some("o-1"), Some("T")],
                 "no column \"payload\"",
+            ),
+            (
+                with_optional.clone(),
+                vec![
+                    Some(ID),
+                    Some("o"),
+                    Some("o-1"),
+                    Some("T"),
+                    Some("{}"),
+                    Some("two"),
+                    None,
+                ],
+                "not an integer",
+            ),
+            (
+                with_optional,
+                vec![
+                    Some(ID),
+                    Some("o"),
+                    Some("o-1"),
+                    Some("T"),
+                    Some("{}"),
+                    None,
+                    Some(r#"{"a": 1}"#),
+                ],
+                "not a string",
             ),
         ];
         for (columns, values, expected) in cases {
-            match map(&columns, &values) {
+            match map_with(None, &columns, &values) {
                 Mapped::DeadLetter(d) => {
                     assert!(
                         d.reason.contains(expected),
                         "{} does not mention {expected}",
                         d.reason
                     );
-                    assert_eq!(d.position, CTX.position);
-                    assert_eq!(d.table, "public.outbox");
+                    assert_eq!(
+                        (d.position, d.table.as_str()),
+                        (CTX.position, "public.outbox")
+                    );
                     assert!(d.row.is_object());
                 }
                 _ => panic!("expected a dead letter for {expected}"),
             }
         }
+        let configured_but_missing = TableMapping {
+            schema_version: Some("version".into()),
+            ..TableMapping::default()
+        };
+        match map_with(
+            Some(configured_but_missing),
+            &DEBEZIUM,
+            &[Some(ID), Some("o"), Some("k"), Some("T"), Some("{}")],
+        ) {
+            Mapped::DeadLetter(d) => {
+                assert!(d.reason.contains("no column \"version\""), "{}", d.reason)
+            }
+            _ => panic!("a configured optional column must exist"),
+        }
     }
 
     #[test]
-    fn other_tables_are_not_outbox_and_unknown_relations_are_errors() {
-        let mut mapper = OutboxMapper::new(&["public.outbox".into()]);
-        let mut other = relation(&DEBEZIUM);
-        other.name = "orders".into();
-        mapper.on_relation(other);
-        let tuple = Tuple { columns: vec![] };
+    fn logical_messages_with_a_configured_prefix_are_events() {
+        let mapper = OutboxMapper::new(&[], &BTreeMap::new(), &["outbox".into()]);
+        let content = format!(
+            r#"{{"id":"{ID}","aggregatetype":"order","aggregateid":"o-1","type":"Created","payload":{{"a":[1,2]}},"schema_version":4}}"#
+        );
+        let data = Bytes::from(content);
+        let message = |prefix: &'static str, content: &'static [u8]| LogicalMessage {
+            transactional: true,
+            lsn: 1,
+            prefix,
+            content,
+        };
+        let content: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
+        let data = Bytes::from_static(content);
+        let e = event(mapper.map_message(&message("outbox", content), &data, CTX));
+        assert_eq!(
+            (
+                &*e.table,
+                &*e.source,
+                &*e.key,
+                &*e.payload,
+                e.schema_version
+            ),
+            (
+                "message:outbox",
+                "/message:outbox",
+                "o-1",
+                r#"{"a":[1,2]}"#,
+                Some(4)
+            )
+        );
         assert!(matches!(
-            mapper.map_insert(7, &tuple, &Bytes::new(), CTX),
-            Ok(Mapped::NotOutbox)
+            mapper.map_message(&message("other", content), &data, CTX),
+            Mapped::NotOutbox
         ));
-        assert!(mapper.map_insert(8, &tuple, &Bytes::new(), CTX).is_err());
+        let bad = Bytes::from_static(br#"{"id":"x"}"#);
+        match mapper.map_message(&message("outbox", br#"{"id":"x"}"#), &bad, CTX) {
+            Mapped::DeadLetter(d) => assert!(d.reason.contains("missing field"), "{}", d.reason),
+            _ => panic!("expected a dead letter"),
+        }
+    }
+
+    #[test]
+    fn postgres_timestamps_become_rfc3339() {
+        for (pg, rfc) in [
+            (
+                "2026-11-22 22:39:38.658915+00",
+                Some("2026-11-22T22:39:38.658915Z"),
+            ),
+            (
+                "2026-11-22 22:39:38+05:30",
+                Some("2026-11-22T22:39:38+05:30"),
+            ),
+            (
+                "2026-11-22 22:39:38.5-03",
+                Some("2026-11-22T22:39:38.5-03:00"),
+            ),
+            ("2026-11-22 22:39:38", Some("2026-11-22T22:39:38Z")),
+            ("infinity", None),
+            ("22/11/2026 22:39:38", None),
+        ] {
+            assert_eq!(pg_timestamp_to_rfc3339(pg).as_deref(), rfc, "{pg}");
+        }
     }
 }

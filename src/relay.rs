@@ -5,16 +5,20 @@
 //! (batched), and the optional heartbeat.
 
 use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
+use crate::config::ChangePolicy;
 use crate::config::{Config, SinkConfig};
 use crate::db;
-use crate::outbox::{Mapped, OutboxMapper, RowContext, PG_EPOCH_OFFSET_MICROS};
+use crate::outbox::{
+    DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
+};
 use crate::pipeline::{self, Batch, Pipeline, Progress, SinkWorker};
-use crate::source::pgoutput::{self, Message};
+use crate::source::pgoutput::{self, Message, Tuple};
 use crate::source::replication::{
     ReplicationConnection, ReplicationStream, SourceError, StatusWriter,
 };
 use crate::source::wire::ReplicationMessage;
 use bytes::Bytes;
+use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
 use outbox_relay_sinks::{
     file::FileSink, null::NullSink, stdout::StdoutSink, Event, Lsn, Position, Sink,
 };
@@ -180,12 +184,23 @@ pub fn build_sinks(config: &Config) -> Vec<(String, Box<dyn Sink>)> {
         .sinks
         .iter()
         .map(|(name, sink)| {
-            let sink: Box<dyn Sink> = match sink {
-                SinkConfig::Stdout {} => Box::new(StdoutSink::new()),
-                SinkConfig::Null {} => Box::new(NullSink),
-                SinkConfig::File { path, fsync } => Box::new(FileSink::new(path, *fsync)),
+            let inner: Box<dyn Sink> = match sink {
+                SinkConfig::Stdout { format, .. } => Box::new(StdoutSink::new(*format)),
+                SinkConfig::Null { .. } => Box::new(NullSink),
+                SinkConfig::File {
+                    path,
+                    fsync,
+                    format,
+                    ..
+                } => Box::new(FileSink::new(path, *format, *fsync)),
             };
-            (name.clone(), sink)
+            let rule = sink.filter();
+            let filter = EventFilter::new(
+                rule.tables.clone(),
+                rule.aggregate_types.clone(),
+                rule.event_types.clone(),
+            );
+            (name.clone(), FilteredSink::wrap(filter, inner))
         })
         .collect()
 }
@@ -288,7 +303,7 @@ async fn session(
 
     let mut reader = Reader {
         stream,
-        mapper: OutboxMapper::new(&source.tables),
+        mapper: OutboxMapper::new(&source.tables, &config.outbox, &source.message_prefixes),
         pipeline,
         progress: progress.clone(),
         store: store.clone(),
@@ -353,6 +368,7 @@ async fn session(
         skipped_updates = counts.skipped_updates,
         skipped_deletes = counts.skipped_deletes,
         truncates = counts.truncates,
+        ignored_non_transactional_messages = counts.non_transactional_messages,
         "session ended"
     );
     end
@@ -504,6 +520,7 @@ struct ReadCounts {
     skipped_updates: u64,
     skipped_deletes: u64,
     truncates: u64,
+    non_transactional_messages: u64,
 }
 
 impl Reader {
@@ -600,55 +617,26 @@ impl Reader {
             }
             Message::Relation(relation) => self.mapper.on_relation(relation),
             Message::Insert(insert) => {
-                let tx = self.transaction.as_mut().ok_or_else(|| {
-                    ReadError::Fatal(anyhow::anyhow!(
-                        "the replication stream sent a row outside a transaction"
-                    ))
-                })?;
-                let ctx = RowContext {
-                    position: Position {
-                        commit_lsn: tx.commit_lsn,
-                        index: tx.next_index,
-                    },
-                    xid: tx.xid,
-                    commit_time_micros: tx.commit_time_micros,
-                };
+                let ctx = self.next_row()?;
                 let mapped = self
                     .mapper
                     .map_insert(insert.relation_id, &insert.new, &data, ctx)
                     .map_err(|e| ReadError::Fatal(e.into()))?;
-                match mapped {
-                    Mapped::NotOutbox => {}
-                    Mapped::Event(event) => {
-                        tx.next_index += 1;
-                        self.counts.events += 1;
-                        self.pending.push(event);
-                    }
-                    Mapped::DeadLetter(letter) => {
-                        tx.next_index += 1;
-                        self.counts.dead_letters += 1;
-                        warn!(table = %letter.table, position = %letter.position, reason = %letter.reason,
-                            "outbox row cannot become an event; dead-lettered");
-                        self.store
-                            .dead_letter(&self.slot, &letter)
-                            .await
-                            .map_err(|e| ReadError::Retry(e.context("storing a dead letter")))?;
-                    }
-                }
+                self.take(mapped).await?;
             }
-            Message::Update(update) if self.mapper.is_outbox(update.relation_id) => {
-                self.counts.skipped_updates += 1;
-                debug!(
-                    table = self.mapper.table_name(update.relation_id),
-                    "skipping an UPDATE of an outbox row: only inserts are events"
-                );
+            Message::Message(message) if message.transactional => {
+                let ctx = self.next_row()?;
+                let mapped = self.mapper.map_message(&message, &data, ctx);
+                self.take(mapped).await?;
             }
-            Message::Delete(delete) if self.mapper.is_outbox(delete.relation_id) => {
-                self.counts.skipped_deletes += 1;
-                debug!(
-                    table = self.mapper.table_name(delete.relation_id),
-                    "skipping a DELETE of an outbox row: only inserts are events"
-                );
+            Message::Update(update) => {
+                let row = update.old.as_ref().unwrap_or(&update.new);
+                self.row_change(update.relation_id, RowChange::Update, row)
+                    .await?;
+            }
+            Message::Delete(delete) => {
+                self.row_change(delete.relation_id, RowChange::Delete, &delete.old)
+                    .await?;
             }
             Message::Truncate(truncate) => {
                 for id in truncate
@@ -663,17 +651,101 @@ impl Reader {
                     );
                 }
             }
-            // A non-transactional message (such as our heartbeat) outside a transaction is a
-            // point the server decoded everything before: safe to confirm, like a keepalive.
-            Message::Message(message) if !message.transactional && self.transaction.is_none() => {
-                self.set_boundary(Lsn(message.lsn));
+            // A non-transactional message is not part of a commit, so never an event. Outside
+            // a transaction (our heartbeat, say) it is a point the server decoded everything
+            // before: safe to confirm, like a keepalive.
+            Message::Message(message) => {
+                self.counts.non_transactional_messages += 1;
+                if self.transaction.is_none() {
+                    self.set_boundary(Lsn(message.lsn));
+                }
             }
-            Message::Update(_)
-            | Message::Delete(_)
-            | Message::Message(_)
-            | Message::Type(_)
-            | Message::Origin(_) => {}
+            Message::Type(_) | Message::Origin(_) => {}
         }
         Ok(())
+    }
+
+    /// The context of the next outbox row of the open transaction; consumes nothing yet.
+    fn next_row(&self) -> Result<RowContext, ReadError> {
+        let tx = self.transaction.as_ref().ok_or_else(|| {
+            ReadError::Fatal(anyhow::anyhow!(
+                "the replication stream sent a change outside a transaction"
+            ))
+        })?;
+        Ok(RowContext {
+            position: Position {
+                commit_lsn: tx.commit_lsn,
+                index: tx.next_index,
+            },
+            xid: tx.xid,
+            commit_time_micros: tx.commit_time_micros,
+        })
+    }
+
+    /// Queues an event or stores a dead letter; either takes the next index.
+    async fn take(&mut self, mapped: Mapped) -> Result<(), ReadError> {
+        let letter = match mapped {
+            Mapped::NotOutbox => return Ok(()),
+            Mapped::Event(event) => {
+                self.counts.events += 1;
+                self.pending.push(*event);
+                None
+            }
+            Mapped::DeadLetter(letter) => Some(letter),
+        };
+        if let Some(tx) = self.transaction.as_mut() {
+            tx.next_index += 1;
+        }
+        if let Some(letter) = letter {
+            self.dead_letter(letter).await?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), ReadError> {
+        self.counts.dead_letters += 1;
+        warn!(table = %letter.table, position = %letter.position, reason = %letter.reason,
+            "outbox row cannot become an event; dead-lettered");
+        self.store
+            .dead_letter(&self.slot, &letter)
+            .await
+            .map_err(|e| ReadError::Retry(e.context("storing a dead letter")))
+    }
+
+    /// Applies the table's policy to an UPDATE or DELETE of an outbox row.
+    async fn row_change(
+        &mut self,
+        relation_id: u32,
+        change: RowChange,
+        row: &Tuple<'_>,
+    ) -> Result<(), ReadError> {
+        let Some(policy) = self.mapper.change_policy(relation_id, change) else {
+            return Ok(());
+        };
+        let table = self
+            .mapper
+            .table_name(relation_id)
+            .unwrap_or_default()
+            .to_owned();
+        match policy {
+            ChangePolicy::Skip => {
+                match change {
+                    RowChange::Update => self.counts.skipped_updates += 1,
+                    RowChange::Delete => self.counts.skipped_deletes += 1,
+                }
+                debug!(%table, ?change, "skipping a change of an outbox row: only inserts are events");
+                Ok(())
+            }
+            ChangePolicy::DeadLetter => {
+                let ctx = self.next_row()?;
+                let letter = self.mapper.change_dead_letter(relation_id, change, row, ctx);
+                self.take(Mapped::DeadLetter(letter)).await
+            }
+            ChangePolicy::Fail => Err(ReadError::Fatal(anyhow::anyhow!(
+                "{change:?} of a row in outbox table {table} and its policy is \"fail\": find what changed it, \
+                 or set on_{} = \"skip\" or \"dead-letter\" under [outbox.\"{table}\"]",
+                if change == RowChange::Update { "update" } else { "delete" }
+            ))),
+        }
     }
 }

@@ -68,7 +68,7 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
         .lines()
         .take(rows)
         .map(|line| {
-            serde_json::from_str::<serde_json::Value>(&line.unwrap()).unwrap()["payload"]["seq"]
+            serde_json::from_str::<serde_json::Value>(&line.unwrap()).unwrap()["data"]["seq"]
                 .as_u64()
                 .unwrap()
         })

@@ -35,28 +35,37 @@ fn committed_insert_becomes_an_event() {
         relay.log()
     );
     let event = &read_events(&events)[0];
+    // CloudEvents 1.0, structured mode: the default format.
+    assert_eq!(event["specversion"], "1.0");
     assert_eq!(event["id"], "6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11");
-    assert_eq!(event["aggregatetype"], "order");
-    assert_eq!(event["aggregateid"], "o-1");
+    assert_eq!(event["source"], "/public.outbox");
     assert_eq!(event["type"], "OrderCreated");
+    assert_eq!(event["subject"], "o-1");
+    assert_eq!(event["aggregatetype"], "order");
+    assert_eq!(event["datacontenttype"], "application/json");
     assert_eq!(
-        event["payload"],
+        event["data"],
         serde_json::json!({"total": 12.5, "items": [1, 2]})
     );
-    assert_eq!(event["table"], "public.outbox");
-    assert_eq!(event["index"], 0);
+    assert!(event["time"].as_str().unwrap().ends_with('Z'));
     assert!(event["lsn"].as_str().unwrap().contains('/'));
+    assert!(event["txid"].as_u64().unwrap() > 0);
+    assert!(
+        event["sequence"].as_str().unwrap().ends_with("00000000"),
+        "index 0"
+    );
 }
 
-/// (lsn, index) of every event, which must be strictly increasing: commit order.
+/// (lsn, index) of every event, from the CloudEvents `sequence` extension (24 hex digits).
 fn positions(events: &[serde_json::Value]) -> Vec<(u64, u64)> {
     events
         .iter()
         .map(|e| {
-            let (hi, lo) = e["lsn"].as_str().unwrap().split_once('/').unwrap();
-            let lsn =
-                (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
-            (lsn, e["index"].as_u64().unwrap())
+            let sequence = e["sequence"].as_str().unwrap();
+            (
+                u64::from_str_radix(&sequence[..16], 16).unwrap(),
+                u64::from_str_radix(&sequence[16..], 16).unwrap(),
+            )
         })
         .collect()
 }
@@ -128,15 +137,15 @@ async fn concurrent_transactions_arrive_in_commit_order() {
     assert_commit_order(&events);
     let keys: Vec<&str> = events[..9]
         .iter()
-        .map(|e| e["aggregateid"].as_str().unwrap())
+        .map(|e| e["subject"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["c", "c", "c", "a", "a", "a", "b", "b", "b"]);
     for writer in 0..4 {
         let key = format!("w{writer}");
         let seqs: Vec<u64> = events
             .iter()
-            .filter(|e| e["aggregateid"] == key.as_str())
-            .map(|e| e["payload"]["seq"].as_u64().unwrap())
+            .filter(|e| e["subject"] == key.as_str())
+            .map(|e| e["data"]["seq"].as_u64().unwrap())
             .collect();
         assert_eq!(
             seqs,
@@ -171,13 +180,13 @@ fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
     assert!(
         wait_until(WAIT, || read_events(&events)
             .iter()
-            .any(|e| e["aggregateid"] == "last")),
+            .any(|e| e["subject"] == "last")),
         "relay log:\n{}",
         relay.log()
     );
     let seqs: Vec<u64> = read_events(&events)
         .iter()
-        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, [1, 3, 4, 5], "only committed inserts are events");
     let mut relay = relay;
@@ -244,7 +253,7 @@ fn clean_restart_repeats_nothing() {
     );
     let seqs: Vec<u64> = read_events(&events)
         .iter()
-        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, (0..30).collect::<Vec<u64>>());
 }
@@ -287,8 +296,8 @@ fn assert_exactly_once_per_key(events: &[serde_json::Value], writers: usize, row
         let key = format!("w{writer}");
         let seqs: Vec<u64> = events
             .iter()
-            .filter(|e| e["aggregateid"] == key.as_str())
-            .map(|e| e["payload"]["seq"].as_u64().unwrap())
+            .filter(|e| e["subject"] == key.as_str())
+            .map(|e| e["data"]["seq"].as_u64().unwrap())
             .collect();
         assert_eq!(
             seqs,
@@ -419,7 +428,7 @@ fn alter_table_mid_stream_keeps_flowing() {
     );
     let seqs: Vec<u64> = read_events(&events)
         .iter()
-        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, [0, 1, 2, 3]);
 }
@@ -472,7 +481,7 @@ fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
         "relay log:\n{}",
         relay.log()
     );
-    assert_eq!(read_events(&events)[0]["payload"]["ok"], true);
+    assert_eq!(read_events(&events)[0]["data"]["ok"], true);
     assert!(wait_until(WAIT, || pg
         .psql("SELECT count(*) FROM outbox_relay.dead_letters")
         == "3"));
@@ -522,7 +531,7 @@ async fn postgres_restarts_mid_stream_lose_and_repeat_nothing() {
     );
     let seqs: Vec<usize> = read_events(&events)
         .iter()
-        .map(|e| e["payload"]["seq"].as_u64().unwrap() as usize)
+        .map(|e| e["data"]["seq"].as_u64().unwrap() as usize)
         .collect();
     assert_eq!(seqs, (0..expected).collect::<Vec<_>>());
     assert!(
@@ -572,7 +581,7 @@ fn a_second_relay_on_the_same_slot_stands_by_and_takes_over() {
     );
     let seqs: Vec<u64> = read_events(&events)
         .iter()
-        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, [0, 1, 2]);
 }
@@ -609,8 +618,8 @@ fn the_stdout_example_config_works_with_only_the_url_from_the_environment() {
     child.kill().unwrap();
     child.wait().unwrap();
     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(event["aggregateid"], "o-7");
-    assert_eq!(event["payload"]["seq"], 7);
+    assert_eq!(event["subject"], "o-7");
+    assert_eq!(event["data"]["seq"], 7);
 }
 
 #[test]

@@ -100,7 +100,7 @@ impl fmt::Display for Text {
     }
 }
 
-/// One committed outbox row, ready to publish.
+/// One committed outbox row (or transactional logical message), ready to publish.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub position: Position,
@@ -108,14 +108,28 @@ pub struct Event {
     pub xid: u32,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_micros: i64,
-    /// Source table, `schema.name`.
+    /// Where it came from: `schema.table`, or `message:PREFIX` for a logical message.
     pub table: Arc<str>,
-    /// The outbox row's `id`: stable across redeliveries, for consumer-side dedup.
+    /// The CloudEvents `source` of events from that table.
+    pub source: Arc<str>,
+    /// The event id: stable across redeliveries, for consumer-side dedup.
     pub id: Text,
-    /// Aggregate id: the ordering key.
+    /// The message key: what per-key ordering means (the aggregate id by default).
     pub key: Text,
     pub aggregate_type: Text,
+    pub aggregate_id: Text,
     pub event_type: Text,
-    /// The payload as a JSON document.
+    /// The version of the event's own schema, when the outbox has one.
+    pub schema_version: Option<i64>,
+    /// When the event happened (RFC 3339), when the outbox says; otherwise the commit time
+    /// stands in.
+    pub occurred_at: Option<Text>,
+    /// W3C trace context, passed on as a message header.
+    pub traceparent: Option<Text>,
+    /// Message headers: the outbox's headers object and columns placed in headers.
+    pub headers: Vec<(Arc<str>, Text)>,
+    /// Extra envelope attributes: columns placed in the envelope.
+    pub attributes: Vec<(Arc<str>, Text)>,
+    /// The payload, a JSON document.
     pub payload: Text,
 }

@@ -1,9 +1,13 @@
-//! The file sink: appends one JSON event per line to a file, fsyncs each batch, and recovers
-//! its position from the file's last complete line. Because the file itself records how far
-//! it got, a restart after a crash neither repeats nor loses events (exactly-once into the
-//! file); a torn last line from a crash mid-write is cut off before appending.
+//! The file sink: appends one event per line to a file, fsyncs each batch, and (in the
+//! CloudEvents format, whose lines carry their position) recovers its position from the
+//! file's last complete line. Because the file itself records how far it got, a restart
+//! after a crash neither repeats nor loses events (exactly-once into the file). In the
+//! debezium and raw formats lines carry no position, so the relay's checkpoint table
+//! decides (at-least-once after a crash). A torn last line from a crash mid-write is cut
+//! off before appending.
 
-use crate::{envelope, Delivery, Event, Position, Sink, SinkError};
+use crate::format::{self, Format};
+use crate::{Delivery, Event, Position, Sink, SinkError};
 use async_trait::async_trait;
 use std::io::SeekFrom;
 use std::path::PathBuf;
@@ -12,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 pub struct FileSink {
     path: PathBuf,
+    format: Format,
     fsync: bool,
     /// The open file and its length after the last acknowledged batch. A failed append is
     /// cut back to that length before the retry, so a torn batch never stays in the file.
@@ -22,9 +27,10 @@ pub struct FileSink {
 impl FileSink {
     /// A sink appending to `path`; with `fsync`, a batch is acknowledged only once it is on
     /// disk.
-    pub fn new(path: impl Into<PathBuf>, fsync: bool) -> Self {
+    pub fn new(path: impl Into<PathBuf>, format: Format, fsync: bool) -> Self {
         FileSink {
             path: path.into(),
+            format,
             fsync,
             open: None,
             buf: Vec::with_capacity(64 * 1024),
@@ -121,7 +127,10 @@ impl Sink for FileSink {
         let Some(line) = self.open().await? else {
             return Ok(None);
         };
-        envelope::position_of_line(&line).map(Some).ok_or_else(|| {
+        if self.format != Format::CloudEvents {
+            return Ok(None);
+        }
+        format::position_of_line(&line).map(Some).ok_or_else(|| {
             SinkError::Permanent(format!(
                 "the last line of {} is not an outbox-relay event: point the file sink at a new \
                  file or at one this relay wrote",
@@ -137,7 +146,7 @@ impl Sink for FileSink {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         for event in batch {
-            envelope::write_json_line(event, &mut buf);
+            format::write_line(self.format, event, &mut buf);
         }
         let appended = self.append(&buf).await;
         self.buf = buf;
@@ -166,23 +175,10 @@ impl Sink for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Lsn, Text};
+    use crate::Lsn;
 
     fn event(lsn: u64, index: u32) -> Event {
-        Event {
-            position: Position {
-                commit_lsn: Lsn(lsn),
-                index,
-            },
-            xid: 1,
-            commit_time_micros: 0,
-            table: "public.outbox".into(),
-            id: Text::from("id"),
-            key: Text::from("k"),
-            aggregate_type: Text::from("a"),
-            event_type: Text::from("t"),
-            payload: Text::from("{}"),
-        }
+        crate::format::tests::sample(lsn, index)
     }
 
     #[tokio::test]
@@ -191,7 +187,7 @@ mod tests {
         let path = dir.join("events.jsonl");
         let _ = std::fs::remove_dir_all(&dir);
 
-        let mut sink = FileSink::new(&path, false);
+        let mut sink = FileSink::new(&path, Format::CloudEvents, false);
         assert_eq!(sink.recover().await.unwrap(), None);
         sink.send(&[event(100, 0), event(100, 1), event(200, 0)])
             .await
@@ -202,7 +198,7 @@ mod tests {
         torn.extend_from_slice(b"{\"id\":\"half");
         std::fs::write(&path, &torn).unwrap();
 
-        let mut sink = FileSink::new(&path, false);
+        let mut sink = FileSink::new(&path, Format::CloudEvents, false);
         assert_eq!(
             sink.recover().await.unwrap(),
             Some(Position {
@@ -226,7 +222,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("notes.txt");
         std::fs::write(&path, "shopping list\n").unwrap();
-        let err = FileSink::new(&path, false).recover().await.unwrap_err();
+        let err = FileSink::new(&path, Format::CloudEvents, false)
+            .recover()
+            .await
+            .unwrap_err();
         assert!(
             err.to_string().contains("not an outbox-relay event"),
             "{err}"

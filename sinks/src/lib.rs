@@ -5,10 +5,11 @@
 //! answer once every event of the batch is durably accepted (or explicitly rejected), so the
 //! relay can move its checkpoint over exactly what was acknowledged.
 
-mod envelope;
 mod event;
 pub mod file;
+pub mod format;
 pub mod null;
+pub mod routing;
 pub mod stdout;
 
 pub use event::{Event, Lsn, Position, Text};

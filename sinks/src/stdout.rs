@@ -1,28 +1,25 @@
-//! The stdout sink: one JSON event per line on standard output, for demos, debugging and
-//! piping into other tools. An event is acknowledged once its batch is flushed to the pipe;
-//! a crash may repeat the events since the last checkpoint (at-least-once).
+//! The stdout sink: one event per line on standard output, for demos, debugging and piping
+//! into other tools. An event is acknowledged once its batch is flushed to the pipe; a crash
+//! may repeat the events since the last checkpoint (at-least-once).
 
-use crate::{envelope, Delivery, Event, Sink, SinkError};
+use crate::format::{self, Format};
+use crate::{Delivery, Event, Sink, SinkError};
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
 pub struct StdoutSink {
+    format: Format,
     out: tokio::io::Stdout,
     buf: Vec<u8>,
 }
 
 impl StdoutSink {
-    pub fn new() -> Self {
+    pub fn new(format: Format) -> Self {
         StdoutSink {
+            format,
             out: tokio::io::stdout(),
             buf: Vec::with_capacity(64 * 1024),
         }
-    }
-}
-
-impl Default for StdoutSink {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -31,7 +28,7 @@ impl Sink for StdoutSink {
     async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
         self.buf.clear();
         for event in batch {
-            envelope::write_json_line(event, &mut self.buf);
+            format::write_line(self.format, event, &mut self.buf);
         }
         self.out
             .write_all(&self.buf)

@@ -1,0 +1,361 @@
+//! Routing primitives shared by the sinks: templates over an event's fields (topic, exchange,
+//! routing key, bus, CloudEvents source: `outbox.event.{aggregatetype}`) and filters that say
+//! which events a sink or route takes (by table, aggregate type, event-type glob).
+
+use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
+use async_trait::async_trait;
+use std::fmt::Write;
+
+/// A field of an event a template can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Table,
+    AggregateType,
+    AggregateId,
+    Type,
+    Key,
+    Id,
+    SchemaVersion,
+}
+
+const FIELDS: [(&str, Field); 7] = [
+    ("table", Field::Table),
+    ("aggregatetype", Field::AggregateType),
+    ("aggregateid", Field::AggregateId),
+    ("type", Field::Type),
+    ("key", Field::Key),
+    ("id", Field::Id),
+    ("schemaversion", Field::SchemaVersion),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Field(Field),
+}
+
+/// A string with `{field}` placeholders, checked when the configuration is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("template {template:?}: {reason}")]
+pub struct TemplateError {
+    template: String,
+    reason: String,
+}
+
+impl Template {
+    pub fn parse(template: &str) -> Result<Template, TemplateError> {
+        let error = |reason: String| TemplateError {
+            template: template.to_owned(),
+            reason,
+        };
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| error("a '{' is not closed".into()))?;
+            let name = &rest[open + 1..open + close];
+            let field = FIELDS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, f)| *f)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = FIELDS.iter().map(|(n, _)| *n).collect();
+                    error(format!(
+                        "unknown field {{{name}}}; known fields: {}",
+                        known.join(", ")
+                    ))
+                })?;
+            parts.push(Part::Field(field));
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(error("a '}' has no '{'".into()));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// The text, when the template has no placeholders.
+    pub fn as_static(&self) -> Option<&str> {
+        match self.parts.as_slice() {
+            [] => Some(""),
+            [Part::Literal(text)] => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The text for events of `table`, when the template names no field but `{table}`:
+    /// computed once per table instead of once per event.
+    pub fn render_for_table(&self, table: &str) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Field(Field::Table) => out.push_str(table),
+                Part::Field(_) => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// Renders the template for `event` into `out`.
+    pub fn render(&self, event: &Event, out: &mut String) {
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Field(Field::Table) => out.push_str(&event.table),
+                Part::Field(Field::AggregateType) => out.push_str(&event.aggregate_type),
+                Part::Field(Field::AggregateId) => out.push_str(&event.aggregate_id),
+                Part::Field(Field::Type) => out.push_str(&event.event_type),
+                Part::Field(Field::Key) => out.push_str(&event.key),
+                Part::Field(Field::Id) => out.push_str(&event.id),
+                Part::Field(Field::SchemaVersion) => {
+                    if let Some(version) = event.schema_version {
+                        let _ = write!(out, "{version}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Which events to take: each non-empty list must match; an empty filter takes everything.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    tables: Vec<String>,
+    aggregate_types: Vec<String>,
+    event_type_globs: Vec<String>,
+}
+
+impl EventFilter {
+    pub fn new(
+        tables: Vec<String>,
+        aggregate_types: Vec<String>,
+        event_type_globs: Vec<String>,
+    ) -> Self {
+        EventFilter {
+            tables,
+            aggregate_types,
+            event_type_globs,
+        }
+    }
+
+    pub fn takes_everything(&self) -> bool {
+        self.tables.is_empty()
+            && self.aggregate_types.is_empty()
+            && self.event_type_globs.is_empty()
+    }
+
+    pub fn matches(&self, event: &Event) -> bool {
+        (self.tables.is_empty() || self.tables.iter().any(|t| **t == *event.table))
+            && (self.aggregate_types.is_empty()
+                || self
+                    .aggregate_types
+                    .iter()
+                    .any(|a| a.as_str() == event.aggregate_type.as_str()))
+            && (self.event_type_globs.is_empty()
+                || self
+                    .event_type_globs
+                    .iter()
+                    .any(|g| glob_matches(g, &event.event_type)))
+    }
+}
+
+/// A sink that only sees the events its filter takes. Events filtered out count as handled:
+/// they are not for this sink, so its checkpoint may move past them.
+pub struct FilteredSink {
+    filter: EventFilter,
+    inner: Box<dyn Sink>,
+    /// The matching events of the current batch, and their indices in it.
+    selected: Vec<Event>,
+    indices: Vec<usize>,
+}
+
+impl FilteredSink {
+    /// Wraps `inner`; returns it unwrapped when `filter` takes everything.
+    pub fn wrap(filter: EventFilter, inner: Box<dyn Sink>) -> Box<dyn Sink> {
+        if filter.takes_everything() {
+            return inner;
+        }
+        Box::new(FilteredSink {
+            filter,
+            inner,
+            selected: Vec::new(),
+            indices: Vec::new(),
+        })
+    }
+}
+
+#[async_trait]
+impl Sink for FilteredSink {
+    async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
+        self.inner.recover().await
+    }
+
+    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        self.selected.clear();
+        self.indices.clear();
+        for (index, event) in batch
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| self.filter.matches(e))
+        {
+            self.selected.push(event.clone());
+            self.indices.push(index);
+        }
+        if self.selected.is_empty() {
+            return Ok(Delivery::default());
+        }
+        let delivery = self.inner.send(&self.selected).await?;
+        let rejected = delivery
+            .rejected
+            .into_iter()
+            .map(|r| Rejection {
+                index: self.indices.get(r.index).copied().unwrap_or(usize::MAX),
+                reason: r.reason,
+            })
+            .collect();
+        Ok(Delivery { rejected })
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        self.inner.close().await
+    }
+}
+
+/// `*` matches any run of characters (also none), `?` exactly one; the rest literally.
+pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            backtrack = Some((pi, ti));
+            pi += 1;
+        } else if let Some((star, matched)) = backtrack {
+            pi = star + 1;
+            ti = matched + 1;
+            backtrack = Some((star, matched + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::tests::sample;
+
+    #[test]
+    fn templates_render_fields_and_reject_unknown_ones() {
+        let event = sample(1, 0);
+        let template = Template::parse("outbox.event.{aggregatetype}.{type}").unwrap();
+        let mut out = String::new();
+        template.render(&event, &mut out);
+        assert_eq!(out, "outbox.event.order.OrderCreated");
+        assert_eq!(Template::parse("/{table}").unwrap().as_static(), None);
+        assert_eq!(
+            Template::parse("/{table}")
+                .unwrap()
+                .render_for_table("a.b")
+                .as_deref(),
+            Some("/a.b")
+        );
+        assert_eq!(template.render_for_table("a.b"), None);
+        assert_eq!(Template::parse("fixed").unwrap().as_static(), Some("fixed"));
+        let err = Template::parse("x.{aggregate}").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown field {aggregate}") && err.contains("aggregatetype"),
+            "{err}"
+        );
+        assert!(Template::parse("x.{type").is_err());
+        assert!(Template::parse("x}").is_err());
+    }
+
+    #[test]
+    fn globs() {
+        for (pattern, text, expected) in [
+            ("Order*", "OrderCreated", true),
+            ("Order*", "Order", true),
+            ("*Created", "OrderCreated", true),
+            ("Order?", "Orders", true),
+            ("Order?", "Order", false),
+            ("*a*b*", "xxaxxbxx", true),
+            ("*a*b", "xxaxxbxx", false),
+            ("Customer*", "OrderCreated", false),
+            ("*", "", true),
+        ] {
+            assert_eq!(glob_matches(pattern, text), expected, "{pattern} ~ {text}");
+        }
+    }
+
+    /// Records what it was sent and rejects the events whose type is "Bad".
+    struct Recording(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    #[async_trait]
+    impl Sink for Recording {
+        async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+            self.0
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|e| e.aggregate_type.to_string()));
+            let rejected = batch
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| &*e.event_type == "Bad")
+                .map(|(index, _)| Rejection {
+                    index,
+                    reason: "bad".into(),
+                })
+                .collect();
+            Ok(Delivery { rejected })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_filtered_sink_sees_only_its_events_and_reports_rejections_by_batch_index() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let filter = EventFilter::new(vec![], vec!["order".into()], vec![]);
+        let mut sink = FilteredSink::wrap(filter, Box::new(Recording(seen.clone())));
+        let mut batch = vec![sample(1, 0), sample(1, 1), sample(1, 2)];
+        batch[0].aggregate_type = crate::Text::from("customer");
+        batch[2].event_type = crate::Text::from("Bad");
+        let delivery = sink.send(&batch).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["order", "order"]);
+        assert_eq!(
+            delivery.rejected,
+            vec![Rejection {
+                index: 2,
+                reason: "bad".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn filters_need_every_non_empty_list_to_match() {
+        let event = sample(1, 0);
+        assert!(EventFilter::default().matches(&event));
+        assert!(
+            EventFilter::new(vec!["public.outbox".into()], vec![], vec!["Order*".into()])
+                .matches(&event)
+        );
+        assert!(!EventFilter::new(vec![], vec!["customer".into()], vec![]).matches(&event));
+        assert!(!EventFilter::new(vec!["billing.events".into()], vec![], vec![]).matches(&event));
+    }
+}
