@@ -28,3 +28,6 @@ CREATE TABLE IF NOT EXISTS outbox_relay.dead_letters (
     created_at   timestamptz NOT NULL DEFAULT now(),
     UNIQUE (slot, sink, commit_lsn, event_index)
 );
+
+-- Set by `outbox-relay dlq replay` when a (fixed) dead letter was published again.
+ALTER TABLE outbox_relay.dead_letters ADD COLUMN IF NOT EXISTS replayed_at timestamptz;

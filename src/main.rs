@@ -32,6 +32,24 @@ enum Command {
     Init,
     /// Show slot activity and lag, checkpoints per sink and dead letters.
     Status,
+    /// List, show and replay dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// The newest dead letters, oldest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One dead letter with its reason and raw row, as JSON.
+    Show { id: i64 },
+    /// Publish a dead letter again after fixing its row_data in place.
+    Replay { id: i64 },
 }
 
 fn init_logging(config: &Config) {
@@ -97,6 +115,14 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status => print!("{}", admin::status(&config).await?),
+        Command::Dlq { action } => print!(
+            "{}",
+            match action {
+                DlqAction::List { limit } => admin::dlq_list(&config, limit).await?,
+                DlqAction::Show { id } => admin::dlq_show(&config, id).await?,
+                DlqAction::Replay { id } => admin::dlq_replay(&config, id).await?,
+            }
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 const JSONB_OID: u32 = 3802;
 const UUID_OID: u32 = 2950;
+/// The logical-message prefix `outbox-relay dlq replay` publishes fixed dead letters with;
+/// always mapped, whatever `source.message_prefixes` says.
+pub const REPLAY_PREFIX: &str = "outbox-relay-replay";
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
@@ -176,6 +179,7 @@ impl OutboxMapper {
         }
         let message_prefixes = message_prefixes
             .iter()
+            .chain(std::iter::once(&REPLAY_PREFIX.to_owned()))
             .map(|p| {
                 let table: Arc<str> = format!("message:{p}").into();
                 let source: Arc<str> = format!("/{table}").into();
@@ -395,12 +399,12 @@ impl OutboxMapper {
         data: &Bytes,
         ctx: RowContext,
     ) -> Mapped {
-        let Some((table, source)) = self.message_prefixes.get(message.prefix) else {
+        let Some((prefix_table, prefix_source)) = self.message_prefixes.get(message.prefix) else {
             return Mapped::NotOutbox;
         };
         let dead = |reason: String| {
             Mapped::DeadLetter(DeadLetter {
-                table: table.to_string(),
+                table: prefix_table.to_string(),
                 position: ctx.position,
                 xid: ctx.xid,
                 reason,
@@ -418,6 +422,18 @@ impl OutboxMapper {
                     message.prefix
                 ))
             }
+        };
+        // A replayed dead letter keeps the table it came from, for routing.
+        let (table, source) = match content
+            .table
+            .as_deref()
+            .filter(|_| message.prefix == REPLAY_PREFIX)
+        {
+            Some(original) => (
+                Arc::<str>::from(original),
+                Arc::<str>::from(format!("/{original}")),
+            ),
+            None => (prefix_table.clone(), prefix_source.clone()),
         };
         let occurred_at = match content.occurred_at {
             Some(time) => match humantime::parse_rfc3339_weak(&time) {
@@ -448,11 +464,7 @@ impl OutboxMapper {
             payload: Text::new(data.slice_ref(content.payload.get().as_bytes()))
                 .expect("a slice of a JSON document that parsed as UTF-8"),
         };
-        Mapped::Event(Box::new(fields.into_event(
-            ctx,
-            table.clone(),
-            source.clone(),
-        )))
+        Mapped::Event(Box::new(fields.into_event(ctx, table, source)))
     }
 }
 
@@ -475,6 +487,8 @@ struct MessageContent<'a> {
     headers: std::collections::BTreeMap<String, String>,
     occurred_at: Option<String>,
     traceparent: Option<String>,
+    /// Only honoured for replays: the table the dead letter came from.
+    table: Option<String>,
 }
 
 /// The parts of an event that come from the row or message.

@@ -1,0 +1,479 @@
+//! The outbox model end to end: each format's exact output (golden files), per-table column
+//! mappings, the logical-message outbox, update/delete policies, schema evolution, per-sink
+//! match rules, and dead letters fixed and replayed with `outbox-relay dlq`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Writes a relay config with `source_extra` in [source], `rest` after it, into `dir`.
+fn config(dir: &Path, pg: &PgCluster, source_extra: &str, rest: &str) -> PathBuf {
+    let path = dir.join("relay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n{source_extra}\n[relay]\ncheckpoint_interval = \"100ms\"\n{rest}\n",
+            pg.url()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn file_sink(name: &str, dir: &Path, extra: &str) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n{extra}\n",
+        dir.join(format!("{name}.jsonl")).display()
+    )
+}
+
+fn init(config: &Path) {
+    let out = relay_command(config, "init");
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Replaces what differs between runs (positions, transaction ids) with placeholders,
+/// leaving every other byte as the relay wrote it.
+fn normalized(line: &str) -> String {
+    let Ok(Value::Object(object)) = serde_json::from_str::<Value>(line) else {
+        return line.to_owned();
+    };
+    let mut line = line.to_owned();
+    for key in ["lsn", "txid", "sequence"] {
+        if let Some(value) = object.get(key) {
+            line = line.replace(
+                &format!("\"{key}\":{value}"),
+                &format!("\"{key}\":\"<{key}>\""),
+            );
+        }
+    }
+    line
+}
+
+/// Compares with tests/golden/NAME; `UPDATE_GOLDEN=1` rewrites the file instead.
+fn assert_golden(name: &str, actual: &[String]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    let actual = actual
+        .iter()
+        .map(|l| normalized(l) + "\n")
+        .collect::<String>();
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("missing {}; run with UPDATE_GOLDEN=1", path.display()));
+    assert_eq!(actual, expected, "{name} differs from its golden file");
+}
+
+const OUTBOX_WITH_OPTIONAL_COLUMNS: &str = "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+    aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, schema_version int, headers jsonb, \
+    occurred_at timestamptz, traceparent text, tenant text)";
+
+const GOLDEN_ROWS: &str = "INSERT INTO outbox VALUES \
+    ('11111111-1111-4111-8111-111111111111', 'order', 'order-1', 'OrderCreated', '{\"customer\": \"ada\", \"total\": 42.5}', 1, NULL, '2026-01-02 03:04:05.123456+00', NULL, 'acme'), \
+    ('22222222-2222-4222-8222-222222222222', 'order', 'order-1', 'OrderPaid', '{\"method\": \"card\"}', 2, '{\"x-request-id\": \"r-9\"}', '2026-01-02 03:04:06+00', '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', 'acme'), \
+    ('33333333-3333-4333-8333-333333333333', 'customer', 'ada', 'CustomerUpgraded', '[\"gold\", null, 3]', NULL, NULL, '2026-01-02 03:04:07+00', NULL, NULL)";
+
+#[test]
+fn each_format_writes_exactly_its_golden_output() {
+    let pg = PgCluster::start();
+    pg.psql(OUTBOX_WITH_OPTIONAL_COLUMNS);
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = "[outbox.\"public.outbox\"]\nadditional = [{ column = \"tenant\", placement = \"envelope\" }]\n";
+    let sinks = [
+        file_sink("cloudevents", dir.path(), "format = \"cloudevents\""),
+        file_sink("debezium", dir.path(), "format = \"debezium\""),
+        file_sink("raw", dir.path(), "format = \"raw\""),
+    ]
+    .concat();
+    let config = config(dir.path(), &pg, "", &format!("{mapping}{sinks}"));
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(GOLDEN_ROWS);
+    for name in ["cloudevents", "debezium", "raw"] {
+        let path = dir.path().join(format!("{name}.jsonl"));
+        assert!(
+            wait_until(WAIT, || lines(&path).len() == 3),
+            "{name}: relay log:\n{}",
+            relay.log()
+        );
+        assert_golden(&format!("{name}.jsonl"), &lines(&path));
+    }
+    // Debezium's outbox router sends the payload column as the value, unchanged: the same
+    // bytes PostgreSQL renders for the jsonb.
+    let payloads = pg.psql("SELECT payload::text FROM outbox ORDER BY id");
+    assert_eq!(
+        lines(&dir.path().join("debezium.jsonl")).join("\n"),
+        payloads
+    );
+}
+
+#[test]
+fn two_outbox_tables_with_different_column_names_flow_in_commit_order() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql("CREATE SCHEMA billing");
+    pg.psql(
+        "CREATE TABLE billing.events (event_id uuid PRIMARY KEY DEFAULT gen_random_uuid(), kind text NOT NULL, \
+         account text NOT NULL, name text NOT NULL, body jsonb NOT NULL, version int NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = "[outbox.\"billing.events\"]\nid = \"event_id\"\naggregate_type = \"kind\"\naggregate_id = \"account\"\n\
+                   type = \"name\"\npayload = \"body\"\nschema_version = \"version\"\nsource = \"/billing/{aggregatetype}\"\n";
+    let config = config(
+        dir.path(),
+        &pg,
+        "tables = [\"public.outbox\", \"billing.events\"]",
+        &format!("{mapping}{}", file_sink("all", dir.path(), "")),
+    );
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(
+        "BEGIN; \
+         INSERT INTO billing.events (kind, account, name, body, version) VALUES ('invoice', 'acct-1', 'Billed', '{\"n\": 1}', 3); \
+         INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 2}'); \
+         COMMIT; \
+         INSERT INTO billing.events (kind, account, name, body, version) VALUES ('invoice', 'acct-1', 'Paid', '{\"n\": 3}', 4);",
+    );
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 3),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let events = read_events(&path);
+    let summary: Vec<(String, String, String, Value)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap().into(),
+                e["subject"].as_str().unwrap().into(),
+                e["type"].as_str().unwrap().into(),
+                e["schemaversion"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "/billing/invoice".into(),
+                "acct-1".into(),
+                "Billed".into(),
+                Value::from(3)
+            ),
+            (
+                "/public.outbox".into(),
+                "o-1".into(),
+                "Created".into(),
+                Value::Null
+            ),
+            (
+                "/billing/invoice".into(),
+                "acct-1".into(),
+                "Paid".into(),
+                Value::from(4)
+            ),
+        ]
+    );
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e["data"]["n"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+}
+
+#[test]
+fn logical_messages_are_an_outbox_without_a_table() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        &pg,
+        "message_prefixes = [\"outbox\"]",
+        &file_sink("all", dir.path(), ""),
+    );
+    init(&config);
+    let mut relay = Relay::start(&config);
+    pg.psql(
+        "BEGIN; \
+         INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 1}'); \
+         SELECT pg_logical_emit_message(true, 'outbox', '{\"id\": \"44444444-4444-4444-8444-444444444444\", \
+           \"aggregatetype\": \"order\", \"aggregateid\": \"o-1\", \"type\": \"Shipped\", \"payload\": {\"n\": 2}, \"schema_version\": 2}'); \
+         SELECT pg_logical_emit_message(true, 'other-app', '{\"ignored\": true}'); \
+         SELECT pg_logical_emit_message(true, 'outbox', 'not json'); \
+         COMMIT; \
+         SELECT pg_logical_emit_message(false, 'outbox', '{\"non-transactional\": true}'); \
+         INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Closed', '{\"n\": 3}');",
+    );
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 3),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let events = read_events(&path);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["Created", "Shipped", "Closed"]
+    );
+    assert_eq!(events[1]["source"], "/message:outbox");
+    assert_eq!(events[1]["id"], "44444444-4444-4444-8444-444444444444");
+    assert_eq!(events[1]["schemaversion"], 2);
+    let reason = pg.psql("SELECT source_table || ': ' || reason FROM outbox_relay.dead_letters");
+    assert!(
+        reason.starts_with(
+            "message:outbox: logical message \"outbox\" is not an outbox event document"
+        ),
+        "{reason}"
+    );
+    relay.terminate(WAIT).unwrap();
+    assert!(
+        relay.log().contains("ignored_non_transactional_messages=1"),
+        "{}",
+        relay.log()
+    );
+}
+
+#[test]
+fn update_and_delete_policies_skip_dead_letter_or_fail() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let policies =
+        "[outbox.\"public.outbox\"]\non_update = \"dead-letter\"\non_delete = \"skip\"\n";
+    let cfg = config(
+        dir.path(),
+        &pg,
+        "",
+        &format!("{policies}{}", file_sink("all", dir.path(), "")),
+    );
+    init(&cfg);
+    let relay = Relay::start(&cfg);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{}'); \
+         UPDATE outbox SET type = 'Edited'; DELETE FROM outbox; \
+         INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'After', '{}');",
+    );
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 2),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let letter =
+        pg.psql("SELECT reason || ' / ' || (row_data->>'type') FROM outbox_relay.dead_letters");
+    assert_eq!(
+        letter,
+        "UPDATE of an outbox row is not an event (on_update = \"dead-letter\") / Edited"
+    );
+    drop(relay);
+
+    let failing = "[outbox.\"public.outbox\"]\non_delete = \"fail\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &pg,
+        "slot = \"strict\"",
+        &format!("{failing}{}", file_sink("all", dir.path(), "")),
+    );
+    init(&cfg);
+    let mut relay = Relay::start(&cfg);
+    pg.psql("DELETE FROM outbox");
+    let status = relay
+        .wait(WAIT)
+        .expect("the relay should stop on a delete with policy fail");
+    assert!(!status.success());
+    assert!(
+        relay.log().contains("policy is \"fail\""),
+        "{}",
+        relay.log()
+    );
+}
+
+#[test]
+fn schema_evolution_keeps_flowing() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &pg, "", &file_sink("all", dir.path(), ""));
+    init(&cfg);
+    let relay = Relay::start(&cfg);
+    pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"v\": 1}')");
+    pg.psql("ALTER TABLE outbox ADD COLUMN schema_version int");
+    pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) VALUES ('order', 'o-1', 'Created', '{\"v\": 2}', 2)");
+    pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) VALUES ('order', 'o-1', 'Created', '{\"v\": 3, \"new\": true}', 3)");
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 3),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let versions: Vec<Value> = read_events(&path)
+        .iter()
+        .map(|e| e["schemaversion"].clone())
+        .collect();
+    assert_eq!(versions, [Value::Null, Value::from(2), Value::from(3)]);
+}
+
+#[test]
+fn match_rules_fan_events_out_to_different_sinks() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = [
+        file_sink(
+            "orders",
+            dir.path(),
+            "[sinks.orders.match]\naggregate_types = [\"order\"]",
+        ),
+        file_sink(
+            "upgrades",
+            dir.path(),
+            "[sinks.upgrades.match]\nevent_types = [\"Customer*\"]",
+        ),
+    ]
+    .concat();
+    let cfg = config(dir.path(), &pg, "", &sinks);
+    init(&cfg);
+    let relay = Relay::start(&cfg);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+         ('order', 'o-1', 'OrderCreated', '{}'), ('customer', 'c-1', 'CustomerUpgraded', '{}'), \
+         ('customer', 'c-1', 'AddressChanged', '{}'), ('order', 'o-2', 'OrderCreated', '{}')",
+    );
+    let (orders, upgrades) = (
+        dir.path().join("orders.jsonl"),
+        dir.path().join("upgrades.jsonl"),
+    );
+    assert!(
+        wait_until(WAIT, || lines(&orders).len() == 2
+            && lines(&upgrades).len() == 1),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let subjects: Vec<String> = read_events(&orders)
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(subjects, ["o-1", "o-2"]);
+    assert_eq!(read_events(&upgrades)[0]["type"], "CustomerUpgraded");
+    // Both sinks' checkpoints move past every event, including the ones not for them.
+    assert!(wait_until(WAIT, || pg.psql(
+        "SELECT count(DISTINCT event_index) FROM outbox_relay.checkpoints"
+    ) == "1"
+        && pg.psql(
+            "SELECT max(event_index) FROM outbox_relay.checkpoints"
+        ) == "3"));
+}
+
+#[test]
+fn a_dead_letter_fixed_in_place_is_replayed_once() {
+    let pg = PgCluster::start();
+    pg.psql("CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &pg, "", &file_sink("all", dir.path(), ""));
+    init(&cfg);
+    let relay = Relay::start(&cfg);
+    pg.psql("INSERT INTO outbox VALUES ('55555555-5555-4555-8555-555555555555', 'order', 'o-1', 'Created', '{broken')");
+    assert!(
+        wait_until(WAIT, || pg
+            .psql("SELECT count(*) FROM outbox_relay.dead_letters")
+            == "1"),
+        "{}",
+        relay.log()
+    );
+    let id = pg.psql("SELECT id FROM outbox_relay.dead_letters");
+
+    let list = relay_dlq(&cfg, &["list"]);
+    assert!(
+        list.contains("public.outbox") && list.contains("not valid JSON"),
+        "{list}"
+    );
+    let shown: Value = serde_json::from_str(&relay_dlq(&cfg, &["show", &id])).unwrap();
+    assert_eq!(shown["row"]["payload"], "{broken");
+
+    let refused = relay_command_args(&cfg, &["dlq", "replay", &id]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("fix it first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    pg.psql(&format!("UPDATE outbox_relay.dead_letters SET row_data = jsonb_set(row_data, '{{payload}}', to_jsonb('{{\"fixed\": true}}'::text)) WHERE id = {id}"));
+    let replayed = relay_dlq(&cfg, &["replay", &id]);
+    assert!(replayed.contains("replayed"), "{replayed}");
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 1),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let event = &read_events(&path)[0];
+    assert_eq!(
+        (
+            event["id"].as_str(),
+            event["source"].as_str(),
+            &event["data"]
+        ),
+        (
+            Some("55555555-5555-4555-8555-555555555555"),
+            Some("/public.outbox"),
+            &serde_json::json!({"fixed": true})
+        )
+    );
+    assert!(relay_dlq(&cfg, &["list"]).contains("(replayed)"));
+    assert!(
+        !relay_command_args(&cfg, &["dlq", "replay", &id])
+            .status
+            .success(),
+        "a second replay must be refused"
+    );
+}
+
+fn relay_command_args(config: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(relay_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn relay_dlq(config: &Path, args: &[&str]) -> String {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(args);
+    let out = relay_command_args(config, &all);
+    assert!(
+        out.status.success(),
+        "dlq {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
