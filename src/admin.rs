@@ -158,6 +158,11 @@ pub async fn check(config: &Config) -> Vec<String> {
         Err(err) => return vec![format!("{err:#}")],
     };
     let mut problems = Vec::new();
+    if let Some(dir) = &config.validation.schema_dir {
+        if let Err(err) = crate::validation::SchemaRegistry::load(dir, config.validation.required) {
+            problems.push(format!("{err:#}"));
+        }
+    }
     if let Err(err) = check_database(config, &client, &mut problems).await {
         problems.push(format!("checking the database failed: {err:#}"));
     }

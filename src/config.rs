@@ -26,7 +26,20 @@ pub struct Config {
     /// `source.tables` without an entry use Debezium's column names.
     #[serde(default)]
     pub outbox: BTreeMap<String, TableMapping>,
+    #[serde(default)]
+    pub validation: ValidationConfig,
     pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+/// Optional JSON Schema validation of payloads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Directory of `<type>.v<version>.json` / `<type>.json` schema files; off when unset.
+    pub schema_dir: Option<PathBuf>,
+    /// Dead-letter events whose type has no schema (default: let them through).
+    #[serde(default)]
+    pub required: bool,
 }
 
 /// How the columns of one outbox table become an event.

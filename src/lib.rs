@@ -15,3 +15,4 @@ pub mod outbox;
 pub mod pipeline;
 pub mod relay;
 pub mod source;
+pub mod validation;

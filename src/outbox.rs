@@ -46,6 +46,27 @@ pub struct DeadLetter {
     pub sink: Option<String>,
 }
 
+impl DeadLetter {
+    /// A dead letter for an event refused after mapping (by validation or by a sink).
+    pub fn from_event(event: &Event, reason: String, sink: Option<String>) -> Self {
+        DeadLetter {
+            table: event.table.to_string(),
+            position: event.position,
+            xid: event.xid,
+            reason,
+            row: serde_json::json!({
+                "id": &*event.id,
+                "aggregatetype": &*event.aggregate_type,
+                "aggregateid": &*event.aggregate_id,
+                "type": &*event.event_type,
+                "payload": &*event.payload,
+                "schema_version": event.schema_version,
+            }),
+            sink,
+        }
+    }
+}
+
 /// What to do with a decoded change.
 pub enum Mapped {
     Event(Box<Event>),

@@ -17,6 +17,7 @@ use crate::source::replication::{
     ReplicationConnection, ReplicationStream, SourceError, StatusWriter,
 };
 use crate::source::wire::ReplicationMessage;
+use crate::validation::SchemaRegistry;
 use bytes::Bytes;
 use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
 use outbox_relay_sinks::{
@@ -211,6 +212,13 @@ async fn session(
     mut shutdown: watch::Receiver<bool>,
 ) -> SessionEnd {
     let source = &config.source;
+    let schemas = match &config.validation.schema_dir {
+        Some(dir) => match SchemaRegistry::load(dir, config.validation.required) {
+            Ok(registry) => Some(Arc::new(registry)),
+            Err(err) => return SessionEnd::Fatal(err),
+        },
+        None => None,
+    };
     let params = match source.connect_params() {
         Ok(params) => params,
         Err(err) => return SessionEnd::Fatal(err),
@@ -304,6 +312,7 @@ async fn session(
     let mut reader = Reader {
         stream,
         mapper: OutboxMapper::new(&source.tables, &config.outbox, &source.message_prefixes),
+        schemas,
         pipeline,
         progress: progress.clone(),
         store: store.clone(),
@@ -499,6 +508,7 @@ struct Transaction {
 struct Reader {
     stream: ReplicationStream,
     mapper: OutboxMapper,
+    schemas: Option<Arc<SchemaRegistry>>,
     pipeline: Pipeline,
     progress: Arc<Progress>,
     store: Arc<dyn CheckpointStore>,
@@ -686,11 +696,14 @@ impl Reader {
     async fn take(&mut self, mapped: Mapped) -> Result<(), ReadError> {
         let letter = match mapped {
             Mapped::NotOutbox => return Ok(()),
-            Mapped::Event(event) => {
-                self.counts.events += 1;
-                self.pending.push(*event);
-                None
-            }
+            Mapped::Event(event) => match self.schemas.as_ref().map(|s| s.check(&event)) {
+                Some(Err(reason)) => Some(DeadLetter::from_event(&event, reason, None)),
+                _ => {
+                    self.counts.events += 1;
+                    self.pending.push(*event);
+                    None
+                }
+            },
             Mapped::DeadLetter(letter) => Some(letter),
         };
         if let Some(tx) = self.transaction.as_mut() {

@@ -477,3 +477,67 @@ fn relay_dlq(config: &Path, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+#[test]
+fn payloads_failing_their_json_schema_are_dead_lettered() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql("ALTER TABLE outbox ADD COLUMN schema_version int");
+    let dir = tempfile::tempdir().unwrap();
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir(&schemas).unwrap();
+    std::fs::write(
+        schemas.join("OrderCreated.v2.json"),
+        r#"{"type": "object", "required": ["total"], "properties": {"total": {"type": "number"}}}"#,
+    )
+    .unwrap();
+    std::fs::write(schemas.join("OrderCreated.json"), r#"{"type": "object"}"#).unwrap();
+    let validation = format!("[validation]\nschema_dir = \"{}\"\n", schemas.display());
+    let cfg = config(
+        dir.path(),
+        &pg,
+        "",
+        &format!("{validation}{}", file_sink("all", dir.path(), "")),
+    );
+    init(&cfg);
+    let relay = Relay::start(&cfg);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) VALUES \
+         ('order', 'o-1', 'OrderCreated', '{\"total\": 5}', 2), \
+         ('order', 'o-2', 'OrderCreated', '{\"total\": \"five\"}', 2), \
+         ('order', 'o-3', 'OrderCreated', '[1]', NULL), \
+         ('order', 'o-4', 'OrderCreated', '{\"any\": 1}', NULL), \
+         ('order', 'o-5', 'Unschematized', '\"anything\"', 7)",
+    );
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 3),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let subjects: Vec<String> = read_events(&path)
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(subjects, ["o-1", "o-4", "o-5"]);
+    assert!(wait_until(WAIT, || pg
+        .psql("SELECT count(*) FROM outbox_relay.dead_letters")
+        == "2"));
+    let reasons = pg.psql("SELECT string_agg(row_data->>'aggregateid' || ': ' || reason, E'\\n' ORDER BY event_index) FROM outbox_relay.dead_letters");
+    assert!(
+        reasons.contains("o-2: payload fails its JSON Schema") && reasons.contains("/total"),
+        "{reasons}"
+    );
+    assert!(
+        reasons.contains("o-3: payload fails its JSON Schema"),
+        "{reasons}"
+    );
+
+    std::fs::write(schemas.join("Broken.json"), "{not json").unwrap();
+    let out = relay_command(&cfg, "check");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Broken.json is not JSON"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
