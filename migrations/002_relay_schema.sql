@@ -31,3 +31,13 @@ CREATE TABLE IF NOT EXISTS outbox_relay.dead_letters (
 
 -- Set by `outbox-relay dlq replay` when a (fixed) dead letter was published again.
 ALTER TABLE outbox_relay.dead_letters ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
+
+-- Backfill runs per slot (source.backfill): a run without finished_at was interrupted and
+-- is started over, slot included.
+CREATE TABLE IF NOT EXISTS outbox_relay.backfills (
+    slot             text        PRIMARY KEY,
+    consistent_point pg_lsn      NOT NULL,
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    rows             bigint
+);

@@ -101,6 +101,11 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         .is_some();
     if slot_exists {
         done.push(format!("replication slot {}: already exists", source.slot));
+    } else if source.backfill {
+        done.push(format!(
+            "replication slot {}: left to `run`, which creates it and backfills the rows already in the outbox first",
+            source.slot
+        ));
     } else {
         client
             .execute(

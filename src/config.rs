@@ -186,6 +186,10 @@ pub struct SourceConfig {
     /// (a JSON document with the outbox fields): an outbox without a table.
     #[serde(default)]
     pub message_prefixes: Vec<String>,
+    /// On first start (the slot does not exist yet), publish the rows already in the outbox
+    /// tables before streaming, consistently with the slot's snapshot.
+    #[serde(default)]
+    pub backfill: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@
 //! status updates.
 
 pub mod admin;
+pub mod backfill;
 pub mod checkpoint;
 pub mod config;
 pub mod db;

@@ -223,6 +223,9 @@ async fn session(
         Ok(params) => params,
         Err(err) => return SessionEnd::Fatal(err),
     };
+    if let Err(err) = crate::backfill::ensure(config, &params).await {
+        return classify_sql(err.context("backfill"));
+    }
     let sql = match db::connect(&params).await {
         Ok(sql) => sql,
         Err(err) => return classify_sql(err),

@@ -351,6 +351,26 @@ impl ReplicationConnection {
         }
     }
 
+    /// Creates a pgoutput slot and exports its snapshot: the snapshot sees exactly what
+    /// committed before the slot's consistent point. It stays usable (with `SET TRANSACTION
+    /// SNAPSHOT`) until this connection runs another command or closes.
+    pub async fn create_slot_exporting_snapshot(
+        &mut self,
+        slot: &str,
+    ) -> Result<(Lsn, String), SourceError> {
+        let rows = self
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+            ))
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let consistent_point = field(1).parse().map_err(SourceError::Protocol)?;
+        Ok((consistent_point, field(2)))
+    }
+
     pub async fn identify_system(&mut self) -> Result<SystemInfo, SourceError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
         let row = rows

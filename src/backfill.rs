@@ -1,0 +1,291 @@
+//! Backfill (`source.backfill = true`): on first start, publish the rows already in the
+//! outbox tables before streaming begins, with no gap and no duplicate at the seam.
+//!
+//! The slot is created over the replication protocol with an exported snapshot; that
+//! snapshot sees exactly what committed before the slot's consistent point, and the slot
+//! streams exactly what commits after it. The tables are read through a cursor in a
+//! REPEATABLE READ transaction pinned to the snapshot and delivered through the normal
+//! pipeline (bounded queues, so memory stays flat however large the table). Backfilled
+//! events are positioned just below the consistent point, so they sort before every
+//! streamed event. Only when every sink acknowledged them is the backfill recorded as
+//! finished; a run interrupted before that drops its slot and starts over (rows delivered
+//! before the interruption are delivered again, with the same event ids).
+
+use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
+use crate::config::{parse_table_name, Config, ConnectParams};
+use crate::db;
+use crate::outbox::{Mapped, OutboxMapper, RowContext};
+use crate::pipeline::{self, Batch, Progress, SinkWorker};
+use crate::relay::build_sinks;
+use crate::source::pgoutput::{Relation, RelationColumn, Tuple, Value};
+use crate::source::replication::ReplicationConnection;
+use anyhow::Context;
+use bytes::Bytes;
+use outbox_relay_sinks::{Lsn, Position};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::IsolationLevel;
+use tracing::{info, warn};
+
+/// Rows fetched from the cursor per round trip.
+const FETCH_ROWS: i32 = 1000;
+
+/// Runs the backfill if it is configured and not done yet for the slot. Returns once the
+/// slot exists and every backfilled event is acknowledged.
+pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<()> {
+    if !config.source.backfill {
+        return Ok(());
+    }
+    let sql = db::connect(params).await?;
+    let schema = &config.relay.schema;
+    let slot = &config.source.slot;
+    let slot_exists = sql
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(db::explain)?
+        .is_some();
+    let record = sql
+        .query_opt(
+            &format!("SELECT finished_at IS NOT NULL FROM {schema}.backfills WHERE slot = $1"),
+            &[slot],
+        )
+        .await
+        .map_err(db::explain)
+        .context("reading backfill state (run `outbox-relay init` to create the relay's tables)")?;
+    match (slot_exists, record.map(|r| r.get::<_, bool>(0))) {
+        (true, Some(true)) | (true, None) => return Ok(()),
+        (true, Some(false)) => {
+            warn!(%slot, "an earlier backfill was interrupted: dropping its slot and starting over");
+            sql.execute("SELECT pg_drop_replication_slot($1)", &[slot])
+                .await
+                .map_err(db::explain)?;
+        }
+        (false, _) => {}
+    }
+    sql.execute(
+        &format!("DELETE FROM {schema}.backfills WHERE slot = $1"),
+        &[slot],
+    )
+    .await
+    .map_err(db::explain)?;
+    // A new slot is a new stream: checkpoints of an earlier slot of that name mean nothing.
+    sql.execute(
+        &format!("DELETE FROM {schema}.checkpoints WHERE slot = $1"),
+        &[slot],
+    )
+    .await
+    .map_err(db::explain)?;
+
+    let mut replication = ReplicationConnection::connect(params).await?;
+    let (consistent_point, snapshot) = replication.create_slot_exporting_snapshot(slot).await?;
+    sql.execute(
+        &format!("INSERT INTO {schema}.backfills (slot, consistent_point) VALUES ($1, $2)"),
+        &[slot, &PgLsn::from(consistent_point.0)],
+    )
+    .await
+    .map_err(db::explain)?;
+    info!(%slot, %consistent_point, "backfilling rows committed before the slot");
+
+    let rows = deliver(config, params, consistent_point, &snapshot).await?;
+    sql.execute(
+        &format!("UPDATE {schema}.backfills SET finished_at = now(), rows = $2 WHERE slot = $1"),
+        &[slot, &(rows as i64)],
+    )
+    .await
+    .map_err(db::explain)?;
+    info!(%slot, rows, "backfill finished; streaming starts at the slot's consistent point");
+    drop(replication); // releases the snapshot; the slot stays
+    Ok(())
+}
+
+/// Reads every outbox table in the snapshot and delivers the rows; returns how many.
+async fn deliver(
+    config: &Config,
+    params: &ConnectParams,
+    consistent_point: Lsn,
+    snapshot: &str,
+) -> anyhow::Result<u64> {
+    let store: Arc<dyn CheckpointStore> = Arc::new(PgCheckpointStore::new(
+        db::connect(params).await?,
+        &config.relay.schema,
+    ));
+    let workers: Vec<SinkWorker> = build_sinks(config)
+        .into_iter()
+        .map(|(name, sink)| SinkWorker {
+            name,
+            sink,
+            skip_through: None,
+        })
+        .collect();
+    let progress = Progress::new(workers.iter().map(|w| w.name.clone()), Lsn(0));
+    let (pipeline, handles) = pipeline::start(
+        workers,
+        progress.clone(),
+        store.clone(),
+        &config.source.slot,
+        config.relay.queue_depth,
+    );
+
+    let mut reader = db::connect(params).await?;
+    let tx = reader
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db::explain)?;
+    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
+        .await
+        .map_err(db::explain)?;
+
+    let mut mapper = OutboxMapper::new(&config.source.tables, &config.outbox, &[]);
+    let before_stream = Lsn(consistent_point.0.saturating_sub(1));
+    let now_micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64;
+    let mut index: u32 = 0;
+    let mut batch = Vec::with_capacity(config.relay.batch_size);
+    for table in &config.source.tables {
+        let relation = describe(&tx, table).await?;
+        let relation_id = relation.id;
+        let select: Vec<String> = relation
+            .columns
+            .iter()
+            .map(|c| format!("\"{}\"::text", c.name))
+            .collect();
+        let (schema, name) = parse_table_name(table)?;
+        mapper.on_relation(relation);
+        let portal = tx
+            .bind(
+                &format!(
+                    "SELECT {} FROM \"{schema}\".\"{name}\" ORDER BY ctid",
+                    select.join(", ")
+                ),
+                &[],
+            )
+            .await
+            .map_err(db::explain)?;
+        loop {
+            let rows = tx
+                .query_portal(&portal, FETCH_ROWS)
+                .await
+                .map_err(db::explain)?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                let (data, ranges) = row_bytes(row);
+                let tuple = Tuple {
+                    columns: ranges
+                        .iter()
+                        .map(|r| r.clone().map_or(Value::Null, |r| Value::Text(&data[r])))
+                        .collect(),
+                };
+                let ctx = RowContext {
+                    position: Position {
+                        commit_lsn: before_stream,
+                        index,
+                    },
+                    xid: 0,
+                    commit_time_micros: now_micros,
+                };
+                match mapper.map_insert(relation_id, &tuple, &data, ctx)? {
+                    Mapped::Event(event) => batch.push(*event),
+                    Mapped::DeadLetter(letter) => {
+                        store.dead_letter(&config.source.slot, &letter).await?
+                    }
+                    Mapped::NotOutbox => continue,
+                }
+                index = index
+                    .checked_add(1)
+                    .context("more than 4 billion rows to backfill")?;
+                if batch.len() >= config.relay.batch_size {
+                    let events =
+                        std::mem::replace(&mut batch, Vec::with_capacity(config.relay.batch_size));
+                    pipeline
+                        .dispatch(Batch {
+                            events,
+                            boundary: None,
+                        })
+                        .await?;
+                }
+            }
+        }
+    }
+    tx.commit().await.map_err(db::explain)?;
+    // The boundary at the consistent point is passed once every sink took every row.
+    pipeline
+        .dispatch(Batch {
+            events: batch,
+            boundary: Some(consistent_point),
+        })
+        .await?;
+    drop(pipeline);
+    for handle in handles {
+        handle.await.context("a sink worker panicked")??;
+    }
+    anyhow::ensure!(
+        progress.confirmed() >= consistent_point,
+        "backfill ended before every sink acknowledged it"
+    );
+    store
+        .save(&config.source.slot, &progress.checkpoints())
+        .await?;
+    Ok(u64::from(index))
+}
+
+/// The table's columns as a Relation, as pgoutput would describe it.
+async fn describe(tx: &tokio_postgres::Transaction<'_>, table: &str) -> anyhow::Result<Relation> {
+    let (schema, name) = parse_table_name(table)?;
+    let qualified = format!("\"{schema}\".\"{name}\"");
+    let rows = tx
+        .query(
+            "SELECT $1::text::regclass::oid, attname::text, atttypid FROM pg_attribute \
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&qualified],
+        )
+        .await
+        .map_err(db::explain)
+        .with_context(|| format!("reading the columns of {table}"))?;
+    let id: u32 = rows
+        .first()
+        .map(|r| r.get(0))
+        .with_context(|| format!("outbox table {table} has no columns"))?;
+    Ok(Relation {
+        id,
+        namespace: schema.to_owned(),
+        name: name.to_owned(),
+        replica_identity: b'd',
+        columns: rows
+            .iter()
+            .map(|r| RelationColumn {
+                flags: 0,
+                name: r.get(1),
+                type_oid: r.get(2),
+                type_modifier: -1,
+            })
+            .collect(),
+    })
+}
+
+/// One buffer holding the row's text values, and each value's range in it (None = NULL).
+fn row_bytes(row: &tokio_postgres::Row) -> (Bytes, Vec<Option<std::ops::Range<usize>>>) {
+    let mut data = Vec::new();
+    let mut ranges = Vec::with_capacity(row.len());
+    for i in 0..row.len() {
+        match row.get::<_, Option<&str>>(i) {
+            Some(text) => {
+                let start = data.len();
+                data.extend_from_slice(text.as_bytes());
+                ranges.push(Some(start..data.len()));
+            }
+            None => ranges.push(None),
+        }
+    }
+    (Bytes::from(data), ranges)
+}
