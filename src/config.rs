@@ -570,9 +570,17 @@ impl SourceConfig {
     }
 }
 
-/// Removes `sslmode` and `sslrootcert` from a URL's query (tokio-postgres rejects the verify
-/// modes) and returns them.
+/// Removes `sslmode` and `sslrootcert` from a connection string (tokio-postgres rejects the
+/// verify modes) and returns them: from a URL's query, or from a `key=value` string.
 fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        split_url_tls_params(url)
+    } else {
+        split_key_value_tls_params(url)
+    }
+}
+
+fn split_url_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
     let Some((base, query)) = url.split_once('?') else {
         return (url.to_owned(), None, None);
     };
@@ -590,6 +598,58 @@ fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
         format!("{base}?{}", kept.join("&"))
     };
     (url, mode, rootcert)
+}
+
+/// The `key=value` form (`host=db user=relay sslmode=verify-full`), with libpq's quoting:
+/// a value may be in single quotes, with `\'` and `\\` escapes.
+fn split_key_value_tls_params(dsn: &str) -> (String, Option<String>, Option<String>) {
+    let (mut mode, mut rootcert) = (None, None);
+    let mut kept = String::with_capacity(dsn.len());
+    let mut rest = dsn;
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            break;
+        }
+        let Some(eq) = rest.find('=') else {
+            // Not key=value: leave it for tokio-postgres to report.
+            kept.push_str(rest);
+            break;
+        };
+        let key = rest[..eq].trim();
+        let after = rest[eq + 1..].trim_start();
+        let (value, end) = if let Some(quoted) = after.strip_prefix('\'') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                    '\'' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, rest.len() - quoted.len() + end)
+        } else {
+            let len = after.find(char::is_whitespace).unwrap_or(after.len());
+            (after[..len].to_owned(), rest.len() - after.len() + len)
+        };
+        match key {
+            "sslmode" => mode = Some(value),
+            "sslrootcert" => rootcert = Some(value),
+            _ => {
+                if !kept.is_empty() {
+                    kept.push(' ');
+                }
+                kept.push_str(&rest[..end]);
+            }
+        }
+        rest = &rest[end..];
+    }
+    (kept, mode, rootcert)
 }
 
 #[cfg(test)]
@@ -610,6 +670,34 @@ mod tests {
 
     const MINIMAL: &str =
         "[source]\nurl = \"postgres://app@db/app\"\n[sinks.out]\ntype = \"stdout\"\n";
+
+    #[test]
+    fn tls_settings_in_a_key_value_connection_string_are_honoured() {
+        let toml = MINIMAL.replace(
+            "postgres://app@db/app",
+            "host=db user=relay password='p w' sslmode=verify-full sslrootcert='/etc/ca dir/ca.pem' dbname=shop",
+        );
+        let params = load(&toml, &[]).unwrap().source.connect_params().unwrap();
+        assert_eq!(params.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            params.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/ca dir/ca.pem"))
+        );
+        assert_eq!(
+            (params.user.as_str(), params.dbname.as_str()),
+            ("relay", "shop")
+        );
+        let require = MINIMAL.replace(
+            "postgres://app@db/app",
+            "host=db user=relay sslmode=require",
+        );
+        let params = load(&require, &[])
+            .unwrap()
+            .source
+            .connect_params()
+            .unwrap();
+        assert_eq!(params.sslmode, SslMode::Require);
+    }
 
     #[test]
     fn defaults_and_env_overrides() {

@@ -26,40 +26,55 @@ pub async fn connect(params: &ConnectParams) -> anyhow::Result<Client> {
         config.password(password.expose());
     }
     let failed = || format!("cannot connect to PostgreSQL at {params}");
-    let client =
-        match crate::source::tls::client_config(params.sslmode, params.sslrootcert.as_deref())? {
-            None => {
-                let (client, connection) = config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(explain)
-                    .with_context(failed)?;
-                tokio::spawn(connection);
-                client
-            }
-            Some(tls) => {
-                config.ssl_mode(if params.sslmode == SslMode::Prefer {
-                    tokio_postgres::config::SslMode::Prefer
-                } else {
-                    tokio_postgres::config::SslMode::Require
-                });
-                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-                let (client, connection) = config
-                    .connect(connector)
-                    .await
-                    .map_err(explain)
-                    .with_context(failed)?;
-                tokio::spawn(connection);
-                client
-            }
-        };
+    // PostgreSQL offers no TLS on Unix sockets, and libpq does not ask for it there.
+    let tls = match params.host {
+        Host::Tcp(_) => {
+            crate::source::tls::client_config(params.sslmode, params.sslrootcert.as_deref())?
+        }
+        Host::Unix(_) => None,
+    };
+    let client = match tls {
+        None => {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(explain)
+                .with_context(failed)?;
+            tokio::spawn(connection);
+            client
+        }
+        Some(tls) => {
+            config.ssl_mode(if params.sslmode == SslMode::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = config
+                .connect(connector)
+                .await
+                .map_err(explain)
+                .with_context(failed)?;
+            tokio::spawn(connection);
+            client
+        }
+    };
     Ok(client)
 }
 
 /// Turns a tokio-postgres error into one line with the server's message and our advice.
 pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
     let Some(db) = err.as_db_error() else {
-        return anyhow::anyhow!("{err}");
+        // Keep the cause (a rustls refusal, an I/O error): "error performing TLS handshake"
+        // alone does not say whether to fix sslrootcert or the host name.
+        let mut text = err.to_string();
+        let mut cause = std::error::Error::source(&err);
+        while let Some(inner) = cause {
+            text.push_str(": ");
+            text.push_str(&inner.to_string());
+            cause = inner.source();
+        }
+        return anyhow::anyhow!(text);
     };
     let advice = match db.code().code() {
         "28P01" => " -> check the password in source.url or source.password_file",

@@ -99,7 +99,15 @@ fn classify_sql(err: anyhow::Error) -> SessionEnd {
     let permanent = err.chain().any(|cause| {
         let text = cause.to_string();
         [
-            "(28P01)", "(28000)", "(3D000)", "(42501)", "(42P01)", "(3F000)",
+            "(28P01)",
+            "(28000)",
+            "(3D000)",
+            "(42501)",
+            "(42P01)",
+            "(3F000)",
+            // A refused certificate or a server without TLS under sslmode=require: retrying
+            // cannot help, the configuration must change.
+            "error performing TLS handshake",
         ]
         .iter()
         .any(|code| text.contains(code))
