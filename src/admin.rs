@@ -2,10 +2,11 @@
 //! every problem with the configuration and the database (one line each, with the fix), and
 //! `status` shows slot lag and checkpoints.
 
-use crate::config::{parse_table_name, Config};
+use crate::config::{parse_table_name, Config, SinkConfig};
 use crate::db;
 use crate::source::replication::ReplicationConnection;
 use anyhow::Context;
+use outbox_relay_sinks::eventbridge::EventBridgeSink;
 use tokio_postgres::Client;
 
 const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/002_relay_schema.sql");
@@ -153,16 +154,22 @@ async fn published_tables(
 
 /// Every problem found, one line each with its fix; empty when the relay can run.
 pub async fn check(config: &Config) -> Vec<String> {
+    let mut problems = check_sinks(config).await;
     let source = &config.source;
     let params = match source.connect_params() {
         Ok(params) => params,
-        Err(err) => return vec![format!("{err:#}")],
+        Err(err) => {
+            problems.push(format!("{err:#}"));
+            return problems;
+        }
     };
     let client = match db::connect(&params).await {
         Ok(client) => client,
-        Err(err) => return vec![format!("{err:#}")],
+        Err(err) => {
+            problems.push(format!("{err:#}"));
+            return problems;
+        }
     };
-    let mut problems = Vec::new();
     if let Some(dir) = &config.validation.schema_dir {
         if let Err(err) = crate::validation::SchemaRegistry::load(dir, config.validation.required) {
             problems.push(format!("{err:#}"));
@@ -178,6 +185,28 @@ pub async fn check(config: &Config) -> Vec<String> {
             }
         }
         Err(err) => problems.push(format!("replication connection: {err}")),
+    }
+    problems
+}
+
+/// Problems with the sinks' destinations that a sink can see before it runs.
+async fn check_sinks(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, sink) in &config.sinks {
+        if let SinkConfig::EventBridge(eventbridge) = sink {
+            match eventbridge.settings(name) {
+                Ok(settings) => problems.extend(EventBridgeSink::new(settings).check().await),
+                Err(err) => problems.push(format!("{err:#}")),
+            }
+        }
+        if let SinkConfig::RabbitMq(rabbitmq) = sink {
+            match rabbitmq.settings(name, &config.source.slot) {
+                Ok(settings) => {
+                    problems.extend(outbox_relay_sinks::rabbitmq::check(&settings).await)
+                }
+                Err(err) => problems.push(format!("{err:#}")),
+            }
+        }
     }
     problems
 }

@@ -113,7 +113,7 @@ async fn deliver(
         db::connect(params).await?,
         &config.relay.schema,
     ));
-    let workers: Vec<SinkWorker> = build_sinks(config)
+    let workers: Vec<SinkWorker> = build_sinks(config)?
         .into_iter()
         .map(|(name, sink)| SinkWorker {
             name,

@@ -267,6 +267,12 @@ pub enum SinkConfig {
         #[serde(default, rename = "match")]
         filter: MatchRule,
     },
+    /// Apache Kafka (and Kafka-protocol brokers).
+    Kafka(KafkaSinkConfig),
+    /// Amazon EventBridge `PutEvents`.
+    EventBridge(EventBridgeSinkConfig),
+    /// RabbitMQ: an exchange (AMQP 0-9-1) or a stream.
+    RabbitMq(RabbitMqSinkConfig),
 }
 
 impl SinkConfig {
@@ -275,8 +281,340 @@ impl SinkConfig {
         match self {
             SinkConfig::Stdout { filter, .. }
             | SinkConfig::Null { filter }
-            | SinkConfig::File { filter, .. } => filter,
+            | SinkConfig::File { filter, .. }
+            | SinkConfig::Kafka(KafkaSinkConfig { filter, .. })
+            | SinkConfig::EventBridge(EventBridgeSinkConfig { filter, .. })
+            | SinkConfig::RabbitMq(RabbitMqSinkConfig { filter, .. }) => filter,
         }
+    }
+}
+
+/// `type = "kafka"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// `bootstrap.servers`, e.g. "kafka-1:9092,kafka-2:9092".
+    pub brokers: String,
+    /// Topic template.
+    #[serde(default = "default_kafka_topic")]
+    pub topic: String,
+    #[serde(default)]
+    pub format: Format,
+    /// CloudEvents binary mode (attributes as `ce_` headers) instead of structured.
+    #[serde(default)]
+    pub binary: bool,
+    /// One Kafka transaction per batch carrying the checkpoint; false: idempotent producer,
+    /// at-least-once, for brokers without transactions.
+    #[serde(default = "default_true")]
+    pub exactly_once: bool,
+    /// Default: `outbox-relay.<slot>.<sink>`; also the checkpoint's consumer group.
+    pub transactional_id: Option<String>,
+    #[serde(default = "default_kafka_checkpoint_topic")]
+    pub checkpoint_topic: String,
+    /// Create destination topics on first use.
+    #[serde(default)]
+    pub create_topics: bool,
+    #[serde(default = "default_kafka_partitions")]
+    pub partitions: i32,
+    #[serde(default = "default_kafka_replication")]
+    pub replication_factor: i32,
+    /// Larger records are dead-lettered (the broker's limit; librdkafka's default).
+    #[serde(default = "default_kafka_message_max_bytes")]
+    pub message_max_bytes: usize,
+    /// How long a delivery or transaction step may take before the batch is retried.
+    #[serde(default = "default_kafka_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `sasl.password` read from this file at start (keeps it out of the TOML and env).
+    pub sasl_password_file: Option<PathBuf>,
+    /// Any librdkafka property: security.protocol, ssl.ca.location, sasl.mechanism, ...
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default, rename = "match")]
+    pub filter: MatchRule,
+}
+
+fn default_kafka_topic() -> String {
+    "outbox.event.{aggregatetype}".into()
+}
+fn default_kafka_checkpoint_topic() -> String {
+    "outbox-relay.checkpoints".into()
+}
+fn default_kafka_partitions() -> i32 {
+    3
+}
+fn default_kafka_replication() -> i32 {
+    1
+}
+fn default_kafka_message_max_bytes() -> usize {
+    1_000_000
+}
+fn default_kafka_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `type = "eventbridge"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventBridgeSinkConfig {
+    /// Event bus name or ARN template.
+    #[serde(default = "default_eventbridge_bus")]
+    pub bus: String,
+    /// `Source` template.
+    #[serde(default = "default_eventbridge_source")]
+    pub source: String,
+    /// `DetailType` template.
+    #[serde(default = "default_eventbridge_detail_type")]
+    pub detail_type: String,
+    /// `Resources` templates (ARNs), attached to every entry.
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// `Detail`: the CloudEvents envelope, or the payload (a JSON object) for debezium/raw.
+    #[serde(default)]
+    pub format: Format,
+    /// Default: the standard AWS chain (`AWS_REGION`, profile, instance metadata).
+    pub region: Option<String>,
+    /// Default: AWS's endpoint for the region (or `AWS_ENDPOINT_URL`).
+    pub endpoint_url: Option<String>,
+    /// Most `PutEvents` requests in flight at once (different keys).
+    #[serde(default = "default_eventbridge_concurrency")]
+    pub concurrency: usize,
+    /// Most entry bytes per request, as AWS counts them; a larger event is dead-lettered.
+    #[serde(default = "default_eventbridge_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// How long one `PutEvents` attempt may take before it is retried.
+    #[serde(default = "default_eventbridge_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default, rename = "match")]
+    pub filter: MatchRule,
+}
+
+fn default_eventbridge_bus() -> String {
+    "default".into()
+}
+fn default_eventbridge_source() -> String {
+    "outbox.{aggregatetype}".into()
+}
+fn default_eventbridge_detail_type() -> String {
+    "{type}".into()
+}
+fn default_eventbridge_concurrency() -> usize {
+    8
+}
+fn default_eventbridge_max_request_bytes() -> usize {
+    outbox_relay_sinks::eventbridge::DEFAULT_MAX_REQUEST_BYTES
+}
+fn default_eventbridge_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl EventBridgeSinkConfig {
+    /// The sink's settings, its templates parsed.
+    pub fn settings(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<outbox_relay_sinks::eventbridge::EventBridgeSettings> {
+        use outbox_relay_sinks::routing::Template;
+        let template = |key: &str, value: &str| {
+            Template::parse(value).with_context(|| format!("sinks.{name}.{key}"))
+        };
+        let settings = outbox_relay_sinks::eventbridge::EventBridgeSettings {
+            name: name.to_owned(),
+            bus: template("bus", &self.bus)?,
+            source: template("source", &self.source)?,
+            detail_type: template("detail_type", &self.detail_type)?,
+            resources: self
+                .resources
+                .iter()
+                .map(|r| template("resources", r))
+                .collect::<anyhow::Result<_>>()?,
+            format: self.format,
+            region: self.region.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+            concurrency: self.concurrency,
+            max_request_bytes: self.max_request_bytes,
+            timeout: self.timeout,
+        };
+        settings
+            .validate()
+            .map_err(|err| anyhow::anyhow!("sinks.{name}: {err}"))?;
+        Ok(settings)
+    }
+}
+
+/// `type = "rabbitmq"`: exchange mode (AMQP 0-9-1, at-least-once) or stream mode (RabbitMQ
+/// Streams, exactly-once through the broker's deduplication).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqSinkConfig {
+    #[serde(default)]
+    pub mode: RabbitMqMode,
+    /// `amqp://host:5672/vhost` / `amqps://` (exchange mode), `rabbitmq-stream://host:5552/vhost`
+    /// / `rabbitmq-stream+tls://` (stream mode).
+    pub url: String,
+    /// Override the URL's credentials; `password_file` wins over `password`.
+    pub username: Option<String>,
+    pub password: Option<outbox_relay_sinks::rabbitmq::Password>,
+    pub password_file: Option<PathBuf>,
+    /// PEM file of CA certificates to trust for TLS.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub format: Format,
+    /// CloudEvents binary mode (attributes as `cloudEvents_` headers) instead of structured.
+    #[serde(default)]
+    pub binary: bool,
+    /// Most unconfirmed messages at once.
+    #[serde(default = "default_rabbitmq_window")]
+    pub window: usize,
+    /// Connecting, each request, and waiting for a confirm.
+    #[serde(default = "default_rabbitmq_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Exchange mode: declare the exchange (stream mode: create the stream) on connect.
+    #[serde(default)]
+    pub declare: bool,
+    /// Exchange mode.
+    pub exchange: Option<String>,
+    pub exchange_type: Option<String>,
+    pub routing_key: Option<String>,
+    pub queue: Option<String>,
+    pub binding_key: Option<String>,
+    pub mandatory: Option<bool>,
+    pub on_nack: Option<outbox_relay_sinks::rabbitmq::Policy>,
+    pub on_unroutable: Option<outbox_relay_sinks::rabbitmq::Policy>,
+    pub max_message_bytes: Option<usize>,
+    /// Stream mode.
+    pub stream: Option<String>,
+    /// Default: `outbox-relay.<slot>.<sink>`.
+    pub producer_name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub filter: MatchRule,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RabbitMqMode {
+    #[default]
+    Exchange,
+    Stream,
+}
+
+fn default_rabbitmq_window() -> usize {
+    1024
+}
+fn default_rabbitmq_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl RabbitMqSinkConfig {
+    /// The sink's settings: templates parsed, the password file read, keys checked against
+    /// the mode.
+    pub fn settings(
+        &self,
+        name: &str,
+        slot: &str,
+    ) -> anyhow::Result<outbox_relay_sinks::rabbitmq::RabbitMqSettings> {
+        use outbox_relay_sinks::rabbitmq::{
+            exchange::DEFAULT_MAX_MESSAGE_BYTES, ExchangeSettings, Password, Policy,
+            RabbitMqSettings, StreamSettings,
+        };
+        let password = match &self.password_file {
+            Some(file) => {
+                let text = std::fs::read_to_string(file).with_context(|| {
+                    format!(
+                        "cannot read sinks.{name}.password_file {}: check the path and permissions",
+                        file.display()
+                    )
+                })?;
+                Some(Password::new(text.lines().next().unwrap_or_default()))
+            }
+            None => self.password.clone(),
+        };
+        let misplaced = |keys: &[(&str, bool)], mode: &str| -> anyhow::Result<()> {
+            match keys.iter().find(|(_, set)| *set) {
+                Some((key, _)) => bail!("sinks.{name}.{key} is only for mode = \"{mode}\""),
+                None => Ok(()),
+            }
+        };
+        let settings = match self.mode {
+            RabbitMqMode::Exchange => {
+                misplaced(
+                    &[
+                        ("stream", self.stream.is_some()),
+                        ("producer_name", self.producer_name.is_some()),
+                    ],
+                    "stream",
+                )?;
+                let exchange = self.exchange.clone().with_context(|| {
+                    format!("sinks.{name}.exchange is required in exchange mode (\"\" is the default exchange)")
+                })?;
+                let routing_key = self
+                    .routing_key
+                    .as_deref()
+                    .unwrap_or("{aggregatetype}.{type}");
+                RabbitMqSettings::Exchange(ExchangeSettings {
+                    name: name.to_owned(),
+                    url: self.url.clone(),
+                    username: self.username.clone(),
+                    password,
+                    ca_file: self.ca_file.clone(),
+                    exchange,
+                    exchange_type: self.exchange_type.clone().unwrap_or_else(|| "topic".into()),
+                    declare: self.declare,
+                    queue: self.queue.clone(),
+                    binding_key: self.binding_key.clone().unwrap_or_else(|| "#".into()),
+                    routing_key: outbox_relay_sinks::routing::Template::parse(routing_key)
+                        .with_context(|| format!("sinks.{name}.routing_key"))?,
+                    format: self.format,
+                    binary: self.binary,
+                    mandatory: self.mandatory.unwrap_or(true),
+                    on_nack: self.on_nack.unwrap_or(Policy::Retry),
+                    on_unroutable: self.on_unroutable.unwrap_or(Policy::DeadLetter),
+                    window: self.window,
+                    max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+                    timeout: self.timeout,
+                })
+            }
+            RabbitMqMode::Stream => {
+                misplaced(
+                    &[
+                        ("exchange", self.exchange.is_some()),
+                        ("exchange_type", self.exchange_type.is_some()),
+                        ("routing_key", self.routing_key.is_some()),
+                        ("queue", self.queue.is_some()),
+                        ("binding_key", self.binding_key.is_some()),
+                        ("mandatory", self.mandatory.is_some()),
+                        ("on_nack", self.on_nack.is_some()),
+                        ("on_unroutable", self.on_unroutable.is_some()),
+                        ("max_message_bytes", self.max_message_bytes.is_some()),
+                    ],
+                    "exchange",
+                )?;
+                RabbitMqSettings::Stream(StreamSettings {
+                    name: name.to_owned(),
+                    url: self.url.clone(),
+                    username: self.username.clone(),
+                    password,
+                    ca_file: self.ca_file.clone(),
+                    stream: self.stream.clone().with_context(|| {
+                        format!("sinks.{name}.stream is required in stream mode")
+                    })?,
+                    producer_name: self
+                        .producer_name
+                        .clone()
+                        .unwrap_or_else(|| format!("outbox-relay.{slot}.{name}")),
+                    declare: self.declare,
+                    format: self.format,
+                    binary: self.binary,
+                    window: self.window,
+                    timeout: self.timeout,
+                })
+            }
+        };
+        let valid = match &settings {
+            RabbitMqSettings::Exchange(exchange) => exchange.validate(),
+            RabbitMqSettings::Stream(stream) => stream.validate(),
+        };
+        valid.map_err(|err| anyhow::anyhow!("sinks.{name}: {err}"))?;
+        Ok(settings)
     }
 }
 
@@ -409,6 +747,18 @@ impl Config {
             }
             outbox_relay_sinks::routing::Template::parse(&mapping.source)
                 .with_context(|| format!("outbox.\"{table}\".source"))?;
+        }
+        for (name, sink) in &self.sinks {
+            if let SinkConfig::Kafka(kafka) = sink {
+                outbox_relay_sinks::routing::Template::parse(&kafka.topic)
+                    .with_context(|| format!("sinks.{name}.topic"))?;
+            }
+            if let SinkConfig::EventBridge(eventbridge) = sink {
+                eventbridge.settings(name)?;
+            }
+            if let SinkConfig::RabbitMq(rabbitmq) = sink {
+                rabbitmq.settings(name, &self.source.slot)?;
+            }
         }
         for prefix in &self.source.message_prefixes {
             if prefix.is_empty() {

@@ -6,7 +6,7 @@
 
 use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::ChangePolicy;
-use crate::config::{Config, SinkConfig};
+use crate::config::{Config, KafkaSinkConfig, SinkConfig};
 use crate::db;
 use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
@@ -18,8 +18,11 @@ use crate::source::replication::{
 };
 use crate::source::wire::ReplicationMessage;
 use crate::validation::SchemaRegistry;
+use anyhow::Context;
 use bytes::Bytes;
-use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
+use outbox_relay_sinks::eventbridge::EventBridgeSink;
+use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
+use outbox_relay_sinks::routing::{EventFilter, FilteredSink, Template};
 use outbox_relay_sinks::{
     file::FileSink, null::NullSink, stdout::StdoutSink, Event, Lsn, Position, Sink,
 };
@@ -188,7 +191,7 @@ async fn prepare_slot(
 }
 
 /// Builds the configured sinks.
-pub fn build_sinks(config: &Config) -> Vec<(String, Box<dyn Sink>)> {
+pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>)>> {
     config
         .sinks
         .iter()
@@ -202,6 +205,15 @@ pub fn build_sinks(config: &Config) -> Vec<(String, Box<dyn Sink>)> {
                     format,
                     ..
                 } => Box::new(FileSink::new(path, *format, *fsync)),
+                SinkConfig::Kafka(kafka) => {
+                    Box::new(KafkaSink::new(kafka_settings(config, name, kafka)?))
+                }
+                SinkConfig::EventBridge(eventbridge) => {
+                    Box::new(EventBridgeSink::new(eventbridge.settings(name)?))
+                }
+                SinkConfig::RabbitMq(rabbitmq) => outbox_relay_sinks::rabbitmq::sink(
+                    rabbitmq.settings(name, &config.source.slot)?,
+                ),
             };
             let rule = sink.filter();
             let filter = EventFilter::new(
@@ -209,9 +221,48 @@ pub fn build_sinks(config: &Config) -> Vec<(String, Box<dyn Sink>)> {
                 rule.aggregate_types.clone(),
                 rule.event_types.clone(),
             );
-            (name.clone(), FilteredSink::wrap(filter, inner))
+            Ok((name.clone(), FilteredSink::wrap(filter, inner)))
         })
         .collect()
+}
+
+/// Resolves a Kafka sink's settings: identity from the slot, secrets from files.
+fn kafka_settings(
+    config: &Config,
+    name: &str,
+    kafka: &KafkaSinkConfig,
+) -> anyhow::Result<KafkaSettings> {
+    let mut properties = kafka.properties.clone();
+    if let Some(file) = &kafka.sasl_password_file {
+        let text = std::fs::read_to_string(file).with_context(|| {
+            format!(
+                "cannot read sinks.{name}.sasl_password_file {}",
+                file.display()
+            )
+        })?;
+        properties.insert(
+            "sasl.password".into(),
+            text.lines().next().unwrap_or_default().to_owned(),
+        );
+    }
+    Ok(KafkaSettings {
+        brokers: kafka.brokers.clone(),
+        topic: Template::parse(&kafka.topic).with_context(|| format!("sinks.{name}.topic"))?,
+        format: kafka.format,
+        binary: kafka.binary,
+        exactly_once: kafka.exactly_once,
+        transactional_id: kafka
+            .transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("outbox-relay.{}.{name}", config.source.slot)),
+        checkpoint_topic: kafka.checkpoint_topic.clone(),
+        create_topics: kafka
+            .create_topics
+            .then_some((kafka.partitions, kafka.replication_factor)),
+        message_max_bytes: kafka.message_max_bytes,
+        timeout: kafka.timeout,
+        properties,
+    })
 }
 
 async fn session(
@@ -266,8 +317,12 @@ async fn session(
         Err(err) => return classify_sql(err),
     };
 
+    let sinks = match build_sinks(config) {
+        Ok(sinks) => sinks,
+        Err(err) => return SessionEnd::Fatal(err),
+    };
     let mut workers = Vec::new();
-    for (name, mut sink) in build_sinks(config) {
+    for (name, mut sink) in sinks {
         let recovered = match sink.recover().await {
             Ok(recovered) => recovered,
             Err(err) => return SessionEnd::Fatal(anyhow::anyhow!("sink {name}: {err}")),

@@ -32,15 +32,6 @@ fn file_sink(name: &str, dir: &Path, extra: &str) -> String {
     )
 }
 
-fn init(config: &Path) {
-    let out = relay_command(config, "init");
-    assert!(
-        out.status.success(),
-        "init failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

@@ -8,15 +8,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn init(config: &std::path::Path) {
-    let out = relay_command(config, "init");
-    assert!(
-        out.status.success(),
-        "init failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn committed_insert_becomes_an_event() {
     let pg = PgCluster::start();

@@ -197,7 +197,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cloudevent_line_is_valid_json_and_round_trips_its_position() {
-        let mut event = sample(0x1_6B37_48, 7);
+        let mut event = sample(0x016B_3748, 7);
         event.schema_version = Some(3);
         event.traceparent = Some(Text::from(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",

@@ -6,9 +6,12 @@
 //! relay can move its checkpoint over exactly what was acknowledged.
 
 mod event;
+pub mod eventbridge;
 pub mod file;
 pub mod format;
+pub mod kafka;
 pub mod null;
+pub mod rabbitmq;
 pub mod routing;
 pub mod stdout;
 

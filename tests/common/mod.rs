@@ -290,13 +290,56 @@ pub fn write_config(dir: &Path, cluster: &PgCluster, extra: &str) -> (PathBuf, P
     (config, events)
 }
 
+/// A relay config with `sinks` (TOML sink tables), written into `dir`.
+pub fn relay_config(dir: &Path, pg: &PgCluster, sinks: &str) -> PathBuf {
+    let path = dir.join("relay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n\n[relay]\ncheckpoint_interval = \"100ms\"\n\n{sinks}",
+            pg.url()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A copy of the example `config/<name>` in `dir` (the relay's logs go beside its config).
+pub fn copy_example(dir: &Path, name: &str) -> PathBuf {
+    let config = dir.join(name);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name),
+        &config,
+    )
+    .unwrap();
+    config
+}
+
+/// `outbox-relay init`, which must succeed.
+pub fn init(config: &Path) {
+    let out = relay_command(config, "init");
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs a one-shot relay command (`init`, `check`, `status`).
 pub fn relay_command(config: &Path, command: &str) -> Output {
+    relay_command_with_env(config, command, &[])
+}
+
+/// Like [`relay_command`], with extra environment variables (credentials, endpoints).
+pub fn relay_command_with_env(config: &Path, command: &str, env: &[(&str, &str)]) -> Output {
     Command::new(relay_bin())
         .arg("--config")
         .arg(config)
         .arg(command)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -309,6 +352,11 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like [`Relay::start`], with extra environment variables (credentials, endpoints).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let run = STARTS.fetch_add(1, Ordering::Relaxed);
         let log = config.with_extension(format!("run{run}.log"));
@@ -323,6 +371,7 @@ impl Relay {
             .arg(config)
             .arg("run")
             .env("RUST_LOG", "outbox_relay=debug,info")
+            .envs(env.iter().copied())
             .stdout(stdout)
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -1,0 +1,517 @@
+//! The Kafka sink (librdkafka through `rdkafka`).
+//!
+//! - The message key is the event key (the aggregate id by default), so the events of one
+//!   aggregate go to one partition, in order. The idempotent producer is always on, so
+//!   librdkafka's retries never reorder or duplicate within a producer session.
+//! - Exactly-once mode (`exactly_once = true`, the default): every batch is one Kafka
+//!   transaction that carries the batch's records AND this sink's checkpoint, as a
+//!   transactional offset commit for a consumer group named after the relay: the position's
+//!   commit LSN is the committed offset of partition 0 of the checkpoint topic, its index in
+//!   the transaction the offset of partition 1 (offsets, not offset metadata, because every
+//!   Kafka-protocol broker keeps offsets; Tansu drops the metadata, which carries the position
+//!   as text for people). [`Sink::recover`] reads that commit back on start,
+//!   and the relay confirms PostgreSQL only after the Kafka commit. The `transactional.id`
+//!   is derived from the relay's identity (slot and sink), so a second or zombie relay with
+//!   the same identity fences the first. `read_committed` consumers see every event once.
+//! - At-least-once mode: the idempotent producer without transactions; the relay's
+//!   checkpoint table decides where to resume, so a crash can repeat the events since the
+//!   last checkpoint. Every event carries its stable id for consumer-side dedup.
+//!
+//! An event larger than `message.max.bytes` is rejected (dead-lettered), the rest go on.
+
+use crate::format::{self, Format};
+use crate::routing::Template;
+use crate::{Delivery, Event, Lsn, Position, Rejection, Sink, SinkError};
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+/// Everything the Kafka sink needs, resolved from the configuration.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Topic per event, e.g. `outbox.event.{aggregatetype}`.
+    pub topic: Template,
+    pub format: Format,
+    /// CloudEvents binary mode: attributes as `ce_` headers, data as the value.
+    pub binary: bool,
+    pub exactly_once: bool,
+    /// The transactional id and the checkpoint's consumer group, from the relay's identity.
+    pub transactional_id: String,
+    /// Topic whose offset commits carry the checkpoint (created if missing, 2 partitions:
+    /// the commit LSN and the index in the transaction).
+    pub checkpoint_topic: String,
+    /// Create destination topics on first use, with these partitions and replication.
+    pub create_topics: Option<(i32, i32)>,
+    /// Events whose record is larger are dead-lettered.
+    pub message_max_bytes: usize,
+    /// How long one delivery or transaction step may take before the batch is retried.
+    pub timeout: Duration,
+    /// Any librdkafka property (TLS, SASL, tuning); wins over the sink's defaults.
+    pub properties: BTreeMap<String, String>,
+}
+
+pub struct KafkaSink {
+    settings: KafkaSettings,
+    producer: Option<FutureProducer>,
+    /// Only for the consumer group metadata and the committed checkpoint.
+    checkpoint_reader: Option<BaseConsumer>,
+    known_topics: HashSet<String>,
+    /// Reused per batch: rendered topic names and encoded values.
+    topic_buf: String,
+    value_buf: Vec<u8>,
+}
+
+impl KafkaSink {
+    pub fn new(settings: KafkaSettings) -> Self {
+        KafkaSink {
+            settings,
+            producer: None,
+            checkpoint_reader: None,
+            known_topics: HashSet::new(),
+            topic_buf: String::new(),
+            value_buf: Vec::new(),
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.settings.brokers)
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random") // the Java client's: same key, same partition
+            .set(
+                "message.max.bytes",
+                self.settings.message_max_bytes.to_string(),
+            )
+            .set(
+                "message.timeout.ms",
+                self.settings.timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", "2");
+        if self.settings.exactly_once {
+            config
+                .set("transactional.id", &self.settings.transactional_id)
+                .set(
+                    "transaction.timeout.ms",
+                    (self.settings.timeout.as_millis() * 2).to_string(),
+                );
+        }
+        for (key, value) in &self.settings.properties {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// Creates the producer (and, in exactly-once mode, initialises transactions, which
+    /// fences any earlier producer with the same transactional id).
+    async fn connect(&mut self) -> Result<FutureProducer, SinkError> {
+        if let Some(producer) = &self.producer {
+            return Ok(producer.clone());
+        }
+        let producer: FutureProducer = self.client_config().create().map_err(|e| {
+            SinkError::Permanent(format!(
+                "cannot create the Kafka producer: {e}; check the [sinks] kafka settings"
+            ))
+        })?;
+        if self.settings.exactly_once {
+            let timeout = self.settings.timeout;
+            let p = producer.clone();
+            blocking(move || p.init_transactions(timeout)).await.map_err(|e| {
+                classify(&e, "initialising Kafka transactions (does the broker support transactions? set exactly_once = false otherwise)")
+            })?;
+        }
+        self.producer = Some(producer.clone());
+        Ok(producer)
+    }
+
+    fn checkpoint_reader(&mut self) -> Result<&BaseConsumer, SinkError> {
+        if self.checkpoint_reader.is_none() {
+            let mut config = self.client_config();
+            for key in [
+                "transactional.id",
+                "transaction.timeout.ms",
+                "enable.idempotence",
+                "partitioner",
+                "linger.ms",
+                "message.timeout.ms",
+            ] {
+                config.remove(key);
+            }
+            let consumer: BaseConsumer = config
+                .set("group.id", &self.settings.transactional_id)
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed")
+                .create()
+                .map_err(|e| {
+                    SinkError::Permanent(format!("cannot create the Kafka checkpoint reader: {e}"))
+                })?;
+            self.checkpoint_reader = Some(consumer);
+        }
+        Ok(self.checkpoint_reader.as_ref().expect("created above"))
+    }
+
+    /// Creates `topic` if topic creation is configured and it was not seen yet.
+    async fn ensure_topic(
+        &mut self,
+        topic: &str,
+        partitions_replication: Option<(i32, i32)>,
+    ) -> Result<(), SinkError> {
+        let Some((partitions, replication)) = partitions_replication else {
+            return Ok(());
+        };
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config().create().map_err(|e| {
+                SinkError::Permanent(format!("cannot create a Kafka admin client: {e}"))
+            })?;
+        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let options = AdminOptions::new().operation_timeout(Some(self.settings.timeout));
+        let results = admin
+            .create_topics([&new_topic], &options)
+            .await
+            .map_err(|e| SinkError::Retryable(format!("creating Kafka topic {topic}: {e}")))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(SinkError::Permanent(format!(
+                        "cannot create Kafka topic {name}: {code}; create it yourself or fix create_topics"
+                    )))
+                }
+            }
+        }
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    fn headers(&self, event: &Event) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new();
+        let mut add = |key: &str, value: &str| {
+            headers = std::mem::take(&mut headers).insert(Header {
+                key,
+                value: Some(value),
+            });
+        };
+        add("id", &event.id);
+        if self.settings.format != Format::Debezium {
+            add("type", &event.event_type);
+            if let Some(version) = event.schema_version {
+                add("schema_version", &version.to_string());
+            }
+            if let Some(traceparent) = &event.traceparent {
+                add("traceparent", traceparent);
+            }
+        }
+        for (key, value) in &event.headers {
+            add(key, value);
+        }
+        match (self.settings.format, self.settings.binary) {
+            (Format::CloudEvents, true) => {
+                add("content-type", "application/json");
+                for (name, value) in format::attributes(event) {
+                    if name != "datacontenttype" {
+                        add(&format!("ce_{name}"), &value.to_string());
+                    }
+                }
+            }
+            (Format::CloudEvents, false) => add(
+                "content-type",
+                "application/cloudevents+json; charset=UTF-8",
+            ),
+            _ => {}
+        }
+        headers
+    }
+
+    /// Encodes the value of `event` into `value_buf`.
+    fn encode_value(&mut self, event: &Event) {
+        self.value_buf.clear();
+        match (self.settings.format, self.settings.binary) {
+            (Format::CloudEvents, false) => {
+                format::write_line(Format::CloudEvents, event, &mut self.value_buf);
+                self.value_buf.pop(); // the newline
+            }
+            _ => self.value_buf.extend_from_slice(event.payload.as_bytes()),
+        }
+    }
+
+    /// Produces every event of `batch` and waits for all deliveries; events too large for
+    /// the broker are returned as rejections.
+    async fn produce_all(
+        &mut self,
+        producer: &FutureProducer,
+        batch: &[Event],
+    ) -> Result<Vec<Rejection>, SinkError> {
+        let mut rejected = Vec::new();
+        let mut pending: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(batch.len());
+        for (index, event) in batch.iter().enumerate() {
+            self.topic_buf.clear();
+            self.settings.topic.render(event, &mut self.topic_buf);
+            let topic = std::mem::take(&mut self.topic_buf);
+            self.ensure_topic(&topic, self.settings.create_topics)
+                .await?;
+            self.encode_value(event);
+            let headers = self.headers(event);
+            let mut record = FutureRecord::to(&topic)
+                .key(event.key.as_bytes())
+                .payload(&self.value_buf)
+                .headers(headers);
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push((index, delivery));
+                        break;
+                    }
+                    Err((
+                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                        _,
+                    )) => {
+                        rejected.push(Rejection {
+                            index,
+                            reason: format!(
+                                "Kafka record of {} bytes is over message.max.bytes ({})",
+                                self.value_buf.len(),
+                                self.settings.message_max_bytes
+                            ),
+                        });
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        // The local queue is full: wait for the oldest delivery, then retry.
+                        record = returned;
+                        if let Some((oldest, delivery)) =
+                            (!pending.is_empty()).then(|| pending.remove(0))
+                        {
+                            delivery_result(oldest, delivery, batch).await?;
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    Err((e, _)) => return Err(classify(&e, "producing to Kafka")),
+                }
+            }
+            self.topic_buf = topic;
+        }
+        for (index, delivery) in pending {
+            delivery_result(index, delivery, batch).await?;
+        }
+        Ok(rejected)
+    }
+}
+
+/// Waits for one delivery report.
+async fn delivery_result(
+    index: usize,
+    delivery: DeliveryFuture,
+    batch: &[Event],
+) -> Result<(), SinkError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(classify(
+            &e,
+            &format!("delivering event {} to Kafka", batch[index].position),
+        )),
+        Err(_) => Err(SinkError::Retryable(
+            "the Kafka producer was closed during delivery".into(),
+        )),
+    }
+}
+
+/// Runs a blocking librdkafka call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}
+
+/// Fatal errors (fencing) and configuration errors stop the relay; the rest are retried.
+fn classify(error: &KafkaError, context: &str) -> SinkError {
+    classify_code(error.rdkafka_error_code(), &error.to_string(), context)
+}
+
+fn classify_code(code: Option<RDKafkaErrorCode>, error: &str, context: &str) -> SinkError {
+    let fenced = matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    );
+    if fenced {
+        return SinkError::Permanent(format!(
+            "{context}: {error}: another relay with the same transactional id took over (fenced); \
+             only one relay may publish for this slot"
+        ));
+    }
+    let permanent = matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::UnsupportedVersion
+        )
+    );
+    if permanent {
+        SinkError::Permanent(format!(
+            "{context}: {error}; check the Kafka credentials and ACLs"
+        ))
+    } else {
+        SinkError::Retryable(format!("{context}: {error}"))
+    }
+}
+
+/// The checkpoint topic's partitions: the committed offset of one is the commit LSN of the
+/// last event delivered, of the other its index in its transaction.
+const CHECKPOINT_PARTITIONS: i32 = 2;
+const LSN_PARTITION: i32 = 0;
+const INDEX_PARTITION: i32 = 1;
+
+#[async_trait]
+impl Sink for KafkaSink {
+    async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
+        // Connecting initialises transactions, which fences any earlier producer of this id.
+        let _producer = self.connect().await?;
+        if !self.settings.exactly_once {
+            return Ok(None);
+        }
+        let topic = self.settings.checkpoint_topic.clone();
+        self.ensure_topic(
+            &topic,
+            Some((
+                CHECKPOINT_PARTITIONS,
+                self.settings.create_topics.map_or(1, |(_, r)| r),
+            )),
+        )
+        .await?;
+        let timeout = self.settings.timeout;
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition(&topic, LSN_PARTITION);
+        partitions.add_partition(&topic, INDEX_PARTITION);
+        let committed = self
+            .checkpoint_reader()?
+            .committed_offsets(partitions, timeout)
+            .map_err(|e| classify(&e, "reading the Kafka checkpoint"))?;
+        let offset = |partition| match committed
+            .find_partition(&topic, partition)
+            .map(|elem| elem.offset())
+        {
+            Some(Offset::Offset(offset)) => u64::try_from(offset).ok(),
+            _ => None,
+        };
+        let position = match (offset(LSN_PARTITION), offset(INDEX_PARTITION)) {
+            (Some(lsn), Some(index)) => Some(Position {
+                commit_lsn: Lsn(lsn),
+                index: u32::try_from(index).map_err(|_| {
+                    SinkError::Permanent(format!(
+                        "the Kafka checkpoint in topic {topic} was not written by outbox-relay \
+                         (index {index}); give the sink its own checkpoint_topic"
+                    ))
+                })?,
+            }),
+            _ => None,
+        };
+        tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
+            "recovered the checkpoint committed in Kafka");
+        Ok(position)
+    }
+
+    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        let producer = self.connect().await?;
+        if !self.settings.exactly_once {
+            let rejected = self.produce_all(&producer, batch).await?;
+            return Ok(Delivery { rejected });
+        }
+        let last = batch.last().map(|e| e.position).unwrap_or_default();
+        let p = producer.clone();
+        blocking(move || p.begin_transaction())
+            .await
+            .map_err(|e| classify(&e, "beginning a Kafka transaction"))?;
+        let produced = self.produce_all(&producer, batch).await;
+        let outcome = match produced {
+            Ok(rejected) => self.commit(&producer, last).await.map(|()| rejected),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(rejected) => Ok(Delivery { rejected }),
+            Err(error) => {
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    // Deliveries fail as "purged" once the producer is fenced: say why.
+                    self.producer = None;
+                    return Err(classify_code(
+                        Some(code),
+                        &reason,
+                        "the Kafka producer failed",
+                    ));
+                }
+                let timeout = self.settings.timeout;
+                let p = producer.clone();
+                if let Err(abort) = blocking(move || p.abort_transaction(timeout)).await {
+                    // The producer is unusable: start over with a new one (and a new epoch).
+                    tracing::warn!(error = %abort, "aborting the Kafka transaction failed; recreating the producer");
+                    self.producer = None;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        if let Some(producer) = self.producer.take() {
+            let timeout = self.settings.timeout;
+            blocking(move || producer.flush(timeout))
+                .await
+                .map_err(|e| classify(&e, "flushing Kafka"))?;
+        }
+        Ok(())
+    }
+}
+
+impl KafkaSink {
+    /// Adds the checkpoint to the open transaction and commits it.
+    async fn commit(&mut self, producer: &FutureProducer, last: Position) -> Result<(), SinkError> {
+        let topic = self.settings.checkpoint_topic.clone();
+        let timeout = self.settings.timeout;
+        let group = self.checkpoint_reader()?.group_metadata().ok_or_else(|| {
+            SinkError::Permanent("the Kafka consumer has no group metadata".into())
+        })?;
+        let mut offsets = TopicPartitionList::new();
+        let lsn = i64::try_from(last.commit_lsn.0).unwrap_or(i64::MAX);
+        for (partition, offset) in [
+            (LSN_PARTITION, lsn),
+            (INDEX_PARTITION, i64::from(last.index)),
+        ] {
+            offsets
+                .add_partition_offset(&topic, partition, Offset::Offset(offset))
+                .map_err(|e| classify(&e, "preparing the Kafka checkpoint"))?;
+        }
+        if let Some(mut elem) = offsets.find_partition(&topic, LSN_PARTITION) {
+            elem.set_metadata(format!("outbox-relay position {last}"));
+        }
+        let p = producer.clone();
+        blocking(move || p.send_offsets_to_transaction(&offsets, &group, timeout))
+            .await
+            .map_err(|e| classify(&e, "adding the checkpoint to the Kafka transaction"))?;
+        let p = producer.clone();
+        blocking(move || p.commit_transaction(timeout))
+            .await
+            .map_err(|e| classify(&e, "committing the Kafka transaction"))
+    }
+}

@@ -1,0 +1,719 @@
+//! Exchange mode: AMQP 0-9-1 publishes to an exchange, with publisher confirms.
+//!
+//! - **Messages.** Exchange from the settings, routing key from a template (default
+//!   `{aggregatetype}.{type}`), `mandatory` by default. Properties: persistent delivery
+//!   mode, `message_id` = the event id, `type` = the event type, `timestamp` (seconds),
+//!   `content_type`, `app_id` = `outbox-relay`; headers = the event's headers, `traceparent`,
+//!   and in CloudEvents binary mode the attributes as `cloudEvents_*` headers.
+//! - **Confirms.** One channel per sink, in confirm mode. Publishes are pipelined: up to
+//!   `window` events are unconfirmed at once, and `send` returns only when every event of
+//!   the batch is confirmed or rejected, so the relay's checkpoint only moves over
+//!   confirmed events.
+//! - **Negative outcomes.** A `basic.nack` follows `on_nack`, a `mandatory` publish
+//!   returned unroutable follows `on_unroutable`: `retry`, `dead-letter` (a rejection the
+//!   relay stores in its dead-letter table with the broker's reason) or `fail` (the relay
+//!   stops with the reason). Nothing is dropped silently.
+//! - **Per-key order on retry.** Publishes are pipelined, so when event 5 of key K is
+//!   nacked, a later event 6 of K may already be confirmed. Retrying 5 alone would put it
+//!   after 6 for good. So a retry publishes the nacked event again *and every later event
+//!   of its key in the batch*, in batch order, even those already confirmed. A consumer
+//!   can then see 6, 5, 6: the last copy of every event is in per-key order, and the
+//!   `message_id` (and, in CloudEvents, the `sequence` attribute) tell the copies apart.
+//!   The same rule applies to events whose confirm was lost with the connection.
+//! - **Connection loss, broker restart.** A failed publish, a channel or connection error,
+//!   or a confirm that does not come within `timeout` drops the connection and returns a
+//!   retryable error: the relay backs off and hands the batch back, the sink reconnects
+//!   and publishes what was not confirmed. Events confirmed before are not sent again
+//!   (except as described above); events whose confirm was lost are sent again. Delivery
+//!   is therefore at-least-once, with a stable `message_id` for consumers to dedup on.
+//! - **Declarations.** With `declare`, the exchange (durable) and optionally a durable
+//!   queue bound to it are declared on every connect. Without it the exchange must exist:
+//!   a missing one stops the relay with the fix instead of dead-lettering everything.
+//! - **TLS.** `amqps://` URLs use rustls with the system's CA certificates, plus the PEM
+//!   file `ca_file` when set; the server's host name is verified.
+
+use super::{
+    event_time_millis, next_backoff, permanent, retryable, Content, Outcome, Password, Policy,
+    Progress,
+};
+use crate::format::{AttributeValue, Format};
+use crate::routing::Template;
+use crate::{Delivery, Event, Sink, SinkError};
+use async_trait::async_trait;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    ExchangeKind, PublisherConfirm,
+};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Rounds of publishing inside one `send` before a batch with retried events is handed
+/// back to the relay's backoff.
+const ROUNDS_PER_SEND: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// RabbitMQ's default `max_message_size` (128 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+
+/// Everything exchange mode needs, resolved from the configuration.
+#[derive(Debug, Clone)]
+pub struct ExchangeSettings {
+    /// The sink's name, for messages and the connection name.
+    pub name: String,
+    /// `amqp://host:5672/vhost` or `amqps://...`; may carry `user:password@` and the
+    /// `heartbeat`, `connection_timeout`, `frame_max` query parameters.
+    pub url: String,
+    /// Overrides the URL's user.
+    pub username: Option<String>,
+    /// Overrides the URL's password.
+    pub password: Option<Password>,
+    /// PEM file of CA certificates trusted for `amqps://`, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    pub exchange: String,
+    /// `topic`, `direct`, `fanout`, `headers`, or a plugin's type; used when declaring.
+    pub exchange_type: String,
+    /// Declare the exchange (durable) on connect.
+    pub declare: bool,
+    /// Also declare this durable queue and bind it with `binding_key` (tests, demos).
+    pub queue: Option<String>,
+    pub binding_key: String,
+    pub routing_key: Template,
+    pub format: Format,
+    /// CloudEvents binary mode: attributes as `cloudEvents_` headers, the payload as body.
+    pub binary: bool,
+    /// Publish with the `mandatory` flag, so unroutable events come back.
+    pub mandatory: bool,
+    pub on_nack: Policy,
+    pub on_unroutable: Policy,
+    /// Most unconfirmed publishes at once.
+    pub window: usize,
+    /// Larger messages are dead-lettered (RabbitMQ's `max_message_size`).
+    pub max_message_bytes: usize,
+    /// Connecting, and waiting for one confirm.
+    pub timeout: Duration,
+}
+
+impl ExchangeSettings {
+    /// Checks what can be checked without a broker.
+    pub fn validate(&self) -> Result<(), String> {
+        let uri = self.uri()?;
+        if self.ca_file.is_some() && uri.scheme != AMQPScheme::AMQPS {
+            return Err("ca_file is set but the url is not amqps://".into());
+        }
+        if self.window == 0 {
+            return Err("window must be at least 1".into());
+        }
+        if ShortString::try_new(self.exchange.as_str()).is_err() {
+            return Err("exchange names are at most 255 bytes".into());
+        }
+        Ok(())
+    }
+
+    /// The URL with the configured credentials.
+    fn uri(&self) -> Result<AMQPUri, String> {
+        let mut uri: AMQPUri = self.url.parse().map_err(|err| {
+            format!("url is not an AMQP URL ({err}): use amqp://host:5672/vhost or amqps://...")
+        })?;
+        if let Some(username) = &self.username {
+            uri.authority.userinfo.username = username.clone();
+        }
+        if let Some(password) = &self.password {
+            uri.authority.userinfo.password = password.expose().to_owned();
+        }
+        Ok(uri)
+    }
+
+    /// Where the sink connects, without credentials: for messages.
+    fn endpoint(&self) -> String {
+        match self.uri() {
+            Ok(uri) => format!(
+                "{}:{} (vhost {:?})",
+                uri.authority.host, uri.authority.port, uri.vhost
+            ),
+            Err(_) => "<invalid url>".into(),
+        }
+    }
+
+    fn exchange_kind(&self) -> ExchangeKind {
+        match self.exchange_type.as_str() {
+            "topic" => ExchangeKind::Topic,
+            "direct" => ExchangeKind::Direct,
+            "fanout" => ExchangeKind::Fanout,
+            "headers" => ExchangeKind::Headers,
+            other => ExchangeKind::Custom(other.to_owned()),
+        }
+    }
+}
+
+/// An open connection and its publishing channel, in confirm mode.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+pub struct ExchangeSink {
+    settings: ExchangeSettings,
+    link: Option<Link>,
+    progress: Progress,
+}
+
+/// One event ready to publish.
+#[derive(Debug)]
+struct Prepared {
+    routing_key: ShortString,
+    body: Vec<u8>,
+    properties: BasicProperties,
+}
+
+/// What the broker said about one publish.
+enum Answer {
+    Confirmed,
+    Nacked,
+    Unroutable(String),
+}
+
+impl ExchangeSink {
+    pub fn new(settings: ExchangeSettings) -> Self {
+        ExchangeSink {
+            settings,
+            link: None,
+            progress: Progress::default(),
+        }
+    }
+
+    async fn connect(&self) -> Result<Link, SinkError> {
+        let settings = &self.settings;
+        let uri = settings.uri().map_err(permanent)?;
+        let tls = match &settings.ca_file {
+            Some(path) => OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(std::fs::read_to_string(path).map_err(|err| {
+                    permanent(format!(
+                        "sink {}: cannot read ca_file {}: {err}",
+                        settings.name,
+                        path.display()
+                    ))
+                })?),
+            },
+            None => OwnedTLSConfig::default(),
+        };
+        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
+            format!("outbox-relay sink {}", settings.name),
+        ));
+        let endpoint = settings.endpoint();
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|err| permanent(format!("no async runtime for lapin: {err}")))?;
+        let connecting = Connection::connect_uri_with_config(uri, properties, tls, runtime);
+        let connection = tokio::time::timeout(settings.timeout, connecting)
+            .await
+            .map_err(|_| {
+                retryable(format!(
+                    "sink {}: connecting to RabbitMQ at {endpoint} timed out after {:?}",
+                    settings.name, settings.timeout
+                ))
+            })?
+            .map_err(|err| {
+                classify(
+                    &format!(
+                        "sink {}: connecting to RabbitMQ at {endpoint}",
+                        settings.name
+                    ),
+                    &err,
+                    settings,
+                )
+            })?;
+        self.open_channel(connection).await
+    }
+
+    /// Declares or checks the topology, then opens the publishing channel.
+    async fn open_channel(&self, connection: Connection) -> Result<Link, SinkError> {
+        let settings = &self.settings;
+        let context = format!("sink {}", settings.name);
+        let io = |err: lapin::Error| classify(&context, &err, settings);
+        let setup = async {
+            let channel = connection.create_channel().await.map_err(io)?;
+            declare(&channel, settings).await.map_err(io)?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(io)?;
+            Ok::<_, SinkError>(channel)
+        };
+        let result = tokio::time::timeout(settings.timeout, setup)
+            .await
+            .unwrap_or_else(|_| {
+                Err(retryable(format!(
+                    "{context}: opening a channel timed out after {:?}",
+                    settings.timeout
+                )))
+            });
+        match result {
+            Ok(channel) => {
+                info!(sink = %settings.name, endpoint = %settings.endpoint(), exchange = %settings.exchange, "connected to RabbitMQ");
+                Ok(Link {
+                    connection,
+                    channel,
+                })
+            }
+            Err(err) => {
+                close(connection, settings.timeout).await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn disconnect(&mut self) {
+        if let Some(link) = self.link.take() {
+            close(link.connection, self.settings.timeout).await;
+        }
+    }
+
+    /// The message for `event`, or why it cannot be published.
+    fn prepare(&self, event: &Event) -> Result<Prepared, String> {
+        let settings = &self.settings;
+        let content = Content::of(event, settings.format, settings.binary);
+        if content.body.len() > settings.max_message_bytes {
+            return Err(format!(
+                "message of {} bytes is larger than max_message_bytes ({}, RabbitMQ's \
+                 max_message_size)",
+                content.body.len(),
+                settings.max_message_bytes
+            ));
+        }
+        let mut routing_key = String::new();
+        settings.routing_key.render(event, &mut routing_key);
+        let routing_key = ShortString::try_new(routing_key).map_err(|err| {
+            format!("routing key is too long for AMQP ({err}): shorten the routing_key template")
+        })?;
+        let short = |what: &str, value: &str| {
+            ShortString::try_new(value)
+                .map_err(|err| format!("{what} is too long for an AMQP property ({err})"))
+        };
+        let mut headers = FieldTable::default();
+        for (name, value) in content.headers {
+            let value = match value {
+                AttributeValue::String(text) => AMQPValue::LongString(LongString::from(text)),
+                AttributeValue::Integer(number) => AMQPValue::LongLongInt(number),
+            };
+            headers.insert(short("header name", &name)?, value);
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(short("event id", &event.id)?)
+            .with_type(short("event type", &event.event_type)?)
+            .with_timestamp((event_time_millis(event).max(0) / 1000) as u64)
+            .with_content_type(ShortString::from(content.content_type))
+            .with_app_id(ShortString::from("outbox-relay"))
+            .with_headers(headers);
+        Ok(Prepared {
+            routing_key,
+            body: content.body,
+            properties,
+        })
+    }
+
+    /// Publishes the pending events of `batch` once, pipelined, and records what the
+    /// broker answered. Events to retry stay pending. Errors leave the connection unusable.
+    async fn publish_round(
+        &mut self,
+        batch: &[Event],
+        prepared: &[Option<Prepared>],
+        outcomes: &mut [Outcome],
+    ) -> Result<(), SinkError> {
+        if self
+            .link
+            .as_ref()
+            .is_some_and(|link| !link.channel.status().connected())
+        {
+            self.disconnect().await;
+        }
+        if self.link.is_none() {
+            self.link = Some(self.connect().await?);
+        }
+        let settings = &self.settings;
+        let channel = &self.link.as_ref().expect("connected above").channel;
+        let context = format!("sink {}", settings.name);
+        let options = BasicPublishOptions {
+            mandatory: settings.mandatory,
+            immediate: false,
+        };
+        let mut in_flight: VecDeque<(usize, PublisherConfirm)> = VecDeque::new();
+        let mut to_retry = Vec::new();
+        let pending: Vec<usize> = (0..batch.len())
+            .filter(|&i| outcomes[i] == Outcome::Pending)
+            .collect();
+        for index in pending {
+            let message = prepared[index]
+                .as_ref()
+                .expect("pending events are prepared");
+            let confirm = channel
+                .basic_publish(
+                    ShortString::from(settings.exchange.as_str()),
+                    message.routing_key.clone(),
+                    options,
+                    &message.body,
+                    message.properties.clone(),
+                )
+                .await
+                .map_err(|err| classify(&format!("{context}: publishing"), &err, settings))?;
+            in_flight.push_back((index, confirm));
+            while in_flight.len() >= settings.window {
+                let (index, confirm) = in_flight.pop_front().expect("window is not empty");
+                let answer = await_confirm(confirm, settings).await?;
+                settle(settings, batch, index, answer, outcomes, &mut to_retry)?;
+            }
+        }
+        while let Some((index, confirm)) = in_flight.pop_front() {
+            let answer = await_confirm(confirm, settings).await?;
+            settle(settings, batch, index, answer, outcomes, &mut to_retry)?;
+        }
+        if let Some((first, reason)) = to_retry.first() {
+            warn!(sink = %settings.name, events = to_retry.len(), first = %batch[*first].position, %reason, "publishing refused events again, with the later events of their keys");
+        }
+        for (index, _) in to_retry {
+            republish_later_events_of_key(batch, index, outcomes);
+        }
+        Ok(())
+    }
+}
+
+/// Declares the exchange (and the queue) when configured; otherwise checks that the
+/// exchange exists, on a channel of its own since a failed check closes it.
+async fn declare(channel: &Channel, settings: &ExchangeSettings) -> Result<(), lapin::Error> {
+    if settings.exchange.is_empty() {
+        return Ok(());
+    }
+    let options = ExchangeDeclareOptions {
+        passive: !settings.declare,
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            ShortString::from(settings.exchange.as_str()),
+            settings.exchange_kind(),
+            options,
+            FieldTable::default(),
+        )
+        .await?;
+    if let (true, Some(queue)) = (settings.declare, &settings.queue) {
+        channel
+            .queue_declare(
+                ShortString::from(queue.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                ShortString::from(queue.as_str()),
+                ShortString::from(settings.exchange.as_str()),
+                ShortString::from(settings.binding_key.as_str()),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn await_confirm(
+    confirm: PublisherConfirm,
+    settings: &ExchangeSettings,
+) -> Result<Answer, SinkError> {
+    let context = format!("sink {}", settings.name);
+    let confirmation = tokio::time::timeout(settings.timeout, confirm)
+        .await
+        .map_err(|_| {
+            retryable(format!(
+                "{context}: no publisher confirm within {:?}; reconnecting",
+                settings.timeout
+            ))
+        })?
+        .map_err(|err| classify(&format!("{context}: waiting for a confirm"), &err, settings))?;
+    Ok(match confirmation {
+        Confirmation::Ack(None) => Answer::Confirmed,
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Answer::Unroutable(format!(
+                "returned by RabbitMQ: {} {} (no queue is bound to exchange {:?} for routing \
+                 key {:?})",
+                returned.reply_code,
+                returned.reply_text,
+                settings.exchange,
+                returned.delivery.routing_key.as_str()
+            ))
+        }
+        Confirmation::Nack(None) => Answer::Nacked,
+        Confirmation::NotRequested => {
+            return Err(retryable(format!(
+                "{context}: the channel is not in confirm mode; reconnecting"
+            )))
+        }
+    })
+}
+
+/// Applies the policy for what the broker answered about event `index`.
+fn settle(
+    settings: &ExchangeSettings,
+    batch: &[Event],
+    index: usize,
+    answer: Answer,
+    outcomes: &mut [Outcome],
+    to_retry: &mut Vec<(usize, String)>,
+) -> Result<(), SinkError> {
+    let (policy, reason) = match answer {
+        Answer::Confirmed => {
+            outcomes[index] = Outcome::Confirmed;
+            return Ok(());
+        }
+        Answer::Nacked => (
+            settings.on_nack,
+            "nacked by RabbitMQ (a queue refused it: full with x-overflow=reject-publish, or \
+             an internal error)"
+                .to_owned(),
+        ),
+        Answer::Unroutable(reason) => (settings.on_unroutable, reason),
+    };
+    let event = &batch[index];
+    match policy {
+        Policy::Retry => to_retry.push((index, reason)),
+        Policy::DeadLetter => outcomes[index] = Outcome::Rejected(reason),
+        Policy::Fail => {
+            return Err(permanent(format!(
+                "sink {}: event {} at {} was {reason}; fix the broker side (or set on_nack / \
+                 on_unroutable to retry or dead-letter), then restart the relay",
+                settings.name, event.id, event.position
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Event `index` is published again: so are the later events of its key that the broker
+/// already confirmed, so that the key's last copies stay in order.
+fn republish_later_events_of_key(batch: &[Event], index: usize, outcomes: &mut [Outcome]) {
+    outcomes[index] = Outcome::Pending;
+    let key = &batch[index].key;
+    for later in index + 1..batch.len() {
+        if batch[later].key == *key && outcomes[later] == Outcome::Confirmed {
+            outcomes[later] = Outcome::Pending;
+        }
+    }
+}
+
+/// Sorts a lapin error into retryable (network, broker restart, resource alarms) and
+/// permanent (missing exchange, refused access, bad credentials or vhost) with the fix.
+fn classify(context: &str, err: &lapin::Error, settings: &ExchangeSettings) -> SinkError {
+    let ErrorKind::ProtocolError(amqp) = err.kind() else {
+        return retryable(format!("{context}: {err}"));
+    };
+    let message = amqp.get_message().as_str();
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => permanent(format!(
+            "{context}: {message}: the exchange {:?} does not exist; create it or set \
+             declare = true",
+            settings.exchange
+        )),
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => permanent(format!(
+            "{context}: {message}: check the username and password (password_file), and that \
+             the user may write to the exchange (rabbitmqctl set_permissions)"
+        )),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => permanent(format!(
+            "{context}: {message}: the exchange or queue exists with other settings, or a \
+             message exceeds the broker's max_message_size (lower max_message_bytes)"
+        )),
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => permanent(format!(
+            "{context}: {message}: the virtual host does not exist or the user may not use it"
+        )),
+        _ => retryable(format!("{context}: {message}")),
+    }
+}
+
+async fn close(connection: Connection, timeout: Duration) {
+    let closing = connection.close(200, ShortString::from("outbox-relay sink closing"));
+    let _ = tokio::time::timeout(timeout, closing).await;
+}
+
+/// Problems `outbox-relay check` reports: the broker unreachable, credentials or vhost
+/// refused, the exchange missing (when the sink does not declare it).
+pub async fn check(settings: &ExchangeSettings) -> Vec<String> {
+    // Declares nothing: a sink that declares its exchange needs only a connection here.
+    let sink = ExchangeSink::new(ExchangeSettings {
+        declare: false,
+        exchange: match settings.declare {
+            true => String::new(),
+            false => settings.exchange.clone(),
+        },
+        ..settings.clone()
+    });
+    match sink.connect().await {
+        Ok(link) => {
+            close(link.connection, settings.timeout).await;
+            Vec::new()
+        }
+        Err(err) => vec![err.to_string()],
+    }
+}
+
+#[async_trait]
+impl Sink for ExchangeSink {
+    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        let mut outcomes = std::mem::take(self.progress.start(batch));
+        let prepared: Vec<Option<Prepared>> = batch
+            .iter()
+            .zip(outcomes.iter_mut())
+            .map(|(event, outcome)| match self.prepare(event) {
+                Ok(message) => Some(message),
+                Err(reason) => {
+                    *outcome = Outcome::Rejected(reason);
+                    None
+                }
+            })
+            .collect();
+        let mut backoff = FIRST_BACKOFF;
+        for round in 1..=ROUNDS_PER_SEND {
+            let result = self.publish_round(batch, &prepared, &mut outcomes).await;
+            if let Err(err) = result {
+                self.disconnect().await;
+                for index in 0..batch.len() {
+                    if outcomes[index] == Outcome::Pending {
+                        republish_later_events_of_key(batch, index, &mut outcomes);
+                    }
+                }
+                self.progress.outcomes = outcomes;
+                return Err(err);
+            }
+            let pending = outcomes.iter().filter(|o| **o == Outcome::Pending).count();
+            if pending == 0 {
+                self.progress.outcomes = outcomes;
+                return Ok(self.progress.finish());
+            }
+            if round < ROUNDS_PER_SEND {
+                tokio::time::sleep(backoff).await;
+                backoff = next_backoff(backoff);
+            } else {
+                self.progress.outcomes = outcomes;
+                return Err(retryable(format!(
+                    "sink {}: {pending} events were refused or returned by RabbitMQ in \
+                     {ROUNDS_PER_SEND} rounds; retrying with the relay's backoff",
+                    self.settings.name
+                )));
+            }
+        }
+        unreachable!("the last round returns")
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        self.disconnect().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::tests::sample;
+    use crate::Text;
+
+    pub(crate) fn settings() -> ExchangeSettings {
+        ExchangeSettings {
+            name: "amqp".into(),
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            exchange: "outbox".into(),
+            exchange_type: "topic".into(),
+            declare: false,
+            queue: None,
+            binding_key: "#".into(),
+            routing_key: Template::parse("{aggregatetype}.{type}").unwrap(),
+            format: Format::CloudEvents,
+            binary: true,
+            mandatory: true,
+            on_nack: Policy::Retry,
+            on_unroutable: Policy::DeadLetter,
+            window: 64,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_retry_takes_the_later_confirmed_events_of_the_same_key_along() {
+        let mut batch = vec![sample(1, 0), sample(1, 1), sample(1, 2), sample(1, 3)];
+        batch[1].key = Text::from("other");
+        let mut outcomes = vec![
+            Outcome::Pending,
+            Outcome::Confirmed,
+            Outcome::Confirmed,
+            Outcome::Rejected("too big".into()),
+        ];
+        republish_later_events_of_key(&batch, 0, &mut outcomes);
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Pending,
+                Outcome::Confirmed,
+                Outcome::Pending,
+                Outcome::Rejected("too big".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn messages_carry_the_event_identity_and_refuse_what_amqp_cannot_hold() {
+        let sink = ExchangeSink::new(settings());
+        let mut event = sample(0x10, 1);
+        let message = sink.prepare(&event).unwrap();
+        assert_eq!(message.routing_key.as_str(), "order.OrderCreated");
+        assert_eq!(
+            message.properties.message_id().as_ref().map(|s| s.as_str()),
+            Some(&*event.id)
+        );
+        assert_eq!(
+            message.properties.kind().as_ref().map(|s| s.as_str()),
+            Some("OrderCreated")
+        );
+        assert_eq!(*message.properties.delivery_mode(), Some(2));
+        assert_eq!(*message.properties.timestamp(), Some(1_700_000_000));
+        let headers = message.properties.headers().as_ref().unwrap();
+        assert!(headers.inner().contains_key("cloudEvents_id"));
+        event.event_type = Text::from("x".repeat(300));
+        let err = sink.prepare(&event).unwrap_err();
+        assert!(err.contains("routing key is too long"), "{err}");
+        let mut small = settings();
+        small.max_message_bytes = 4;
+        let err = ExchangeSink::new(small).prepare(&sample(1, 0)).unwrap_err();
+        assert!(err.contains("max_message_bytes"), "{err}");
+    }
+
+    #[test]
+    fn urls_take_the_configured_credentials_and_never_show_them() {
+        let mut settings = settings();
+        settings.username = Some("relay".into());
+        settings.password = Some(Password::new("s3cret"));
+        let uri = settings.uri().unwrap();
+        assert_eq!(uri.authority.userinfo.username, "relay");
+        assert_eq!(uri.authority.userinfo.password, "s3cret");
+        assert!(!settings.endpoint().contains("s3cret"));
+        assert!(!format!("{settings:?}").contains("s3cret"));
+        settings.url = "http://nope".into();
+        assert!(settings.validate().unwrap_err().contains("amqp://"));
+        let mut tls = self::tests::settings();
+        tls.ca_file = Some("/tmp/ca.pem".into());
+        assert!(tls.validate().unwrap_err().contains("amqps://"));
+    }
+}

@@ -1,0 +1,923 @@
+//! The RabbitMQ sink end to end, against the RabbitMQ on 127.0.0.1 (5672 for AMQP, 5552 for
+//! streams; scripts/install-test-deps.sh installs it, enables the stream plugin and pins the
+//! advertised host). Every test works in a virtual host of its own, created with
+//! `rabbitmqctl` and deleted afterwards, so tests run in parallel and `close_all_connections`
+//! hits only the test's own connections. Messages are read back with lapin (queues) and
+//! the stream client (streams).
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use outbox_relay_sinks::rabbitmq::{self, StreamSettings};
+use outbox_relay_sinks::{Event, Lsn, Position, Sink, Text};
+use rabbitmq_stream_client::types::OffsetSpecification;
+use rabbitmq_stream_client::Environment;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::runtime::Runtime;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A name no other test uses.
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is missing: run scripts/install-test-deps.sh");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A virtual host of the test's own on the local broker, with guest allowed; deleted on drop.
+struct Vhost {
+    name: String,
+    rt: Runtime,
+}
+
+impl Vhost {
+    fn new() -> Vhost {
+        let name = unique("outbox-test");
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost {
+            name,
+            rt: Runtime::new().unwrap(),
+        }
+    }
+
+    fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
+    }
+
+    fn stream_url(&self) -> String {
+        format!("rabbitmq-stream://guest:guest@127.0.0.1:5552/{}", self.name)
+    }
+
+    /// Closes every connection of the vhost, the relay's included, as an operator would.
+    fn close_all_connections(&self) {
+        rabbitmqctl(&["close_all_connections", "--vhost", &self.name, "test"]);
+    }
+
+    fn connect(&self) -> Connection {
+        self.rt
+            .block_on(Connection::connect(
+                &self.amqp_url(),
+                ConnectionProperties::default(),
+            ))
+            .unwrap()
+    }
+
+    /// Declares a durable topic exchange and a durable queue with `arguments` bound to it.
+    fn declare_queue(&self, exchange: &str, queue: &str, binding: &str, arguments: FieldTable) {
+        let connection = self.connect();
+        self.rt.block_on(async {
+            let channel = connection.create_channel().await.unwrap();
+            channel
+                .exchange_declare(
+                    exchange.into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    arguments,
+                )
+                .await
+                .unwrap();
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.into(),
+                    binding.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            connection.close(200, "done".into()).await.unwrap();
+        });
+    }
+
+    /// Takes every message now in `queue` (auto-ack) and appends it to `into`. Connects
+    /// anew each time: the tests close connections under the relay's feet. A queue that
+    /// does not exist yet (the relay declares it) yields nothing.
+    fn drain(&self, queue: &str, into: &mut Vec<Received>) {
+        self.rt.block_on(async {
+            let Ok(connection) =
+                Connection::connect(&self.amqp_url(), ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            if let Ok(channel) = connection.create_channel().await {
+                while let Ok(Some(message)) = channel
+                    .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                    .await
+                {
+                    into.push(Received {
+                        routing_key: message.delivery.routing_key.to_string(),
+                        properties: message.delivery.properties.clone(),
+                        body: message.delivery.data.clone(),
+                    });
+                }
+            }
+            let _ = connection.close(200, "done".into()).await;
+        });
+    }
+
+    /// Reads `stream` from its first offset in the background; what arrives is appended
+    /// to the returned list as (message id, CloudEvents envelope).
+    fn read_stream(&self, stream: &str) -> Arc<Mutex<Vec<(String, Value)>>> {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (vhost, stream, sink) = (self.name.clone(), stream.to_owned(), received.clone());
+        self.rt.spawn(async move {
+            let environment = Environment::builder()
+                .host("127.0.0.1")
+                .port(5552)
+                .virtual_host(&vhost)
+                .build()
+                .await
+                .unwrap();
+            let mut consumer = loop {
+                match environment
+                    .consumer()
+                    .offset(OffsetSpecification::First)
+                    .build(&stream)
+                    .await
+                {
+                    Ok(consumer) => break consumer,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let message = delivery.message();
+                // The message id is an AMQP 1.0 string: `String("...")` in debug form.
+                let id = message
+                    .properties()
+                    .and_then(|p| p.message_id.as_ref())
+                    .map(|id| format!("{id:?}"))
+                    .unwrap_or_default()
+                    .trim_start_matches("String(\"")
+                    .trim_end_matches("\")")
+                    .to_owned();
+                let body = serde_json::from_slice(message.data().unwrap_or_default()).unwrap();
+                sink.lock().unwrap().push((id, body));
+            }
+        });
+        received
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .output();
+    }
+}
+
+/// A message taken from a queue.
+struct Received {
+    routing_key: String,
+    properties: BasicProperties,
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> Option<String> {
+        let headers = self.properties.headers().as_ref()?;
+        match headers.inner().get(name)? {
+            AMQPValue::LongString(text) => Some(text.to_string()),
+            AMQPValue::LongLongInt(number) => Some(number.to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+
+    fn id(&self) -> String {
+        self.properties.message_id().as_ref().unwrap().to_string()
+    }
+
+    /// (key, sequence) in CloudEvents binary mode.
+    fn key_and_sequence(&self) -> (String, String) {
+        (
+            self.header("cloudEvents_subject").unwrap(),
+            self.header("cloudEvents_sequence").unwrap(),
+        )
+    }
+}
+
+/// The Debezium outbox layout plus the optional headers and traceparent columns.
+fn create_outbox(pg: &PgCluster) {
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+         aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, \
+         payload jsonb NOT NULL, headers jsonb, traceparent text)",
+    );
+}
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// Inserts `count` events of `aggregate` in one transaction: keys k0..k{keys-1} in turn.
+fn insert_events(pg: &PgCluster, aggregate: &str, first: usize, count: usize, keys: usize) {
+    pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers, traceparent) \
+         SELECT '{aggregate}', 'k' || (i % {keys}), 'Updated', jsonb_build_object('n', i), \
+         '{{\"tenant\": \"acme\"}}', '{TRACEPARENT}' FROM generate_series({first}, {}) AS i",
+        first + count - 1
+    ));
+}
+
+/// Writes transactions of 10 events (keys k0..k{keys-1}) from a thread until `stop`, so
+/// that what the test does meanwhile (closing connections, kill -9) lands mid-stream.
+/// Returns how many events it wrote.
+fn spawn_writer(
+    pg: &PgCluster,
+    first: usize,
+    keys: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let url = pg.url();
+    std::thread::spawn(move || {
+        let mut from = first;
+        while !stop.load(Ordering::Relaxed) {
+            let sql = format!(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                 SELECT 'order', 'k' || (i % {keys}), 'Updated', jsonb_build_object('n', i) \
+                 FROM generate_series({from}, {}) AS i",
+                from + 9
+            );
+            let out = Command::new(pg_bin().join("psql"))
+                .args(["-X", "-q", "-d", &url, "-c", &sql])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            from += 10;
+        }
+        from - first
+    })
+}
+
+/// Asserts that each key's (key, sequence) pairs come in commit order.
+fn assert_per_key_order(pairs: impl IntoIterator<Item = (String, String)>) {
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for (key, sequence) in pairs {
+        if let Some(previous) = last.get(&key) {
+            assert!(
+                *previous < sequence,
+                "key {key}: {sequence} arrived after {previous}"
+            );
+        }
+        last.insert(key, sequence);
+    }
+}
+
+/// The last copy of each message, in arrival order.
+fn last_copies(messages: &[Received]) -> Vec<&Received> {
+    let mut seen = HashSet::new();
+    let mut last: Vec<&Received> = messages
+        .iter()
+        .rev()
+        .filter(|m| seen.insert(m.id()))
+        .collect();
+    last.reverse();
+    last
+}
+
+fn dead_letters(pg: &PgCluster) -> Vec<String> {
+    let out = pg.psql(
+        "SELECT sink || ' | ' || (row_data->>'aggregatetype') || ' | ' || reason \
+         FROM outbox_relay.dead_letters ORDER BY id",
+    );
+    out.lines().map(str::to_owned).collect()
+}
+
+fn exchange_sink(vhost: &Vhost, extra: &str) -> String {
+    format!(
+        "[sinks.rabbit]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"events\"\n\
+         binary = true\nwindow = 16\ntimeout = \"5s\"\n{extra}\n",
+        vhost.amqp_url()
+    )
+}
+
+/// Guarantee: exchange mode publishes every event once (no failures here), in per-key
+/// commit order, persistent, with message_id, type, timestamp, content type, the event's
+/// headers, traceparent and the CloudEvents attributes as cloudEvents_ headers. The sink
+/// declares the exchange and the bound queue itself; `check` passes.
+#[test]
+fn exchange_mode_delivers_every_event_once_in_per_key_order_with_its_headers() {
+    let vhost = Vhost::new();
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = exchange_sink(&vhost, "declare = true\nqueue = \"all\"\n");
+    let config = relay_config(dir.path(), &pg, &sink);
+    init(&config);
+    let check = relay_command(&config, "check");
+    assert!(
+        check.status.success(),
+        "check: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let relay = Relay::start(&config);
+    for tx in 0..20 {
+        insert_events(&pg, "order", tx * 25, 25, 10);
+    }
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages.len() >= 500
+        }),
+        "{} of 500 arrived; relay log:\n{}",
+        messages.len(),
+        relay.log()
+    );
+    let ids: HashSet<String> = messages.iter().map(Received::id).collect();
+    assert_eq!(
+        (messages.len(), ids.len()),
+        (500, 500),
+        "an event was repeated"
+    );
+    assert_per_key_order(messages.iter().map(Received::key_and_sequence));
+
+    let first = &messages[0];
+    assert_eq!(first.routing_key, "order.Updated");
+    assert_eq!(*first.properties.delivery_mode(), Some(2));
+    assert_eq!(first.header("cloudEvents_id"), Some(first.id()));
+    assert_eq!(
+        first.properties.kind().as_ref().map(ShortString::as_str),
+        Some("Updated")
+    );
+    assert_eq!(
+        first
+            .properties
+            .content_type()
+            .as_ref()
+            .map(ShortString::as_str),
+        Some("application/json")
+    );
+    assert!(first
+        .properties
+        .timestamp()
+        .is_some_and(|t| t > 1_700_000_000));
+    assert_eq!(first.header("tenant").as_deref(), Some("acme"));
+    assert_eq!(first.header("traceparent").as_deref(), Some(TRACEPARENT));
+    assert_eq!(first.header("cloudEvents_type").as_deref(), Some("Updated"));
+    assert_eq!(
+        first.header("cloudEvents_specversion").as_deref(),
+        Some("1.0")
+    );
+    let payload: Value = serde_json::from_slice(&first.body).unwrap();
+    assert!(payload["n"].is_number(), "{payload}");
+
+    // A clean restart (SIGTERM) repeats nothing and loses nothing.
+    let mut relay = relay;
+    assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
+    insert_events(&pg, "order", 500, 100, 10);
+    let relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages
+                .iter()
+                .map(Received::id)
+                .collect::<HashSet<_>>()
+                .len()
+                >= 600
+        }),
+        "{} arrived after the restart; relay log:\n{}",
+        messages.len(),
+        relay.log()
+    );
+    assert_eq!(messages.len(), 600, "the restart repeated events");
+    assert_per_key_order(messages.iter().map(Received::key_and_sequence));
+}
+
+/// Guarantee: when the broker closes the relay's connection mid-stream (twice), the sink
+/// reconnects and publishes what was not confirmed; after a kill -9 the restarted relay
+/// publishes again what was not checkpointed. Nothing is lost, and the last copies of every
+/// key's events are in commit order (repeats allowed: at-least-once).
+#[test]
+fn exchange_mode_loses_nothing_when_the_broker_closes_its_connections() {
+    let vhost = Vhost::new();
+    vhost.declare_queue("events", "all", "#", FieldTable::default());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &exchange_sink(&vhost, ""));
+    init(&config);
+    let mut relay = Relay::start(&config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&pg, 0, 7, stop.clone());
+    let mut messages = Vec::new();
+    for round in 1..=2 {
+        let before = messages.len();
+        assert!(
+            wait_until(WAIT, || {
+                vhost.drain("all", &mut messages);
+                messages.len() > before
+            }),
+            "round {round}: nothing arrived; relay log:\n{}",
+            relay.log()
+        );
+        vhost.close_all_connections();
+    }
+    // Written after the last close, so it can only arrive over a new connection.
+    insert_events(&pg, "marker", 1_000_000, 1, 7);
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages.iter().any(|m| m.routing_key == "marker.Updated")
+        }),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert!(
+        relay.log().matches("connected to RabbitMQ").count() >= 2,
+        "the sink did not reconnect:\n{}",
+        relay.log()
+    );
+    let before = messages.len();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages.len() > before
+        }),
+        "relay log:\n{}",
+        relay.log()
+    );
+    relay.kill9();
+    let relay = Relay::start(&config);
+    stop.store(true, Ordering::Relaxed);
+    let total = writer.join().unwrap() + 1;
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages
+                .iter()
+                .map(Received::id)
+                .collect::<HashSet<_>>()
+                .len()
+                == total
+        }),
+        "{} of {total} arrived; relay log:\n{}",
+        messages.len(),
+        relay.log()
+    );
+    assert_per_key_order(
+        last_copies(&messages)
+            .into_iter()
+            .map(Received::key_and_sequence),
+    );
+}
+
+/// Guarantee: with `mandatory`, an event no queue is bound for comes back, and the
+/// `dead-letter` policy (the default for unroutable events) stores it in the dead-letter
+/// table with the broker's reason; the routable events arrive and the relay goes on.
+#[test]
+fn unroutable_events_are_dead_lettered() {
+    let vhost = Vhost::new();
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = exchange_sink(
+        &vhost,
+        "declare = true\nqueue = \"orders\"\nbinding_key = \"order.#\"\n",
+    );
+    let config = relay_config(dir.path(), &pg, &sink);
+    init(&config);
+    let relay = Relay::start(&config);
+    insert_events(&pg, "order", 0, 10, 3);
+    insert_events(&pg, "invoice", 10, 5, 3);
+    insert_events(&pg, "order", 15, 10, 3);
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("orders", &mut messages);
+            messages.len() >= 20 && dead_letters(&pg).len() >= 5
+        }),
+        "{} orders, dead letters {:?}; relay log:\n{}",
+        messages.len(),
+        dead_letters(&pg),
+        relay.log()
+    );
+    assert_eq!(messages.len(), 20);
+    assert!(messages.iter().all(|m| m.routing_key == "order.Updated"));
+    let letters = dead_letters(&pg);
+    assert_eq!(letters.len(), 5, "{letters:?}");
+    for letter in &letters {
+        assert!(
+            letter.starts_with("rabbit | invoice | returned by RabbitMQ: 312 NO_ROUTE"),
+            "{letter}"
+        );
+    }
+}
+
+/// A queue that holds 5 messages and refuses more (`x-overflow = reject-publish`).
+fn full_queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(5));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    arguments
+}
+
+/// Guarantee: events a full queue nacks are published again (policy `retry`, the default)
+/// until the queue has room: nothing is lost, and the last copy of every event is in
+/// per-key commit order. The exchange exists beforehand (the sink only checks it).
+#[test]
+fn nacked_events_are_retried_until_the_queue_has_room() {
+    let vhost = Vhost::new();
+    vhost.declare_queue("events", "small", "#", full_queue_arguments());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &exchange_sink(&vhost, ""));
+    init(&config);
+    let relay = Relay::start(&config);
+    insert_events(&pg, "order", 0, 30, 3);
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("small", &mut messages);
+            messages
+                .iter()
+                .map(Received::id)
+                .collect::<HashSet<_>>()
+                .len()
+                == 30
+        }),
+        "{} arrived; relay log:\n{}",
+        messages.len(),
+        relay.log()
+    );
+    assert!(
+        relay.log().contains("nacked by RabbitMQ"),
+        "{}",
+        relay.log()
+    );
+    assert_per_key_order(
+        last_copies(&messages)
+            .into_iter()
+            .map(Received::key_and_sequence),
+    );
+    assert!(dead_letters(&pg).is_empty());
+}
+
+/// Guarantee: with `on_nack = "dead-letter"` the refused events go to the dead-letter
+/// table; with `on_nack = "fail"` the relay stops and says what to fix. Never a silent drop.
+#[test]
+fn nacked_events_follow_the_dead_letter_and_fail_policies() {
+    let vhost = Vhost::new();
+    vhost.declare_queue("events", "small", "#", full_queue_arguments());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &exchange_sink(&vhost, "on_nack = \"dead-letter\"\n"),
+    );
+    init(&config);
+    let mut relay = Relay::start(&config);
+    insert_events(&pg, "order", 0, 12, 3);
+    assert!(
+        wait_until(WAIT, || dead_letters(&pg).len() >= 7),
+        "dead letters {:?}; relay log:\n{}",
+        dead_letters(&pg),
+        relay.log()
+    );
+    let mut messages = Vec::new();
+    vhost.drain("small", &mut messages);
+    assert_eq!(messages.len(), 5);
+    assert_eq!(dead_letters(&pg).len(), 7);
+    assert!(dead_letters(&pg)[0].contains("nacked by RabbitMQ"));
+    assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
+
+    // The queue is empty now; fill it again and fail on the first refusal.
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &exchange_sink(&vhost, "on_nack = \"fail\"\n"),
+    );
+    let mut relay = Relay::start(&config);
+    insert_events(&pg, "order", 12, 12, 3);
+    let status = relay.wait(WAIT);
+    assert!(status.is_some_and(|s| !s.success()), "{}", relay.log());
+    let log = relay.log();
+    assert!(
+        log.contains("nacked by RabbitMQ") && log.contains("on_nack"),
+        "{log}"
+    );
+}
+
+/// Guarantee (stream mode): exactly once in the stream, in commit order, across a SIGTERM
+/// and three kill -9s of the relay while rows are being written. After each restart the sink reads
+/// the producer's last publishing id from RabbitMQ as its checkpoint, and RabbitMQ drops
+/// whatever the relay publishes again.
+#[test]
+fn stream_mode_holds_every_event_exactly_once_across_kill9() {
+    let vhost = Vhost::new();
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!(
+        "[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
+         stream = \"events\"\ndeclare = true\nwindow = 32\ntimeout = \"5s\"\n",
+        vhost.stream_url()
+    );
+    let config = relay_config(dir.path(), &pg, &sink);
+    init(&config);
+    let mut relay = Relay::start(&config);
+    insert_events(&pg, "order", 0, 50, 5);
+    let received = vhost.read_stream("events");
+    let count = || received.lock().unwrap().len();
+    assert!(
+        wait_until(WAIT, || count() >= 50),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
+    relay = Relay::start(&config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&pg, 50, 5, stop.clone());
+    for round in 1..=3 {
+        let before = count();
+        assert!(
+            wait_until(WAIT, || count() > before),
+            "round {round}: nothing new arrived; relay log:\n{}",
+            relay.log()
+        );
+        relay.kill9();
+        relay = Relay::start(&config);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let expected = 50 + writer.join().unwrap();
+    assert!(
+        wait_until(WAIT, || count() >= expected),
+        "{} of {expected} in the stream; relay log:\n{}",
+        count(),
+        relay.log()
+    );
+    assert!(
+        relay
+            .log()
+            .contains("recovered the position the stream holds"),
+        "{}",
+        relay.log()
+    );
+    // One more event, the last one written: once it is in the stream, anything the
+    // restarted relays could have repeated would be in the stream before it.
+    insert_events(&pg, "order", 10_000, 1, 5);
+    assert!(wait_until(WAIT, || count() > expected), "{}", relay.log());
+    let events = received.lock().unwrap().clone();
+    assert_eq!(
+        events.len(),
+        expected + 1,
+        "an event is in the stream twice"
+    );
+    let ids: HashSet<&str> = events.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), expected + 1);
+    for (id, envelope) in &events {
+        assert_eq!(envelope["id"].as_str(), Some(id.as_str()));
+    }
+    let sequences: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| e["sequence"].as_str().unwrap())
+        .collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "the stream is not in commit order"
+    );
+}
+
+fn event(lsn: u64, index: u32) -> Event {
+    let id = format!(
+        "00000000-0000-4000-8000-{:012x}",
+        lsn * 100_000 + u64::from(index)
+    );
+    Event {
+        position: Position {
+            commit_lsn: Lsn(lsn),
+            index,
+        },
+        xid: 7,
+        commit_time_micros: 1_700_000_000_000_000,
+        table: "public.outbox".into(),
+        source: "/public.outbox".into(),
+        id: Text::from(id),
+        key: Text::from(format!("k{}", index % 3)),
+        aggregate_type: Text::from("order"),
+        aggregate_id: Text::from(format!("k{}", index % 3)),
+        event_type: Text::from("Updated"),
+        schema_version: None,
+        occurred_at: None,
+        traceparent: None,
+        headers: Vec::new(),
+        attributes: Vec::new(),
+        payload: Text::from(format!("{{\"n\": {index}}}")),
+    }
+}
+
+fn stream_settings(vhost: &Vhost, stream: &str) -> StreamSettings {
+    StreamSettings {
+        name: "stream".into(),
+        url: vhost.stream_url(),
+        username: None,
+        password: None,
+        ca_file: None,
+        stream: stream.into(),
+        producer_name: "outbox-relay.test.stream".into(),
+        declare: true,
+        format: outbox_relay_sinks::format::Format::CloudEvents,
+        binary: false,
+        window: 50,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Guarantee (stream mode, at the sink): publishing the same events again through a new
+/// sink that skips `recover` (as a relay replaying from an older checkpoint would) stores
+/// nothing twice; `recover` maps the broker's last publishing id back to the last
+/// position; an event beyond the per-transaction cap is rejected (dead-lettered), not
+/// silently dropped by deduplication.
+#[test]
+fn stream_replays_are_deduplicated_by_the_broker() {
+    let vhost = Vhost::new();
+    let rt = Runtime::new().unwrap();
+    let batch: Vec<Event> = (0..3)
+        .flat_map(|tx| (0..40).map(move |i| event(0x1000 + tx, i)))
+        .collect();
+    rt.block_on(async {
+        let mut first = rabbitmq::sink(rabbitmq::RabbitMqSettings::Stream(stream_settings(
+            &vhost, "replay",
+        )));
+        assert_eq!(first.recover().await.unwrap(), None);
+        let delivery = first.send(&batch[..70]).await.unwrap();
+        assert!(delivery.rejected.is_empty());
+        first.close().await.unwrap();
+
+        let mut second = rabbitmq::StreamSink::new(stream_settings(&vhost, "replay"));
+        let mut last = batch.clone();
+        last.push(event(0x2000, rabbitmq::stream::MAX_INDEX + 1));
+        let delivery = second.send(&last).await.unwrap();
+        assert_eq!(delivery.rejected.len(), 1);
+        assert_eq!(delivery.rejected[0].index, batch.len());
+        assert!(delivery.rejected[0].reason.contains("dlq replay"));
+        second.close().await.unwrap();
+
+        let mut third = rabbitmq::StreamSink::new(stream_settings(&vhost, "replay"));
+        assert_eq!(
+            third.recover().await.unwrap(),
+            Some(batch.last().unwrap().position)
+        );
+        third.close().await.unwrap();
+    });
+    let received = vhost.read_stream("replay");
+    assert!(wait_until(WAIT, || received.lock().unwrap().len() >= batch.len()));
+    let events = received.lock().unwrap().clone();
+    let ids: Vec<&str> = events.iter().map(|(id, _)| id.as_str()).collect();
+    let expected: Vec<&str> = batch.iter().map(|e| &*e.id).collect();
+    assert_eq!(ids, expected);
+}
+
+/// `outbox-relay check` names what is wrong on the RabbitMQ side: a stream port where
+/// nothing answers (the stream plugin not enabled), a missing exchange the sink does not
+/// declare, a missing stream.
+#[test]
+fn check_reports_a_disabled_stream_plugin_and_missing_destinations() {
+    let vhost = Vhost::new();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"postgres://nobody@127.0.0.1:1/none\"\n\n\
+             [sinks.no_plugin]\ntype = \"rabbitmq\"\nmode = \"stream\"\n\
+             url = \"rabbitmq-stream://127.0.0.1:{closed_port}/\"\nstream = \"events\"\ntimeout = \"5s\"\n\n\
+             [sinks.no_stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
+             stream = \"missing\"\ntimeout = \"5s\"\n\n\
+             [sinks.no_exchange]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"missing\"\ntimeout = \"5s\"\n",
+            vhost.stream_url(),
+            vhost.amqp_url()
+        ),
+    )
+    .unwrap();
+    let out = relay_command(&config, "check");
+    assert!(!out.status.success());
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("sink no_plugin: nothing answers on the RabbitMQ stream port")
+            && report.contains("rabbitmq-plugins enable rabbitmq_stream"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sink no_stream (stream \"missing\"): the stream does not exist"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sink no_exchange") && report.contains("\"missing\" does not exist"),
+        "{report}"
+    );
+    assert!(!report.contains("guest:guest"), "{report}");
+}
+
+/// config/rabbitmq.toml works as documented: both sinks (exchange and stream) deliver, with
+/// the database URL and the broker names from the environment.
+#[test]
+fn the_example_config_works() {
+    let vhost = Vhost::new();
+    vhost.declare_queue("outbox", "all", "#", FieldTable::default());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    // A copy: the relay's logs are written beside its config.
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_example(dir.path(), "rabbitmq.toml");
+    let env = [
+        ("OUTBOX_RELAY__SOURCE__URL", pg.url()),
+        ("OUTBOX_RELAY__SINKS__ORDERS__URL", vhost.amqp_url()),
+        (
+            "OUTBOX_RELAY__SINKS__ORDERS_STREAM__URL",
+            vhost.stream_url(),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = relay_command_with_env(&config, "init", &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let relay = Relay::start_with_env(&config, &env);
+    insert_events(&pg, "order", 0, 10, 2);
+    let received = vhost.read_stream("outbox-events");
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages.len() >= 10 && received.lock().unwrap().len() >= 10
+        }),
+        "{} in the queue, {} in the stream; relay log:\n{}",
+        messages.len(),
+        received.lock().unwrap().len(),
+        relay.log()
+    );
+    assert_eq!(messages[0].routing_key, "order.Updated");
+}
