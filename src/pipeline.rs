@@ -7,6 +7,10 @@
 //! batch (and so everything before it) is acknowledged. Boundaries are commit end LSNs, or a
 //! keepalive position when no transaction is open. Every sink sees every boundary, in the same
 //! order, so the LSN confirmed upstream is the minimum over sinks of one monotone sequence.
+//!
+//! Each worker also measures commit→acknowledgement latency per event (the commit time
+//! PostgreSQL stamped on the transaction to the moment the sink's `send` returned) into a
+//! fixed-size [`LatencyHistogram`], and logs its percentiles when it stops.
 
 use crate::checkpoint::CheckpointStore;
 use crate::outbox::DeadLetter;
@@ -14,9 +18,9 @@ use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use tracing::{info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 /// Events in commit order, and the LSN that is confirmable once they are all acknowledged.
 #[derive(Debug, Default)]
@@ -170,6 +174,7 @@ async fn run_worker(
     store: Arc<dyn CheckpointStore>,
     slot: String,
 ) -> anyhow::Result<()> {
+    let mut latency = LatencyHistogram::new();
     while let Some(batch) = batches.recv().await {
         let fresh = match worker.skip_through {
             Some(done) => &batch.events[batch.events.partition_point(|e| e.position <= done)..],
@@ -177,14 +182,124 @@ async fn run_worker(
         };
         if !fresh.is_empty() {
             deliver(&mut worker, fresh, &*store, &slot).await?;
+            let acked = unix_micros();
+            for event in fresh {
+                latency.record(acked.saturating_sub(event.commit_time_micros));
+            }
         }
         progress.acknowledge(index, fresh.last().map(|e| e.position), batch.boundary);
     }
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    info!(
+        events = latency.count(),
+        latency_p50_ms = ms(latency.quantile(0.50)),
+        latency_p90_ms = ms(latency.quantile(0.90)),
+        latency_p99_ms = ms(latency.quantile(0.99)),
+        latency_max_ms = ms(latency.max()),
+        "sink worker stopped; commit-to-acknowledgement latency of this session"
+    );
     worker
         .sink
         .close()
         .await
         .map_err(|e| anyhow::anyhow!("closing sink {}: {e}", worker.name))
+}
+
+/// Microseconds since the Unix epoch, the clock of [`Event::commit_time_micros`].
+fn unix_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Sub-buckets per power of two: values are kept to within 1/32 (about 3%).
+const SUB_BUCKET_BITS: u32 = 5;
+const SUB_BUCKETS: u64 = 1 << SUB_BUCKET_BITS;
+/// Values are exact below this, then log-linear.
+const LINEAR_LIMIT: u64 = 2 * SUB_BUCKETS;
+/// Enough buckets for any u64.
+const BUCKETS: usize = (LINEAR_LIMIT + (64 - SUB_BUCKET_BITS as u64 - 1) * SUB_BUCKETS) as usize;
+
+/// A fixed-size log-linear histogram of microseconds (as HdrHistogram with 5 bits of
+/// precision): recording is a few integer operations on an array allocated once, with no
+/// allocation per event, so it can run for every event on the hot path.
+#[derive(Clone)]
+pub struct LatencyHistogram {
+    counts: Box<[u64; BUCKETS]>,
+    count: u64,
+    max: u64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LatencyHistogram {
+    pub fn new() -> Self {
+        LatencyHistogram {
+            counts: Box::new([0; BUCKETS]),
+            count: 0,
+            max: 0,
+        }
+    }
+
+    /// Records one latency; negative values (clock steps) count as zero.
+    pub fn record(&mut self, micros: i64) {
+        let value = micros.max(0) as u64;
+        self.counts[bucket_of(value)] += 1;
+        self.count += 1;
+        self.max = self.max.max(value);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// The value at quantile `q` (0..=1): the middle of its bucket, never above the maximum
+    /// recorded; 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (index, &n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let (low, high) = bucket_range(index);
+                return (low + (high - low) / 2).min(self.max);
+            }
+        }
+        self.max
+    }
+}
+
+fn bucket_of(value: u64) -> usize {
+    if value < LINEAR_LIMIT {
+        return value as usize;
+    }
+    let exponent = 63 - value.leading_zeros(); // > SUB_BUCKET_BITS
+    let shift = exponent - SUB_BUCKET_BITS;
+    let sub = (value >> shift) - SUB_BUCKETS; // 0..SUB_BUCKETS
+    (LINEAR_LIMIT + u64::from(shift - 1) * SUB_BUCKETS + sub) as usize
+}
+
+/// The values `[low, high]` that land in bucket `index`.
+fn bucket_range(index: usize) -> (u64, u64) {
+    let index = index as u64;
+    if index < LINEAR_LIMIT {
+        return (index, index);
+    }
+    let shift = (index - LINEAR_LIMIT) / SUB_BUCKETS + 1;
+    let sub = (index - LINEAR_LIMIT) % SUB_BUCKETS;
+    let low = (SUB_BUCKETS + sub) << shift;
+    (low, low + ((1u64 << shift) - 1))
 }
 
 /// Sends `events` until the sink takes them, backing off on retryable errors; rejected events
@@ -241,6 +356,41 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_cover_every_value_within_their_precision() {
+        let mut previous_high = None;
+        for index in 0..BUCKETS {
+            let (low, high) = bucket_range(index);
+            assert!(low <= high);
+            if let Some(previous) = previous_high {
+                assert_eq!(low, previous + 1, "bucket {index} leaves a gap");
+            }
+            assert_eq!(bucket_of(low), index);
+            assert_eq!(bucket_of(high), index);
+            assert!((high - low) as f64 <= low as f64 / SUB_BUCKETS as f64);
+            previous_high = Some(high);
+        }
+        assert_eq!(previous_high, Some(u64::MAX));
+    }
+
+    #[test]
+    fn latency_quantiles() {
+        let mut h = LatencyHistogram::new();
+        assert_eq!(h.quantile(0.99), 0);
+        for micros in 1..=10_000 {
+            h.record(micros);
+        }
+        h.record(-5);
+        assert_eq!(h.count(), 10_001);
+        assert_eq!(h.max(), 10_000);
+        let p50 = h.quantile(0.5) as f64;
+        let p99 = h.quantile(0.99) as f64;
+        assert!((p50 - 5_000.0).abs() / 5_000.0 < 0.04, "{p50}");
+        assert!((p99 - 9_900.0).abs() / 9_900.0 < 0.04, "{p99}");
+        assert_eq!(h.quantile(1.0), 10_000);
+        assert_eq!(h.quantile(0.0), 0);
+    }
 
     #[test]
     fn confirmed_is_the_minimum_boundary_over_sinks() {

@@ -1,0 +1,1089 @@
+#!/usr/bin/env python3
+"""outbox-relay benchmark: one command, one machine, a few minutes.
+
+Starts a throwaway PostgreSQL cluster (wal_level=logical), creates the Debezium-layout outbox
+table, runs `outbox-relay init`, creates every replication slot a phase will read *before* that
+phase writes its workload (so every reader drains the same WAL), then measures each reader on
+its own slot after the workload is written:
+
+  decode-only   SELECT count(*) FROM pg_logical_slot_get_binary_changes(...)  (the server's
+                decoding limit: no network, no client)
+  pg_recvlogical  to /dev/null (a reference point: a C client that does nothing with the data)
+  relay         the release build of this repo with the null sink and the file sink (fsync on
+                and off); completion = pg_replication_slots.confirmed_flush_lsn reaching the
+                workload's last commit end LSN (the relay confirms only what the sink
+                acknowledged; the status interval lag is included, not subtracted)
+
+and also: single-row transactions, commit->ack latency at a fixed offered load (a paced writer
+inside PostgreSQL), cold start to the first event in a file, and peak RSS for one 100k-row and
+one 1M-row transaction.
+
+Python 3.11 standard library only; needs psql and pg_recvlogical on PATH and PostgreSQL's
+server binaries (PG_BIN, else the newest /usr/lib/postgresql/*/bin). Run as root (initdb runs
+as `postgres` via runuser) or as an ordinary user.
+
+    python3 bench/run.py                      # everything, defaults as in BENCHMARKS.md
+    python3 bench/run.py --quick              # a smaller, ~1 minute smoke run
+    python3 bench/run.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PUBLICATION = "bench_pub"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes and /proc
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a live process, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # after "pid (comm) ", fields[0] is state (field 3); utime is field 14, stime field 15
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int | None:
+    """A `kB` value (VmHWM, VmRSS) from /proc/<pid>/status."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def machine_busy() -> tuple[float, float]:
+    """CPU seconds the whole machine spent busy (all CPUs), and of that, stolen by the host."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK, steal / CLK_TCK
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def pg_bin() -> Path:
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    versions = sorted(
+        (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    if versions:
+        return versions[-1]
+    out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def as_postgres(args: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *args] if is_root() else args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lsn_int(text: str) -> int:
+    hi, lo = text.strip().split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+class Psql:
+    """One long-lived psql session: cheap polling without a process per query."""
+
+    MARK = "__bench_end__"
+
+    def __init__(self, url: str):
+        self.proc = subprocess.Popen(
+            ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=0", url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+
+    def query(self, sql: str) -> list[str]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(sql.rstrip().rstrip(";") + ";\n\\echo " + self.MARK + "\n")
+        self.proc.stdin.flush()
+        lines = []
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"psql exited; output so far: {lines}")
+            line = line.rstrip("\n")
+            if line == self.MARK:
+                break
+            lines.append(line)
+        for line in lines:
+            if line.startswith(("ERROR:", "psql:", "FATAL:")):
+                raise RuntimeError(f"SQL failed: {sql[:200]}: {' | '.join(lines)}")
+        return lines
+
+    def value(self, sql: str) -> str:
+        rows = self.query(sql)
+        return rows[0] if rows else ""
+
+    def close(self) -> None:
+        try:
+            assert self.proc.stdin
+            self.proc.stdin.write("\\q\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=5)
+        except Exception:
+            self.proc.kill()
+
+
+class Cluster:
+    def __init__(self, fsync: bool):
+        self.bin = pg_bin()
+        self.dir = Path(tempfile.mkdtemp(prefix="outbox-relay-bench-pg."))
+        os.chmod(self.dir, 0o755)
+        if is_root():
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.port = 0
+        self.fsync = fsync
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    @property
+    def unix_dsn(self) -> str:
+        # sslmode=disable: the relay's default (prefer) attempts TLS over the Unix socket too
+        host = str(self.dir).replace("/", "%2F")
+        return f"postgres://postgres@{host}:{self.port}/postgres?sslmode=disable"
+
+    def start(self) -> None:
+        subprocess.run(
+            as_postgres(
+                [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                 "-E", "UTF8", "--locale=C", "-N"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        for _ in range(5):
+            self.port = free_port()
+            conf = f"""
+wal_level = logical
+max_wal_senders = 20
+max_replication_slots = 30
+port = {self.port}
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '{self.dir}'
+fsync = {'on' if self.fsync else 'off'}
+shared_buffers = 256MB
+max_wal_size = 8GB
+checkpoint_timeout = 30min
+wal_sender_timeout = 60s
+autovacuum = off
+"""
+            (self.data / "postgresql.auto.conf").write_text(conf)
+            started = subprocess.run(
+                as_postgres(
+                    [str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-l",
+                     str(self.dir / "server.log"), "start"]
+                ),
+                capture_output=True,
+            )
+            if started.returncode == 0:
+                return
+        raise RuntimeError("PostgreSQL did not start: " + (self.dir / "server.log").read_text())
+
+    def stop(self) -> None:
+        subprocess.run(
+            as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
+                         "stop"]),
+            capture_output=True,
+        )
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+SETUP_SQL = """
+CREATE OR REPLACE PROCEDURE bench_load(total int, per_tx int, payload_bytes int, nkeys int)
+LANGUAGE plpgsql AS $$
+DECLARE
+  done int := 0;
+  n int;
+  -- jsonb renders {"d": "<filler>"}: 9 bytes + the filler
+  filler text := rpad('', greatest(payload_bytes - 9, 0), 'abcdefghijklmnopqrstuvwxyz0123456789');
+BEGIN
+  WHILE done < total LOOP
+    n := least(per_tx, total - done);
+    INSERT INTO public.outbox (aggregatetype, aggregateid, type, payload)
+    SELECT 'order', 'order-' || ((done + g) % nkeys), 'OrderCreated', jsonb_build_object('d', filler)
+    FROM generate_series(1, n) g;
+    COMMIT;
+    done := done + n;
+  END LOOP;
+END $$;
+
+-- Open-loop pacing: transaction k commits at (k * per_tx / rate) s after the start, whatever
+-- the previous ones took, so the offered load is exact over the run.
+CREATE OR REPLACE PROCEDURE bench_paced(total int, per_tx int, rate float8, payload_bytes int, nkeys int)
+LANGUAGE plpgsql AS $$
+DECLARE
+  done int := 0;
+  started timestamptz := clock_timestamp();
+  ahead float8;
+  filler text := rpad('', greatest(payload_bytes - 9, 0), 'abcdefghijklmnopqrstuvwxyz0123456789');
+BEGIN
+  WHILE done < total LOOP
+    INSERT INTO public.outbox (aggregatetype, aggregateid, type, payload)
+    SELECT 'order', 'order-' || ((done + g) % nkeys), 'OrderCreated', jsonb_build_object('d', filler)
+    FROM generate_series(1, per_tx) g;
+    COMMIT;
+    done := done + per_tx;
+    ahead := done / rate - extract(epoch FROM clock_timestamp() - started);
+    IF ahead > 0 THEN
+      PERFORM pg_sleep(ahead);
+    END IF;
+  END LOOP;
+END $$;
+"""
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    phase: str
+    reader: str
+    events: int
+    seconds: float
+    client_cpu_s: float | None = None  # relay / pg_recvlogical / (none for decode-only)
+    server_cpu_s: float | None = None  # walsender (or the SQL backend for decode-only)
+    peak_rss_kb: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    def per_million(self, cpu: float | None) -> float | None:
+        if cpu is None or not self.events:
+            return None
+        return cpu / self.events * 1e6
+
+    def as_json(self, decode_rate: float | None) -> dict:
+        return {
+            "phase": self.phase,
+            "reader": self.reader,
+            "events": self.events,
+            "seconds": round(self.seconds, 4),
+            "events_per_s": round(self.rate, 1),
+            "ratio_to_decode_only": round(self.rate / decode_rate, 3) if decode_rate else None,
+            "client_cpu_s": self.client_cpu_s,
+            "client_cpu_s_per_million": _r(self.per_million(self.client_cpu_s)),
+            "server_cpu_s": self.server_cpu_s,
+            "server_cpu_s_per_million": _r(self.per_million(self.server_cpu_s)),
+            "peak_rss_mb": round(self.peak_rss_kb / 1024, 1) if self.peak_rss_kb else None,
+            # share of one core over the run: ~1.0 means that process was the bottleneck
+            "client_busy": _r(self.client_cpu_s / self.seconds, 2) if self.client_cpu_s and self.seconds else None,
+            "server_busy": _r(self.server_cpu_s / self.seconds, 2) if self.server_cpu_s and self.seconds else None,
+            **self.extra,
+        }
+
+
+def other_cpu(busy0: tuple[float, float], *measured: float | None) -> dict:
+    """CPU the rest of the machine used during a run (other processes, this harness's polling,
+    PostgreSQL's other backends), and what the hypervisor stole: noise to look at."""
+    busy1 = machine_busy()
+    other = busy1[0] - busy0[0] - sum(m or 0 for m in measured)
+    return {"other_cpu_s": round(max(other, 0), 2), "steal_s": round(busy1[1] - busy0[1], 2)}
+
+
+def _r(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+# ---------------------------------------------------------------- the bench
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cluster = Cluster(fsync=args.pg_fsync)
+        self.work = Path(tempfile.mkdtemp(prefix="outbox-relay-bench."))
+        self.sql: Psql | None = None
+        self.results: list[Result] = []
+        self.decode_rates: dict[str, float] = {}
+        self.children: list[subprocess.Popen] = []
+        self.relay_bin = Path(args.relay_bin)
+        self.cold: dict = {}
+        self.busy_before: float | None = None
+        self.variants = {}
+        for spec in args.variant:
+            label, _, rest = spec.partition(":")
+            variant = {"label": label, "env": {}, "binary": None}
+            for kv in filter(None, rest.split(",")):
+                key, value = kv.split("=", 1)
+                if key == "bin":
+                    variant["binary"] = value
+                else:
+                    variant["env"][key] = value
+            self.variants[label] = variant
+        self.pg_version = ""
+
+    # -- plumbing
+
+    @property
+    def reader_url(self) -> str:
+        """How the streaming readers (relay, pg_recvlogical) connect."""
+        return self.cluster.unix_dsn if self.args.transport == "unix" else self.cluster.url
+
+    def psql_file(self, path: Path) -> None:
+        subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path), self.cluster.url],
+            check=True,
+            capture_output=True,
+        )
+
+    def create_slot(self, name: str) -> None:
+        assert self.sql
+        self.sql.query(f"SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')")
+
+    def drop_slot(self, name: str) -> None:
+        """Drops a slot once its walsender has let go of it (that lags the client's exit)."""
+        assert self.sql
+        deadline = time.monotonic() + 15
+        while self.sql.value(
+            f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}' AND active"
+        ) != "0" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.sql.query(
+            f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            f"WHERE slot_name = '{name}'"
+        )
+
+    def insert_lsn(self) -> int:
+        assert self.sql
+        return lsn_int(self.sql.value("SELECT pg_current_wal_insert_lsn()"))
+
+    def slot_state(self, name: str) -> tuple[int, int | None]:
+        assert self.sql
+        row = self.sql.value(
+            "SELECT coalesce(confirmed_flush_lsn, '0/0') || '|' || coalesce(active_pid::text, '') "
+            f"FROM pg_replication_slots WHERE slot_name = '{name}'"
+        )
+        lsn, pid = row.split("|")
+        return lsn_int(lsn), (int(pid) if pid else None)
+
+    def write_workload(self, rows: int, per_tx: int) -> float:
+        assert self.sql
+        a = self.args
+        started = time.monotonic()
+        self.sql.query(f"CALL bench_load({rows}, {per_tx}, {a.payload}, {a.keys})")
+        return time.monotonic() - started
+
+    def relay_config(self, name: str, slot: str, sink: str) -> Path:
+        sinks = {
+            "null": '[sinks.bench]\ntype = "null"\n',
+            "file-fsync": f'[sinks.bench]\ntype = "file"\npath = "{self.work}/{name}.jsonl"\nfsync = true\n',
+            "file-nofsync": f'[sinks.bench]\ntype = "file"\npath = "{self.work}/{name}.jsonl"\nfsync = false\n',
+        }[sink]
+        path = self.work / f"{name}.toml"
+        path.write_text(
+            f"""[source]
+url = "{self.reader_url}"
+slot = "{slot}"
+publication = "{PUBLICATION}"
+tables = ["public.outbox"]
+create_slot = false
+status_interval = "{self.args.status_interval}"
+
+[relay]
+batch_size = {self.args.batch_size}
+queue_depth = {self.args.queue_depth}
+
+[log]
+format = "pretty"
+level = "info"
+
+{sinks}"""
+        )
+        return path
+
+    def spawn_relay(self, config: Path, name: str, extra_env: dict | None = None,
+                    binary: str | None = None) -> tuple[subprocess.Popen, Path]:
+        stderr = self.work / f"{name}.log"
+        cmd = [binary or str(self.relay_bin), "--config", str(config), "run"]
+        env = dict(os.environ)
+        env.pop("RUST_LOG", None)
+        env.update(kv.split("=", 1) for kv in self.args.relay_env)
+        env.update(extra_env or {})
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=open(stderr, "w"), env=env
+        )
+        self.children.append(proc)
+        return proc, stderr
+
+    def stop_relay(self, proc: subprocess.Popen) -> int:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    # -- readers
+
+    def decode_only(self, phase: str, slot: str, events: int) -> tuple[Result, int]:
+        """Times the server's decoding alone; returns the result and the last commit end LSN."""
+        self.wait_quiet()
+        session = Psql(self.cluster.url)
+        try:
+            pid = int(session.value("SELECT pg_backend_pid()"))
+            cpu0 = cpu_seconds(pid)
+            busy0 = machine_busy()
+            started = time.monotonic()
+            row = session.value(
+                "SELECT count(*) || '|' || coalesce(max(lsn)::text, '0/0') FROM "
+                f"pg_logical_slot_get_binary_changes('{slot}', NULL, NULL, 'proto_version', '1', "
+                f"'publication_names', '{PUBLICATION}')"
+            )
+            seconds = time.monotonic() - started
+            cpu1 = cpu_seconds(pid)
+        finally:
+            session.close()
+        backend_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+        messages, end = row.split("|")
+        result = Result(
+            phase, "decode-only (SQL)", events, seconds,
+            server_cpu_s=_r(backend_cpu, 2),
+            extra={"messages": int(messages), **other_cpu(busy0, 0, backend_cpu)},
+        )
+        self.add(result)
+        return result, lsn_int(end)
+
+    def recvlogical(self, phase: str, slot: str, events: int, end: int) -> Result:
+        cmd = [
+            "pg_recvlogical", "-d", self.reader_url, "--start", "-S", slot, "--plugin=pgoutput",
+            "-o", "proto_version=1", "-o", f"publication_names={PUBLICATION}", "-f", "/dev/null",
+            f"--endpos={lsn_text(end)}", "--no-loop",
+        ]
+        errors = self.work / f"{slot}.recvlogical.log"
+        self.wait_quiet()
+        busy0 = machine_busy()
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(errors, "w"))
+        walsender, server_cpu = None, None
+        while True:
+            # wait4 rather than poll(): it also returns the child's CPU time.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if walsender is None:
+                _, walsender = self.slot_state(slot)
+            if walsender is not None:
+                cpu = cpu_seconds(walsender)
+                server_cpu = cpu if cpu is not None else server_cpu
+            time.sleep(0.002 if walsender else 0.005)
+        seconds = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pg_recvlogical failed: {errors.read_text()}")
+        client_cpu = usage.ru_utime + usage.ru_stime
+        background = other_cpu(busy0, client_cpu, server_cpu)
+        result = Result(
+            phase, "pg_recvlogical > /dev/null", events, seconds,
+            client_cpu_s=_r(client_cpu, 2), server_cpu_s=_r(server_cpu, 2),
+            extra={"note": "walsender CPU sampled every 2 ms until it exited: a lower bound",
+                   **background},
+        )
+        self.add(result)
+        return result
+
+    def relay(self, phase: str, slot: str, sink: str, events: int, end: int,
+              label: str | None = None, variant: dict | None = None) -> Result:
+        name = f"{phase}-{sink}-{slot}"
+        config = self.relay_config(name, slot, sink)
+        self.wait_quiet()
+        profiler = None
+        if self.args.perf:
+            Path(self.args.perf).mkdir(parents=True, exist_ok=True)
+            profiler = subprocess.Popen(
+                ["perf", "record", "-a", "-e", self.args.perf_events,
+                 *(["-F", "1999", "-g"] if self.args.perf_events == "cpu-clock" else ["-c", "1"]),
+                 "-o", str(Path(self.args.perf) / f"{name}.perf.data")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+        busy0 = machine_busy()
+        started = time.monotonic()
+        proc, stderr = self.spawn_relay(
+            config, name, (variant or {}).get("env"), (variant or {}).get("binary")
+        )
+        walsender = None
+        deadline = started + self.args.timeout
+        confirmed = 0
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"relay exited early ({proc.returncode}): {stderr.read_text()[-2000:]}")
+            confirmed, active = self.slot_state(slot)
+            if walsender is None and active is not None:
+                walsender = active
+            if confirmed >= end:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"relay on {slot} confirmed only {lsn_text(confirmed)} of {lsn_text(end)} "
+                    f"in {self.args.timeout}s; log: {stderr}"
+                )
+            time.sleep(self.args.poll)
+        seconds = time.monotonic() - started
+        relay_cpu = cpu_seconds(proc.pid)
+        hwm = status_kb(proc.pid, "VmHWM")
+        server_cpu = cpu_seconds(walsender) if walsender else None
+        background = other_cpu(busy0, relay_cpu, server_cpu)
+        if profiler:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait()
+        code = self.stop_relay(proc)
+        text = stderr.read_text()
+        result = Result(
+            phase, label or f"relay, {sink} sink", events, seconds,
+            client_cpu_s=_r(relay_cpu, 2), server_cpu_s=_r(server_cpu, 2), peak_rss_kb=hwm,
+            extra={"exit_code": code, "slot": slot, **background,
+                   "backlog_latency": parse_latency(text)},
+        )
+        if code != 0:
+            log(f"relay exited {code}: {text[-1500:]}")
+        self.add(result)
+        return result
+
+    def add(self, result: Result) -> None:
+        result.extra["others_busy_before_cores"] = self.busy_before
+        self.results.append(result)
+        r = result
+        log(
+            f"{r.phase:<14} {r.reader:<28} {r.events:>8} ev {r.seconds:7.2f} s "
+            f"{r.rate:>10.0f} ev/s  client {r.client_cpu_s} s  server {r.server_cpu_s} s  "
+            f"rss {r.peak_rss_kb} kB"
+        )
+
+    # -- phases
+
+    def setup(self) -> None:
+        log(f"PostgreSQL from {self.cluster.bin}")
+        self.cluster.start()
+        self.sql = Psql(self.cluster.url)
+        self.psql_file(REPO / "migrations" / "001_outbox_table.sql")
+        setup = self.work / "setup.sql"
+        setup.write_text(SETUP_SQL)
+        self.psql_file(setup)
+        self.sql.query(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE public.outbox")
+        # `init` creates the relay schema (idempotent) and a slot, which we drop again: the
+        # harness creates each reader's slot itself before each workload.
+        config = self.relay_config("init", "bench_init", "null")
+        out = subprocess.run(
+            [str(self.relay_bin), "--config", str(config), "init"], capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"outbox-relay init failed: {out.stdout}{out.stderr}")
+        self.drop_slot("bench_init")
+        self.pg_version = self.sql.value("SHOW server_version")
+
+    def throughput(self, phase: str, rows: int, per_tx: int, readers: list[str]) -> None:
+        """Every reader drains the same WAL on its own slot, `--repeat` times, interleaved."""
+        repeat = self.args.repeat
+        slots = {
+            (reader, rep): f"{phase.replace('-', '_')}_{i}_{rep}"
+            for rep in range(repeat)
+            for i, reader in enumerate(readers)
+        }
+        for slot in slots.values():
+            self.create_slot(slot)
+        log(f"{phase}: writing {rows} rows, {per_tx} per transaction, {self.args.payload} B payload")
+        write_s = self.write_workload(rows, per_tx)
+        log(f"{phase}: written in {write_s:.1f} s")
+        self.settle()
+        end = None
+        for rep in range(repeat):
+            for reader in readers:
+                slot = slots[(reader, rep)]
+                if reader == "decode-only":
+                    result, last = self.decode_only(phase, slot, rows)
+                    end = end or last
+                    if last != end:
+                        raise RuntimeError(f"slots disagree on the end: {lsn_text(last)} != {lsn_text(end)}")
+                elif reader == "pg_recvlogical":
+                    result = self.recvlogical(phase, slot, rows, end)
+                elif reader.startswith("variant:"):
+                    variant = self.variants[reader.removeprefix("variant:")]
+                    result = self.relay(phase, slot, "null", rows, end,
+                                        label=f"relay, null sink [{variant['label']}]", variant=variant)
+                else:
+                    result = self.relay(phase, slot, reader, rows, end)
+                result.extra["rep"] = rep
+                result.extra["workload_write_s"] = round(write_s, 2)
+                self.drop_slot(slot)
+
+    def wait_quiet(self) -> None:
+        """On a shared machine, wait (up to --quiet-timeout s) until the rest of the machine
+        uses less than --quiet-cores of CPU, so other people's builds stay out of the runs."""
+        deadline = time.monotonic() + self.args.quiet_timeout
+        said = False
+        while True:
+            busy0 = machine_busy()[0]
+            time.sleep(0.5)
+            cores = (machine_busy()[0] - busy0) / 0.5
+            self.busy_before = round(cores, 2)
+            if cores <= self.args.quiet_cores:
+                return
+            if time.monotonic() > deadline:
+                log(f"machine still busy ({cores:.2f} cores used by others): measuring anyway")
+                return
+            if not said:
+                log(f"waiting for the machine to quieten ({cores:.2f} cores busy)")
+                said = True
+            time.sleep(2)
+
+    def settle(self) -> None:
+        """Write dirty buffers and pages out before measuring, so writeback is not in the runs."""
+        self.sql.query("CHECKPOINT")
+        os.sync()
+        time.sleep(1)
+
+    def latency(self, sink: str) -> None:
+        a = self.args
+        phase = "latency"
+        slot = f"latency_{sink.replace('-', '_')}"
+        self.create_slot(slot)
+        name = f"latency-{sink}"
+        config = self.relay_config(name, slot, sink)
+        proc, stderr = self.spawn_relay(config, name)
+        deadline = time.monotonic() + 30
+        walsender = None
+        while walsender is None:
+            _, walsender = self.slot_state(slot)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"relay did not start streaming: {stderr.read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.wait_quiet()
+        total = int(a.latency_rate * a.latency_seconds)
+        total -= total % a.latency_rows_per_tx
+        log(f"latency ({sink}): {total} events at {a.latency_rate}/s, {a.latency_rows_per_tx} per transaction")
+        relay_cpu0, server_cpu0 = cpu_seconds(proc.pid), cpu_seconds(walsender)
+        busy0 = machine_busy()
+        started = time.monotonic()
+        self.sql.query(
+            f"CALL bench_paced({total}, {a.latency_rows_per_tx}, {a.latency_rate}, {a.payload}, {a.keys})"
+        )
+        offered_s = time.monotonic() - started
+        end = self.insert_lsn()
+        while self.slot_state(slot)[0] < end and time.monotonic() < started + offered_s + 30:
+            time.sleep(a.poll)
+        relay_cpu, server_cpu = cpu_seconds(proc.pid), cpu_seconds(walsender)
+        background = other_cpu(busy0, relay_cpu - relay_cpu0, server_cpu - server_cpu0)
+        hwm = status_kb(proc.pid, "VmHWM")
+        code = self.stop_relay(proc)
+        text = stderr.read_text()
+        lat = parse_latency(text)
+        if not lat:
+            log(f"no latency line in the relay's log:\n{text[-2000:]}")
+        result = Result(
+            phase, f"relay, {sink} sink @ {a.latency_rate}/s", total, offered_s,
+            client_cpu_s=_r(relay_cpu - relay_cpu0, 2), server_cpu_s=_r(server_cpu - server_cpu0, 2),
+            peak_rss_kb=hwm,
+            extra={"exit_code": code, "offered_rate": a.latency_rate, **background,
+                   "rows_per_tx": a.latency_rows_per_tx, **lat},
+        )
+        self.add(result)
+        self.drop_slot(slot)
+
+    def cold_start(self) -> None:
+        """Relay start -> first event in the file (fsync on), one row already committed."""
+        runs = self.args.cold_start_runs
+        slots = [f"cold_{i}" for i in range(runs)]
+        for slot in slots:
+            self.create_slot(slot)
+        self.write_workload(1, 1)
+        times = []
+        for slot in slots:
+            name = f"cold-{slot}"
+            config = self.relay_config(name, slot, "file-fsync")
+            out = self.work / f"{name}.jsonl"
+            started = time.monotonic()
+            proc, stderr = self.spawn_relay(config, name)
+            while True:
+                try:
+                    if out.stat().st_size > 0 and out.read_bytes().endswith(b"\n"):
+                        break
+                except FileNotFoundError:
+                    pass
+                if proc.poll() is not None or time.monotonic() - started > 30:
+                    raise RuntimeError(f"no event in {out}: {stderr.read_text()[-2000:]}")
+                time.sleep(0.001)
+            times.append(time.monotonic() - started)
+            self.stop_relay(proc)
+            self.drop_slot(slot)
+        times.sort()
+        self.cold = {"runs_s": [round(t, 4) for t in times], "median_s": round(times[len(times) // 2], 4)}
+        log(f"cold start to first event: {self.cold}")
+
+    def memory(self) -> None:
+        self.big = {}
+        for rows in self.args.big_tx:
+            phase = f"one-tx-{rows // 1000}k"
+            slot = f"big_{rows}"
+            self.create_slot(slot)
+            log(f"{phase}: writing one transaction of {rows} rows")
+            write_s = self.write_workload(rows, rows)
+            end = self.insert_lsn()
+            self.settle()
+            result = self.relay(phase, slot, "null", rows, end)
+            result.extra["workload_write_s"] = round(write_s, 1)
+            self.big[rows] = result.peak_rss_kb
+            self.drop_slot(slot)
+            self.sql.query("CHECKPOINT")
+
+    def run(self) -> dict:
+        a = self.args
+        try:
+            self.setup()
+            readers = ["decode-only"]
+            if not a.no_recvlogical:
+                readers.append("pg_recvlogical")
+            readers += a.sinks
+            readers += [f"variant:{label}" for label in self.variants]
+            if "batched" in a.only:
+                self.throughput("batched", a.rows, a.rows_per_tx, readers)
+            if a.single_rows and "single" in a.only:
+                single = ["decode-only", *(["pg_recvlogical"] if not a.no_recvlogical else []), "null"]
+                single += [f"variant:{v}" for v in self.variants]
+                self.throughput("single-row-tx", a.single_rows, 1, single)
+            if "latency" in a.only:
+                for sink in a.latency_sinks:
+                    self.latency(sink)
+            if "cold" in a.only:
+                self.cold_start()
+            if a.big_tx and "memory" in a.only:
+                self.memory()
+        finally:
+            for child in self.children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+            if self.sql:
+                self.sql.close()
+            if not a.keep:
+                self.cluster.stop()
+                shutil.rmtree(self.work, ignore_errors=True)
+            else:
+                log(f"kept {self.cluster.dir} and {self.work} (PostgreSQL still running on {self.cluster.port})")
+        return self.report()
+
+    # -- output
+
+    def report(self) -> dict:
+        a = self.args
+        for phase in {r.phase for r in self.results}:
+            rates = [r.rate for r in self.results if r.phase == phase and r.reader.startswith("decode-only")]
+            if rates:
+                self.decode_rates[phase] = median(rates)
+        runs = [r.as_json(self.decode_rates.get(r.phase)) for r in self.results]
+        results = summarize(runs)
+        targets = evaluate_targets(results, self.cold, getattr(self, "big", {}), a)
+        return {
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": "python3 bench/run.py " + " ".join(sys.argv[1:]),
+            "machine": machine(self.pg_version),
+            "git": git_info(),
+            "workload": {
+                "rows": a.rows, "rows_per_tx": a.rows_per_tx, "payload_bytes": a.payload,
+                "keys": a.keys, "single_row_tx_rows": a.single_rows,
+                "latency_rate": a.latency_rate, "latency_seconds": a.latency_seconds,
+                "latency_rows_per_tx": a.latency_rows_per_tx, "big_tx_rows": a.big_tx,
+                "repeat": a.repeat,
+                "relay": {"batch_size": a.batch_size, "queue_depth": a.queue_depth,
+                          "status_interval": a.status_interval},
+                "transport": a.transport,
+                "postgres": {"fsync": a.pg_fsync, "shared_buffers": "256MB"},
+            },
+            "results": results,
+            "runs": runs,
+            "cold_start": self.cold,
+            "targets": targets,
+        }
+
+
+PHASES = ["batched", "single", "latency", "cold", "memory"]
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (phase, reader): medians over the repetitions, with the range of the rate."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["phase"], run["reader"]), []).append(run)
+    rows = []
+    for (phase, reader), group in groups.items():
+        def med(key):
+            values = [g[key] for g in group if g.get(key) is not None]
+            return round(median(values), 3) if values else None
+
+        rates = [g["events_per_s"] for g in group]
+        ratios = [g["ratio_to_decode_only"] for g in group if g["ratio_to_decode_only"] is not None]
+        row = {
+            "phase": phase,
+            "reader": reader,
+            "runs": len(group),
+            "events": group[0]["events"],
+            "seconds": med("seconds"),
+            "events_per_s": round(median(rates), 1),
+            "events_per_s_range": [min(rates), max(rates)],
+            "ratio_to_decode_only": round(median(ratios), 3) if ratios else None,
+            "ratio_range": [min(ratios), max(ratios)] if ratios else None,
+            "client_cpu_s_per_million": med("client_cpu_s_per_million"),
+            "server_cpu_s_per_million": med("server_cpu_s_per_million"),
+            "peak_rss_mb": med("peak_rss_mb"),
+            "client_busy": med("client_busy"),
+            "server_busy": med("server_busy"),
+            "other_cpu_s": med("other_cpu_s"),
+        }
+        if phase == "latency":
+            for key in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms",
+                        "acked_events", "offered_rate"):
+                row[key] = med(key)
+        rows.append(row)
+    return rows
+
+LATENCY_KEYS = ("events", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms")
+
+
+def parse_latency(text: str) -> dict:
+    """The sink worker's summary line: the last one in the log."""
+    found = {}
+    for line in text.splitlines():
+        if "latency_p50_ms=" not in line:
+            continue
+        values = dict(re.findall(r"(\w+)=([0-9.]+)", line))
+        found = {
+            ("acked_events" if k == "events" else k): float(values[k])
+            for k in LATENCY_KEYS
+            if k in values
+        }
+    return found
+
+
+def evaluate_targets(results: list[dict], cold: dict, big: dict, a) -> list[dict]:
+    def find(phase: str, reader_prefix: str) -> dict | None:
+        return next(
+            (r for r in results if r["phase"] == phase and r["reader"].startswith(reader_prefix)),
+            None,
+        )
+
+    targets = []
+    null = find("batched", "relay, null")
+    if null:
+        ratio = null["ratio_to_decode_only"]
+        targets.append({"target": "null sink >= 0.60x decode-only (batched)", "value": ratio,
+                        "met": ratio is not None and ratio >= 0.60})
+    lat = find("latency", "relay, null")
+    if lat and "latency_p99_ms" in lat:
+        targets.append({"target": f"p99 commit->ack <= 20 ms at {a.latency_rate}/s (null sink)",
+                        "value": lat["latency_p99_ms"], "met": lat["latency_p99_ms"] <= 20})
+    if cold:
+        targets.append({"target": "cold start to first event <= 1 s (file sink, fsync)",
+                        "value": cold["median_s"], "met": cold["median_s"] <= 1.0})
+    if big:
+        peak = max(v for v in big.values() if v)
+        small = min(v for v in big.values() if v)
+        targets.append({"target": "peak RSS <= 64 MB for the largest single transaction",
+                        "value": round(peak / 1024, 1), "met": peak <= 64 * 1024})
+        targets.append({"target": "peak RSS flat with transaction size (largest/smallest <= 1.25)",
+                        "value": round(peak / small, 2), "met": peak / small <= 1.25})
+    return targets
+
+
+def machine(pg_version: str) -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "postgres": pg_version,
+        "rustc": rustc,
+    }
+
+
+def git_info() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"\nmachine: {m['nproc']} x {m['cpu_model']}, {m['memory_gb']} GB, PostgreSQL {m['postgres']}, "
+          f"git {report['git']['commit'][:10]}{' (dirty)' if report['git']['dirty'] else ''}")
+    w = report["workload"]
+    print(f"workload: {w['rows']} rows, {w['rows_per_tx']}/tx, {w['payload_bytes']} B payload, {w['keys']} keys, "
+          f"{w['transport']}, throughput readers run {w['repeat']}x each (median, range)\n")
+    header = ("phase", "reader", "events", "s", "events/s (range)", "x decode-only", "client CPU s/M",
+              "walsender CPU s/M", "client busy", "walsender busy", "peak RSS MB", "p50 ms", "p99 ms",
+              "other CPU s")
+    rows = []
+    for r in report["results"]:
+        low, high = r["events_per_s_range"]
+        rate = f"{r['events_per_s']:.0f}" + (f" ({low:.0f}-{high:.0f})" if r["runs"] > 1 else "")
+        ratio = "" if r["ratio_to_decode_only"] is None else f"{r['ratio_to_decode_only']:.2f}"
+        if r["runs"] > 1 and r["ratio_range"]:
+            ratio += f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
+        rows.append((
+            r["phase"], r["reader"], str(r["events"]), f"{r['seconds']:.2f}", rate, ratio,
+            fmt(r["client_cpu_s_per_million"]), fmt(r["server_cpu_s_per_million"]),
+            fmt(r.get("client_busy")), fmt(r.get("server_busy")), fmt(r["peak_rss_mb"]), fmt(r.get("latency_p50_ms")), fmt(r.get("latency_p99_ms")),
+            fmt(r.get("other_cpu_s")),
+        ))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    print(" | ".join(h.ljust(widths[i]) for i, h in enumerate(header)))
+    print("-+-".join("-" * wd for wd in widths))
+    for row in rows:
+        print(" | ".join(c.ljust(widths[i]) for i, c in enumerate(row)))
+    if report.get("cold_start"):
+        print(f"\ncold start to first event (file sink, fsync): {report['cold_start']}")
+    print("\ntargets:")
+    for t in report["targets"]:
+        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}")
+
+
+def fmt(x) -> str:
+    if x is None:
+        return ""
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def main() -> int:
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=200_000, help="rows of the batched workload")
+    p.add_argument("--rows-per-tx", type=int, default=100)
+    p.add_argument("--payload", type=int, default=256, help="payload bytes (jsonb text)")
+    p.add_argument("--keys", type=int, default=1000, help="distinct aggregate ids")
+    p.add_argument("--single-rows", type=int, default=50_000, help="rows of the 1-row-transaction workload (0: skip)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="runs of each throughput reader on the same WAL (median and range reported)")
+    p.add_argument("--sinks", nargs="*", default=["null", "file-nofsync", "file-fsync"],
+                   choices=["null", "file-nofsync", "file-fsync"])
+    p.add_argument("--no-recvlogical", action="store_true")
+    p.add_argument("--latency-rate", type=int, default=5000, help="offered events/s")
+    p.add_argument("--latency-seconds", type=float, default=10)
+    p.add_argument("--latency-rows-per-tx", type=int, default=10)
+    p.add_argument("--latency-sinks", nargs="*", default=["null", "file-fsync"],
+                   choices=["null", "file-nofsync", "file-fsync"])
+    p.add_argument("--big-tx", type=int, nargs="*", default=[100_000, 1_000_000],
+                   help="single-transaction sizes for the memory check (none: skip)")
+    p.add_argument("--cold-start-runs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1000, help="relay.batch_size")
+    p.add_argument("--queue-depth", type=int, default=4, help="relay.queue_depth")
+    p.add_argument("--status-interval", default="20ms",
+                   help="source.status_interval; completion is seen at most this late")
+    p.add_argument("--transport", choices=["tcp", "unix"], default="tcp",
+                   help="how the relay and pg_recvlogical connect: TCP loopback or the Unix socket")
+    p.add_argument("--poll", type=float, default=0.01, help="seconds between slot polls")
+    p.add_argument("--timeout", type=float, default=300, help="seconds a relay run may take")
+    p.add_argument("--quiet-cores", type=float, default=0.25,
+                   help="before each run, wait until other processes use at most this much CPU")
+    p.add_argument("--quiet-timeout", type=float, default=30,
+                   help="seconds to wait for that before measuring anyway")
+    p.add_argument("--pg-fsync", action="store_true", help="run PostgreSQL with fsync=on")
+    p.add_argument("--relay-bin", default=str(target_dir / "release" / "outbox-relay"))
+    p.add_argument("--no-build", action="store_true", help="use --relay-bin as it is")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"))
+    p.add_argument("--keep", action="store_true", help="keep the cluster and work files")
+    p.add_argument("--perf-events", default="cpu-clock",
+                   help="what --perf records: cpu-clock samples, or tracepoints such as "
+                        "syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto (every event)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VAL,...",
+                   help="A/B: also run the null sink on the same WAL with this environment "
+                        "(bin=PATH picks another relay binary)")
+    p.add_argument("--relay-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the relay (e.g. TOKIO_WORKER_THREADS=1)")
+    p.add_argument("--only", nargs="*", default=PHASES, choices=PHASES, help="phases to run")
+    p.add_argument("--perf", metavar="DIR",
+                   help="record a system-wide `perf record -e cpu-clock` profile of each relay "
+                        "throughput run into DIR (perf's own CPU shows up in the numbers)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 50k rows, 10k single-row, 3 s latency, 20k/200k big tx")
+    a = p.parse_args()
+    if a.quick:
+        a.rows, a.single_rows, a.latency_seconds, a.big_tx = 50_000, 10_000, 3, [20_000, 200_000]
+    if not a.no_build:
+        log("cargo build --release --bin outbox-relay")
+        subprocess.run(["cargo", "build", "--release", "--bin", "outbox-relay"], cwd=REPO, check=True,
+                       env={**os.environ, "CARGO_TARGET_DIR": str(target_dir)})
+    report = Bench(a).run()
+    print_table(report)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
