@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{info, info_span, warn, Instrument};
 
 /// Events in commit order, and the LSN that is confirmable once they are all acknowledged.
@@ -113,6 +113,8 @@ impl Progress {
 /// The reader's handle on the sink workers.
 pub struct Pipeline {
     senders: Vec<mpsc::Sender<Arc<Batch>>>,
+    /// Notified when a worker stops with an error, so an idle reader stops too.
+    worker_failed: Arc<Notify>,
 }
 
 /// A sink worker stopped: its error says why.
@@ -128,6 +130,12 @@ impl Pipeline {
             sender.send(batch.clone()).await.map_err(|_| WorkerGone)?;
         }
         Ok(())
+    }
+
+    /// Completes once a worker has stopped with an error (the session then ends, without
+    /// waiting for the next event to find the worker gone).
+    pub async fn worker_failed(&self) {
+        self.worker_failed.notified().await
     }
 }
 
@@ -149,6 +157,7 @@ pub fn start(
 ) -> (Pipeline, Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) {
     let mut senders = Vec::new();
     let mut handles = Vec::new();
+    let worker_failed = Arc::new(Notify::new());
     for (index, worker) in workers.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(queue_depth);
         senders.push(tx);
@@ -161,9 +170,23 @@ pub fn start(
             store.clone(),
             slot.to_owned(),
         );
+        let failed = worker_failed.clone();
+        let task = async move {
+            let result = task.await;
+            if result.is_err() {
+                failed.notify_one();
+            }
+            result
+        };
         handles.push(tokio::spawn(task.instrument(span)));
     }
-    (Pipeline { senders }, handles)
+    (
+        Pipeline {
+            senders,
+            worker_failed,
+        },
+        handles,
+    )
 }
 
 async fn run_worker(
@@ -333,20 +356,7 @@ async fn deliver(
                 events.len()
             )
         })?;
-        let letter = DeadLetter {
-            table: event.table.to_string(),
-            position: event.position,
-            xid: event.xid,
-            reason: rejection.reason,
-            row: serde_json::json!({
-                "id": &*event.id,
-                "aggregatetype": &*event.aggregate_type,
-                "aggregateid": &*event.key,
-                "type": &*event.event_type,
-                "payload": &*event.payload,
-            }),
-            sink: Some(worker.name.clone()),
-        };
+        let letter = DeadLetter::from_event(event, rejection.reason, Some(worker.name.clone()));
         warn!(position = %letter.position, reason = %letter.reason, "sink refused an event; dead-lettered");
         store.dead_letter(slot, &letter).await?;
     }

@@ -11,7 +11,7 @@ use crate::db;
 use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
 };
-use crate::pipeline::{self, Batch, Pipeline, Progress, SinkWorker};
+use crate::pipeline::{self, Batch, Pipeline, Progress, SinkWorker, WorkerGone};
 use crate::source::pgoutput::{self, Message, Tuple};
 use crate::source::replication::{
     ReplicationConnection, ReplicationStream, SourceError, StatusWriter,
@@ -620,6 +620,7 @@ impl Reader {
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => return Err(ReadError::Stopped),
+                _ = self.pipeline.worker_failed() => return Err(ReadError::Retry(WorkerGone.into())),
                 filled = self.stream.fill() => filled?,
             }
         }
