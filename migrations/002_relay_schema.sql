@@ -1,6 +1,14 @@
 -- The relay's own state. `outbox-relay init` applies this file (with `outbox_relay` replaced
 -- by relay.schema when that is set); it is idempotent.
-CREATE SCHEMA IF NOT EXISTS outbox_relay;
+-- Created only when missing: CREATE SCHEMA IF NOT EXISTS would still need CREATE on the
+-- database, which a least-privilege role (003_relay_role.sql) does not have.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'outbox_relay') THEN
+        CREATE SCHEMA outbox_relay;
+    END IF;
+END
+$$;
 
 -- Per (slot, sink): every event at or below (commit_lsn, event_index) is acknowledged by the
 -- sink. On restart, events at or below it are skipped for that sink.
