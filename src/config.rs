@@ -22,6 +22,10 @@ pub struct Config {
     pub relay: RelayConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub leader: LeaderConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Column mappings per outbox table (`[outbox."schema.table"]`); tables of
     /// `source.tables` without an entry use Debezium's column names.
     #[serde(default)]
@@ -222,6 +226,40 @@ impl Default for RelayConfig {
             shutdown_timeout: default_shutdown_timeout(),
         }
     }
+}
+
+/// Leader election among relays sharing a slot (sidecars of one app's replicas).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderConfig {
+    /// Only the holder of a PostgreSQL advisory lock keyed on the slot streams.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How often a standby tries to take the lock, and the leader checks it still holds it:
+    /// a takeover happens within about this long after the leader's connection is gone.
+    #[serde(default = "default_leader_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        LeaderConfig {
+            enabled: true,
+            interval: default_leader_interval(),
+        }
+    }
+}
+
+fn default_leader_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// The health and metrics endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address for `/healthz`, `/readyz` and `/metrics`, e.g. "0.0.0.0:9187"; off when unset.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -95,6 +95,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(&config);
     match cli.command {
         Command::Run => {
+            if let Some(addr) = config.http.listen {
+                outbox_relay::http::serve(addr).await?;
+            }
             let shutdown = shutdown_signal().await;
             // On a worker thread rather than the main thread: the reader, the sink workers and
             // the I/O driver then share the runtime's workers, without a futex hand-off per

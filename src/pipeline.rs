@@ -14,6 +14,7 @@
 
 use crate::checkpoint::CheckpointStore;
 use crate::outbox::DeadLetter;
+use crate::telemetry::{Metrics, SinkTableLabels, METRICS};
 use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,17 +199,34 @@ async fn run_worker(
     slot: String,
 ) -> anyhow::Result<()> {
     let mut latency = LatencyHistogram::new();
+    let labels = Metrics::sink(&worker.name);
     while let Some(batch) = batches.recv().await {
         let fresh = match worker.skip_through {
             Some(done) => &batch.events[batch.events.partition_point(|e| e.position <= done)..],
             None => &batch.events[..],
         };
         if !fresh.is_empty() {
-            deliver(&mut worker, fresh, &*store, &slot).await?;
+            let rejected = deliver(&mut worker, fresh, &*store, &slot).await?;
             let acked = unix_micros();
-            for event in fresh {
-                latency.record(acked.saturating_sub(event.commit_time_micros));
+            let seconds = METRICS.publish_latency.get_or_create(&labels);
+            for (index, event) in fresh.iter().enumerate() {
+                let micros = acked.saturating_sub(event.commit_time_micros);
+                latency.record(micros);
+                seconds.observe(micros.max(0) as f64 / 1e6);
+                if !rejected.contains(&index) {
+                    METRICS
+                        .events_published
+                        .get_or_create(&SinkTableLabels {
+                            sink: worker.name.clone(),
+                            table: event.table.to_string(),
+                        })
+                        .inc();
+                }
             }
+            METRICS
+                .dead_letters
+                .get_or_create(&labels)
+                .inc_by(rejected.len() as u64);
         }
         progress.acknowledge(index, fresh.last().map(|e| e.position), batch.boundary);
     }
@@ -326,13 +344,13 @@ fn bucket_range(index: usize) -> (u64, u64) {
 }
 
 /// Sends `events` until the sink takes them, backing off on retryable errors; rejected events
-/// go to the dead-letter store.
+/// go to the dead-letter store, and their indices are returned.
 async fn deliver(
     worker: &mut SinkWorker,
     events: &[Event],
     store: &dyn CheckpointStore,
     slot: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<usize>> {
     let mut backoff = Duration::from_millis(100);
     let delivery = loop {
         match worker.sink.send(events).await {
@@ -347,7 +365,9 @@ async fn deliver(
             }
         }
     };
+    let mut rejected = Vec::with_capacity(delivery.rejected.len());
     for rejection in delivery.rejected {
+        rejected.push(rejection.index);
         let event = events.get(rejection.index).ok_or_else(|| {
             anyhow::anyhow!(
                 "sink {} rejected event #{} of a batch of {}",
@@ -360,7 +380,7 @@ async fn deliver(
         warn!(position = %letter.position, reason = %letter.reason, "sink refused an event; dead-lettered");
         store.dead_letter(slot, &letter).await?;
     }
-    Ok(())
+    Ok(rejected)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::ChangePolicy;
 use crate::config::{Config, KafkaSinkConfig, SinkConfig};
 use crate::db;
+use crate::leader::Leadership;
 use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
 };
@@ -17,6 +18,7 @@ use crate::source::replication::{
     ReplicationConnection, ReplicationStream, SourceError, StatusWriter,
 };
 use crate::source::wire::ReplicationMessage;
+use crate::telemetry::{gauge_value, ComponentLabels, Metrics, Role, METRICS};
 use crate::validation::SchemaRegistry;
 use anyhow::Context;
 use bytes::Bytes;
@@ -45,18 +47,36 @@ enum SessionEnd {
     Fatal(anyhow::Error),
 }
 
-/// Runs the relay until `shutdown` turns true (clean exit) or a permanent error.
+/// Runs the relay until `shutdown` turns true (clean exit) or a permanent error. With leader
+/// election on, each session runs only while this relay holds the slot's leader lock.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     // What each sink acknowledged in earlier sessions of this process.
     let mut acknowledged: BTreeMap<String, Position> = BTreeMap::new();
     let mut backoff = Duration::from_millis(500);
     let mut standby = false;
+    let mut leadership: Option<Leadership> = None;
     loop {
+        if config.leader.enabled && leadership.is_none() {
+            let mut waiting = shutdown.clone();
+            match Leadership::acquire(&config, &mut waiting).await {
+                Some(held) => leadership = Some(held),
+                None => return Ok(()),
+            }
+        }
         let started = Instant::now();
-        match session(&config, &mut acknowledged, shutdown.clone()).await {
+        let (end, lost_leadership) =
+            session_while_leader(&config, &mut acknowledged, &shutdown, leadership.as_ref()).await;
+        if lost_leadership {
+            // Stopped reading at once and drained; stand by for the lock again.
+            leadership = None;
+            METRICS.set_role(Role::Connecting);
+            continue;
+        }
+        match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(err) => return Err(err),
             SessionEnd::SlotInUse(err) => {
+                METRICS.set_role(Role::Standby);
                 if !standby {
                     info!(error = %format!("{err:#}"), retry_every = ?STANDBY_RETRY, "standing by until the slot is free");
                     standby = true;
@@ -68,6 +88,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 }
             }
             SessionEnd::Retry(err) => {
+                METRICS.set_role(Role::Connecting);
+                METRICS
+                    .reconnects
+                    .get_or_create(&ComponentLabels {
+                        component: "replication".into(),
+                    })
+                    .inc();
                 standby = false;
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
@@ -79,6 +106,44 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                     _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Runs one session, stopping it (stop reading, drain, checkpoint) on shutdown or when the
+/// leader lock is lost; says whether leadership was lost.
+async fn session_while_leader(
+    config: &Config,
+    acknowledged: &mut BTreeMap<String, Position>,
+    shutdown: &watch::Receiver<bool>,
+    leadership: Option<&Leadership>,
+) -> (SessionEnd, bool) {
+    let (stop, stopped) = watch::channel(false);
+    let session = session(config, acknowledged, stopped);
+    tokio::pin!(session);
+    let mut shutdown = shutdown.clone();
+    let lost = async {
+        match leadership {
+            Some(leadership) => leadership.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lost);
+    let mut lost_leadership = false;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            end = &mut session => return (end, lost_leadership),
+            _ = shutdown.wait_for(|stop| *stop), if !stopping => {
+                stopping = true;
+                let _ = stop.send(true);
+            }
+            _ = &mut lost, if !stopping => {
+                warn!("leader lock lost: stopping at once; another relay may take over");
+                stopping = true;
+                lost_leadership = true;
+                let _ = stop.send(true);
             }
         }
     }
@@ -343,6 +408,7 @@ async fn session(
         });
     }
 
+    METRICS.set_role(Role::Streaming);
     info!(slot = %source.slot, publication = %source.publication, from = %slot.confirmed_flush, "streaming");
 
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), slot.confirmed_flush);
@@ -477,9 +543,13 @@ async fn status_updates(
             _ = reply_requested.notified() => {}
             _ = stop.wait_for(|stop| *stop) => break,
         }
-        writer
-            .send(progress.received_lsn(), progress.confirmed())
-            .await?;
+        let (received, confirmed) = (progress.received_lsn(), progress.confirmed());
+        writer.send(received, confirmed).await?;
+        METRICS.received_lsn.set(gauge_value(received.0));
+        METRICS.confirmed_lsn.set(gauge_value(confirmed.0));
+        METRICS
+            .replication_lag_bytes
+            .set(gauge_value(received.0.saturating_sub(confirmed.0)));
     }
     writer
         .send(progress.received_lsn(), progress.confirmed())
@@ -507,7 +577,15 @@ async fn write_checkpoints(
         let current = progress.checkpoints();
         if current != saved {
             match store.save(&slot, &current).await {
-                Ok(()) => saved = current,
+                Ok(()) => {
+                    for (sink, position) in &current {
+                        METRICS
+                            .sink_checkpoint_lsn
+                            .get_or_create(&Metrics::sink(sink))
+                            .set(gauge_value(position.commit_lsn.0));
+                    }
+                    saved = current;
+                }
                 Err(err) if stopping => return Err(err),
                 Err(err) => {
                     warn!(error = %format!("{err:#}"), "writing checkpoints failed; retrying")
@@ -533,15 +611,23 @@ async fn heartbeat(
             _ = ticker.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        if let Err(err) = client
+        let written = client
             .execute(
                 "SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
                 &[],
             )
-            .await
-        {
-            warn!(error = %format!("{:#}", db::explain(err)),
-                "heartbeat failed (the relay's role needs EXECUTE on pg_logical_emit_message)");
+            .await;
+        match written {
+            Ok(_) => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                METRICS
+                    .last_heartbeat_seconds
+                    .set(now.map_or(0, |d| gauge_value(d.as_secs())));
+            }
+            Err(err) => {
+                warn!(error = %format!("{:#}", db::explain(err)),
+                    "heartbeat failed (the relay's role needs EXECUTE on pg_logical_emit_message)");
+            }
         }
     }
 }
@@ -673,9 +759,10 @@ impl Reader {
         let message = match pgoutput::decode(&data) {
             Ok(message) => message,
             Err(err) => {
+                METRICS.decode_errors.inc();
                 return Err(ReadError::Fatal(anyhow::anyhow!(
                     "{err}; please report this with the server version"
-                )))
+                )));
             }
         };
         match message {
@@ -784,6 +871,7 @@ impl Reader {
 
     async fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), ReadError> {
         self.counts.dead_letters += 1;
+        METRICS.dead_letters.get_or_create(&Metrics::sink("")).inc();
         warn!(table = %letter.table, position = %letter.position, reason = %letter.reason,
             "outbox row cannot become an event; dead-lettered");
         self.store

@@ -532,12 +532,14 @@ async fn postgres_restarts_mid_stream_lose_and_repeat_nothing() {
     );
 }
 
+/// Without leader election, the slot itself keeps a second relay out (tests/leader.rs has
+/// the same with election on).
 #[test]
 fn a_second_relay_on_the_same_slot_stands_by_and_takes_over() {
     let pg = PgCluster::start();
     pg.create_outbox("public.outbox");
     let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
+    let (config, events) = write_config(dir.path(), &pg, "[leader]\nenabled = false");
     init(&config);
     let mut first = Relay::start(&config);
     pg.psql(&insert_sql("k", 0));

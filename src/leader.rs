@@ -1,0 +1,114 @@
+//! Leader election among relays that share a slot (the sidecars of one app's replicas):
+//! only the holder of a session-level advisory lock keyed on the slot streams. The lock lives
+//! on a dedicated SQL connection, so PostgreSQL releases it when the leader's process or
+//! network dies, and a standby that retries every `leader.interval` takes over.
+
+use crate::config::Config;
+use crate::db;
+use crate::telemetry::{Role, METRICS};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// The advisory lock key of a slot: one lock per slot name, shared by all its relays.
+const LOCK_KEY_SQL: &str = "hashtextextended('outbox-relay:' || $1, 0)";
+
+/// Held leadership: the connection that holds the lock.
+pub struct Leadership {
+    client: tokio_postgres::Client,
+    interval: Duration,
+}
+
+impl Leadership {
+    /// Waits as a standby until this relay holds the slot's lock; `None` on shutdown.
+    pub async fn acquire(
+        config: &Config,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Leadership> {
+        let slot = &config.source.slot;
+        let interval = config.leader.interval;
+        let mut announced = false;
+        // A standby keeps its connection between tries.
+        let mut connection: Option<tokio_postgres::Client> = None;
+        loop {
+            match try_lock(config, &mut connection).await {
+                Ok(true) => {
+                    info!(%slot, "leader: holding the slot's lock; streaming");
+                    METRICS.leader.set(1);
+                    let client = connection.take().expect("try_lock connected");
+                    return Some(Leadership { client, interval });
+                }
+                Ok(false) => {
+                    METRICS.set_role(Role::Standby);
+                    if !announced {
+                        info!(%slot, retry_every = ?interval,
+                            "standby: another relay holds this slot's leader lock; waiting to take over");
+                        announced = true;
+                    }
+                }
+                Err(err) => {
+                    METRICS.set_role(Role::Connecting);
+                    warn!(error = %format!("{err:#}"), retry_in = ?interval,
+                        "cannot reach PostgreSQL for the leader lock");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return None,
+            }
+        }
+    }
+
+    /// Completes when this relay can no longer be sure it holds the lock: its connection
+    /// closed, or a check on it failed or took longer than the interval.
+    pub async fn lost(&self) {
+        loop {
+            tokio::time::sleep(self.interval).await;
+            let check = tokio::time::timeout(self.interval, self.client.simple_query("SELECT 1"));
+            match check.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    warn!(error = %err, "leader: the lock's connection failed; leadership lost");
+                    break;
+                }
+                Err(_) => {
+                    warn!(timeout = ?self.interval, "leader: the lock's connection does not answer; leadership lost");
+                    break;
+                }
+            }
+        }
+        METRICS.leader.set(0);
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        // Dropping the client closes its connection, which releases the lock.
+        METRICS.leader.set(0);
+    }
+}
+
+/// Tries the lock once on `connection` (connecting first if needed): whether it was taken.
+async fn try_lock(
+    config: &Config,
+    connection: &mut Option<tokio_postgres::Client>,
+) -> anyhow::Result<bool> {
+    if connection.as_ref().is_none_or(|c| c.is_closed()) {
+        let params = config.source.connect_params()?;
+        *connection = Some(db::connect(&params).await?);
+    }
+    let client = connection.as_ref().expect("connected above");
+    let taken = client
+        .query_one(
+            &format!("SELECT pg_try_advisory_lock({LOCK_KEY_SQL})"),
+            &[&config.source.slot],
+        )
+        .await;
+    match taken {
+        Ok(row) => Ok(row.get::<_, bool>(0)),
+        Err(err) => {
+            *connection = None;
+            Err(db::explain(err))
+        }
+    }
+}
