@@ -24,6 +24,22 @@ fn sidecar_config(dir: &Path, pg: &PgCluster, events: &Path, port: u16) -> std::
     relay_config(dir, pg, &sinks)
 }
 
+/// One relay per port, each with its own config directory under `dir`, all on one slot and
+/// one file sink; the first runs `init`.
+fn start_sidecars(dir: &Path, pg: &PgCluster, events: &Path, ports: &[u16]) -> Vec<Relay> {
+    let mut relays = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let relay_dir = dir.join(format!("relay{i}"));
+        std::fs::create_dir(&relay_dir).unwrap();
+        let config = sidecar_config(&relay_dir, pg, events, *port);
+        if i == 0 {
+            init(&config);
+        }
+        relays.push(Relay::start(&config));
+    }
+    relays
+}
+
 /// GET `path` from the relay on `port`: status code and body, or None if nothing answers.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -86,16 +102,7 @@ fn one_leader_among_three_and_a_standby_takes_over_when_it_dies() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let ports = [free_port(), free_port(), free_port()];
-    let mut relays = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let relay_dir = dir.path().join(format!("relay{i}"));
-        std::fs::create_dir(&relay_dir).unwrap();
-        let config = sidecar_config(&relay_dir, &pg, &events, *port);
-        if i == 0 {
-            init(&config);
-        }
-        relays.push(Relay::start(&config));
-    }
+    let mut relays = start_sidecars(dir.path(), &pg, &events, &ports);
     // Exactly one streams; the others are ready standbys.
     let states = || -> Vec<String> {
         ports
@@ -295,16 +302,7 @@ fn a_leader_that_loses_its_lock_stops_and_another_takes_over() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let ports = [free_port(), free_port()];
-    let mut relays = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let relay_dir = dir.path().join(format!("relay{i}"));
-        std::fs::create_dir(&relay_dir).unwrap();
-        let config = sidecar_config(&relay_dir, &pg, &events, *port);
-        if i == 0 {
-            init(&config);
-        }
-        relays.push(Relay::start(&config));
-    }
+    let relays = start_sidecars(dir.path(), &pg, &events, &ports);
     let streaming = || {
         ports
             .iter()
