@@ -14,7 +14,7 @@
 
 use crate::checkpoint::CheckpointStore;
 use crate::outbox::DeadLetter;
-use crate::telemetry::{Metrics, SinkTableLabels, METRICS};
+use crate::telemetry::{Metrics, SinkLabels, SinkTableLabels, METRICS};
 use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,16 @@ use tracing::{info, info_span, warn, Instrument};
 pub struct Batch {
     pub events: Vec<Event>,
     pub boundary: Option<Lsn>,
+}
+
+impl Batch {
+    /// The payload bytes of its events (the in-flight bytes metric).
+    fn payload_bytes(&self) -> i64 {
+        self.events
+            .iter()
+            .map(|e| e.payload.as_bytes().len() as i64)
+            .sum()
+    }
 }
 
 /// What one sink has acknowledged.
@@ -114,6 +124,8 @@ impl Progress {
 /// The reader's handle on the sink workers.
 pub struct Pipeline {
     senders: Vec<mpsc::Sender<Arc<Batch>>>,
+    /// The sinks' metric labels, in the senders' order.
+    labels: Vec<SinkLabels>,
     /// Notified when a worker stops with an error, so an idle reader stops too.
     worker_failed: Arc<Notify>,
 }
@@ -127,8 +139,14 @@ impl Pipeline {
     /// Hands `batch` to every sink, waiting while any sink's queue is full.
     pub async fn dispatch(&self, batch: Batch) -> Result<(), WorkerGone> {
         let batch = Arc::new(batch);
-        for sender in &self.senders {
+        let (events, bytes) = (batch.events.len() as i64, batch.payload_bytes());
+        for (sender, labels) in self.senders.iter().zip(&self.labels) {
             sender.send(batch.clone()).await.map_err(|_| WorkerGone)?;
+            METRICS
+                .in_flight_events
+                .get_or_create(labels)
+                .inc_by(events);
+            METRICS.in_flight_bytes.get_or_create(labels).inc_by(bytes);
         }
         Ok(())
     }
@@ -157,11 +175,13 @@ pub fn start(
     queue_depth: usize,
 ) -> (Pipeline, Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) {
     let mut senders = Vec::new();
+    let mut labels = Vec::new();
     let mut handles = Vec::new();
     let worker_failed = Arc::new(Notify::new());
     for (index, worker) in workers.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(queue_depth);
         senders.push(tx);
+        labels.push(Metrics::sink(&worker.name));
         let span = info_span!("sink", name = %worker.name);
         let task = run_worker(
             index,
@@ -184,6 +204,7 @@ pub fn start(
     (
         Pipeline {
             senders,
+            labels,
             worker_failed,
         },
         handles,
@@ -206,7 +227,11 @@ async fn run_worker(
             None => &batch.events[..],
         };
         if !fresh.is_empty() {
-            let rejected = deliver(&mut worker, fresh, &*store, &slot).await?;
+            let span = info_span!("batch", events = fresh.len(), first = %fresh[0].position,
+                last = %fresh[fresh.len() - 1].position);
+            let rejected = deliver(&mut worker, fresh, &*store, &slot)
+                .instrument(span)
+                .await?;
             let acked = unix_micros();
             let seconds = METRICS.publish_latency.get_or_create(&labels);
             for (index, event) in fresh.iter().enumerate() {
@@ -229,6 +254,14 @@ async fn run_worker(
                 .inc_by(rejected.len() as u64);
         }
         progress.acknowledge(index, fresh.last().map(|e| e.position), batch.boundary);
+        METRICS
+            .in_flight_events
+            .get_or_create(&labels)
+            .dec_by(batch.events.len() as i64);
+        METRICS
+            .in_flight_bytes
+            .get_or_create(&labels)
+            .dec_by(batch.payload_bytes());
     }
     let ms = |micros: u64| micros as f64 / 1000.0;
     info!(
@@ -357,6 +390,10 @@ async fn deliver(
             Ok(delivery) => break delivery,
             Err(SinkError::Retryable(reason)) => {
                 warn!(%reason, retry_in = ?backoff, "sink failed; retrying the batch");
+                METRICS
+                    .sink_retries
+                    .get_or_create(&Metrics::sink(&worker.name))
+                    .inc();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

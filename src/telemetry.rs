@@ -56,6 +56,9 @@ pub struct Metrics {
     pub publish_latency: Family<SinkLabels, Histogram>,
     pub dead_letters: Family<SinkLabels, Counter>,
     pub sink_checkpoint_lsn: Family<SinkLabels, Gauge>,
+    pub in_flight_events: Family<SinkLabels, Gauge>,
+    pub in_flight_bytes: Family<SinkLabels, Gauge>,
+    pub sink_retries: Family<SinkLabels, Counter>,
     pub received_lsn: Gauge,
     pub confirmed_lsn: Gauge,
     pub replication_lag_bytes: Gauge,
@@ -97,6 +100,24 @@ impl Metrics {
             "sink_checkpoint_lsn",
             "Commit LSN of the last event each sink acknowledged",
             sink_checkpoint_lsn.clone(),
+        );
+        let in_flight_events = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "in_flight_events",
+            "Events handed to a sink's queue and not yet acknowledged by it",
+            in_flight_events.clone(),
+        );
+        let in_flight_bytes = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "in_flight_bytes",
+            "Payload bytes of those events",
+            in_flight_bytes.clone(),
+        );
+        let sink_retries = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "sink_retries",
+            "Batches a sink failed with a retryable error (broker down, throttled, ...)",
+            sink_retries.clone(),
         );
         let received_lsn = Gauge::default();
         registry.register(
@@ -147,6 +168,9 @@ impl Metrics {
             publish_latency,
             dead_letters,
             sink_checkpoint_lsn,
+            in_flight_events,
+            in_flight_bytes,
+            sink_retries,
             received_lsn,
             confirmed_lsn,
             replication_lag_bytes,

@@ -162,6 +162,10 @@ fn one_leader_among_three_and_a_standby_takes_over_when_it_dies() {
     );
     assert_eq!(samples.get("outbox_relay_leader"), Some(&1.0));
     assert_eq!(
+        samples.get("outbox_relay_in_flight_events{sink=\"file\"}"),
+        Some(&0.0)
+    );
+    assert_eq!(
         samples.get("outbox_relay_publish_latency_seconds_count{sink=\"file\"}"),
         Some(&10.0)
     );
