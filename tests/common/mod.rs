@@ -3,6 +3,9 @@
 //! real relay binary run as a child process, so tests exercise what users run.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod kafka;
+pub mod rabbitmq;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
