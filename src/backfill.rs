@@ -163,7 +163,13 @@ async fn deliver(
         let portal = tx
             .bind(
                 &format!(
-                    "SELECT {} FROM \"{schema}\".\"{name}\" ORDER BY ctid",
+                    // Oldest inserting transaction first (age() copes with xid wraparound;
+                    // frozen rows count as oldest), then statement, then position. Physical
+                    // order alone is not insertion order once backends insert concurrently:
+                    // each fills its own target page, and a later row can land in an
+                    // earlier page.
+                    "SELECT {} FROM \"{schema}\".\"{name}\" \
+                     ORDER BY age(xmin) DESC, cmin::text::bigint, ctid",
                     select.join(", ")
                 ),
                 &[],
