@@ -221,6 +221,7 @@ async fn prepare_slot(
     let row = match row {
         Some(row) => row,
         None if source.create_slot => {
+            refuse_to_recreate_a_dropped_slot(sql, config).await?;
             info!(slot = %source.slot, "creating the replication slot");
             sql.query_one(
                 "SELECT plugin, true, confirmed_flush_lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput') s \
@@ -253,6 +254,37 @@ async fn prepare_slot(
         .parse()
         .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
     Ok(SlotState { confirmed_flush })
+}
+
+/// A missing slot that this relay has checkpoints for was dropped: a new slot would start at
+/// the current WAL position and silently skip everything committed since the checkpoint.
+async fn refuse_to_recreate_a_dropped_slot(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<(), SessionEnd> {
+    let schema = &config.relay.schema;
+    let slot = &config.source.slot;
+    let last = sql
+        .query_opt(
+            &format!(
+                "SELECT max(commit_lsn)::text FROM \"{schema}\".checkpoints WHERE slot = $1 \
+                 HAVING count(*) > 0"
+            ),
+            &[slot],
+        )
+        .await
+        .map_err(|e| classify_sql(db::explain(e)))?;
+    match last {
+        Some(row) => Err(SessionEnd::Fatal(anyhow::anyhow!(
+            "replication slot {slot:?} is gone, but the relay has checkpoints for it (up to {}): \
+             a new slot would start at the current WAL position, and the events committed since \
+             then would never be published. Publish them another way (for example with \
+             source.backfill on a new slot), then delete the old checkpoints to start afresh: \
+             DELETE FROM {schema}.checkpoints WHERE slot = '{slot}'",
+            row.get::<_, Option<String>>(0).unwrap_or_default()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Builds the configured sinks.

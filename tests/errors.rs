@@ -146,3 +146,43 @@ fn unreachable_database_and_bad_config_fail_fast_with_the_key() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("slots"), "{}", stderr(&out));
 }
+
+/// A slot dropped under a relay that has streamed from it is not silently re-created (a new
+/// slot would skip everything committed in between): `run` stops and says what to do.
+#[test]
+fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    let out = relay_command(&config, "init");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut relay = Relay::start(&config);
+    pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'T', '{}')");
+    assert!(wait_until(Duration::from_secs(30), || {
+        read_events(&events).len() == 1
+            && pg.psql("SELECT count(*) FROM outbox_relay.checkpoints") == "1"
+    }));
+    assert!(relay
+        .terminate(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'T', '{}')");
+
+    let mut relay = Relay::start(&config);
+    let status = relay
+        .wait(Duration::from_secs(30))
+        .expect("run should stop instead of re-creating the slot");
+    assert!(!status.success());
+    let log = relay.log();
+    assert!(
+        log.contains("replication slot \"outbox_relay\" is gone, but the relay has checkpoints")
+            && log.contains("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'"),
+        "{log}"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_replication_slots"),
+        "0",
+        "no slot was created"
+    );
+}
