@@ -639,3 +639,59 @@ fn heartbeats_advance_the_slot_of_an_otherwise_idle_database() {
     );
     assert!(!relay.log().contains("heartbeat failed"), "{}", relay.log());
 }
+
+/// Checkpoint writes that fail (here a trigger refuses them) are retried while delivery goes
+/// on; once the table takes writes again the checkpoint catches up, and a crash after that
+/// neither loses nor repeats anything.
+#[test]
+fn an_unwritable_checkpoint_table_delays_checkpoints_not_delivery() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    pg.psql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'checkpoints are read-only for this test'; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON outbox_relay.checkpoints \
+         FOR EACH ROW EXECUTE FUNCTION refuse()",
+    );
+    let mut relay = Relay::start(&config);
+    for seq in 0..5 {
+        pg.psql(&insert_sql("k", seq));
+    }
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 5
+            && relay.log().contains("writing checkpoints failed; retrying")),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.checkpoints"),
+        "0"
+    );
+
+    pg.psql("DROP TRIGGER refuse ON outbox_relay.checkpoints");
+    assert!(
+        wait_until(WAIT, || pg
+            .psql("SELECT count(*) FROM outbox_relay.checkpoints")
+            == "1"),
+        "relay log:\n{}",
+        relay.log()
+    );
+    relay.kill9();
+    for seq in 5..8 {
+        pg.psql(&insert_sql("k", seq));
+    }
+    let relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() >= 8),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let seqs: Vec<u64> = read_events(&events)
+        .iter()
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..8).collect::<Vec<_>>(), "nothing lost or repeated");
+}
