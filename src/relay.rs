@@ -26,7 +26,7 @@ use outbox_relay_sinks::eventbridge::EventBridgeSink;
 use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
 use outbox_relay_sinks::routing::{EventFilter, FilteredSink, Template};
 use outbox_relay_sinks::{
-    file::FileSink, null::NullSink, stdout::StdoutSink, Event, Lsn, Position, Sink,
+    file::FileSink, null::NullSink, stdout::StdoutSink, Event, Lsn, Position, Sink, SinkError,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -422,6 +422,14 @@ async fn session(
     for (name, mut sink) in sinks {
         let recovered = match sink.recover().await {
             Ok(recovered) => recovered,
+            // A broker that is down or restarting: reconnect with backoff, do not exit.
+            Err(SinkError::Retryable(reason)) => {
+                METRICS
+                    .sink_retries
+                    .get_or_create(&Metrics::sink(&name))
+                    .inc();
+                return SessionEnd::Retry(anyhow::anyhow!("sink {name}: {reason}"));
+            }
             Err(err) => return SessionEnd::Fatal(anyhow::anyhow!("sink {name}: {err}")),
         };
         let skip_through = [

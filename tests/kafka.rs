@@ -429,3 +429,38 @@ fn the_example_config_works() {
         Some("Seq")
     );
 }
+
+/// A broker that is down when the relay starts: the relay keeps retrying instead of
+/// exiting, and delivers once the broker is up.
+#[test]
+fn a_broker_down_at_start_is_waited_for() {
+    let port = free_port();
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &format!(
+            "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:{port}\"\ncreate_topics = true\ntimeout = \"2s\"\n"
+        ),
+    );
+    init(&config);
+    let mut relay = Relay::start(&config);
+    assert!(
+        wait_until(Duration::from_secs(30), || relay
+            .log()
+            .contains("replication session ended; reconnecting")),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "the relay exited:\n{}",
+        relay.log()
+    );
+    let broker = Broker::start_on(port);
+    write(&pg, 2, 2);
+    let records = consume(&broker, "outbox.event.order", 10);
+    assert_eq!(records.len(), 10, "{}", relay.log());
+}

