@@ -7,6 +7,7 @@ use crate::db;
 use crate::source::replication::ReplicationConnection;
 use anyhow::Context;
 use outbox_relay_sinks::eventbridge::EventBridgeSink;
+use outbox_relay_sinks::kafka::KafkaSink;
 use tokio_postgres::Client;
 
 const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/002_relay_schema.sql");
@@ -196,6 +197,18 @@ async fn check_sinks(config: &Config) -> Vec<String> {
         if let SinkConfig::EventBridge(eventbridge) = sink {
             match eventbridge.settings(name) {
                 Ok(settings) => problems.extend(EventBridgeSink::new(settings).check().await),
+                Err(err) => problems.push(format!("{err:#}")),
+            }
+        }
+        if let SinkConfig::Kafka(kafka) = sink {
+            match crate::relay::kafka_settings(config, name, kafka) {
+                Ok(settings) => problems.extend(
+                    KafkaSink::new(settings)
+                        .check()
+                        .await
+                        .into_iter()
+                        .map(|problem| format!("sink {name}: {problem}")),
+                ),
                 Err(err) => problems.push(format!("{err:#}")),
             }
         }

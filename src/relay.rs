@@ -324,7 +324,7 @@ pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>
 }
 
 /// Resolves a Kafka sink's settings: identity from the slot, secrets from files.
-fn kafka_settings(
+pub fn kafka_settings(
     config: &Config,
     name: &str,
     kafka: &KafkaSinkConfig,

@@ -430,10 +430,10 @@ fn the_example_config_works() {
     );
 }
 
-/// A broker that is down when the relay starts: the relay keeps retrying instead of
-/// exiting, and delivers once the broker is up.
+/// A broker that is down: `check` says so; a relay started meanwhile keeps retrying instead
+/// of exiting, and delivers once the broker is up.
 #[test]
-fn a_broker_down_at_start_is_waited_for() {
+fn a_broker_down_at_start_is_reported_by_check_and_waited_for_by_run() {
     let port = free_port();
     let pg = PgCluster::start();
     pg.create_outbox("public.outbox");
@@ -446,6 +446,15 @@ fn a_broker_down_at_start_is_waited_for() {
         ),
     );
     init(&config);
+    let check = relay_command(&config, "check");
+    let text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(!check.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "sink kafka: cannot reach Kafka at 127.0.0.1:{port}"
+        )),
+        "{text}"
+    );
     let mut relay = Relay::start(&config);
     assert!(
         wait_until(Duration::from_secs(30), || relay
@@ -460,6 +469,12 @@ fn a_broker_down_at_start_is_waited_for() {
         relay.log()
     );
     let broker = Broker::start_on(port);
+    let check = relay_command(&config, "check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
     write(&pg, 2, 2);
     let records = consume(&broker, "outbox.event.order", 10);
     assert_eq!(records.len(), 10, "{}", relay.log());

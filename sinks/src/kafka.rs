@@ -160,6 +160,25 @@ impl KafkaSink {
         Ok(self.checkpoint_reader.as_ref().expect("created above"))
     }
 
+    /// What `outbox-relay check` reports: whether the brokers answer a metadata request
+    /// with these connection settings (TLS, SASL included).
+    pub async fn check(&mut self) -> Vec<String> {
+        let brokers = self.settings.brokers.clone();
+        let timeout = self.settings.timeout.min(Duration::from_secs(10));
+        let reader = match self.checkpoint_reader() {
+            Ok(_) => self.checkpoint_reader.take().expect("created above"),
+            Err(e) => return vec![e.to_string()],
+        };
+        let answer = blocking(move || reader.fetch_metadata(None, timeout).map(|_| ())).await;
+        match answer {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![format!(
+                "cannot reach Kafka at {brokers}: {e}; check brokers and the security.* / sasl.* \
+                 properties"
+            )],
+        }
+    }
+
     /// Creates `topic` if topic creation is configured and it was not seen yet.
     async fn ensure_topic(
         &mut self,
