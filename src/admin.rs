@@ -122,13 +122,13 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
     Ok(done)
 }
 
-fn normalized(table: &str) -> String {
+pub(crate) fn normalized(table: &str) -> String {
     let (schema, name) = parse_table_name(table).expect("validated by the config");
     format!("{schema}.{name}")
 }
 
 /// The tables of `publication` as `schema.table`, or `None` if it does not exist.
-async fn published_tables(
+pub(crate) async fn published_tables(
     client: &Client,
     publication: &str,
 ) -> anyhow::Result<Option<Vec<String>>> {

@@ -184,6 +184,13 @@ pub struct SourceConfig {
     /// all other write traffic is in other databases.
     #[serde(default, with = "humantime_serde")]
     pub heartbeat_interval: Option<Duration>,
+    /// How often `run` checks that the publication still covers every outbox table (a table
+    /// dropped and re-created leaves it, and its rows then never reach the relay).
+    #[serde(
+        default = "default_publication_check_interval",
+        with = "humantime_serde"
+    )]
+    pub publication_check_interval: Duration,
     #[serde(default = "default_application_name")]
     pub application_name: String,
     /// Prefixes of transactional `pg_logical_emit_message` calls that carry outbox events
@@ -248,6 +255,10 @@ impl Default for LeaderConfig {
             interval: default_leader_interval(),
         }
     }
+}
+
+fn default_publication_check_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_leader_interval() -> Duration {

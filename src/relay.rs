@@ -6,7 +6,7 @@
 
 use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::ChangePolicy;
-use crate::config::{Config, KafkaSinkConfig, SinkConfig};
+use crate::config::{Config, ConnectParams, KafkaSinkConfig, SinkConfig};
 use crate::db;
 use crate::leader::Leadership;
 use crate::outbox::{
@@ -475,6 +475,19 @@ async fn session(
         config.relay.checkpoint_interval,
         helpers_stopped.clone(),
     ));
+    let publication_task = tokio::spawn(watch_publication(
+        PublicationWatch {
+            params: params.clone(),
+            publication: source.publication.clone(),
+            tables: source
+                .tables
+                .iter()
+                .map(|t| crate::admin::normalized(t))
+                .collect(),
+            interval: source.publication_check_interval,
+        },
+        helpers_stopped.clone(),
+    ));
     let heartbeat_task = heartbeat_sql
         .zip(source.heartbeat_interval)
         .map(|(client, interval)| {
@@ -537,6 +550,7 @@ async fn session(
     if let Some(task) = heartbeat_task {
         let _ = task.await;
     }
+    let _ = publication_task.await;
     for (sink, position) in progress.checkpoints() {
         let entry = acknowledged.entry(sink).or_insert(position);
         *entry = (*entry).max(position);
@@ -668,6 +682,58 @@ async fn heartbeat(
                 warn!(error = %format!("{:#}", db::explain(err)),
                     "heartbeat failed (the relay's role needs EXECUTE on pg_logical_emit_message)");
             }
+        }
+    }
+}
+
+/// What the publication watch needs.
+struct PublicationWatch {
+    params: ConnectParams,
+    publication: String,
+    tables: Vec<String>,
+    interval: Duration,
+}
+
+/// Checks every `interval` that the publication still covers every outbox table, and says
+/// loudly (error log, `outbox_relay_unpublished_tables`) when one is missing: a table dropped
+/// and re-created leaves the publication, and its rows then never reach the relay at all.
+async fn watch_publication(watch: PublicationWatch, mut stop: watch::Receiver<bool>) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut reported: Vec<String> = Vec::new();
+    let mut ticker = tokio::time::interval(watch.interval);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = db::connect(&watch.params).await.ok();
+        }
+        let Some(sql) = &client else { continue };
+        let published = match crate::admin::published_tables(sql, &watch.publication).await {
+            Ok(published) => published.unwrap_or_default(),
+            Err(err) => {
+                debug!(error = %format!("{err:#}"), "checking the publication failed; trying again later");
+                continue;
+            }
+        };
+        let missing: Vec<String> = watch
+            .tables
+            .iter()
+            .filter(|table| !published.contains(table))
+            .cloned()
+            .collect();
+        METRICS.unpublished_tables.set(missing.len() as i64);
+        if missing != reported {
+            if missing.is_empty() {
+                info!(publication = %watch.publication, "every outbox table is in the publication again");
+            } else {
+                error!(publication = %watch.publication, tables = ?missing,
+                    "outbox tables are missing from the publication: their rows do not reach the relay. \
+                     Run `outbox-relay init`, or ALTER PUBLICATION {} ADD TABLE ...",
+                    watch.publication);
+            }
+            reported = missing;
         }
     }
 }

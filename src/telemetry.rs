@@ -66,6 +66,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub last_heartbeat_seconds: Gauge,
     pub decode_errors: Counter,
+    pub unpublished_tables: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -161,6 +162,12 @@ impl Metrics {
             "Replication messages that could not be decoded",
             decode_errors.clone(),
         );
+        let unpublished_tables = Gauge::default();
+        registry.register(
+            "unpublished_tables",
+            "Outbox tables (source.tables) missing from the publication: their rows never arrive",
+            unpublished_tables.clone(),
+        );
         Metrics {
             registry,
             role: AtomicU8::new(Role::Connecting as u8),
@@ -178,6 +185,7 @@ impl Metrics {
             leader,
             last_heartbeat_seconds,
             decode_errors,
+            unpublished_tables,
         }
     }
 

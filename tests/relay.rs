@@ -695,3 +695,42 @@ fn an_unwritable_checkpoint_table_delays_checkpoints_not_delivery() {
         .collect();
     assert_eq!(seqs, (0..8).collect::<Vec<_>>(), "nothing lost or repeated");
 }
+
+/// An outbox table dropped and re-created leaves the publication, and logical replication
+/// never shows its rows: `run` says so (it cannot see them), and recovers once the table is
+/// published again.
+#[test]
+fn an_outbox_table_missing_from_the_publication_is_reported_by_run() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "publication_check_interval = \"200ms\"");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(&insert_sql("k", 0));
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    pg.psql("DROP TABLE outbox");
+    pg.create_outbox("public.outbox");
+    assert!(
+        wait_until(WAIT, || relay
+            .log()
+            .contains("outbox tables are missing from the publication")),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert!(relay.log().contains("public.outbox"), "{}", relay.log());
+    pg.psql("ALTER PUBLICATION outbox_relay ADD TABLE outbox");
+    assert!(
+        wait_until(WAIT, || relay
+            .log()
+            .contains("every outbox table is in the publication again")),
+        "relay log:\n{}",
+        relay.log()
+    );
+    pg.psql(&insert_sql("k", 1));
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 2),
+        "relay log:\n{}",
+        relay.log()
+    );
+}
