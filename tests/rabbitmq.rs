@@ -7,7 +7,9 @@
 
 mod common;
 
+use common::certs::{make_ca, make_server_cert};
 use common::rabbitmq::{Received, Vhost};
+use common::tls_proxy::TlsProxy;
 use common::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use outbox_relay_sinks::rabbitmq::{self, StreamSettings};
@@ -832,5 +834,71 @@ fn exchange_mode_loses_nothing_across_a_30_second_network_partition() {
         last_copies(&messages)
             .into_iter()
             .map(Received::key_and_sequence),
+    );
+}
+
+/// Security: amqps:// verifies the broker's certificate against ca_file and the host name.
+/// The broker here has no TLS listener, so a TLS-terminating proxy with a certificate from a
+/// test CA stands in front of it.
+#[test]
+fn amqps_verifies_the_broker_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_ca(certs.path(), "ca");
+    let other_ca = make_ca(certs.path(), "other-ca");
+    let server = make_server_cert(certs.path(), "broker", &ca, "01", "IP:127.0.0.1");
+    let proxy = TlsProxy::start(&server.cert, &server.key, 5672);
+    let vhost = Vhost::new();
+    vhost.declare_queue("events", "all", "#", FieldTable::default());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = |ca: &std::path::Path, host: &str| {
+        format!(
+            "[sinks.rabbit]\ntype = \"rabbitmq\"\nurl = \"amqps://guest:guest@{host}:{}/{}\"\n\
+             exchange = \"events\"\nca_file = \"{}\"\ntimeout = \"5s\"\n",
+            proxy.port,
+            vhost.name,
+            ca.display()
+        )
+    };
+
+    // Another CA, or a name the certificate is not for: check refuses, naming the reason.
+    for (ca, host, reason) in [
+        (&other_ca.cert, "127.0.0.1", "UnknownIssuer"),
+        (
+            &ca.cert,
+            "localhost",
+            "certificate not valid for name \"localhost\"",
+        ),
+    ] {
+        let config = relay_config(dir.path(), &pg, &sink(ca, host));
+        init(&config);
+        let out = relay_command(&config, "check");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!out.status.success(), "{host}: {text}");
+        assert!(text.contains(reason), "{host}: missing {reason}:\n{text}");
+    }
+
+    // run stops on a refused certificate rather than retrying forever.
+    let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert, "127.0.0.1"));
+    insert_events(&pg, "order", 100, 1, 1);
+    let mut refused = Relay::start(&config);
+    let status = refused
+        .wait(Duration::from_secs(30))
+        .expect("run should stop on a refused certificate");
+    assert!(!status.success());
+    assert!(refused.log().contains("check ca_file"), "{}", refused.log());
+
+    let config = relay_config(dir.path(), &pg, &sink(&ca.cert, "127.0.0.1"));
+    let relay = Relay::start(&config);
+    insert_events(&pg, "order", 0, 10, 2);
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages.len() >= 11
+        }),
+        "relay log:\n{}",
+        relay.log()
     );
 }

@@ -3,8 +3,10 @@
 //! real relay binary run as a child process, so tests exercise what users run.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod certs;
 pub mod kafka;
 pub mod rabbitmq;
+pub mod tls_proxy;
 
 use std::io::Write;
 use std::net::TcpListener;

@@ -517,6 +517,12 @@ fn republish_later_events_of_key(batch: &[Event], index: usize, outcomes: &mut [
 /// permanent (missing exchange, refused access, bad credentials or vhost) with the fix.
 fn classify(context: &str, err: &lapin::Error, settings: &ExchangeSettings) -> SinkError {
     let ErrorKind::ProtocolError(amqp) = err.kind() else {
+        // rustls refusing the broker's certificate: retrying cannot help.
+        if err.to_string().contains("invalid peer certificate") {
+            return permanent(format!(
+                "{context}: {err}: check ca_file and that the certificate is for the host in url"
+            ));
+        }
         return retryable(format!("{context}: {err}"));
     };
     let message = amqp.get_message().as_str();
