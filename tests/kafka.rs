@@ -13,6 +13,7 @@
 
 mod common;
 
+use common::certs::{make_ca, make_server_cert};
 use common::kafka::{consume, consume_all, Broker, Record};
 use common::*;
 use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
@@ -478,6 +479,46 @@ fn a_broker_down_at_start_is_reported_by_check_and_waited_for_by_run() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+    write(&pg, 2, 2);
+    let records = consume(&broker, "outbox.event.order", 10);
+    assert_eq!(records.len(), 10, "{}", relay.log());
+}
+
+/// Security: the Kafka sink over TLS verifies the broker's certificate (a test CA, through a
+/// TLS-terminating proxy: Tansu has no TLS listener); `check` refuses another CA.
+#[test]
+fn tls_to_the_broker_verifies_its_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_ca(certs.path(), "ca");
+    let other_ca = make_ca(certs.path(), "other-ca");
+    let server = make_server_cert(certs.path(), "broker", &ca, "01", "IP:127.0.0.1");
+    let broker = Broker::start_behind_tls(&ca.cert, &server);
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let sink = |ca: &Path| {
+        format!(
+            "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"10s\"\n\
+             [sinks.kafka.properties]\n\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"{}\"\n",
+            broker.address(),
+            ca.display()
+        )
+    };
+    let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert));
+    init(&config);
+    let out = relay_command(&config, "check");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("cannot reach Kafka"), "{text}");
+
+    let config = relay_config(dir.path(), &pg, &sink(&ca.cert));
+    let out = relay_command(&config, "check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let relay = Relay::start(&config);
     write(&pg, 2, 2);
     let records = consume(&broker, "outbox.event.order", 10);
     assert_eq!(records.len(), 10, "{}", relay.log());

@@ -17,7 +17,11 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A Tansu broker on a free port, stopped when dropped.
 pub struct Broker {
     child: Child,
+    /// Where clients bootstrap (the broker, or the TLS proxy in front of it).
     port: u16,
+    /// librdkafka properties clients need (TLS).
+    pub client_properties: Vec<(String, String)>,
+    _tls: Option<super::tls_proxy::TlsProxy>,
 }
 
 impl Broker {
@@ -27,6 +31,25 @@ impl Broker {
 
     /// A broker on `port` (for tests that point the relay at it before it runs).
     pub fn start_on(port: u16) -> Broker {
+        Broker::spawn(port, port)
+    }
+
+    /// A broker reachable only over TLS: a proxy presenting `server` (signed by `ca`)
+    /// forwards to it, and the broker advertises the proxy's address.
+    pub fn start_behind_tls(ca: &Path, server: &super::certs::KeyPair) -> Broker {
+        let listen = super::free_port();
+        let proxy = super::tls_proxy::TlsProxy::start(&server.cert, &server.key, listen);
+        let mut broker = Broker::spawn(listen, proxy.port);
+        broker.port = proxy.port;
+        broker.client_properties = vec![
+            ("security.protocol".into(), "SSL".into()),
+            ("ssl.ca.location".into(), ca.display().to_string()),
+        ];
+        broker._tls = Some(proxy);
+        broker
+    }
+
+    fn spawn(port: u16, advertised: u16) -> Broker {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let binary = std::fs::read_dir(root.join(".venv-brokers/lib"))
             .ok()
@@ -36,13 +59,14 @@ impl Broker {
             .filter(|p| p.exists())
             .expect("the Tansu test broker is missing: run scripts/install-test-deps.sh");
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(binary)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ])
@@ -54,7 +78,12 @@ impl Broker {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         assert!(ready, "Tansu did not start");
-        Broker { child, port }
+        Broker {
+            child,
+            port,
+            client_properties: Vec::new(),
+            _tls: None,
+        }
     }
 
     pub fn address(&self) -> String {
@@ -103,12 +132,15 @@ pub fn consume_until(
     topic: &str,
     done: impl Fn(&[Record], Duration) -> bool,
 ) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", broker.address())
         .set("group.id", format!("test-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+        .set("enable.auto.commit", "false");
+    for (key, value) in &broker.client_properties {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create().unwrap();
     // The relay creates the topic with its first event: wait for its partitions.
     let deadline = Instant::now() + WAIT;
     let partitions = loop {
