@@ -1,6 +1,7 @@
 //! The local RabbitMQ for tests: a virtual host per test (created and deleted with
 //! rabbitmqctl), queue draining with lapin, and stream reading with the stream client.
 
+use super::unique;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -11,24 +12,9 @@ use rabbitmq_stream_client::types::OffsetSpecification;
 use rabbitmq_stream_client::Environment;
 use serde_json::Value;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::Runtime;
-
-/// A name no other test uses.
-pub fn unique(prefix: &str) -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
