@@ -201,7 +201,7 @@ async fn check_sinks(config: &Config) -> Vec<String> {
             }
         }
         if let SinkConfig::Kafka(kafka) = sink {
-            match crate::relay::kafka_settings(config, name, kafka) {
+            match kafka.settings(name, &config.source.slot) {
                 Ok(settings) => problems.extend(
                     KafkaSink::new(settings)
                         .check()

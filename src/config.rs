@@ -553,6 +553,49 @@ fn default_rabbitmq_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+impl KafkaSinkConfig {
+    /// The sink's settings: the topic template parsed, the identity derived from the slot,
+    /// `sasl.password` read from its file.
+    pub fn settings(
+        &self,
+        name: &str,
+        slot: &str,
+    ) -> anyhow::Result<outbox_relay_sinks::kafka::KafkaSettings> {
+        let mut properties = self.properties.clone();
+        if let Some(file) = &self.sasl_password_file {
+            let text = std::fs::read_to_string(file).with_context(|| {
+                format!(
+                    "cannot read sinks.{name}.sasl_password_file {}",
+                    file.display()
+                )
+            })?;
+            properties.insert(
+                "sasl.password".into(),
+                text.lines().next().unwrap_or_default().to_owned(),
+            );
+        }
+        Ok(outbox_relay_sinks::kafka::KafkaSettings {
+            brokers: self.brokers.clone(),
+            topic: outbox_relay_sinks::routing::Template::parse(&self.topic)
+                .with_context(|| format!("sinks.{name}.topic"))?,
+            format: self.format,
+            binary: self.binary,
+            exactly_once: self.exactly_once,
+            transactional_id: self
+                .transactional_id
+                .clone()
+                .unwrap_or_else(|| format!("outbox-relay.{slot}.{name}")),
+            checkpoint_topic: self.checkpoint_topic.clone(),
+            create_topics: self
+                .create_topics
+                .then_some((self.partitions, self.replication_factor)),
+            message_max_bytes: self.message_max_bytes,
+            timeout: self.timeout,
+            properties,
+        })
+    }
+}
+
 impl RabbitMqSinkConfig {
     /// The sink's settings: templates parsed, the password file read, keys checked against
     /// the mode.

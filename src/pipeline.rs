@@ -234,20 +234,28 @@ async fn run_worker(
                 .await?;
             let acked = unix_micros();
             let seconds = METRICS.publish_latency.get_or_create(&labels);
-            for (index, event) in fresh.iter().enumerate() {
+            let mut refused = vec![false; fresh.len()];
+            for &index in &rejected {
+                refused[index] = true;
+            }
+            // Published events are counted per run of one table (usually the whole batch),
+            // not per event: a labelled counter lookup allocates its labels.
+            let mut run: Option<(&str, u64)> = None;
+            for (event, refused) in fresh.iter().zip(refused) {
                 let micros = acked.saturating_sub(event.commit_time_micros);
                 latency.record(micros);
                 seconds.observe(micros.max(0) as f64 / 1e6);
-                if !rejected.contains(&index) {
-                    METRICS
-                        .events_published
-                        .get_or_create(&SinkTableLabels {
-                            sink: worker.name.clone(),
-                            table: event.table.to_string(),
-                        })
-                        .inc();
+                if refused {
+                    continue;
+                }
+                match &mut run {
+                    Some((table, count)) if *table == &*event.table => *count += 1,
+                    _ => {
+                        count_published(&worker.name, run.replace((&*event.table, 1)));
+                    }
                 }
             }
+            count_published(&worker.name, run);
             METRICS
                 .dead_letters
                 .get_or_create(&labels)
@@ -277,6 +285,19 @@ async fn run_worker(
         .close()
         .await
         .map_err(|e| anyhow::anyhow!("closing sink {}: {e}", worker.name))
+}
+
+/// Adds a run of `count` events of one table to the sink's published counter.
+fn count_published(sink: &str, run: Option<(&str, u64)>) {
+    if let Some((table, count)) = run {
+        METRICS
+            .events_published
+            .get_or_create(&SinkTableLabels {
+                sink: sink.to_owned(),
+                table: table.to_owned(),
+            })
+            .inc_by(count);
+    }
 }
 
 /// Microseconds since the Unix epoch, the clock of [`Event::commit_time_micros`].

@@ -6,7 +6,7 @@
 
 use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::ChangePolicy;
-use crate::config::{Config, ConnectParams, KafkaSinkConfig, SinkConfig};
+use crate::config::{Config, ConnectParams, SinkConfig};
 use crate::db;
 use crate::leader::Leadership;
 use crate::outbox::{
@@ -20,11 +20,10 @@ use crate::source::replication::{
 use crate::source::wire::ReplicationMessage;
 use crate::telemetry::{gauge_value, ComponentLabels, Metrics, Role, METRICS};
 use crate::validation::SchemaRegistry;
-use anyhow::Context;
 use bytes::Bytes;
 use outbox_relay_sinks::eventbridge::EventBridgeSink;
-use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
-use outbox_relay_sinks::routing::{EventFilter, FilteredSink, Template};
+use outbox_relay_sinks::kafka::KafkaSink;
+use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
 use outbox_relay_sinks::{
     file::FileSink, null::NullSink, stdout::StdoutSink, Event, Lsn, Position, Sink, SinkError,
 };
@@ -303,7 +302,7 @@ pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>
                     ..
                 } => Box::new(FileSink::new(path, *format, *fsync)),
                 SinkConfig::Kafka(kafka) => {
-                    Box::new(KafkaSink::new(kafka_settings(config, name, kafka)?))
+                    Box::new(KafkaSink::new(kafka.settings(name, &config.source.slot)?))
                 }
                 SinkConfig::EventBridge(eventbridge) => {
                     Box::new(EventBridgeSink::new(eventbridge.settings(name)?))
@@ -321,45 +320,6 @@ pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>
             Ok((name.clone(), FilteredSink::wrap(filter, inner)))
         })
         .collect()
-}
-
-/// Resolves a Kafka sink's settings: identity from the slot, secrets from files.
-pub fn kafka_settings(
-    config: &Config,
-    name: &str,
-    kafka: &KafkaSinkConfig,
-) -> anyhow::Result<KafkaSettings> {
-    let mut properties = kafka.properties.clone();
-    if let Some(file) = &kafka.sasl_password_file {
-        let text = std::fs::read_to_string(file).with_context(|| {
-            format!(
-                "cannot read sinks.{name}.sasl_password_file {}",
-                file.display()
-            )
-        })?;
-        properties.insert(
-            "sasl.password".into(),
-            text.lines().next().unwrap_or_default().to_owned(),
-        );
-    }
-    Ok(KafkaSettings {
-        brokers: kafka.brokers.clone(),
-        topic: Template::parse(&kafka.topic).with_context(|| format!("sinks.{name}.topic"))?,
-        format: kafka.format,
-        binary: kafka.binary,
-        exactly_once: kafka.exactly_once,
-        transactional_id: kafka
-            .transactional_id
-            .clone()
-            .unwrap_or_else(|| format!("outbox-relay.{}.{name}", config.source.slot)),
-        checkpoint_topic: kafka.checkpoint_topic.clone(),
-        create_topics: kafka
-            .create_topics
-            .then_some((kafka.partitions, kafka.replication_factor)),
-        message_max_bytes: kafka.message_max_bytes,
-        timeout: kafka.timeout,
-        properties,
-    })
 }
 
 async fn session(

@@ -6,7 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::LazyLock;
 
@@ -77,115 +77,99 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("outbox_relay");
-        let events_published = Family::<SinkTableLabels, Counter>::default();
-        registry.register(
-            "events_published",
-            "Events a sink acknowledged, per sink and source table",
-            events_published.clone(),
-        );
-        let publish_latency =
-            Family::<SinkLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
-        registry.register(
-            "publish_latency_seconds",
-            "Commit time in PostgreSQL to the sink's acknowledgement",
-            publish_latency.clone(),
-        );
-        let dead_letters = Family::<SinkLabels, Counter>::default();
-        registry.register(
-            "dead_letters",
-            "Events stored as dead letters; sink=\"\" for rows the mapping or validation refused",
-            dead_letters.clone(),
-        );
-        let sink_checkpoint_lsn = Family::<SinkLabels, Gauge>::default();
-        registry.register(
-            "sink_checkpoint_lsn",
-            "Commit LSN of the last event each sink acknowledged",
-            sink_checkpoint_lsn.clone(),
-        );
-        let in_flight_events = Family::<SinkLabels, Gauge>::default();
-        registry.register(
-            "in_flight_events",
-            "Events handed to a sink's queue and not yet acknowledged by it",
-            in_flight_events.clone(),
-        );
-        let in_flight_bytes = Family::<SinkLabels, Gauge>::default();
-        registry.register(
-            "in_flight_bytes",
-            "Payload bytes of those events",
-            in_flight_bytes.clone(),
-        );
-        let sink_retries = Family::<SinkLabels, Counter>::default();
-        registry.register(
-            "sink_retries",
-            "Batches a sink failed with a retryable error (broker down, throttled, ...)",
-            sink_retries.clone(),
-        );
-        let received_lsn = Gauge::default();
-        registry.register(
-            "received_lsn",
-            "Server WAL position last seen on the replication connection",
-            received_lsn.clone(),
-        );
-        let confirmed_lsn = Gauge::default();
-        registry.register(
-            "confirmed_lsn",
-            "LSN confirmed to PostgreSQL (every sink acknowledged everything before it)",
-            confirmed_lsn.clone(),
-        );
-        let replication_lag_bytes = Gauge::default();
-        registry.register(
-            "replication_lag_bytes",
-            "Server WAL position minus the confirmed LSN",
-            replication_lag_bytes.clone(),
-        );
-        let reconnects = Family::<ComponentLabels, Counter>::default();
-        registry.register(
-            "reconnects",
-            "Sessions ended by an error that is retried, per component",
-            reconnects.clone(),
-        );
-        let leader = Gauge::default();
-        registry.register(
-            "leader",
-            "1 while this relay holds the leader lock and may stream, else 0",
-            leader.clone(),
-        );
-        let last_heartbeat_seconds = Gauge::default();
-        registry.register(
-            "last_heartbeat_timestamp_seconds",
-            "Unix time of the last heartbeat written to the source database",
-            last_heartbeat_seconds.clone(),
-        );
-        let decode_errors = Counter::default();
-        registry.register(
-            "decode_errors",
-            "Replication messages that could not be decoded",
-            decode_errors.clone(),
-        );
-        let unpublished_tables = Gauge::default();
-        registry.register(
-            "unpublished_tables",
-            "Outbox tables (source.tables) missing from the publication: their rows never arrive",
-            unpublished_tables.clone(),
-        );
         Metrics {
-            registry,
             role: AtomicU8::new(Role::Connecting as u8),
-            events_published,
-            publish_latency,
-            dead_letters,
-            sink_checkpoint_lsn,
-            in_flight_events,
-            in_flight_bytes,
-            sink_retries,
-            received_lsn,
-            confirmed_lsn,
-            replication_lag_bytes,
-            reconnects,
-            leader,
-            last_heartbeat_seconds,
-            decode_errors,
-            unpublished_tables,
+            events_published: register(
+                &mut registry,
+                "events_published",
+                "Events a sink acknowledged, per sink and source table",
+                Family::<SinkTableLabels, Counter>::default(),
+            ),
+            publish_latency: register(
+                &mut registry,
+                "publish_latency_seconds",
+                "Commit time in PostgreSQL to the sink's acknowledgement",
+                Family::<SinkLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _),
+            ),
+            dead_letters: register(
+                &mut registry,
+                "dead_letters",
+                "Events stored as dead letters; sink=\"\" for rows the mapping or validation refused",
+                Family::<SinkLabels, Counter>::default(),
+            ),
+            sink_checkpoint_lsn: register(
+                &mut registry,
+                "sink_checkpoint_lsn",
+                "Commit LSN of the last event each sink acknowledged",
+                Family::<SinkLabels, Gauge>::default(),
+            ),
+            in_flight_events: register(
+                &mut registry,
+                "in_flight_events",
+                "Events handed to a sink's queue and not yet acknowledged by it",
+                Family::<SinkLabels, Gauge>::default(),
+            ),
+            in_flight_bytes: register(
+                &mut registry,
+                "in_flight_bytes",
+                "Payload bytes of those events",
+                Family::<SinkLabels, Gauge>::default(),
+            ),
+            sink_retries: register(
+                &mut registry,
+                "sink_retries",
+                "Batches a sink failed with a retryable error (broker down, throttled, ...)",
+                Family::<SinkLabels, Counter>::default(),
+            ),
+            received_lsn: register(
+                &mut registry,
+                "received_lsn",
+                "Server WAL position last seen on the replication connection",
+                Gauge::default(),
+            ),
+            confirmed_lsn: register(
+                &mut registry,
+                "confirmed_lsn",
+                "LSN confirmed to PostgreSQL (every sink acknowledged everything before it)",
+                Gauge::default(),
+            ),
+            replication_lag_bytes: register(
+                &mut registry,
+                "replication_lag_bytes",
+                "Server WAL position minus the confirmed LSN",
+                Gauge::default(),
+            ),
+            reconnects: register(
+                &mut registry,
+                "reconnects",
+                "Sessions ended by an error that is retried, per component",
+                Family::<ComponentLabels, Counter>::default(),
+            ),
+            leader: register(
+                &mut registry,
+                "leader",
+                "1 while this relay holds the leader lock and may stream, else 0",
+                Gauge::default(),
+            ),
+            last_heartbeat_seconds: register(
+                &mut registry,
+                "last_heartbeat_timestamp_seconds",
+                "Unix time of the last heartbeat written to the source database",
+                Gauge::default(),
+            ),
+            decode_errors: register(
+                &mut registry,
+                "decode_errors",
+                "Replication messages that could not be decoded",
+                Counter::default(),
+            ),
+            unpublished_tables: register(
+                &mut registry,
+                "unpublished_tables",
+                "Outbox tables (source.tables) missing from the publication: their rows never arrive",
+                Gauge::default(),
+            ),
+            registry,
         }
     }
 
@@ -219,6 +203,12 @@ impl Metrics {
 /// Gauges hold i64: LSNs and byte counts of any real cluster fit.
 pub fn gauge_value(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Registers `metric` under `name` and returns it (a handle onto the registered one).
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);

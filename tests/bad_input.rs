@@ -236,9 +236,8 @@ fn wrong_broker_credentials_are_named_by_check() {
         "[sinks.rabbit]\ntype = \"rabbitmq\"\nurl = \"amqp://guest:wrong-password@127.0.0.1:5672/%2f\"\nexchange = \"x\"\ndeclare = true\n",
     );
     init(&config);
-    let out = relay_command(&config, "check");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!out.status.success(), "{text}");
+    let (passed, text) = relay_check(&config);
+    assert!(!passed, "{text}");
     assert!(
         text.contains("sink rabbit")
             && text.contains("ACCESS_REFUSED")

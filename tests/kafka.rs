@@ -450,9 +450,8 @@ fn a_broker_down_at_start_is_reported_by_check_and_waited_for_by_run() {
         ),
     );
     init(&config);
-    let check = relay_command(&config, "check");
-    let text = String::from_utf8_lossy(&check.stdout).into_owned();
-    assert!(!check.status.success(), "{text}");
+    let (passed, text) = relay_check(&config);
+    assert!(!passed, "{text}");
     assert!(
         text.contains(&format!(
             "sink kafka: cannot reach Kafka at 127.0.0.1:{port}"
@@ -473,12 +472,8 @@ fn a_broker_down_at_start_is_reported_by_check_and_waited_for_by_run() {
         relay.log()
     );
     let broker = Broker::start_on(port);
-    let check = relay_command(&config, "check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    let (passed, text) = relay_check(&config);
+    assert!(passed, "{text}");
     write(&pg, 2, 2);
     let records = consume(&broker, "outbox.event.order", 10);
     assert_eq!(records.len(), 10, "{}", relay.log());
@@ -506,18 +501,13 @@ fn tls_to_the_broker_verifies_its_certificate() {
     };
     let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert));
     init(&config);
-    let out = relay_command(&config, "check");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!out.status.success(), "{text}");
+    let (passed, text) = relay_check(&config);
+    assert!(!passed, "{text}");
     assert!(text.contains("cannot reach Kafka"), "{text}");
 
     let config = relay_config(dir.path(), &pg, &sink(&ca.cert));
-    let out = relay_command(&config, "check");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (passed, text) = relay_check(&config);
+    assert!(passed, "{text}");
     let relay = Relay::start(&config);
     write(&pg, 2, 2);
     let records = consume(&broker, "outbox.event.order", 10);

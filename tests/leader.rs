@@ -263,12 +263,8 @@ fn the_least_privilege_role_runs_the_relay_and_reads_nothing_else() {
     )
     .unwrap();
     init(&config);
-    let check = relay_command(&config, "check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    let (passed, text) = relay_check(&config);
+    assert!(passed, "{text}");
     let relay = Relay::start(&config);
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{}')");
     assert!(

@@ -31,7 +31,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
 /// Everything the Kafka sink needs, resolved from the configuration.
@@ -274,7 +274,7 @@ impl KafkaSink {
         batch: &[Event],
     ) -> Result<Vec<Rejection>, SinkError> {
         let mut rejected = Vec::new();
-        let mut pending: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(batch.len());
+        let mut pending: VecDeque<(usize, DeliveryFuture)> = VecDeque::with_capacity(batch.len());
         for (index, event) in batch.iter().enumerate() {
             self.topic_buf.clear();
             self.settings.topic.render(event, &mut self.topic_buf);
@@ -290,7 +290,7 @@ impl KafkaSink {
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push((index, delivery));
+                        pending.push_back((index, delivery));
                         break;
                     }
                     Err((
@@ -310,9 +310,7 @@ impl KafkaSink {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                         // The local queue is full: wait for the oldest delivery, then retry.
                         record = returned;
-                        if let Some((oldest, delivery)) =
-                            (!pending.is_empty()).then(|| pending.remove(0))
-                        {
+                        if let Some((oldest, delivery)) = pending.pop_front() {
                             delivery_result(oldest, delivery, batch).await?;
                         } else {
                             tokio::time::sleep(Duration::from_millis(10)).await;

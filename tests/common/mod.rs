@@ -322,6 +322,17 @@ pub fn copy_example(dir: &Path, name: &str) -> PathBuf {
     config
 }
 
+/// `outbox-relay check`: whether it passed, and what it printed (stdout, then stderr).
+pub fn relay_check(config: &Path) -> (bool, String) {
+    let out = relay_command(config, "check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// `outbox-relay init`, which must succeed.
 pub fn init(config: &Path) {
     let out = relay_command(config, "init");
