@@ -563,16 +563,8 @@ impl KafkaSinkConfig {
     ) -> anyhow::Result<outbox_relay_sinks::kafka::KafkaSettings> {
         let mut properties = self.properties.clone();
         if let Some(file) = &self.sasl_password_file {
-            let text = std::fs::read_to_string(file).with_context(|| {
-                format!(
-                    "cannot read sinks.{name}.sasl_password_file {}",
-                    file.display()
-                )
-            })?;
-            properties.insert(
-                "sasl.password".into(),
-                text.lines().next().unwrap_or_default().to_owned(),
-            );
+            let key = format!("sinks.{name}.sasl_password_file");
+            properties.insert("sasl.password".into(), read_secret_file(file, &key)?);
         }
         Ok(outbox_relay_sinks::kafka::KafkaSettings {
             brokers: self.brokers.clone(),
@@ -609,15 +601,10 @@ impl RabbitMqSinkConfig {
             RabbitMqSettings, StreamSettings,
         };
         let password = match &self.password_file {
-            Some(file) => {
-                let text = std::fs::read_to_string(file).with_context(|| {
-                    format!(
-                        "cannot read sinks.{name}.password_file {}: check the path and permissions",
-                        file.display()
-                    )
-                })?;
-                Some(Password::new(text.lines().next().unwrap_or_default()))
-            }
+            Some(file) => Some(Password::new(read_secret_file(
+                file,
+                &format!("sinks.{name}.password_file"),
+            )?)),
             None => self.password.clone(),
         };
         let misplaced = |keys: &[(&str, bool)], mode: &str| -> anyhow::Result<()> {
@@ -982,13 +969,7 @@ impl SourceConfig {
             .get_password()
             .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
         if let Some(file) = &self.password_file {
-            let text = std::fs::read_to_string(file).with_context(|| {
-                format!(
-                    "cannot read source.password_file {}: check the path and permissions",
-                    file.display()
-                )
-            })?;
-            password = Some(Secret::new(text.lines().next().unwrap_or_default()));
+            password = Some(Secret::new(read_secret_file(file, "source.password_file")?));
         }
         let sslmode = match (self.sslmode, url_sslmode) {
             (Some(mode), _) => mode,
@@ -1010,6 +991,17 @@ impl SourceConfig {
                 .unwrap_or(Duration::from_secs(10)),
         })
     }
+}
+
+/// The first line of the secret file that configuration key `key` names.
+fn read_secret_file(file: &Path, key: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file).with_context(|| {
+        format!(
+            "cannot read {key} {}: check the path and permissions",
+            file.display()
+        )
+    })?;
+    Ok(text.lines().next().unwrap_or_default().to_owned())
 }
 
 /// Removes `sslmode` and `sslrootcert` from a connection string (tokio-postgres rejects the
