@@ -133,6 +133,13 @@ fn every_bad_row_ends_as_a_dead_letter_with_its_reason_and_the_stream_goes_on() 
             .map(|(_, reason)| reason.clone())
     };
     let mut failures = Vec::new();
+    // An UPDATE, DELETE or TRUNCATE that wrongly became an event would repeat a case name.
+    let mut seen = std::collections::HashSet::new();
+    for case in &delivered {
+        if !seen.insert(case) {
+            failures.push(format!("{case} was delivered more than once"));
+        }
+    }
     let expected_dead = ROW_CASES
         .iter()
         .filter(|(_, _, outcome)| matches!(outcome, Outcome::Dead(_)))
