@@ -2,13 +2,14 @@
 //! streams; scripts/install-test-deps.sh installs it, enables the stream plugin and pins the
 //! advertised host). Every test works in a virtual host of its own, created with
 //! `rabbitmqctl` and deleted afterwards, so tests run in parallel and `close_all_connections`
-//! hits only the test's own connections. Messages are read back with lapin (queues) and
-//! the stream client (streams).
+//! hits only the test's own connections. Tests that stop the broker or need TLS listeners
+//! start a RabbitMQ node of their own (`common::rabbitmq::Node`). Messages are read back
+//! with lapin (queues) and the stream client (streams).
 
 mod common;
 
 use common::certs::{make_ca, make_server_cert};
-use common::rabbitmq::{Received, Vhost};
+use common::rabbitmq::{Node, Received, Vhost};
 use common::tls_proxy::TlsProxy;
 use common::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -838,8 +839,8 @@ fn exchange_mode_loses_nothing_across_a_30_second_network_partition() {
 }
 
 /// Security: amqps:// verifies the broker's certificate against ca_file and the host name.
-/// The broker here has no TLS listener, so a TLS-terminating proxy with a certificate from a
-/// test CA stands in front of it.
+/// A TLS-terminating proxy with a certificate from a test CA stands in front of the
+/// machine's broker.
 #[test]
 fn amqps_verifies_the_broker_certificate() {
     let certs = tempfile::tempdir().unwrap();
@@ -897,6 +898,144 @@ fn amqps_verifies_the_broker_certificate() {
             vhost.drain("all", &mut messages);
             messages.len() >= 11
         }),
+        "relay log:\n{}",
+        relay.log()
+    );
+}
+
+/// Outage: the broker itself (a node of the test's own) stopped for 30 s mid-stream, with
+/// one relay publishing to an exchange and to a stream on it. Both wait and retry; once the
+/// broker is back nothing is lost, per-key order holds, and the stream still holds every
+/// event exactly once (the producer's publishing ids survive the stop).
+#[test]
+fn the_broker_stopped_for_30_seconds_delays_both_modes_but_loses_nothing() {
+    let node = Node::start();
+    let vhost = Vhost::on(&node);
+    vhost.declare_queue("events", "all", "#", FieldTable::default());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "{}[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
+         stream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
+        exchange_sink(&vhost, ""),
+        vhost.stream_url()
+    );
+    let config = relay_config(dir.path(), &pg, &sinks);
+    init(&config);
+    let relay = Relay::start(&config);
+    insert_events(&pg, "order", 0, 20, 4);
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages.len() >= 20
+        }),
+        "relay log:\n{}",
+        relay.log()
+    );
+
+    node.stop_app();
+    let stopped_at = std::time::Instant::now();
+    insert_events(&pg, "order", 20, 20, 4);
+    assert!(
+        wait_until(WAIT, || relay
+            .log()
+            .contains("sink failed; retrying the batch")),
+        "the relay should notice the broker is gone:\n{}",
+        relay.log()
+    );
+    // The broker stays down for 30 s whatever the relay does.
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(stopped_at.elapsed()));
+    node.start_app();
+
+    let total = 40;
+    let distinct = |messages: &[Received]| {
+        messages
+            .iter()
+            .map(Received::id)
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            distinct(&messages) == total
+        }),
+        "{} distinct of {total} in the queue; relay log:\n{}",
+        distinct(&messages),
+        relay.log()
+    );
+    assert_per_key_order(
+        last_copies(&messages)
+            .into_iter()
+            .map(Received::key_and_sequence),
+    );
+    let stream = vhost.read_stream("events");
+    assert!(
+        wait_until(WAIT, || stream.lock().unwrap().len() >= total),
+        "{} of {total} in the stream; relay log:\n{}",
+        stream.lock().unwrap().len(),
+        relay.log()
+    );
+    // One more event: once it is in the stream, any repeat would be before it.
+    insert_events(&pg, "order", 40, 1, 4);
+    assert!(wait_until(WAIT, || stream.lock().unwrap().len() > total));
+    let events = stream.lock().unwrap().clone();
+    assert_eq!(events.len(), total + 1, "an event is in the stream twice");
+    assert_per_key_order(events.iter().map(|(_, e)| {
+        (
+            e["subject"].as_str().unwrap().to_owned(),
+            e["sequence"].as_str().unwrap().to_owned(),
+        )
+    }));
+}
+
+/// Security: `rabbitmq-stream+tls://` verifies the broker's certificate, on a node of the
+/// test's own with TLS listeners and a certificate from a test CA. Another CA is refused
+/// by `check` and stops `run`, naming the reason; with the right CA every event arrives.
+#[test]
+fn stream_tls_verifies_the_broker_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_ca(certs.path(), "ca");
+    let other_ca = make_ca(certs.path(), "other-ca");
+    let server = make_server_cert(certs.path(), "broker", &ca, "01", "IP:127.0.0.1");
+    let node = Node::start_with_tls(&server, &ca.cert);
+    let (_, stream_tls_port) = node.tls_ports.unwrap();
+    let vhost = Vhost::on(&node);
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = |ca: &std::path::Path| {
+        format!(
+            "[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\n\
+             url = \"rabbitmq-stream+tls://guest:guest@127.0.0.1:{stream_tls_port}/{}\"\n\
+             stream = \"events\"\ndeclare = true\nca_file = \"{}\"\ntimeout = \"5s\"\n",
+            vhost.name,
+            ca.display()
+        )
+    };
+
+    let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert));
+    init(&config);
+    let (passed, text) = relay_check(&config);
+    assert!(!passed, "{text}");
+    assert!(text.contains("check ca_file"), "{text}");
+    insert_events(&pg, "order", 0, 10, 2);
+    let mut refused = Relay::start(&config);
+    let status = refused
+        .wait(WAIT)
+        .expect("run should stop on a refused certificate");
+    assert!(!status.success());
+    assert!(refused.log().contains("check ca_file"), "{}", refused.log());
+
+    let config = relay_config(dir.path(), &pg, &sink(&ca.cert));
+    let (passed, text) = relay_check(&config);
+    assert!(passed, "{text}");
+    let relay = Relay::start(&config);
+    let stream = vhost.read_stream("events");
+    assert!(
+        wait_until(WAIT, || stream.lock().unwrap().len() >= 10),
         "relay log:\n{}",
         relay.log()
     );

@@ -342,6 +342,14 @@ impl StreamSink {
             Ok(Err(rabbitmq_stream_client::error::ClientError::RequestError(code))) => {
                 Err(refused_at_connect(&self.context(), &code, endpoint))
             }
+            // rustls refusing the broker's certificate: retrying cannot help.
+            Ok(Err(err)) if err.to_string().contains("invalid peer certificate") => {
+                Err(permanent(format!(
+                    "{}: connecting to {host}:{port}: {err}: check ca_file and that the \
+                     broker's certificate is for the host in url",
+                    self.context()
+                )))
+            }
             Ok(Err(err)) => Err(retryable(format!(
                 "{}: connecting to {host}:{port}: {err}: is RabbitMQ running with the stream \
                  plugin enabled (rabbitmq-plugins enable rabbitmq_stream)?",
