@@ -573,3 +573,49 @@ fn a_refused_sasl_login_is_named_by_check_and_stops_run_without_showing_the_pass
     );
     assert!(!text.contains(PASSWORD) && !relay.log().contains(PASSWORD));
 }
+
+/// Security: a SASL/PLAIN login with the password from `sasl_password_file`, accepted by a
+/// gate in front of the broker (`common::sasl_gate`: Tansu cannot be given a user), then a
+/// wrong password refused: `check` names it and `run` stops. The password appears in no
+/// output.
+#[test]
+fn sasl_plain_logs_in_with_the_password_file() {
+    const PASSWORD: &str = "kafka-secret-27182";
+    let broker = Broker::start_behind_sasl_plain("relay", PASSWORD);
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("kafka-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let sink = format!(
+        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"5s\"\n\
+         sasl_password_file = \"{}\"\n[sinks.kafka.properties]\n\
+         \"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"PLAIN\"\n\
+         \"sasl.username\" = \"relay\"\n",
+        broker.address(),
+        password_file.display()
+    );
+    let config = relay_config(dir.path(), &pg, &sink);
+    init(&config);
+    let (passed, text) = relay_check(&config);
+    assert!(passed, "{text}");
+    let mut relay = Relay::start(&config);
+    write(&pg, 2, 2);
+    let records = consume(&broker, "outbox.event.order", 10);
+    assert_eq!(records.len(), 10, "{}", relay.log());
+    assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
+    assert!(!text.contains(PASSWORD) && !relay.log().contains(PASSWORD));
+
+    std::fs::write(&password_file, "not-the-password\n").unwrap();
+    let (passed, text) = relay_check(&config);
+    assert!(!passed, "{text}");
+    assert!(
+        text.contains("the broker refused the connection") && text.contains("check sasl.username"),
+        "{text}"
+    );
+    write(&pg, 1, 1);
+    let mut refused = Relay::start(&config);
+    let status = refused.wait(WAIT).expect("run should stop on a refused login");
+    assert!(!status.success());
+    assert!(refused.log().contains("check sasl.username"), "{}", refused.log());
+}

@@ -22,6 +22,7 @@ pub struct Broker {
     /// librdkafka properties clients need (TLS).
     pub client_properties: Vec<(String, String)>,
     _tls: Option<super::tls_proxy::TlsProxy>,
+    _sasl: Option<super::sasl_gate::SaslGate>,
 }
 
 impl Broker {
@@ -46,6 +47,23 @@ impl Broker {
             ("ssl.ca.location".into(), ca.display().to_string()),
         ];
         broker._tls = Some(proxy);
+        broker
+    }
+
+    /// A broker behind a SASL/PLAIN gate that admits `user` with `password` (see
+    /// `sasl_gate`); the broker advertises the gate's address.
+    pub fn start_behind_sasl_plain(user: &str, password: &str) -> Broker {
+        let listen = super::free_port();
+        let gate = super::sasl_gate::SaslGate::start(user, password, listen);
+        let mut broker = Broker::spawn(listen, gate.port);
+        broker.port = gate.port;
+        broker.client_properties = vec![
+            ("security.protocol".into(), "SASL_PLAINTEXT".into()),
+            ("sasl.mechanism".into(), "PLAIN".into()),
+            ("sasl.username".into(), user.into()),
+            ("sasl.password".into(), password.into()),
+        ];
+        broker._sasl = Some(gate);
         broker
     }
 
@@ -88,6 +106,7 @@ impl Broker {
             port,
             client_properties: Vec::new(),
             _tls: None,
+            _sasl: None,
         }
     }
 

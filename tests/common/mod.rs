@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod kafka;
 pub mod rabbitmq;
+pub mod sasl_gate;
 pub mod tls_proxy;
 
 use std::io::Write;
