@@ -17,9 +17,16 @@
 //!   committed events from being sent again.
 //! - RabbitMQ exchange (at-least-once): nothing lost; last copies in per-key order; repeats
 //!   reported, each with its stable message id.
+//!
+//! EventBridge (at-least-once) has a loop of its own on moto, with fewer events and small
+//! batches, since moto feeding SQS takes only about a hundred events a second:
+//!   CRASH_LOOP_EVENTBRIDGE_KILLS=20 CRASH_LOOP_EVENTBRIDGE_EVENTS=2000 \
+//!     cargo nextest run --test crash_loop eventbridge --no-capture
+//! Asserted: nothing lost, last copies in per-key order; repeats reported.
 
 mod common;
 
+use common::aws::{Aws, Moto, AWS_ENV};
 use common::kafka::{consume_all, Broker};
 use common::rabbitmq::Vhost;
 use common::*;
@@ -173,11 +180,9 @@ fn spawn_writers(
         .collect()
 }
 
-#[test]
-fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
-    let kills = setting("CRASH_LOOP_KILLS", 5);
-    let events = setting("CRASH_LOOP_EVENTS", 3_000);
-    let seed = std::env::var("CRASH_LOOP_SEED")
+/// The seed: `CRASH_LOOP_SEED`, else the clock.
+fn seed() -> u64 {
+    std::env::var("CRASH_LOOP_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
@@ -186,7 +191,88 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
                 .unwrap()
                 .as_nanos() as u64
                 | 1
+        })
+}
+
+/// Writes `events` rows while killing the relay with SIGKILL `kills` times at random
+/// moments and restarting it; returns the relay that runs after the last kill.
+fn write_while_killing(
+    pg: &PgCluster,
+    config: &Path,
+    env: &[(&str, &str)],
+    events: usize,
+    kills: usize,
+    seed: u64,
+) -> Relay {
+    let rate = events as f64 / (kills as f64 * MEAN_INTERVAL.as_secs_f64()).max(1.0);
+    let writers = spawn_writers(pg, events, rate, seed);
+    let mut random = XorShift(seed);
+    let mut relay = Relay::start_with_env(config, env);
+    for _ in 0..kills {
+        let pause = MEAN_INTERVAL.as_millis() as u64 / 4
+            + random.next() % (MEAN_INTERVAL.as_millis() as u64 * 3 / 2);
+        std::thread::sleep(Duration::from_millis(pause));
+        relay.kill9();
+        relay = Relay::start_with_env(config, env);
+    }
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    relay
+}
+
+/// Every committed row's id, from the table itself.
+fn committed_ids(pg: &PgCluster, events: usize) -> HashSet<String> {
+    let expected: HashSet<String> = pg
+        .psql("SELECT id FROM outbox")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(expected.len(), events);
+    expected
+}
+
+/// Prints the table, and writes it as JSON where the environment variable `report_var`
+/// names a file.
+fn report(reports: &[SinkReport], kills: usize, events: usize, seed: u64, report_var: &str) {
+    eprintln!(
+        "{:<30} {:>9} {:>5} {:>10} {:>16} {:>15}",
+        "sink", "delivered", "lost", "duplicated", "reordered first", "reordered last"
+    );
+    for r in reports {
+        eprintln!(
+            "{:<30} {:>9} {:>5} {:>10} {:>16} {:>15}",
+            r.sink,
+            r.delivered,
+            r.lost,
+            r.duplicated,
+            r.reordered_first_copies,
+            r.reordered_last_copies
+        );
+    }
+    if let Ok(path) = std::env::var(report_var) {
+        let report = serde_json::json!({
+            "kills": kills, "events": events, "writers": WRITERS,
+            "keys": WRITERS * KEYS_PER_WRITER, "seed": seed,
+            "sinks": reports.iter().map(|r| serde_json::json!({
+                "sink": r.sink, "delivered": r.delivered, "lost": r.lost,
+                "duplicated": r.duplicated, "reordered_first_copies": r.reordered_first_copies,
+                "reordered_last_copies": r.reordered_last_copies,
+            })).collect::<Vec<_>>(),
         });
+        std::fs::write(
+            Path::new(&path),
+            serde_json::to_string_pretty(&report).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
+    let kills = setting("CRASH_LOOP_KILLS", 5);
+    let events = setting("CRASH_LOOP_EVENTS", 3_000);
+    let seed = seed();
     eprintln!("crash loop: {kills} kills, {events} events, CRASH_LOOP_SEED={seed}");
 
     let broker = Broker::start();
@@ -209,30 +295,8 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
     let config = relay_config(dir.path(), &pg, &sinks);
     init(&config);
 
-    let rate = events as f64 / (kills as f64 * MEAN_INTERVAL.as_secs_f64()).max(1.0);
-    let writers = spawn_writers(&pg, events, rate, seed);
-    let mut random = XorShift(seed);
-    let mut relay = Relay::start(&config);
-    let mut killed = 0;
-    while killed < kills {
-        let pause = MEAN_INTERVAL.as_millis() as u64 / 4
-            + random.next() % (MEAN_INTERVAL.as_millis() as u64 * 3 / 2);
-        std::thread::sleep(Duration::from_millis(pause));
-        relay.kill9();
-        killed += 1;
-        relay = Relay::start(&config);
-    }
-    for writer in writers {
-        writer.join().unwrap();
-    }
-
-    // Every committed row's id, from the table itself.
-    let expected: HashSet<String> = pg
-        .psql("SELECT id FROM outbox")
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(expected.len(), events);
+    let relay = write_while_killing(&pg, &config, &[], events, kills, seed);
+    let expected = committed_ids(&pg, events);
 
     let stream = vhost.read_stream("events");
     let mut queued = Vec::new();
@@ -274,37 +338,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         analyse("kafka (transactional, Tansu)", &kafka_copies, &expected),
         analyse("rabbitmq exchange", &queue_copies, &expected),
     ];
-    eprintln!(
-        "{:<30} {:>9} {:>5} {:>10} {:>16} {:>15}",
-        "sink", "delivered", "lost", "duplicated", "reordered first", "reordered last"
-    );
-    for r in &reports {
-        eprintln!(
-            "{:<30} {:>9} {:>5} {:>10} {:>16} {:>15}",
-            r.sink,
-            r.delivered,
-            r.lost,
-            r.duplicated,
-            r.reordered_first_copies,
-            r.reordered_last_copies
-        );
-    }
-    if let Ok(path) = std::env::var("CRASH_LOOP_REPORT") {
-        let report = serde_json::json!({
-            "kills": killed, "events": events, "writers": WRITERS,
-            "keys": WRITERS * KEYS_PER_WRITER, "seed": seed,
-            "sinks": reports.iter().map(|r| serde_json::json!({
-                "sink": r.sink, "delivered": r.delivered, "lost": r.lost,
-                "duplicated": r.duplicated, "reordered_first_copies": r.reordered_first_copies,
-                "reordered_last_copies": r.reordered_last_copies,
-            })).collect::<Vec<_>>(),
-        });
-        std::fs::write(
-            Path::new(&path),
-            serde_json::to_string_pretty(&report).unwrap(),
-        )
-        .unwrap();
-    }
+    report(&reports, kills, events, seed, "CRASH_LOOP_REPORT");
     assert!(
         complete,
         "not every sink received every event; relay log:\n{}",
@@ -318,4 +352,67 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         assert_eq!(exactly_once.duplicated, 0, "{exactly_once:?}");
         assert_eq!(exactly_once.reordered_first_copies, 0, "{exactly_once:?}");
     }
+}
+
+#[test]
+fn eventbridge_kill_9_loops_lose_nothing_and_keep_per_key_order() {
+    let kills = setting("CRASH_LOOP_EVENTBRIDGE_KILLS", 5);
+    let events = setting("CRASH_LOOP_EVENTBRIDGE_EVENTS", 300);
+    let seed = seed();
+    eprintln!("EventBridge crash loop: {kills} kills, {events} events, CRASH_LOOP_SEED={seed}");
+
+    let moto = Moto::start();
+    let aws = Aws::new(&moto);
+    let bus = unique("crash-loop");
+    let queue = aws.bus_into_queue(&bus);
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    // Small batches: moto takes about a hundred events a second, and a batch must be able to
+    // finish between two kills.
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n\
+             [relay]\ncheckpoint_interval = \"100ms\"\nbatch_size = 20\n\
+             [sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
+            pg.url(),
+            moto.url()
+        ),
+    )
+    .unwrap();
+    init(&config);
+
+    let relay = write_while_killing(&pg, &config, &AWS_ENV, events, kills, seed);
+    let expected = committed_ids(&pg, events);
+    let mut received = Vec::new();
+    let complete = wait_until(Duration::from_secs(120), || {
+        aws.receive(&queue, &mut received);
+        received
+            .iter()
+            .map(|e| e["detail"]["id"].as_str().unwrap_or_default())
+            .collect::<HashSet<_>>()
+            .len()
+            >= events
+    });
+    let copies: Vec<Copy> = received
+        .iter()
+        .map(|e| envelope_copy(&e["detail"]))
+        .collect();
+    let reports = [analyse("eventbridge (moto)", &copies, &expected)];
+    report(
+        &reports,
+        kills,
+        events,
+        seed,
+        "CRASH_LOOP_EVENTBRIDGE_REPORT",
+    );
+    assert!(
+        complete,
+        "EventBridge did not receive every event; relay log:\n{}",
+        relay.log()
+    );
+    assert_eq!(reports[0].lost, 0, "{:?}", reports[0]);
+    assert_eq!(reports[0].reordered_last_copies, 0, "{:?}", reports[0]);
 }

@@ -615,7 +615,13 @@ fn sasl_plain_logs_in_with_the_password_file() {
     );
     write(&pg, 1, 1);
     let mut refused = Relay::start(&config);
-    let status = refused.wait(WAIT).expect("run should stop on a refused login");
+    let status = refused
+        .wait(WAIT)
+        .expect("run should stop on a refused login");
     assert!(!status.success());
-    assert!(refused.log().contains("check sasl.username"), "{}", refused.log());
+    assert!(
+        refused.log().contains("check sasl.username"),
+        "{}",
+        refused.log()
+    );
 }

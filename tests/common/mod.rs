@@ -3,6 +3,7 @@
 //! real relay binary run as a child process, so tests exercise what users run.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod aws;
 pub mod certs;
 pub mod kafka;
 pub mod rabbitmq;
