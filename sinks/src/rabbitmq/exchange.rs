@@ -6,9 +6,9 @@
 //!   `content_type`, `app_id` = `outbox-relay`; headers = the event's headers, `traceparent`,
 //!   and in CloudEvents binary mode the attributes as `cloudEvents_*` headers.
 //! - **Confirms.** One channel per sink, in confirm mode. Publishes are pipelined: up to
-//!   `window` events are unconfirmed at once, and `send` returns only when every event of
-//!   the batch is confirmed or rejected, so the relay's checkpoint only moves over
-//!   confirmed events.
+//!   `window` events are handed to lapin and unconfirmed at once (see `Publishing`), and
+//!   `send` returns only when every event of the batch is confirmed or rejected, so the
+//!   relay's checkpoint only moves over confirmed events.
 //! - **Negative outcomes.** A `basic.nack` follows `on_nack`, a `mandatory` publish
 //!   returned unroutable follows `on_unroutable`: `retry`, `dead-letter` (a rejection the
 //!   relay stores in its dead-letter table with the broker's reason) or `fail` (the relay
@@ -53,7 +53,10 @@ use lapin::{
     ExchangeKind, PublisherConfirm,
 };
 use std::collections::VecDeque;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -346,7 +349,7 @@ impl ExchangeSink {
             mandatory: settings.mandatory,
             immediate: false,
         };
-        let mut in_flight: VecDeque<(usize, PublisherConfirm)> = VecDeque::new();
+        let mut in_flight = VecDeque::new();
         let mut to_retry = Vec::new();
         let pending: Vec<usize> = (0..batch.len())
             .filter(|&i| outcomes[i] == Outcome::Pending)
@@ -355,25 +358,23 @@ impl ExchangeSink {
             let message = prepared[index]
                 .as_ref()
                 .expect("pending events are prepared");
-            let confirm = channel
-                .basic_publish(
-                    ShortString::from(settings.exchange.as_str()),
-                    message.routing_key.clone(),
-                    options,
-                    &message.body,
-                    message.properties.clone(),
-                )
-                .await
-                .map_err(|err| classify(&format!("{context}: publishing"), &err, settings))?;
-            in_flight.push_back((index, confirm));
+            let publishing = Publishing::start(channel.basic_publish(
+                ShortString::from(settings.exchange.as_str()),
+                message.routing_key.clone(),
+                options,
+                &message.body,
+                message.properties.clone(),
+            ))
+            .await;
+            in_flight.push_back((index, publishing));
             while in_flight.len() >= settings.window {
-                let (index, confirm) = in_flight.pop_front().expect("window is not empty");
-                let answer = await_confirm(confirm, settings).await?;
+                let (index, publishing) = in_flight.pop_front().expect("window is not empty");
+                let answer = publishing.answer(settings, &context).await?;
                 settle(settings, batch, index, answer, outcomes, &mut to_retry)?;
             }
         }
-        while let Some((index, confirm)) = in_flight.pop_front() {
-            let answer = await_confirm(confirm, settings).await?;
+        while let Some((index, publishing)) = in_flight.pop_front() {
+            let answer = publishing.answer(settings, &context).await?;
             settle(settings, batch, index, answer, outcomes, &mut to_retry)?;
         }
         if let Some((first, reason)) = to_retry.first() {
@@ -427,6 +428,37 @@ async fn declare(channel: &Channel, settings: &ExchangeSettings) -> Result<(), l
             .await?;
     }
     Ok(())
+}
+
+/// A message handed to lapin. `basic_publish` queues the message's frames for lapin's I/O
+/// thread on its first poll and then waits until that thread has written them; awaiting each
+/// publish in turn would cost a hand-off between threads per message. So the first poll
+/// happens at once (messages go out in the order they were started) and the write is
+/// awaited together with the confirm.
+enum Publishing<F> {
+    Writing(Pin<Box<F>>),
+    Written(lapin::Result<PublisherConfirm>),
+}
+
+impl<F: Future<Output = lapin::Result<PublisherConfirm>>> Publishing<F> {
+    async fn start(publish: F) -> Self {
+        let mut publish = Box::pin(publish);
+        match std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await {
+            Poll::Ready(written) => Publishing::Written(written),
+            Poll::Pending => Publishing::Writing(publish),
+        }
+    }
+
+    /// What the broker answered for the message.
+    async fn answer(self, settings: &ExchangeSettings, context: &str) -> Result<Answer, SinkError> {
+        let written = match self {
+            Publishing::Writing(publish) => publish.await,
+            Publishing::Written(written) => written,
+        };
+        let confirm =
+            written.map_err(|err| classify(&format!("{context}: publishing"), &err, settings))?;
+        await_confirm(confirm, settings).await
+    }
 }
 
 async fn await_confirm(
