@@ -221,10 +221,33 @@ async fn run_worker(
 ) -> anyhow::Result<()> {
     let mut latency = LatencyHistogram::new();
     let labels = Metrics::sink(&worker.name);
+    let mut queued = Vec::new();
+    let mut merged = Vec::new();
     while let Some(batch) = batches.recv().await {
-        let fresh = match worker.skip_through {
-            Some(done) => &batch.events[batch.events.partition_point(|e| e.position <= done)..],
-            None => &batch.events[..],
+        // A worker that fell behind takes every batch already queued in one send: an event
+        // then waits for at most the send in progress, not for each batch ahead of it, and
+        // a sink with a fixed cost per send (a broker round trip, a Kafka commit) catches
+        // up. With nothing queued the batch is sent as it is, without copying.
+        queued.push(batch);
+        while let Ok(more) = batches.try_recv() {
+            queued.push(more);
+        }
+        let skip_through = worker.skip_through;
+        let fresh_of = |batch: &Batch| -> std::ops::Range<usize> {
+            let start = match skip_through {
+                Some(done) => batch.events.partition_point(|e| e.position <= done),
+                None => 0,
+            };
+            start..batch.events.len()
+        };
+        let fresh: &[Event] = if queued.len() == 1 {
+            &queued[0].events[fresh_of(&queued[0])]
+        } else {
+            merged.clear();
+            for batch in &queued {
+                merged.extend_from_slice(&batch.events[fresh_of(batch)]);
+            }
+            &merged
         };
         if !fresh.is_empty() {
             let span = info_span!("batch", events = fresh.len(), first = %fresh[0].position,
@@ -261,15 +284,21 @@ async fn run_worker(
                 .get_or_create(&labels)
                 .inc_by(rejected.len() as u64);
         }
-        progress.acknowledge(index, fresh.last().map(|e| e.position), batch.boundary);
-        METRICS
-            .in_flight_events
-            .get_or_create(&labels)
-            .dec_by(batch.events.len() as i64);
-        METRICS
-            .in_flight_bytes
-            .get_or_create(&labels)
-            .dec_by(batch.payload_bytes());
+        for batch in &queued {
+            let last = batch.events[fresh_of(batch)].last().map(|e| e.position);
+            progress.acknowledge(index, last, batch.boundary);
+            METRICS
+                .in_flight_events
+                .get_or_create(&labels)
+                .dec_by(batch.events.len() as i64);
+            METRICS
+                .in_flight_bytes
+                .get_or_create(&labels)
+                .dec_by(batch.payload_bytes());
+        }
+        // Let go of the events (and the receive buffers they share) before waiting.
+        merged.clear();
+        queued.clear();
     }
     let ms = |micros: u64| micros as f64 / 1000.0;
     info!(
@@ -444,6 +473,7 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outbox_relay_sinks::Text;
 
     #[test]
     fn latency_buckets_cover_every_value_within_their_precision() {
@@ -505,5 +535,122 @@ mod tests {
         assert_eq!(progress.checkpoints()["b"], p(20, 1));
         progress.acknowledge(0, None, Some(Lsn(24)));
         assert_eq!(progress.confirmed(), Lsn(25), "never moves backwards");
+    }
+
+    /// A sink whose sends wait for a permit, recording each batch's size.
+    struct Gated {
+        sizes: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<tokio::sync::Semaphore>,
+        entered: Arc<Notify>,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for Gated {
+        async fn send(
+            &mut self,
+            batch: &[Event],
+        ) -> Result<outbox_relay_sinks::Delivery, SinkError> {
+            self.entered.notify_one();
+            self.gate.acquire().await.expect("gate open").forget();
+            self.sizes.lock().unwrap().push(batch.len());
+            Ok(outbox_relay_sinks::Delivery::default())
+        }
+    }
+
+    struct NoStore;
+
+    #[async_trait::async_trait]
+    impl CheckpointStore for NoStore {
+        async fn load(&self, _: &str) -> anyhow::Result<BTreeMap<String, Position>> {
+            Ok(BTreeMap::new())
+        }
+        async fn save(&self, _: &str, _: &BTreeMap<String, Position>) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn dead_letter(&self, _: &str, _: &DeadLetter) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn event(lsn: u64, index: u32) -> Event {
+        Event {
+            position: Position {
+                commit_lsn: Lsn(lsn),
+                index,
+            },
+            xid: 1,
+            commit_time_micros: 0,
+            table: "public.outbox".into(),
+            source: "/public.outbox".into(),
+            id: Text::from("id"),
+            key: Text::from("key"),
+            aggregate_type: Text::from("order"),
+            aggregate_id: Text::from("key"),
+            event_type: Text::from("Created"),
+            schema_version: None,
+            occurred_at: None,
+            traceparent: None,
+            headers: Vec::new(),
+            attributes: Vec::new(),
+            payload: Text::from("{}"),
+        }
+    }
+
+    fn two_event_batch(lsn: u64) -> Batch {
+        Batch {
+            events: vec![event(lsn, 0), event(lsn, 1)],
+            boundary: Some(Lsn(lsn + 1)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_fell_behind_sends_every_queued_batch_at_once() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let entered = Arc::new(Notify::new());
+        let sink = Gated {
+            sizes: sizes.clone(),
+            gate: gate.clone(),
+            entered: entered.clone(),
+        };
+        let progress = Progress::new(["gated".to_string()], Lsn(0));
+        let worker = SinkWorker {
+            name: "gated".into(),
+            sink: Box::new(sink),
+            skip_through: Some(Position {
+                commit_lsn: Lsn(10),
+                index: 0,
+            }),
+        };
+        let (pipeline, handles) =
+            start(vec![worker], progress.clone(), Arc::new(NoStore), "slot", 4);
+        pipeline.dispatch(two_event_batch(10)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), entered.notified())
+            .await
+            .expect("the worker sends the first batch");
+        // The worker is in its first send: these three wait in its queue.
+        for lsn in [20, 30, 40] {
+            pipeline.dispatch(two_event_batch(lsn)).await.unwrap();
+        }
+        gate.add_permits(2);
+        drop(pipeline);
+        for handle in handles {
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("the worker stops once the pipeline is dropped")
+                .unwrap()
+                .unwrap();
+        }
+        // One send for the first batch, less the event skip_through says was delivered
+        // before (10/0), and one for the three batches that queued meanwhile.
+        assert_eq!(*sizes.lock().unwrap(), [1, 6]);
+        assert_eq!(progress.confirmed(), Lsn(41));
+        assert_eq!(
+            progress.checkpoints()["gated"],
+            Position {
+                commit_lsn: Lsn(40),
+                index: 1
+            }
+        );
     }
 }
