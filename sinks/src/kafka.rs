@@ -282,7 +282,21 @@ impl KafkaSink {
             Ok(_) => self.checkpoint_reader.take().expect("created above"),
             Err(e) => return vec![e.to_string()],
         };
-        let answer = blocking(move || reader.fetch_metadata(None, timeout).map(|_| ())).await;
+        let errors = self.errors.clone();
+        let answer = blocking(move || {
+            let fetched = reader.fetch_metadata(None, timeout).map(|_| ());
+            if fetched.is_err() {
+                // A consumer hands librdkafka's error reports to the context only when
+                // polled: give the report of why the broker could not be reached (a
+                // refused login or certificate) a moment to arrive.
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                while errors.peek().is_none() && std::time::Instant::now() < deadline {
+                    let _ = reader.poll(Duration::from_millis(100));
+                }
+            }
+            fetched
+        })
+        .await;
         match answer {
             Ok(()) => Vec::new(),
             Err(e) => {
