@@ -128,6 +128,7 @@ async fn deliver(
         store.clone(),
         &config.source.slot,
         config.relay.queue_depth,
+        config.relay.batch_size,
     );
 
     let mut reader = db::connect(params).await?;

@@ -173,6 +173,7 @@ pub fn start(
     store: Arc<dyn CheckpointStore>,
     slot: &str,
     queue_depth: usize,
+    batch_size: usize,
 ) -> (Pipeline, Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) {
     let mut senders = Vec::new();
     let mut labels = Vec::new();
@@ -190,6 +191,7 @@ pub fn start(
             progress.clone(),
             store.clone(),
             slot.to_owned(),
+            batch_size,
         );
         let failed = worker_failed.clone();
         let task = async move {
@@ -218,18 +220,36 @@ async fn run_worker(
     progress: Arc<Progress>,
     store: Arc<dyn CheckpointStore>,
     slot: String,
+    batch_size: usize,
 ) -> anyhow::Result<()> {
     let mut latency = LatencyHistogram::new();
     let labels = Metrics::sink(&worker.name);
     let mut queued = Vec::new();
     let mut merged = Vec::new();
-    while let Some(batch) = batches.recv().await {
-        // A worker that fell behind takes every batch already queued in one send: an event
-        // then waits for at most the send in progress, not for each batch ahead of it, and
-        // a sink with a fixed cost per send (a broker round trip, a Kafka commit) catches
-        // up. With nothing queued the batch is sent as it is, without copying.
+    let mut carried = None;
+    loop {
+        let batch = match carried.take() {
+            Some(batch) => batch,
+            None => match batches.recv().await {
+                Some(batch) => batch,
+                None => break,
+            },
+        };
+        // A worker that fell behind joins the batches already queued, up to `batch_size`
+        // events, into one send: an event then waits for the send in progress rather than
+        // for each small batch ahead of it, and a sink with a fixed cost per send (a round
+        // trip, a Kafka commit) catches up. What one send may leave unacknowledged at a
+        // crash stays one batch's worth. With nothing queued the batch is sent as it is,
+        // without copying.
+        let mut events = batch.events.len();
         queued.push(batch);
-        while let Ok(more) = batches.try_recv() {
+        while events < batch_size {
+            let Ok(more) = batches.try_recv() else { break };
+            if events + more.events.len() > batch_size {
+                carried = Some(more);
+                break;
+            }
+            events += more.events.len();
             queued.push(more);
         }
         let skip_through = worker.skip_through;
@@ -604,7 +624,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_worker_that_fell_behind_sends_every_queued_batch_at_once() {
+    async fn a_worker_that_fell_behind_joins_queued_batches_up_to_the_batch_size() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let entered = Arc::new(Notify::new());
@@ -622,8 +642,14 @@ mod tests {
                 index: 0,
             }),
         };
-        let (pipeline, handles) =
-            start(vec![worker], progress.clone(), Arc::new(NoStore), "slot", 4);
+        let (pipeline, handles) = start(
+            vec![worker],
+            progress.clone(),
+            Arc::new(NoStore),
+            "slot",
+            4,
+            4,
+        );
         pipeline.dispatch(two_event_batch(10)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), entered.notified())
             .await
@@ -632,7 +658,7 @@ mod tests {
         for lsn in [20, 30, 40] {
             pipeline.dispatch(two_event_batch(lsn)).await.unwrap();
         }
-        gate.add_permits(2);
+        gate.add_permits(3);
         drop(pipeline);
         for handle in handles {
             tokio::time::timeout(Duration::from_secs(10), handle)
@@ -642,8 +668,9 @@ mod tests {
                 .unwrap();
         }
         // One send for the first batch, less the event skip_through says was delivered
-        // before (10/0), and one for the three batches that queued meanwhile.
-        assert_eq!(*sizes.lock().unwrap(), [1, 6]);
+        // before (10/0); then the three batches that queued meanwhile, joined up to the
+        // batch size of 4 events: two in one send, the third in the next.
+        assert_eq!(*sizes.lock().unwrap(), [1, 4, 2]);
         assert_eq!(progress.confirmed(), Lsn(41));
         assert_eq!(
             progress.checkpoints()["gated"],

@@ -418,6 +418,7 @@ async fn session(
         store.clone(),
         &source.slot,
         config.relay.queue_depth,
+        config.relay.batch_size,
     );
     let (stop_helpers, helpers_stopped) = watch::channel(false);
     let reply_requested = Arc::new(Notify::new());
