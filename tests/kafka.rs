@@ -479,6 +479,34 @@ fn a_broker_down_at_start_is_reported_by_check_and_waited_for_by_run() {
     assert_eq!(records.len(), 10, "{}", relay.log());
 }
 
+/// `check` fails naming each of `reasons`, and `run` stops instead of retrying, with
+/// `advice` in its log. Returns `check`'s output and `run`'s log.
+fn assert_refused(config: &Path, reasons: &[&str], advice: &str) -> (String, String) {
+    let (passed, text) = relay_check(config);
+    assert!(!passed, "{text}");
+    for reason in reasons {
+        assert!(text.contains(reason), "missing {reason:?}:\n{text}");
+    }
+    let mut relay = Relay::start(config);
+    let status = relay.wait(WAIT).expect("run should stop, not retry");
+    assert!(!status.success());
+    assert!(relay.log().contains(advice), "{}", relay.log());
+    (text, relay.log())
+}
+
+/// A Kafka sink logging in over SASL as `relay` with `mechanism`, the password from
+/// `password_file`.
+fn sasl_sink(broker: &Broker, mechanism: &str, password_file: &Path) -> String {
+    format!(
+        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"5s\"\n\
+         sasl_password_file = \"{}\"\n[sinks.kafka.properties]\n\
+         \"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"{mechanism}\"\n\
+         \"sasl.username\" = \"relay\"\n",
+        broker.address(),
+        password_file.display()
+    )
+}
+
 /// Security: the Kafka sink over TLS verifies the broker's certificate (a test CA, through a
 /// TLS-terminating proxy); `check` and `run` refuse another CA, naming the reason.
 #[test]
@@ -501,24 +529,14 @@ fn tls_to_the_broker_verifies_its_certificate() {
     };
     let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert));
     init(&config);
-    let (passed, text) = relay_check(&config);
-    assert!(!passed, "{text}");
-    assert!(
-        text.contains("the broker refused the connection")
-            && text.contains("certificate verify failed")
-            && text.contains("check ssl.ca.location"),
-        "{text}"
-    );
-    // run stops on a refused certificate rather than retrying forever.
-    let mut refused = Relay::start(&config);
-    let status = refused
-        .wait(WAIT)
-        .expect("run should stop on a refused certificate");
-    assert!(!status.success());
-    assert!(
-        refused.log().contains("check ssl.ca.location"),
-        "{}",
-        refused.log()
+    assert_refused(
+        &config,
+        &[
+            "the broker refused the connection",
+            "certificate verify failed",
+            "check ssl.ca.location",
+        ],
+        "check ssl.ca.location",
     );
 
     let config = relay_config(dir.path(), &pg, &sink(&ca.cert));
@@ -543,35 +561,22 @@ fn a_refused_sasl_login_is_named_by_check_and_stops_run_without_showing_the_pass
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("kafka-password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let sink = format!(
-        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"5s\"\n\
-         sasl_password_file = \"{}\"\n[sinks.kafka.properties]\n\
-         \"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
-         \"sasl.username\" = \"relay\"\n",
-        broker.address(),
-        password_file.display()
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &sasl_sink(&broker, "SCRAM-SHA-512", &password_file),
     );
-    let config = relay_config(dir.path(), &pg, &sink);
     init(&config);
-    let (passed, text) = relay_check(&config);
-    assert!(!passed, "{text}");
-    assert!(
-        text.contains("the broker refused the connection")
-            && text.contains("SASL authentication error")
-            && text.contains("check sasl.username"),
-        "{text}"
+    let (text, log) = assert_refused(
+        &config,
+        &[
+            "the broker refused the connection",
+            "SASL authentication error",
+            "check sasl.username",
+        ],
+        "check sasl.username",
     );
-    let mut relay = Relay::start(&config);
-    let status = relay
-        .wait(WAIT)
-        .expect("run should stop on a refused login");
-    assert!(!status.success());
-    assert!(
-        relay.log().contains("check sasl.username"),
-        "{}",
-        relay.log()
-    );
-    assert!(!text.contains(PASSWORD) && !relay.log().contains(PASSWORD));
+    assert!(!text.contains(PASSWORD) && !log.contains(PASSWORD));
 }
 
 /// Security: a SASL/PLAIN login with the password from `sasl_password_file`, accepted by a
@@ -587,15 +592,11 @@ fn sasl_plain_logs_in_with_the_password_file() {
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("kafka-password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let sink = format!(
-        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"5s\"\n\
-         sasl_password_file = \"{}\"\n[sinks.kafka.properties]\n\
-         \"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"PLAIN\"\n\
-         \"sasl.username\" = \"relay\"\n",
-        broker.address(),
-        password_file.display()
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &sasl_sink(&broker, "PLAIN", &password_file),
     );
-    let config = relay_config(dir.path(), &pg, &sink);
     init(&config);
     let (passed, text) = relay_check(&config);
     assert!(passed, "{text}");
@@ -607,21 +608,10 @@ fn sasl_plain_logs_in_with_the_password_file() {
     assert!(!text.contains(PASSWORD) && !relay.log().contains(PASSWORD));
 
     std::fs::write(&password_file, "not-the-password\n").unwrap();
-    let (passed, text) = relay_check(&config);
-    assert!(!passed, "{text}");
-    assert!(
-        text.contains("the broker refused the connection") && text.contains("check sasl.username"),
-        "{text}"
-    );
     write(&pg, 1, 1);
-    let mut refused = Relay::start(&config);
-    let status = refused
-        .wait(WAIT)
-        .expect("run should stop on a refused login");
-    assert!(!status.success());
-    assert!(
-        refused.log().contains("check sasl.username"),
-        "{}",
-        refused.log()
+    assert_refused(
+        &config,
+        &["the broker refused the connection", "check sasl.username"],
+        "check sasl.username",
     );
 }

@@ -96,6 +96,17 @@ impl BrokerError {
             _ => None,
         }
     }
+
+    /// The report as a clause for an error message.
+    fn describe(&self) -> String {
+        match self.advice_if_permanent() {
+            Some(advice) => format!(
+                "the broker refused the connection: {}; {advice}",
+                self.reason
+            ),
+            None => format!("librdkafka last reported: {}", self.reason),
+        }
+    }
 }
 
 impl BrokerErrors {
@@ -114,16 +125,10 @@ impl BrokerErrors {
             return error;
         };
         match self.peek() {
-            Some(reported) => match reported.advice_if_permanent() {
-                Some(advice) => SinkError::Permanent(format!(
-                    "{message}; the Kafka broker refused the connection: {}; {advice}",
-                    reported.reason
-                )),
-                None => SinkError::Retryable(format!(
-                    "{message}; librdkafka last reported: {}",
-                    reported.reason
-                )),
-            },
+            Some(reported) if reported.advice_if_permanent().is_some() => {
+                SinkError::Permanent(format!("{message}; {}", reported.describe()))
+            }
+            Some(reported) => SinkError::Retryable(format!("{message}; {}", reported.describe())),
             None => SinkError::Retryable(message),
         }
     }
@@ -300,16 +305,11 @@ impl KafkaSink {
         match answer {
             Ok(()) => Vec::new(),
             Err(e) => {
-                let reported = match self.errors.take() {
-                    Some(reported) => match reported.advice_if_permanent() {
-                        Some(advice) => format!(
-                            "; the broker refused the connection: {}; {advice}",
-                            reported.reason
-                        ),
-                        None => format!("; librdkafka reported: {}", reported.reason),
-                    },
-                    None => String::new(),
-                };
+                let reported = self
+                    .errors
+                    .take()
+                    .map(|reported| format!("; {}", reported.describe()))
+                    .unwrap_or_default();
                 vec![format!(
                     "cannot reach Kafka at {brokers}: {e}{reported}; check brokers and the \
                      security.* / sasl.* properties"

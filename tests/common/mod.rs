@@ -459,3 +459,36 @@ pub fn unique(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A server on a free 127.0.0.1 port, on a runtime of its own (the server stops when the
+/// runtime is dropped): every accepted connection is handed to `handle` together with a
+/// fresh connection to 127.0.0.1:`upstream`. The test proxies are built on it.
+pub fn serve_forwarding<F, Fut>(upstream: u16, handle: F) -> (u16, tokio::runtime::Runtime)
+where
+    F: Fn(tokio::net::TcpStream, tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    runtime.spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                if let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                    handle(client, server).await;
+                }
+            });
+        }
+    });
+    (port, runtime)
+}

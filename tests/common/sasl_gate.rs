@@ -24,31 +24,13 @@ impl SaslGate {
     /// Listens on a free port, admits `user` with `password` over SASL/PLAIN, and forwards
     /// to 127.0.0.1:`upstream`.
     pub fn start(user: &str, password: &str, upstream: u16) -> SaslGate {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
         let expected: Arc<[u8]> = format!("\0{user}\0{password}").into_bytes().into();
-        runtime.spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    continue;
-                };
-                let expected = expected.clone();
-                tokio::spawn(async move {
-                    let Ok(mut broker) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                        return;
-                    };
-                    let mut client = client;
-                    if log_in(&mut client, &mut broker, &expected).await == Some(true) {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
-                    }
-                });
+        let (port, runtime) = super::serve_forwarding(upstream, move |mut client, mut broker| {
+            let expected = expected.clone();
+            async move {
+                if log_in(&mut client, &mut broker, &expected).await == Some(true) {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                }
             }
         });
         SaslGate {
