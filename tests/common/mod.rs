@@ -437,10 +437,13 @@ pub fn stdout_events_path(config: &Path) -> PathBuf {
     config.with_extension("stdout.jsonl")
 }
 
-/// The events in a file sink's output, parsed.
+/// The events in a file sink's output, parsed. Only newline-terminated lines count: a last
+/// line without its newline is being written right now (or was torn by a kill -9, and the
+/// sink cuts it off when it restarts).
 pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
         .collect()
