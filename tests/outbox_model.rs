@@ -32,12 +32,12 @@ fn file_sink(name: &str, dir: &Path, extra: &str) -> String {
     )
 }
 
+/// The newline-terminated lines of a sink's output file (a last line without its newline
+/// is still being written).
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete.lines().map(str::to_owned).collect()
 }
 
 /// Replaces what differs between runs (positions, transaction ids) with placeholders,
