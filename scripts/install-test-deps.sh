@@ -69,9 +69,20 @@ if ! grep -qs '^stream.advertised_host' "$RABBITMQ_CONF"; then
 fi
 if ! $SUDO rabbitmqctl -q status >/dev/null 2>&1; then
   echo "starting rabbitmq-server"
-  $SUDO rabbitmq-server -detached
+  # The service script runs the broker as the rabbitmq user, as the package installed it.
+  $SUDO service rabbitmq-server start >/dev/null 2>&1 || $SUDO rabbitmq-server -detached
 fi
-$SUDO rabbitmqctl -q await_startup
+# await_startup fails at once while the node has not yet registered with epmd, which takes a
+# few seconds after a start; retry it for up to two minutes.
+for attempt in $(seq 1 60); do
+  if $SUDO rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1; then break; fi
+  if [ "$attempt" = 60 ]; then
+    echo "RabbitMQ did not start within two minutes; see /var/log/rabbitmq/ and run" >&2
+    echo "'service rabbitmq-server start' (or 'rabbitmq-server -detached') by hand" >&2
+    exit 69
+  fi
+  sleep 2
+done
 ENABLED_PLUGINS=$($SUDO rabbitmq-plugins -q list -e 2>/dev/null || true)
 if ! grep -q 'rabbitmq_stream ' <<<"$ENABLED_PLUGINS" \
    || ! grep -q 'rabbitmq_management ' <<<"$ENABLED_PLUGINS"; then
