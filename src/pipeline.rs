@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, Notify};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// Events in commit order, and the LSN that is confirmable once they are all acknowledged.
 #[derive(Debug, Default)]
@@ -272,10 +272,19 @@ async fn run_worker(
         if !fresh.is_empty() {
             let span = info_span!("batch", events = fresh.len(), first = %fresh[0].position,
                 last = %fresh[fresh.len() - 1].position);
+            let started = unix_micros();
             let rejected = deliver(&mut worker, fresh, &*store, &slot)
                 .instrument(span)
                 .await?;
             let acked = unix_micros();
+            let ms = |micros: i64| micros as f64 / 1000.0;
+            debug!(
+                events = fresh.len(),
+                batches = queued.len(),
+                oldest_waited_ms = ms(started - fresh[0].commit_time_micros),
+                send_ms = ms(acked - started),
+                "batch acknowledged"
+            );
             let seconds = METRICS.publish_latency.get_or_create(&labels);
             let mut refused = vec![false; fresh.len()];
             for &index in &rejected {
