@@ -371,8 +371,9 @@ class Brokers:
     bound to the exchange outbox-relay-bench with the run's own key, or a stream); the queues
     and streams are deleted at the end."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, kafka_properties: list[str]):
         self.work = work
+        self.kafka_properties = dict(kv.split("=", 1) for kv in kafka_properties)
         self.kafka_port: int | None = None
         self.moto_port: int | None = None
         self.rabbit_queues: list[str] = []
@@ -426,13 +427,20 @@ class Brokers:
         # In the order asked for.
         return [s for s in wanted if s in available]
 
+    def kafka_properties_table(self) -> str:
+        if not self.kafka_properties:
+            return ""
+        return "[sinks.bench.properties]\n" + "".join(
+            f'"{key}" = "{value}"\n' for key, value in self.kafka_properties.items())
+
     def sink_config(self, sink: str, unique: str) -> str:
         if sink.startswith("kafka"):
             transactional = "true" if sink == "kafka-transactional" else "false"
             return (f'[sinks.bench]\ntype = "kafka"\nbrokers = "127.0.0.1:{self.kafka_port}"\n'
                     f'topic = "{unique}"\nexactly_once = {transactional}\n'
                     f'transactional_id = "{unique}"\ncheckpoint_topic = "{unique}.checkpoints"\n'
-                    'create_topics = true\npartitions = 3\n')
+                    'create_topics = true\npartitions = 3\n'
+                    + self.kafka_properties_table())
         if sink == "rabbitmq-confirms":
             self.rabbit_queues.append(unique)
             return ('[sinks.bench]\ntype = "rabbitmq"\nmode = "exchange"\n'
@@ -488,7 +496,7 @@ class Bench:
                     variant["env"][key] = value
             self.variants[label] = variant
         self.pg_version = ""
-        self.brokers = Brokers(self.work)
+        self.brokers = Brokers(self.work, args.kafka_property)
 
     # -- plumbing
 
@@ -821,7 +829,10 @@ level = "info"
         proc, stderr = self.spawn_relay(config, name)
         deadline = time.monotonic() + 30
         walsender = None
-        while walsender is None:
+        # The walsender starts before the relay's sinks have recovered (a Kafka transactional
+        # producer takes most of a second to initialise); the relay logs "streaming" once
+        # they have. Events committed before that would measure the start, not the flow.
+        while walsender is None or not re.search(r"relay::relay: streaming slot=", stderr.read_text()):
             _, walsender = self.slot_state(slot)
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"relay did not start streaming: {stderr.read_text()[-2000:]}")
@@ -1204,6 +1215,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VAL,...",
                    help="A/B: also run the null sink on the same WAL with this environment "
                         "(bin=PATH picks another relay binary)")
+    p.add_argument("--kafka-property", action="append", default=[], metavar="KEY=VALUE",
+                   help="a librdkafka property for the Kafka sinks (e.g. linger.ms=0)")
     p.add_argument("--relay-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the relay (e.g. TOKIO_WORKER_THREADS=1)")
     p.add_argument("--only", nargs="*", default=PHASES, choices=PHASES, help="phases to run")
