@@ -541,6 +541,8 @@ fn classify_code(code: Option<RDKafkaErrorCode>, error: &str, context: &str) -> 
 const CHECKPOINT_PARTITIONS: i32 = 2;
 const LSN_PARTITION: i32 = 0;
 const INDEX_PARTITION: i32 = 1;
+/// How long `recover` may spend preparing the producer for the first event (see `warm_up`).
+const WARM_UP: Duration = Duration::from_secs(1);
 
 #[async_trait]
 impl Sink for KafkaSink {
@@ -572,7 +574,15 @@ impl KafkaSink {
     /// checkpoint committed in Kafka.
     async fn recover_checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
         // Connecting initialises transactions, which fences any earlier producer of this id.
-        let _producer = self.connect().await?;
+        let producer = self.connect().await?;
+        if tokio::time::timeout(WARM_UP, self.warm_up(&producer))
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                "Kafka metadata not fetched within {WARM_UP:?}; the first batch will fetch it"
+            );
+        }
         if !self.settings.exactly_once {
             return Ok(None);
         }
@@ -615,6 +625,31 @@ impl KafkaSink {
         tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
             "recovered the checkpoint committed in Kafka");
         Ok(position)
+    }
+
+    /// Creates the topic (when `create_topics` is set and the topic has no placeholders) and
+    /// fetches its metadata, so that the producer knows the partitions' leaders and is
+    /// connected to them before the first event: otherwise the session's first batch waits
+    /// for all of that (about 100 ms against a local broker). Best effort: what fails here
+    /// fails again, and is reported, in the first batch.
+    async fn warm_up(&mut self, producer: &FutureProducer<BrokerErrors>) {
+        let topic = self.settings.topic.as_static().map(str::to_owned);
+        if let Some(topic) = &topic {
+            if let Err(e) = self.ensure_topic(topic, self.settings.create_topics).await {
+                tracing::debug!(error = %e, "Kafka topic not created before streaming");
+                return;
+            }
+        }
+        let p = producer.clone();
+        let fetched = blocking(move || {
+            p.client()
+                .fetch_metadata(topic.as_deref(), WARM_UP)
+                .map(|_| ())
+        })
+        .await;
+        if let Err(e) = fetched {
+            tracing::debug!(error = %e, "Kafka metadata not fetched before streaming");
+        }
     }
 
     /// Produces `batch`, in one transaction with the checkpoint in exactly-once mode.
