@@ -39,7 +39,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Everything the Kafka sink needs, resolved from the configuration.
 #[derive(Debug, Clone)]
@@ -407,15 +407,15 @@ impl KafkaSink {
         }
     }
 
-    /// Produces every event of `batch` and waits for all deliveries; events too large for
-    /// the broker are returned as rejections.
+    /// Hands every event of `batch` to the producer; returns the events too large for the
+    /// broker as rejections, and the deliveries still to wait for.
     async fn produce_all(
         &mut self,
         producer: &FutureProducer<BrokerErrors>,
         batch: &[Event],
-    ) -> Result<Vec<Rejection>, SinkError> {
+    ) -> Result<(Vec<Rejection>, Deliveries), SinkError> {
         let mut rejected = Vec::new();
-        let mut pending: VecDeque<(usize, DeliveryFuture)> = VecDeque::with_capacity(batch.len());
+        let mut pending: Deliveries = VecDeque::with_capacity(batch.len());
         for (index, event) in batch.iter().enumerate() {
             self.topic_buf.clear();
             self.settings.topic.render(event, &mut self.topic_buf);
@@ -462,11 +462,19 @@ impl KafkaSink {
             }
             self.topic_buf = topic;
         }
-        for (index, delivery) in pending {
-            delivery_result(index, delivery, batch).await?;
-        }
-        Ok(rejected)
+        Ok((rejected, pending))
     }
+}
+
+/// Deliveries of a batch not yet reported, with the index of their event.
+type Deliveries = VecDeque<(usize, DeliveryFuture)>;
+
+/// Waits for every delivery report of a batch.
+async fn all_delivered(pending: Deliveries, batch: &[Event]) -> Result<(), SinkError> {
+    for (index, delivery) in pending {
+        delivery_result(index, delivery, batch).await?;
+    }
+    Ok(())
 }
 
 /// Waits for one delivery report.
@@ -541,6 +549,8 @@ fn classify_code(code: Option<RDKafkaErrorCode>, error: &str, context: &str) -> 
 const CHECKPOINT_PARTITIONS: i32 = 2;
 const LSN_PARTITION: i32 = 0;
 const INDEX_PARTITION: i32 = 1;
+/// How long a commit waits for librdkafka to let go of delivered messages (see `send_batch`).
+const SETTLE: Duration = Duration::from_millis(100);
 /// How long `recover` may spend preparing the producer for the first event (see `warm_up`).
 const WARM_UP: Duration = Duration::from_secs(1);
 
@@ -656,7 +666,8 @@ impl KafkaSink {
     async fn send_batch(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
         let producer = self.connect().await?;
         if !self.settings.exactly_once {
-            let rejected = self.produce_all(&producer, batch).await?;
+            let (rejected, pending) = self.produce_all(&producer, batch).await?;
+            all_delivered(pending, batch).await?;
             return Ok(Delivery { rejected });
         }
         let last = batch.last().map(|e| e.position).unwrap_or_default();
@@ -664,11 +675,7 @@ impl KafkaSink {
         blocking(move || p.begin_transaction())
             .await
             .map_err(|e| classify(&e, "beginning a Kafka transaction"))?;
-        let produced = self.produce_all(&producer, batch).await;
-        let outcome = match produced {
-            Ok(rejected) => self.commit(&producer, last).await.map(|()| rejected),
-            Err(e) => Err(e),
-        };
+        let outcome = self.produce_and_commit(&producer, batch, last).await;
         match outcome {
             Ok(rejected) => Ok(Delivery { rejected }),
             Err(error) => {
@@ -693,8 +700,41 @@ impl KafkaSink {
         }
     }
 
-    /// Adds the checkpoint to the open transaction and commits it.
-    async fn commit(
+    /// Produces `batch` and its checkpoint in the open transaction, then commits it.
+    async fn produce_and_commit(
+        &mut self,
+        producer: &FutureProducer<BrokerErrors>,
+        batch: &[Event],
+        last: Position,
+    ) -> Result<Vec<Rejection>, SinkError> {
+        let (rejected, pending) = self.produce_all(producer, batch).await?;
+        // The checkpoint's round trips overlap the records'.
+        let (delivered, added) = tokio::join!(
+            all_delivered(pending, batch),
+            self.add_checkpoint(producer, last)
+        );
+        // The checkpoint's error first: a fenced producer's deliveries only say "purged",
+        // while AddOffsetsToTxn says why.
+        added.and(delivered)?;
+        let p = producer.clone();
+        let timeout = self.settings.timeout;
+        blocking(move || {
+            // rdkafka's commit_transaction flushes first, and its flush polls for up to
+            // 100 ms while librdkafka still counts a message as outstanding, which it does
+            // for a moment after the message's delivery report: wait that moment out.
+            let reported = Instant::now();
+            while p.in_flight_count() > 0 && reported.elapsed() < SETTLE {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            p.commit_transaction(timeout)
+        })
+        .await
+        .map_err(|e| classify(&e, "committing the Kafka transaction"))?;
+        Ok(rejected)
+    }
+
+    /// Adds the checkpoint to the open transaction.
+    async fn add_checkpoint(
         &mut self,
         producer: &FutureProducer<BrokerErrors>,
         last: Position,
@@ -720,11 +760,7 @@ impl KafkaSink {
         let p = producer.clone();
         blocking(move || p.send_offsets_to_transaction(&offsets, &group, timeout))
             .await
-            .map_err(|e| classify(&e, "adding the checkpoint to the Kafka transaction"))?;
-        let p = producer.clone();
-        blocking(move || p.commit_transaction(timeout))
-            .await
-            .map_err(|e| classify(&e, "committing the Kafka transaction"))
+            .map_err(|e| classify(&e, "adding the checkpoint to the Kafka transaction"))
     }
 }
 
