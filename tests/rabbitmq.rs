@@ -297,22 +297,29 @@ fn exchange_mode_loses_nothing_when_the_broker_closes_its_connections() {
     );
 }
 
+/// A relay publishing to exchange `events` in `vhost`, where only the queue `orders` is
+/// bound, for `order.#`.
+fn relay_with_an_orders_queue(vhost: &Vhost) -> (PgCluster, tempfile::TempDir, Relay) {
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = exchange_sink(
+        vhost,
+        "declare = true\nqueue = \"orders\"\nbinding_key = \"order.#\"\n",
+    );
+    let config = relay_config(dir.path(), &pg, &sink);
+    init(&config);
+    let relay = Relay::start(&config);
+    (pg, dir, relay)
+}
+
 /// Guarantee: with `mandatory`, an event no queue is bound for comes back, and the
 /// `dead-letter` policy (the default for unroutable events) stores it in the dead-letter
 /// table with the broker's reason; the routable events arrive and the relay goes on.
 #[test]
 fn unroutable_events_are_dead_lettered() {
     let vhost = Vhost::new();
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
-    let sink = exchange_sink(
-        &vhost,
-        "declare = true\nqueue = \"orders\"\nbinding_key = \"order.#\"\n",
-    );
-    let config = relay_config(dir.path(), &pg, &sink);
-    init(&config);
-    let relay = Relay::start(&config);
+    let (pg, _dir, relay) = relay_with_an_orders_queue(&vhost);
     insert_events(&pg, "order", 0, 10, 3);
     insert_events(&pg, "invoice", 10, 5, 3);
     insert_events(&pg, "order", 15, 10, 3);
@@ -337,6 +344,42 @@ fn unroutable_events_are_dead_lettered() {
             "{letter}"
         );
     }
+}
+
+/// RabbitMQ returns an unroutable message at once but confirms a routed persistent one only
+/// once it is on disk, and lapin hands a returned message to whichever confirm completes
+/// next (with a multiple ack, any of the acknowledged ones). The sink must find the returned
+/// event by its message id: every unroutable event dead-lettered, every routed one
+/// delivered, none mistaken for the other.
+#[test]
+fn interleaved_unroutable_events_are_each_dead_lettered_by_their_own_id() {
+    let vhost = Vhost::new();
+    let (pg, _dir, relay) = relay_with_an_orders_queue(&vhost);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT CASE WHEN i % 2 = 0 THEN 'order' ELSE 'invoice' END, 'k' || (i % 7), \
+         'Updated', jsonb_build_object('n', i) FROM generate_series(0, 399) AS i",
+    );
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("orders", &mut messages);
+            messages.len() >= 200 && dead_letters(&pg).len() >= 200
+        }),
+        "{} orders, {} dead letters; relay log:\n{}",
+        messages.len(),
+        dead_letters(&pg).len(),
+        relay.log()
+    );
+    let letters = dead_letters(&pg);
+    let misplaced: Vec<&String> = letters
+        .iter()
+        .filter(|l| !l.starts_with("rabbit | invoice | returned by RabbitMQ: 312 NO_ROUTE"))
+        .collect();
+    assert!(misplaced.is_empty(), "{misplaced:?}");
+    assert_eq!(letters.len(), 200);
+    assert_eq!(messages.len(), 200);
+    assert!(messages.iter().all(|m| m.routing_key == "order.Updated"));
 }
 
 /// A queue that holds 5 messages and refuses more (`x-overflow = reject-publish`).

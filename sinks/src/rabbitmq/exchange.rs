@@ -12,7 +12,8 @@
 //! - **Negative outcomes.** A `basic.nack` follows `on_nack`, a `mandatory` publish
 //!   returned unroutable follows `on_unroutable`: `retry`, `dead-letter` (a rejection the
 //!   relay stores in its dead-letter table with the broker's reason) or `fail` (the relay
-//!   stops with the reason). Nothing is dropped silently.
+//!   stops with the reason). Nothing is dropped silently. A returned message is matched
+//!   to its event by `message_id`, not by the confirm lapin attaches it to (see `Returned`).
 //! - **Per-key order on retry.** Publishes are pipelined, so when event 5 of key K is
 //!   nacked, a later event 6 of K may already be confirmed. Retrying 5 alone would put it
 //!   after 6 for good. So a retry publishes the nacked event again *and every later event
@@ -40,6 +41,7 @@ use crate::format::{AttributeValue, Format};
 use crate::routing::Template;
 use crate::{Delivery, Event, Sink, SinkError};
 use async_trait::async_trait;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -52,7 +54,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
     ExchangeKind, PublisherConfirm,
 };
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -182,6 +184,14 @@ enum Answer {
     Confirmed,
     Nacked,
     Unroutable(String),
+}
+
+/// A message RabbitMQ returned as unroutable. lapin hands it to whichever confirm
+/// completes next (with a multiple ack, any of the acknowledged ones), not necessarily the
+/// returned message's own: its `message_id` (the event id) says whose it is.
+struct Returned {
+    message_id: Option<String>,
+    reason: String,
 }
 
 impl ExchangeSink {
@@ -350,10 +360,17 @@ impl ExchangeSink {
             immediate: false,
         };
         let mut in_flight = VecDeque::new();
-        let mut to_retry = Vec::new();
+        let mut answers = Answers::default();
         let pending: Vec<usize> = (0..batch.len())
             .filter(|&i| outcomes[i] == Outcome::Pending)
             .collect();
+        for &index in &pending {
+            answers
+                .by_id
+                .entry(batch[index].id.as_str())
+                .or_default()
+                .push(index);
+        }
         for index in pending {
             let message = prepared[index]
                 .as_ref()
@@ -370,13 +387,14 @@ impl ExchangeSink {
             while in_flight.len() >= settings.window {
                 let (index, publishing) = in_flight.pop_front().expect("window is not empty");
                 let answer = publishing.answer(settings, &context).await?;
-                settle(settings, batch, index, answer, outcomes, &mut to_retry)?;
+                answers.settle(settings, batch, index, answer, outcomes)?;
             }
         }
         while let Some((index, publishing)) = in_flight.pop_front() {
             let answer = publishing.answer(settings, &context).await?;
-            settle(settings, batch, index, answer, outcomes, &mut to_retry)?;
+            answers.settle(settings, batch, index, answer, outcomes)?;
         }
+        let to_retry = answers.to_retry;
         if let Some((first, reason)) = to_retry.first() {
             warn!(sink = %settings.name, events = to_retry.len(), first = %batch[*first].position, %reason, "publishing refused events again, with the later events of their keys");
         }
@@ -449,8 +467,13 @@ impl<F: Future<Output = lapin::Result<PublisherConfirm>>> Publishing<F> {
         }
     }
 
-    /// What the broker answered for the message.
-    async fn answer(self, settings: &ExchangeSettings, context: &str) -> Result<Answer, SinkError> {
+    /// What the broker answered for the message, and the returned message its confirm
+    /// carried, if any.
+    async fn answer(
+        self,
+        settings: &ExchangeSettings,
+        context: &str,
+    ) -> Result<(Answer, Option<Returned>), SinkError> {
         let written = match self {
             Publishing::Writing(publish) => publish.await,
             Publishing::Written(written) => written,
@@ -464,7 +487,7 @@ impl<F: Future<Output = lapin::Result<PublisherConfirm>>> Publishing<F> {
 async fn await_confirm(
     confirm: PublisherConfirm,
     settings: &ExchangeSettings,
-) -> Result<Answer, SinkError> {
+) -> Result<(Answer, Option<Returned>), SinkError> {
     let context = format!("sink {}", settings.name);
     let confirmation = tokio::time::timeout(settings.timeout, confirm)
         .await
@@ -475,25 +498,76 @@ async fn await_confirm(
             ))
         })?
         .map_err(|err| classify(&format!("{context}: waiting for a confirm"), &err, settings))?;
+    let describe = |returned: BasicReturnMessage| Returned {
+        message_id: returned
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+        reason: format!(
+            "returned by RabbitMQ: {} {} (no queue is bound to exchange {:?} for routing key \
+             {:?})",
+            returned.reply_code,
+            returned.reply_text,
+            settings.exchange,
+            returned.delivery.routing_key.as_str()
+        ),
+    };
     Ok(match confirmation {
-        Confirmation::Ack(None) => Answer::Confirmed,
-        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-            Answer::Unroutable(format!(
-                "returned by RabbitMQ: {} {} (no queue is bound to exchange {:?} for routing \
-                 key {:?})",
-                returned.reply_code,
-                returned.reply_text,
-                settings.exchange,
-                returned.delivery.routing_key.as_str()
-            ))
-        }
-        Confirmation::Nack(None) => Answer::Nacked,
+        Confirmation::Ack(returned) => (Answer::Confirmed, returned.map(describe)),
+        Confirmation::Nack(returned) => (Answer::Nacked, returned.map(describe)),
         Confirmation::NotRequested => {
             return Err(retryable(format!(
                 "{context}: the channel is not in confirm mode; reconnecting"
             )))
         }
     })
+}
+
+/// What one publishing round learned, as the confirms come in.
+#[derive(Default)]
+struct Answers<'a> {
+    /// The round's events by id, to find the owner of a returned message.
+    by_id: HashMap<&'a str, Vec<usize>>,
+    /// Events returned as unroutable: their own confirm, which may come before or after the
+    /// returned message, must not mark them confirmed.
+    returned: HashSet<usize>,
+    /// Events to publish again, with why.
+    to_retry: Vec<(usize, String)>,
+}
+
+impl Answers<'_> {
+    /// Settles event `index` by its confirm, and the owner of the returned message the
+    /// confirm carried.
+    fn settle(
+        &mut self,
+        settings: &ExchangeSettings,
+        batch: &[Event],
+        index: usize,
+        (answer, returned): (Answer, Option<Returned>),
+        outcomes: &mut [Outcome],
+    ) -> Result<(), SinkError> {
+        if !self.returned.contains(&index) {
+            settle(settings, batch, index, answer, outcomes, &mut self.to_retry)?;
+        }
+        let Some(returned) = returned else {
+            return Ok(());
+        };
+        let owner = returned
+            .message_id
+            .as_deref()
+            .and_then(|id| self.by_id.get(id))
+            .and_then(|indices| indices.iter().find(|i| !self.returned.contains(i)))
+            .copied();
+        let owner = owner.unwrap_or_else(|| {
+            warn!(sink = %settings.name, message_id = ?returned.message_id, "RabbitMQ returned a message of no event in flight; counting it against the confirm that carried it");
+            index
+        });
+        self.returned.insert(owner);
+        let answer = Answer::Unroutable(returned.reason);
+        settle(settings, batch, owner, answer, outcomes, &mut self.to_retry)
+    }
 }
 
 /// Applies the policy for what the broker answered about event `index`.
