@@ -370,18 +370,15 @@ fn eventbridge_kill_9_loops_lose_nothing_and_keep_per_key_order() {
     let dir = tempfile::tempdir().unwrap();
     // Small batches: moto takes about a hundred events a second, and a batch must be able to
     // finish between two kills.
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n\
-             [relay]\ncheckpoint_interval = \"100ms\"\nbatch_size = 20\n\
-             [sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-            pg.url(),
+    let config = relay_config_with(
+        dir.path(),
+        &pg,
+        "batch_size = 20\n",
+        &format!(
+            "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
             moto.url()
         ),
-    )
-    .unwrap();
+    );
     init(&config);
 
     let relay = write_while_killing(&pg, &config, &AWS_ENV, events, kills, seed);

@@ -496,6 +496,30 @@ fn assert_refused(config: &Path, reasons: &[&str], advice: &str) -> (String, Str
 
 /// A Kafka sink logging in over SASL as `relay` with `mechanism`, the password from
 /// `password_file`.
+/// Where [`sasl_relay`] writes the Kafka password, in the relay's directory.
+const PASSWORD_FILE: &str = "kafka-password";
+
+/// An initialised relay whose Kafka sink logs in with `mechanism` as `relay` and the
+/// password from a file: the cluster, the relay's directory and its config.
+fn sasl_relay(
+    broker: &Broker,
+    mechanism: &str,
+    password: &str,
+) -> (PgCluster, tempfile::TempDir, PathBuf) {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join(PASSWORD_FILE);
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &sasl_sink(broker, mechanism, &password_file),
+    );
+    init(&config);
+    (pg, dir, config)
+}
+
 fn sasl_sink(broker: &Broker, mechanism: &str, password_file: &Path) -> String {
     format!(
         "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"5s\"\n\
@@ -556,17 +580,7 @@ fn tls_to_the_broker_verifies_its_certificate() {
 fn a_refused_sasl_login_is_named_by_check_and_stops_run_without_showing_the_password() {
     const PASSWORD: &str = "kafka-secret-31337";
     let broker = Broker::start_refusing_logins();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let password_file = dir.path().join("kafka-password");
-    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &sasl_sink(&broker, "SCRAM-SHA-512", &password_file),
-    );
-    init(&config);
+    let (_pg, _dir, config) = sasl_relay(&broker, "SCRAM-SHA-512", PASSWORD);
     let (text, log) = assert_refused(
         &config,
         &[
@@ -587,17 +601,7 @@ fn a_refused_sasl_login_is_named_by_check_and_stops_run_without_showing_the_pass
 fn sasl_plain_logs_in_with_the_password_file() {
     const PASSWORD: &str = "kafka-secret-27182";
     let broker = Broker::start_behind_sasl_plain("relay", PASSWORD);
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let password_file = dir.path().join("kafka-password");
-    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &sasl_sink(&broker, "PLAIN", &password_file),
-    );
-    init(&config);
+    let (pg, dir, config) = sasl_relay(&broker, "PLAIN", PASSWORD);
     let (passed, text) = relay_check(&config);
     assert!(passed, "{text}");
     let mut relay = Relay::start(&config);
@@ -607,7 +611,7 @@ fn sasl_plain_logs_in_with_the_password_file() {
     assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
     assert!(!text.contains(PASSWORD) && !relay.log().contains(PASSWORD));
 
-    std::fs::write(&password_file, "not-the-password\n").unwrap();
+    std::fs::write(dir.path().join(PASSWORD_FILE), "not-the-password\n").unwrap();
     write(&pg, 1, 1);
     assert_refused(
         &config,

@@ -299,11 +299,16 @@ pub fn write_config(dir: &Path, cluster: &PgCluster, extra: &str) -> (PathBuf, P
 
 /// A relay config with `sinks` (TOML sink tables), written into `dir`.
 pub fn relay_config(dir: &Path, pg: &PgCluster, sinks: &str) -> PathBuf {
+    relay_config_with(dir, pg, "", sinks)
+}
+
+/// Like [`relay_config`], with more `[relay]` settings (`relay`, TOML lines).
+pub fn relay_config_with(dir: &Path, pg: &PgCluster, relay: &str, sinks: &str) -> PathBuf {
     let path = dir.join("relay.toml");
     std::fs::write(
         &path,
         format!(
-            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n\n[relay]\ncheckpoint_interval = \"100ms\"\n\n{sinks}",
+            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n\n[relay]\ncheckpoint_interval = \"100ms\"\n{relay}\n{sinks}",
             pg.url()
         ),
     )
