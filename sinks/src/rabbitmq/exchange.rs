@@ -586,6 +586,8 @@ impl Answers<'_> {
             index
         });
         self.returned.insert(owner);
+        // The return decides: a retry the owner's own nack asked for is taken back.
+        self.to_retry.retain(|&(retried, _)| retried != owner);
         let answer = Answer::Unroutable(returned.reason);
         settle(settings, batch, owner, answer, outcomes, &mut self.to_retry)
     }
