@@ -1,5 +1,6 @@
 //! The source side: our own replication connection to PostgreSQL and the pgoutput decoder.
 
+mod coalesce;
 pub mod pgoutput;
 pub mod replication;
 pub mod tls;

@@ -5,6 +5,7 @@
 //! standby status updates on its own timer, so a stalled reader never trips
 //! `wal_sender_timeout`.
 
+use super::coalesce::CoalescingReader;
 use super::wire::{self, BackendMessage, ReplicationMessage};
 use crate::config::{ConnectParams, Host, SslMode};
 use bytes::BytesMut;
@@ -150,6 +151,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// An authenticated connection in `replication=database` mode, before streaming.
 pub struct ReplicationConnection {
     io: Box<dyn Io>,
+    /// How the stream reads once replication starts.
+    coalescing: CoalescingReader,
     buf: BytesMut,
     out: BytesMut,
 }
@@ -170,7 +173,7 @@ impl ReplicationConnection {
             source,
         };
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "timed out");
-        let io: Box<dyn Io> = match &params.host {
+        let (io, coalescing): (Box<dyn Io>, _) = match &params.host {
             #[cfg(unix)]
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", params.port));
@@ -181,7 +184,7 @@ impl ReplicationConnection {
                 .await
                 .map_err(|_| connect_error(timed_out()))?
                 .map_err(connect_error)?;
-                Box::new(stream)
+                (Box::new(stream), CoalescingReader::plain())
             }
             #[cfg(not(unix))]
             Host::Unix(_) => {
@@ -198,11 +201,13 @@ impl ReplicationConnection {
                 .map_err(|_| connect_error(timed_out()))?
                 .map_err(connect_error)?;
                 stream.set_nodelay(true)?;
-                negotiate_tls(stream, host, params).await?
+                let coalescing = CoalescingReader::for_tcp(&stream);
+                (negotiate_tls(stream, host, params).await?, coalescing)
             }
         };
         let mut conn = ReplicationConnection {
             io,
+            coalescing,
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: BytesMut::new(),
         };
@@ -416,6 +421,7 @@ impl ReplicationConnection {
         Ok((
             ReplicationStream {
                 reader,
+                coalescing: self.coalescing,
                 buf: self.buf,
                 reads: 0,
                 bytes: 0,
@@ -494,6 +500,7 @@ fn message_name(message: &Message) -> &'static str {
 /// The receiving half while streaming.
 pub struct ReplicationStream {
     reader: ReadHalf<Box<dyn Io>>,
+    coalescing: CoalescingReader,
     buf: BytesMut,
     /// Socket reads and the bytes they returned, logged at debug level when the stream ends
     /// (how large reads are is what the relay's CPU per event mostly depends on).
@@ -557,7 +564,10 @@ impl ReplicationStream {
         if self.buf.capacity() - self.buf.len() < MIN_READ {
             self.buf.reserve(READ_CHUNK);
         }
-        let n = self.reader.read_buf(&mut self.buf).await?;
+        let n = self
+            .coalescing
+            .read(&mut self.reader, &mut self.buf)
+            .await?;
         self.reads += 1;
         self.bytes += n as u64;
         if n == 0 {
