@@ -179,8 +179,9 @@ class Psql:
 
 
 class Cluster:
-    def __init__(self, fsync: bool):
+    def __init__(self, fsync: bool, tls: bool = False):
         self.bin = pg_bin()
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="outbox-relay-bench-pg."))
         os.chmod(self.dir, 0o755)
         if is_root():
@@ -192,6 +193,11 @@ class Cluster:
     @property
     def url(self) -> str:
         return f"postgres://postgres@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    @property
+    def tls_url(self) -> str:
+        # sslmode=require: encrypted, certificate not verified (the bench's own self-signed one)
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres?sslmode=require"
 
     @property
     def unix_dsn(self) -> str:
@@ -208,9 +214,22 @@ class Cluster:
             check=True,
             capture_output=True,
         )
+        tls_conf = ""
+        if self.tls:
+            cert, key = self.dir / "server.crt", self.dir / "server.key"
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                 "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                check=True, capture_output=True,
+            )
+            os.chmod(key, 0o600)
+            if is_root():
+                for path in (cert, key):
+                    shutil.chown(path, "postgres", "postgres")
+            tls_conf = f"ssl = on\nssl_cert_file = '{cert}'\nssl_key_file = '{key}'\n"
         for _ in range(5):
             self.port = free_port()
-            conf = f"""
+            conf = tls_conf + f"""
 wal_level = logical
 max_wal_senders = 20
 max_replication_slots = 30
@@ -475,7 +494,7 @@ class Brokers:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.cluster = Cluster(fsync=args.pg_fsync)
+        self.cluster = Cluster(fsync=args.pg_fsync, tls=args.transport == "tls")
         self.work = Path(tempfile.mkdtemp(prefix="outbox-relay-bench."))
         self.sql: Psql | None = None
         self.results: list[Result] = []
@@ -503,7 +522,9 @@ class Bench:
     @property
     def reader_url(self) -> str:
         """How the streaming readers (relay, pg_recvlogical) connect."""
-        return self.cluster.unix_dsn if self.args.transport == "unix" else self.cluster.url
+        return {"unix": self.cluster.unix_dsn, "tls": self.cluster.tls_url}.get(
+            self.args.transport, self.cluster.url
+        )
 
     def psql_file(self, path: Path) -> None:
         subprocess.run(
@@ -1196,8 +1217,9 @@ def main() -> int:
     p.add_argument("--queue-depth", type=int, default=4, help="relay.queue_depth")
     p.add_argument("--status-interval", default="20ms",
                    help="source.status_interval; completion is seen at most this late")
-    p.add_argument("--transport", choices=["tcp", "unix"], default="tcp",
-                   help="how the relay and pg_recvlogical connect: TCP loopback or the Unix socket")
+    p.add_argument("--transport", choices=["tcp", "unix", "tls"], default="tcp",
+                   help="how the relay and pg_recvlogical connect: TCP loopback, the Unix socket, or "
+                        "TLS over TCP loopback (sslmode=require, a self-signed certificate)")
     p.add_argument("--poll", type=float, default=0.01, help="seconds between slot polls")
     p.add_argument("--timeout", type=float, default=300, help="seconds a relay run may take")
     p.add_argument("--quiet-cores", type=float, default=0.25,
