@@ -301,6 +301,44 @@ fn relay_streams_over_verify_full() {
     );
 }
 
+/// A backlog drained over TLS: the relay reads it in large, coalesced reads (the socket's
+/// low-water mark lies below TLS), then must still see the tail of the burst and a lone row
+/// after it (the mark is lowered when no more arrives).
+#[test]
+fn a_backlog_and_the_row_after_it_stream_over_tls() {
+    let tls = TlsCluster::start();
+    const BACKLOG: u64 = 4000;
+    tls.pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'order', 'o-' || (n % 7), 'Seq', \
+                jsonb_build_object('seq', n, 'pad', repeat('x', 300)) \
+         FROM generate_series(0, {}) n",
+        BACKLOG - 1
+    ));
+    let (config, events) = tls.config("backlog", &tls_keys("require", None));
+    let relay = Relay::start_with_env(&config, &[("OUTBOX_RELAY__SOURCE__URL", &tls.url())]);
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() as u64 == BACKLOG),
+        "{} of {BACKLOG} events; relay log:\n{}",
+        read_events(&events).len(),
+        relay.log()
+    );
+    tls.pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'o-0', 'Seq', '{{\"seq\": {BACKLOG}}}')"
+    ));
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() as u64 == BACKLOG + 1),
+        "the row after the backlog did not arrive; relay log:\n{}",
+        relay.log()
+    );
+    let seqs: Vec<u64> = read_events(&events)
+        .iter()
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..=BACKLOG).collect::<Vec<_>>());
+}
+
 /// A refused certificate is reported with the reason, so users know whether to fix
 /// sslrootcert or the host name.
 #[test]

@@ -13,9 +13,8 @@
 //!
 //! Linux only: there, lowering the mark wakes a waiting reader when enough data is already
 //! queued (`tcp_set_rcvlowat`, since Linux 4.20). Elsewhere, and on Unix sockets (whose poll
-//! ignores the mark), reads are not coalesced. Over TLS, a read returns the plaintext of at
-//! most one TLS record (16 KiB at most; PostgreSQL writes one per flush), below
-//! [`BURST_READ`], so TLS connections are, in effect, read plainly.
+//! ignores the mark), reads are not coalesced. Over TLS the mark works on the socket below
+//! it, and the reads of decrypted data reach [`BURST_READ`] as well (BENCHMARKS.md).
 
 use bytes::BytesMut;
 use std::io;
@@ -50,8 +49,7 @@ impl CoalescingReader {
         }
     }
 
-    /// Coalesced reads on this TCP connection (the mark applies below TLS, but see the module
-    /// documentation).
+    /// Coalesced reads on this TCP connection, TLS or not (the mark applies below TLS).
     pub fn for_tcp(stream: &TcpStream) -> Self {
         CoalescingReader {
             socket: LowWaterMark::for_socket(stream),
