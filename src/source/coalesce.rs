@@ -8,8 +8,8 @@
 //! receive low-water mark (`SO_RCVLOWAT`) is raised so that the kernel wakes the relay only
 //! when [`BURST_LOW_WATER_MARK`] bytes have arrived. When that much does not arrive within
 //! [`BURST_IDLE`] (the end of a burst, a lone keepalive), the mark goes back to one byte and the
-//! read completes with what is there, so a quiet stream gains at most about a millisecond of
-//! latency, once. At low rates the reads stay as they were.
+//! read completes with what is there, so the last event of a burst waits 1–2 ms longer
+//! (tokio's timer has millisecond resolution). At low rates the reads stay as they were.
 //!
 //! Linux only: there, lowering the mark wakes a waiting reader when enough data is already
 //! queued (`tcp_set_rcvlowat`, since Linux 4.20). Elsewhere, and on Unix sockets (whose poll
