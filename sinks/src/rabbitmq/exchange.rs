@@ -54,7 +54,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
     ExchangeKind, PublisherConfirm,
 };
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -207,8 +207,7 @@ impl ExchangeSink {
         }
     }
 
-    async fn connect(&self) -> Result<Link, SinkError> {
-        let settings = &self.settings;
+    async fn connect(settings: &ExchangeSettings) -> Result<Link, SinkError> {
         let uri = settings.uri().map_err(permanent)?;
         let tls = match &settings.ca_file {
             Some(path) => OwnedTLSConfig {
@@ -248,12 +247,14 @@ impl ExchangeSink {
                     settings,
                 )
             })?;
-        self.open_channel(connection).await
+        Self::open_channel(settings, connection).await
     }
 
     /// Declares or checks the topology, then opens the publishing channel.
-    async fn open_channel(&self, connection: Connection) -> Result<Link, SinkError> {
-        let settings = &self.settings;
+    async fn open_channel(
+        settings: &ExchangeSettings,
+        connection: Connection,
+    ) -> Result<Link, SinkError> {
         let context = format!("sink {}", settings.name);
         let io = |err: lapin::Error| classify(&context, &err, settings);
         let setup = async {
@@ -369,7 +370,7 @@ impl ExchangeSink {
                         self.settings.name
                     )))
                 })?,
-                None => self.connect().await?,
+                None => Self::connect(&self.settings).await?,
             };
             self.link = Some(link);
         }
@@ -381,18 +382,11 @@ impl ExchangeSink {
             immediate: false,
         };
         let mut in_flight = VecDeque::new();
-        let mut answers = Answers::default();
         let pending: Vec<usize> = (0..batch.len())
             .filter(|&i| outcomes[i] == Outcome::Pending)
             .collect();
+        let mut answers = Answers::new(&pending);
         for &index in &pending {
-            answers
-                .by_id
-                .entry(batch[index].id.as_str())
-                .or_default()
-                .push(index);
-        }
-        for index in pending {
             let message = prepared[index]
                 .as_ref()
                 .expect("pending events are prepared");
@@ -547,10 +541,10 @@ async fn await_confirm(
 }
 
 /// What one publishing round learned, as the confirms come in.
-#[derive(Default)]
 struct Answers<'a> {
-    /// The round's events by id, to find the owner of a returned message.
-    by_id: HashMap<&'a str, Vec<usize>>,
+    /// The round's events, among which a returned message's owner is looked up by id
+    /// (returns are rare: no index is built for them).
+    round: &'a [usize],
     /// Events returned as unroutable: their own confirm, which may come before or after the
     /// returned message, must not mark them confirmed.
     returned: HashSet<usize>,
@@ -558,7 +552,15 @@ struct Answers<'a> {
     to_retry: Vec<(usize, String)>,
 }
 
-impl Answers<'_> {
+impl<'a> Answers<'a> {
+    fn new(round: &'a [usize]) -> Self {
+        Answers {
+            round,
+            returned: HashSet::new(),
+            to_retry: Vec::new(),
+        }
+    }
+
     /// Settles event `index` by its confirm, and the owner of the returned message the
     /// confirm carried.
     fn settle(
@@ -575,12 +577,12 @@ impl Answers<'_> {
         let Some(returned) = returned else {
             return Ok(());
         };
-        let owner = returned
-            .message_id
-            .as_deref()
-            .and_then(|id| self.by_id.get(id))
-            .and_then(|indices| indices.iter().find(|i| !self.returned.contains(i)))
-            .copied();
+        let owner = returned.message_id.as_deref().and_then(|id| {
+            self.round
+                .iter()
+                .copied()
+                .find(|i| batch[*i].id.as_str() == id && !self.returned.contains(i))
+        });
         let owner = owner.unwrap_or_else(|| {
             warn!(sink = %settings.name, message_id = ?returned.message_id, "RabbitMQ returned a message of no event in flight; counting it against the confirm that carried it");
             index
@@ -685,15 +687,15 @@ async fn close(connection: Connection, timeout: Duration) {
 /// refused, the exchange missing (when the sink does not declare it).
 pub async fn check(settings: &ExchangeSettings) -> Vec<String> {
     // Declares nothing: a sink that declares its exchange needs only a connection here.
-    let sink = ExchangeSink::new(ExchangeSettings {
+    let without_declarations = ExchangeSettings {
         declare: false,
         exchange: match settings.declare {
             true => String::new(),
             false => settings.exchange.clone(),
         },
         ..settings.clone()
-    });
-    match sink.connect().await {
+    };
+    match ExchangeSink::connect(&without_declarations).await {
         Ok(link) => {
             close(link.connection, settings.timeout).await;
             Vec::new()
@@ -708,8 +710,8 @@ impl Sink for ExchangeSink {
     /// so the first batch does not wait for it (17 ms against a local broker). What fails
     /// is reported by the first batch, which retries it as before.
     async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
-        let sink = ExchangeSink::new(self.settings.clone());
-        self.connecting = Some(tokio::spawn(async move { sink.connect().await }));
+        let settings = self.settings.clone();
+        self.connecting = Some(tokio::spawn(async move { Self::connect(&settings).await }));
         Ok(None)
     }
 
