@@ -175,10 +175,7 @@ fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
         "relay log:\n{}",
         relay.log()
     );
-    let seqs: Vec<u64> = read_events(&events)
-        .iter()
-        .map(|e| e["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = read_seqs(&events);
     assert_eq!(seqs, [1, 3, 4, 5], "only committed inserts are events");
     let mut relay = relay;
     let status = relay
@@ -242,10 +239,7 @@ fn clean_restart_repeats_nothing() {
         "relay log:\n{}",
         relay.log()
     );
-    let seqs: Vec<u64> = read_events(&events)
-        .iter()
-        .map(|e| e["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = read_seqs(&events);
     assert_eq!(seqs, (0..30).collect::<Vec<u64>>());
 }
 
@@ -417,10 +411,7 @@ fn alter_table_mid_stream_keeps_flowing() {
         "relay log:\n{}",
         relay.log()
     );
-    let seqs: Vec<u64> = read_events(&events)
-        .iter()
-        .map(|e| e["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = read_seqs(&events);
     assert_eq!(seqs, [0, 1, 2, 3]);
 }
 
@@ -572,10 +563,7 @@ fn a_second_relay_on_the_same_slot_stands_by_and_takes_over() {
         "second relay log:\n{}",
         second.log()
     );
-    let seqs: Vec<u64> = read_events(&events)
-        .iter()
-        .map(|e| e["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = read_seqs(&events);
     assert_eq!(seqs, [0, 1, 2]);
 }
 
@@ -689,10 +677,7 @@ fn an_unwritable_checkpoint_table_delays_checkpoints_not_delivery() {
         "relay log:\n{}",
         relay.log()
     );
-    let seqs: Vec<u64> = read_events(&events)
-        .iter()
-        .map(|e| e["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = read_seqs(&events);
     assert_eq!(seqs, (0..8).collect::<Vec<_>>(), "nothing lost or repeated");
 }
 

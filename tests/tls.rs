@@ -332,10 +332,7 @@ fn a_backlog_and_the_row_after_it_stream_over_tls() {
         "the row after the backlog did not arrive; relay log:\n{}",
         relay.log()
     );
-    let seqs: Vec<u64> = read_events(&events)
-        .iter()
-        .map(|e| e["data"]["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = read_seqs(&events);
     assert_eq!(seqs, (0..=BACKLOG).collect::<Vec<_>>());
 }
 

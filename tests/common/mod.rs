@@ -454,6 +454,14 @@ pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The `data.seq` of every event in the file at `path`, in file order.
+pub fn read_seqs(path: &Path) -> Vec<u64> {
+    read_events(path)
+        .iter()
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
+        .collect()
+}
+
 /// A name no other test uses.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
