@@ -222,9 +222,11 @@ async fn prepare_slot(
         None if source.create_slot => {
             refuse_to_recreate_a_dropped_slot(sql, config).await?;
             info!(slot = %source.slot, "creating the replication slot");
+            // The function's own result, not a join with pg_replication_slots: the planner
+            // may scan the view first, and on a server with no slots it then never calls
+            // the function at all.
             sql.query_one(
-                "SELECT plugin, true, confirmed_flush_lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput') s \
-                 JOIN pg_replication_slots r ON r.slot_name = s.slot_name",
+                "SELECT 'pgoutput', true, lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
                 &[&source.slot],
             )
             .await

@@ -47,6 +47,36 @@ fn committed_insert_becomes_an_event() {
     );
 }
 
+/// `run` creates a missing slot itself (`source.create_slot`, the default), also on a server
+/// that has no slot at all. Before 2026-12-02 it never did there: its query joined the
+/// creating function with pg_replication_slots, and the planner, finding the view empty,
+/// never called the function ("query returned an unexpected number of rows", retried forever).
+#[test]
+fn run_creates_its_slot_on_a_server_without_slots() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots"), "0");
+    let relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || {
+            pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'")
+                == "1"
+        }),
+        "no slot; relay log:\n{}",
+        relay.log()
+    );
+    pg.psql(&insert_sql("o-1", 1));
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "no event; relay log:\n{}",
+        relay.log()
+    );
+}
+
 /// (lsn, index) of every event, from the CloudEvents `sequence` extension (24 hex digits).
 fn positions(events: &[serde_json::Value]) -> Vec<(u64, u64)> {
     events
