@@ -16,7 +16,7 @@ use crate::config::{parse_table_name, Config, ConnectParams};
 use crate::db;
 use crate::outbox::{Mapped, OutboxMapper, RowContext};
 use crate::pipeline::{self, Batch, Progress, SinkWorker};
-use crate::relay::build_sinks;
+use crate::relay::{build_sinks, skip_point, Horizon, SkipSources};
 use crate::source::pgoutput::{Relation, RelationColumn, Tuple, Value};
 use crate::source::replication::ReplicationConnection;
 use anyhow::Context;
@@ -113,14 +113,31 @@ async fn deliver(
         db::connect(params).await?,
         &config.relay.schema,
     ));
-    let workers: Vec<SinkWorker> = build_sinks(config)?
-        .into_iter()
-        .map(|(name, sink)| SinkWorker {
+    let mut workers = Vec::new();
+    for (name, mut sink) in build_sinks(config)? {
+        // Every backfilled event lies below the consistent point. A destination that holds
+        // positions beyond it belongs to another database or history, and a deduplicating
+        // one (a RabbitMQ stream) would drop the backfill as already stored.
+        let recovered = sink
+            .recover()
+            .await
+            .map_err(|err| anyhow::anyhow!("sink {name}: {err}"))?;
+        let sources = SkipSources {
+            recovered,
+            ..SkipSources::default()
+        };
+        skip_point(
+            &name,
+            sources,
+            Horizon::NewSlot(consistent_point),
+            (&config.source.slot, &config.relay.schema),
+        )?;
+        workers.push(SinkWorker {
             name,
             sink,
             skip_through: None,
-        })
-        .collect();
+        });
+    }
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), Lsn(0));
     let (pipeline, handles) = pipeline::start(
         workers,

@@ -189,6 +189,8 @@ fn classify_sql(err: anyhow::Error) -> SessionEnd {
 /// The slot's state, checked before streaming so problems have clear messages.
 struct SlotState {
     confirmed_flush: Lsn,
+    /// Created by this session: it starts at `confirmed_flush`, the WAL's end at creation.
+    created: bool,
 }
 
 async fn prepare_slot(
@@ -217,6 +219,7 @@ async fn prepare_slot(
         )
         .await
         .map_err(|e| classify_sql(db::explain(e)))?;
+    let created = row.is_none();
     let row = match row {
         Some(row) => row,
         None if source.create_slot => {
@@ -254,7 +257,10 @@ async fn prepare_slot(
         .unwrap_or("0/0")
         .parse()
         .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
-    Ok(SlotState { confirmed_flush })
+    Ok(SlotState {
+        confirmed_flush,
+        created,
+    })
 }
 
 /// A missing slot that this relay has checkpoints for was dropped: a new slot would start at
@@ -278,9 +284,11 @@ async fn refuse_to_recreate_a_dropped_slot(
     match last {
         Some(row) => Err(SessionEnd::Fatal(anyhow::anyhow!(
             "replication slot {slot:?} is gone, but the relay has checkpoints for it (up to {}): \
-             a new slot would start at the current WAL position, and the events committed since \
-             then would never be published. Publish them another way (for example with \
-             source.backfill on a new slot), then delete the old checkpoints to start afresh: \
+             it was dropped, or this server is a promoted standby (before PostgreSQL 17, logical \
+             slots do not survive a failover). A new slot would start at the current WAL position, \
+             and the events committed since the checkpoint would never be published. Publish them \
+             another way (source.backfill = true publishes the rows still in the outbox tables, \
+             on a new slot), or delete the old checkpoints to accept the gap and start afresh: \
              DELETE FROM {schema}.checkpoints WHERE slot = '{slot}'",
             row.get::<_, Option<String>>(0).unwrap_or_default()
         ))),
@@ -342,7 +350,11 @@ async fn session(
         Err(err) => return SessionEnd::Fatal(err),
     };
     if let Err(err) = crate::backfill::ensure(config, &params).await {
-        return classify_sql(err.context("backfill"));
+        let err = err.context("backfill");
+        if err.chain().any(|cause| cause.is::<ForeignHistory>()) {
+            return SessionEnd::Fatal(err);
+        }
+        return classify_sql(err);
     }
     let sql = match db::connect(&params).await {
         Ok(sql) => sql,
@@ -365,8 +377,8 @@ async fn session(
         Ok(connection) => connection,
         Err(err) => return classify_source(err),
     };
-    let (stream, status_writer) = match start_streaming(connection, config).await {
-        Ok(halves) => halves,
+    let (wal_end, stream, status_writer) = match start_streaming(connection, config).await {
+        Ok(started) => started,
         Err(err) => return classify_source(err),
     };
     let store: Arc<dyn CheckpointStore> =
@@ -394,14 +406,23 @@ async fn session(
             }
             Err(err) => return SessionEnd::Fatal(anyhow::anyhow!("sink {name}: {err}")),
         };
-        let skip_through = [
-            stored.get(&name).copied(),
-            acknowledged.get(&name).copied(),
-            recovered,
-        ]
-        .into_iter()
-        .flatten()
-        .max();
+        let skip_through = match skip_point(
+            &name,
+            SkipSources {
+                stored: stored.get(&name).copied(),
+                acknowledged: acknowledged.get(&name).copied(),
+                recovered,
+            },
+            if slot.created {
+                Horizon::NewSlot(slot.confirmed_flush)
+            } else {
+                Horizon::WalEnd(wal_end)
+            },
+            (&source.slot, &config.relay.schema),
+        ) {
+            Ok(position) => position,
+            Err(err) => return SessionEnd::Fatal(err.into()),
+        };
         info!(sink = %name, skip_through = ?skip_through.map(|p| p.to_string()), "sink ready");
         workers.push(SinkWorker {
             name,
@@ -532,15 +553,104 @@ async fn session(
     end
 }
 
+/// Where a sink's earlier deliveries end, by who remembers them.
+#[derive(Default)]
+pub(crate) struct SkipSources {
+    /// The sink's row in the relay's checkpoint table.
+    pub(crate) stored: Option<Position>,
+    /// What the sink acknowledged in an earlier session of this process.
+    pub(crate) acknowledged: Option<Position>,
+    /// What the sink's destination says it holds (`Sink::recover`).
+    pub(crate) recovered: Option<Position>,
+}
+
+/// A sink position beyond the database's history. Not retried: an operator must decide what
+/// becomes of the events the destination holds.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ForeignHistory(String);
+
+/// The furthest position this database's history can hold for a sink.
+pub(crate) enum Horizon {
+    /// The server's WAL end when streaming starts: every event ever delivered from this
+    /// database lies at or below it.
+    WalEnd(Lsn),
+    /// A slot created just now starts at the WAL's end at its creation, and events delivered
+    /// from this database earlier lie at or below that.
+    NewSlot(Lsn),
+}
+
+/// The position through which a sink skips events (it has them already), after checking
+/// that the position lies within this database's history. A position beyond the horizon
+/// comes from another history (a failover to a standby that lagged, a restore, a re-created
+/// database), and skipping up to it would drop this database's events without a trace.
+pub(crate) fn skip_point(
+    sink: &str,
+    sources: SkipSources,
+    horizon: Horizon,
+    (slot, schema): (&str, &str),
+) -> Result<Option<Position>, ForeignHistory> {
+    let (limit, consequence) = match horizon {
+        Horizon::WalEnd(lsn) => (
+            lsn,
+            format!(
+                "this database's WAL ends at {lsn}, so streaming would skip its events up to there"
+            ),
+        ),
+        Horizon::NewSlot(lsn) => (
+            lsn,
+            format!(
+                "the slot starts at {lsn}, so it would skip this database's events up to there"
+            ),
+        ),
+    };
+    let beyond = |position: &Option<Position>| position.filter(|p| p.commit_lsn > limit);
+    if let Some(position) = beyond(&sources.recovered) {
+        return Err(ForeignHistory(format!(
+            "sink {sink}: its destination already holds events up to position {position}, but \
+             {consequence}. Those events come from another database or from WAL this server \
+             never had (a failover to a standby that lagged, a restore from backup, a re-created \
+             database). Give the sink a destination that starts afresh (file: a new path; kafka: \
+             a new transactional_id; rabbitmq stream: a new producer_name), then start the relay \
+             again"
+        )));
+    }
+    if let Some(position) = beyond(&sources.stored) {
+        return Err(ForeignHistory(format!(
+            "sink {sink}: the checkpoint table holds position {position} for slot {slot:?}, but \
+             {consequence}. The checkpoint comes from another database or an earlier history (a \
+             restore, a copied relay schema). Once the events after it are published another \
+             way, or to accept the gap, delete it and start again: DELETE FROM \
+             {schema}.checkpoints WHERE slot = '{slot}' AND sink = '{sink}'"
+        )));
+    }
+    if let Some(position) = beyond(&sources.acknowledged) {
+        return Err(ForeignHistory(format!(
+            "sink {sink}: this relay delivered events up to position {position} before it \
+             reconnected, but {consequence}. The server it reconnected to is not the one it \
+             streamed from (a failover to a standby that had not received that WAL): the events \
+             it delivered beyond {limit} are not in this database. Check what the sink holds, \
+             then start the relay again"
+        )));
+    }
+    Ok([sources.stored, sources.acknowledged, sources.recovered]
+        .into_iter()
+        .flatten()
+        .max())
+}
+
+/// Starts streaming; returns the server's WAL end (flushed position) at the start with the
+/// stream's halves.
 async fn start_streaming(
     mut connection: ReplicationConnection,
     config: &Config,
-) -> Result<(ReplicationStream, StatusWriter), SourceError> {
+) -> Result<(Lsn, ReplicationStream, StatusWriter), SourceError> {
     let system = connection.identify_system().await?;
     debug!(system_id = %system.system_id, timeline = system.timeline, wal = %system.wal_position, "identified");
-    connection
+    let (stream, status_writer) = connection
         .start_replication(&config.source.slot, &config.source.publication)
-        .await
+        .await?;
+    Ok((system.wal_position, stream, status_writer))
 }
 
 /// Sends standby status updates every `interval` and whenever the server asks, independent
@@ -984,5 +1094,69 @@ impl Reader {
                 if change == RowChange::Update { "update" } else { "delete" }
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(lsn: u64) -> Option<Position> {
+        Some(Position {
+            commit_lsn: Lsn(lsn),
+            index: 3,
+        })
+    }
+
+    fn skip(
+        stored: Option<Position>,
+        acknowledged: Option<Position>,
+        recovered: Option<Position>,
+    ) -> Result<Option<Position>, ForeignHistory> {
+        let sources = SkipSources {
+            stored,
+            acknowledged,
+            recovered,
+        };
+        skip_point(
+            "orders",
+            sources,
+            Horizon::WalEnd(Lsn(1000)),
+            ("outbox_relay", "outbox_relay"),
+        )
+    }
+
+    #[test]
+    fn a_sink_skips_through_the_furthest_position_anyone_remembers() {
+        assert_eq!(skip(None, None, None).unwrap(), None);
+        assert_eq!(skip(at(10), at(30), at(20)).unwrap(), at(30));
+        assert_eq!(skip(at(1000), None, at(999)).unwrap(), at(1000));
+    }
+
+    #[test]
+    fn a_position_beyond_the_wal_end_stops_the_relay_and_names_its_source() {
+        let recovered = skip(at(10), None, at(1001)).unwrap_err().to_string();
+        assert!(
+            recovered.contains(
+                "sink orders: its destination already holds events up to position 0/3E9#3"
+            ),
+            "{recovered}"
+        );
+        assert!(recovered.contains("WAL ends at 0/3E8"), "{recovered}");
+        let stored = skip(at(2000), None, None).unwrap_err().to_string();
+        assert!(stored.contains("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay' AND sink = 'orders'"), "{stored}");
+        let acknowledged = skip(None, at(5000), at(20)).unwrap_err().to_string();
+        assert!(
+            acknowledged.contains("before it reconnected"),
+            "{acknowledged}"
+        );
+        let sources = SkipSources {
+            recovered: at(1001),
+            ..SkipSources::default()
+        };
+        let new_slot = skip_point("orders", sources, Horizon::NewSlot(Lsn(1000)), ("s", "r"))
+            .unwrap_err()
+            .to_string();
+        assert!(new_slot.contains("the slot starts at 0/3E8"), "{new_slot}");
     }
 }

@@ -98,6 +98,25 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
+/// A temp dir for a cluster, owned by `postgres` when we are root (the server refuses root).
+fn cluster_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("outbox-relay-pg")
+        .tempdir()
+        .unwrap();
+    if is_root() {
+        check(
+            Command::new("chown")
+                .arg("postgres:")
+                .arg(dir.path())
+                .output()
+                .unwrap(),
+            "chown",
+        );
+    }
+    dir
+}
+
 /// Options for a throwaway cluster.
 pub struct ClusterOptions {
     pub wal_level: &'static str,
@@ -126,20 +145,7 @@ impl PgCluster {
     }
 
     pub fn start_with(options: ClusterOptions) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("outbox-relay-pg")
-            .tempdir()
-            .unwrap();
-        if is_root() {
-            check(
-                Command::new("chown")
-                    .arg("postgres:")
-                    .arg(dir.path())
-                    .output()
-                    .unwrap(),
-                "chown",
-            );
-        }
+        let dir = cluster_dir();
         let data = dir.path().join("data");
         check(
             pg_command("initdb")
@@ -162,20 +168,49 @@ impl PgCluster {
         let mut hba = options.hba.join("\n");
         hba.push_str("\nlocal all all trust\nhost all all 127.0.0.1/32 trust\nlocal replication all trust\nhost replication all 127.0.0.1/32 trust\n");
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        // fsync off is safe for process crashes (all tests need). synchronous_commit stays
+        // on: with it off an immediate shutdown loses the last commits, rows and all.
+        let settings = format!(
+            "wal_level = {}\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
+             listen_addresses = '127.0.0.1'\nfsync = off\nfull_page_writes = off\n\
+             shared_buffers = 32MB\nwal_sender_timeout = 60s\n",
+            options.wal_level
+        );
+        std::fs::write(data.join("postgresql.auto.conf"), settings).unwrap();
+        Self::start_on_a_free_port(dir)
+    }
+
+    /// A physical streaming standby of `primary` (`pg_basebackup -R`), started on a port of
+    /// its own: what a failover promotes.
+    pub fn start_standby_of(primary: &PgCluster) -> Self {
+        let dir = cluster_dir();
+        check(
+            pg_command("pg_basebackup")
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream", "-R"])
+                .args(["-c", "fast", "-p", &primary.port.to_string()])
+                .output()
+                .unwrap(),
+            "pg_basebackup",
+        );
+        Self::start_on_a_free_port(dir)
+    }
+
+    /// Starts the cluster in `dir`/data on a free port, after appending the port and the
+    /// socket directory to its postgresql.auto.conf (later lines win).
+    fn start_on_a_free_port(dir: tempfile::TempDir) -> Self {
+        let data = dir.path().join("data");
+        let conf = data.join("postgresql.auto.conf");
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
-            // fsync off is safe for process crashes (all tests need). synchronous_commit stays
-            // on: with it off an immediate shutdown loses the last commits, rows and all.
-            let conf = format!(
-                "wal_level = {}\nmax_wal_senders = 10\nmax_replication_slots = 10\nport = {port}\n\
-                 listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
-                 full_page_writes = off\nshared_buffers = 32MB\n\
-                 wal_sender_timeout = 60s\n",
-                options.wal_level,
+            let mut settings = std::fs::read_to_string(&conf).unwrap_or_default();
+            settings.push_str(&format!(
+                "port = {port}\nunix_socket_directories = '{}'\n",
                 dir.path().display()
-            );
-            std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
+            ));
+            std::fs::write(&conf, settings).unwrap();
             let started = pg_command("pg_ctl")
                 .args(["-D"])
                 .arg(&data)
@@ -190,6 +225,32 @@ impl PgCluster {
             last_error = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
         }
         panic!("PostgreSQL did not start: {last_error}");
+    }
+
+    /// Promotes a standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        check(
+            pg_command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(["-w", "promote"])
+                .output()
+                .unwrap(),
+            "pg_ctl promote",
+        );
+    }
+
+    /// Stops the server ("fast" or "immediate"), leaving it stopped.
+    pub fn stop(&self, mode: &str) {
+        check(
+            pg_command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(["-w", "-m", mode, "stop"])
+                .output()
+                .unwrap(),
+            "pg_ctl stop",
+        );
     }
 
     pub fn url(&self) -> String {
@@ -232,20 +293,16 @@ impl PgCluster {
 
     /// Stops the server ("fast" or "immediate") and starts it again on the same port.
     pub fn restart(&self, mode: &str) {
-        let data = self.dir.path().join("data");
+        self.stop(mode);
+        self.start_stopped();
+    }
+
+    /// Starts a server that `stop` stopped, on the same port.
+    pub fn start_stopped(&self) {
         check(
             pg_command("pg_ctl")
                 .arg("-D")
-                .arg(&data)
-                .args(["-w", "-m", mode, "stop"])
-                .output()
-                .unwrap(),
-            "pg_ctl stop",
-        );
-        check(
-            pg_command("pg_ctl")
-                .arg("-D")
-                .arg(&data)
+                .arg(self.dir.path().join("data"))
                 .args(["-w", "-l"])
                 .arg(self.dir.path().join("server.log"))
                 .arg("start")
