@@ -2,6 +2,7 @@
 //! every problem with the configuration and the database (one line each, with the fix), and
 //! `status` shows slot lag and checkpoints.
 
+use crate::checkpoint::dropped_slot_problem;
 use crate::config::{parse_table_name, Config, SinkConfig};
 use crate::db;
 use crate::source::replication::ReplicationConnection;
@@ -109,6 +110,11 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
             source.slot
         ));
     } else {
+        if let Some(problem) =
+            dropped_slot_problem(&client, &config.relay.schema, &source.slot).await?
+        {
+            anyhow::bail!(problem);
+        }
         client
             .execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -314,11 +320,17 @@ async fn check_database(
                 ));
             }
         }
-        None if !source.create_slot => problems.push(format!(
-            "replication slot {} does not exist: run `outbox-relay init`, or set source.create_slot = true",
-            source.slot
-        )),
         None => {
+            if let Some(problem) =
+                dropped_slot_problem(client, &config.relay.schema, &source.slot).await?
+            {
+                problems.push(problem);
+            } else if !source.create_slot {
+                problems.push(format!(
+                    "replication slot {} does not exist: run `outbox-relay init`, or set source.create_slot = true",
+                    source.slot
+                ));
+            }
             let free: bool = one(
                 "SELECT current_setting('max_replication_slots')::int > (SELECT count(*) FROM pg_replication_slots)",
             )

@@ -113,3 +113,44 @@ impl CheckpointStore for PgCheckpointStore {
         Ok(())
     }
 }
+
+/// Why a missing slot must not simply be created again, if the relay has checkpoints for it:
+/// it was dropped, or the server is a promoted standby, and a new slot would start at the
+/// current WAL position, skipping everything committed since the checkpoints. `None` when
+/// there are none (or the relay's tables do not exist yet). `run`, `init` and `check` ask.
+pub async fn dropped_slot_problem(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+) -> anyhow::Result<Option<String>> {
+    let table = format!("{schema}.checkpoints");
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(db::explain)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let last = client
+        .query_opt(
+            &format!(
+                "SELECT max(commit_lsn)::text FROM {table} WHERE slot = $1 HAVING count(*) > 0"
+            ),
+            &[&slot],
+        )
+        .await
+        .map_err(db::explain)?;
+    Ok(last.map(|row| {
+        format!(
+            "replication slot {slot:?} is gone, but the relay has checkpoints for it (up to {}): \
+             it was dropped, or this server is a promoted standby (before PostgreSQL 17, logical \
+             slots do not survive a failover). A new slot would start at the current WAL position, \
+             and the events committed since the checkpoint would never be published. Publish them \
+             another way (source.backfill = true publishes the rows still in the outbox tables, \
+             on a new slot), or delete the old checkpoints to accept the gap and start afresh: \
+             DELETE FROM {schema}.checkpoints WHERE slot = '{slot}'",
+            row.get::<_, Option<String>>(0).unwrap_or_default()
+        )
+    }))
+}

@@ -4,7 +4,7 @@
 //! own timer, so a stalled pipeline never trips `wal_sender_timeout`), the checkpoint writer
 //! (batched), and the optional heartbeat.
 
-use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
+use crate::checkpoint::{dropped_slot_problem, CheckpointStore, PgCheckpointStore};
 use crate::config::ChangePolicy;
 use crate::config::{Config, ConnectParams, SinkConfig};
 use crate::db;
@@ -263,35 +263,17 @@ async fn prepare_slot(
     })
 }
 
-/// A missing slot that this relay has checkpoints for was dropped: a new slot would start at
-/// the current WAL position and silently skip everything committed since the checkpoint.
+/// A missing slot that this relay has checkpoints for is not created again (see
+/// [`dropped_slot_problem`]).
 async fn refuse_to_recreate_a_dropped_slot(
     sql: &tokio_postgres::Client,
     config: &Config,
 ) -> Result<(), SessionEnd> {
-    let schema = &config.relay.schema;
-    let slot = &config.source.slot;
-    let last = sql
-        .query_opt(
-            &format!(
-                "SELECT max(commit_lsn)::text FROM \"{schema}\".checkpoints WHERE slot = $1 \
-                 HAVING count(*) > 0"
-            ),
-            &[slot],
-        )
+    match dropped_slot_problem(sql, &config.relay.schema, &config.source.slot)
         .await
-        .map_err(|e| classify_sql(db::explain(e)))?;
-    match last {
-        Some(row) => Err(SessionEnd::Fatal(anyhow::anyhow!(
-            "replication slot {slot:?} is gone, but the relay has checkpoints for it (up to {}): \
-             it was dropped, or this server is a promoted standby (before PostgreSQL 17, logical \
-             slots do not survive a failover). A new slot would start at the current WAL position, \
-             and the events committed since the checkpoint would never be published. Publish them \
-             another way (source.backfill = true publishes the rows still in the outbox tables, \
-             on a new slot), or delete the old checkpoints to accept the gap and start afresh: \
-             DELETE FROM {schema}.checkpoints WHERE slot = '{slot}'",
-            row.get::<_, Option<String>>(0).unwrap_or_default()
-        ))),
+        .map_err(classify_sql)?
+    {
+        Some(problem) => Err(SessionEnd::Fatal(anyhow::anyhow!(problem))),
         None => Ok(()),
     }
 }

@@ -180,6 +180,19 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
             && log.contains("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'"),
         "{log}"
     );
+    // `check` reports it, and `init`, which creates missing slots, refuses too.
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains("is gone, but the relay has checkpoints"),
+        "{report}"
+    );
+    let out = relay_command(&config, "init");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is gone, but the relay has checkpoints"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         pg.psql("SELECT count(*) FROM pg_replication_slots"),
         "0",
