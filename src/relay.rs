@@ -15,7 +15,7 @@ use crate::outbox::{
 use crate::pipeline::{self, Batch, Pipeline, Progress, SinkWorker, WorkerGone};
 use crate::source::pgoutput::{self, Message, Tuple};
 use crate::source::replication::{
-    ReplicationConnection, ReplicationStream, SourceError, StatusWriter,
+    ReplicationConnection, ReplicationStream, SourceError, StatusWriter, SystemInfo,
 };
 use crate::source::wire::ReplicationMessage;
 use crate::telemetry::{gauge_value, ComponentLabels, Metrics, Role, METRICS};
@@ -359,7 +359,7 @@ async fn session(
         Ok(connection) => connection,
         Err(err) => return classify_source(err),
     };
-    let (wal_end, stream, status_writer) = match start_streaming(connection, config).await {
+    let (system, stream, status_writer) = match start_streaming(connection, config).await {
         Ok(started) => started,
         Err(err) => return classify_source(err),
     };
@@ -398,7 +398,7 @@ async fn session(
             if slot.created {
                 Horizon::NewSlot(slot.confirmed_flush)
             } else {
-                Horizon::WalEnd(wal_end)
+                Horizon::WalEnd(system.wal_position)
             },
             (&source.slot, &config.relay.schema),
         ) {
@@ -414,7 +414,8 @@ async fn session(
     }
 
     METRICS.set_role(Role::Streaming);
-    info!(slot = %source.slot, publication = %source.publication, from = %slot.confirmed_flush, "streaming");
+    info!(slot = %source.slot, publication = %source.publication, from = %slot.confirmed_flush,
+        system_id = %system.system_id, timeline = system.timeline, "streaming");
 
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), slot.confirmed_flush);
     let (pipeline, worker_handles) = pipeline::start(
@@ -621,18 +622,17 @@ pub(crate) fn skip_point(
         .max())
 }
 
-/// Starts streaming; returns the server's WAL end (flushed position) at the start with the
-/// stream's halves.
+/// Starts streaming; returns what the server said of itself (its WAL end, timeline and
+/// system identifier) with the stream's halves.
 async fn start_streaming(
     mut connection: ReplicationConnection,
     config: &Config,
-) -> Result<(Lsn, ReplicationStream, StatusWriter), SourceError> {
+) -> Result<(SystemInfo, ReplicationStream, StatusWriter), SourceError> {
     let system = connection.identify_system().await?;
-    debug!(system_id = %system.system_id, timeline = system.timeline, wal = %system.wal_position, "identified");
     let (stream, status_writer) = connection
         .start_replication(&config.source.slot, &config.source.publication)
         .await?;
-    Ok((system.wal_position, stream, status_writer))
+    Ok((system, stream, status_writer))
 }
 
 /// Sends standby status updates every `interval` and whenever the server asks, independent

@@ -19,6 +19,19 @@ fn insert_rows(pg: &PgCluster, transactions: usize, rows: usize, payload_bytes: 
     }
 }
 
+/// The `system_id=… timeline=…` of the relay log's last `streaming` line.
+fn streamed_from(log: &str) -> (String, String) {
+    let line = log
+        .lines()
+        .rfind(|line| line.contains("streaming") && line.contains("timeline="))
+        .unwrap_or_else(|| panic!("no streaming line in\n{log}"));
+    let field = |name: &str| {
+        let start = line.find(name).expect(name) + name.len();
+        line[start..].split_whitespace().next().unwrap().to_owned()
+    };
+    (field("system_id="), field("timeline="))
+}
+
 #[test]
 fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() {
     let primary = PgCluster::start();
@@ -51,6 +64,8 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
         "220 events delivered\n{}",
         relay.log()
     );
+    let (system_id, timeline) = streamed_from(&relay.log());
+    assert_eq!(timeline, "1");
     relay.kill9();
     primary.stop("immediate");
     standby.start_stopped();
@@ -104,6 +119,11 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
         wait_until(Duration::from_secs(30), || read_events(&events).len() == 5),
         "the new primary's 5 events\n{}",
         relay.log()
+    );
+    assert_eq!(
+        streamed_from(&relay.log()),
+        (system_id, "2".to_owned()),
+        "the same system on a new timeline"
     );
     assert!(relay
         .terminate(Duration::from_secs(10))
