@@ -182,6 +182,53 @@ fn kill_9_during_transactions_loses_nothing_and_resumes_from_the_kafka_checkpoin
     assert!(repeats <= 3 * 50 * 4, "{repeats} repeated records");
 }
 
+/// A Kafka checkpoint kept while the database behind it is re-created: it lies beyond the new
+/// database's WAL, and the sink would skip the new database's events up to it. The relay stops
+/// and names the sink instead.
+#[test]
+fn a_kafka_checkpoint_from_a_recreated_database_stops_the_relay() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |n: usize| {
+        format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'order', 'k' || (i % 10), 'Seq', jsonb_build_object('seq', i) \
+             FROM generate_series(1, {n}) i"
+        )
+    };
+    {
+        let old = PgCluster::start();
+        old.create_outbox("public.outbox");
+        let config = kafka_config(dir.path(), &old, &broker, "");
+        init(&config);
+        let mut relay = Relay::start(&config);
+        old.psql(&rows(2000));
+        let records = consume(&broker, "outbox.event.order", 2000);
+        assert_eq!(records.len(), 2000, "relay log:\n{}", relay.log());
+        assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
+    }
+
+    let new = PgCluster::start();
+    new.create_outbox("public.outbox");
+    let config = kafka_config(dir.path(), &new, &broker, "");
+    init(&config);
+    new.psql(&rows(5));
+    let mut relay = Relay::start(&config);
+    let Some(status) = relay.wait(WAIT) else {
+        panic!(
+            "run should stop: Kafka's checkpoint lies beyond the new database's WAL\n{}",
+            relay.log()
+        );
+    };
+    assert!(!status.success());
+    let log = relay.log();
+    assert!(
+        log.contains("sink kafka: its destination already holds events up to position")
+            && log.contains("a new transactional_id"),
+        "{log}"
+    );
+}
+
 fn consume_count(broker: &Broker) -> usize {
     consume_all(broker, "outbox.event.order").len()
 }

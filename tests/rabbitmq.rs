@@ -563,6 +563,55 @@ fn stream_mode_holds_every_event_exactly_once_across_kill9() {
     );
 }
 
+/// A stream kept while the database behind it is re-created: the producer's last publishing
+/// id lies beyond the new database's WAL, and the broker would drop the new database's events
+/// as already stored. The relay stops and names the sink instead.
+#[test]
+fn a_stream_filled_from_a_recreated_database_stops_the_relay() {
+    let vhost = Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!(
+        "[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
+         stream = \"events\"\ndeclare = true\n",
+        vhost.stream_url()
+    );
+    {
+        let old = PgCluster::start();
+        create_outbox(&old);
+        let config = relay_config(dir.path(), &old, &sink);
+        init(&config);
+        let mut relay = Relay::start(&config);
+        insert_events(&old, "order", 0, 2000, 5);
+        let received = vhost.read_stream("events");
+        assert!(
+            wait_until(WAIT, || received.lock().unwrap().len() >= 2000),
+            "relay log:\n{}",
+            relay.log()
+        );
+        assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
+    }
+
+    let new = PgCluster::start();
+    create_outbox(&new);
+    let config = relay_config(dir.path(), &new, &sink);
+    init(&config);
+    insert_events(&new, "order", 0, 5, 5);
+    let mut relay = Relay::start(&config);
+    let Some(status) = relay.wait(WAIT) else {
+        panic!(
+            "run should stop: the stream holds positions beyond the new database's WAL\n{}",
+            relay.log()
+        );
+    };
+    assert!(!status.success());
+    let log = relay.log();
+    assert!(
+        log.contains("sink stream: its destination already holds events up to position")
+            && log.contains("a new producer_name"),
+        "{log}"
+    );
+}
+
 fn event(lsn: u64, index: u32) -> Event {
     let id = format!(
         "00000000-0000-4000-8000-{:012x}",
