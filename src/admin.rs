@@ -239,6 +239,9 @@ async fn check_database(
     let one =
         |sql: &'static str| async move { client.query_one(sql, &[]).await.map_err(db::explain) };
 
+    if db::is_standby_without_logical_decoding(client).await? {
+        problems.push(db::STANDBY_PROBLEM.to_owned());
+    }
     let wal_level: String = one("SHOW wal_level").await?.get(0);
     if wal_level != "logical" {
         problems.push(format!(

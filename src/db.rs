@@ -89,3 +89,20 @@ pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
         db.code().code()
     )
 }
+
+/// Whether the server is a standby that cannot serve logical decoding: before PostgreSQL 16,
+/// only a primary can (a standby being promoted becomes one).
+pub async fn is_standby_without_logical_decoding(client: &Client) -> anyhow::Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT pg_is_in_recovery() AND current_setting('server_version_num')::int < 160000",
+            &[],
+        )
+        .await
+        .map_err(explain)?
+        .get(0))
+}
+
+/// What to do about [`is_standby_without_logical_decoding`].
+pub const STANDBY_PROBLEM: &str = "the server is a standby in recovery, and before PostgreSQL 16 \
+     logical decoding needs the primary: point source.url at the primary";

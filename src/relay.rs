@@ -331,6 +331,22 @@ async fn session(
         Ok(params) => params,
         Err(err) => return SessionEnd::Fatal(err),
     };
+    let sql = match db::connect(&params).await {
+        Ok(sql) => sql,
+        Err(err) => return classify_sql(err),
+    };
+    // A standby cannot stream, and its missing slot says nothing about a dropped one. During a
+    // failover the standby the URL reaches may be promoted any moment: retry.
+    match db::is_standby_without_logical_decoding(&sql).await {
+        Ok(false) => {}
+        Ok(true) => {
+            return SessionEnd::Retry(anyhow::anyhow!(
+                "{}; retrying, in case it is being promoted",
+                db::STANDBY_PROBLEM
+            ))
+        }
+        Err(err) => return classify_sql(err),
+    }
     if let Err(err) = crate::backfill::ensure(config, &params).await {
         let err = err.context("backfill");
         if err.chain().any(|cause| cause.is::<ForeignHistory>()) {
@@ -338,10 +354,6 @@ async fn session(
         }
         return classify_sql(err);
     }
-    let sql = match db::connect(&params).await {
-        Ok(sql) => sql,
-        Err(err) => return classify_sql(err),
-    };
     let slot = match prepare_slot(&sql, config).await {
         Ok(slot) => slot,
         Err(end) => return end,

@@ -170,3 +170,51 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
     );
     assert_eq!(read_events(&events).len(), 400, "nothing was appended");
 }
+
+/// A relay that reaches a standby (a switchover in progress, a name not yet moved) waits
+/// instead of exiting or creating anything, and streams once the standby is promoted.
+#[test]
+fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
+    let primary = PgCluster::start();
+    primary.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &primary, "");
+    init(&config);
+    let standby = PgCluster::start_standby_of(&primary);
+    let (config, events) = write_config(dir.path(), &standby, "");
+
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains("the server is a standby in recovery"),
+        "{report}"
+    );
+    let mut relay = Relay::start(&config);
+    assert!(
+        wait_until(Duration::from_secs(30), || relay
+            .log()
+            .contains("the server is a standby in recovery")),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        relay.wait(Duration::from_millis(100)).is_none(),
+        "run should keep retrying\n{}",
+        relay.log()
+    );
+
+    primary.stop("fast");
+    standby.promote();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            standby.psql("SELECT count(*) FROM pg_replication_slots") == "1"
+        }),
+        "the relay creates its slot on the promoted standby\n{}",
+        relay.log()
+    );
+    insert_rows(&standby, 1, 5, 100);
+    assert!(
+        wait_until(Duration::from_secs(30), || read_events(&events).len() == 5),
+        "the 5 rows written after the slot\n{}",
+        relay.log()
+    );
+}
