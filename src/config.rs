@@ -180,6 +180,12 @@ pub struct SourceConfig {
     /// under the server's `wal_sender_timeout` (60 s by default).
     #[serde(default = "default_status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
+    /// How long data sent to PostgreSQL may stay unacknowledged before the connection counts
+    /// as dead (TCP_USER_TIMEOUT, Linux). A path that silently drops packets (a partition, a
+    /// failover that leaves the old primary's address unanswered) then ends the session after
+    /// this, not after the kernel's ~15 minutes of retransmissions. "0s" keeps the system's.
+    #[serde(default = "default_tcp_user_timeout", with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
     /// When set, emit a `pg_logical_emit_message` this often so the slot advances even when
     /// all other write traffic is in other databases.
     #[serde(default, with = "humantime_serde")]
@@ -735,6 +741,9 @@ fn default_tables() -> Vec<String> {
 fn default_true() -> bool {
     true
 }
+fn default_tcp_user_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_status_interval() -> Duration {
     Duration::from_secs(10)
 }
@@ -914,6 +923,8 @@ pub struct ConnectParams {
     pub sslrootcert: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// TCP_USER_TIMEOUT for TCP connections; `None` keeps the system's.
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -989,6 +1000,7 @@ impl SourceConfig {
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
+            tcp_user_timeout: Some(self.tcp_user_timeout).filter(|t| !t.is_zero()),
         })
     }
 }

@@ -22,6 +22,9 @@ pub async fn connect(params: &ConnectParams) -> anyhow::Result<Client> {
         .application_name(&params.application_name)
         .connect_timeout(params.connect_timeout)
         .keepalives(true);
+    if let Some(timeout) = params.tcp_user_timeout {
+        config.tcp_user_timeout(timeout);
+    }
     if let Some(password) = &params.password {
         config.password(password.expose());
     }

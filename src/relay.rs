@@ -520,16 +520,24 @@ async fn session(
             "sinks did not drain in time; undelivered events will be sent again after restart"),
     }
     let _ = stop_helpers.send(true);
-    if let Ok(Err(err)) = checkpoint_task.await {
-        error!(error = %format!("{err:#}"), "the final checkpoint could not be written; events since the last one may be delivered again");
+    // The helpers' connections may be as dead as the stream (a partition): a final write that
+    // hangs must not keep the relay from reconnecting.
+    let deadline = tokio::time::Instant::now() + config.relay.shutdown_timeout;
+    match join_by(checkpoint_task, deadline).await {
+        Some(Ok(())) => {}
+        Some(Err(err)) => {
+            error!(error = %format!("{err:#}"), "the final checkpoint could not be written; events since the last one may be delivered again")
+        }
+        None => warn!(timeout = ?config.relay.shutdown_timeout,
+            "the final checkpoint was not written in time (is the database reachable?); events since the last one may be delivered again"),
     }
-    if let Ok(Err(err)) = status_task.await {
+    if let Some(Err(err)) = join_by(status_task, deadline).await {
         debug!(error = %err, "final status update failed");
     }
     if let Some(task) = heartbeat_task {
-        let _ = task.await;
+        join_by(task, deadline).await;
     }
-    let _ = publication_task.await;
+    join_by(publication_task, deadline).await;
     for (sink, position) in progress.checkpoints() {
         let entry = acknowledged.entry(sink).or_insert(position);
         *entry = (*entry).max(position);
@@ -546,6 +554,21 @@ async fn session(
         "session ended"
     );
     end
+}
+
+/// Waits for a helper task until `deadline`; one still running then is aborted. `None` if it
+/// did not finish (or panicked).
+async fn join_by<T>(
+    mut task: tokio::task::JoinHandle<T>,
+    deadline: tokio::time::Instant,
+) -> Option<T> {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(joined) => joined.ok(),
+        Err(_) => {
+            task.abort();
+            None
+        }
+    }
 }
 
 /// Where a sink's earlier deliveries end, by who remembers them.

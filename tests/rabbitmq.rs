@@ -9,6 +9,7 @@
 mod common;
 
 use common::certs::{make_ca, make_server_cert};
+use common::partition_proxy::PartitionProxy;
 use common::rabbitmq::{Node, Received, Vhost};
 use common::tls_proxy::TlsProxy;
 use common::*;
@@ -793,79 +794,6 @@ fn the_example_config_works() {
         relay.log()
     );
     assert_eq!(messages[0].routing_key, "order.Updated");
-}
-
-/// A TCP proxy in front of RabbitMQ whose network can be cut like a partition: while cut,
-/// nothing is forwarded in either direction (connections hang, nothing is reset), and new
-/// connections wait; `restore` lets everything through again.
-struct PartitionProxy {
-    port: u16,
-    cut: Arc<AtomicBool>,
-}
-
-impl PartitionProxy {
-    fn start(upstream: u16) -> PartitionProxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let flag = cut.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let flag = flag.clone();
-                std::thread::spawn(move || {
-                    while flag.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
-                        return;
-                    };
-                    let pipes = [
-                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                        (server, client),
-                    ];
-                    for (mut from, mut to) in pipes {
-                        let flag = flag.clone();
-                        std::thread::spawn(move || forward(&mut from, &mut to, &flag));
-                    }
-                });
-            }
-        });
-        PartitionProxy { port, cut }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::SeqCst);
-    }
-}
-
-/// Copies `from` to `to` except while `cut`; ends (closing both) when either side closes.
-fn forward(from: &mut std::net::TcpStream, to: &mut std::net::TcpStream, cut: &AtomicBool) {
-    use std::io::{Read, Write};
-    from.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        if cut.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
-        }
-    }
-    let _ = from.shutdown(std::net::Shutdown::Both);
-    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 /// Guarantee: the relay's network to RabbitMQ cut for 30 s mid-stream (a partition: no

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::partition_proxy::PartitionProxy;
 use common::*;
 use std::time::Duration;
 
@@ -748,4 +749,64 @@ fn an_outbox_table_missing_from_the_publication_is_reported_by_run() {
         "relay log:\n{}",
         relay.log()
     );
+}
+
+/// A silent network partition between the relay and PostgreSQL (packets dropped, nothing
+/// reset): the replication connection is given up after `source.tcp_user_timeout`, not after
+/// the kernel's ~15 minutes of retransmissions, and once the path heals the relay goes on
+/// with nothing lost or repeated. Leader election is off: its lock check would notice too.
+#[test]
+fn a_silent_partition_from_postgres_ends_the_session_after_the_tcp_user_timeout() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let proxy = PartitionProxy::start_with_small_buffers(pg.port);
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let config = dir.path().join("relay.toml");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{url}\"\nstatus_interval = \"50ms\"\ntcp_user_timeout = \"2s\"\n\
+             [relay]\ncheckpoint_interval = \"100ms\"\n[leader]\nenabled = false\n\
+             [sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
+            events.display()
+        ),
+    )
+    .unwrap();
+    init(&config);
+    let relay = Relay::start(&config);
+    for seq in 0..5 {
+        pg.psql(&insert_sql("o-1", seq));
+    }
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 5),
+        "relay log:\n{}",
+        relay.log()
+    );
+
+    proxy.set_cut(true);
+    for seq in 5..10 {
+        pg.psql(&insert_sql("o-1", seq));
+    }
+    assert!(
+        wait_until(WAIT, || relay.log().contains("replication session ended")),
+        "the session should end within seconds of the partition\n{}",
+        relay.log()
+    );
+    proxy.set_cut(false);
+    assert!(
+        wait_until(Duration::from_secs(60), || read_events(&events).len() >= 10),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let ids: std::collections::HashSet<String> = read_events(&events)
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 10);
+    assert_eq!(read_events(&events).len(), 10, "nothing repeated");
 }

@@ -201,6 +201,10 @@ impl ReplicationConnection {
                 .map_err(|_| connect_error(timed_out()))?
                 .map_err(connect_error)?;
                 stream.set_nodelay(true)?;
+                #[cfg(target_os = "linux")]
+                if let Some(timeout) = params.tcp_user_timeout {
+                    socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(timeout))?;
+                }
                 let coalescing = CoalescingReader::for_tcp(&stream);
                 (negotiate_tls(stream, host, params).await?, coalescing)
             }

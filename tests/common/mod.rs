@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod certs;
 pub mod kafka;
+pub mod partition_proxy;
 pub mod rabbitmq;
 pub mod sasl_gate;
 pub mod tls_proxy;
