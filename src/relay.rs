@@ -386,6 +386,11 @@ async fn session(
         Ok(sinks) => sinks,
         Err(err) => return SessionEnd::Fatal(err),
     };
+    let horizon = if slot.created {
+        Horizon::NewSlot(slot.confirmed_flush)
+    } else {
+        Horizon::WalEnd(system.wal_position)
+    };
     let mut workers = Vec::new();
     for (name, mut sink) in sinks {
         let recovered = match sink.recover().await {
@@ -407,11 +412,7 @@ async fn session(
                 acknowledged: acknowledged.get(&name).copied(),
                 recovered,
             },
-            if slot.created {
-                Horizon::NewSlot(slot.confirmed_flush)
-            } else {
-                Horizon::WalEnd(system.wal_position)
-            },
+            horizon,
             (&source.slot, &config.relay.schema),
         ) {
             Ok(position) => position,
@@ -589,6 +590,7 @@ pub(crate) struct SkipSources {
 pub(crate) struct ForeignHistory(String);
 
 /// The furthest position this database's history can hold for a sink.
+#[derive(Clone, Copy)]
 pub(crate) enum Horizon {
     /// The server's WAL end when streaming starts: every event ever delivered from this
     /// database lies at or below it.

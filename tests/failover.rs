@@ -76,11 +76,10 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
     let (config, events_again) = write_config(dir.path(), &standby, "");
     assert_eq!(events, events_again);
     let mut relay = Relay::start(&config);
-    let status = relay
-        .wait(Duration::from_secs(30))
-        .expect("run should stop: the slot did not survive the failover");
-    assert!(!status.success());
-    let log = relay.log();
+    let log = relay.stops_with_failure(
+        Duration::from_secs(30),
+        "the slot did not survive the failover",
+    );
     assert!(
         log.contains("replication slot \"outbox_relay\" is gone, but the relay has checkpoints")
             && log.contains("promoted standby"),
@@ -97,14 +96,10 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
     // primary's events up to there.
     standby.psql("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'");
     let mut relay = Relay::start(&config);
-    let Some(status) = relay.wait(Duration::from_secs(30)) else {
-        panic!(
-            "run should stop: the file holds events beyond the new slot's start\n{}",
-            relay.log()
-        );
-    };
-    assert!(!status.success());
-    let log = relay.log();
+    let log = relay.stops_with_failure(
+        Duration::from_secs(30),
+        "the file holds events beyond the new slot's start",
+    );
     assert!(
         log.contains("sink file: its destination already holds events up to position")
             && log.contains("file: a new path"),
@@ -159,11 +154,10 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
     let (config, _) = write_config(dir.path(), &new, "backfill = true");
     init(&config);
     let mut relay = Relay::start(&config);
-    let status = relay
-        .wait(Duration::from_secs(30))
-        .expect("run should stop: the file holds events beyond the new database's WAL");
-    assert!(!status.success());
-    let log = relay.log();
+    let log = relay.stops_with_failure(
+        Duration::from_secs(30),
+        "the file holds events beyond the new database's WAL",
+    );
     assert!(
         log.contains("sink file: its destination already holds events up to position"),
         "{log}"

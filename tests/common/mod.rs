@@ -478,6 +478,22 @@ impl Relay {
         self.wait(timeout)
     }
 
+    /// Waits up to `timeout` for the relay to exit with a failure, as `why` says it should;
+    /// returns its log. Panics, with the log, if it keeps running or exits 0.
+    pub fn stops_with_failure(&mut self, timeout: Duration, why: &str) -> String {
+        let status = self.wait(timeout);
+        let log = self.log();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "run should stop ({why}), but {}\n{log}",
+            match status {
+                None => "it kept running".to_owned(),
+                Some(s) => format!("it exited with {s}"),
+            }
+        );
+        log
+    }
+
     pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut status = None;
         wait_until(timeout, || {
