@@ -67,6 +67,13 @@ fn pg_command(program: &str) -> Command {
     }
 }
 
+/// `pg_ctl -D data`, to which the caller adds the action.
+fn pg_ctl(data: &Path) -> Command {
+    let mut command = pg_command("pg_ctl");
+    command.arg("-D").arg(data);
+    command
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -203,18 +210,15 @@ impl PgCluster {
     fn start_on_a_free_port(dir: tempfile::TempDir) -> Self {
         let data = dir.path().join("data");
         let conf = data.join("postgresql.auto.conf");
+        let base = std::fs::read_to_string(&conf).unwrap_or_default();
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let mut settings = std::fs::read_to_string(&conf).unwrap_or_default();
-            settings.push_str(&format!(
-                "port = {port}\nunix_socket_directories = '{}'\n",
-                dir.path().display()
-            ));
+            let socket_dir = dir.path().display();
+            let settings =
+                format!("{base}port = {port}\nunix_socket_directories = '{socket_dir}'\n");
             std::fs::write(&conf, settings).unwrap();
-            let started = pg_command("pg_ctl")
-                .args(["-D"])
-                .arg(&data)
+            let started = pg_ctl(&data)
                 .args(["-w", "-t", "30", "-l"])
                 .arg(dir.path().join("server.log"))
                 .arg("start")
@@ -228,12 +232,14 @@ impl PgCluster {
         panic!("PostgreSQL did not start: {last_error}");
     }
 
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// Promotes a standby to a primary and waits until it accepts writes.
     pub fn promote(&self) {
         check(
-            pg_command("pg_ctl")
-                .arg("-D")
-                .arg(self.dir.path().join("data"))
+            pg_ctl(&self.data())
                 .args(["-w", "promote"])
                 .output()
                 .unwrap(),
@@ -244,9 +250,7 @@ impl PgCluster {
     /// Stops the server ("fast" or "immediate"), leaving it stopped.
     pub fn stop(&self, mode: &str) {
         check(
-            pg_command("pg_ctl")
-                .arg("-D")
-                .arg(self.dir.path().join("data"))
+            pg_ctl(&self.data())
                 .args(["-w", "-m", mode, "stop"])
                 .output()
                 .unwrap(),
@@ -301,9 +305,7 @@ impl PgCluster {
     /// Starts a server that `stop` stopped, on the same port.
     pub fn start_stopped(&self) {
         check(
-            pg_command("pg_ctl")
-                .arg("-D")
-                .arg(self.dir.path().join("data"))
+            pg_ctl(&self.data())
                 .args(["-w", "-l"])
                 .arg(self.dir.path().join("server.log"))
                 .arg("start")
@@ -324,9 +326,7 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let _ = pg_command("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
+        let _ = pg_ctl(&self.data())
             .args(["-m", "immediate", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
