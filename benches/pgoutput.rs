@@ -11,6 +11,8 @@ use outbox_relay::source::pgoutput::{self, Message};
 use outbox_relay::source::wire::{self, BackendMessage, ReplicationMessage};
 use std::hint::black_box;
 
+mod common;
+
 /// The captured fixture's messages, in order.
 fn fixture() -> Vec<Vec<u8>> {
     include_str!("../src/source/testdata/pgoutput-v1.hex")
@@ -28,17 +30,11 @@ fn fixture() -> Vec<Vec<u8>> {
 /// An Insert as the walsender sends it for the benchmark's outbox row: id uuid,
 /// aggregatetype, aggregateid, type, payload jsonb of `payload_len` bytes, created_at.
 fn insert_message(payload_len: usize) -> Vec<u8> {
-    let filler: String = "abcdefghijklmnopqrstuvwxyz0123456789"
-        .chars()
-        .cycle()
-        .take(payload_len - 9)
-        .collect();
-    let payload = format!("{{\"d\": \"{filler}\"}}");
-    assert_eq!(payload.len(), payload_len);
+    let payload = common::payload(payload_len);
     let columns: [&[u8]; 6] = [
-        b"5f0c2a4e-8b1d-4c3e-9a7f-0123456789ab",
+        common::ID.as_bytes(),
         b"order",
-        b"order-417",
+        common::AGGREGATE_ID.as_bytes(),
         b"OrderCreated",
         payload.as_bytes(),
         b"2026-01-02 03:04:05.123456+00",

@@ -39,7 +39,7 @@ pub fn write_line(format: Format, event: &Event, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-/// A CloudEvents attribute value.
+/// A CloudEvents attribute value, owned: what binary mode turns into message headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttributeValue {
     String(String),
@@ -55,44 +55,124 @@ impl std::fmt::Display for AttributeValue {
     }
 }
 
+/// A CloudEvents attribute value as the encoder reads it: borrowed from the event, or a
+/// number formatted where it is written, so encoding an envelope allocates nothing.
+#[derive(Debug, Clone, Copy)]
+enum Attribute<'a> {
+    Str(&'a str),
+    Integer(i64),
+    /// The commit time (microseconds since the Unix epoch) as RFC 3339.
+    CommitTime(i64),
+    Lsn(Lsn),
+    /// The position as 24 hex digits, the `sequence` extension: lexicographic order is
+    /// commit order.
+    Sequence(Position),
+}
+
+impl std::fmt::Display for Attribute<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Attribute::Str(s) => f.write_str(s),
+            Attribute::Integer(i) => write!(f, "{i}"),
+            Attribute::CommitTime(micros) => {
+                let time = UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64);
+                write!(f, "{}", humantime::format_rfc3339_micros(time))
+            }
+            Attribute::Lsn(lsn) => write!(f, "{lsn}"),
+            Attribute::Sequence(position) => {
+                write!(f, "{:016X}{:08X}", position.commit_lsn.0, position.index)
+            }
+        }
+    }
+}
+
+impl Attribute<'_> {
+    fn to_owned_value(self) -> AttributeValue {
+        match self {
+            Attribute::Str(s) => AttributeValue::String(s.to_owned()),
+            Attribute::Integer(i) => AttributeValue::Integer(i),
+            other => AttributeValue::String(other.to_string()),
+        }
+    }
+
+    /// Appends the value as JSON. Only `Str` can hold characters JSON must escape.
+    fn write_json(self, out: &mut Vec<u8>) {
+        match self {
+            Attribute::Str(s) => push_json_str(out, s),
+            Attribute::Integer(i) => push_display(out, i),
+            other => {
+                out.push(b'"');
+                push_display(out, other);
+                out.push(b'"');
+            }
+        }
+    }
+}
+
+/// The fixed attribute names, in order; `schemaversion` and `traceparent` only when the
+/// event has them. Extension attributes with one of these names are not added again.
+const FIXED_ATTRIBUTES: [&str; 13] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "aggregatetype",
+    "schemaversion",
+    "traceparent",
+    "lsn",
+    "txid",
+    "sequence",
+];
+
+/// Calls `visit` with every CloudEvents attribute of `event` except `data`, in a stable
+/// order: the fixed ones, then the event's extra attributes and headers as extensions.
+fn visit_attributes(event: &Event, mut visit: impl FnMut(&str, Attribute<'_>)) {
+    use Attribute::{Integer, Str};
+    visit("specversion", Str(CLOUDEVENTS_SPEC_VERSION));
+    visit("id", Str(&event.id));
+    visit("source", Str(&event.source));
+    visit("type", Str(&event.event_type));
+    visit("subject", Str(&event.aggregate_id));
+    match &event.occurred_at {
+        Some(time) => visit("time", Str(time)),
+        None => visit("time", Attribute::CommitTime(event.commit_time_micros)),
+    }
+    visit("datacontenttype", Str("application/json"));
+    visit("aggregatetype", Str(&event.aggregate_type));
+    if let Some(version) = event.schema_version {
+        visit("schemaversion", Integer(version));
+    }
+    if let Some(traceparent) = &event.traceparent {
+        visit("traceparent", Str(traceparent));
+    }
+    visit("lsn", Attribute::Lsn(event.position.commit_lsn));
+    visit("txid", Integer(i64::from(event.xid)));
+    visit("sequence", Attribute::Sequence(event.position));
+    let mut extensions: Vec<String> = Vec::new();
+    for (name, value) in event.attributes.iter().chain(&event.headers) {
+        let name = extension_name(name);
+        let taken = match name.as_str() {
+            "schemaversion" => event.schema_version.is_some(),
+            "traceparent" => event.traceparent.is_some(),
+            fixed => FIXED_ATTRIBUTES.contains(&fixed),
+        } || extensions.contains(&name);
+        if !taken {
+            visit(&name, Str(value));
+            extensions.push(name);
+        }
+    }
+}
+
 /// The CloudEvents attributes of `event` except `data`, in a stable order: what binary
 /// mode sends as headers (`ce_` / `cloudEvents_` prefixed by the sink).
 pub fn attributes(event: &Event) -> Vec<(String, AttributeValue)> {
-    use AttributeValue::{Integer, String as Str};
-    let mut attrs = vec![
-        (
-            "specversion".to_owned(),
-            Str(CLOUDEVENTS_SPEC_VERSION.to_owned()),
-        ),
-        ("id".to_owned(), Str(event.id.to_string())),
-        ("source".to_owned(), Str(event.source.to_string())),
-        ("type".to_owned(), Str(event.event_type.to_string())),
-        ("subject".to_owned(), Str(event.aggregate_id.to_string())),
-        ("time".to_owned(), Str(event_time(event))),
-        (
-            "datacontenttype".to_owned(),
-            Str("application/json".to_owned()),
-        ),
-        (
-            "aggregatetype".to_owned(),
-            Str(event.aggregate_type.to_string()),
-        ),
-    ];
-    if let Some(version) = event.schema_version {
-        attrs.push(("schemaversion".to_owned(), Integer(version)));
-    }
-    if let Some(traceparent) = &event.traceparent {
-        attrs.push(("traceparent".to_owned(), Str(traceparent.to_string())));
-    }
-    attrs.push(("lsn".to_owned(), Str(event.position.commit_lsn.to_string())));
-    attrs.push(("txid".to_owned(), Integer(i64::from(event.xid))));
-    attrs.push(("sequence".to_owned(), Str(sequence(event.position))));
-    for (name, value) in event.attributes.iter().chain(&event.headers) {
-        let name = extension_name(name);
-        if !attrs.iter().any(|(existing, _)| *existing == name) {
-            attrs.push((name, Str(value.to_string())));
-        }
-    }
+    let mut attrs = Vec::with_capacity(FIXED_ATTRIBUTES.len());
+    visit_attributes(event, |name, value| {
+        attrs.push((name.to_owned(), value.to_owned_value()))
+    });
     attrs
 }
 
@@ -103,22 +183,6 @@ fn extension_name(name: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric())
         .map(|c| c.to_ascii_lowercase())
         .collect()
-}
-
-/// The event's time: `occurred_at` when the outbox has it, else the commit time.
-pub fn event_time(event: &Event) -> String {
-    match &event.occurred_at {
-        Some(time) => time.to_string(),
-        None => {
-            let micros = event.commit_time_micros.max(0) as u64;
-            humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(micros)).to_string()
-        }
-    }
-}
-
-/// The position as 24 hex digits: lexicographic order is commit order.
-pub fn sequence(position: Position) -> String {
-    format!("{:016X}{:08X}", position.commit_lsn.0, position.index)
 }
 
 fn parse_sequence(s: &str) -> Option<Position> {
@@ -134,25 +198,38 @@ fn parse_sequence(s: &str) -> Option<Position> {
 }
 
 fn write_cloudevent(event: &Event, out: &mut Vec<u8>) {
+    out.reserve(event.payload.len() + 512);
     out.push(b'{');
-    for (i, (name, value)) in attributes(event).iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    visit_attributes(event, |name, value| {
+        if !first {
             out.push(b',');
         }
+        first = false;
         push_json_str(out, name);
         out.push(b':');
-        match value {
-            AttributeValue::String(s) => push_json_str(out, s),
-            AttributeValue::Integer(n) => out.extend_from_slice(n.to_string().as_bytes()),
-        }
-    }
+        value.write_json(out);
+    });
     out.extend_from_slice(b",\"data\":");
     out.extend_from_slice(event.payload.as_bytes());
     out.push(b'}');
 }
 
+/// Appends `s` as a JSON string. Most values (ids, names, types) need no escaping: those
+/// are copied as they are.
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(out, s).expect("writing a str to a Vec cannot fail");
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        serde_json::to_writer(out, s).expect("writing a str to a Vec cannot fail");
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+fn push_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {
+    use std::io::Write;
+    write!(out, "{value}").expect("writing to a Vec cannot fail");
 }
 
 /// Reads the source position back from a CloudEvents line; `None` for other formats.
@@ -220,15 +297,55 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn cloudevent_line_is_byte_exact_with_extensions_escapes_and_name_collisions() {
+        let mut event = sample(0x016B_3748, 7);
+        event.schema_version = Some(3);
+        event.traceparent = Some(Text::from("00-aa-bb-01"));
+        event.attributes = vec![("Region".into(), Text::from("eu\"1"))];
+        event.headers = vec![
+            ("X-Tenant".into(), Text::from("acme")),
+            ("type".into(), Text::from("collides with a fixed attribute")),
+            ("x_tenant".into(), Text::from("collides with an extension")),
+        ];
+        let mut line = Vec::new();
+        write_line(Format::CloudEvents, &event, &mut line);
+        let expected = concat!(
+            r#"{"specversion":"1.0","id":"0b6f1d62-3c1a-4f5e-9d1e-6a9f0c3b2a11","#,
+            r#""source":"/public.outbox","type":"OrderCreated","subject":"order-\"1\"","#,
+            r#""time":"2023-11-14T22:13:20.123456Z","datacontenttype":"application/json","#,
+            r#""aggregatetype":"order","schemaversion":3,"traceparent":"00-aa-bb-01","#,
+            r#""lsn":"0/16B3748","txid":42,"sequence":"00000000016B374800000007","#,
+            r#""region":"eu\"1","xtenant":"acme","data":{"total": 12}}"#,
+            "\n"
+        );
+        assert_eq!(String::from_utf8(line).unwrap(), expected);
+        let headers: Vec<String> = attributes(&event)
+            .into_iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        assert_eq!(headers[5], "time=2023-11-14T22:13:20.123456Z");
+        assert_eq!(headers[8], "schemaversion=3");
+        assert_eq!(
+            headers[12..],
+            [
+                "sequence=00000000016B374800000007",
+                "region=eu\"1",
+                "xtenant=acme"
+            ]
+        );
+    }
+
+    #[test]
     fn sequence_sorts_in_commit_order() {
         let positions = [(1, 9), (2, 0), (2, 1), (0x1_0000_0000, 0)];
         let sequences: Vec<String> = positions
             .iter()
             .map(|&(l, i)| {
-                sequence(Position {
+                Attribute::Sequence(Position {
                     commit_lsn: Lsn(l),
                     index: i,
                 })
+                .to_string()
             })
             .collect();
         let mut sorted = sequences.clone();
