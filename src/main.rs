@@ -7,6 +7,7 @@ use outbox_relay::{admin, relay};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -135,14 +136,28 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long the exit waits for blocking calls still running. Client libraries' calls that
+/// cannot be cancelled run on blocking threads with the sink's `timeout` (librdkafka's
+/// flush and transaction calls, up to 30 s by default); against a broker that does not
+/// answer, one of them must not hold the exit after the session has ended.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match execute(cli).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    runtime.shutdown_timeout(EXIT_GRACE);
+    code
 }

@@ -41,6 +41,14 @@ fn kafka_config(dir: &Path, pg: &PgCluster, broker: &Broker, sink_extra: &str) -
     path
 }
 
+/// Replaces the sink's `timeout` in a config written by [`kafka_config`].
+fn set_sink_timeout(config: &Path, timeout: &str) {
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace("timeout = \"10s\"", &format!("timeout = \"{timeout}\""));
+    std::fs::write(config, text).unwrap();
+}
+
 /// For each key, the seqs of the last copy of every event, in consumption order.
 fn last_copies_by_key(records: &[Record]) -> BTreeMap<String, Vec<u64>> {
     let last_index: HashMap<&str, usize> = records
@@ -335,12 +343,8 @@ fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
     let pg = PgCluster::start();
     pg.create_outbox("public.outbox");
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "timeout = \"2s\"");
-    // The key is set twice otherwise: replace the default timeout line.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("timeout = \"10s\"\n", "");
-    std::fs::write(&config, text).unwrap();
+    let config = kafka_config(dir.path(), &pg, &broker, "");
+    set_sink_timeout(&config, "2s");
     init(&config);
     let relay = Relay::start(&config);
     write(&pg, 4, 10);
@@ -382,6 +386,53 @@ fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
         let expected: Vec<u64> = (0..per_write).chain(0..per_write).collect();
         assert_eq!(seqs, expected, "nothing lost, order of {key}");
     }
+}
+
+/// SIGTERM while the broker does not answer: the relay exits once `relay.shutdown_timeout`
+/// (5 s) is over, instead of waiting out the sink's `timeout` in the librdkafka calls that
+/// run on blocking threads and cannot be cancelled (the batch's flush, the transaction's
+/// checkpoint).
+#[test]
+fn sigterm_while_the_broker_is_paused_exits_after_the_shutdown_timeout() {
+    let broker = Broker::start();
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &pg, &broker, "");
+    set_sink_timeout(&config, "120s");
+    init(&config);
+    let mut relay = Relay::start(&config);
+    write(&pg, 2, 5);
+    assert_eq!(
+        consume(&broker, "outbox.event.order", 10).len(),
+        10,
+        "{}",
+        relay.log()
+    );
+    broker.signal("-STOP");
+    write(&pg, 2, 5);
+    let written = pg.psql("SELECT pg_current_wal_lsn()");
+    assert!(
+        wait_until(WAIT, || pg.psql(&format!(
+            "SELECT count(*) FROM pg_stat_replication WHERE sent_lsn >= '{written}'"
+        )) == "1"),
+        "the relay never received the second write:\n{}",
+        relay.log()
+    );
+    let terminated = std::time::Instant::now();
+    let status = relay.terminate(Duration::from_secs(60));
+    let took = terminated.elapsed();
+    broker.signal("-CONT");
+    assert!(
+        status.is_some(),
+        "the relay did not exit within 60 s of SIGTERM:\n{}",
+        relay.log()
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "the relay took {took:?} to exit:\n{}",
+        relay.log()
+    );
 }
 
 #[test]
