@@ -1250,7 +1250,7 @@ def main() -> int:
                    help="runs of each throughput reader on the same WAL (median and range reported)")
     p.add_argument("--sinks", nargs="*", default=["null", "file-nofsync", "file-fsync"],
                    choices=["null", "file-nofsync", "file-fsync"])
-    p.add_argument("--broker-rows", type=int, default=20_000,
+    p.add_argument("--broker-rows", type=int, default=100_000,
                    help="rows of the broker sinks' workload (0: skip the brokers phase)")
     p.add_argument("--broker-sinks", nargs="*", default=BROKER_SINKS, choices=BROKER_SINKS,
                    help="broker sinks to measure; a broker that is not installed is skipped")
