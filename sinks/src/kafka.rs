@@ -357,11 +357,15 @@ impl KafkaSink {
     }
 
     fn headers(&self, event: &Event) -> OwnedHeaders {
-        let mut headers = OwnedHeaders::new();
+        // `insert` takes the list by value; `Option::take` moves it out without making a
+        // new one (`mem::take` would create and free an empty librdkafka list per header).
+        let mut headers = Some(OwnedHeaders::new());
         let mut add = |key: &str, value: &str| {
-            headers = std::mem::take(&mut headers).insert(Header {
-                key,
-                value: Some(value),
+            headers = headers.take().map(|list| {
+                list.insert(Header {
+                    key,
+                    value: Some(value),
+                })
             });
         };
         add("id", &event.id);
@@ -392,7 +396,7 @@ impl KafkaSink {
             ),
             _ => {}
         }
-        headers
+        headers.expect("every insert puts the list back")
     }
 
     /// Encodes the value of `event` into `value_buf`.
