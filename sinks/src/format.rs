@@ -56,7 +56,8 @@ impl std::fmt::Display for AttributeValue {
 }
 
 /// A CloudEvents attribute value as the encoder reads it: borrowed from the event, or a
-/// number formatted where it is written, so encoding an envelope allocates nothing.
+/// number formatted where it is written, so encoding an envelope without extension
+/// attributes allocates nothing.
 #[derive(Debug, Clone, Copy)]
 enum Attribute<'a> {
     Str(&'a str),
@@ -109,57 +110,46 @@ impl Attribute<'_> {
     }
 }
 
-/// The fixed attribute names, in order; `schemaversion` and `traceparent` only when the
-/// event has them. Extension attributes with one of these names are not added again.
-const FIXED_ATTRIBUTES: [&str; 13] = [
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "subject",
-    "time",
-    "datacontenttype",
-    "aggregatetype",
-    "schemaversion",
-    "traceparent",
-    "lsn",
-    "txid",
-    "sequence",
-];
+/// How many fixed attributes an event can have (two of them are optional).
+const FIXED_ATTRIBUTES: usize = 13;
 
 /// Calls `visit` with every CloudEvents attribute of `event` except `data`, in a stable
-/// order: the fixed ones, then the event's extra attributes and headers as extensions.
+/// order: the fixed ones, then the event's extra attributes and headers as extensions,
+/// each under a name not taken yet.
 fn visit_attributes(event: &Event, mut visit: impl FnMut(&str, Attribute<'_>)) {
     use Attribute::{Integer, Str};
-    visit("specversion", Str(CLOUDEVENTS_SPEC_VERSION));
-    visit("id", Str(&event.id));
-    visit("source", Str(&event.source));
-    visit("type", Str(&event.event_type));
-    visit("subject", Str(&event.aggregate_id));
+    // The fixed names used so far, kept on the stack: only extension names allocate.
+    let mut fixed = [""; FIXED_ATTRIBUTES];
+    let mut used = 0;
+    let mut fixed_attribute = |name: &'static str, value: Attribute<'_>| {
+        fixed[used] = name;
+        used += 1;
+        visit(name, value);
+    };
+    fixed_attribute("specversion", Str(CLOUDEVENTS_SPEC_VERSION));
+    fixed_attribute("id", Str(&event.id));
+    fixed_attribute("source", Str(&event.source));
+    fixed_attribute("type", Str(&event.event_type));
+    fixed_attribute("subject", Str(&event.aggregate_id));
     match &event.occurred_at {
-        Some(time) => visit("time", Str(time)),
-        None => visit("time", Attribute::CommitTime(event.commit_time_micros)),
+        Some(time) => fixed_attribute("time", Str(time)),
+        None => fixed_attribute("time", Attribute::CommitTime(event.commit_time_micros)),
     }
-    visit("datacontenttype", Str("application/json"));
-    visit("aggregatetype", Str(&event.aggregate_type));
+    fixed_attribute("datacontenttype", Str("application/json"));
+    fixed_attribute("aggregatetype", Str(&event.aggregate_type));
     if let Some(version) = event.schema_version {
-        visit("schemaversion", Integer(version));
+        fixed_attribute("schemaversion", Integer(version));
     }
     if let Some(traceparent) = &event.traceparent {
-        visit("traceparent", Str(traceparent));
+        fixed_attribute("traceparent", Str(traceparent));
     }
-    visit("lsn", Attribute::Lsn(event.position.commit_lsn));
-    visit("txid", Integer(i64::from(event.xid)));
-    visit("sequence", Attribute::Sequence(event.position));
+    fixed_attribute("lsn", Attribute::Lsn(event.position.commit_lsn));
+    fixed_attribute("txid", Integer(i64::from(event.xid)));
+    fixed_attribute("sequence", Attribute::Sequence(event.position));
     let mut extensions: Vec<String> = Vec::new();
     for (name, value) in event.attributes.iter().chain(&event.headers) {
         let name = extension_name(name);
-        let taken = match name.as_str() {
-            "schemaversion" => event.schema_version.is_some(),
-            "traceparent" => event.traceparent.is_some(),
-            fixed => FIXED_ATTRIBUTES.contains(&fixed),
-        } || extensions.contains(&name);
-        if !taken {
+        if !fixed[..used].contains(&name.as_str()) && !extensions.contains(&name) {
             visit(&name, Str(value));
             extensions.push(name);
         }
@@ -169,7 +159,7 @@ fn visit_attributes(event: &Event, mut visit: impl FnMut(&str, Attribute<'_>)) {
 /// The CloudEvents attributes of `event` except `data`, in a stable order: what binary
 /// mode sends as headers (`ce_` / `cloudEvents_` prefixed by the sink).
 pub fn attributes(event: &Event) -> Vec<(String, AttributeValue)> {
-    let mut attrs = Vec::with_capacity(FIXED_ATTRIBUTES.len());
+    let mut attrs = Vec::with_capacity(FIXED_ATTRIBUTES);
     visit_attributes(event, |name, value| {
         attrs.push((name.to_owned(), value.to_owned_value()))
     });
