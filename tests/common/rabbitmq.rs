@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::Runtime;
 
+/// How long each connection step of [`Vhost::drain`] may take.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 pub fn rabbitmqctl(args: &[&str]) -> String {
     ctl(None, args)
 }
@@ -294,14 +297,20 @@ impl Vhost {
     /// Takes every message now in `queue` (auto-ack) and appends it to `into`. Connects
     /// anew each time: the tests close connections under the relay's feet. A queue that
     /// does not exist yet (the relay declares it) yields nothing.
+    ///
+    /// Connecting, opening the channel and closing are each bounded by [`DRAIN_LIMIT`]: one
+    /// that never completes ends this call (the caller's wait tries again) instead of
+    /// hanging the test. The gets are not: a get cut short could take a message from the
+    /// queue without handing it over, which would look like a lost event.
     pub fn drain(&self, queue: &str, into: &mut Vec<Received>) {
+        use tokio::time::timeout;
         self.rt.block_on(async {
-            let Ok(connection) =
-                Connection::connect(&self.amqp_url(), ConnectionProperties::default()).await
-            else {
+            let url = self.amqp_url();
+            let connect = Connection::connect(&url, ConnectionProperties::default());
+            let Ok(Ok(connection)) = timeout(DRAIN_LIMIT, connect).await else {
                 return;
             };
-            if let Ok(channel) = connection.create_channel().await {
+            if let Ok(Ok(channel)) = timeout(DRAIN_LIMIT, connection.create_channel()).await {
                 while let Ok(Some(message)) = channel
                     .basic_get(queue.into(), BasicGetOptions { no_ack: true })
                     .await
@@ -313,7 +322,7 @@ impl Vhost {
                     });
                 }
             }
-            let _ = connection.close(200, "done".into()).await;
+            let _ = timeout(DRAIN_LIMIT, connection.close(200, "done".into())).await;
         });
     }
 
