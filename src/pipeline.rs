@@ -1,7 +1,7 @@
 //! The pipeline between the reader and the sinks: batches in commit order fan out to one
-//! worker per sink over bounded channels (a full channel pauses the reader: backpressure, not
-//! buffering), each worker delivers with retry, and [`Progress`] records what each sink has
-//! acknowledged.
+//! worker per sink over bounded channels (a full channel pauses the reader once the batch it
+//! holds is full: backpressure, not buffering), each worker delivers with retry, and
+//! [`Progress`] records what each sink has acknowledged.
 //!
 //! A batch may carry a *boundary*: an LSN that becomes safe to confirm to PostgreSQL once the
 //! batch (and so everything before it) is acknowledged. Boundaries are commit end LSNs, or a
@@ -147,6 +147,20 @@ impl Pipeline {
                 .get_or_create(labels)
                 .inc_by(events);
             METRICS.in_flight_bytes.get_or_create(labels).inc_by(bytes);
+        }
+        Ok(())
+    }
+
+    /// Whether every sink's queue can take a batch now.
+    pub fn has_room(&self) -> bool {
+        self.senders.iter().all(|sender| sender.capacity() > 0)
+    }
+
+    /// Completes once every sink's queue can take a batch. The reader is the queues' only
+    /// sender, so the room stays until it dispatches.
+    pub async fn room(&self) -> Result<(), WorkerGone> {
+        for sender in &self.senders {
+            sender.reserve().await.map_err(|_| WorkerGone)?;
         }
         Ok(())
     }

@@ -899,14 +899,26 @@ impl Reader {
                     self.flush(shutdown).await?;
                 }
             }
-            // Everything received is handled: hand it on before waiting for more.
-            self.flush(shutdown).await?;
-            tokio::select! {
+            // Everything received is handled. Hand it on now if every sink can take it. If
+            // one is behind, the batch goes on filling (up to `batch_size`) with what arrives
+            // until there is room: fewer, fuller batches while the sinks work off a backlog,
+            // and no wait otherwise.
+            if self.pipeline.has_room() {
+                self.flush(shutdown).await?;
+            }
+            let held = !self.pending.is_empty() || self.pending_boundary.is_some();
+            let room = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => return Err(ReadError::Stopped),
                 _ = self.pipeline.worker_failed() => return Err(ReadError::Retry(WorkerGone.into())),
-                filled = self.stream.fill() => filled?,
-            }
+                room = self.pipeline.room(), if held => room,
+                filled = self.stream.fill() => {
+                    filled?;
+                    continue;
+                }
+            };
+            room.map_err(|e| ReadError::Retry(e.into()))?;
+            self.flush(shutdown).await?;
         }
     }
 

@@ -1,11 +1,12 @@
 //! A stalled sink pauses reading (backpressure) while standby status updates keep flowing on
-//! their own timer, so the walsender is not killed by `wal_sender_timeout`; once the sink
-//! drains, every event arrives once, in order.
+//! their own timer, so the walsender is not killed by `wal_sender_timeout`; until then the
+//! reader fills the batch it holds; once the sink drains, every event arrives once, in order.
 
 mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::time::Duration;
 
 #[test]
@@ -17,18 +18,8 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let (config, events) = write_config(dir.path(), &pg, "");
     // The file sink writes into a pipe nobody reads yet: it blocks once the pipe is full.
-    let status = std::process::Command::new("mkfifo")
-        .arg(&events)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = relay_command(&config, "init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let relay = Relay::start(&config);
+    mkfifo(&events);
+    let relay = init_and_start(&config);
 
     let rows = 3000;
     pg.psql(&format!(
@@ -63,8 +54,91 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
     assert!(!relay.log().contains("reconnecting"), "{}", relay.log());
 
     // Drain the pipe: every event arrives once, in order.
-    let reader = BufReader::new(std::fs::File::open(&events).unwrap());
-    let seqs: Vec<u64> = reader
+    assert_eq!(
+        read_seqs(&events, rows),
+        (0..rows as u64).collect::<Vec<_>>()
+    );
+}
+
+/// While a sink is behind, the reader goes on reading into the batch it holds (up to
+/// `relay.batch_size` events) instead of waiting with a small one: the sink later gets fewer,
+/// fuller batches, and the position received goes on moving.
+#[test]
+fn the_reader_fills_its_batch_while_a_sink_is_behind() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    mkfifo(&events);
+    let config = relay_config_with(
+        dir.path(),
+        &pg,
+        "batch_size = 1000\nqueue_depth = 1",
+        &format!(
+            "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
+            events.display()
+        ),
+    );
+    let relay = init_and_start(&config);
+    let insert = |from: u64, to: u64| {
+        pg.psql(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'order', 'k', 'Seq', jsonb_build_object('seq', i, 'pad', repeat('x', 1000)) \
+             FROM generate_series({from}, {to}) i"
+        ))
+    };
+    let received_through = |lsn: &str| {
+        pg.psql(&format!(
+            "SELECT coalesce(bool_and(write_lsn >= '{lsn}'::pg_lsn), false) FROM pg_stat_replication"
+        )) == "t"
+    };
+    // One transaction of 100 events, more than the pipe holds: the sink stalls in it.
+    insert(0, 99);
+    let stalled_at = pg.psql("SELECT pg_current_wal_flush_lsn()");
+    assert!(
+        wait_until(Duration::from_secs(30), || received_through(&stalled_at)),
+        "the relay did not read the first transaction; log:\n{}",
+        relay.log()
+    );
+    // Ten more transactions of one event each, while the sink is stalled and its queue of
+    // one batch fills up.
+    let mut last_start = String::new();
+    for seq in 100..110 {
+        last_start = pg.psql("SELECT pg_current_wal_flush_lsn()");
+        insert(seq, seq);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || received_through(&last_start)),
+        "the reader stopped reading while the sink was behind; log:\n{}",
+        relay.log()
+    );
+
+    // Once the sink drains, every event arrives once, in order.
+    assert_eq!(read_seqs(&events, 110), (0..110).collect::<Vec<_>>());
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn init_and_start(config: &Path) -> Relay {
+    let out = relay_command(config, "init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Relay::start(config)
+}
+
+/// The `data.seq` of the first `rows` events written into the pipe at `events`.
+fn read_seqs(events: &Path, rows: usize) -> Vec<u64> {
+    let reader = BufReader::new(std::fs::File::open(events).unwrap());
+    reader
         .lines()
         .take(rows)
         .map(|line| {
@@ -72,6 +146,5 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
                 .as_u64()
                 .unwrap()
         })
-        .collect();
-    assert_eq!(seqs, (0..rows as u64).collect::<Vec<_>>());
+        .collect()
 }
