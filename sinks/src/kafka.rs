@@ -178,6 +178,9 @@ pub struct KafkaSink {
     producer: Option<FutureProducer<BrokerErrors>>,
     /// Only for the consumer group metadata and the committed checkpoint.
     checkpoint_reader: Option<BaseConsumer<BrokerErrors>>,
+    /// Creates topics; kept, since a new client connects and fetches metadata first
+    /// (about 100 ms against a local broker).
+    admin: Option<AdminClient<BrokerErrors>>,
     errors: BrokerErrors,
     known_topics: HashSet<String>,
     /// Reused per batch: rendered topic names and encoded values.
@@ -191,6 +194,7 @@ impl KafkaSink {
             settings,
             producer: None,
             checkpoint_reader: None,
+            admin: None,
             errors: BrokerErrors::default(),
             known_topics: HashSet::new(),
             topic_buf: String::new(),
@@ -330,15 +334,10 @@ impl KafkaSink {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
-        let admin: AdminClient<BrokerErrors> = self
-            .client_config()
-            .create_with_context(self.errors.clone())
-            .map_err(|e| {
-                SinkError::Permanent(format!("cannot create a Kafka admin client: {e}"))
-            })?;
         let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
         let options = AdminOptions::new().operation_timeout(Some(self.settings.timeout));
-        let results = admin
+        let results = self
+            .admin()?
             .create_topics([&new_topic], &options)
             .await
             .map_err(|e| SinkError::Retryable(format!("creating Kafka topic {topic}: {e}")))?;
@@ -664,6 +663,20 @@ impl KafkaSink {
         tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
             "recovered the checkpoint committed in Kafka");
         Ok(position)
+    }
+
+    /// The admin client, created on first use.
+    fn admin(&mut self) -> Result<&AdminClient<BrokerErrors>, SinkError> {
+        if self.admin.is_none() {
+            let admin = self
+                .client_config()
+                .create_with_context(self.errors.clone())
+                .map_err(|e| {
+                    SinkError::Permanent(format!("cannot create a Kafka admin client: {e}"))
+                })?;
+            self.admin = Some(admin);
+        }
+        Ok(self.admin.as_ref().expect("created above"))
     }
 
     /// Creates the topic (when `create_topics` is set and the topic has no placeholders) and
