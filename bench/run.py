@@ -814,11 +814,11 @@ level = "info"
             time.sleep(0.5)
         busy0 = machine_busy()
         started = time.monotonic()
+        wall_started = time.time()
         proc, stderr = self.spawn_relay(
             config, name, (variant or {}).get("env"), (variant or {}).get("binary")
         )
         walsender = None
-        wall_started = time.time()
         deadline = started + self.args.timeout
         confirmed = 0
         while True:

@@ -19,7 +19,8 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
     let (config, events) = write_config(dir.path(), &pg, "");
     // The file sink writes into a pipe nobody reads yet: it blocks once the pipe is full.
     mkfifo(&events);
-    let relay = init_and_start(&config);
+    init(&config);
+    let relay = Relay::start(&config);
 
     let rows = 3000;
     pg.psql(&format!(
@@ -79,7 +80,8 @@ fn the_reader_fills_its_batch_while_a_sink_is_behind() {
             events.display()
         ),
     );
-    let relay = init_and_start(&config);
+    init(&config);
+    let relay = Relay::start(&config);
     let insert = |from: u64, to: u64| {
         pg.psql(&format!(
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
@@ -123,16 +125,6 @@ fn mkfifo(path: &Path) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-fn init_and_start(config: &Path) -> Relay {
-    let out = relay_command(config, "init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Relay::start(config)
 }
 
 /// The `data.seq` of the first `rows` events written into the pipe at `events`.
