@@ -1,6 +1,6 @@
 //! TLS and password authentication against a real PostgreSQL, for both kinds of connection the
 //! relay makes: the tokio-postgres SQL connections and its own replication connection (which
-//! implements TLS, cleartext and md5 itself). A local CA is made at test time with the
+//! implements TLS, cleartext and md5 itself); and Unix sockets, which go without TLS. A local CA is made at test time with the
 //! `openssl` CLI, and pg_hba.conf lets the TLS role in over TLS only, so "it worked" proves that
 //! TLS was used rather than leaving it to guesswork.
 
@@ -151,6 +151,29 @@ impl TlsCluster {
         )
     }
 
+    /// Runs the relay with source `url`, commits one outbox row and waits for its event.
+    /// Returns the event and, of the walsender that streamed it, "user client-address ssl"
+    /// (`unix` for a Unix socket).
+    fn stream_one_row(&self, url: &str) -> (serde_json::Value, String) {
+        let (config, events) = self.config("run", "");
+        let relay = Relay::start_with_env(&config, &[("OUTBOX_RELAY__SOURCE__URL", url)]);
+        self.pg.psql(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             VALUES ('order', 'o-1', 'T', '{}')",
+        );
+        assert!(
+            wait_until(WAIT, || read_events(&events).len() == 1),
+            "no event; relay log:\n{}",
+            relay.log()
+        );
+        let walsender = self.pg.psql(
+            "SELECT r.usename || ' ' || coalesce(host(r.client_addr), 'unix') || ' ' || s.ssl \
+             FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
+             WHERE r.application_name = 'outbox-relay'",
+        );
+        (read_events(&events).remove(0), walsender)
+    }
+
     /// `check` as `tlsuser`: whether it passed, and what it printed.
     fn check(&self, label: &str, source_keys: &str) -> (bool, String) {
         let out = self.relay(label, "check", source_keys);
@@ -273,32 +296,40 @@ fn relay_streams_over_verify_full() {
         tls.pg.port,
         tls.ca.cert.display()
     );
-    let (config, events) = tls.config("run", "");
-    let relay = Relay::start_with_env(&config, &[("OUTBOX_RELAY__SOURCE__URL", &url)]);
-    tls.pg.psql(
-        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-         VALUES ('order', 'o-1', 'T', '{}')",
-    );
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "no event; relay log:\n{}",
-        relay.log()
-    );
-    let event = &read_events(&events)[0];
+    let (event, walsender) = tls.stream_one_row(&url);
     assert_eq!(event["type"], "T");
     assert_eq!(event["subject"], "o-1");
     assert_eq!(event["aggregatetype"], "order");
-
     // The walsender that streamed it serves tlsuser over TLS.
-    assert_eq!(
-        tls.pg.psql(
-            "SELECT r.usename || ' ' || s.ssl FROM pg_stat_replication r \
-             JOIN pg_stat_ssl s USING (pid) WHERE r.application_name = 'outbox-relay'"
-        ),
-        "tlsuser true",
-        "relay log:\n{}",
-        relay.log()
-    );
+    assert_eq!(walsender, "tlsuser 127.0.0.1 true");
+}
+
+/// PostgreSQL serves no TLS on Unix sockets, and like libpq the relay does not ask for it
+/// there: beside the database, a socket-directory URL works with the default `sslmode`
+/// (`prefer`) and with `require`, on a server that has TLS on, for `check` and for the
+/// replication stream. Before 2026-12-01 the default failed ("error performing TLS
+/// handshake": the TLS connector was asked for a server name made of the socket path).
+#[test]
+fn a_unix_socket_url_connects_without_tls_on_a_server_with_tls_on() {
+    let tls = TlsCluster::start();
+    let socket_dir = tls.pg.dir.path().display().to_string().replace('/', "%2F");
+    let url = format!("postgres://postgres@{socket_dir}:{}/postgres", tls.pg.port);
+    let env = [("OUTBOX_RELAY__SOURCE__URL", url.as_str())];
+    for sslmode in ["prefer", "require"] {
+        let (config, _) = tls.config(&format!("check-{sslmode}"), &tls_keys(sslmode, None));
+        let out = relay_command_with_env(&config, "check", &env);
+        assert!(
+            out.status.success() && stdout(&out).contains(CHECK_OK),
+            "check over the Unix socket, sslmode={sslmode}:\n{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    }
+
+    let (event, walsender) = tls.stream_one_row(&url);
+    assert_eq!(event["subject"], "o-1");
+    // The walsender that streamed it has no client address (a Unix socket), and no TLS.
+    assert_eq!(walsender, "postgres unix false");
 }
 
 /// A backlog drained over TLS: the relay reads it in large, coalesced reads (the socket's
