@@ -15,7 +15,7 @@ use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::{parse_table_name, Config, ConnectParams};
 use crate::db;
 use crate::outbox::{Mapped, OutboxMapper, RowContext};
-use crate::pipeline::{self, Batch, Progress, SinkWorker};
+use crate::pipeline::{self, Batch, BatchLimit, Progress, SinkWorker};
 use crate::relay::{build_sinks, skip_point, Horizon, SkipSources};
 use crate::source::pgoutput::{Relation, RelationColumn, Tuple, Value};
 use crate::source::replication::ReplicationConnection;
@@ -28,8 +28,12 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::IsolationLevel;
 use tracing::{info, warn};
 
-/// Rows fetched from the cursor per round trip.
-const FETCH_ROWS: i32 = 1000;
+/// Most rows fetched from the cursor per round trip. Fewer when rows are large: a fetch
+/// holds about one batch's bytes (`relay.batch_bytes`), as a batch does.
+const FETCH_ROWS: usize = 1000;
+
+/// Rows of the first fetch from each table, before their size is known.
+const FIRST_FETCH_ROWS: usize = 16;
 
 /// Runs the backfill if it is configured and not done yet for the slot. Returns once the
 /// slot exists and every backfilled event is acknowledged.
@@ -139,13 +143,14 @@ async fn deliver(
         });
     }
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), Lsn(0));
+    let limit = BatchLimit::of(&config.relay);
     let (pipeline, handles) = pipeline::start(
         workers,
         progress.clone(),
         store.clone(),
         &config.source.slot,
         config.relay.queue_depth,
-        config.relay.batch_size,
+        limit,
     );
 
     let mut reader = db::connect(params).await?;
@@ -167,7 +172,8 @@ async fn deliver(
         .unwrap_or_default()
         .as_micros() as i64;
     let mut index: u32 = 0;
-    let mut batch = Vec::with_capacity(config.relay.batch_size);
+    let mut batch = Vec::with_capacity(limit.events);
+    let mut batch_bytes = 0;
     for table in &config.source.tables {
         let relation = describe(&tx, table).await?;
         let relation_id = relation.id;
@@ -194,16 +200,19 @@ async fn deliver(
             )
             .await
             .map_err(db::explain)?;
+        let mut fetch_rows = FIRST_FETCH_ROWS;
         loop {
             let rows = tx
-                .query_portal(&portal, FETCH_ROWS)
+                .query_portal(&portal, fetch_rows as i32)
                 .await
                 .map_err(db::explain)?;
             if rows.is_empty() {
                 break;
             }
+            let mut fetched_bytes = 0;
             for row in &rows {
                 let (data, ranges) = row_bytes(row);
+                fetched_bytes += data.len();
                 let tuple = Tuple {
                     columns: ranges
                         .iter()
@@ -219,7 +228,10 @@ async fn deliver(
                     commit_time_micros: now_micros,
                 };
                 match mapper.map_insert(relation_id, &tuple, &data, ctx)? {
-                    Mapped::Event(event) => batch.push(*event),
+                    Mapped::Event(event) => {
+                        batch_bytes += event.size_bytes();
+                        batch.push(*event);
+                    }
                     Mapped::DeadLetter(letter) => {
                         store.dead_letter(&config.source.slot, &letter).await?
                     }
@@ -228,26 +240,20 @@ async fn deliver(
                 index = index
                     .checked_add(1)
                     .context("more than 4 billion rows to backfill")?;
-                if batch.len() >= config.relay.batch_size {
-                    let events =
-                        std::mem::replace(&mut batch, Vec::with_capacity(config.relay.batch_size));
-                    pipeline
-                        .dispatch(Batch {
-                            events,
-                            boundary: None,
-                        })
-                        .await?;
+                if limit.reached(batch.len(), batch_bytes) {
+                    let events = std::mem::replace(&mut batch, Vec::with_capacity(limit.events));
+                    batch_bytes = 0;
+                    pipeline.dispatch(Batch::new(events, None)).await?;
                 }
             }
+            let per_row = (fetched_bytes / rows.len()).max(1);
+            fetch_rows = (limit.bytes / per_row).clamp(1, FETCH_ROWS);
         }
     }
     tx.commit().await.map_err(db::explain)?;
     // The boundary at the consistent point is passed once every sink took every row.
     pipeline
-        .dispatch(Batch {
-            events: batch,
-            boundary: Some(consistent_point),
-        })
+        .dispatch(Batch::new(batch, Some(consistent_point)))
         .await?;
     drop(pipeline);
     for handle in handles {

@@ -218,6 +218,10 @@ pub struct RelayConfig {
     /// Most events per sink batch.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// A batch closes once its events hold this many bytes (`Event::size_bytes`), so that
+    /// memory stays bounded for large rows as well.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
     /// Batches queued per sink before reading the replication stream pauses (backpressure).
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
@@ -234,6 +238,7 @@ impl Default for RelayConfig {
         RelayConfig {
             schema: default_schema(),
             batch_size: default_batch_size(),
+            batch_bytes: default_batch_bytes(),
             queue_depth: default_queue_depth(),
             checkpoint_interval: default_checkpoint_interval(),
             shutdown_timeout: default_shutdown_timeout(),
@@ -756,6 +761,9 @@ fn default_schema() -> String {
 fn default_batch_size() -> usize {
     1000
 }
+fn default_batch_bytes() -> usize {
+    4 * 1024 * 1024
+}
 fn default_queue_depth() -> usize {
     4
 }
@@ -853,8 +861,9 @@ impl Config {
                 bail!("source.message_prefixes must not contain an empty prefix");
             }
         }
-        if self.relay.batch_size == 0 || self.relay.queue_depth == 0 {
-            bail!("relay.batch_size and relay.queue_depth must be at least 1");
+        if self.relay.batch_size == 0 || self.relay.batch_bytes == 0 || self.relay.queue_depth == 0
+        {
+            bail!("relay.batch_size, relay.batch_bytes and relay.queue_depth must be at least 1");
         }
         if self.source.status_interval.is_zero() {
             bail!("source.status_interval must be positive (for example \"10s\")");

@@ -13,6 +13,7 @@
 //! fixed-size [`LatencyHistogram`], and logs its percentiles when it stops.
 
 use crate::checkpoint::CheckpointStore;
+use crate::config::RelayConfig;
 use crate::outbox::DeadLetter;
 use crate::telemetry::{Metrics, SinkLabels, SinkTableLabels, METRICS};
 use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError};
@@ -28,15 +29,46 @@ use tracing::{debug, info, info_span, warn, Instrument};
 pub struct Batch {
     pub events: Vec<Event>,
     pub boundary: Option<Lsn>,
+    /// The events' [`Event::size_bytes`], summed.
+    bytes: usize,
 }
 
 impl Batch {
-    /// The payload bytes of its events (the in-flight bytes metric).
-    fn payload_bytes(&self) -> i64 {
-        self.events
-            .iter()
-            .map(|e| e.payload.as_bytes().len() as i64)
-            .sum()
+    pub fn new(events: Vec<Event>, boundary: Option<Lsn>) -> Self {
+        let bytes = events.iter().map(Event::size_bytes).sum();
+        Batch {
+            events,
+            boundary,
+            bytes,
+        }
+    }
+}
+
+/// How large a batch grows: it closes at `events` events, or once its events hold `bytes`
+/// bytes (`relay.batch_size`, `relay.batch_bytes`). The byte limit keeps memory bounded when
+/// rows are large; an event larger than it travels in a batch of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimit {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+impl BatchLimit {
+    pub fn of(relay: &RelayConfig) -> Self {
+        BatchLimit {
+            events: relay.batch_size,
+            bytes: relay.batch_bytes,
+        }
+    }
+
+    /// Whether a batch of `events` events holding `bytes` bytes is closed.
+    pub fn reached(&self, events: usize, bytes: usize) -> bool {
+        events >= self.events || bytes >= self.bytes
+    }
+
+    /// Whether a batch of `events` events and `bytes` bytes may still take `more` on top.
+    fn fits(&self, events: usize, bytes: usize, more: &Batch) -> bool {
+        events + more.events.len() <= self.events && bytes + more.bytes <= self.bytes
     }
 }
 
@@ -139,7 +171,7 @@ impl Pipeline {
     /// Hands `batch` to every sink, waiting while any sink's queue is full.
     pub async fn dispatch(&self, batch: Batch) -> Result<(), WorkerGone> {
         let batch = Arc::new(batch);
-        let (events, bytes) = (batch.events.len() as i64, batch.payload_bytes());
+        let (events, bytes) = (batch.events.len() as i64, batch.bytes as i64);
         for (sender, labels) in self.senders.iter().zip(&self.labels) {
             sender.send(batch.clone()).await.map_err(|_| WorkerGone)?;
             METRICS
@@ -187,7 +219,7 @@ pub fn start(
     store: Arc<dyn CheckpointStore>,
     slot: &str,
     queue_depth: usize,
-    batch_size: usize,
+    limit: BatchLimit,
 ) -> (Pipeline, Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) {
     let mut senders = Vec::new();
     let mut labels = Vec::new();
@@ -205,7 +237,7 @@ pub fn start(
             progress.clone(),
             store.clone(),
             slot.to_owned(),
-            batch_size,
+            limit,
         );
         let failed = worker_failed.clone();
         let task = async move {
@@ -234,7 +266,7 @@ async fn run_worker(
     progress: Arc<Progress>,
     store: Arc<dyn CheckpointStore>,
     slot: String,
-    batch_size: usize,
+    limit: BatchLimit,
 ) -> anyhow::Result<()> {
     let mut latency = LatencyHistogram::new();
     let labels = Metrics::sink(&worker.name);
@@ -249,21 +281,22 @@ async fn run_worker(
                 None => break,
             },
         };
-        // A worker that fell behind joins the batches already queued, up to `batch_size`
-        // events, into one send: an event then waits for the send in progress rather than
+        // A worker that fell behind joins the batches already queued, up to one batch's
+        // limit, into one send: an event then waits for the send in progress rather than
         // for each small batch ahead of it, and a sink with a fixed cost per send (a round
         // trip, a Kafka commit) catches up. What one send may leave unacknowledged at a
         // crash stays one batch's worth. With nothing queued the batch is sent as it is,
         // without copying.
-        let mut events = batch.events.len();
+        let (mut events, mut bytes) = (batch.events.len(), batch.bytes);
         queued.push(batch);
-        while events < batch_size {
+        while !limit.reached(events, bytes) {
             let Ok(more) = batches.try_recv() else { break };
-            if events + more.events.len() > batch_size {
+            if !limit.fits(events, bytes, &more) {
                 carried = Some(more);
                 break;
             }
             events += more.events.len();
+            bytes += more.bytes;
             queued.push(more);
         }
         let skip_through = worker.skip_through;
@@ -337,7 +370,7 @@ async fn run_worker(
             METRICS
                 .in_flight_bytes
                 .get_or_create(&labels)
-                .dec_by(batch.payload_bytes());
+                .dec_by(batch.bytes as i64);
         }
         // Let go of the events (and the receive buffers they share) before waiting.
         merged.clear();
@@ -640,14 +673,13 @@ mod tests {
     }
 
     fn two_event_batch(lsn: u64) -> Batch {
-        Batch {
-            events: vec![event(lsn, 0), event(lsn, 1)],
-            boundary: Some(Lsn(lsn + 1)),
-        }
+        Batch::new(vec![event(lsn, 0), event(lsn, 1)], Some(Lsn(lsn + 1)))
     }
 
-    #[tokio::test]
-    async fn a_worker_that_fell_behind_joins_queued_batches_up_to_the_batch_size() {
+    /// One send for the first batch, less the event skip_through says was delivered before
+    /// (10/0); then the three batches that queued meanwhile, joined up to `limit`. Returns
+    /// the sizes of the sends.
+    async fn sends_after_falling_behind(limit: BatchLimit) -> Vec<usize> {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let entered = Arc::new(Notify::new());
@@ -671,7 +703,7 @@ mod tests {
             Arc::new(NoStore),
             "slot",
             4,
-            4,
+            limit,
         );
         pipeline.dispatch(two_event_batch(10)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), entered.notified())
@@ -690,10 +722,6 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
-        // One send for the first batch, less the event skip_through says was delivered
-        // before (10/0); then the three batches that queued meanwhile, joined up to the
-        // batch size of 4 events: two in one send, the third in the next.
-        assert_eq!(*sizes.lock().unwrap(), [1, 4, 2]);
         assert_eq!(progress.confirmed(), Lsn(41));
         assert_eq!(
             progress.checkpoints()["gated"],
@@ -702,5 +730,38 @@ mod tests {
                 index: 1
             }
         );
+        let sizes = sizes.lock().unwrap().clone();
+        sizes
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_fell_behind_joins_queued_batches_up_to_the_batch_size() {
+        let limit = BatchLimit {
+            events: 4,
+            bytes: usize::MAX,
+        };
+        // Two queued batches of two events fill one send of 4; the third goes in the next.
+        assert_eq!(sends_after_falling_behind(limit).await, [1, 4, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_fell_behind_joins_queued_batches_up_to_the_batch_bytes() {
+        let batch_bytes = two_event_batch(20).bytes;
+        let limit = BatchLimit {
+            events: usize::MAX,
+            bytes: 2 * batch_bytes,
+        };
+        assert_eq!(sends_after_falling_behind(limit).await, [1, 4, 2]);
+    }
+
+    #[test]
+    fn a_batch_counts_the_bytes_of_its_events() {
+        let mut big = event(10, 0);
+        big.payload = Text::from("x".repeat(1000));
+        big.headers.push(("tenant".into(), Text::from("acme")));
+        let small = event(10, 1);
+        let batch = Batch::new(vec![big.clone(), small.clone()], None);
+        assert_eq!(big.size_bytes(), small.size_bytes() - 2 + 1000 + 10);
+        assert_eq!(batch.bytes, big.size_bytes() + small.size_bytes());
     }
 }

@@ -12,7 +12,7 @@ use crate::leader::Leadership;
 use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
 };
-use crate::pipeline::{self, Batch, Pipeline, Progress, SinkWorker, WorkerGone};
+use crate::pipeline::{self, Batch, BatchLimit, Pipeline, Progress, SinkWorker, WorkerGone};
 use crate::source::pgoutput::{self, Message, Tuple};
 use crate::source::replication::{
     ReplicationConnection, ReplicationStream, SourceError, StatusWriter, SystemInfo,
@@ -437,7 +437,7 @@ async fn session(
         store.clone(),
         &source.slot,
         config.relay.queue_depth,
-        config.relay.batch_size,
+        BatchLimit::of(&config.relay),
     );
     let (stop_helpers, helpers_stopped) = watch::channel(false);
     let reply_requested = Arc::new(Notify::new());
@@ -483,9 +483,10 @@ async fn session(
         store: store.clone(),
         slot: source.slot.clone(),
         reply_requested,
-        batch_size: config.relay.batch_size,
+        limit: BatchLimit::of(&config.relay),
         transaction: None,
         pending: Vec::with_capacity(config.relay.batch_size),
+        pending_bytes: 0,
         pending_boundary: None,
         counts: ReadCounts::default(),
     };
@@ -864,9 +865,11 @@ struct Reader {
     store: Arc<dyn CheckpointStore>,
     slot: String,
     reply_requested: Arc<Notify>,
-    batch_size: usize,
+    limit: BatchLimit,
     transaction: Option<Transaction>,
     pending: Vec<Event>,
+    /// The [`Event::size_bytes`] of `pending`, summed.
+    pending_bytes: usize,
     pending_boundary: Option<Lsn>,
     counts: ReadCounts,
 }
@@ -895,12 +898,19 @@ impl Reader {
         loop {
             while let Some(message) = self.stream.next_buffered()? {
                 self.handle(message).await?;
-                if self.pending.len() >= self.batch_size {
+                if self.limit.reached(self.pending.len(), self.pending_bytes) {
+                    if !self.pipeline.has_room() {
+                        debug!(
+                            events = self.pending.len(),
+                            bytes = self.pending_bytes,
+                            "batch full while a sink is behind: reading pauses"
+                        );
+                    }
                     self.flush(shutdown).await?;
                 }
             }
             // Everything received is handled. Hand it on now if every sink can take it. If
-            // one is behind, the batch goes on filling (up to `batch_size`) with what arrives
+            // one is behind, the batch goes on filling (up to its limit) with what arrives
             // until there is room: fewer, fuller batches while the sinks work off a backlog,
             // and no wait otherwise.
             if self.pipeline.has_room() {
@@ -926,10 +936,9 @@ impl Reader {
         if self.pending.is_empty() && self.pending_boundary.is_none() {
             return Ok(());
         }
-        let batch = Batch {
-            events: std::mem::replace(&mut self.pending, Vec::with_capacity(self.batch_size)),
-            boundary: self.pending_boundary.take(),
-        };
+        let events = std::mem::replace(&mut self.pending, Vec::with_capacity(self.limit.events));
+        self.pending_bytes = 0;
+        let batch = Batch::new(events, self.pending_boundary.take());
         tokio::select! {
             biased;
             sent = self.pipeline.dispatch(batch) => sent.map_err(|e| ReadError::Retry(e.into())),
@@ -1064,6 +1073,7 @@ impl Reader {
                 Some(Err(reason)) => Some(DeadLetter::from_event(&event, reason, None)),
                 _ => {
                     self.counts.events += 1;
+                    self.pending_bytes += event.size_bytes();
                     self.pending.push(*event);
                     None
                 }

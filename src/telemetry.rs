@@ -112,7 +112,7 @@ impl Metrics {
             in_flight_bytes: register(
                 &mut registry,
                 "in_flight_bytes",
-                "Payload bytes of those events",
+                "Bytes of those events, as relay.batch_bytes counts them",
                 Family::<SinkLabels, Gauge>::default(),
             ),
             sink_retries: register(

@@ -1,12 +1,13 @@
 //! A stalled sink pauses reading (backpressure) while standby status updates keep flowing on
 //! their own timer, so the walsender is not killed by `wal_sender_timeout`; until then the
-//! reader fills the batch it holds; once the sink drains, every event arrives once, in order.
+//! reader fills the batch it holds, up to its event and byte limits; once the sink drains,
+//! every event arrives once, in order.
 
 mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[test]
@@ -67,21 +68,8 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
 #[test]
 fn the_reader_fills_its_batch_while_a_sink_is_behind() {
     let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
     let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    mkfifo(&events);
-    let config = relay_config_with(
-        dir.path(),
-        &pg,
-        "batch_size = 1000\nqueue_depth = 1",
-        &format!(
-            "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
-            events.display()
-        ),
-    );
-    init(&config);
-    let relay = Relay::start(&config);
+    let (relay, events) = relay_into_a_pipe(&pg, dir.path(), "batch_size = 1000\nqueue_depth = 1");
     let insert = |from: u64, to: u64| {
         pg.psql(&format!(
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
@@ -117,6 +105,75 @@ fn the_reader_fills_its_batch_while_a_sink_is_behind() {
 
     // Once the sink drains, every event arrives once, in order.
     assert_eq!(read_seqs(&events, 110), (0..110).collect::<Vec<_>>());
+}
+
+/// With large rows a batch closes at `relay.batch_bytes`, not at `relay.batch_size` events:
+/// what the relay holds while a sink is behind stays about `queue_depth + 2` batches of that
+/// many bytes, however large the rows (before, 1,000 rows of 64 KiB made a 64 MiB batch, and
+/// a stalled broker sink peaked at 400 MB).
+#[test]
+fn a_batch_closes_at_its_byte_limit_while_a_sink_is_behind() {
+    const BATCH_BYTES: u64 = 64 * 1024;
+    const PAD: u64 = 16 * 1024;
+    let pg = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, events) = relay_into_a_pipe(
+        &pg,
+        dir.path(),
+        &format!("batch_size = 1000\nbatch_bytes = {BATCH_BYTES}\nqueue_depth = 1"),
+    );
+    // 100 rows of 16 KiB: far more than the pipe, the sink's queue and one batch can hold.
+    pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'order', 'k', 'Seq', jsonb_build_object('seq', i, 'pad', repeat('x', {PAD})) \
+         FROM generate_series(0, 99) i"
+    ));
+    let paused = "batch full while a sink is behind: reading pauses";
+    assert!(
+        wait_until(Duration::from_secs(30), || relay.log().contains(paused)),
+        "the reader never filled a batch; log:\n{}",
+        relay.log()
+    );
+    let log = relay.log();
+    let line = log.lines().find(|line| line.contains(paused)).unwrap();
+    let field = |name: &str| -> u64 {
+        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+        line[start..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // The batch closed with the event that took it to the limit: 4 rows of a little more
+    // than 16 KiB, not 100.
+    assert_eq!(field("events"), 4, "{line}");
+    assert!(
+        (BATCH_BYTES..BATCH_BYTES + PAD + 1024).contains(&field("bytes")),
+        "{line}"
+    );
+
+    // Once the sink drains, every event arrives once, in order.
+    assert_eq!(read_seqs(&events, 100), (0..100).collect::<Vec<_>>());
+}
+
+/// A relay with these `[relay]` settings whose file sink writes into a pipe nobody reads
+/// yet; returns it and the pipe's path.
+fn relay_into_a_pipe(pg: &PgCluster, dir: &Path, relay_settings: &str) -> (Relay, PathBuf) {
+    pg.create_outbox("public.outbox");
+    let events = dir.join("events.jsonl");
+    mkfifo(&events);
+    let config = relay_config_with(
+        dir,
+        pg,
+        relay_settings,
+        &format!(
+            "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
+            events.display()
+        ),
+    );
+    init(&config);
+    (Relay::start(&config), events)
 }
 
 fn mkfifo(path: &Path) {

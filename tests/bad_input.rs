@@ -198,6 +198,7 @@ const CONFIG_CASES: &[(&str, &str, &str)] = &[
     ("invalid TOML", "[source\nurl = 1", "relay.toml"),
     ("unknown key", "[source]\nurl = \"postgres://u@h/d\"\ncolour = \"blue\"\n[sinks.s]\ntype = \"stdout\"\n", "colour"),
     ("wrong type", "[source]\nurl = \"postgres://u@h/d\"\n[relay]\nbatch_size = \"many\"\n[sinks.s]\ntype = \"stdout\"\n", "batch_size"),
+    ("zero batch bytes", "[source]\nurl = \"postgres://u@h/d\"\n[relay]\nbatch_bytes = 0\n[sinks.s]\ntype = \"stdout\"\n", "relay.batch_bytes"),
     ("no source url", "[source]\n[sinks.s]\ntype = \"stdout\"\n", "url"),
     ("no sinks", "[source]\nurl = \"postgres://u@h/d\"\n", "sinks"),
     ("unknown sink type", "[source]\nurl = \"postgres://u@h/d\"\n[sinks.s]\ntype = \"carrier-pigeon\"\n", "carrier-pigeon"),

@@ -133,3 +133,31 @@ pub struct Event {
     /// The payload, a JSON document.
     pub payload: Text,
 }
+
+impl Event {
+    /// The bytes of the row's values it carries (payload, headers, attributes, ids): what the
+    /// relay's batch byte limit counts. A sink's envelope around them is not counted.
+    pub fn size_bytes(&self) -> usize {
+        let texts = [
+            &self.id,
+            &self.key,
+            &self.aggregate_type,
+            &self.aggregate_id,
+            &self.event_type,
+            &self.payload,
+        ];
+        let optional = [&self.occurred_at, &self.traceparent];
+        texts.iter().map(|text| text.len()).sum::<usize>()
+            + optional
+                .iter()
+                .flat_map(|text| text.as_ref())
+                .map(|text| text.len())
+                .sum::<usize>()
+            + self
+                .headers
+                .iter()
+                .chain(&self.attributes)
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>()
+    }
+}
