@@ -34,6 +34,7 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch of `events`, counting their bytes for the worker's join and the metrics.
     pub fn new(events: Vec<Event>, boundary: Option<Lsn>) -> Self {
         let bytes = events.iter().map(Event::size_bytes).sum();
         Batch {
