@@ -47,7 +47,8 @@ impl Batch {
 
 /// How large a batch grows: it closes at `events` events, or once its events hold `bytes`
 /// bytes (`relay.batch_size`, `relay.batch_bytes`). The byte limit keeps memory bounded when
-/// rows are large; an event larger than it travels in a batch of its own.
+/// rows are large. The event that reaches it closes the batch, so a batch exceeds it by at
+/// most one event, and an event larger than the limit still goes through.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimit {
     pub events: usize,
