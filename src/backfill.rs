@@ -15,7 +15,7 @@ use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::{parse_table_name, Config, ConnectParams};
 use crate::db;
 use crate::outbox::{Mapped, OutboxMapper, RowContext};
-use crate::pipeline::{self, Batch, BatchLimit, Progress, SinkWorker};
+use crate::pipeline::{self, BatchLimit, PendingBatch, Progress, SinkWorker};
 use crate::relay::{build_sinks, skip_point, Horizon, SkipSources};
 use crate::source::pgoutput::{Relation, RelationColumn, Tuple, Value};
 use crate::source::replication::ReplicationConnection;
@@ -172,8 +172,7 @@ async fn deliver(
         .unwrap_or_default()
         .as_micros() as i64;
     let mut index: u32 = 0;
-    let mut batch = Vec::with_capacity(limit.events);
-    let mut batch_bytes = 0;
+    let mut batch = PendingBatch::new(limit);
     for table in &config.source.tables {
         let relation = describe(&tx, table).await?;
         let relation_id = relation.id;
@@ -228,10 +227,7 @@ async fn deliver(
                     commit_time_micros: now_micros,
                 };
                 match mapper.map_insert(relation_id, &tuple, &data, ctx)? {
-                    Mapped::Event(event) => {
-                        batch_bytes += event.size_bytes();
-                        batch.push(*event);
-                    }
+                    Mapped::Event(event) => batch.push(*event),
                     Mapped::DeadLetter(letter) => {
                         store.dead_letter(&config.source.slot, &letter).await?
                     }
@@ -240,10 +236,8 @@ async fn deliver(
                 index = index
                     .checked_add(1)
                     .context("more than 4 billion rows to backfill")?;
-                if limit.reached(batch.len(), batch_bytes) {
-                    let events = std::mem::replace(&mut batch, Vec::with_capacity(limit.events));
-                    batch_bytes = 0;
-                    pipeline.dispatch(Batch::new(events, None)).await?;
+                if batch.is_full() {
+                    pipeline.dispatch(batch.take(None)).await?;
                 }
             }
             let per_row = (fetched_bytes / rows.len()).max(1);
@@ -253,7 +247,7 @@ async fn deliver(
     tx.commit().await.map_err(db::explain)?;
     // The boundary at the consistent point is passed once every sink took every row.
     pipeline
-        .dispatch(Batch::new(batch, Some(consistent_point)))
+        .dispatch(batch.take(Some(consistent_point)))
         .await?;
     drop(pipeline);
     for handle in handles {

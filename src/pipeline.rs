@@ -33,14 +33,49 @@ pub struct Batch {
     bytes: usize,
 }
 
-impl Batch {
-    /// A batch of `events`, counting their bytes for the worker's join and the metrics.
-    pub fn new(events: Vec<Event>, boundary: Option<Lsn>) -> Self {
-        let bytes = events.iter().map(Event::size_bytes).sum();
+/// The events gathered for the next batch, their bytes counted as they arrive (the reader's
+/// and the backfill's): full at its [`BatchLimit`], handed on as a [`Batch`].
+#[derive(Debug)]
+pub struct PendingBatch {
+    events: Vec<Event>,
+    bytes: usize,
+    limit: BatchLimit,
+}
+
+impl PendingBatch {
+    pub fn new(limit: BatchLimit) -> Self {
+        PendingBatch {
+            events: Vec::with_capacity(limit.events),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    pub fn push(&mut self, event: Event) {
+        self.bytes += event.size_bytes();
+        self.events.push(event);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.limit.reached(self.events.len(), self.bytes)
+    }
+
+    /// (events, bytes), for logs.
+    pub fn size(&self) -> (usize, usize) {
+        (self.events.len(), self.bytes)
+    }
+
+    /// The gathered events as a batch with `boundary`; starts the next one empty.
+    pub fn take(&mut self, boundary: Option<Lsn>) -> Batch {
+        let events = std::mem::replace(&mut self.events, Vec::with_capacity(self.limit.events));
         Batch {
             events,
             boundary,
-            bytes,
+            bytes: std::mem::take(&mut self.bytes),
         }
     }
 }
@@ -64,7 +99,7 @@ impl BatchLimit {
     }
 
     /// Whether a batch of `events` events holding `bytes` bytes is closed.
-    pub fn reached(&self, events: usize, bytes: usize) -> bool {
+    fn reached(&self, events: usize, bytes: usize) -> bool {
         events >= self.events || bytes >= self.bytes
     }
 
@@ -675,7 +710,15 @@ mod tests {
     }
 
     fn two_event_batch(lsn: u64) -> Batch {
-        Batch::new(vec![event(lsn, 0), event(lsn, 1)], Some(Lsn(lsn + 1)))
+        batch_of(vec![event(lsn, 0), event(lsn, 1)], Some(Lsn(lsn + 1)))
+    }
+
+    fn batch_of(events: Vec<Event>, boundary: Option<Lsn>) -> Batch {
+        Batch {
+            bytes: events.iter().map(Event::size_bytes).sum(),
+            events,
+            boundary,
+        }
     }
 
     /// One send for the first batch, less the event skip_through says was delivered before
@@ -762,7 +805,7 @@ mod tests {
         big.payload = Text::from("x".repeat(1000));
         big.headers.push(("tenant".into(), Text::from("acme")));
         let small = event(10, 1);
-        let batch = Batch::new(vec![big.clone(), small.clone()], None);
+        let batch = batch_of(vec![big.clone(), small.clone()], None);
         assert_eq!(big.size_bytes(), small.size_bytes() - 2 + 1000 + 10);
         assert_eq!(batch.bytes, big.size_bytes() + small.size_bytes());
     }

@@ -12,7 +12,7 @@ use crate::leader::Leadership;
 use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
 };
-use crate::pipeline::{self, Batch, BatchLimit, Pipeline, Progress, SinkWorker, WorkerGone};
+use crate::pipeline::{self, BatchLimit, PendingBatch, Pipeline, Progress, SinkWorker, WorkerGone};
 use crate::source::pgoutput::{self, Message, Tuple};
 use crate::source::replication::{
     ReplicationConnection, ReplicationStream, SourceError, StatusWriter, SystemInfo,
@@ -25,7 +25,7 @@ use outbox_relay_sinks::eventbridge::EventBridgeSink;
 use outbox_relay_sinks::kafka::KafkaSink;
 use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
 use outbox_relay_sinks::{
-    file::FileSink, null::NullSink, stdout::StdoutSink, Event, Lsn, Position, Sink, SinkError,
+    file::FileSink, null::NullSink, stdout::StdoutSink, Lsn, Position, Sink, SinkError,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -483,10 +483,8 @@ async fn session(
         store: store.clone(),
         slot: source.slot.clone(),
         reply_requested,
-        limit: BatchLimit::of(&config.relay),
         transaction: None,
-        pending: Vec::with_capacity(config.relay.batch_size),
-        pending_bytes: 0,
+        pending: PendingBatch::new(BatchLimit::of(&config.relay)),
         pending_boundary: None,
         counts: ReadCounts::default(),
     };
@@ -865,11 +863,8 @@ struct Reader {
     store: Arc<dyn CheckpointStore>,
     slot: String,
     reply_requested: Arc<Notify>,
-    limit: BatchLimit,
     transaction: Option<Transaction>,
-    pending: Vec<Event>,
-    /// The [`Event::size_bytes`] of `pending`, summed.
-    pending_bytes: usize,
+    pending: PendingBatch,
     pending_boundary: Option<Lsn>,
     counts: ReadCounts,
 }
@@ -898,12 +893,12 @@ impl Reader {
         loop {
             while let Some(message) = self.stream.next_buffered()? {
                 self.handle(message).await?;
-                if self.limit.reached(self.pending.len(), self.pending_bytes) {
+                if self.pending.is_full() {
                     if !self.pipeline.has_room() {
+                        let (events, bytes) = self.pending.size();
                         debug!(
-                            events = self.pending.len(),
-                            bytes = self.pending_bytes,
-                            "batch full while a sink is behind: reading pauses"
+                            events,
+                            bytes, "batch full while a sink is behind: reading pauses"
                         );
                     }
                     self.flush(shutdown).await?;
@@ -936,9 +931,7 @@ impl Reader {
         if self.pending.is_empty() && self.pending_boundary.is_none() {
             return Ok(());
         }
-        let events = std::mem::replace(&mut self.pending, Vec::with_capacity(self.limit.events));
-        self.pending_bytes = 0;
-        let batch = Batch::new(events, self.pending_boundary.take());
+        let batch = self.pending.take(self.pending_boundary.take());
         tokio::select! {
             biased;
             sent = self.pipeline.dispatch(batch) => sent.map_err(|e| ReadError::Retry(e.into())),
@@ -1073,7 +1066,6 @@ impl Reader {
                 Some(Err(reason)) => Some(DeadLetter::from_event(&event, reason, None)),
                 _ => {
                     self.counts.events += 1;
-                    self.pending_bytes += event.size_bytes();
                     self.pending.push(*event);
                     None
                 }

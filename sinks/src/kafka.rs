@@ -31,7 +31,7 @@ use crate::{Delivery, Event, Lsn, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -237,14 +237,8 @@ impl KafkaSink {
         if let Some(producer) = &self.producer {
             return Ok(producer.clone());
         }
-        let producer: FutureProducer<BrokerErrors> = self
-            .client_config()
-            .create_with_context(self.errors.clone())
-            .map_err(|e| {
-                SinkError::Permanent(format!(
-                    "cannot create the Kafka producer: {e}; check the [sinks] kafka settings"
-                ))
-            })?;
+        let producer: FutureProducer<BrokerErrors> =
+            self.create_client(&self.client_config(), "producer")?;
         if self.settings.exactly_once {
             let timeout = self.settings.timeout;
             let p = producer.clone();
@@ -269,15 +263,11 @@ impl KafkaSink {
             ] {
                 config.remove(key);
             }
-            let consumer: BaseConsumer<BrokerErrors> = config
+            config
                 .set("group.id", &self.settings.transactional_id)
                 .set("enable.auto.commit", "false")
-                .set("isolation.level", "read_committed")
-                .create_with_context(self.errors.clone())
-                .map_err(|e| {
-                    SinkError::Permanent(format!("cannot create the Kafka checkpoint reader: {e}"))
-                })?;
-            self.checkpoint_reader = Some(consumer);
+                .set("isolation.level", "read_committed");
+            self.checkpoint_reader = Some(self.create_client(&config, "checkpoint reader")?);
         }
         Ok(self.checkpoint_reader.as_ref().expect("created above"))
     }
@@ -668,15 +658,24 @@ impl KafkaSink {
     /// The admin client, created on first use.
     fn admin(&mut self) -> Result<&AdminClient<BrokerErrors>, SinkError> {
         if self.admin.is_none() {
-            let admin = self
-                .client_config()
-                .create_with_context(self.errors.clone())
-                .map_err(|e| {
-                    SinkError::Permanent(format!("cannot create a Kafka admin client: {e}"))
-                })?;
-            self.admin = Some(admin);
+            self.admin = Some(self.create_client(&self.client_config(), "admin client")?);
         }
         Ok(self.admin.as_ref().expect("created above"))
+    }
+
+    /// A librdkafka client (`what`: producer, admin client, ...) reporting to the sink's
+    /// broker-error context.
+    fn create_client<C>(&self, config: &ClientConfig, what: &str) -> Result<C, SinkError>
+    where
+        C: FromClientConfigAndContext<BrokerErrors>,
+    {
+        config
+            .create_with_context(self.errors.clone())
+            .map_err(|e| {
+                SinkError::Permanent(format!(
+                    "cannot create the Kafka {what}: {e}; check the [sinks] kafka settings"
+                ))
+            })
     }
 
     /// Creates the topic (when `create_topics` is set and the topic has no placeholders) and
