@@ -10,12 +10,17 @@ use super::wire::{self, BackendMessage, ReplicationMessage};
 use crate::config::{ConnectParams, Host, SslMode};
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
-use postgres_protocol::message::{backend::Message, frontend};
+use postgres_protocol::message::backend::{
+    ErrorFields, ErrorResponseBody, Message, NoticeResponseBody,
+};
+use postgres_protocol::message::frontend;
 use sinks::Lsn;
 use std::fmt;
 use std::io;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tracing::{info, warn};
 
 use outbox_relay_sinks as sinks;
 
@@ -75,7 +80,11 @@ pub struct ServerError {
 }
 
 impl ServerError {
-    fn parse(body: &postgres_protocol::message::backend::ErrorResponseBody) -> ServerError {
+    fn parse(body: &ErrorResponseBody) -> ServerError {
+        Self::from_fields(body.fields())
+    }
+
+    fn from_fields(mut fields: ErrorFields) -> ServerError {
         use fallible_iterator::FallibleIterator;
         let mut err = ServerError {
             severity: String::new(),
@@ -84,7 +93,6 @@ impl ServerError {
             detail: None,
             hint: None,
         };
-        let mut fields = body.fields();
         while let Ok(Some(field)) = fields.next() {
             let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
             match field.type_() {
@@ -97,6 +105,19 @@ impl ServerError {
             }
         }
         err
+    }
+
+    /// Logs a notice the server sent: never dropped unseen.
+    fn log_notice(body: &NoticeResponseBody) {
+        Self::from_fields(body.fields()).log_as_notice();
+    }
+
+    fn log_as_notice(&self) {
+        if self.severity == "WARNING" {
+            warn!(code = %self.code, "{self}");
+        } else {
+            info!(code = %self.code, "{self}");
+        }
     }
 
     /// Our advice for the errors users meet when setting up a relay.
@@ -297,7 +318,11 @@ impl ReplicationConnection {
                         continue;
                     }
                     Message::ErrorResponse(body) => return Err(SourceError::Server(ServerError::parse(&body))),
-                    Message::NoticeResponse(_) | Message::ParameterStatus(_) => continue,
+                    Message::NoticeResponse(body) => {
+                        ServerError::log_notice(&body);
+                        continue;
+                    }
+                    Message::ParameterStatus(_) => continue,
                     _ => {
                         return Err(SourceError::Config(
                             "PostgreSQL asks for an authentication method outbox-relay does not support \
@@ -417,7 +442,9 @@ impl ReplicationConnection {
                 BackendMessage::Other(Message::ErrorResponse(body)) => {
                     return Err(SourceError::Server(ServerError::parse(&body)))
                 }
-                BackendMessage::Other(Message::NoticeResponse(_)) => {}
+                BackendMessage::Other(Message::NoticeResponse(body)) => {
+                    ServerError::log_notice(&body)
+                }
                 _ => return Err(SourceError::Protocol("expected CopyBothResponse".into())),
             }
         }
@@ -429,6 +456,7 @@ impl ReplicationConnection {
                 buf: self.buf,
                 reads: 0,
                 bytes: 0,
+                notices: RepeatedNotices::default(),
             },
             StatusWriter {
                 writer,
@@ -510,6 +538,35 @@ pub struct ReplicationStream {
     /// (how large reads are is what the relay's CPU per event mostly depends on).
     reads: u64,
     bytes: u64,
+    notices: RepeatedNotices,
+}
+
+/// How often a notice the server repeats while streaming is logged again.
+const NOTICE_REPEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The notices of a stream. A walsender that waits for something warns at every wake-up
+/// (twice a second for a missing `synchronized_standby_slots` slot): the same notice is
+/// logged once per [`NOTICE_REPEAT_INTERVAL`].
+#[derive(Default)]
+struct RepeatedNotices {
+    last: Option<(String, Instant)>,
+}
+
+impl RepeatedNotices {
+    /// Logs the notice unless it repeats the last one within the interval; returns whether
+    /// it logged.
+    fn log(&mut self, body: &NoticeResponseBody) -> bool {
+        let notice = ServerError::from_fields(body.fields());
+        let text = notice.to_string();
+        if let Some((last, at)) = &self.last {
+            if *last == text && at.elapsed() < NOTICE_REPEAT_INTERVAL {
+                return false;
+            }
+        }
+        notice.log_as_notice();
+        self.last = Some((text, Instant::now()));
+        true
+    }
 }
 
 impl Drop for ReplicationStream {
@@ -539,7 +596,10 @@ impl ReplicationStream {
                 BackendMessage::Other(Message::ErrorResponse(body)) => {
                     return Err(SourceError::Server(ServerError::parse(&body)))
                 }
-                BackendMessage::Other(Message::NoticeResponse(_)) => continue,
+                BackendMessage::Other(Message::NoticeResponse(body)) => {
+                    self.notices.log(&body);
+                    continue;
+                }
                 BackendMessage::Other(Message::CopyDone | Message::CommandComplete(_)) => {
                     // A shutting-down walsender ends streaming with CommandComplete
                     // (PostgreSQL's WalSndDone) or CopyDone: reconnect later.
@@ -615,5 +675,42 @@ impl StatusWriter {
         self.writer.write_all(&self.out).await?;
         self.writer.shutdown().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NoticeResponse as the server frames it.
+    fn notice(severity: &str, message: &str) -> NoticeResponseBody {
+        let mut fields = Vec::new();
+        for (kind, value) in [(b'S', severity), (b'C', "22023"), (b'M', message)] {
+            fields.push(kind);
+            fields.extend_from_slice(value.as_bytes());
+            fields.push(0);
+        }
+        fields.push(0);
+        let mut frame = BytesMut::from(&b"N"[..]);
+        frame.extend_from_slice(&(fields.len() as i32 + 4).to_be_bytes());
+        frame.extend_from_slice(&fields);
+        match Message::parse(&mut frame) {
+            Ok(Some(Message::NoticeResponse(body))) => body,
+            _ => panic!("not a notice"),
+        }
+    }
+
+    #[test]
+    fn a_notice_repeated_while_streaming_is_logged_once_per_interval() {
+        let mut notices = RepeatedNotices::default();
+        let waiting = notice("WARNING", "replication slot \"s\" does not exist");
+        assert!(notices.log(&waiting));
+        assert!(!notices.log(&waiting));
+        assert!(!notices.log(&waiting));
+        assert!(notices.log(&notice("WARNING", "another")));
+        assert!(notices.log(&waiting), "a different notice came in between");
+        let (text, _) = notices.last.take().unwrap();
+        notices.last = Some((text, Instant::now() - NOTICE_REPEAT_INTERVAL));
+        assert!(notices.log(&waiting), "the interval has passed");
     }
 }
