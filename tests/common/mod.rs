@@ -47,6 +47,25 @@ pub fn pg_bin() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// PostgreSQL 17's server binaries, for failover slots: `$PG17_BIN`, else Debian's
+/// /usr/lib/postgresql/17/bin, else what `scripts/install-test-deps.sh` installs.
+pub fn pg17_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG17_BIN") {
+        return PathBuf::from(dir);
+    }
+    [
+        "/usr/lib/postgresql/17/bin",
+        "/opt/outbox-relay-test/postgresql-17/bin",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|dir| dir.join("initdb").exists())
+    .expect(
+        "PostgreSQL 17 server binaries not found: run scripts/install-test-deps.sh, \
+             or set PG17_BIN",
+    )
+}
+
 fn is_root() -> bool {
     extern "C" {
         fn geteuid() -> u32;
@@ -55,22 +74,22 @@ fn is_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
-/// Runs a PostgreSQL binary as the `postgres` user when we are root (initdb refuses root).
-fn pg_command(program: &str) -> Command {
-    let path = pg_bin().join(program);
-    if is_root() {
+/// Runs a PostgreSQL binary from `bin` as the `postgres` user when we are root (initdb
+/// refuses root). A relocatable build's own libpq goes first on the library path: its server
+/// loads libpqwalreceiver, which would otherwise find the system's older libpq.
+fn pg_command(bin: &Path, program: &str) -> Command {
+    let path = bin.join(program);
+    let mut command = if is_root() {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", "postgres", "--"]).arg(path);
         cmd
     } else {
         Command::new(path)
+    };
+    let lib = bin.join("../lib");
+    if lib.join("libpq.so.5").exists() {
+        command.env("LD_LIBRARY_PATH", lib);
     }
-}
-
-/// `pg_ctl -D data`, to which the caller adds the action.
-fn pg_ctl(data: &Path) -> Command {
-    let mut command = pg_command("pg_ctl");
-    command.arg("-D").arg(data);
     command
 }
 
@@ -90,6 +109,13 @@ fn check(output: Output, what: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `pg_ctl -D data` with the binaries in `bin`, to which the caller adds the action.
+fn pg_ctl(bin: &Path, data: &Path) -> Command {
+    let mut command = pg_command(bin, "pg_ctl");
+    command.arg("-D").arg(data);
+    command
 }
 
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
@@ -130,6 +156,10 @@ pub struct ClusterOptions {
     pub wal_level: &'static str,
     /// Lines put in front of pg_hba.conf (the rest is trust for local connections).
     pub hba: Vec<String>,
+    /// The server binaries: [`pg_bin`] by default.
+    pub bin: PathBuf,
+    /// More postgresql.conf lines.
+    pub settings: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -137,6 +167,8 @@ impl Default for ClusterOptions {
         ClusterOptions {
             wal_level: "logical",
             hba: Vec::new(),
+            bin: pg_bin(),
+            settings: Vec::new(),
         }
     }
 }
@@ -145,6 +177,8 @@ impl Default for ClusterOptions {
 pub struct PgCluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The server binaries it runs.
+    pub bin: PathBuf,
 }
 
 impl PgCluster {
@@ -156,7 +190,7 @@ impl PgCluster {
         let dir = cluster_dir();
         let data = dir.path().join("data");
         check(
-            pg_command("initdb")
+            pg_command(&options.bin, "initdb")
                 .args(["-D"])
                 .arg(&data)
                 .args([
@@ -178,14 +212,18 @@ impl PgCluster {
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         // fsync off is safe for process crashes (all tests need). synchronous_commit stays
         // on: with it off an immediate shutdown loses the last commits, rows and all.
-        let settings = format!(
+        let mut settings = format!(
             "wal_level = {}\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
              listen_addresses = '127.0.0.1'\nfsync = off\nfull_page_writes = off\n\
              shared_buffers = 32MB\nwal_sender_timeout = 60s\n",
             options.wal_level
         );
+        for line in &options.settings {
+            settings.push_str(line);
+            settings.push('\n');
+        }
         std::fs::write(data.join("postgresql.auto.conf"), settings).unwrap();
-        Self::start_on_a_free_port(dir)
+        Self::start_on_a_free_port(dir, options.bin)
     }
 
     /// A physical streaming standby of `primary` (`pg_basebackup -R`), started on a port of
@@ -193,7 +231,7 @@ impl PgCluster {
     pub fn start_standby_of(primary: &PgCluster) -> Self {
         let dir = cluster_dir();
         check(
-            pg_command("pg_basebackup")
+            pg_command(&primary.bin, "pg_basebackup")
                 .arg("-D")
                 .arg(dir.path().join("data"))
                 .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream", "-R"])
@@ -202,12 +240,43 @@ impl PgCluster {
                 .unwrap(),
             "pg_basebackup",
         );
-        Self::start_on_a_free_port(dir)
+        Self::start_on_a_free_port(dir, primary.bin.clone())
+    }
+
+    /// A standby that keeps copies of the primary's failover slots (PostgreSQL 17+): it
+    /// streams through the physical slot `physical_slot`, which this creates on the primary,
+    /// with `hot_standby_feedback` and `sync_replication_slots` on.
+    pub fn start_slot_syncing_standby_of(primary: &PgCluster, physical_slot: &str) -> Self {
+        primary.psql(&format!(
+            "SELECT pg_create_physical_replication_slot('{physical_slot}')"
+        ));
+        let dir = cluster_dir();
+        let data = dir.path().join("data");
+        check(
+            pg_command(&primary.bin, "pg_basebackup")
+                .arg("-D")
+                .arg(&data)
+                // The database name in the connection string goes into primary_conninfo,
+                // where the slot synchronization worker needs it.
+                .arg(format!(
+                    "--dbname=host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    primary.port
+                ))
+                .args(["-X", "stream", "-R", "-c", "fast", "-S", physical_slot])
+                .output()
+                .unwrap(),
+            "pg_basebackup",
+        );
+        let conf = data.join("postgresql.auto.conf");
+        let mut settings = std::fs::read_to_string(&conf).unwrap();
+        settings.push_str("hot_standby_feedback = on\nsync_replication_slots = on\n");
+        std::fs::write(&conf, settings).unwrap();
+        Self::start_on_a_free_port(dir, primary.bin.clone())
     }
 
     /// Starts the cluster in `dir`/data on a free port, after appending the port and the
     /// socket directory to its postgresql.auto.conf (later lines win).
-    fn start_on_a_free_port(dir: tempfile::TempDir) -> Self {
+    fn start_on_a_free_port(dir: tempfile::TempDir, bin: PathBuf) -> Self {
         let data = dir.path().join("data");
         let conf = data.join("postgresql.auto.conf");
         let base = std::fs::read_to_string(&conf).unwrap_or_default();
@@ -218,14 +287,14 @@ impl PgCluster {
             let settings =
                 format!("{base}port = {port}\nunix_socket_directories = '{socket_dir}'\n");
             std::fs::write(&conf, settings).unwrap();
-            let started = pg_ctl(&data)
+            let started = pg_ctl(&bin, &data)
                 .args(["-w", "-t", "30", "-l"])
                 .arg(dir.path().join("server.log"))
                 .arg("start")
                 .output()
                 .unwrap();
             if started.status.success() {
-                return PgCluster { dir, port };
+                return PgCluster { dir, port, bin };
             }
             last_error = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
         }
@@ -236,13 +305,15 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
+    /// `pg_ctl -D data` for this cluster, to which the caller adds the action.
+    fn pg_ctl(&self) -> Command {
+        pg_ctl(&self.bin, &self.data())
+    }
+
     /// Promotes a standby to a primary and waits until it accepts writes.
     pub fn promote(&self) {
         check(
-            pg_ctl(&self.data())
-                .args(["-w", "promote"])
-                .output()
-                .unwrap(),
+            self.pg_ctl().args(["-w", "promote"]).output().unwrap(),
             "pg_ctl promote",
         );
     }
@@ -250,7 +321,7 @@ impl PgCluster {
     /// Stops the server ("fast" or "immediate"), leaving it stopped.
     pub fn stop(&self, mode: &str) {
         check(
-            pg_ctl(&self.data())
+            self.pg_ctl()
                 .args(["-w", "-m", mode, "stop"])
                 .output()
                 .unwrap(),
@@ -267,7 +338,7 @@ impl PgCluster {
 
     /// Runs SQL with psql and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new(pg_bin().join("psql"))
+        let out = Command::new(self.bin.join("psql"))
             .args([
                 "-X",
                 "-A",
@@ -305,7 +376,7 @@ impl PgCluster {
     /// Starts a server that `stop` stopped, on the same port.
     pub fn start_stopped(&self) {
         check(
-            pg_ctl(&self.data())
+            self.pg_ctl()
                 .args(["-w", "-l"])
                 .arg(self.dir.path().join("server.log"))
                 .arg("start")
@@ -326,7 +397,8 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let _ = pg_ctl(&self.data())
+        let _ = self
+            .pg_ctl()
             .args(["-m", "immediate", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -1,16 +1,18 @@
 //! A TCP proxy that can cut the network silently: while cut it forwards nothing, reads
 //! nothing and resets nothing, as on a path whose packets are dropped. Connections made
-//! meanwhile wait, unforwarded, until the cut ends.
+//! meanwhile wait, unforwarded, until the cut ends. It can also be pointed at another
+//! server, as a DNS name or a service is moved to a promoted standby.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct PartitionProxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    upstream: Arc<AtomicU16>,
 }
 
 impl PartitionProxy {
@@ -41,14 +43,16 @@ impl PartitionProxy {
     fn serve(listener: TcpListener, upstream: u16) -> PartitionProxy {
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
-        let flag = cut.clone();
+        let upstream = Arc::new(AtomicU16::new(upstream));
+        let (flag, target) = (cut.clone(), upstream.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let flag = flag.clone();
+                let (flag, target) = (flag.clone(), target.clone());
                 std::thread::spawn(move || {
                     while flag.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(50));
                     }
+                    let upstream = target.load(Ordering::SeqCst);
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                         return;
                     };
@@ -63,11 +67,20 @@ impl PartitionProxy {
                 });
             }
         });
-        PartitionProxy { port, cut }
+        PartitionProxy {
+            port,
+            cut,
+            upstream,
+        }
     }
 
     pub fn set_cut(&self, cut: bool) {
         self.cut.store(cut, Ordering::SeqCst);
+    }
+
+    /// Forwards new connections to 127.0.0.1:`upstream`; open ones stay where they are.
+    pub fn set_upstream(&self, upstream: u16) {
+        self.upstream.store(upstream, Ordering::SeqCst);
     }
 }
 
