@@ -23,8 +23,14 @@ fn quoted_table(name: &str) -> String {
 /// safe to run any number of times.
 pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
     let source = &config.source;
-    let client = db::connect(&source.connect_params()?).await?;
+    let params = source.connect_params()?;
+    let client = db::connect(&params).await?;
     let mut done = Vec::new();
+    if source.failover_slot {
+        if let Some(problem) = db::failover_slot_problem(&client).await? {
+            anyhow::bail!(problem);
+        }
+    }
 
     let schema_sql = RELAY_SCHEMA_SQL.replace("outbox_relay", &config.relay.schema);
     client
@@ -94,19 +100,40 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
 
-    let slot_exists = client
+    // `failover` as JSON: the column exists only from PostgreSQL 17 on.
+    let slot = client
         .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT coalesce((to_jsonb(s) ->> 'failover')::bool, false) \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&source.slot],
         )
         .await
-        .map_err(db::explain)?
-        .is_some();
-    if slot_exists {
-        done.push(format!("replication slot {}: already exists", source.slot));
+        .map_err(db::explain)?;
+    let kind = if source.failover_slot {
+        " (a failover slot)"
+    } else {
+        ""
+    };
+    if let Some(row) = slot {
+        if source.failover_slot && !row.get::<_, bool>(0) {
+            ReplicationConnection::connect(&params)
+                .await?
+                .enable_failover(&source.slot)
+                .await
+                .with_context(|| format!("making replication slot {} a failover slot (stop the relay that is using it, or let `run` do it)", source.slot))?;
+            done.push(format!(
+                "replication slot {}: already exists, now a failover slot",
+                source.slot
+            ));
+        } else {
+            done.push(format!(
+                "replication slot {}: already exists{kind}",
+                source.slot
+            ));
+        }
     } else if source.backfill {
         done.push(format!(
-            "replication slot {}: left to `run`, which creates it and backfills the rows already in the outbox first",
+            "replication slot {}: left to `run`, which creates it{kind} and backfills the rows already in the outbox first",
             source.slot
         ));
     } else {
@@ -117,13 +144,18 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
         client
             .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &format!("SELECT {}", db::create_slot_call(source.failover_slot)),
                 &[&source.slot],
             )
             .await
             .map_err(db::explain)
             .with_context(|| format!("creating replication slot {}", source.slot))?;
-        done.push(format!("replication slot {}: created", source.slot));
+        done.push(format!("replication slot {}: created{kind}", source.slot));
+    }
+    if source.failover_slot {
+        if let Some(warning) = db::failover_slot_warning(&client).await? {
+            done.push(format!("warning: {warning}"));
+        }
     }
     Ok(done)
 }
@@ -239,8 +271,11 @@ async fn check_database(
     let one =
         |sql: &'static str| async move { client.query_one(sql, &[]).await.map_err(db::explain) };
 
-    if db::is_standby_without_logical_decoding(client).await? {
+    if db::is_standby(client).await? {
         problems.push(db::STANDBY_PROBLEM.to_owned());
+    }
+    if source.failover_slot {
+        problems.extend(db::failover_slot_problem(client).await?);
     }
     let wal_level: String = one("SHOW wal_level").await?.get(0);
     if wal_level != "logical" {

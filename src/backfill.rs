@@ -85,7 +85,9 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
     .map_err(db::explain)?;
 
     let mut replication = ReplicationConnection::connect(params).await?;
-    let (consistent_point, snapshot) = replication.create_slot_exporting_snapshot(slot).await?;
+    let (consistent_point, snapshot) = replication
+        .create_slot_exporting_snapshot(slot, config.source.failover_slot)
+        .await?;
     sql.execute(
         &format!("INSERT INTO {schema}.backfills (slot, consistent_point) VALUES ($1, $2)"),
         &[slot, &PgLsn::from(consistent_point.0)],

@@ -176,6 +176,11 @@ pub struct SourceConfig {
     /// Whether `run` may create a missing slot (`init` always may).
     #[serde(default = "default_true")]
     pub create_slot: bool,
+    /// Make the slot a failover slot (PostgreSQL 17+): created with `failover => true`, or
+    /// switched on by `run` for an existing slot, so that standbys with
+    /// `sync_replication_slots = on` keep a copy that a promoted standby streams from.
+    #[serde(default)]
+    pub failover_slot: bool,
     /// How often a standby status update is sent, whatever the pipeline is doing. Keep it well
     /// under the server's `wal_sender_timeout` (60 s by default).
     #[serde(default = "default_status_interval", with = "humantime_serde")]

@@ -93,19 +93,63 @@ pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
     )
 }
 
-/// Whether the server is a standby that cannot serve logical decoding: before PostgreSQL 16,
-/// only a primary can (a standby being promoted becomes one).
-pub async fn is_standby_without_logical_decoding(client: &Client) -> anyhow::Result<bool> {
+/// Whether the server is a standby in recovery. The relay needs the primary: it writes its
+/// checkpoints and dead letters there, and before PostgreSQL 16 a standby cannot decode at all.
+pub async fn is_standby(client: &Client) -> anyhow::Result<bool> {
     Ok(client
-        .query_one(
-            "SELECT pg_is_in_recovery() AND current_setting('server_version_num')::int < 160000",
-            &[],
-        )
+        .query_one("SELECT pg_is_in_recovery()", &[])
         .await
         .map_err(explain)?
         .get(0))
 }
 
-/// What to do about [`is_standby_without_logical_decoding`].
-pub const STANDBY_PROBLEM: &str = "the server is a standby in recovery, and before PostgreSQL 16 \
-     logical decoding needs the primary: point source.url at the primary";
+/// What to do about [`is_standby`].
+pub const STANDBY_PROBLEM: &str = "the server is a standby in recovery: the relay streams from \
+     the primary and writes its checkpoints there: point source.url at the primary";
+
+/// The call that creates the relay's slot (`$1` its name): a failover slot if asked for.
+pub fn create_slot_call(failover: bool) -> &'static str {
+    if failover {
+        "pg_create_logical_replication_slot($1, 'pgoutput', failover => true)"
+    } else {
+        "pg_create_logical_replication_slot($1, 'pgoutput')"
+    }
+}
+
+/// Why `source.failover_slot` cannot work on this server (before PostgreSQL 17 there are no
+/// failover slots), if it cannot.
+pub async fn failover_slot_problem(client: &Client) -> anyhow::Result<Option<String>> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .await
+        .map_err(explain)?;
+    let (number, version): (i32, String) = (row.get(0), row.get(1));
+    Ok((number < 170_000).then(|| {
+        format!(
+            "source.failover_slot needs PostgreSQL 17 or later, and this server is {version}: \
+             upgrade it, or set source.failover_slot = false"
+        )
+    }))
+}
+
+/// Why a failover slot may not be safe to fail over to, if it may not: without
+/// `synchronized_standby_slots` the relay can publish WAL no standby has received.
+pub async fn failover_slot_warning(client: &Client) -> anyhow::Result<Option<String>> {
+    let standbys: String = client
+        .query_one(
+            "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await
+        .map_err(explain)?
+        .get(0);
+    Ok(standbys.trim().is_empty().then(|| {
+        "synchronized_standby_slots is empty: the relay may publish events from WAL that no \
+         standby has received, which a promoted standby then lacks; list the standbys' physical \
+         slots in synchronized_standby_slots on the primary (README, \"PostgreSQL failover\")"
+            .to_owned()
+    }))
+}

@@ -6,7 +6,7 @@
 
 use crate::checkpoint::{dropped_slot_problem, CheckpointStore, PgCheckpointStore};
 use crate::config::ChangePolicy;
-use crate::config::{Config, ConnectParams, SinkConfig};
+use crate::config::{Config, ConnectParams, SinkConfig, SourceConfig};
 use crate::db;
 use crate::leader::Leadership;
 use crate::outbox::{
@@ -191,6 +191,8 @@ struct SlotState {
     confirmed_flush: Lsn,
     /// Created by this session: it starts at `confirmed_flush`, the WAL's end at creation.
     created: bool,
+    /// An existing slot that `source.failover_slot` asks to make a failover slot.
+    needs_failover: bool,
 }
 
 async fn prepare_slot(
@@ -211,10 +213,12 @@ async fn prepare_slot(
             source.publication
         )));
     }
+    // `failover` as JSON: the column exists only from PostgreSQL 17 on.
     let row = sql
         .query_opt(
-            "SELECT plugin, database = current_database(), confirmed_flush_lsn::text \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, database = current_database(), confirmed_flush_lsn::text, \
+             coalesce((to_jsonb(s) ->> 'failover')::bool, false) \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&source.slot],
         )
         .await
@@ -229,8 +233,11 @@ async fn prepare_slot(
             // may scan the view first, and on a server with no slots it then never calls
             // the function at all.
             sql.query_one(
-                "SELECT 'pgoutput', true, lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&source.slot],
+                &format!(
+                    "SELECT 'pgoutput', true, lsn::text, $2::bool FROM {}",
+                    db::create_slot_call(source.failover_slot)
+                ),
+                &[&source.slot, &source.failover_slot],
             )
             .await
             .map_err(|e| classify_sql(db::explain(e).context("creating the replication slot")))?
@@ -257,10 +264,30 @@ async fn prepare_slot(
         .unwrap_or("0/0")
         .parse()
         .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
+    let failover: bool = row.get(3);
     Ok(SlotState {
         confirmed_flush,
         created,
+        needs_failover: source.failover_slot && !failover,
     })
+}
+
+/// `source.failover_slot` on a server without failover slots stops the relay; one without
+/// `synchronized_standby_slots` is worth a warning.
+async fn check_failover_slot_support(
+    sql: &tokio_postgres::Client,
+    source: &SourceConfig,
+) -> Result<(), SessionEnd> {
+    if !source.failover_slot {
+        return Ok(());
+    }
+    if let Some(problem) = db::failover_slot_problem(sql).await.map_err(classify_sql)? {
+        return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
+    }
+    if let Some(warning) = db::failover_slot_warning(sql).await.map_err(classify_sql)? {
+        warn!(slot = %source.slot, "{warning}");
+    }
+    Ok(())
 }
 
 /// A missing slot that this relay has checkpoints for is not created again (see
@@ -335,9 +362,10 @@ async fn session(
         Ok(sql) => sql,
         Err(err) => return classify_sql(err),
     };
-    // A standby cannot stream, and its missing slot says nothing about a dropped one. During a
-    // failover the standby the URL reaches may be promoted any moment: retry.
-    match db::is_standby_without_logical_decoding(&sql).await {
+    // The relay cannot run on a standby, and a standby's missing slot says nothing about a
+    // dropped one. During a failover the standby the URL reaches may be promoted any moment:
+    // retry.
+    match db::is_standby(&sql).await {
         Ok(false) => {}
         Ok(true) => {
             return SessionEnd::Retry(anyhow::anyhow!(
@@ -346,6 +374,9 @@ async fn session(
             ))
         }
         Err(err) => return classify_sql(err),
+    }
+    if let Err(end) = check_failover_slot_support(&sql, source).await {
+        return end;
     }
     if let Err(err) = crate::backfill::ensure(config, &params).await {
         let err = err.context("backfill");
@@ -371,7 +402,7 @@ async fn session(
         Ok(connection) => connection,
         Err(err) => return classify_source(err),
     };
-    let (system, stream, status_writer) = match start_streaming(connection, config).await {
+    let (system, stream, status_writer) = match start_streaming(connection, config, &slot).await {
         Ok(started) => started,
         Err(err) => return classify_source(err),
     };
@@ -663,7 +694,12 @@ pub(crate) fn skip_point(
 async fn start_streaming(
     mut connection: ReplicationConnection,
     config: &Config,
+    slot: &SlotState,
 ) -> Result<(SystemInfo, ReplicationStream, StatusWriter), SourceError> {
+    if slot.needs_failover {
+        info!(slot = %config.source.slot, "making the replication slot a failover slot");
+        connection.enable_failover(&config.source.slot).await?;
+    }
     let system = connection.identify_system().await?;
     let (stream, status_writer) = connection
         .start_replication(&config.source.slot, &config.source.publication)

@@ -2,11 +2,14 @@
 //! from. Before PostgreSQL 17 the promoted standby has no logical slot, and WAL the relay had
 //! already published may never have reached it. The relay must say so instead of re-creating
 //! the slot silently, and a sink whose destination holds events from that lost WAL must not
-//! skip the new primary's events up to their positions.
+//! skip the new primary's events up to their positions. With PostgreSQL 17's failover slots
+//! the standby keeps a copy of the slot, and the relay goes on from it.
 
 mod common;
 
+use common::partition_proxy::PartitionProxy;
 use common::*;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 fn insert_rows(pg: &PgCluster, transactions: usize, rows: usize, payload_bytes: usize) {
@@ -120,9 +123,7 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
         (system_id, "2".to_owned()),
         "the same system on a new timeline"
     );
-    assert!(relay
-        .terminate(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
+    relay.stops_cleanly();
 }
 
 /// A destination kept while the database behind it is re-created (or restored): the new
@@ -143,9 +144,7 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
         "400 events delivered\n{}",
         relay.log()
     );
-    assert!(relay
-        .terminate(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
+    relay.stops_cleanly();
     drop(old);
 
     let new = PgCluster::start();
@@ -211,4 +210,235 @@ fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
         "the 5 rows written after the slot\n{}",
         relay.log()
     );
+}
+
+/// Rows `first..first + rows` in one transaction, keyed `o-0`..`o-6`, with `data.seq` their
+/// number.
+fn insert_numbered_rows(pg: &PgCluster, first: u64, rows: u64) {
+    pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'order', 'o-' || (i % 7), 'T', jsonb_build_object('seq', i, 'pad', repeat('x', 500)) \
+         FROM generate_series({first}, {}) i",
+        first + rows - 1
+    ));
+}
+
+/// Every number delivered exactly once, and each key's in increasing order.
+fn assert_each_once_in_key_order(events: &[serde_json::Value], count: u64) {
+    let mut seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
+        .collect();
+    let mut last_per_key = BTreeMap::new();
+    for event in events {
+        let key = event["subject"].as_str().unwrap_or_default().to_owned();
+        let seq = event["data"]["seq"].as_u64().unwrap();
+        if let Some(last) = last_per_key.insert(key.clone(), seq) {
+            assert!(last < seq, "key {key}: {seq} after {last}");
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=count).collect::<Vec<_>>(), "each event once");
+}
+
+/// PostgreSQL 17: with `source.failover_slot`, `init` creates a failover slot, a standby with
+/// `sync_replication_slots` keeps a copy, and the primary waits for that standby
+/// (`synchronized_standby_slots`) before the relay sees any change. When the primary is lost,
+/// the relay, reaching the database through a name that moves, waits at the standby until it
+/// is promoted and then streams from the copy of its slot: no operator step, nothing lost,
+/// nothing repeated in the file.
+#[test]
+fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
+    let primary = PgCluster::start_with(ClusterOptions {
+        bin: pg17_bin(),
+        settings: vec!["synchronized_standby_slots = 'standby_slot'".into()],
+        ..Default::default()
+    });
+    primary.create_outbox("public.outbox");
+    let standby = PgCluster::start_slot_syncing_standby_of(&primary, "standby_slot");
+    let database = PartitionProxy::start(primary.port);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &primary, "failover_slot = true");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("127.0.0.1:{}/", primary.port),
+        &format!("127.0.0.1:{}/", database.port),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = relay_command(&config, "init");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && printed.contains("replication slot outbox_relay: created (a failover slot)"),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!printed.contains("warning"), "{printed}");
+    assert_eq!(
+        primary.psql("SELECT failover FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"),
+        "t"
+    );
+
+    let mut relay = Relay::start(&config);
+    insert_numbered_rows(&primary, 1, 20);
+    // The copy is ready for failover once it is synchronized and no longer temporary.
+    // PostgreSQL keeps it temporary until the slot on the primary has moved past what the
+    // standby keeps: its catalog xmin moves at the next snapshot of running transactions,
+    // which the server logs every 15 s, or at once when asked.
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            primary.psql("SELECT pg_log_standby_snapshot()");
+            read_events(&events).len() == 20
+                && standby.psql(
+                    "SELECT count(*) FROM pg_replication_slots \
+                     WHERE slot_name = 'outbox_relay' AND synced AND NOT temporary",
+                ) == "1"
+        }),
+        "20 events delivered and the slot synchronized to the standby\n{}\n{}",
+        relay.log(),
+        standby.psql("SELECT * FROM pg_replication_slots")
+    );
+    for batch in 0..10 {
+        insert_numbered_rows(&primary, 21 + batch * 20, 20);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || read_events(&events).len()
+            == 220),
+        "220 events delivered\n{}",
+        relay.log()
+    );
+    let (system_id, timeline) = streamed_from(&relay.log());
+    assert_eq!(timeline, "1");
+
+    // The primary is lost; the name moves to the standby before it is promoted.
+    primary.stop("immediate");
+    database.set_upstream(standby.port);
+    let waits_before = relay
+        .log()
+        .matches("the server is a standby in recovery")
+        .count();
+    assert!(
+        wait_until(Duration::from_secs(60), || relay
+            .log()
+            .matches("the server is a standby in recovery")
+            .count()
+            > waits_before),
+        "the relay waits at the standby\n{}",
+        relay.log()
+    );
+    standby.promote();
+    insert_numbered_rows(&standby, 221, 5);
+    // The standby's configuration came from the primary with its base backup, so the new
+    // primary waits for a standby slot it does not have: PostgreSQL holds the relay back and
+    // warns, and the relay logs the warning. Clearing the setting lets the events through.
+    let waiting = "replication slot \"standby_slot\" specified in parameter \"synchronized_standby_slots\" does not exist";
+    assert!(
+        wait_until(Duration::from_secs(60), || relay.log().contains(waiting)),
+        "the server's warning in the relay's log\n{}",
+        relay.log()
+    );
+    assert_eq!(read_events(&events).len(), 220);
+    standby.psql("ALTER SYSTEM SET synchronized_standby_slots = ''");
+    standby.psql("SELECT pg_reload_conf()");
+    assert!(
+        wait_until(Duration::from_secs(60), || read_events(&events).len()
+            == 225),
+        "the new primary's 5 events\n{}",
+        relay.log()
+    );
+    assert_each_once_in_key_order(&read_events(&events), 225);
+    assert_eq!(
+        streamed_from(&relay.log()),
+        (system_id, "2".to_owned()),
+        "the same system on a new timeline"
+    );
+    assert!(
+        relay.wait(Duration::from_millis(100)).is_none(),
+        "the relay keeps running\n{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+}
+
+/// `source.failover_slot` turns failover on for a slot made without it (by `run`, before
+/// streaming), and creates the slot with it when a backfill does.
+#[test]
+fn failover_slot_makes_existing_and_backfill_slots_failover_slots() {
+    let pg = PgCluster::start_with(ClusterOptions {
+        bin: pg17_bin(),
+        ..Default::default()
+    });
+    pg.create_outbox("public.outbox");
+    let failover = |slot: &str| {
+        pg.psql(&format!(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    assert_eq!(failover("outbox_relay"), "f");
+    let (config, _) = write_config(dir.path(), &pg, "failover_slot = true");
+    let mut relay = Relay::start(&config);
+    insert_numbered_rows(&pg, 1, 3);
+    assert!(
+        wait_until(Duration::from_secs(30), || read_events(&events).len() == 3),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(failover("outbox_relay"), "t");
+    assert!(
+        relay
+            .log()
+            .contains("making the replication slot a failover slot")
+            && relay.log().contains("synchronized_standby_slots is empty"),
+        "{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(
+        dir.path(),
+        &pg,
+        "slot = \"backfilled\"\nfailover_slot = true\nbackfill = true",
+    );
+    init(&config);
+    let mut relay = Relay::start(&config);
+    assert!(
+        wait_until(Duration::from_secs(30), || read_events(&events).len() == 3),
+        "the 3 rows backfilled\n{}",
+        relay.log()
+    );
+    assert_eq!(failover("backfilled"), "t");
+    relay.stops_cleanly();
+}
+
+/// Before PostgreSQL 17 there are no failover slots: `init`, `check` and `run` say so.
+#[test]
+fn failover_slot_before_postgres_17_is_refused_with_what_to_do() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "failover_slot = true");
+    let version = pg.psql("SHOW server_version");
+    assert!(
+        pg.psql("SHOW server_version_num").parse::<u32>().unwrap() < 170_000,
+        "this test needs PostgreSQL older than 17 as PG_BIN"
+    );
+    let expected = format!(
+        "source.failover_slot needs PostgreSQL 17 or later, and this server is {version}: \
+         upgrade it, or set source.failover_slot = false"
+    );
+    let out = relay_command(&config, "init");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&expected),
+        "{stderr}"
+    );
+    let (ok, report) = relay_check(&config);
+    assert!(!ok && report.contains(&expected), "{report}");
+    let mut relay = Relay::start(&config);
+    let log = relay.stops_with_failure(Duration::from_secs(30), "no failover slots before 17");
+    assert!(log.contains(&expected), "{log}");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots"), "0");
 }

@@ -391,16 +391,24 @@ impl ReplicationConnection {
         }
     }
 
-    /// Creates a pgoutput slot and exports its snapshot: the snapshot sees exactly what
-    /// committed before the slot's consistent point. It stays usable (with `SET TRANSACTION
-    /// SNAPSHOT`) until this connection runs another command or closes.
+    /// Creates a pgoutput slot (a failover slot if asked, PostgreSQL 17+) and exports its
+    /// snapshot: the snapshot sees exactly what committed before the slot's consistent point.
+    /// It stays usable (with `SET TRANSACTION SNAPSHOT`) until this connection runs another
+    /// command or closes.
     pub async fn create_slot_exporting_snapshot(
         &mut self,
         slot: &str,
+        failover: bool,
     ) -> Result<(Lsn, String), SourceError> {
+        // The option list is PostgreSQL 15+ syntax; the keyword form works on every version.
+        let options = if failover {
+            "(SNAPSHOT 'export', FAILOVER true)"
+        } else {
+            "EXPORT_SNAPSHOT"
+        };
         let rows = self
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput {options}"
             ))
             .await?;
         let row = rows.first().ok_or_else(|| {
@@ -409,6 +417,16 @@ impl ReplicationConnection {
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let consistent_point = field(1).parse().map_err(SourceError::Protocol)?;
         Ok((consistent_point, field(2)))
+    }
+
+    /// Makes an existing slot a failover slot (PostgreSQL 17+), which standbys with
+    /// `sync_replication_slots = on` then copy.
+    pub async fn enable_failover(&mut self, slot: &str) -> Result<(), SourceError> {
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT \"{slot}\" (FAILOVER true)"
+        ))
+        .await
+        .map(drop)
     }
 
     pub async fn identify_system(&mut self) -> Result<SystemInfo, SourceError> {

@@ -550,6 +550,17 @@ impl Relay {
         self.wait(timeout)
     }
 
+    /// Sends SIGTERM and asserts that the relay exits 0 within 10 s (drained, final
+    /// checkpoint written).
+    pub fn stops_cleanly(&mut self) {
+        let status = self.terminate(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "SIGTERM: {status:?}\n{}",
+            self.log()
+        );
+    }
+
     /// Waits up to `timeout` for the relay to exit with a failure, as `why` says it should;
     /// returns its log. Panics, with the log, if it keeps running or exits 0.
     pub fn stops_with_failure(&mut self, timeout: Duration, why: &str) -> String {
