@@ -24,27 +24,40 @@ pub fn pg_bin() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BIN") {
         return PathBuf::from(dir);
     }
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .filter(|p| p.join("initdb").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    versions.sort_by_key(|p| {
-        p.parent()
-            .and_then(|v| v.file_name())
-            .and_then(|v| v.to_str())
-            .and_then(|v| v.parse::<u32>().ok())
-    });
-    if let Some(dir) = versions.pop() {
+    if let Some((_, dir)) = packaged_servers().pop() {
         return dir;
     }
     let out = Command::new("pg_config").arg("--bindir").output().expect(
         "PostgreSQL server binaries not found: install postgresql (initdb, pg_ctl) or set PG_BIN",
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The server binaries under /usr/lib/postgresql, by major version, oldest first.
+fn packaged_servers() -> Vec<(u32, PathBuf)> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let version = e.file_name().to_str()?.parse().ok()?;
+                    let bin = e.path().join("bin");
+                    bin.join("initdb").exists().then_some((version, bin))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+}
+
+/// Server binaries older than PostgreSQL 17, whatever `PG_BIN` says: for what only such a
+/// server shows (no failover slots).
+pub fn pg_bin_before_17() -> PathBuf {
+    packaged_servers()
+        .into_iter()
+        .rfind(|(version, _)| *version < 17)
+        .map(|(_, dir)| dir)
+        .expect("no PostgreSQL older than 17 under /usr/lib/postgresql: install postgresql-15")
 }
 
 /// PostgreSQL 17's server binaries, for failover slots: `$PG17_BIN`, else Debian's
