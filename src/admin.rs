@@ -153,7 +153,9 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         done.push(format!("replication slot {}: created{kind}", source.slot));
     }
     if source.failover_slot {
-        if let Some(warning) = db::failover_slot_warning(&client).await? {
+        let warning = db::failover_slot_warning(&client).await?;
+        let missing = db::missing_standby_slots(&client).await?;
+        for warning in warning.into_iter().chain(missing) {
             done.push(format!("warning: {warning}"));
         }
     }
@@ -275,7 +277,10 @@ async fn check_database(
         problems.push(db::STANDBY_PROBLEM.to_owned());
     }
     if source.failover_slot {
-        problems.extend(db::failover_slot_problem(client).await?);
+        match db::failover_slot_problem(client).await? {
+            Some(problem) => problems.push(problem),
+            None => problems.extend(db::missing_standby_slots(client).await?),
+        }
     }
     let wal_level: String = one("SHOW wal_level").await?.get(0);
     if wal_level != "logical" {

@@ -135,6 +135,35 @@ pub async fn failover_slot_problem(client: &Client) -> anyhow::Result<Option<Str
     }))
 }
 
+/// The slots `synchronized_standby_slots` names that do not exist on this server. The server
+/// holds a failover slot's changes back until they do: a promoted standby that kept its old
+/// primary's setting never sends the relay anything.
+pub async fn missing_standby_slots(client: &Client) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT name FROM unnest(string_to_array(\
+                 coalesce(current_setting('synchronized_standby_slots', true), ''), ',')) AS listed, \
+             btrim(listed, ' \"') AS name \
+             WHERE name <> '' \
+               AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = name)",
+            &[],
+        )
+        .await
+        .map_err(explain)?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let name: String = row.get(0);
+            format!(
+                "synchronized_standby_slots names slot {name:?}, which does not exist on this \
+                 server: it holds the relay's changes back until it does (a promoted standby \
+                 keeps its old primary's setting); create the physical slot of a standby, or \
+                 remove {name:?} from synchronized_standby_slots and reload"
+            )
+        })
+        .collect())
+}
+
 /// Why a failover slot may not be safe to fail over to, if it may not: without
 /// `synchronized_standby_slots` the relay can publish WAL no standby has received.
 pub async fn failover_slot_warning(client: &Client) -> anyhow::Result<Option<String>> {

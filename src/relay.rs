@@ -284,7 +284,9 @@ async fn check_failover_slot_support(
     if let Some(problem) = db::failover_slot_problem(sql).await.map_err(classify_sql)? {
         return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
     }
-    if let Some(warning) = db::failover_slot_warning(sql).await.map_err(classify_sql)? {
+    let warning = db::failover_slot_warning(sql).await.map_err(classify_sql)?;
+    let missing = db::missing_standby_slots(sql).await.map_err(classify_sql)?;
+    for warning in warning.into_iter().chain(missing) {
         warn!(slot = %source.slot, "{warning}");
     }
     Ok(())

@@ -329,16 +329,28 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
     insert_numbered_rows(&standby, 221, 5);
     // The standby's configuration came from the primary with its base backup, so the new
     // primary waits for a standby slot it does not have: PostgreSQL holds the relay back and
-    // warns, and the relay logs the warning. Clearing the setting lets the events through.
-    let waiting = "replication slot \"standby_slot\" specified in parameter \"synchronized_standby_slots\" does not exist";
+    // warns. The relay says so at the start of its session and logs the server's warning,
+    // and `check` reports it. Clearing the setting lets the events through.
+    let server_says = "replication slot \"standby_slot\" specified in parameter \"synchronized_standby_slots\" does not exist";
+    let relay_says = "synchronized_standby_slots names slot \"standby_slot\", which does not exist on this server";
     assert!(
-        wait_until(Duration::from_secs(60), || relay.log().contains(waiting)),
-        "the server's warning in the relay's log\n{}",
+        wait_until(Duration::from_secs(60), || {
+            let log = relay.log();
+            log.contains(server_says) && log.contains(relay_says)
+        }),
+        "the warnings in the relay's log\n{}",
         relay.log()
     );
     assert_eq!(read_events(&events).len(), 220);
+    let (ok, report) = relay_check(&config);
+    assert!(!ok && report.contains(relay_says), "{report}");
     standby.psql("ALTER SYSTEM SET synchronized_standby_slots = ''");
     standby.psql("SELECT pg_reload_conf()");
+    assert!(
+        wait_until(Duration::from_secs(30), || relay_check(&config).0),
+        "check passes once the setting is cleared\n{}",
+        relay_check(&config).1
+    );
     assert!(
         wait_until(Duration::from_secs(60), || read_events(&events).len()
             == 225),
