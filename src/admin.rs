@@ -153,9 +153,7 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         done.push(format!("replication slot {}: created{kind}", source.slot));
     }
     if source.failover_slot {
-        let warning = db::failover_slot_warning(&client).await?;
-        let missing = db::missing_standby_slots(&client).await?;
-        for warning in warning.into_iter().chain(missing) {
+        for warning in db::failover_slot_warnings(&client).await? {
             done.push(format!("warning: {warning}"));
         }
     }

@@ -164,9 +164,18 @@ pub async fn missing_standby_slots(client: &Client) -> anyhow::Result<Vec<String
         .collect())
 }
 
+/// What may keep a failover slot from working: an empty `synchronized_standby_slots` (the
+/// relay can then publish WAL no standby has received), and the slots it names that do not
+/// exist here.
+pub async fn failover_slot_warnings(client: &Client) -> anyhow::Result<Vec<String>> {
+    let mut warnings = Vec::from_iter(unprotected_failover_warning(client).await?);
+    warnings.extend(missing_standby_slots(client).await?);
+    Ok(warnings)
+}
+
 /// Why a failover slot may not be safe to fail over to, if it may not: without
 /// `synchronized_standby_slots` the relay can publish WAL no standby has received.
-pub async fn failover_slot_warning(client: &Client) -> anyhow::Result<Option<String>> {
+async fn unprotected_failover_warning(client: &Client) -> anyhow::Result<Option<String>> {
     let standbys: String = client
         .query_one(
             "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
@@ -178,7 +187,7 @@ pub async fn failover_slot_warning(client: &Client) -> anyhow::Result<Option<Str
     Ok(standbys.trim().is_empty().then(|| {
         "synchronized_standby_slots is empty: the relay may publish events from WAL that no \
          standby has received, which a promoted standby then lacks; list the standbys' physical \
-         slots in synchronized_standby_slots on the primary (README, \"PostgreSQL failover\")"
+         slots in synchronized_standby_slots on the primary (README, \"Failover slots\")"
             .to_owned()
     }))
 }

@@ -272,8 +272,8 @@ async fn prepare_slot(
     })
 }
 
-/// `source.failover_slot` on a server without failover slots stops the relay; one without
-/// `synchronized_standby_slots` is worth a warning.
+/// `source.failover_slot` on a server without failover slots stops the relay; what may keep
+/// the failover slot from working is worth a warning.
 async fn check_failover_slot_support(
     sql: &tokio_postgres::Client,
     source: &SourceConfig,
@@ -284,9 +284,10 @@ async fn check_failover_slot_support(
     if let Some(problem) = db::failover_slot_problem(sql).await.map_err(classify_sql)? {
         return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
     }
-    let warning = db::failover_slot_warning(sql).await.map_err(classify_sql)?;
-    let missing = db::missing_standby_slots(sql).await.map_err(classify_sql)?;
-    for warning in warning.into_iter().chain(missing) {
+    for warning in db::failover_slot_warnings(sql)
+        .await
+        .map_err(classify_sql)?
+    {
         warn!(slot = %source.slot, "{warning}");
     }
     Ok(())
