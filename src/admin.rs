@@ -425,8 +425,9 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
     let slot = client
         .query_opt(
             "SELECT active, active_pid, confirmed_flush_lsn::text, pg_current_wal_lsn()::text, \
-             pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
+             pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
+             coalesce((to_jsonb(s) ->> 'failover')::bool, false) \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&source.slot],
         )
         .await
@@ -442,13 +443,15 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
             let confirmed: Option<String> = row.get(2);
             let current: String = row.get(3);
             let lag: Option<i64> = row.get(4);
+            let failover: bool = row.get(5);
             out.push_str(&format!(
-                "slot {}: {}\n  confirmed_flush_lsn {}\n  server wal_lsn      {}\n  lag                 {} bytes\n",
+                "slot {}: {}{}\n  confirmed_flush_lsn {}\n  server wal_lsn      {}\n  lag                 {} bytes\n",
                 source.slot,
                 match pid {
                     Some(pid) if active => format!("active (pid {pid})"),
                     _ => "inactive".into(),
                 },
+                if failover { ", a failover slot" } else { "" },
                 confirmed.unwrap_or_else(|| "-".into()),
                 current,
                 lag.map_or_else(|| "-".into(), |l| l.to_string()),

@@ -277,6 +277,11 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
         primary.psql("SELECT failover FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"),
         "t"
     );
+    let status = String::from_utf8_lossy(&relay_command(&config, "status").stdout).into_owned();
+    assert!(
+        status.contains("slot outbox_relay: inactive, a failover slot"),
+        "{status}"
+    );
 
     let mut relay = Relay::start(&config);
     insert_numbered_rows(&primary, 1, 20);
