@@ -10,6 +10,7 @@ mod common;
 use common::partition_proxy::PartitionProxy;
 use common::*;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 fn insert_rows(pg: &PgCluster, transactions: usize, rows: usize, payload_bytes: usize) {
@@ -61,14 +62,7 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
     // the primary has. Then the primary is lost and the standby promoted.
     standby.stop("fast");
     insert_rows(&primary, 10, 20, 2000);
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len()
-            == 220),
-        "220 events delivered\n{}",
-        relay.log()
-    );
-    let (system_id, timeline) = streamed_from(&relay.log());
-    assert_eq!(timeline, "1");
+    let system_id = delivered_from_the_first_timeline(&relay, &events, 220);
     relay.kill9();
     primary.stop("immediate");
     standby.start_stopped();
@@ -212,6 +206,20 @@ fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
     );
 }
 
+/// Waits until the file at `events` holds `count` events, all streamed on timeline 1;
+/// returns the system identifier the relay streamed from.
+fn delivered_from_the_first_timeline(relay: &Relay, events: &Path, count: usize) -> String {
+    assert!(
+        wait_until(Duration::from_secs(30), || read_events(events).len()
+            == count),
+        "{count} events delivered\n{}",
+        relay.log()
+    );
+    let (system_id, timeline) = streamed_from(&relay.log());
+    assert_eq!(timeline, "1");
+    system_id
+}
+
 /// Rows `first..first + rows` in one transaction, keyed `o-0`..`o-6`, with `data.seq` their
 /// number.
 fn insert_numbered_rows(pg: &PgCluster, first: u64, rows: u64) {
@@ -221,6 +229,16 @@ fn insert_numbered_rows(pg: &PgCluster, first: u64, rows: u64) {
          FROM generate_series({first}, {}) i",
         first + rows - 1
     ));
+}
+
+/// A cluster of the server binaries in `bin`, with the outbox table.
+fn cluster_with_outbox(bin: std::path::PathBuf) -> PgCluster {
+    let pg = PgCluster::start_with(ClusterOptions {
+        bin,
+        ..Default::default()
+    });
+    pg.create_outbox("public.outbox");
+    pg
 }
 
 /// Every number delivered exactly once, and each key's in increasing order.
@@ -305,14 +323,7 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
     for batch in 0..10 {
         insert_numbered_rows(&primary, 21 + batch * 20, 20);
     }
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len()
-            == 220),
-        "220 events delivered\n{}",
-        relay.log()
-    );
-    let (system_id, timeline) = streamed_from(&relay.log());
-    assert_eq!(timeline, "1");
+    let system_id = delivered_from_the_first_timeline(&relay, &events, 220);
 
     // The primary is lost; the name moves to the standby before it is promoted.
     primary.stop("immediate");
@@ -380,11 +391,7 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
 /// streaming), and creates the slot with it when a backfill does.
 #[test]
 fn failover_slot_makes_existing_and_backfill_slots_failover_slots() {
-    let pg = PgCluster::start_with(ClusterOptions {
-        bin: pg17_bin(),
-        ..Default::default()
-    });
-    pg.create_outbox("public.outbox");
+    let pg = cluster_with_outbox(pg17_bin());
     let failover = |slot: &str| {
         pg.psql(&format!(
             "SELECT failover FROM pg_replication_slots WHERE slot_name = '{slot}'"
@@ -433,11 +440,7 @@ fn failover_slot_makes_existing_and_backfill_slots_failover_slots() {
 /// Before PostgreSQL 17 there are no failover slots: `init`, `check` and `run` say so.
 #[test]
 fn failover_slot_before_postgres_17_is_refused_with_what_to_do() {
-    let pg = PgCluster::start_with(ClusterOptions {
-        bin: pg_bin_before_17(),
-        ..Default::default()
-    });
-    pg.create_outbox("public.outbox");
+    let pg = cluster_with_outbox(pg_bin_before_17());
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = write_config(dir.path(), &pg, "failover_slot = true");
     let version = pg.psql("SHOW server_version");
