@@ -241,6 +241,20 @@ fn cluster_with_outbox(bin: std::path::PathBuf) -> PgCluster {
     pg
 }
 
+/// A PostgreSQL 17 primary with the outbox table, and a standby that keeps copies of its
+/// failover slots and streams through the physical slot `standby_slot`, which the primary
+/// lists in `synchronized_standby_slots`.
+fn primary_waiting_for_a_slot_syncing_standby() -> (PgCluster, PgCluster) {
+    let primary = PgCluster::start_with(ClusterOptions {
+        bin: pg17_bin(),
+        settings: vec!["synchronized_standby_slots = 'standby_slot'".into()],
+        ..Default::default()
+    });
+    primary.create_outbox("public.outbox");
+    let standby = PgCluster::start_slot_syncing_standby_of(&primary, "standby_slot");
+    (primary, standby)
+}
+
 /// Every number delivered exactly once, and each key's in increasing order.
 fn assert_each_once_in_key_order(events: &[serde_json::Value], count: u64) {
     let mut seqs: Vec<u64> = events
@@ -267,13 +281,7 @@ fn assert_each_once_in_key_order(events: &[serde_json::Value], count: u64) {
 /// nothing repeated in the file.
 #[test]
 fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
-    let primary = PgCluster::start_with(ClusterOptions {
-        bin: pg17_bin(),
-        settings: vec!["synchronized_standby_slots = 'standby_slot'".into()],
-        ..Default::default()
-    });
-    primary.create_outbox("public.outbox");
-    let standby = PgCluster::start_slot_syncing_standby_of(&primary, "standby_slot");
+    let (primary, standby) = primary_waiting_for_a_slot_syncing_standby();
     let database = PartitionProxy::start(primary.port);
     let dir = tempfile::tempdir().unwrap();
     let (config, events) = write_config(dir.path(), &primary, "failover_slot = true");
@@ -384,6 +392,49 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
         "the relay keeps running\n{}",
         relay.log()
     );
+    relay.stops_cleanly();
+}
+
+/// `synchronized_standby_slots` holds a failover slot's changes back while a listed standby
+/// is down: the relay delivers nothing, logs PostgreSQL's warning, and goes on once the
+/// standby is back.
+#[test]
+fn a_listed_standby_that_is_down_holds_the_relay_back_until_it_returns() {
+    let (primary, standby) = primary_waiting_for_a_slot_syncing_standby();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &primary, "failover_slot = true");
+    init(&config);
+    let mut relay = Relay::start(&config);
+    insert_numbered_rows(&primary, 1, 5);
+    assert!(
+        wait_until(Duration::from_secs(30), || read_events(&events).len() == 5),
+        "{}",
+        relay.log()
+    );
+
+    standby.stop("fast");
+    insert_numbered_rows(&primary, 6, 5);
+    let server_says = "replication slot \"standby_slot\" specified in parameter \"synchronized_standby_slots\" does not have active_pid";
+    assert!(
+        wait_until(Duration::from_secs(30), || relay
+            .log()
+            .contains(server_says)),
+        "the server's warning in the relay's log\n{}",
+        relay.log()
+    );
+    assert_eq!(
+        read_events(&events).len(),
+        5,
+        "held back while the standby is down"
+    );
+
+    standby.start_stopped();
+    assert!(
+        wait_until(Duration::from_secs(30), || read_events(&events).len() == 10),
+        "delivered once the standby is back\n{}",
+        relay.log()
+    );
+    assert_each_once_in_key_order(&read_events(&events), 10);
     relay.stops_cleanly();
 }
 
