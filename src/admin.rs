@@ -277,7 +277,7 @@ async fn check_database(
     if source.failover_slot {
         match db::failover_slot_problem(client).await? {
             Some(problem) => problems.push(problem),
-            None => problems.extend(db::missing_standby_slots(client).await?),
+            None => problems.extend(db::standby_slot_problems(client).await?),
         }
     }
     let wal_level: String = one("SHOW wal_level").await?.get(0);

@@ -135,17 +135,17 @@ pub async fn failover_slot_problem(client: &Client) -> anyhow::Result<Option<Str
     }))
 }
 
-/// The slots `synchronized_standby_slots` names that do not exist on this server. The server
-/// holds a failover slot's changes back until they do: a promoted standby that kept its old
-/// primary's setting never sends the relay anything.
-pub async fn missing_standby_slots(client: &Client) -> anyhow::Result<Vec<String>> {
+/// What is wrong with the slots `synchronized_standby_slots` names: one that does not exist
+/// here, or whose standby is not connected. The server holds a failover slot's changes back
+/// until every one exists and has caught up, so the relay then receives nothing.
+pub async fn standby_slot_problems(client: &Client) -> anyhow::Result<Vec<String>> {
     let rows = client
         .query(
-            "SELECT name FROM unnest(string_to_array(\
-                 coalesce(current_setting('synchronized_standby_slots', true), ''), ',')) AS listed, \
-             btrim(listed, ' \"') AS name \
-             WHERE name <> '' \
-               AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = name)",
+            "SELECT name, s.active FROM unnest(string_to_array(\
+                 coalesce(current_setting('synchronized_standby_slots', true), ''), ',')) AS listed \
+             CROSS JOIN btrim(listed, ' \"') AS name \
+             LEFT JOIN pg_replication_slots s ON s.slot_name = name \
+             WHERE name <> '' AND s.active IS DISTINCT FROM true",
             &[],
         )
         .await
@@ -154,22 +154,28 @@ pub async fn missing_standby_slots(client: &Client) -> anyhow::Result<Vec<String
         .iter()
         .map(|row| {
             let name: String = row.get(0);
-            format!(
-                "synchronized_standby_slots names slot {name:?}, which does not exist on this \
-                 server: it holds the relay's changes back until it does (a promoted standby \
-                 keeps its old primary's setting); create the physical slot of a standby, or \
-                 remove {name:?} from synchronized_standby_slots and reload"
-            )
+            match row.get::<_, Option<bool>>(1) {
+                None => format!(
+                    "synchronized_standby_slots names slot {name:?}, which does not exist on this \
+                     server: it holds the relay's changes back until it does (a promoted standby \
+                     keeps its old primary's setting); create the physical slot of a standby, or \
+                     remove {name:?} from synchronized_standby_slots and reload"
+                ),
+                Some(_) => format!(
+                    "synchronized_standby_slots names slot {name:?}, whose standby is not \
+                     connected: the server holds the relay's changes back until it is; start \
+                     that standby, or remove {name:?} from synchronized_standby_slots and reload"
+                ),
+            }
         })
         .collect())
 }
 
 /// What may keep a failover slot from working: an empty `synchronized_standby_slots` (the
-/// relay can then publish WAL no standby has received), and the slots it names that do not
-/// exist here.
+/// relay can then publish WAL no standby has received), and [`standby_slot_problems`].
 pub async fn failover_slot_warnings(client: &Client) -> anyhow::Result<Vec<String>> {
     let mut warnings = Vec::from_iter(unprotected_failover_warning(client).await?);
-    warnings.extend(missing_standby_slots(client).await?);
+    warnings.extend(standby_slot_problems(client).await?);
     Ok(warnings)
 }
 

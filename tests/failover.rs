@@ -427,6 +427,13 @@ fn a_listed_standby_that_is_down_holds_the_relay_back_until_it_returns() {
         5,
         "held back while the standby is down"
     );
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains(
+            "synchronized_standby_slots names slot \"standby_slot\", whose standby is not connected"
+        ),
+        "{report}"
+    );
 
     standby.start_stopped();
     assert!(
