@@ -100,11 +100,12 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
 
-    // `failover` as JSON: the column exists only from PostgreSQL 17 on.
     let slot = client
         .query_opt(
-            "SELECT coalesce((to_jsonb(s) ->> 'failover')::bool, false) \
-             FROM pg_replication_slots s WHERE slot_name = $1",
+            &format!(
+                "SELECT {} FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_IS_FAILOVER
+            ),
             &[&source.slot],
         )
         .await
@@ -424,10 +425,12 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
     let mut out = String::new();
     let slot = client
         .query_opt(
-            "SELECT active, active_pid, confirmed_flush_lsn::text, pg_current_wal_lsn()::text, \
-             pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
-             coalesce((to_jsonb(s) ->> 'failover')::bool, false) \
-             FROM pg_replication_slots s WHERE slot_name = $1",
+            &format!(
+                "SELECT active, active_pid, confirmed_flush_lsn::text, pg_current_wal_lsn()::text, \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, {} \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_IS_FAILOVER
+            ),
             &[&source.slot],
         )
         .await

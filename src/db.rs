@@ -107,6 +107,10 @@ pub async fn is_standby(client: &Client) -> anyhow::Result<bool> {
 pub const STANDBY_PROBLEM: &str = "the server is a standby in recovery: the relay streams from \
      the primary and writes its checkpoints there: point source.url at the primary";
 
+/// Whether the row `s` of `pg_replication_slots` is a failover slot, as SQL. Read through
+/// JSON: the `failover` column exists only from PostgreSQL 17 on.
+pub const SLOT_IS_FAILOVER: &str = "coalesce((to_jsonb(s) ->> 'failover')::bool, false)";
+
 /// The call that creates the relay's slot (`$1` its name): a failover slot if asked for.
 pub fn create_slot_call(failover: bool) -> &'static str {
     if failover {

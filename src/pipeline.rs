@@ -808,7 +808,13 @@ mod tests {
         big.payload = Text::from("x".repeat(1000));
         big.headers.push(("tenant".into(), Text::from("acme")));
         let small = event(10, 1);
-        let batch = batch_of(vec![big.clone(), small.clone()], None);
+        let mut pending = PendingBatch::new(BatchLimit {
+            events: 10,
+            bytes: usize::MAX,
+        });
+        pending.push(big.clone());
+        pending.push(small.clone());
+        let batch = pending.take(None);
         assert_eq!(big.size_bytes(), small.size_bytes() - 2 + 1000 + 10);
         assert_eq!(batch.bytes, big.size_bytes() + small.size_bytes());
     }

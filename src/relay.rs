@@ -213,12 +213,13 @@ async fn prepare_slot(
             source.publication
         )));
     }
-    // `failover` as JSON: the column exists only from PostgreSQL 17 on.
     let row = sql
         .query_opt(
-            "SELECT plugin, database = current_database(), confirmed_flush_lsn::text, \
-             coalesce((to_jsonb(s) ->> 'failover')::bool, false) \
-             FROM pg_replication_slots s WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin, database = current_database(), confirmed_flush_lsn::text, {} \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_IS_FAILOVER
+            ),
             &[&source.slot],
         )
         .await
@@ -465,13 +466,14 @@ async fn session(
         system_id = %system.system_id, timeline = system.timeline, "streaming");
 
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), slot.confirmed_flush);
+    let limit = BatchLimit::of(&config.relay);
     let (pipeline, worker_handles) = pipeline::start(
         workers,
         progress.clone(),
         store.clone(),
         &source.slot,
         config.relay.queue_depth,
-        BatchLimit::of(&config.relay),
+        limit,
     );
     let (stop_helpers, helpers_stopped) = watch::channel(false);
     let reply_requested = Arc::new(Notify::new());
@@ -518,7 +520,7 @@ async fn session(
         slot: source.slot.clone(),
         reply_requested,
         transaction: None,
-        pending: PendingBatch::new(BatchLimit::of(&config.relay)),
+        pending: PendingBatch::new(limit),
         pending_boundary: None,
         counts: ReadCounts::default(),
     };

@@ -1,8 +1,8 @@
 //! TLS and password authentication against a real PostgreSQL, for both kinds of connection the
 //! relay makes: the tokio-postgres SQL connections and its own replication connection (which
-//! implements TLS, cleartext and md5 itself); and Unix sockets, which go without TLS. A local CA is made at test time with the
-//! `openssl` CLI, and pg_hba.conf lets the TLS role in over TLS only, so "it worked" proves that
-//! TLS was used rather than leaving it to guesswork.
+//! implements TLS, cleartext and md5 itself); and Unix sockets, which go without TLS. A local
+//! CA is made at test time with the `openssl` CLI, and pg_hba.conf lets the TLS role in over
+//! TLS only, so "it worked" proves that TLS was used rather than leaving it to guesswork.
 
 mod common;
 
