@@ -49,3 +49,16 @@ CREATE TABLE IF NOT EXISTS outbox_relay.backfills (
     finished_at      timestamptz,
     rows             bigint
 );
+
+-- The key `outbox-relay dlq replay` signs its logical messages with (HMAC-SHA256), and the
+-- relay verifies them with: any role that can connect may call pg_logical_emit_message, so
+-- only a signed replay becomes an event. Readable by the schema's owner and the relay's role
+-- only. 32 bytes from two random UUIDs (244 random bits; gen_random_uuid needs no extension).
+CREATE TABLE IF NOT EXISTS outbox_relay.replay_key (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    key       bytea   NOT NULL
+);
+REVOKE ALL ON outbox_relay.replay_key FROM PUBLIC;
+INSERT INTO outbox_relay.replay_key (key)
+SELECT decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex')
+ON CONFLICT DO NOTHING;

@@ -3,9 +3,11 @@
 //! `status` shows slot lag and checkpoints.
 
 use crate::checkpoint::dropped_slot_problem;
-use crate::config::{parse_table_name, Config, SinkConfig};
+use crate::config::{parse_table_name, Config, SinkConfig, TableMapping};
 use crate::db;
 use crate::source::replication::ReplicationConnection;
+use crate::sql;
+use crate::tables::{self, PublicationProblem};
 use anyhow::Context;
 use outbox_relay_sinks::eventbridge::EventBridgeSink;
 use outbox_relay_sinks::kafka::KafkaSink;
@@ -16,7 +18,12 @@ const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/002_relay_schema.sql"
 /// Quotes `schema.table` for SQL.
 fn quoted_table(name: &str) -> String {
     let (schema, table) = parse_table_name(name).expect("validated by the config");
-    format!("\"{schema}\".\"{table}\"")
+    sql::qualified(schema, table)
+}
+
+/// One of the relay's own tables, quoted for SQL.
+fn relay_table(config: &Config, name: &str) -> String {
+    sql::qualified(&config.relay.schema, name)
 }
 
 /// Creates the relay schema, the publication (or adds missing tables to it) and the slot;
@@ -32,7 +39,10 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
 
-    let schema_sql = RELAY_SCHEMA_SQL.replace("outbox_relay", &config.relay.schema);
+    // The file names the schema as a literal (a catalog lookup) and as an identifier.
+    let schema_sql = RELAY_SCHEMA_SQL
+        .replace("'outbox_relay'", &sql::literal(&config.relay.schema))
+        .replace("outbox_relay", &sql::ident(&config.relay.schema));
     client
         .batch_execute(&schema_sql)
         .await
@@ -43,60 +53,90 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         config.relay.schema
     ));
 
-    let published = published_tables(&client, &source.publication).await?;
-    match published {
-        None => {
-            let tables: Vec<String> = source.tables.iter().map(|t| quoted_table(t)).collect();
+    let problems =
+        tables::publication_problems(&client, &source.publication, &source.tables).await?;
+    let publication = sql::ident(&source.publication);
+    if problems
+        .iter()
+        .any(|p| matches!(p, PublicationProblem::Missing { .. }))
+    {
+        let tables: Vec<String> = source.tables.iter().map(|t| quoted_table(t)).collect();
+        // Via the root: a partitioned outbox table's rows then arrive under its own name,
+        // whichever partition holds them, and whenever a partition was attached.
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                tables.join(", ")
+            ))
+            .await
+            .map_err(db::explain)
+            .with_context(|| {
+                format!(
+                    "creating publication {} (the table owner must do it)",
+                    source.publication
+                )
+            })?;
+        done.push(format!(
+            "publication {}: created for {}",
+            source.publication,
+            source.tables.join(", ")
+        ));
+    } else {
+        let missing: Vec<String> = problems
+            .iter()
+            .filter_map(|p| match p {
+                PublicationProblem::Unpublished { table, .. } => Some(quoted_table(table)),
+                _ => None,
+            })
+            .collect();
+        if !missing.is_empty() {
             client
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION \"{}\" FOR TABLE {}",
-                    source.publication,
-                    tables.join(", ")
+                    "ALTER PUBLICATION {publication} ADD TABLE {}",
+                    missing.join(", ")
                 ))
                 .await
                 .map_err(db::explain)
-                .with_context(|| {
-                    format!(
-                        "creating publication {} (the table owner must do it)",
-                        source.publication
-                    )
-                })?;
+                .with_context(|| format!("adding tables to publication {}", source.publication))?;
             done.push(format!(
-                "publication {}: created for {}",
+                "publication {}: added {}",
                 source.publication,
-                source.tables.join(", ")
+                missing.join(", ")
             ));
         }
-        Some(published) => {
-            let missing: Vec<&String> = source
-                .tables
-                .iter()
-                .filter(|t| !published.contains(&normalized(t)))
-                .collect();
-            if missing.is_empty() {
-                done.push(format!(
-                    "publication {}: already covers the outbox tables",
-                    source.publication
-                ));
-            } else {
-                let tables: Vec<String> = missing.iter().map(|t| quoted_table(t)).collect();
-                client
-                    .batch_execute(&format!(
-                        "ALTER PUBLICATION \"{}\" ADD TABLE {}",
-                        source.publication,
-                        tables.join(", ")
-                    ))
-                    .await
-                    .map_err(db::explain)
-                    .with_context(|| {
-                        format!("adding tables to publication {}", source.publication)
-                    })?;
-                done.push(format!(
-                    "publication {}: added {}",
-                    source.publication,
-                    tables.join(", ")
-                ));
-            }
+        if problems
+            .iter()
+            .any(|p| matches!(p, PublicationProblem::ViaPartitions { .. }))
+        {
+            client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+                ))
+                .await
+                .map_err(db::explain)
+                .with_context(|| format!("changing publication {}", source.publication))?;
+            done.push(format!(
+                "publication {}: now publishes partitioned tables via their root",
+                source.publication
+            ));
+        }
+        let left: Vec<&PublicationProblem> = problems
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p,
+                    PublicationProblem::NoInserts { .. } | PublicationProblem::RowFilter { .. }
+                )
+            })
+            .collect();
+        if missing.is_empty() && left.is_empty() {
+            done.push(format!(
+                "publication {}: already covers the outbox tables",
+                source.publication
+            ));
+        }
+        for problem in left {
+            done.push(format!("warning: {problem}"));
         }
     }
 
@@ -161,35 +201,10 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
     Ok(done)
 }
 
+/// A configured table as `schema.table`.
 pub(crate) fn normalized(table: &str) -> String {
     let (schema, name) = parse_table_name(table).expect("validated by the config");
     format!("{schema}.{name}")
-}
-
-/// The tables of `publication` as `schema.table`, or `None` if it does not exist.
-pub(crate) async fn published_tables(
-    client: &Client,
-    publication: &str,
-) -> anyhow::Result<Option<Vec<String>>> {
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(db::explain)?
-        .is_some();
-    if !exists {
-        return Ok(None);
-    }
-    let rows = client
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(db::explain)?;
-    Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
 }
 
 /// Every problem found, one line each with its fix; empty when the relay can run.
@@ -228,6 +243,58 @@ pub async fn check(config: &Config) -> Vec<String> {
     }
     problems
 }
+
+/// Problems with the columns `mapping` reads from `table`: missing, generated (logical
+/// replication does not send generated columns), or of a type the relay cannot read as
+/// text.
+async fn column_problems(
+    client: &Client,
+    table: &str,
+    mapping: &TableMapping,
+) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT attname::text, attgenerated <> '', format_type(atttypid, NULL) FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+            &[&quoted_table(table)],
+        )
+        .await
+        .map_err(db::explain)?;
+    let mut problems = Vec::new();
+    for column in mapping.columns() {
+        let found = rows.iter().find(|r| r.get::<_, String>(0) == column.name);
+        let Some(row) = found else {
+            if column.required {
+                problems.push(format!(
+                    "outbox table {table} has no column {:?} (its {} column): add it (see \
+                     migrations/001_outbox_table.sql), or map another column under [outbox.\"{table}\"]",
+                    column.name, column.role
+                ));
+            }
+            continue;
+        };
+        let (generated, type_name): (bool, String) = (row.get(1), row.get(2));
+        if generated {
+            problems.push(format!(
+                "column {:?} of outbox table {table} (its {} column) is a generated column, which \
+                 logical replication does not send: every row would be dead-lettered. Make it a plain \
+                 column the application (or a trigger) fills",
+                column.name, column.role
+            ));
+        }
+        if column.role == "payload" && !PAYLOAD_TYPES.contains(&type_name.as_str()) {
+            problems.push(format!(
+                "the payload column {:?} of outbox table {table} is of type {type_name}: use jsonb \
+                 (json and text holding JSON work too)",
+                column.name
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// Payload column types the relay reads as JSON text.
+const PAYLOAD_TYPES: [&str; 4] = ["jsonb", "json", "text", "character varying"];
 
 /// Problems with the sinks' destinations that a sink can see before it runs.
 async fn check_sinks(config: &Config) -> Vec<String> {
@@ -314,36 +381,15 @@ async fn check_database(
                 "role {user} cannot read {table}: GRANT SELECT ON {table} TO {user}"
             ));
         }
-        let (schema, name) = parse_table_name(table)?;
-        let rows = client
-            .query(
-                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
-                &[&schema, &name],
-            )
-            .await
-            .map_err(db::explain)?;
-        let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        for required in ["id", "aggregatetype", "aggregateid", "type", "payload"] {
-            if !columns.iter().any(|c| c == required) {
-                problems.push(format!("outbox table {table} has no column {required}: see migrations/001_outbox_table.sql"));
-            }
-        }
+        problems.extend(column_problems(client, table, &config.mapping_for(table)).await?);
     }
 
-    match published_tables(client, &source.publication).await? {
-        None => problems.push(format!(
-            "publication {} does not exist: run `outbox-relay init` (as the tables' owner), or fix source.publication",
-            source.publication
-        )),
-        Some(published) => {
-            for table in source.tables.iter().filter(|t| !published.contains(&normalized(t))) {
-                problems.push(format!(
-                    "publication {} does not include {table}: ALTER PUBLICATION {} ADD TABLE {table} (or run `outbox-relay init`)",
-                    source.publication, source.publication
-                ));
-            }
-        }
-    }
+    problems.extend(
+        tables::publication_problems(client, &source.publication, &source.tables)
+            .await?
+            .iter()
+            .map(ToString::to_string),
+    );
 
     let slot = client
         .query_opt(
@@ -388,13 +434,12 @@ async fn check_database(
     }
 
     let schema = &config.relay.schema;
+    let checkpoints = relay_table(config, "checkpoints");
+    let dead_letters = relay_table(config, "dead_letters");
     let state = client
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-            &[
-                &format!("{schema}.checkpoints"),
-                &format!("{schema}.dead_letters"),
-            ],
+            &[&checkpoints, &dead_letters],
         )
         .await
         .map_err(db::explain)?;
@@ -406,13 +451,13 @@ async fn check_database(
         let writable: bool = client
             .query_one(
                 "SELECT has_table_privilege($1, 'INSERT, UPDATE') AND has_table_privilege($2, 'INSERT')",
-                &[&format!("{schema}.checkpoints"), &format!("{schema}.dead_letters")],
+                &[&checkpoints, &dead_letters],
             )
             .await
             .map_err(db::explain)?
             .get(0);
         if !writable {
-            problems.push(format!("role {user} cannot write {schema}.checkpoints / {schema}.dead_letters: grant INSERT, UPDATE (see migrations/003_relay_role.sql)"));
+            problems.push(format!("role {user} cannot write {checkpoints} / {dead_letters}: grant INSERT, UPDATE (see migrations/003_relay_role.sql)"));
         }
     }
     Ok(())
@@ -461,10 +506,9 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
             ));
         }
     }
-    let schema = &config.relay.schema;
     let rows = client
         .query(
-            &format!("SELECT sink, commit_lsn::text, event_index, updated_at::text FROM {schema}.checkpoints WHERE slot = $1 ORDER BY sink"),
+            &format!("SELECT sink, commit_lsn::text, event_index, updated_at::text FROM {} WHERE slot = $1 ORDER BY sink", relay_table(config, "checkpoints")),
             &[&source.slot],
         )
         .await
@@ -484,7 +528,10 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
     }
     let dead: i64 = client
         .query_one(
-            &format!("SELECT count(*) FROM {schema}.dead_letters WHERE slot = $1"),
+            &format!(
+                "SELECT count(*) FROM {} WHERE slot = $1",
+                relay_table(config, "dead_letters")
+            ),
             &[&source.slot],
         )
         .await
@@ -497,12 +544,12 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
 /// `dlq list`: the newest dead letters, one line each.
 pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<String> {
     let client = db::connect(&config.source.connect_params()?).await?;
-    let schema = &config.relay.schema;
+    let dead_letters = relay_table(config, "dead_letters");
     let rows = client
         .query(
             &format!(
                 "SELECT id, created_at::text, sink, source_table, commit_lsn::text, event_index, reason, \
-                 replayed_at IS NOT NULL FROM {schema}.dead_letters WHERE slot = $1 ORDER BY id DESC LIMIT $2"
+                 replayed_at IS NOT NULL FROM {dead_letters} WHERE slot = $1 ORDER BY id DESC LIMIT $2"
             ),
             &[&config.source.slot, &limit],
         )
@@ -562,12 +609,12 @@ pub async fn dlq_show(config: &Config, id: i64) -> anyhow::Result<String> {
 /// marks it replayed in the same transaction.
 pub async fn dlq_replay(config: &Config, id: i64) -> anyhow::Result<String> {
     let mut client = db::connect(&config.source.connect_params()?).await?;
-    let schema = &config.relay.schema;
+    let dead_letters = relay_table(config, "dead_letters");
     let tx = client.transaction().await.map_err(db::explain)?;
     let row = tx
         .query_opt(
             &format!(
-                "SELECT source_table, row_data, replayed_at IS NOT NULL FROM {schema}.dead_letters \
+                "SELECT source_table, row_data, replayed_at IS NOT NULL FROM {dead_letters} \
                  WHERE id = $1 AND slot = $2 FOR UPDATE"
             ),
             &[&id, &config.source.slot],
@@ -588,18 +635,21 @@ pub async fn dlq_replay(config: &Config, id: i64) -> anyhow::Result<String> {
     let document = replay_document(config, &table, row_data).with_context(|| {
         format!(
             "dead letter {id} cannot be replayed as it is: fix it first, e.g. \
-             UPDATE {schema}.dead_letters SET row_data = jsonb_set(row_data, '{{payload}}', to_jsonb('{{\"fixed\": true}}'::text)) WHERE id = {id}"
+             UPDATE {dead_letters} SET row_data = jsonb_set(row_data, '{{payload}}', to_jsonb('{{\"fixed\": true}}'::text)) WHERE id = {id}"
         )
     })?;
+    let key = crate::checkpoint::load_replay_key(&tx, &config.relay.schema)
+        .await?
+        .context("the relay's schema has no replay key: run `outbox-relay init` (it adds one), then replay again")?;
     tx.execute(
         "SELECT pg_logical_emit_message(true, $1, $2)",
-        &[&crate::outbox::REPLAY_PREFIX, &document.to_string()],
+        &[&crate::outbox::REPLAY_PREFIX, &key.sign(&document)],
     )
     .await
     .map_err(db::explain)
     .context("publishing the replay (the role needs EXECUTE on pg_logical_emit_message)")?;
     tx.execute(
-        &format!("UPDATE {schema}.dead_letters SET replayed_at = now() WHERE id = $1"),
+        &format!("UPDATE {dead_letters} SET replayed_at = now() WHERE id = $1"),
         &[&id],
     )
     .await

@@ -19,6 +19,7 @@ use crate::pipeline::{self, BatchLimit, PendingBatch, Progress, SinkWorker};
 use crate::relay::{build_sinks, skip_point, Horizon, SkipSources};
 use crate::source::pgoutput::{Relation, RelationColumn, Tuple, Value};
 use crate::source::replication::ReplicationConnection;
+use crate::sql;
 use anyhow::Context;
 use bytes::Bytes;
 use outbox_relay_sinks::{Lsn, Position};
@@ -42,7 +43,8 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
         return Ok(());
     }
     let sql = db::connect(params).await?;
-    let schema = &config.relay.schema;
+    let backfills = sql::qualified(&config.relay.schema, "backfills");
+    let checkpoints = sql::qualified(&config.relay.schema, "checkpoints");
     let slot = &config.source.slot;
     let slot_exists = sql
         .query_opt(
@@ -54,7 +56,7 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
         .is_some();
     let record = sql
         .query_opt(
-            &format!("SELECT finished_at IS NOT NULL FROM {schema}.backfills WHERE slot = $1"),
+            &format!("SELECT finished_at IS NOT NULL FROM {backfills} WHERE slot = $1"),
             &[slot],
         )
         .await
@@ -70,15 +72,12 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
         }
         (false, _) => {}
     }
-    sql.execute(
-        &format!("DELETE FROM {schema}.backfills WHERE slot = $1"),
-        &[slot],
-    )
-    .await
-    .map_err(db::explain)?;
+    sql.execute(&format!("DELETE FROM {backfills} WHERE slot = $1"), &[slot])
+        .await
+        .map_err(db::explain)?;
     // A new slot is a new stream: checkpoints of an earlier slot of that name mean nothing.
     sql.execute(
-        &format!("DELETE FROM {schema}.checkpoints WHERE slot = $1"),
+        &format!("DELETE FROM {checkpoints} WHERE slot = $1"),
         &[slot],
     )
     .await
@@ -89,7 +88,7 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
         .create_slot_exporting_snapshot(slot, config.source.failover_slot)
         .await?;
     sql.execute(
-        &format!("INSERT INTO {schema}.backfills (slot, consistent_point) VALUES ($1, $2)"),
+        &format!("INSERT INTO {backfills} (slot, consistent_point) VALUES ($1, $2)"),
         &[slot, &PgLsn::from(consistent_point.0)],
     )
     .await
@@ -98,7 +97,7 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
 
     let rows = deliver(config, params, consistent_point, &snapshot).await?;
     sql.execute(
-        &format!("UPDATE {schema}.backfills SET finished_at = now(), rows = $2 WHERE slot = $1"),
+        &format!("UPDATE {backfills} SET finished_at = now(), rows = $2 WHERE slot = $1"),
         &[slot, &(rows as i64)],
     )
     .await
@@ -163,9 +162,12 @@ async fn deliver(
         .start()
         .await
         .map_err(db::explain)?;
-    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
-        .await
-        .map_err(db::explain)?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT {}",
+        sql::literal(snapshot)
+    ))
+    .await
+    .map_err(db::explain)?;
 
     let mut mapper = OutboxMapper::new(&config.source.tables, &config.outbox, &[]);
     let before_stream = Lsn(consistent_point.0.saturating_sub(1));
@@ -181,7 +183,7 @@ async fn deliver(
         let select: Vec<String> = relation
             .columns
             .iter()
-            .map(|c| format!("\"{}\"::text", c.name))
+            .map(|c| format!("{}::text", sql::ident(&c.name)))
             .collect();
         let (schema, name) = parse_table_name(table)?;
         mapper.on_relation(relation);
@@ -193,9 +195,9 @@ async fn deliver(
                     // order alone is not insertion order once backends insert concurrently:
                     // each fills its own target page, and a later row can land in an
                     // earlier page.
-                    "SELECT {} FROM \"{schema}\".\"{name}\" \
-                     ORDER BY age(xmin) DESC, cmin::text::bigint, ctid",
-                    select.join(", ")
+                    "SELECT {} FROM {} ORDER BY age(xmin) DESC, cmin::text::bigint, ctid",
+                    select.join(", "),
+                    sql::qualified(schema, name)
                 ),
                 &[],
             )
@@ -268,11 +270,12 @@ async fn deliver(
 /// The table's columns as a Relation, as pgoutput would describe it.
 async fn describe(tx: &tokio_postgres::Transaction<'_>, table: &str) -> anyhow::Result<Relation> {
     let (schema, name) = parse_table_name(table)?;
-    let qualified = format!("\"{schema}\".\"{name}\"");
+    let qualified = sql::qualified(schema, name);
     let rows = tx
         .query(
             "SELECT $1::text::regclass::oid, attname::text, atttypid FROM pg_attribute \
-             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+             AND attgenerated = '' ORDER BY attnum",
             &[&qualified],
         )
         .await

@@ -4,7 +4,8 @@
 //! sinks, never one per event.
 
 use crate::db;
-use crate::outbox::DeadLetter;
+use crate::outbox::{DeadLetter, ReplayKey};
+use crate::sql;
 use anyhow::Context;
 use async_trait::async_trait;
 use outbox_relay_sinks::{Lsn, Position};
@@ -33,18 +34,22 @@ pub struct PgCheckpointStore {
 
 impl PgCheckpointStore {
     pub fn new(client: Client, schema: &str) -> Self {
+        let checkpoints = sql::qualified(schema, "checkpoints");
+        let dead_letters = sql::qualified(schema, "dead_letters");
         PgCheckpointStore {
             client,
-            load_sql: format!("SELECT sink, commit_lsn, event_index FROM {schema}.checkpoints WHERE slot = $1"),
+            load_sql: format!(
+                "SELECT sink, commit_lsn, event_index FROM {checkpoints} WHERE slot = $1"
+            ),
             save_sql: format!(
-                "INSERT INTO {schema}.checkpoints (slot, sink, commit_lsn, event_index, updated_at) \
+                "INSERT INTO {checkpoints} (slot, sink, commit_lsn, event_index, updated_at) \
                  SELECT $1, s.sink, s.lsn::pg_lsn, s.idx, now() \
                  FROM unnest($2::text[], $3::text[], $4::int[]) AS s(sink, lsn, idx) \
                  ON CONFLICT (slot, sink) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, \
                  event_index = EXCLUDED.event_index, updated_at = EXCLUDED.updated_at"
             ),
             dead_letter_sql: format!(
-                "INSERT INTO {schema}.dead_letters \
+                "INSERT INTO {dead_letters} \
                  (slot, sink, source_table, commit_lsn, event_index, xid, reason, row_data) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (slot, sink, commit_lsn, event_index) DO NOTHING"
@@ -112,6 +117,29 @@ impl CheckpointStore for PgCheckpointStore {
             .context("writing a dead letter")?;
         Ok(())
     }
+}
+
+/// The key `dlq replay` signs with and the relay verifies replays with (see
+/// [`ReplayKey`]); `None` when the relay's schema predates it (`init` adds it).
+pub async fn load_replay_key(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+) -> anyhow::Result<Option<ReplayKey>> {
+    let table = sql::qualified(schema, "replay_key");
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(db::explain)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(&format!("SELECT key FROM {table}"), &[])
+        .await
+        .map_err(db::explain)
+        .with_context(|| format!("reading the replay key in {table}"))?;
+    Ok(row.map(|row| ReplayKey::new(row.get::<_, &[u8]>(0))))
 }
 
 /// Why a missing slot must not simply be created again, if the relay has checkpoints for it:

@@ -88,6 +88,53 @@ impl Default for TableMapping {
     }
 }
 
+/// A column an outbox table's mapping reads.
+pub struct MappedColumn<'a> {
+    pub name: &'a str,
+    /// What the mapping reads it as (`id`, `payload`, …).
+    pub role: &'static str,
+    /// Whether a row without it is dead-lettered; the optional columns under their default
+    /// names are used only when the table has them.
+    pub required: bool,
+}
+
+impl TableMapping {
+    /// Every column the mapping reads, with its role.
+    pub fn columns(&self) -> Vec<MappedColumn<'_>> {
+        let required = |name, role| MappedColumn {
+            name,
+            role,
+            required: true,
+        };
+        let mut columns = vec![
+            required(&self.id, "id"),
+            required(&self.aggregate_type, "aggregate_type"),
+            required(&self.aggregate_id, "aggregate_id"),
+            required(&self.event_type, "type"),
+            required(&self.payload, "payload"),
+        ];
+        if let Some(key) = &self.key {
+            columns.push(required(key, "key"));
+        }
+        for (configured, default, role) in [
+            (&self.schema_version, "schema_version", "schema_version"),
+            (&self.headers, "headers", "headers"),
+            (&self.occurred_at, "occurred_at", "occurred_at"),
+            (&self.traceparent, "traceparent", "traceparent"),
+        ] {
+            columns.push(MappedColumn {
+                name: configured.as_deref().unwrap_or(default),
+                role,
+                required: configured.is_some(),
+            });
+        }
+        for extra in &self.additional {
+            columns.push(required(&extra.column, "additional"));
+        }
+        columns
+    }
+}
+
 /// A column carried along with the event.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -780,6 +827,15 @@ fn default_shutdown_timeout() -> Duration {
 }
 
 impl Config {
+    /// The column mapping of the configured outbox table `table` (`schema.table`).
+    pub fn mapping_for(&self, table: &str) -> TableMapping {
+        self.outbox
+            .iter()
+            .find(|(t, _)| parse_table_name(t).ok() == parse_table_name(table).ok())
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default()
+    }
+
     /// Reads `path` (if given) and the `OUTBOX_RELAY__*` environment, then validates.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         Self::load_with_env(path, None)
@@ -903,7 +959,57 @@ fn check_identifier(what: &str, value: &str) -> anyhow::Result<()> {
 }
 
 fn explain(err: config::ConfigError) -> anyhow::Error {
-    anyhow::anyhow!("invalid configuration: {err}; see config/ for examples of every key")
+    anyhow::anyhow!(
+        "invalid configuration: {}; see config/ for examples of every key",
+        redact_config_error(&err.to_string())
+    )
+}
+
+/// A configuration error without the configuration's values: the TOML parser quotes the
+/// offending line, and serde the offending value, either of which can be a password (a
+/// `source.url` with a stray backslash or quote). Kept: where (line, column, key) and what
+/// is wrong. Dropped: the quoted source lines (`3 | url = "…"`, `  |   ^`); masked: every
+/// double-quoted value.
+fn redact_config_error(text: &str) -> String {
+    let mut kept = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let source_line = trimmed.starts_with('|')
+            || trimmed
+                .split_once('|')
+                .is_some_and(|(number, _)| number.trim().chars().all(|c| c.is_ascii_digit()));
+        if source_line || trimmed.is_empty() {
+            continue;
+        }
+        kept.push(mask_quoted(trimmed));
+    }
+    kept.join(": ")
+}
+
+/// Replaces the contents of every `"…"` in `line` with `…`.
+fn mask_quoted(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut inside = false;
+    let mut escaped = false;
+    for c in line.chars() {
+        if inside {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                inside = false;
+                out.push_str("…\"");
+            }
+            continue;
+        }
+        out.push(c);
+        inside = c == '"';
+    }
+    if inside {
+        out.push('…');
+    }
+    out
 }
 
 /// A secret that never shows up in logs or debug output.
@@ -1130,6 +1236,28 @@ mod tests {
 
     const MINIMAL: &str =
         "[source]\nurl = \"postgres://app@db/app\"\n[sinks.out]\ntype = \"stdout\"\n";
+
+    #[test]
+    fn a_config_error_never_shows_the_values_of_the_file() {
+        let cases = [
+            // A backslash in the password: an invalid escape.
+            "[source]\nurl = \"postgres://app:s3cr\\qet@db/app\"\n[sinks.out]\ntype = \"stdout\"\n",
+            // A quote in the password ends the string early.
+            "[source]\nurl = \"postgres://app:s3cr\"et@db/app\"\n[sinks.out]\ntype = \"stdout\"\n",
+            // A missing closing quote.
+            "[source]\nurl = \"postgres://app:s3cret@db/app\n[sinks.out]\ntype = \"stdout\"\n",
+            // A value of the wrong type, echoed by serde.
+            "[source]\nurl = \"postgres://app@db/app\"\ntables = \"s3cret\"\n[sinks.out]\ntype = \"stdout\"\n",
+            "[source]\nurl = \"postgres://app@db/app\"\n[relay]\nbatch_size = \"s3cret\"\n[sinks.out]\ntype = \"stdout\"\n",
+        ];
+        for toml in cases {
+            let err = format!("{:#}", load(toml, &[]).unwrap_err());
+            assert!(!err.contains("s3cr"), "{err}");
+            assert!(err.starts_with("invalid configuration"), "{err}");
+        }
+        let err = format!("{:#}", load(cases[0], &[]).unwrap_err());
+        assert!(err.contains("line 2"), "where the error is stays: {err}");
+    }
 
     #[test]
     fn tls_settings_in_a_key_value_connection_string_are_honoured() {

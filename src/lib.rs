@@ -18,5 +18,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod relay;
 pub mod source;
+pub mod sql;
+pub mod tables;
 pub mod telemetry;
 pub mod validation;

@@ -19,10 +19,60 @@ use std::sync::Arc;
 const JSONB_OID: u32 = 3802;
 const UUID_OID: u32 = 2950;
 /// The logical-message prefix `outbox-relay dlq replay` publishes fixed dead letters with;
-/// always mapped, whatever `source.message_prefixes` says.
+/// always read, whatever `source.message_prefixes` says, and mapped only when its signature
+/// verifies (see [`ReplayKey`]).
 pub const REPLAY_PREFIX: &str = "outbox-relay-replay";
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// The key `dlq replay` signs its messages with (HMAC-SHA256), kept in the relay's schema
+/// (`replay_key`, readable by the relay's role and the schema's owner only). Any role that can
+/// connect may call `pg_logical_emit_message`, so a replay message is an event only when its
+/// signature proves it was written by someone who can read the key: a forged one, whatever
+/// table it names, is dead-lettered.
+#[derive(Clone)]
+pub struct ReplayKey(ring::hmac::Key);
+
+impl ReplayKey {
+    pub fn new(secret: &[u8]) -> Self {
+        ReplayKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
+    }
+
+    /// The content of a replay message: the event document and its signature.
+    pub fn sign(&self, document: &serde_json::Value) -> String {
+        let event = document.to_string();
+        let tag = ring::hmac::sign(&self.0, event.as_bytes());
+        let mac: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("{{\"mac\":\"{mac}\",\"event\":{event}}}")
+    }
+
+    /// The signed event document inside a replay message, if the signature verifies.
+    fn verify<'a>(&self, envelope: &ReplayEnvelope<'a>) -> Option<&'a [u8]> {
+        let event = envelope.event.get().as_bytes();
+        let mac = decode_hex(&envelope.mac)?;
+        ring::hmac::verify(&self.0, event, &mac).ok()?;
+        Some(event)
+    }
+}
+
+/// A replay message's content.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayEnvelope<'a> {
+    mac: String,
+    #[serde(borrow)]
+    event: &'a serde_json::value::RawValue,
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
 
 /// Where a row sits and which transaction wrote it.
 #[derive(Debug, Clone, Copy)]
@@ -171,6 +221,8 @@ pub struct OutboxMapper {
     relations: HashMap<u32, RelationInfo>,
     /// Prefix → the `message:PREFIX` name its events carry as their table.
     message_prefixes: HashMap<String, (Arc<str>, Arc<str>)>,
+    /// Verifies replay messages; without it every replay message is dead-lettered.
+    replay_key: Option<ReplayKey>,
 }
 
 impl OutboxMapper {
@@ -211,17 +263,44 @@ impl OutboxMapper {
             tables: configured,
             relations: HashMap::new(),
             message_prefixes,
+            replay_key: None,
         }
+    }
+
+    /// The key replay messages must be signed with (`None`: the relay's schema has none yet).
+    pub fn with_replay_key(mut self, key: Option<ReplayKey>) -> Self {
+        self.replay_key = key;
+        self
     }
 
     /// Records a Relation message (sent before the first change of a table in a session and
     /// again whenever the table's definition changed).
     pub fn on_relation(&mut self, relation: Relation) {
-        let outbox = self
-            .tables
-            .get(&(relation.namespace.clone(), relation.name.clone()))
-            .map(|table| (table.clone(), Layout::resolve(&relation, &table.mapping)));
-        let qualified: Arc<str> = format!("{}.{}", relation.namespace, relation.name).into();
+        let table = (relation.namespace.clone(), relation.name.clone());
+        self.record(relation, table);
+    }
+
+    /// Records the Relation message of a relation whose rows are those of the configured
+    /// outbox table `table` (`schema`, `name`) under another name: a partition of it, or the
+    /// table itself renamed. Its events carry the configured table's name.
+    pub fn on_relation_as(&mut self, relation: Relation, table: (String, String)) {
+        self.record(relation, table);
+    }
+
+    /// Whether `schema.table` is a configured outbox table.
+    pub fn is_configured(&self, schema: &str, table: &str) -> bool {
+        self.tables
+            .contains_key(&(schema.to_owned(), table.to_owned()))
+    }
+
+    fn record(&mut self, relation: Relation, table: (String, String)) {
+        let outbox = self.tables.get(&table).map(|configured| {
+            (
+                configured.clone(),
+                Layout::resolve(&relation, &configured.mapping),
+            )
+        });
+        let qualified: Arc<str> = format!("{}.{}", table.0, table.1).into();
         let fixed_source = outbox
             .as_ref()
             .and_then(|(table, _)| table.source.render_for_table(&qualified))
@@ -435,7 +514,15 @@ impl OutboxMapper {
                 sink: None,
             })
         };
-        let content: MessageContent = match serde_json::from_slice(message.content) {
+        let document = if message.prefix == REPLAY_PREFIX {
+            match self.verified_replay(message.content) {
+                Ok(document) => document,
+                Err(reason) => return dead(reason),
+            }
+        } else {
+            message.content
+        };
+        let content: MessageContent = match serde_json::from_slice(document) {
             Ok(content) => content,
             Err(e) => {
                 return dead(format!(
@@ -444,7 +531,8 @@ impl OutboxMapper {
                 ))
             }
         };
-        // A replayed dead letter keeps the table it came from, for routing.
+        // A replayed dead letter keeps the table it came from, for routing; the signature
+        // covers it.
         let (table, source) = match content
             .table
             .as_deref()
@@ -486,6 +574,22 @@ impl OutboxMapper {
                 .expect("a slice of a JSON document that parsed as UTF-8"),
         };
         Mapped::Event(Box::new(fields.into_event(ctx, table, source)))
+    }
+}
+
+impl OutboxMapper {
+    /// The event document of a replay message whose signature verifies, or why it is refused.
+    fn verified_replay<'a>(&self, content: &'a [u8]) -> Result<&'a [u8], String> {
+        const FORGED: &str = "a replay message that `outbox-relay dlq replay` did not sign: \
+             any role that can connect may emit logical messages, so it is not published. If \
+             it is a dead letter you meant to replay, replay it with `outbox-relay dlq replay`";
+        let envelope: ReplayEnvelope = serde_json::from_slice(content).map_err(|_| FORGED)?;
+        let key = self.replay_key.as_ref().ok_or_else(|| {
+            "a replay message arrived, but the relay's schema has no replay key to verify it \
+             with: run `outbox-relay init` (it adds the key), then replay the dead letter again"
+                .to_owned()
+        })?;
+        key.verify(&envelope).ok_or_else(|| FORGED.to_owned())
     }
 }
 

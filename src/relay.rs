@@ -4,7 +4,9 @@
 //! own timer, so a stalled pipeline never trips `wal_sender_timeout`), the checkpoint writer
 //! (batched), and the optional heartbeat.
 
-use crate::checkpoint::{dropped_slot_problem, CheckpointStore, PgCheckpointStore};
+use crate::checkpoint::{
+    dropped_slot_problem, load_replay_key, CheckpointStore, PgCheckpointStore,
+};
 use crate::config::ChangePolicy;
 use crate::config::{Config, ConnectParams, SinkConfig, SourceConfig};
 use crate::db;
@@ -13,11 +15,12 @@ use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
 };
 use crate::pipeline::{self, BatchLimit, PendingBatch, Pipeline, Progress, SinkWorker, WorkerGone};
-use crate::source::pgoutput::{self, Message, Tuple};
+use crate::source::pgoutput::{self, Message, Relation, Tuple};
 use crate::source::replication::{
     ReplicationConnection, ReplicationStream, SourceError, StatusWriter, SystemInfo,
 };
 use crate::source::wire::ReplicationMessage;
+use crate::tables;
 use crate::telemetry::{gauge_value, ComponentLabels, Metrics, Role, METRICS};
 use crate::validation::SchemaRegistry;
 use bytes::Bytes;
@@ -27,7 +30,7 @@ use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
 use outbox_relay_sinks::{
     file::FileSink, null::NullSink, stdout::StdoutSink, Lsn, Position, Sink, SinkError,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -131,21 +134,39 @@ async fn session_while_leader(
     tokio::pin!(lost);
     let mut lost_leadership = false;
     let mut stopping = false;
+    // A session told to stop drains within relay.shutdown_timeout and gives up its final
+    // writes by then; one still busy after that is stuck in a call that does not return (a
+    // query on a locked table while the session starts, say), and is dropped.
+    let give_up = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(give_up);
     loop {
         tokio::select! {
             end = &mut session => return (end, lost_leadership),
             _ = shutdown.wait_for(|stop| *stop), if !stopping => {
                 stopping = true;
+                give_up.as_mut().reset(tokio::time::Instant::now() + stop_limit(config));
                 let _ = stop.send(true);
             }
             _ = &mut lost, if !stopping => {
                 warn!("leader lock lost: stopping at once; another relay may take over");
                 stopping = true;
                 lost_leadership = true;
+                give_up.as_mut().reset(tokio::time::Instant::now() + stop_limit(config));
                 let _ = stop.send(true);
+            }
+            _ = &mut give_up => {
+                warn!(timeout = ?stop_limit(config), "the session did not stop in time; abandoning it");
+                let end = if lost_leadership { SessionEnd::Retry(anyhow::anyhow!("leader lock lost")) } else { SessionEnd::Shutdown };
+                return (end, lost_leadership);
             }
         }
     }
+}
+
+/// How long a stopping session may take: draining, then the final checkpoint, each bounded
+/// by relay.shutdown_timeout, and a little for the status update.
+fn stop_limit(config: &Config) -> Duration {
+    config.relay.shutdown_timeout * 2 + Duration::from_millis(500)
 }
 
 /// How often a standby relay retries a slot that another relay streams from.
@@ -200,18 +221,15 @@ async fn prepare_slot(
     config: &Config,
 ) -> Result<SlotState, SessionEnd> {
     let source = &config.source;
-    let publication = sql
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&source.publication],
-        )
+    for problem in tables::publication_problems(sql, &source.publication, &source.tables)
         .await
-        .map_err(|e| classify_sql(db::explain(e)))?;
-    if publication.is_none() {
-        return Err(SessionEnd::Fatal(anyhow::anyhow!(
-            "publication {:?} does not exist: run `outbox-relay init`, or fix source.publication",
-            source.publication
-        )));
+        .map_err(classify_sql)?
+    {
+        if problem.is_warning() {
+            warn!("{problem}");
+        } else {
+            return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
+        }
     }
     let row = sql
         .query_opt(
@@ -393,6 +411,29 @@ async fn session(
         Ok(slot) => slot,
         Err(end) => return end,
     };
+    // Asked about relations the stream names that are not configured outbox tables (are they
+    // partitions of one?); the OIDs tell a renamed outbox table from another table.
+    let catalog = match db::connect(&params).await {
+        Ok(client) => client,
+        Err(err) => return classify_sql(err),
+    };
+    let outbox_oids = match tables::outbox_oids(&catalog, &source.tables).await {
+        Ok(oids) => oids,
+        Err(err) => return classify_sql(err),
+    };
+    if let Some(missing) = source
+        .tables
+        .iter()
+        .map(|t| crate::admin::normalized(t))
+        .find(|t| !outbox_oids.values().any(|known| known == t))
+    {
+        return SessionEnd::Fatal(anyhow::anyhow!(
+            "outbox table {missing} does not exist: if it was renamed, put its new name in \
+             source.tables (and its [outbox.\"…\"] mapping); if it was dropped, remove it from \
+             source.tables. The relay does not start while a configured table is missing, so \
+             that the rows of a renamed table are not skipped"
+        ));
+    }
     let heartbeat_sql = match source.heartbeat_interval {
         Some(_) => match db::connect(&params).await {
             Ok(client) => Some(client),
@@ -409,6 +450,17 @@ async fn session(
     let (system, stream, status_writer) = match start_streaming(connection, config, &slot).await {
         Ok(started) => started,
         Err(err) => return classify_source(err),
+    };
+    let replay_key = match load_replay_key(&sql, &config.relay.schema).await {
+        Ok(Some(key)) => Some(key),
+        Ok(None) => {
+            warn!("the relay's schema has no replay key: replayed dead letters are refused until `outbox-relay init` adds it");
+            None
+        }
+        Err(err) => {
+            warn!(error = %format!("{err:#}"), "the replay key cannot be read: replayed dead letters are refused (grant the relay's role SELECT on its replay_key table)");
+            None
+        }
     };
     let store: Arc<dyn CheckpointStore> =
         Arc::new(PgCheckpointStore::new(sql, &config.relay.schema));
@@ -495,11 +547,7 @@ async fn session(
         PublicationWatch {
             params: params.clone(),
             publication: source.publication.clone(),
-            tables: source
-                .tables
-                .iter()
-                .map(|t| crate::admin::normalized(t))
-                .collect(),
+            tables: source.tables.clone(),
             interval: source.publication_check_interval,
         },
         helpers_stopped.clone(),
@@ -512,7 +560,12 @@ async fn session(
 
     let mut reader = Reader {
         stream,
-        mapper: OutboxMapper::new(&source.tables, &config.outbox, &source.message_prefixes),
+        mapper: OutboxMapper::new(&source.tables, &config.outbox, &source.message_prefixes)
+            .with_replay_key(replay_key),
+        catalog,
+        outbox_oids,
+        stop: shutdown.clone(),
+        renames_reported: Default::default(),
         schemas,
         pipeline,
         progress: progress.clone(),
@@ -826,12 +879,13 @@ struct PublicationWatch {
     interval: Duration,
 }
 
-/// Checks every `interval` that the publication still covers every outbox table, and says
-/// loudly (error log, `outbox_relay_unpublished_tables`) when one is missing: a table dropped
-/// and re-created leaves the publication, and its rows then never reach the relay at all.
+/// Checks every `interval` that the publication still delivers every outbox table's inserts,
+/// and says loudly (error log, `outbox_relay_unpublished_tables`) when it does not: a table
+/// dropped and re-created leaves the publication, a changed `publish` or a row filter keeps
+/// rows back, and those rows then never reach the relay at all.
 async fn watch_publication(watch: PublicationWatch, mut stop: watch::Receiver<bool>) {
     let mut client: Option<tokio_postgres::Client> = None;
-    let mut reported: Vec<String> = Vec::new();
+    let mut reported: Vec<tables::PublicationProblem> = Vec::new();
     let mut ticker = tokio::time::interval(watch.interval);
     loop {
         tokio::select! {
@@ -842,30 +896,29 @@ async fn watch_publication(watch: PublicationWatch, mut stop: watch::Receiver<bo
             client = db::connect(&watch.params).await.ok();
         }
         let Some(sql) = &client else { continue };
-        let published = match crate::admin::published_tables(sql, &watch.publication).await {
-            Ok(published) => published.unwrap_or_default(),
+        let problems = match tables::publication_problems(sql, &watch.publication, &watch.tables)
+            .await
+        {
+            Ok(problems) => problems,
             Err(err) => {
                 debug!(error = %format!("{err:#}"), "checking the publication failed; trying again later");
                 continue;
             }
         };
-        let missing: Vec<String> = watch
-            .tables
-            .iter()
-            .filter(|table| !published.contains(table))
-            .cloned()
-            .collect();
-        METRICS.unpublished_tables.set(missing.len() as i64);
-        if missing != reported {
-            if missing.is_empty() {
-                info!(publication = %watch.publication, "every outbox table is in the publication again");
-            } else {
-                error!(publication = %watch.publication, tables = ?missing,
-                    "outbox tables are missing from the publication: their rows do not reach the relay. \
-                     Run `outbox-relay init`, or ALTER PUBLICATION {} ADD TABLE ...",
-                    watch.publication);
+        let hidden = problems.iter().filter(|p| !p.is_warning()).count();
+        METRICS.unpublished_tables.set(hidden as i64);
+        if problems != reported {
+            if problems.is_empty() {
+                info!(publication = %watch.publication, "the publication delivers every outbox table's inserts again");
             }
-            reported = missing;
+            for problem in problems.iter().filter(|p| !reported.contains(p)) {
+                if problem.is_warning() {
+                    warn!(publication = %watch.publication, "{problem}");
+                } else {
+                    error!(publication = %watch.publication, "{problem}");
+                }
+            }
+            reported = problems;
         }
     }
 }
@@ -898,6 +951,14 @@ struct Transaction {
 struct Reader {
     stream: ReplicationStream,
     mapper: OutboxMapper,
+    /// Answers what the stream alone cannot: which table a partition belongs to.
+    catalog: tokio_postgres::Client,
+    /// The configured outbox tables by OID, as they were when the session started.
+    outbox_oids: HashMap<u32, String>,
+    /// Shutdown: a database call the reader waits on is abandoned when it turns true.
+    stop: watch::Receiver<bool>,
+    /// Renamed outbox tables already reported in this session.
+    renames_reported: std::collections::HashSet<u32>,
     schemas: Option<Arc<SchemaRegistry>>,
     pipeline: Pipeline,
     progress: Arc<Progress>,
@@ -1032,7 +1093,7 @@ impl Reader {
                 self.counts.transactions += 1;
                 self.set_boundary(Lsn(commit.end_lsn));
             }
-            Message::Relation(relation) => self.mapper.on_relation(relation),
+            Message::Relation(relation) => self.on_relation(relation).await?,
             Message::Insert(insert) => {
                 let ctx = self.next_row()?;
                 let mapped = self
@@ -1082,6 +1143,55 @@ impl Reader {
         Ok(())
     }
 
+    /// Records a relation the stream describes. A configured outbox table is known by its OID
+    /// first: one that arrives under another name was renamed, and its rows stay that table's
+    /// (the relay says so once). A relation that is not an outbox table may be a partition of
+    /// one: a publication that does not publish via the partition root sends partitions
+    /// under their own names.
+    async fn on_relation(&mut self, relation: Relation) -> Result<(), ReadError> {
+        if let Some(configured) = self.outbox_oids.get(&relation.id).cloned() {
+            self.follow(relation, &configured);
+            return Ok(());
+        }
+        if !self
+            .mapper
+            .is_configured(&relation.namespace, &relation.name)
+        {
+            let catalog = &self.catalog;
+            let root = abandon_on_stop(&mut self.stop, async {
+                tables::partition_root(catalog, relation.id)
+                    .await
+                    .map_err(|e| ReadError::Retry(e.context("looking up a partition's table")))
+            })
+            .await?;
+            if let Some((oid, (schema, name))) = root {
+                if let Some(configured) = self.outbox_oids.get(&oid).cloned() {
+                    self.mapper.on_relation_as(relation, split(&configured));
+                    return Ok(());
+                }
+                if self.mapper.is_configured(&schema, &name) {
+                    self.mapper.on_relation_as(relation, (schema, name));
+                    return Ok(());
+                }
+            }
+        }
+        self.mapper.on_relation(relation);
+        Ok(())
+    }
+
+    /// Maps the relation of a configured outbox table (by OID) as that table, whatever its
+    /// name now.
+    fn follow(&mut self, relation: Relation, configured: &str) {
+        let arrived = format!("{}.{}", relation.namespace, relation.name);
+        if arrived != configured && self.renames_reported.insert(relation.id) {
+            warn!(table = %configured, now = %arrived,
+                "outbox table {configured} was renamed to {arrived}: its rows are still published as \
+                 {configured}'s. Put {arrived} in source.tables (and its [outbox.\"…\"] mapping) \
+                 before the relay restarts: it refuses to start while a configured table is missing");
+        }
+        self.mapper.on_relation_as(relation, split(configured));
+    }
+
     /// The context of the next outbox row of the open transaction; consumes nothing yet.
     fn next_row(&self) -> Result<RowContext, ReadError> {
         let tx = self.transaction.as_ref().ok_or_else(|| {
@@ -1127,10 +1237,15 @@ impl Reader {
         METRICS.dead_letters.get_or_create(&Metrics::sink("")).inc();
         warn!(table = %letter.table, position = %letter.position, reason = %letter.reason,
             "outbox row cannot become an event; dead-lettered");
-        self.store
-            .dead_letter(&self.slot, &letter)
-            .await
-            .map_err(|e| ReadError::Retry(e.context("storing a dead letter")))
+        let store = &self.store;
+        let slot = &self.slot;
+        abandon_on_stop(&mut self.stop, async {
+            store
+                .dead_letter(slot, &letter)
+                .await
+                .map_err(|e| ReadError::Retry(e.context("storing a dead letter")))
+        })
+        .await
     }
 
     /// Applies the table's policy to an UPDATE or DELETE of an outbox row.
@@ -1169,6 +1284,25 @@ impl Reader {
             ))),
         }
     }
+}
+
+/// Runs a database call of the reader, abandoning it when shutdown is requested: a call that
+/// hangs (a locked table, a connection that died silently) must not hold the exit.
+async fn abandon_on_stop<T>(
+    stop: &mut watch::Receiver<bool>,
+    call: impl std::future::Future<Output = Result<T, ReadError>>,
+) -> Result<T, ReadError> {
+    tokio::select! {
+        biased;
+        done = call => done,
+        _ = stop.wait_for(|stop| *stop) => Err(ReadError::Stopped),
+    }
+}
+
+/// `schema.table` as its two parts.
+fn split(table: &str) -> (String, String) {
+    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+    (schema.to_owned(), name.to_owned())
 }
 
 #[cfg(test)]

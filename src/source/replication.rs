@@ -8,6 +8,7 @@
 use super::coalesce::CoalescingReader;
 use super::wire::{self, BackendMessage, ReplicationMessage};
 use crate::config::{ConnectParams, Host, SslMode};
+use crate::sql;
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::{
@@ -408,7 +409,8 @@ impl ReplicationConnection {
         };
         let rows = self
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput {options}"
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {options}",
+                sql::ident(slot)
             ))
             .await?;
         let row = rows.first().ok_or_else(|| {
@@ -423,7 +425,8 @@ impl ReplicationConnection {
     /// `sync_replication_slots = on` then copy.
     pub async fn enable_failover(&mut self, slot: &str) -> Result<(), SourceError> {
         self.simple_query(&format!(
-            "ALTER_REPLICATION_SLOT \"{slot}\" (FAILOVER true)"
+            "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+            sql::ident(slot)
         ))
         .await
         .map(drop)
@@ -448,9 +451,12 @@ impl ReplicationConnection {
         slot: &str,
         publication: &str,
     ) -> Result<(ReplicationStream, StatusWriter), SourceError> {
+        // publication_names is a string holding a list of identifiers.
         let command = format!(
-            "START_REPLICATION SLOT \"{slot}\" LOGICAL 0/0 (proto_version '1', \
-             publication_names '\"{publication}\"', messages 'true')"
+            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', \
+             publication_names {}, messages 'true')",
+            sql::ident(slot),
+            sql::literal(&sql::ident(publication))
         );
         frontend::query(&command, &mut self.out)?;
         self.flush().await?;

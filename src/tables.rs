@@ -1,0 +1,229 @@
+//! What the relay must know of its outbox tables in the database, beyond their rows: which
+//! relation each configured table is (its OID, so that a renamed table is noticed rather than
+//! skipped), which partitioned table a partition belongs to (pgoutput sends a partition's rows
+//! under the partition's own name unless the publication publishes via the root), and whether
+//! the publication really delivers every table's inserts (it may leave a table out, not
+//! publish inserts, or filter rows).
+//!
+//! Invariant: a row of a configured outbox table either becomes an event or a dead letter, or
+//! the relay stops with the fix. What the publication keeps from the stream cannot be seen in
+//! the stream, so `run` refuses to start on any [`PublicationProblem`] but
+//! [`PublicationProblem::ViaPartitions`], `check` reports them all, and the publication
+//! watch logs them while the relay streams.
+
+use crate::config::parse_table_name;
+use crate::db;
+use crate::sql;
+use std::collections::HashMap;
+use tokio_postgres::GenericClient;
+
+/// Something about the publication that keeps outbox rows from the relay, or may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicationProblem {
+    /// The publication does not exist.
+    Missing { publication: String },
+    /// `publish` leaves out `insert`: no row of any table arrives.
+    NoInserts { publication: String },
+    /// An outbox table (or, for a partitioned table, its partitions) is not published.
+    Unpublished { publication: String, table: String },
+    /// A row filter (PostgreSQL 15+) keeps some of a table's rows from the relay.
+    RowFilter {
+        publication: String,
+        table: String,
+        filter: String,
+    },
+    /// A partitioned outbox table in a publication that publishes through the partitions:
+    /// the relay maps each partition to its table, but a partition detached before its rows
+    /// are read is no longer known as one.
+    ViaPartitions { publication: String, table: String },
+}
+
+impl PublicationProblem {
+    /// Whether `run` may stream with it (the relay copes, but the setting is better changed).
+    pub fn is_warning(&self) -> bool {
+        matches!(self, PublicationProblem::ViaPartitions { .. })
+    }
+}
+
+impl std::fmt::Display for PublicationProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublicationProblem::Missing { publication } => write!(
+                f,
+                "publication {publication} does not exist: run `outbox-relay init` (as the tables' owner), or fix source.publication"
+            ),
+            PublicationProblem::NoInserts { publication } => write!(
+                f,
+                "publication {publication} does not publish inserts, so no outbox row reaches the relay: \
+                 ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate'). Rows committed \
+                 while it did not were never sent; publish them another way",
+                sql::ident(publication)
+            ),
+            PublicationProblem::Unpublished { publication, table } => write!(
+                f,
+                "publication {publication} does not include {table}, so its rows do not reach the relay: \
+                 run `outbox-relay init`, or ALTER PUBLICATION {} ADD TABLE {}",
+                sql::ident(publication),
+                quoted(table)
+            ),
+            PublicationProblem::RowFilter {
+                publication,
+                table,
+                filter,
+            } => write!(
+                f,
+                "publication {publication} filters the rows of {table} (WHERE {filter}), so the rows it \
+                 leaves out never reach the relay: ALTER PUBLICATION {} SET TABLE ... with {} and no \
+                 WHERE, or give the relay a publication of its own (source.publication). Rows filtered \
+                 out so far were never sent; publish them another way",
+                sql::ident(publication),
+                quoted(table)
+            ),
+            PublicationProblem::ViaPartitions { publication, table } => write!(
+                f,
+                "{table} is partitioned and publication {publication} publishes its rows under each \
+                 partition's name: ALTER PUBLICATION {} SET (publish_via_partition_root = true) \
+                 (`outbox-relay init` does it)",
+                sql::ident(publication)
+            ),
+        }
+    }
+}
+
+/// A configured `schema.table` quoted for SQL.
+fn quoted(table: &str) -> String {
+    match parse_table_name(table) {
+        Ok((schema, name)) => sql::qualified(schema, name),
+        Err(_) => table.to_owned(),
+    }
+}
+
+/// Everything about `publication` that keeps rows of `tables` (configured `schema.table`
+/// names) from the relay. Tables that do not exist are left out: `check` reports them.
+pub async fn publication_problems(
+    client: &impl GenericClient,
+    publication: &str,
+    tables: &[String],
+) -> anyhow::Result<Vec<PublicationProblem>> {
+    // Read through JSON: pubviaroot exists from PostgreSQL 13 on.
+    let row = client
+        .query_opt(
+            "SELECT p.pubinsert, coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false) \
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(db::explain)?;
+    let Some(row) = row else {
+        return Ok(vec![PublicationProblem::Missing {
+            publication: publication.to_owned(),
+        }]);
+    };
+    let (inserts, via_root): (bool, bool) = (row.get(0), row.get(1));
+    let mut problems = Vec::new();
+    if !inserts {
+        problems.push(PublicationProblem::NoInserts {
+            publication: publication.to_owned(),
+        });
+    }
+    for table in tables {
+        let Ok((schema, name)) = parse_table_name(table) else {
+            continue;
+        };
+        // Published when the table or a member of its partition tree is listed (the leaves
+        // unless the publication publishes via the root; the tree of a table that is not
+        // partitioned is empty). The row filter is read through JSON:
+        // pg_publication_tables has it from PostgreSQL 15 on.
+        let row = client
+            .query_one(
+                "WITH t AS (SELECT to_regclass($2) AS oid) \
+                 SELECT t.oid IS NOT NULL, \
+                   coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = t.oid), false), \
+                   EXISTS (SELECT 1 FROM (SELECT t.oid AS relid UNION \
+                       SELECT relid FROM pg_partition_tree(t.oid)) tree \
+                     JOIN pg_class c ON c.oid = tree.relid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     JOIN pg_publication_tables pt ON pt.pubname = $1 \
+                       AND pt.schemaname = n.nspname AND pt.tablename = c.relname), \
+                   (SELECT to_jsonb(pt) ->> 'rowfilter' FROM pg_publication_tables pt \
+                     JOIN pg_class c ON c.oid = t.oid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname) \
+                 FROM t",
+                &[&publication, &sql::qualified(schema, name)],
+            )
+            .await
+            .map_err(db::explain)?;
+        let (exists, partitioned, published, filter): (bool, bool, bool, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if !exists {
+            continue;
+        }
+        let named = || (publication.to_owned(), normalized(schema, name));
+        if !published {
+            let (publication, table) = named();
+            problems.push(PublicationProblem::Unpublished { publication, table });
+            continue;
+        }
+        if let Some(filter) = filter {
+            let (publication, table) = named();
+            problems.push(PublicationProblem::RowFilter {
+                publication,
+                table,
+                filter,
+            });
+        }
+        if partitioned && !via_root {
+            let (publication, table) = named();
+            problems.push(PublicationProblem::ViaPartitions { publication, table });
+        }
+    }
+    Ok(problems)
+}
+
+fn normalized(schema: &str, name: &str) -> String {
+    format!("{schema}.{name}")
+}
+
+/// The configured outbox tables that exist, by OID: a relation of the stream with one of these
+/// OIDs is that outbox table, whatever name it arrives under.
+pub async fn outbox_oids(
+    client: &impl GenericClient,
+    tables: &[String],
+) -> anyhow::Result<HashMap<u32, String>> {
+    let mut oids = HashMap::new();
+    for table in tables {
+        let Ok((schema, name)) = parse_table_name(table) else {
+            continue;
+        };
+        let oid: Option<u32> = client
+            .query_one(
+                "SELECT to_regclass($1)::oid",
+                &[&sql::qualified(schema, name)],
+            )
+            .await
+            .map_err(db::explain)?
+            .get(0);
+        if let Some(oid) = oid {
+            oids.insert(oid, normalized(schema, name));
+        }
+    }
+    Ok(oids)
+}
+
+/// The OID, schema and name of the partitioned table at the root of relation `oid`'s
+/// partition tree, if `oid` is a partition that exists now.
+pub async fn partition_root(
+    client: &impl GenericClient,
+    oid: u32,
+) -> anyhow::Result<Option<(u32, (String, String))>> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = pg_partition_root($1::oid::regclass) AND c.oid <> $1::oid",
+            &[&oid],
+        )
+        .await
+        .map_err(db::explain)?;
+    Ok(row.map(|row| (row.get(0), (row.get(1), row.get(2)))))
+}

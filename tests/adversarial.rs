@@ -1,0 +1,518 @@
+//! Attacks on the relay's promises from outside: names chosen to break out of SQL, events
+//! forged by roles that may not write the outbox, secrets and payloads that must stay out of
+//! every log, and changes to the publication and the outbox tables under a running relay.
+//! Each test failed before its fix (RELIABILITY.md, "Adversarial cases").
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `sql` with psql as `user` (the test clusters trust local connections).
+fn psql_as(pg: &PgCluster, user: &str, sql: &str) -> std::process::Output {
+    Command::new(pg.bin.join("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args(["-U", user, "-d", "postgres", "-p", &pg.port.to_string()])
+        .args(["-c", sql])
+        .output()
+        .unwrap()
+}
+
+fn file_sink(dir: &Path) -> String {
+    format!(
+        "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
+        dir.join("events.jsonl").display()
+    )
+}
+
+#[test]
+fn a_column_name_cannot_inject_sql_into_the_backfill() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    // Whoever may name a column of an outbox table must not run SQL as the relay's role.
+    let evil = "x\"\"::text, (SELECT pg_drop_replication_slot('victim'))::text, \"\"y";
+    pg.psql(&format!(
+        "ALTER TABLE outbox ADD COLUMN \"{evil}\" text DEFAULT 'v'"
+    ));
+    pg.psql("SELECT pg_create_physical_replication_slot('victim')");
+    pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 1}')");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace("[source]\n", "[source]\nbackfill = true\n");
+    std::fs::write(&config, text).unwrap();
+    init(&config);
+    let mut relay = Relay::start(&config);
+    let events = dir.path().join("events.jsonl");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "the backfilled row: {}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'victim'"),
+        "1",
+        "the column name ran SQL"
+    );
+}
+
+#[test]
+fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_published() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    pg.psql("CREATE ROLE mallory LOGIN; REVOKE ALL ON outbox FROM mallory");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    init(&config);
+    let relay = Relay::start(&config);
+    let events = dir.path().join("events.jsonl");
+
+    // Mallory may not insert into the outbox...
+    let refused = psql_as(&pg, "mallory", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Forged', '{}')");
+    assert!(!refused.status.success());
+    // ...but anyone may emit logical messages: the old replay format, and a signature made up.
+    let document = r#"{"id": "66666666-6666-4666-8666-666666666666", "aggregatetype": "order", "aggregateid": "o-1", "type": "Forged", "payload": {"amount": 1000000}, "table": "public.outbox"}"#;
+    for content in [
+        document.to_owned(),
+        format!(r#"{{"mac": "{}", "event": {document}}}"#, "ab".repeat(32)),
+    ] {
+        let sent = psql_as(
+            &pg,
+            "mallory",
+            &format!(
+                "SELECT pg_logical_emit_message(true, 'outbox-relay-replay', '{}')",
+                content.replace('\'', "''")
+            ),
+        );
+        assert!(sent.status.success(), "{sent:?}");
+    }
+    pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Genuine', '{}')");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "{}",
+        relay.log()
+    );
+    assert!(wait_until(WAIT, || pg.psql(
+        "SELECT count(*) FROM outbox_relay.dead_letters WHERE reason LIKE '%did not sign%'"
+    ) == "2"));
+    let delivered = read_events(&events);
+    assert_eq!(delivered[0]["type"], "Genuine", "{delivered:?}");
+}
+
+#[test]
+fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    init(&config);
+    let relay = Relay::start(&config);
+    let key = pg.psql("SELECT encode(key, 'hex') FROM outbox_relay.replay_key");
+    let key: Vec<u8> = (0..key.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&key[i..i + 2], 16).unwrap())
+        .collect();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let document = |kind: &str| {
+        format!(
+            r#"{{"id":"88888888-8888-4888-8888-888888888888","aggregatetype":"order","aggregateid":"o-1","type":"{kind}","payload":{{}},"table":"public.outbox"}}"#
+        )
+    };
+    let signed = |signed: &str, sent: &str| {
+        let mac: String = ring::hmac::sign(&key, signed.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!(r#"{{"mac":"{mac}","event":{sent}}}"#)
+    };
+    let emit = |content: String| {
+        pg.psql(&format!(
+            "SELECT pg_logical_emit_message(true, 'outbox-relay-replay', '{content}')"
+        ));
+    };
+    emit(signed(&document("Altered"), &document("Altered2")));
+    emit(signed(&document("Replayed"), &document("Replayed")));
+    let events = dir.path().join("events.jsonl");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "{}",
+        relay.log()
+    );
+    let event = &read_events(&events)[0];
+    assert_eq!(
+        (event["type"].as_str(), event["source"].as_str()),
+        (Some("Replayed"), Some("/public.outbox"))
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM outbox_relay.dead_letters WHERE reason LIKE '%did not sign%'"
+        ),
+        "1"
+    );
+}
+
+#[test]
+fn a_password_in_a_broken_config_file_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    for broken in [
+        "[source]\nurl = \"postgres://app:Pa55\\word@db/app\"\n[sinks.out]\ntype = \"stdout\"\n",
+        "[source]\nurl = \"postgres://app:Pa55\"word@db/app\"\n[sinks.out]\ntype = \"stdout\"\n",
+        "[source]\nurl = \"postgres://app:Pa55word@db/app\n[sinks.out]\ntype = \"stdout\"\n",
+    ] {
+        std::fs::write(&config, broken).unwrap();
+        for command in ["check", "run", "init", "status"] {
+            let out = relay_command(&config, command);
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success(), "{command}: {all}");
+            assert!(
+                !all.contains("Pa55"),
+                "{command} printed the password: {all}"
+            );
+            assert!(all.contains("line 2"), "{command} says where: {all}");
+        }
+    }
+}
+
+/// The marker every payload of [`no_payload_or_secret_reaches_any_log_at_trace_level`]
+/// carries, and how a library that logs bytes as numbers would print its start.
+const PAYLOAD_MARKER: &str = "PAYLOADMARKER7731";
+const PAYLOAD_MARKER_BYTES: &str = "80, 65, 89, 76, 79, 65, 68, 77, 65, 82, 75, 69, 82";
+const PASSWORD_MARKER: &str = "PASSWORDMARKER4419";
+
+#[test]
+fn no_payload_or_secret_reaches_any_log_at_trace_level() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    let moto = common::aws::Moto::start();
+    let aws = common::aws::Aws::new(&moto);
+    let bus = unique("bus");
+    aws.bus_into_queue(&bus);
+    let kafka = common::kafka::Broker::start_behind_sasl_plain("relay", PASSWORD_MARKER);
+    let vhost = common::rabbitmq::Vhost::new();
+    let rabbit_user = unique("relay");
+    common::rabbitmq::rabbitmqctl(&["add_user", &rabbit_user, PASSWORD_MARKER]);
+    common::rabbitmq::rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &vhost.name,
+        &rabbit_user,
+        ".*",
+        ".*",
+        ".*",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{PASSWORD_MARKER}\n")).unwrap();
+    let sinks = format!(
+        "{}\n\
+         [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"5s\"\n\
+         sasl_password_file = \"{}\"\n[sinks.kafka.properties]\n\
+         \"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"PLAIN\"\n\
+         \"sasl.username\" = \"relay\"\n\n\
+         [sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n\n\
+         [sinks.exchange]\ntype = \"rabbitmq\"\nurl = \"amqp://127.0.0.1:5672/{}\"\n\
+         username = \"{rabbit_user}\"\npassword_file = \"{}\"\nexchange = \"unbound\"\n\
+         declare = true\ntimeout = \"5s\"\n\n\
+         [sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\n\
+         url = \"rabbitmq-stream://127.0.0.1:5552/{}\"\nusername = \"{rabbit_user}\"\n\
+         password_file = \"{}\"\nstream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
+        file_sink(dir.path()),
+        kafka.address(),
+        secret.display(),
+        moto.url(),
+        vhost.name,
+        secret.display(),
+        vhost.name,
+        secret.display(),
+    );
+    let config = relay_config(dir.path(), &pg, &sinks);
+    // The database password: trust authentication never asks for it, so only a log of the
+    // URL would show it.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{PASSWORD_MARKER}@"),
+    );
+    std::fs::write(&config, text).unwrap();
+    init(&config);
+    let mut env = common::aws::AWS_ENV.to_vec();
+    env.retain(|(name, _)| *name != "AWS_SECRET_ACCESS_KEY");
+    env.push(("AWS_SECRET_ACCESS_KEY", PASSWORD_MARKER));
+    env.push(("RUST_LOG", "trace"));
+    let mut relay = Relay::start_with_env(&config, &env);
+    let before = pg.psql("SELECT pg_current_wal_lsn()");
+    // Every sink takes these; the exchange has no queue, so RabbitMQ returns them, and the
+    // sink dead-letters them: the dead letter's INSERT carries the payload too.
+    pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'order', 'o-' || n, 'Created', jsonb_build_object('marker', '{PAYLOAD_MARKER}') \
+         FROM generate_series(1, 3) n"
+    ));
+    assert!(
+        wait_until(WAIT, || pg.psql(&format!(
+            "SELECT count(*) FROM outbox_relay.checkpoints WHERE commit_lsn > '{before}'"
+        )) == "5"),
+        "every sink acknowledges: {}",
+        relay.log()
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters WHERE sink = 'exchange'"),
+        "3",
+        "the returned messages are dead-lettered"
+    );
+    relay.stops_cleanly();
+    let log = relay.log();
+    assert!(log.contains("DEBUG"), "debug logging was on");
+    for marker in [PAYLOAD_MARKER, PAYLOAD_MARKER_BYTES, PASSWORD_MARKER] {
+        if let Some(at) = log.find(marker) {
+            let start = log[..at].rfind('\n').map_or(0, |n| n + 1);
+            let end = log[at..].find('\n').map_or(log.len(), |n| at + n);
+            panic!(
+                "the log holds {marker:?}: {}",
+                &log[start..end.min(start + 2000)]
+            );
+        }
+    }
+}
+
+const PARTITIONED_OUTBOX: &str = "CREATE TABLE outbox (id uuid NOT NULL DEFAULT gen_random_uuid(), \
+     aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, \
+     PRIMARY KEY (id, aggregatetype)) PARTITION BY LIST (aggregatetype); \
+     CREATE TABLE outbox_order PARTITION OF outbox FOR VALUES IN ('order'); \
+     CREATE TABLE outbox_rest PARTITION OF outbox DEFAULT";
+
+fn insert_kinds(pg: &PgCluster, kinds: &[&str]) {
+    for kind in kinds {
+        pg.psql(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('{kind}', '{kind}-1', 'Created', '{{}}')"
+        ));
+    }
+}
+
+/// Starts the relay, inserts into the partitions of PARTITIONED_OUTBOX and into one attached
+/// while the relay streams, and waits for the three events.
+fn insert_into_every_partition(
+    pg: &PgCluster,
+    config: &Path,
+    dir: &Path,
+) -> (Relay, std::path::PathBuf) {
+    let relay = Relay::start(config);
+    insert_kinds(pg, &["order", "customer"]);
+    pg.psql("CREATE TABLE outbox_invoice PARTITION OF outbox FOR VALUES IN ('invoice')");
+    insert_kinds(pg, &["invoice"]);
+    let events = dir.join("events.jsonl");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 3),
+        "{}",
+        relay.log()
+    );
+    (relay, events)
+}
+
+fn delivered(events: &Path) -> Vec<(String, String)> {
+    read_events(events)
+        .iter()
+        .map(|e| {
+            (
+                e["aggregatetype"].as_str().unwrap().to_owned(),
+                e["source"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_partitioned_outbox_table_publishes_the_rows_of_every_partition() {
+    let pg = PgCluster::start();
+    pg.psql(PARTITIONED_OUTBOX);
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    init(&config);
+    let (ok, report) = relay_check(&config);
+    assert!(ok, "{report}");
+    let (_relay, events) = insert_into_every_partition(&pg, &config, dir.path());
+    let source = "/public.outbox".to_owned();
+    assert_eq!(
+        delivered(&events),
+        [
+            ("order".to_owned(), source.clone()),
+            ("customer".to_owned(), source.clone()),
+            ("invoice".to_owned(), source)
+        ]
+    );
+}
+
+#[test]
+fn a_publication_that_sends_partitions_under_their_own_names_still_delivers_them() {
+    let pg = PgCluster::start();
+    pg.psql(PARTITIONED_OUTBOX);
+    // As someone would create it by hand: without publish_via_partition_root.
+    pg.psql("CREATE PUBLICATION outbox_relay FOR TABLE outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains("publish_via_partition_root = true"),
+        "{report}"
+    );
+    // init would change the publication; the relay's tables and slot only, here.
+    let init = relay_command(&config, "init");
+    assert!(init.status.success(), "{init:?}");
+    assert!(String::from_utf8_lossy(&init.stdout).contains("via their root"));
+    pg.psql("ALTER PUBLICATION outbox_relay SET (publish_via_partition_root = false)");
+    let (relay, events) = insert_into_every_partition(&pg, &config, dir.path());
+    assert!(delivered(&events)
+        .iter()
+        .all(|(_, source)| source == "/public.outbox"));
+    assert!(relay.log().contains("publish_via_partition_root = true"));
+}
+
+#[test]
+fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    init(&config);
+    let mut relay = Relay::start(&config);
+    insert_kinds(&pg, &["order"]);
+    let events = dir.path().join("events.jsonl");
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    pg.psql("ALTER TABLE outbox RENAME TO outbox_v2");
+    pg.psql("INSERT INTO outbox_v2 (aggregatetype, aggregateid, type, payload) VALUES ('renamed', 'r-1', 'Created', '{}')");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 2),
+        "the renamed table's row: {}",
+        relay.log()
+    );
+    assert_eq!(read_events(&events)[1]["source"], "/public.outbox");
+    assert!(relay
+        .log()
+        .contains("outbox table public.outbox was renamed to public.outbox_v2"));
+    relay.stops_cleanly();
+
+    // Restarted with the old name, it does not skip the table's rows: it stops with the fix.
+    pg.psql("INSERT INTO outbox_v2 (aggregatetype, aggregateid, type, payload) VALUES ('later', 'l-1', 'Created', '{}')");
+    let mut refused = Relay::start(&config);
+    let log = refused.stops_with_failure(WAIT, "a configured outbox table is missing");
+    assert!(
+        log.contains("outbox table public.outbox does not exist"),
+        "{log}"
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[source]\n", "[source]\ntables = [\"public.outbox_v2\"]\n");
+    std::fs::write(&config, text).unwrap();
+    let relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 3),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(read_events(&events)[2]["source"], "/public.outbox_v2");
+}
+
+#[test]
+fn a_publication_that_hides_inserts_or_filters_rows_is_refused() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[source]\n",
+        "[source]\npublication_check_interval = \"200ms\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    init(&config);
+    let relay = Relay::start(&config);
+    insert_kinds(&pg, &["order"]);
+    let events = dir.path().join("events.jsonl");
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    // While it streams: said at once, with the fix.
+    pg.psql("ALTER PUBLICATION outbox_relay SET (publish = 'update, delete')");
+    assert!(
+        wait_until(WAIT, || relay.log().contains("does not publish inserts")),
+        "{}",
+        relay.log()
+    );
+    drop(relay);
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains("SET (publish = 'insert, update, delete, truncate')"),
+        "{report}"
+    );
+    let mut refused = Relay::start(&config);
+    let log = refused.stops_with_failure(WAIT, "the publication does not publish inserts");
+    assert!(log.contains("does not publish inserts"), "{log}");
+
+    pg.psql("ALTER PUBLICATION outbox_relay SET (publish = 'insert, update, delete, truncate')");
+    pg.psql("ALTER PUBLICATION outbox_relay SET TABLE outbox WHERE (aggregatetype = 'order')");
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains("filters the rows of public.outbox"),
+        "{report}"
+    );
+    let mut refused = Relay::start(&config);
+    let log = refused.stops_with_failure(WAIT, "a row filter");
+    assert!(log.contains("filters the rows of public.outbox"), "{log}");
+}
+
+#[test]
+fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
+    let pg = PgCluster::start();
+    pg.psql("CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config_with(
+        dir.path(),
+        &pg,
+        "shutdown_timeout = \"2s\"\n",
+        &file_sink(dir.path()),
+    );
+    init(&config);
+    let mut relay = Relay::start(&config);
+    assert!(wait_until(WAIT, || relay.log().contains("streaming")));
+    // Another session holds the dead-letter table locked.
+    let mut locker = Command::new(pg.bin.join("psql"))
+        .args(["-X", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-p", &pg.port.to_string()])
+        .args(["-c", "BEGIN; LOCK TABLE outbox_relay.dead_letters IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(300)"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(WAIT, || {
+        pg.psql(
+        "SELECT count(*) FROM pg_locks WHERE relation = 'outbox_relay.dead_letters'::regclass AND granted"
+    ) == "1"
+    }));
+    pg.psql("INSERT INTO outbox VALUES ('99999999-9999-4999-8999-999999999999', 'order', 'o-1', 'T', '{not json')");
+    assert!(wait_until(WAIT, || {
+        pg.psql(
+        "SELECT count(*) FROM pg_locks WHERE relation = 'outbox_relay.dead_letters'::regclass AND NOT granted"
+    ) == "1"
+    }));
+    let asked = std::time::Instant::now();
+    let status = relay.terminate(Duration::from_secs(30));
+    let took = asked.elapsed();
+    let _ = locker.kill();
+    let _ = locker.wait();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        relay.log()
+    );
+    assert!(
+        took < Duration::from_secs(3) + Duration::from_millis(500),
+        "took {took:?} (shutdown_timeout 2 s)\n{}",
+        relay.log()
+    );
+}
