@@ -584,6 +584,22 @@ async fn session(
     let mut end = match read_result {
         Ok(()) => SessionEnd::Shutdown,
         Err(ReadError::Stopped) => SessionEnd::Shutdown,
+        // The publication existed when the session started, so it was dropped (and maybe
+        // created again) under the stream: the server cannot decode past the drop, ever.
+        Err(ReadError::Source(err)) if err.is_missing_publication() => SessionEnd::Fatal(
+            anyhow::anyhow!(
+                "{err}\nThe publication {publication} was dropped while the relay streamed, after \
+                 position {confirmed}, and PostgreSQL reads every change with the publication as it \
+                 was then: this slot cannot get past the drop, even now that the publication exists \
+                 again. The rows committed in between reach no subscriber of this slot. To go on, \
+                 drop the slot (SELECT pg_drop_replication_slot('{slot}')) and start the relay with \
+                 source.backfill = true, which publishes the rows still in the outbox tables on a \
+                 new slot (with their event ids, for consumers to dedup on)",
+                publication = source.publication,
+                confirmed = progress.confirmed(),
+                slot = source.slot,
+            )
+        ),
         Err(ReadError::Source(err)) => classify_source(err),
         Err(ReadError::Fatal(err)) => SessionEnd::Fatal(err),
         Err(ReadError::Retry(err)) => SessionEnd::Retry(err),

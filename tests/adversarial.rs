@@ -516,3 +516,59 @@ fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
         relay.log()
     );
 }
+
+#[test]
+fn a_publication_dropped_and_created_again_under_a_running_relay_stops_it_with_the_fix() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    init(&config);
+    let mut relay = Relay::start(&config);
+    insert_kinds(&pg, &["order"]);
+    let events = dir.path().join("events.jsonl");
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    pg.psql("DROP PUBLICATION outbox_relay");
+    insert_kinds(&pg, &["lost"]);
+    pg.psql(
+        "CREATE PUBLICATION outbox_relay FOR TABLE outbox WITH (publish_via_partition_root = true)",
+    );
+    insert_kinds(&pg, &["after"]);
+    let log = relay.stops_with_failure(WAIT, "the publication was dropped");
+    assert!(
+        log.contains("was dropped while the relay streamed")
+            && log.contains("source.backfill = true"),
+        "{log}"
+    );
+    // The fix it gives publishes the rows the broken slot could not.
+    pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[source]\n", "[source]\nbackfill = true\n");
+    std::fs::write(&config, text).unwrap();
+    let relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || {
+            let kinds: Vec<String> = delivered(&events).into_iter().map(|(k, _)| k).collect();
+            kinds.contains(&"lost".to_owned()) && kinds.contains(&"after".to_owned())
+        }),
+        "{}",
+        relay.log()
+    );
+}
+
+#[test]
+fn check_reports_a_mapped_generated_column() {
+    let pg = PgCluster::start();
+    pg.psql("CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+             type text NOT NULL, payload jsonb NOT NULL, \
+             aggregateid text GENERATED ALWAYS AS (payload ->> 'order') STORED)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    init(&config);
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains("\"aggregateid\" of outbox table public.outbox (its aggregate_id column) is a generated column"),
+        "{report}"
+    );
+}

@@ -64,6 +64,12 @@ impl SourceError {
         }
     }
 
+    /// Whether the server could not find the publication while decoding: it reads each
+    /// change with the publication as it was at that change's position.
+    pub fn is_missing_publication(&self) -> bool {
+        matches!(self, SourceError::Server(e) if e.code == "42704" && e.message.contains("publication"))
+    }
+
     /// Whether the slot is being streamed by another process (another relay).
     pub fn is_slot_in_use(&self) -> bool {
         matches!(self, SourceError::Server(e) if e.code == "55006")
