@@ -22,6 +22,8 @@ pub trait CheckpointStore: Send + Sync {
     async fn save(&self, slot: &str, positions: &BTreeMap<String, Position>) -> anyhow::Result<()>;
     /// Stores a dead letter; storing the same one again is a no-op.
     async fn dead_letter(&self, slot: &str, letter: &DeadLetter) -> anyhow::Result<()>;
+    /// Whether the store's connection is gone for good: every later call fails too.
+    fn is_closed(&self) -> bool;
 }
 
 /// Checkpoints and dead letters in tables of the relay's schema (see migrations/).
@@ -60,6 +62,10 @@ impl PgCheckpointStore {
 
 #[async_trait]
 impl CheckpointStore for PgCheckpointStore {
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
     async fn load(&self, slot: &str) -> anyhow::Result<BTreeMap<String, Position>> {
         let rows = self
             .client

@@ -683,6 +683,9 @@ mod tests {
         async fn dead_letter(&self, _: &str, _: &DeadLetter) -> anyhow::Result<()> {
             Ok(())
         }
+        fn is_closed(&self) -> bool {
+            false
+        }
     }
 
     fn event(lsn: u64, index: u32) -> Event {

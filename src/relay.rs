@@ -536,11 +536,13 @@ async fn session(
         reply_requested.clone(),
         helpers_stopped.clone(),
     ));
+    let store_lost = Arc::new(Notify::new());
     let checkpoint_task = tokio::spawn(write_checkpoints(
         store.clone(),
         source.slot.clone(),
         progress.clone(),
         config.relay.checkpoint_interval,
+        store_lost.clone(),
         helpers_stopped.clone(),
     ));
     let publication_task = tokio::spawn(watch_publication(
@@ -555,7 +557,12 @@ async fn session(
     let heartbeat_task = heartbeat_sql
         .zip(source.heartbeat_interval)
         .map(|(client, interval)| {
-            tokio::spawn(heartbeat(client, interval, helpers_stopped.clone()))
+            tokio::spawn(heartbeat(
+                client,
+                params.clone(),
+                interval,
+                helpers_stopped.clone(),
+            ))
         });
 
     let mut reader = Reader {
@@ -566,6 +573,7 @@ async fn session(
         outbox_oids,
         stop: shutdown.clone(),
         renames_reported: Default::default(),
+        store_lost,
         schemas,
         pipeline,
         progress: progress.clone(),
@@ -813,12 +821,14 @@ async fn status_updates(
 }
 
 /// Writes changed checkpoints every `interval`, and once more on stop. A failed write is
-/// retried at the next tick: the stream goes on, only the restart point lags.
+/// retried at the next tick: the stream goes on, only the restart point lags. A closed
+/// connection is not retried: `store_lost` tells the reader to end the session.
 async fn write_checkpoints(
     store: Arc<dyn CheckpointStore>,
     slot: String,
     progress: Arc<Progress>,
     interval: Duration,
+    store_lost: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut saved = BTreeMap::new();
@@ -842,6 +852,13 @@ async fn write_checkpoints(
                     saved = current;
                 }
                 Err(err) if stopping => return Err(err),
+                // The connection died: no later write can succeed on it. End the session, and
+                // the next one connects afresh (and re-reads from the last checkpoint).
+                Err(err) if store.is_closed() => {
+                    error!(error = %format!("{err:#}"), "the connection for checkpoints closed; reconnecting");
+                    store_lost.notify_one();
+                    return Err(err);
+                }
                 Err(err) => {
                     warn!(error = %format!("{err:#}"), "writing checkpoints failed; retrying")
                 }
@@ -854,19 +871,31 @@ async fn write_checkpoints(
 }
 
 /// Emits a non-transactional logical message so the slot advances even when this
-/// database has no other writes.
+/// database has no other writes; a connection that died is opened again at the next tick.
 async fn heartbeat(
     client: tokio_postgres::Client,
+    params: ConnectParams,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut client = Some(client);
     let mut ticker = tokio::time::interval(interval);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        let written = client
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = match db::connect(&params).await {
+                Ok(client) => Some(client),
+                Err(err) => {
+                    warn!(error = %format!("{err:#}"), "heartbeat: cannot connect; trying again at the next tick");
+                    continue;
+                }
+            };
+        }
+        let Some(sql) = &client else { continue };
+        let written = sql
             .execute(
                 "SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
                 &[],
@@ -975,6 +1004,8 @@ struct Reader {
     stop: watch::Receiver<bool>,
     /// Renamed outbox tables already reported in this session.
     renames_reported: std::collections::HashSet<u32>,
+    /// Notified when the checkpoint store's connection closed: the session must end.
+    store_lost: Arc<Notify>,
     schemas: Option<Arc<SchemaRegistry>>,
     pipeline: Pipeline,
     progress: Arc<Progress>,
@@ -1034,6 +1065,9 @@ impl Reader {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => return Err(ReadError::Stopped),
                 _ = self.pipeline.worker_failed() => return Err(ReadError::Retry(WorkerGone.into())),
+                _ = self.store_lost.notified() => return Err(ReadError::Retry(anyhow::anyhow!(
+                    "the connection for checkpoints and dead letters closed"
+                ))),
                 room = self.pipeline.room(), if held => room,
                 filled = self.stream.fill() => {
                     filled?;

@@ -572,3 +572,50 @@ fn check_reports_a_mapped_generated_column() {
         "{report}"
     );
 }
+
+#[test]
+fn the_relays_sql_connections_dying_under_a_live_stream_are_opened_again() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    // Without leader election: losing the lock's connection would end the session anyway.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[source]\n",
+        "[leader]\nenabled = false\n\n[source]\nheartbeat_interval = \"200ms\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    init(&config);
+    let relay = Relay::start(&config);
+    insert_kinds(&pg, &["order"]);
+    let events = dir.path().join("events.jsonl");
+    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    // Every SQL connection of the relay (checkpoints and dead letters, leader lock, catalog,
+    // heartbeat) is cut; the replication connection lives on.
+    let cut_at = pg.psql("SELECT now()");
+    let cut = pg.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE backend_type = 'client backend' AND application_name = 'outbox-relay'",
+    );
+    assert_ne!(cut, "0");
+    insert_kinds(&pg, &["after-the-cut"]);
+    assert!(wait_until(WAIT, || read_events(&events).len() == 2));
+    let before = pg.psql("SELECT pg_current_wal_lsn()");
+    insert_kinds(&pg, &["later"]);
+    assert!(
+        wait_until(WAIT, || pg.psql(&format!(
+            "SELECT count(*) FROM outbox_relay.checkpoints WHERE commit_lsn > '{before}'"
+        )) == "1"),
+        "the checkpoint moves on: {}",
+        relay.log()
+    );
+    assert_eq!(read_events(&events).len(), 3);
+    assert!(
+        wait_until(WAIT, || pg.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+             AND query LIKE '%outbox-relay-heartbeat%' AND backend_start > '{cut_at}'"
+        )) == "1"),
+        "a new heartbeat connection: {}",
+        relay.log()
+    );
+}
