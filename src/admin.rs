@@ -18,7 +18,7 @@ const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/002_relay_schema.sql"
 /// Quotes `schema.table` for SQL.
 fn quoted_table(name: &str) -> String {
     let (schema, table) = parse_table_name(name).expect("validated by the config");
-    sql::qualified(schema, table)
+    sql::qualified(&schema, &table)
 }
 
 /// One of the relay's own tables, quoted for SQL.
@@ -199,12 +199,6 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(done)
-}
-
-/// A configured table as `schema.table`.
-pub(crate) fn normalized(table: &str) -> String {
-    let (schema, name) = parse_table_name(table).expect("validated by the config");
-    format!("{schema}.{name}")
 }
 
 /// Every problem found, one line each with its fix; empty when the relay can run.

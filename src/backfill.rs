@@ -197,7 +197,7 @@ async fn deliver(
                     // earlier page.
                     "SELECT {} FROM {} ORDER BY age(xmin) DESC, cmin::text::bigint, ctid",
                     select.join(", "),
-                    sql::qualified(schema, name)
+                    sql::qualified(&schema, &name)
                 ),
                 &[],
             )
@@ -270,7 +270,7 @@ async fn deliver(
 /// The table's columns as a Relation, as pgoutput would describe it.
 async fn describe(tx: &tokio_postgres::Transaction<'_>, table: &str) -> anyhow::Result<Relation> {
     let (schema, name) = parse_table_name(table)?;
-    let qualified = sql::qualified(schema, name);
+    let qualified = sql::qualified(&schema, &name);
     let rows = tx
         .query(
             "SELECT $1::text::regclass::oid, attname::text, atttypid FROM pg_attribute \

@@ -891,12 +891,12 @@ impl Config {
             parse_table_name(table)?;
         }
         for (table, mapping) in &self.outbox {
-            let (schema, name) = parse_table_name(table)?;
+            let names = parse_table_name(table)?;
             let listed = self
                 .source
                 .tables
                 .iter()
-                .any(|t| parse_table_name(t).ok() == Some((schema, name)));
+                .any(|t| parse_table_name(t).ok().as_ref() == Some(&names));
             if !listed {
                 bail!(
                     "[outbox.\"{table}\"] maps a table that is not in source.tables: add it there"
@@ -933,13 +933,64 @@ impl Config {
     }
 }
 
-/// Splits `schema.table` (a bare name means `public`).
-pub fn parse_table_name(name: &str) -> anyhow::Result<(&str, &str)> {
-    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-    check_identifier("table schema", schema)
-        .and_then(|_| check_identifier("table name", table))
-        .with_context(|| format!("source.tables entry {name:?} must be \"schema.table\""))?;
-    Ok((schema, table))
+/// Splits `schema.table` (a bare name means `public`) into the names as the catalog holds
+/// them: no case folding, so `public.OutboxMessage` is the table EF Core or MassTransit created
+/// as "OutboxMessage". A part may be double-quoted (`"my.schema"."Out""box"`), for names that
+/// hold a dot or a quote; every name reaches SQL quoted (src/sql.rs).
+pub fn parse_table_name(name: &str) -> anyhow::Result<(String, String)> {
+    let parsed = split_name(name).and_then(|parts| match parts.as_slice() {
+        [table] => Some(("public".to_owned(), table.clone())),
+        [schema, table] => Some((schema.clone(), table.clone())),
+        _ => None,
+    });
+    let ok = parsed.as_ref().is_some_and(|(schema, table)| {
+        [schema, table]
+            .iter()
+            .all(|part| !part.is_empty() && part.len() <= 63 && !part.contains('\0'))
+    });
+    match parsed {
+        Some(names) if ok => Ok(names),
+        _ => bail!(
+            "source.tables entry {name:?} must be \"schema.table\": names of 1–63 bytes, \
+             double-quoted where they hold a dot or a quote (\"\\\"my.schema\\\".outbox\")"
+        ),
+    }
+}
+
+/// The dot-separated parts of a name, each bare or double-quoted (`""` inside quotes is one
+/// quote); `None` when the quoting is broken.
+fn split_name(name: &str) -> Option<Vec<String>> {
+    let mut parts = vec![String::new()];
+    let mut chars = name.chars().peekable();
+    let mut quoted = false;
+    let mut part_quoted = false;
+    while let Some(c) = chars.next() {
+        let part = parts.last_mut().expect("parts is never empty");
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                part.push('"');
+            }
+            (true, '"') => {
+                quoted = false;
+                if chars.peek().is_some_and(|next| *next != '.') {
+                    return None;
+                }
+            }
+            (true, c) => part.push(c),
+            (false, '"') if part.is_empty() && !part_quoted => {
+                quoted = true;
+                part_quoted = true;
+            }
+            (false, '"') => return None,
+            (false, '.') => {
+                parts.push(String::new());
+                part_quoted = false;
+            }
+            (false, c) => part.push(c),
+        }
+    }
+    (!quoted).then_some(parts)
 }
 
 /// Names the relay puts into SQL must be plain identifiers: lower-case letters, digits, `_`.
@@ -986,7 +1037,8 @@ fn redact_config_error(text: &str) -> String {
     kept.join(": ")
 }
 
-/// Replaces the contents of every `"…"` in `line` with `…`.
+/// Replaces the contents of every quoted value in `line` with `…`: serde writes a value as
+/// `string "…"` (or `char "…"`); key names, also quoted, stay.
 fn mask_quoted(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut inside = false;
@@ -1003,8 +1055,8 @@ fn mask_quoted(line: &str) -> String {
             }
             continue;
         }
+        inside = c == '"' && (out.ends_with("string ") || out.ends_with("char "));
         out.push(c);
-        inside = c == '"';
     }
     if inside {
         out.push('…');
@@ -1236,6 +1288,34 @@ mod tests {
 
     const MINIMAL: &str =
         "[source]\nurl = \"postgres://app@db/app\"\n[sinks.out]\ntype = \"stdout\"\n";
+
+    #[test]
+    fn table_names_are_taken_as_the_catalog_holds_them_quoted_where_needed() {
+        let parsed = |name: &str| parse_table_name(name).map_err(|e| e.to_string());
+        let pair = |schema: &str, table: &str| Ok((schema.to_owned(), table.to_owned()));
+        assert_eq!(parsed("outbox"), pair("public", "outbox"));
+        assert_eq!(
+            parsed("Billing.OutboxMessage"),
+            pair("Billing", "OutboxMessage")
+        );
+        assert_eq!(
+            parsed("\"my.schema\".\"Out\"\"box\""),
+            pair("my.schema", "Out\"box")
+        );
+        assert_eq!(parsed("\"a.b\""), pair("public", "a.b"));
+        for bad in [
+            "",
+            "a.",
+            ".b",
+            "a.b.c",
+            "\"open",
+            "a\"b",
+            "\"x\"y.z",
+            &"x".repeat(64),
+        ] {
+            assert!(parsed(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_config_error_never_shows_the_values_of_the_file() {

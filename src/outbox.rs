@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 const JSONB_OID: u32 = 3802;
-const UUID_OID: u32 = 2950;
 /// The logical-message prefix `outbox-relay dlq replay` publishes fixed dead letters with;
 /// always read, whatever `source.message_prefixes` says, and mapped only when its signature
 /// verifies (see [`ReplayKey`]).
@@ -145,7 +144,6 @@ struct RelationInfo {
 /// Positions of the mapped columns within the relation.
 struct Layout {
     id: usize,
-    id_is_uuid: bool,
     aggregate_type: usize,
     aggregate_id: usize,
     event_type: usize,
@@ -188,7 +186,6 @@ impl Layout {
             .collect::<Result<_, _>>()?;
         Ok(Layout {
             id,
-            id_is_uuid: relation.columns[id].type_oid == UUID_OID,
             aggregate_type: find(&mapping.aggregate_type, "aggregate type")?,
             aggregate_id,
             event_type: find(&mapping.event_type, "type")?,
@@ -234,21 +231,18 @@ impl OutboxMapper {
     ) -> Self {
         let mut configured = HashMap::new();
         for table in tables {
-            let Ok((schema, name)) = parse_table_name(table) else {
+            let Ok(names) = parse_table_name(table) else {
                 continue;
             };
             let mapping = mappings
                 .iter()
-                .find(|(t, _)| parse_table_name(t).ok() == Some((schema, name)))
+                .find(|(t, _)| parse_table_name(t).ok().as_ref() == Some(&names))
                 .map(|(_, m)| m.clone())
                 .unwrap_or_default();
             let source = Template::parse(&mapping.source).unwrap_or_else(|_| {
                 Template::parse("/{table}").expect("the default source template is valid")
             });
-            configured.insert(
-                (schema.to_owned(), name.to_owned()),
-                Arc::new(OutboxTable { mapping, source }),
-            );
+            configured.insert(names, Arc::new(OutboxTable { mapping, source }));
         }
         let message_prefixes = message_prefixes
             .iter()
@@ -426,11 +420,9 @@ impl OutboxMapper {
         };
         let event = (|| {
             let id = required(layout.id)?;
-            if !layout.id_is_uuid && !is_uuid(&id) {
-                return Err(format!(
-                    "the id column is not a UUID: {:?}",
-                    truncate(&id, 80)
-                ));
+            // Any text names an event (uuid, bigserial, ULID, …), but an empty one cannot.
+            if id.trim().is_empty() {
+                return Err("the id column is empty: consumers could not dedup on it".to_owned());
             }
             let payload = required(layout.payload)?;
             if !layout.payload_is_jsonb {
@@ -551,8 +543,8 @@ impl OutboxMapper {
             },
             None => None,
         };
-        if !is_uuid(&content.id) {
-            return dead(format!("id is not a UUID: {:?}", truncate(&content.id, 80)));
+        if content.id.trim().is_empty() {
+            return dead("id is empty: consumers could not dedup on it".to_owned());
         }
         let headers = content
             .headers
@@ -718,15 +710,6 @@ pub fn pg_timestamp_to_rfc3339(text: &str) -> Option<String> {
     Some(format!("{date}T{clock}{offset}"))
 }
 
-fn is_uuid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, &c)| match i {
-            8 | 13 | 18 | 23 => c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -762,6 +745,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     const TEXT: u32 = 25;
+    const UUID_OID: u32 = 2950;
     const INT: u32 = 23;
     const TIMESTAMPTZ: u32 = 1184;
     const ID: &str = "6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11";
@@ -979,14 +963,8 @@ mod tests {
             ),
             (
                 text_outbox.clone(),
-                vec![
-                    Some("not-a-uuid"),
-                    Some("order"),
-                    Some("o-1"),
-                    Some("T"),
-                    Some("{}"),
-                ],
-                "not a UUID",
+                vec![Some(" "), Some("order"), Some("o-1"), Some("T"), Some("{}")],
+                "the id column is empty",
             ),
             (
                 text_outbox,

@@ -421,12 +421,10 @@ async fn session(
         Ok(oids) => oids,
         Err(err) => return classify_sql(err),
     };
-    if let Some(missing) = source
-        .tables
-        .iter()
-        .map(|t| crate::admin::normalized(t))
-        .find(|t| !outbox_oids.values().any(|known| known == t))
-    {
+    if let Some(missing) = source.tables.iter().find(|t| {
+        crate::config::parse_table_name(t)
+            .is_ok_and(|names| !outbox_oids.values().any(|known| *known == names))
+    }) {
         return SessionEnd::Fatal(anyhow::anyhow!(
             "outbox table {missing} does not exist: if it was renamed, put its new name in \
              source.tables (and its [outbox.\"…\"] mapping); if it was dropped, remove it from \
@@ -999,7 +997,7 @@ struct Reader {
     /// Answers what the stream alone cannot: which table a partition belongs to.
     catalog: tokio_postgres::Client,
     /// The configured outbox tables by OID, as they were when the session started.
-    outbox_oids: HashMap<u32, String>,
+    outbox_oids: HashMap<u32, tables::TableName>,
     /// Shutdown: a database call the reader waits on is abandoned when it turns true.
     stop: watch::Receiver<bool>,
     /// Renamed outbox tables already reported in this session.
@@ -1200,7 +1198,7 @@ impl Reader {
     /// under their own names.
     async fn on_relation(&mut self, relation: Relation) -> Result<(), ReadError> {
         if let Some(configured) = self.outbox_oids.get(&relation.id).cloned() {
-            self.follow(relation, &configured);
+            self.follow(relation, configured);
             return Ok(());
         }
         if !self
@@ -1216,7 +1214,7 @@ impl Reader {
             .await?;
             if let Some((oid, (schema, name))) = root {
                 if let Some(configured) = self.outbox_oids.get(&oid).cloned() {
-                    self.mapper.on_relation_as(relation, split(&configured));
+                    self.mapper.on_relation_as(relation, configured);
                     return Ok(());
                 }
                 if self.mapper.is_configured(&schema, &name) {
@@ -1231,15 +1229,21 @@ impl Reader {
 
     /// Maps the relation of a configured outbox table (by OID) as that table, whatever its
     /// name now.
-    fn follow(&mut self, relation: Relation, configured: &str) {
-        let arrived = format!("{}.{}", relation.namespace, relation.name);
-        if arrived != configured && self.renames_reported.insert(relation.id) {
-            warn!(table = %configured, now = %arrived,
-                "outbox table {configured} was renamed to {arrived}: its rows are still published as \
-                 {configured}'s. Put {arrived} in source.tables (and its [outbox.\"…\"] mapping) \
+    fn follow(&mut self, relation: Relation, configured: tables::TableName) {
+        if (relation.namespace.as_str(), relation.name.as_str())
+            != (configured.0.as_str(), configured.1.as_str())
+            && self.renames_reported.insert(relation.id)
+        {
+            let (was, now) = (
+                format!("{}.{}", configured.0, configured.1),
+                format!("{}.{}", relation.namespace, relation.name),
+            );
+            warn!(table = %was, %now,
+                "outbox table {was} was renamed to {now}: its rows are still published as \
+                 {was}'s. Put {now} in source.tables (and its [outbox.\"…\"] mapping) \
                  before the relay restarts: it refuses to start while a configured table is missing");
         }
-        self.mapper.on_relation_as(relation, split(configured));
+        self.mapper.on_relation_as(relation, configured);
     }
 
     /// The context of the next outbox row of the open transaction; consumes nothing yet.
@@ -1347,12 +1351,6 @@ async fn abandon_on_stop<T>(
         done = call => done,
         _ = stop.wait_for(|stop| *stop) => Err(ReadError::Stopped),
     }
-}
-
-/// `schema.table` as its two parts.
-fn split(table: &str) -> (String, String) {
-    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-    (schema.to_owned(), name.to_owned())
 }
 
 #[cfg(test)]

@@ -93,7 +93,7 @@ impl std::fmt::Display for PublicationProblem {
 /// A configured `schema.table` quoted for SQL.
 fn quoted(table: &str) -> String {
     match parse_table_name(table) {
-        Ok((schema, name)) => sql::qualified(schema, name),
+        Ok((schema, name)) => sql::qualified(&schema, &name),
         Err(_) => table.to_owned(),
     }
 }
@@ -149,7 +149,7 @@ pub async fn publication_problems(
                      JOIN pg_class c ON c.oid = t.oid JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname) \
                  FROM t",
-                &[&publication, &sql::qualified(schema, name)],
+                &[&publication, &sql::qualified(&schema, &name)],
             )
             .await
             .map_err(db::explain)?;
@@ -158,7 +158,7 @@ pub async fn publication_problems(
         if !exists {
             continue;
         }
-        let named = || (publication.to_owned(), normalized(schema, name));
+        let named = || (publication.to_owned(), normalized(&schema, &name));
         if !published {
             let (publication, table) = named();
             problems.push(PublicationProblem::Unpublished { publication, table });
@@ -184,12 +184,15 @@ fn normalized(schema: &str, name: &str) -> String {
     format!("{schema}.{name}")
 }
 
+/// A table's schema and name, as the catalog holds them.
+pub type TableName = (String, String);
+
 /// The configured outbox tables that exist, by OID: a relation of the stream with one of these
 /// OIDs is that outbox table, whatever name it arrives under.
 pub async fn outbox_oids(
     client: &impl GenericClient,
     tables: &[String],
-) -> anyhow::Result<HashMap<u32, String>> {
+) -> anyhow::Result<HashMap<u32, TableName>> {
     let mut oids = HashMap::new();
     for table in tables {
         let Ok((schema, name)) = parse_table_name(table) else {
@@ -198,13 +201,13 @@ pub async fn outbox_oids(
         let oid: Option<u32> = client
             .query_one(
                 "SELECT to_regclass($1)::oid",
-                &[&sql::qualified(schema, name)],
+                &[&sql::qualified(&schema, &name)],
             )
             .await
             .map_err(db::explain)?
             .get(0);
         if let Some(oid) = oid {
-            oids.insert(oid, normalized(schema, name));
+            oids.insert(oid, (schema, name));
         }
     }
     Ok(oids)
@@ -215,7 +218,7 @@ pub async fn outbox_oids(
 pub async fn partition_root(
     client: &impl GenericClient,
     oid: u32,
-) -> anyhow::Result<Option<(u32, (String, String))>> {
+) -> anyhow::Result<Option<(u32, TableName)>> {
     let row = client
         .query_opt(
             "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c \

@@ -619,3 +619,58 @@ fn the_relays_sql_connections_dying_under_a_live_stream_are_opened_again() {
         relay.log()
     );
 }
+
+#[test]
+fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_backfilled() {
+    let pg = PgCluster::start();
+    // As EF Core and MassTransit name them: quoted, mixed case.
+    pg.psql(
+        "CREATE SCHEMA \"Billing\"; CREATE TABLE \"Billing\".\"OutboxMessage\" (\"Id\" bigserial PRIMARY KEY, \
+         \"AggregateType\" text NOT NULL, \"AggregateId\" text NOT NULL, \"Type\" text NOT NULL, \"Payload\" jsonb NOT NULL)",
+    );
+    let insert = |kind: &str| {
+        pg.psql(&format!(
+            "INSERT INTO \"Billing\".\"OutboxMessage\" (\"AggregateType\", \"AggregateId\", \"Type\", \"Payload\") \
+             VALUES ('invoice', 'i-1', '{kind}', '{{}}')"
+        ))
+    };
+    insert("Existing");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[source]\n",
+        "[outbox.\"Billing.OutboxMessage\"]\nid = \"Id\"\naggregate_type = \"AggregateType\"\n\
+         aggregate_id = \"AggregateId\"\ntype = \"Type\"\npayload = \"Payload\"\n\n\
+         [source]\ntables = [\"Billing.OutboxMessage\"]\nbackfill = true\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    init(&config);
+    let (ok, report) = relay_check(&config);
+    assert!(ok, "{report}");
+    let relay = Relay::start(&config);
+    insert("Streamed");
+    let events = dir.path().join("events.jsonl");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 2),
+        "{}",
+        relay.log()
+    );
+    let got: Vec<(String, String, String)> = read_events(&events)
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_owned(),
+                e["type"].as_str().unwrap().to_owned(),
+                e["source"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let source = "/Billing.OutboxMessage".to_owned();
+    assert_eq!(
+        got,
+        [
+            ("1".to_owned(), "Existing".to_owned(), source.clone()),
+            ("2".to_owned(), "Streamed".to_owned(), source)
+        ]
+    );
+}

@@ -32,7 +32,8 @@ const ROW_CASES: &[(&str, &str, Outcome)] = &[
     ("null-aggregateid", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, note) VALUES ('00000000-0000-4000-8000-000000000006', 'order', NULL, 'T', '{}', 'null-aggregateid')", Outcome::Dead("column \"aggregateid\" is NULL")),
     ("null-type", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, note) VALUES ('00000000-0000-4000-8000-000000000007', 'order', 'o', NULL, '{}', 'null-type')", Outcome::Dead("column \"type\" is NULL")),
     ("null-payload", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, note) VALUES ('00000000-0000-4000-8000-000000000008', 'order', 'o', 'T', NULL, 'null-payload')", Outcome::Dead("column \"payload\" is NULL")),
-    ("id-not-uuid", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, note) VALUES ('order-42', 'order', 'o', 'T', '{}', 'id-not-uuid')", Outcome::Dead("the id column is not a UUID")),
+    ("id-empty", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, note) VALUES ('', 'order', 'o', 'T', '{}', 'id-empty')", Outcome::Dead("the id column is empty")),
+    ("id-not-uuid", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, note) VALUES ('order-42', 'order', 'o', 'T', '{\"case\": \"id-not-uuid\"}', 'id-not-uuid')", Outcome::Event),
     ("schema-version-not-int", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, schema_version, note) VALUES ('00000000-0000-4000-8000-000000000010', 'order', 'o', 'T', '{}', 'v2', 'schema-version-not-int')", Outcome::Dead("the schema_version column is not an integer")),
     ("headers-not-json", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, headers, note) VALUES ('00000000-0000-4000-8000-000000000011', 'order', 'o', 'T', '{}', 'x=1', 'headers-not-json')", Outcome::Dead("the headers column is not a JSON object")),
     ("headers-array", "INSERT INTO loose (id, aggregatetype, aggregateid, type, payload, headers, note) VALUES ('00000000-0000-4000-8000-000000000012', 'order', 'o', 'T', '{}', '[\"a\"]', 'headers-array')", Outcome::Dead("the headers column is not a JSON object")),
@@ -208,7 +209,7 @@ const CONFIG_CASES: &[(&str, &str, &str)] = &[
     ("bad duration", "[source]\nurl = \"postgres://u@h/d\"\n[leader]\ninterval = \"soon\"\n[sinks.s]\ntype = \"stdout\"\n", "interval"),
     ("bad listen address", "[source]\nurl = \"postgres://u@h/d\"\n[http]\nlisten = \"everywhere\"\n[sinks.s]\ntype = \"stdout\"\n", "listen"),
     ("bad topic template", "[source]\nurl = \"postgres://u@h/d\"\n[sinks.k]\ntype = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"events.{nope}\"\n", "topic"),
-    ("bad table name", "[source]\nurl = \"postgres://u@h/d\"\ntables = [\"no dots here!\"]\n[sinks.s]\ntype = \"stdout\"\n", "tables"),
+    ("bad table name", "[source]\nurl = \"postgres://u@h/d\"\ntables = [\"a.b.c\"]\n[sinks.s]\ntype = \"stdout\"\n", "tables"),
     ("rabbitmq stream without stream", "[source]\nurl = \"postgres://u@h/d\"\n[sinks.r]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"rabbitmq-stream://h:5552/%2f\"\n", "stream"),
 ];
 
