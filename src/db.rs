@@ -3,6 +3,7 @@
 
 use crate::config::{ConnectParams, Host, SslMode};
 use anyhow::Context;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 /// Opens a SQL connection and drives it on a background task.
@@ -65,7 +66,44 @@ pub async fn connect(params: &ConnectParams) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// Turns a tokio-postgres error into one line with the server's message and our advice.
+/// A failed SQL call as one line with the server's message and our advice, keeping the
+/// server's SQLSTATE so that callers classify it by code rather than by its text.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+pub struct SqlError {
+    code: Option<SqlState>,
+    text: String,
+}
+
+impl SqlError {
+    /// Whether the server refused for a reason that retrying cannot fix: authentication, a
+    /// database or schema that does not exist, a missing privilege or table.
+    pub fn is_permanent(&self) -> bool {
+        self.code.as_ref().is_some_and(|code| {
+            [
+                SqlState::INVALID_PASSWORD,
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                SqlState::INVALID_CATALOG_NAME,
+                SqlState::INSUFFICIENT_PRIVILEGE,
+                SqlState::UNDEFINED_TABLE,
+                SqlState::INVALID_SCHEMA_NAME,
+            ]
+            .contains(code)
+        })
+    }
+}
+
+/// Whether `err` (through any context) is a SQL failure that retrying cannot fix.
+pub fn is_permanent(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<SqlError>()
+            .is_some_and(SqlError::is_permanent)
+    })
+}
+
+/// Turns a tokio-postgres error into a [`SqlError`]: one line with the server's message and
+/// our advice.
 pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
     let Some(db) = err.as_db_error() else {
         // Keep the cause (a rustls refusal, an I/O error): "error performing TLS handshake"
@@ -77,20 +115,29 @@ pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
             text.push_str(&inner.to_string());
             cause = inner.source();
         }
-        return anyhow::anyhow!(text);
+        return SqlError { code: None, text }.into();
     };
-    let advice = match db.code().code() {
-        "28P01" => " -> check the password in source.url or source.password_file",
-        "28000" => " -> allow this user and database in pg_hba.conf, or fix the user in source.url",
-        "3D000" => " -> fix the database name in source.url",
-        "42501" => " -> grant the privilege to the relay's role (see migrations/)",
-        _ => "",
+    let code = db.code();
+    let advice = if *code == SqlState::INVALID_PASSWORD {
+        " -> check the password in source.url or source.password_file"
+    } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        " -> allow this user and database in pg_hba.conf, or fix the user in source.url"
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        " -> fix the database name in source.url"
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        " -> grant the privilege to the relay's role (see migrations/)"
+    } else {
+        ""
     };
-    anyhow::anyhow!(
-        "PostgreSQL said: {} ({}){advice}",
-        db.message(),
-        db.code().code()
-    )
+    SqlError {
+        code: Some(code.clone()),
+        text: format!(
+            "PostgreSQL said: {} ({}){advice}",
+            db.message(),
+            code.code()
+        ),
+    }
+    .into()
 }
 
 /// Whether the server is a standby in recovery. The relay needs the primary: it writes its

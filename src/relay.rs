@@ -55,9 +55,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let mut standby = false;
     let mut leadership: Option<Leadership> = None;
     loop {
+        // Held through a failed session, the lock may be gone (PostgreSQL restarted, and
+        // another relay took it): a session starts only while it is verified held.
+        drop_leadership_unless_held(&mut leadership).await;
         if config.leader.enabled && leadership.is_none() {
             let mut waiting = shutdown.clone();
-            match Leadership::acquire(&config, &mut waiting).await {
+            match Leadership::acquire(&config, &mut waiting).await? {
                 Some(held) => leadership = Some(held),
                 None => return Ok(()),
             }
@@ -75,6 +78,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(err) => return Err(err),
             SessionEnd::SlotInUse(err) => {
+                drop_leadership_unless_held(&mut leadership).await;
                 METRICS.set_role(Role::Standby);
                 if !standby {
                     info!(error = %format!("{err:#}"), retry_every = ?STANDBY_RETRY, "standing by until the slot is free");
@@ -87,6 +91,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 }
             }
             SessionEnd::Retry(err) => {
+                drop_leadership_unless_held(&mut leadership).await;
                 METRICS.set_role(Role::Connecting);
                 METRICS
                     .reconnects
@@ -106,6 +111,17 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// Gives up leadership that this relay can no longer be sure of ([`Leadership::verify`]).
+/// Asked before each session, and at once after a failed one, so that the relay stops
+/// reporting itself as the leader while another takes over.
+async fn drop_leadership_unless_held(leadership: &mut Option<Leadership>) {
+    if let Some(held) = leadership {
+        if !held.verify().await {
+            *leadership = None;
         }
     }
 }
@@ -161,24 +177,20 @@ fn classify_source(err: SourceError) -> SessionEnd {
     }
 }
 
-/// Connection-level SQL failures are retried; what the server refuses for good is fatal.
+/// Connection-level SQL failures are retried; what the server refuses for good (by its
+/// SQLSTATE, see [`db::SqlError::is_permanent`], or a replication error that retrying cannot
+/// fix) is fatal.
 fn classify_sql(err: anyhow::Error) -> SessionEnd {
-    let permanent = err.chain().any(|cause| {
-        let text = cause.to_string();
-        [
-            "(28P01)",
-            "(28000)",
-            "(3D000)",
-            "(42501)",
-            "(42P01)",
-            "(3F000)",
-            // A refused certificate or a server without TLS under sslmode=require: retrying
-            // cannot help, the configuration must change.
-            "error performing TLS handshake",
-        ]
-        .iter()
-        .any(|code| text.contains(code))
-    });
+    let permanent = db::is_permanent(&err)
+        || err.chain().any(|cause| {
+            cause
+                .downcast_ref::<SourceError>()
+                .is_some_and(|e| !e.is_retryable())
+                // A refused certificate or a server without TLS under sslmode=require:
+                // retrying cannot help, the configuration must change. tokio-postgres gives
+                // this failure no code or type of its own.
+                || cause.to_string().contains("error performing TLS handshake")
+        });
     if permanent {
         SessionEnd::Fatal(err)
     } else {

@@ -1,0 +1,199 @@
+//! Cases from an adversarial review of the slot and the server the relay streams from: a slot
+//! dropped before the first checkpoint, a relay state that belongs to another server, a slot
+//! of another database or plugin, an invalidated slot, permanent connection errors under
+//! leader election, and a leader that outlives a PostgreSQL restart. In each the relay must
+//! stop (or stand by) and say what to do, never skip events or stream without its lock.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn insert(pg: &PgCluster, aggregate_id: &str) {
+    pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', '{aggregate_id}', 'T', '{{}}')"
+    ));
+}
+
+/// Item 21: with leader election on (the default), a wrong password or a database that does
+/// not exist stops `run` with the fix, as it does with election off, rather than retrying
+/// the leader lock's connection forever.
+#[test]
+fn permanent_connection_errors_stop_run_with_leader_election_on_or_off() {
+    let pg = PgCluster::start_with(ClusterOptions {
+        hba: vec!["host all app 127.0.0.1/32 scram-sha-256".into()],
+        ..Default::default()
+    });
+    pg.psql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "");
+    let secret = dir.path().join("password");
+    std::fs::write(&secret, "wrong\n").unwrap();
+    let wrong_password = format!(
+        "postgres://app@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port
+    );
+    let no_database = format!(
+        "postgres://postgres@127.0.0.1:{}/no_such_database?sslmode=disable",
+        pg.port
+    );
+    let secret = secret.to_str().unwrap();
+    for election in ["true", "false"] {
+        let mut relay = Relay::start_with_env(
+            &config,
+            &[
+                ("OUTBOX_RELAY__SOURCE__URL", &wrong_password),
+                ("OUTBOX_RELAY__SOURCE__PASSWORD_FILE", secret),
+                ("OUTBOX_RELAY__LEADER__ENABLED", election),
+            ],
+        );
+        let log = relay.stops_with_failure(WAIT, "the password is wrong");
+        assert!(
+            log.contains("password authentication failed") && log.contains("source.password_file"),
+            "leader.enabled = {election}: {log}"
+        );
+        assert!(!log.contains("wrong"), "the password leaked: {log}");
+
+        let mut relay = Relay::start_with_env(
+            &config,
+            &[
+                ("OUTBOX_RELAY__SOURCE__URL", &no_database),
+                ("OUTBOX_RELAY__LEADER__ENABLED", election),
+            ],
+        );
+        let log = relay.stops_with_failure(WAIT, "the database does not exist");
+        assert!(
+            log.contains("database \"no_such_database\" does not exist")
+                && log.contains("fix the database name in source.url"),
+            "leader.enabled = {election}: {log}"
+        );
+    }
+}
+
+/// GET `path` from the relay on `port`: the body, or None if nothing answers.
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response.split_once("\r\n\r\n")?.1.trim().to_owned())
+}
+
+/// What a relay says of itself: its /readyz state and whether its `outbox_relay_leader`
+/// gauge is 1.
+fn state(port: u16) -> (String, bool) {
+    let ready = get(port, "/readyz").unwrap_or_else(|| "down".into());
+    let leader = get(port, "/metrics")
+        .is_some_and(|metrics| metrics.lines().any(|line| line == "outbox_relay_leader 1"));
+    (ready, leader)
+}
+
+/// A relay config with leader election checked every `interval`, the HTTP endpoint on
+/// `port` and the file sink at `events`, in `dir`.
+fn leader_config(
+    dir: &Path,
+    pg: &PgCluster,
+    events: &Path,
+    port: u16,
+    interval: &str,
+) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    relay_config(
+        dir,
+        pg,
+        &format!(
+            "[leader]\ninterval = \"{interval}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             [sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
+            events.display()
+        ),
+    )
+}
+
+/// Item 22b: PostgreSQL restarts under a leader; its lock went with its connection, and a
+/// standby may take it. The old leader must not start a session on the strength of the lock
+/// it held before: at no moment does one relay stream while the other holds the lock. The
+/// old leader checks its lock only every 10 s, the standby tries every 500 ms, so without
+/// the check before each session the overlap would last seconds.
+#[test]
+fn after_a_restart_a_relay_streams_only_while_it_holds_the_lock() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let ports = [free_port(), free_port()];
+    let first = leader_config(&dir.path().join("first"), &pg, &events, ports[0], "10s");
+    let second = leader_config(&dir.path().join("second"), &pg, &events, ports[1], "500ms");
+    init(&first);
+    let leader = Relay::start(&first);
+    assert!(
+        wait_until(WAIT, || state(ports[0]) == ("streaming".into(), true)),
+        "the first relay leads\n{}",
+        leader.log()
+    );
+    let relays = [leader, Relay::start(&second)];
+    let logs = || {
+        relays
+            .iter()
+            .map(Relay::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    assert!(
+        wait_until(WAIT, || state(ports[1]) == ("standby".into(), false)),
+        "the second relay stands by\n{}",
+        logs()
+    );
+    insert(&pg, "before-restart");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "{}",
+        logs()
+    );
+
+    pg.restart("fast");
+    let watch_until = Instant::now() + Duration::from_secs(15);
+    let mut samples = 0;
+    while Instant::now() < watch_until {
+        let states = [state(ports[0]), state(ports[1])];
+        for (me, other) in [(0, 1), (1, 0)] {
+            assert!(
+                !(states[me].0 == "streaming" && states[other].1),
+                "relay {me} streams while relay {other} holds the lock: {states:?}\n{}",
+                logs()
+            );
+        }
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(samples > 50, "too few samples: {samples}");
+
+    // One of them leads again and delivers.
+    insert(&pg, "after-restart");
+    assert!(
+        wait_until(WAIT, || read_events(&events)
+            .iter()
+            .any(|event| event["subject"] == "after-restart")),
+        "nothing delivered after the restart\n{}",
+        logs()
+    );
+    let states = [state(ports[0]), state(ports[1])];
+    assert_eq!(
+        states
+            .iter()
+            .filter(|(ready, leader)| ready == "streaming" && *leader)
+            .count(),
+        1,
+        "{states:?}"
+    );
+}
