@@ -3,9 +3,10 @@
 //! `status` shows slot lag and checkpoints.
 
 use crate::checkpoint::dropped_slot_problem;
-use crate::config::{parse_table_name, Config, SinkConfig};
+use crate::config::{parse_table_name, Config, ConnectParams, SinkConfig};
 use crate::db;
-use crate::source::replication::ReplicationConnection;
+use crate::origin::Origin;
+use crate::source::replication::{ReplicationConnection, SystemInfo};
 use anyhow::Context;
 use outbox_relay_sinks::eventbridge::EventBridgeSink;
 use outbox_relay_sinks::kafka::KafkaSink;
@@ -100,6 +101,14 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
 
+    // The relay's state must be this server's before a slot is created for it.
+    if let Some(origin) = Origin::load(&client, &config.relay.schema, &source.slot).await? {
+        origin.compare(
+            &identify(&params).await?,
+            &config.relay.schema,
+            &source.slot,
+        )?;
+    }
     let slot = client
         .query_opt(
             &format!(
@@ -143,14 +152,21 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         {
             anyhow::bail!(problem);
         }
-        client
-            .execute(
-                &format!("SELECT {}", db::create_slot_call(source.failover_slot)),
+        let system = identify(&params).await?;
+        let start: String = client
+            .query_one(
+                &format!(
+                    "SELECT lsn::text FROM {}",
+                    db::create_slot_call(source.failover_slot)
+                ),
                 &[&source.slot],
             )
             .await
             .map_err(db::explain)
-            .with_context(|| format!("creating replication slot {}", source.slot))?;
+            .with_context(|| format!("creating replication slot {}", source.slot))?
+            .get(0);
+        let start = start.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        Origin::record(&client, &config.relay.schema, &source.slot, &system, start).await?;
         done.push(format!("replication slot {}: created{kind}", source.slot));
     }
     if source.failover_slot {
@@ -159,6 +175,13 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(done)
+}
+
+/// What the server says of itself over a replication connection: its system identifier and
+/// timeline, as `run` sees them.
+async fn identify(params: &ConnectParams) -> anyhow::Result<SystemInfo> {
+    let mut connection = ReplicationConnection::connect(params).await?;
+    Ok(connection.identify_system().await?)
 }
 
 pub(crate) fn normalized(table: &str) -> String {
@@ -218,12 +241,16 @@ pub async fn check(config: &Config) -> Vec<String> {
     if let Err(err) = check_database(config, &client, &mut problems).await {
         problems.push(format!("checking the database failed: {err:#}"));
     }
-    match ReplicationConnection::connect(&params).await {
-        Ok(mut connection) => {
-            if let Err(err) = connection.identify_system().await {
-                problems.push(format!("replication connection: {err}"));
+    match identify(&params).await {
+        Ok(system) => match Origin::load(&client, &config.relay.schema, &source.slot).await {
+            Ok(Some(origin)) => {
+                if let Err(foreign) = origin.compare(&system, &config.relay.schema, &source.slot) {
+                    problems.push(foreign.to_string());
+                }
             }
-        }
+            Ok(None) => {}
+            Err(err) => problems.push(format!("checking the database failed: {err:#}")),
+        },
         Err(err) => problems.push(format!("replication connection: {err}")),
     }
     problems

@@ -9,6 +9,7 @@ use crate::config::ChangePolicy;
 use crate::config::{Config, ConnectParams, SinkConfig, SourceConfig};
 use crate::db;
 use crate::leader::Leadership;
+use crate::origin::Origin;
 use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
 };
@@ -285,6 +286,32 @@ async fn prepare_slot(
     })
 }
 
+/// Stops the relay if its state for the slot comes from another server (see
+/// [`crate::origin`]); follows a promoted standby's new timeline. Returns the recorded origin.
+async fn check_origin(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+    system: &SystemInfo,
+) -> Result<Option<Origin>, SessionEnd> {
+    let (schema, slot) = (&config.relay.schema, &config.source.slot);
+    let origin = Origin::load(sql, schema, slot)
+        .await
+        .map_err(classify_sql)?;
+    if let Some(origin) = &origin {
+        let new_timeline = origin
+            .compare(system, schema, slot)
+            .map_err(|err| SessionEnd::Fatal(err.into()))?;
+        if new_timeline {
+            info!(%slot, system_id = %system.system_id, from = origin.timeline, to = system.timeline,
+                "the server moved on to a new timeline (a promoted standby); recording it");
+            Origin::record_timeline(sql, schema, slot, system.timeline)
+                .await
+                .map_err(classify_sql)?;
+        }
+    }
+    Ok(origin)
+}
+
 /// `source.failover_slot` on a server without failover slots stops the relay; what may keep
 /// the failover slot from working is worth a warning.
 async fn check_failover_slot_support(
@@ -391,6 +418,20 @@ async fn session(
         }
         Err(err) => return classify_sql(err),
     }
+    // The replication connection first: the relay's state must be this server's before
+    // anything is created, backfilled or skipped by it.
+    let mut connection = match ReplicationConnection::connect(&params).await {
+        Ok(connection) => connection,
+        Err(err) => return classify_source(err),
+    };
+    let system = match connection.identify_system().await {
+        Ok(system) => system,
+        Err(err) => return classify_source(err),
+    };
+    let origin = match check_origin(&sql, config, &system).await {
+        Ok(origin) => origin,
+        Err(end) => return end,
+    };
     if let Err(end) = check_failover_slot_support(&sql, source).await {
         return end;
     }
@@ -405,6 +446,19 @@ async fn session(
         Ok(slot) => slot,
         Err(end) => return end,
     };
+    if slot.created || origin.is_none() {
+        let recorded = Origin::record(
+            &sql,
+            &config.relay.schema,
+            &source.slot,
+            &system,
+            slot.confirmed_flush,
+        )
+        .await;
+        if let Err(err) = recorded {
+            return classify_sql(err);
+        }
+    }
     let heartbeat_sql = match source.heartbeat_interval {
         Some(_) => match db::connect(&params).await {
             Ok(client) => Some(client),
@@ -414,10 +468,6 @@ async fn session(
     };
     // Acquire the slot first: once streaming starts no other relay can write to the sinks,
     // so the positions recovered below cannot go stale.
-    let connection = match ReplicationConnection::connect(&params).await {
-        Ok(connection) => connection,
-        Err(err) => return classify_source(err),
-    };
     let (system, stream, status_writer) = match start_streaming(connection, config, &slot).await {
         Ok(started) => started,
         Err(err) => return classify_source(err),
@@ -707,7 +757,8 @@ pub(crate) fn skip_point(
 }
 
 /// Starts streaming; returns what the server said of itself (its WAL end, timeline and
-/// system identifier) with the stream's halves.
+/// system identifier) with the stream's halves. Asked again here rather than reused from the
+/// session's start: the WAL end must be the one at streaming, after any backfill.
 async fn start_streaming(
     mut connection: ReplicationConnection,
     config: &Config,

@@ -14,11 +14,180 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn insert(pg: &PgCluster, aggregate_id: &str) {
     pg.psql(&format!(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
          VALUES ('order', '{aggregate_id}', 'T', '{{}}')"
     ));
+}
+
+/// Writes WAL and switches to a new segment `segments` times: moves the server's WAL
+/// position on by at least that many 16 MB segments.
+fn write_wal(pg: &PgCluster, segments: usize) {
+    pg.psql("CREATE TABLE IF NOT EXISTS filler (x int)");
+    for _ in 0..segments {
+        pg.psql("INSERT INTO filler SELECT generate_series(1, 100); SELECT pg_switch_wal()");
+    }
+}
+
+fn system_identifier(pg: &PgCluster) -> String {
+    pg.psql("SELECT system_identifier FROM pg_control_system()")
+}
+
+/// Item 4: an idle outbox gives the relay nothing to checkpoint, yet it has streamed from the
+/// slot. Dropped then, the slot must not be created again at the current WAL end: the row
+/// committed in between would never be published.
+#[test]
+fn a_slot_dropped_before_the_first_checkpoint_is_not_recreated() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let mut relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || pg.psql(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active"
+        ) == "1"),
+        "the relay never streamed\n{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.checkpoints"),
+        "0",
+        "an idle outbox leaves no checkpoint"
+    );
+    pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    insert(&pg, "committed-while-the-slot-was-gone");
+
+    let mut relay = Relay::start(&config);
+    let log = relay.stops_with_failure(WAIT, "the slot was dropped");
+    let fix = "DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'; \
+               DELETE FROM outbox_relay.slots WHERE slot = 'outbox_relay'";
+    assert!(
+        log.contains("replication slot \"outbox_relay\" is gone, but the relay has used it")
+            && log.contains("source.backfill = true")
+            && log.contains(fix),
+        "{log}"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_replication_slots"),
+        "0",
+        "no slot was created"
+    );
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains("is gone, but the relay has used it"),
+        "{report}"
+    );
+    let out = relay_command(&config, "init");
+    assert!(
+        !out.status.success() && stderr(&out).contains("is gone, but the relay has used it"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots"), "0");
+
+    // The first way on that the message offers: a backfill publishes the row.
+    let mut relay = Relay::start_with_env(&config, &[("OUTBOX_RELAY__SOURCE__BACKFILL", "true")]);
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "the row committed while the slot was gone was not published\n{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+}
+
+/// Item 5: the relay's tables copied from server A into server B (a restored dump, a copied
+/// relay schema), same slot and publication names. A's checkpoint positions mean nothing in
+/// B's WAL; applied as skip points they would drop B's events below them.
+#[test]
+fn a_relay_state_from_another_server_stops_run_naming_both_systems() {
+    let a = PgCluster::start();
+    a.create_outbox("public.outbox");
+    // A's events lie far into its WAL, beyond where B's events will be.
+    write_wal(&a, 4);
+    let a_dir = tempfile::tempdir().unwrap();
+    let (a_config, a_events) = write_config(a_dir.path(), &a, "");
+    init(&a_config);
+    let mut relay = Relay::start(&a_config);
+    for i in 0..3 {
+        insert(&a, &format!("a-{i}"));
+    }
+    assert!(
+        wait_until(WAIT, || read_events(&a_events).len() == 3
+            && a.psql("SELECT count(*) FROM outbox_relay.checkpoints") == "1"),
+        "A's events were not delivered\n{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+    let a_checkpoint = a.psql("SELECT commit_lsn FROM outbox_relay.checkpoints");
+
+    let b = PgCluster::start();
+    b.create_outbox("public.outbox");
+    let b_dir = tempfile::tempdir().unwrap();
+    let (b_config, b_events) = write_config(b_dir.path(), &b, "");
+    init(&b_config);
+    for i in 0..3 {
+        insert(&b, &format!("b-{i}"));
+    }
+    // B's WAL ends beyond A's checkpoint, so the checkpoint passes as a position of B's.
+    write_wal(&b, 8);
+    assert_eq!(
+        b.psql(&format!(
+            "SELECT confirmed_flush_lsn < '{a_checkpoint}' AND pg_current_wal_lsn() > '{a_checkpoint}' \
+             FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+        )),
+        "t",
+        "B's events lie below A's checkpoint, and B's WAL ends beyond it"
+    );
+    let copy = a.psql(
+        "SELECT string_agg(format('INSERT INTO outbox_relay.checkpoints (slot, sink, commit_lsn, event_index) \
+         VALUES (%L, %L, %L, %s)', slot, sink, commit_lsn, event_index), '; ') FROM outbox_relay.checkpoints",
+    );
+    let copy_origin = a.psql(
+        "SELECT string_agg(format('INSERT INTO outbox_relay.slots (slot, system_id, timeline, start_lsn) \
+         VALUES (%L, %L, %s, %L)', slot, system_id, timeline, start_lsn), '; ') FROM outbox_relay.slots",
+    );
+    b.psql(&format!(
+        "BEGIN; DELETE FROM outbox_relay.checkpoints; DELETE FROM outbox_relay.slots; \
+         {copy}; {copy_origin}; COMMIT"
+    ));
+
+    let (a_system, b_system) = (system_identifier(&a), system_identifier(&b));
+    assert_ne!(a_system, b_system);
+    let mut relay = Relay::start(&b_config);
+    let log = relay.stops_with_failure(WAIT, "the relay's state belongs to server A");
+    assert!(
+        log.contains(&format!("recorded on PostgreSQL system {a_system}"))
+            && log.contains(&format!("the server at source.url is system {b_system}"))
+            && log.contains("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'"),
+        "{log}"
+    );
+    assert!(read_events(&b_events).is_empty(), "nothing was delivered");
+    let (ok, report) = relay_check(&b_config);
+    assert!(
+        !ok && report.contains(&format!("recorded on PostgreSQL system {a_system}")),
+        "{report}"
+    );
+
+    // Reset as the message says: B's own events are all delivered.
+    b.psql(
+        "DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'; \
+         DELETE FROM outbox_relay.slots WHERE slot = 'outbox_relay'",
+    );
+    let mut relay = Relay::start(&b_config);
+    assert!(
+        wait_until(WAIT, || read_events(&b_events).len() == 3),
+        "B's events were not all delivered\n{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
 }
 
 /// Item 21: with leader election on (the default), a wrong password or a database that does
