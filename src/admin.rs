@@ -112,8 +112,10 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
     let slot = client
         .query_opt(
             &format!(
-                "SELECT {} FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_IS_FAILOVER
+                "SELECT {}, plugin::text, database::text, current_database()::text, {} \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_IS_FAILOVER,
+                db::SLOT_INVALIDATION
             ),
             &[&source.slot],
         )
@@ -125,6 +127,23 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         ""
     };
     if let Some(row) = slot {
+        let (plugin, database, current): (Option<String>, Option<String>, String) =
+            (row.get(1), row.get(2), row.get(3));
+        if let Some(problem) = db::foreign_slot_problem(
+            &source.slot,
+            plugin.as_deref(),
+            database.as_deref(),
+            &current,
+        ) {
+            anyhow::bail!(problem);
+        }
+        if let Some(reason) = row.get::<_, Option<String>>(4) {
+            anyhow::bail!(db::invalidated_slot_problem(
+                &source.slot,
+                &reason,
+                &config.relay.schema
+            ));
+        }
         if source.failover_slot && !row.get::<_, bool>(0) {
             ReplicationConnection::connect(&params)
                 .await?
@@ -374,18 +393,31 @@ async fn check_database(
 
     let slot = client
         .query_opt(
-            "SELECT plugin::text, database::text = current_database(), active FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin::text, database::text, current_database()::text, {} \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_INVALIDATION
+            ),
             &[&source.slot],
         )
         .await
         .map_err(db::explain)?;
     match slot {
         Some(row) => {
-            let (plugin, same_db): (Option<String>, Option<bool>) = (row.get(0), row.get(1));
-            if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
-                problems.push(format!(
-                    "replication slot {} belongs to another database or plugin: choose another source.slot",
-                    source.slot
+            let (plugin, database, current): (Option<String>, Option<String>, String) =
+                (row.get(0), row.get(1), row.get(2));
+            if let Some(problem) = db::foreign_slot_problem(
+                &source.slot,
+                plugin.as_deref(),
+                database.as_deref(),
+                &current,
+            ) {
+                problems.push(problem);
+            } else if let Some(reason) = row.get::<_, Option<String>>(3) {
+                problems.push(db::invalidated_slot_problem(
+                    &source.slot,
+                    &reason,
+                    &config.relay.schema,
                 ));
             }
         }

@@ -158,6 +158,50 @@ pub const STANDBY_PROBLEM: &str = "the server is a standby in recovery: the rela
 /// JSON: the `failover` column exists only from PostgreSQL 17 on.
 pub const SLOT_IS_FAILOVER: &str = "coalesce((to_jsonb(s) ->> 'failover')::bool, false)";
 
+/// Why the row `s` of `pg_replication_slots` can no longer stream, as SQL: NULL while it
+/// can. Read through JSON: `wal_status` exists from PostgreSQL 13, `conflicting` from 16 and
+/// `invalidation_reason` from 17 on.
+pub const SLOT_INVALIDATION: &str = "coalesce(to_jsonb(s) ->> 'invalidation_reason', \
+     CASE WHEN to_jsonb(s) ->> 'wal_status' = 'lost' THEN 'wal_removed' \
+     WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflict with recovery' END)";
+
+/// What to do about a slot that [`SLOT_INVALIDATION`] says can no longer stream.
+pub fn invalidated_slot_problem(slot: &str, reason: &str, schema: &str) -> String {
+    format!(
+        "replication slot {slot:?} is invalidated ({reason}): PostgreSQL removed WAL it still \
+         needed (max_slot_wal_keep_size) or it conflicted with recovery, and it can never \
+         stream again; the events in the WAL it lost are gone from the stream. Drop it (SELECT \
+         pg_drop_replication_slot('{slot}')) and publish them another way: source.backfill = \
+         true creates a new slot and first publishes the rows still in the outbox tables. Or, \
+         to accept the gap, drop it, delete the relay's record of it (DELETE FROM \
+         {schema}.checkpoints WHERE slot = '{slot}'; DELETE FROM {schema}.slots WHERE slot = \
+         '{slot}') and run `outbox-relay init`"
+    )
+}
+
+/// What is wrong with an existing slot of the relay's name that is not the relay's kind: a
+/// physical slot, another output plugin, or another database. `None` if it is a pgoutput slot
+/// of `current_database`.
+pub fn foreign_slot_problem(
+    slot: &str,
+    plugin: Option<&str>,
+    database: Option<&str>,
+    current_database: &str,
+) -> Option<String> {
+    let owner = match (plugin, database) {
+        (Some("pgoutput"), Some(database)) if database == current_database => return None,
+        (None, _) | (_, None) => "a physical slot".to_owned(),
+        (Some(plugin), Some(database)) => {
+            format!("a slot of database {database:?} with output plugin {plugin}")
+        }
+    };
+    Some(format!(
+        "replication slot {slot:?} already exists as {owner}, and the relay needs a pgoutput \
+         slot of database {current_database:?}: it belongs to something else; choose another \
+         source.slot"
+    ))
+}
+
 /// The call that creates the relay's slot (`$1` its name): a failover slot if asked for.
 pub fn create_slot_call(failover: bool) -> &'static str {
     if failover {

@@ -229,9 +229,10 @@ async fn prepare_slot(
     let row = sql
         .query_opt(
             &format!(
-                "SELECT plugin, database = current_database(), confirmed_flush_lsn::text, {} \
-                 FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_IS_FAILOVER
+                "SELECT plugin::text, database::text, current_database()::text, \
+                 confirmed_flush_lsn::text, {}, {} FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_IS_FAILOVER,
+                db::SLOT_INVALIDATION
             ),
             &[&source.slot],
         )
@@ -248,7 +249,8 @@ async fn prepare_slot(
             // the function at all.
             sql.query_one(
                 &format!(
-                    "SELECT 'pgoutput', true, lsn::text, $2::bool FROM {}",
+                    "SELECT 'pgoutput', current_database()::text, current_database()::text, \
+                     lsn::text, $2::bool, NULL::text FROM {}",
                     db::create_slot_call(source.failover_slot)
                 ),
                 &[&source.slot, &source.failover_slot],
@@ -263,22 +265,28 @@ async fn prepare_slot(
             )))
         }
     };
-    let plugin: Option<String> = row.get(0);
-    let same_database: Option<bool> = row.get(1);
-    if plugin.as_deref() != Some("pgoutput") || same_database != Some(true) {
+    let (plugin, database, current): (Option<String>, Option<String>, String) =
+        (row.get(0), row.get(1), row.get(2));
+    if let Some(problem) = db::foreign_slot_problem(
+        &source.slot,
+        plugin.as_deref(),
+        database.as_deref(),
+        &current,
+    ) {
+        return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
+    }
+    if let Some(reason) = row.get::<_, Option<String>>(5) {
         return Err(SessionEnd::Fatal(anyhow::anyhow!(
-            "replication slot {:?} belongs to another database or plugin ({}): choose another source.slot",
-            source.slot,
-            plugin.unwrap_or_default()
+            db::invalidated_slot_problem(&source.slot, &reason, &config.relay.schema)
         )));
     }
-    let confirmed: Option<String> = row.get(2);
+    let confirmed: Option<String> = row.get(3);
     let confirmed_flush = confirmed
         .as_deref()
         .unwrap_or("0/0")
         .parse()
         .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
-    let failover: bool = row.get(3);
+    let failover: bool = row.get(4);
     Ok(SlotState {
         confirmed_flush,
         created,

@@ -10,6 +10,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -36,6 +37,18 @@ fn write_wal(pg: &PgCluster, segments: usize) {
 
 fn system_identifier(pg: &PgCluster) -> String {
     pg.psql("SELECT system_identifier FROM pg_control_system()")
+}
+
+/// Runs SQL with psql in database `database` of `pg`.
+fn psql_in(pg: &PgCluster, database: &str, sql: &str) -> String {
+    let out = Command::new(pg.bin.join("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args(["-U", "postgres", "-d", database, "-p", &pg.port.to_string()])
+        .args(["-c", sql])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "psql {sql}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Item 4: an idle outbox gives the relay nothing to checkpoint, yet it has streamed from the
@@ -188,6 +201,82 @@ fn a_relay_state_from_another_server_stops_run_naming_both_systems() {
         relay.log()
     );
     relay.stops_cleanly();
+}
+
+/// Item 18: a slot of the relay's name made by something else (another output plugin, or
+/// another database) is not taken for the relay's own, by `init` and `check` as by `run`.
+#[test]
+fn a_slot_of_another_plugin_or_database_is_refused_by_init_check_and_run() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "");
+    pg.psql("SELECT pg_create_logical_replication_slot('outbox_relay', 'test_decoding')");
+    let expect_refusal = |owner: &str| {
+        let out = relay_command(&config, "init");
+        let text = stderr(&out);
+        assert!(
+            !out.status.success()
+                && text.contains(owner)
+                && text.contains("choose another source.slot"),
+            "init: {text}"
+        );
+        let (ok, report) = relay_check(&config);
+        assert!(
+            !ok && report.contains(owner) && report.contains("choose another source.slot"),
+            "check: {report}"
+        );
+        let mut relay = Relay::start(&config);
+        let log = relay.stops_with_failure(WAIT, "the slot is not the relay's");
+        assert!(log.contains(owner), "run: {log}");
+    };
+    expect_refusal("a slot of database \"postgres\" with output plugin test_decoding");
+
+    pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    pg.psql("CREATE DATABASE other");
+    psql_in(
+        &pg,
+        "other",
+        "SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')",
+    );
+    expect_refusal("a slot of database \"other\" with output plugin pgoutput");
+}
+
+/// Item 20: a slot PostgreSQL invalidated (it removed WAL the slot still needed, past
+/// `max_slot_wal_keep_size`) can never stream again, and the events in that WAL are lost:
+/// `check` reports it and `run` stops before streaming, both with the ways on.
+#[test]
+fn an_invalidated_slot_is_reported_by_check_and_stops_run() {
+    let pg = PgCluster::start_with(ClusterOptions {
+        bin: pg_bin_before_17(),
+        settings: vec!["max_slot_wal_keep_size = 1MB".into()],
+        ..Default::default()
+    });
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "");
+    init(&config);
+    assert!(
+        wait_until(WAIT, || {
+            insert(&pg, "lost");
+            pg.psql("SELECT pg_switch_wal(); CHECKPOINT");
+            pg.psql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_relay'")
+                == "lost"
+        }),
+        "the slot was not invalidated"
+    );
+    let expected = "replication slot \"outbox_relay\" is invalidated (wal_removed)";
+    let (ok, report) = relay_check(&config);
+    assert!(
+        !ok && report.contains(expected) && report.contains("source.backfill = true"),
+        "{report}"
+    );
+    let mut relay = Relay::start(&config);
+    let log = relay.stops_with_failure(WAIT, "the slot is invalidated");
+    assert!(
+        log.contains(expected) && log.contains("SELECT pg_drop_replication_slot('outbox_relay')"),
+        "{log}"
+    );
 }
 
 /// Item 21: with leader election on (the default), a wrong password or a database that does
