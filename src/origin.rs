@@ -126,10 +126,9 @@ impl Origin {
         slot: &str,
     ) -> Result<bool, ForeignServer> {
         let reset = format!(
-            "If the relay is to stream from this server, publish its outbox rows another way if \
-             need be (source.backfill = true on a new slot), then reset the relay's state for \
-             the slot: DELETE FROM {schema}.checkpoints WHERE slot = '{slot}'; DELETE FROM \
-             {schema}.slots WHERE slot = '{slot}'"
+            "if the relay is to stream from this server, reset its state for the slot, so that \
+             no position of the other server is applied here: DELETE FROM {schema}.checkpoints \
+             WHERE slot = '{slot}'; DELETE FROM {schema}.slots WHERE slot = '{slot}'"
         );
         if system.system_id != self.system_id {
             return Err(ForeignServer(format!(
@@ -138,7 +137,7 @@ impl Origin {
                  {current}: another server (a new cluster at the same address, a restored dump \
                  or a copied relay schema). Its checkpoints are positions in system \
                  {recorded}'s WAL, and streaming by them would skip this server's events. \
-                 Point source.url at system {recorded}, or: {reset}",
+                 Point source.url at system {recorded}, or, {reset}",
                 recorded = self.system_id,
                 timeline = self.timeline,
                 current = system.system_id,
@@ -149,8 +148,7 @@ impl Origin {
                 "the relay's state for slot {slot:?} was recorded on timeline {recorded} of \
                  PostgreSQL system {system_id}, but the server at source.url is on timeline \
                  {current}: it lacks the history the relay streamed (an old primary back after \
-                 a failover, or a restore from before it). Point source.url at the current \
-                 primary, or: {reset}",
+                 a failover, say). Point source.url at the current primary, or, {reset}",
                 recorded = self.timeline,
                 system_id = self.system_id,
                 current = system.timeline,
