@@ -102,22 +102,13 @@ impl Leadership {
         }
     }
 
-    /// Completes when this relay can no longer be sure it holds the lock: its connection
-    /// closed, or a check on it failed or took longer than the interval.
+    /// Completes when this relay can no longer be sure it holds the lock: a check every
+    /// interval ([`Leadership::verify`]) failed.
     pub async fn lost(&self) {
         loop {
             tokio::time::sleep(self.interval).await;
-            let check = tokio::time::timeout(self.interval, self.client.simple_query("SELECT 1"));
-            match check.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
-                    warn!(error = %err, "leader: the lock's connection failed; leadership lost");
-                    break;
-                }
-                Err(_) => {
-                    warn!(timeout = ?self.interval, "leader: the lock's connection does not answer; leadership lost");
-                    break;
-                }
+            if !self.verify().await {
+                break;
             }
         }
         METRICS.leader.set(0);
