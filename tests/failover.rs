@@ -391,8 +391,13 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
     assert_each_once_in_key_order(&read_events(&events), 225);
     assert_eq!(
         streamed_from(&relay.log()),
-        (system_id, "2".to_owned()),
+        (system_id.clone(), "2".to_owned()),
         "the same system on a new timeline"
+    );
+    assert_eq!(
+        standby.psql("SELECT system_id || ' ' || timeline FROM outbox_relay.slots"),
+        format!("{system_id} 2"),
+        "the relay's record of the slot follows the promotion"
     );
     assert!(
         relay.wait(Duration::from_millis(100)).is_none(),
