@@ -244,11 +244,21 @@ fn a_slot_of_another_plugin_or_database_is_refused_by_init_check_and_run() {
 
 /// Item 20: a slot PostgreSQL invalidated (it removed WAL the slot still needed, past
 /// `max_slot_wal_keep_size`) can never stream again, and the events in that WAL are lost:
-/// `check` reports it and `run` stops before streaming, both with the ways on.
+/// `check` reports it and `run` stops before streaming, both with the ways on. PostgreSQL 15
+/// says so in `wal_status`, 17 in `invalidation_reason` too.
 #[test]
 fn an_invalidated_slot_is_reported_by_check_and_stops_run() {
+    an_invalidated_slot_stops_the_relay(pg_bin_before_17());
+}
+
+#[test]
+fn an_invalidated_slot_is_reported_by_check_and_stops_run_on_postgres_17() {
+    an_invalidated_slot_stops_the_relay(pg17_bin());
+}
+
+fn an_invalidated_slot_stops_the_relay(bin: std::path::PathBuf) {
     let pg = PgCluster::start_with(ClusterOptions {
-        bin: pg_bin_before_17(),
+        bin,
         settings: vec!["max_slot_wal_keep_size = 1MB".into()],
         ..Default::default()
     });
