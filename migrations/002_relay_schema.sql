@@ -62,3 +62,16 @@ REVOKE ALL ON outbox_relay.replay_key FROM PUBLIC;
 INSERT INTO outbox_relay.replay_key (key)
 SELECT decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex')
 ON CONFLICT DO NOTHING;
+
+-- Per slot: the server the relay streams from (IDENTIFY_SYSTEM's system identifier and
+-- timeline) and the LSN its stream started at, written when the relay creates the slot or
+-- first streams from it. A missing slot with a row here was dropped (or the server is a
+-- promoted standby); a row of another system identifier means the relay's state comes from
+-- another server. Either way the relay stops rather than skip events (src/origin.rs).
+CREATE TABLE IF NOT EXISTS outbox_relay.slots (
+    slot        text        PRIMARY KEY,
+    system_id   text        NOT NULL,
+    timeline    bigint      NOT NULL,
+    start_lsn   pg_lsn      NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);

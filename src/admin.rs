@@ -3,9 +3,10 @@
 //! `status` shows slot lag and checkpoints.
 
 use crate::checkpoint::dropped_slot_problem;
-use crate::config::{parse_table_name, Config, SinkConfig, TableMapping};
+use crate::config::{parse_table_name, Config, ConnectParams, SinkConfig, TableMapping};
 use crate::db;
-use crate::source::replication::ReplicationConnection;
+use crate::origin::Origin;
+use crate::source::replication::{ReplicationConnection, SystemInfo};
 use crate::sql;
 use crate::tables::{self, PublicationProblem};
 use anyhow::Context;
@@ -140,11 +141,21 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
 
+    // The relay's state must be this server's before a slot is created for it.
+    if let Some(origin) = Origin::load(&client, &config.relay.schema, &source.slot).await? {
+        origin.compare(
+            &identify(&params).await?,
+            &config.relay.schema,
+            &source.slot,
+        )?;
+    }
     let slot = client
         .query_opt(
             &format!(
-                "SELECT {} FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_IS_FAILOVER
+                "SELECT {}, plugin::text, database::text, current_database()::text, {} \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_IS_FAILOVER,
+                db::SLOT_INVALIDATION
             ),
             &[&source.slot],
         )
@@ -156,6 +167,23 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         ""
     };
     if let Some(row) = slot {
+        let (plugin, database, current): (Option<String>, Option<String>, String) =
+            (row.get(1), row.get(2), row.get(3));
+        if let Some(problem) = db::foreign_slot_problem(
+            &source.slot,
+            plugin.as_deref(),
+            database.as_deref(),
+            &current,
+        ) {
+            anyhow::bail!(problem);
+        }
+        if let Some(reason) = row.get::<_, Option<String>>(4) {
+            anyhow::bail!(db::invalidated_slot_problem(
+                &source.slot,
+                &reason,
+                &config.relay.schema
+            ));
+        }
         if source.failover_slot && !row.get::<_, bool>(0) {
             ReplicationConnection::connect(&params)
                 .await?
@@ -183,14 +211,21 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         {
             anyhow::bail!(problem);
         }
-        client
-            .execute(
-                &format!("SELECT {}", db::create_slot_call(source.failover_slot)),
+        let system = identify(&params).await?;
+        let start: String = client
+            .query_one(
+                &format!(
+                    "SELECT lsn::text FROM {}",
+                    db::create_slot_call(source.failover_slot)
+                ),
                 &[&source.slot],
             )
             .await
             .map_err(db::explain)
-            .with_context(|| format!("creating replication slot {}", source.slot))?;
+            .with_context(|| format!("creating replication slot {}", source.slot))?
+            .get(0);
+        let start = start.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        Origin::record(&client, &config.relay.schema, &source.slot, &system, start).await?;
         done.push(format!("replication slot {}: created{kind}", source.slot));
     }
     if source.failover_slot {
@@ -199,6 +234,13 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(done)
+}
+
+/// What the server says of itself over a replication connection: its system identifier and
+/// timeline, as `run` sees them.
+async fn identify(params: &ConnectParams) -> anyhow::Result<SystemInfo> {
+    let mut connection = ReplicationConnection::connect(params).await?;
+    Ok(connection.identify_system().await?)
 }
 
 /// Every problem found, one line each with its fix; empty when the relay can run.
@@ -227,12 +269,16 @@ pub async fn check(config: &Config) -> Vec<String> {
     if let Err(err) = check_database(config, &client, &mut problems).await {
         problems.push(format!("checking the database failed: {err:#}"));
     }
-    match ReplicationConnection::connect(&params).await {
-        Ok(mut connection) => {
-            if let Err(err) = connection.identify_system().await {
-                problems.push(format!("replication connection: {err}"));
+    match identify(&params).await {
+        Ok(system) => match Origin::load(&client, &config.relay.schema, &source.slot).await {
+            Ok(Some(origin)) => {
+                if let Err(foreign) = origin.compare(&system, &config.relay.schema, &source.slot) {
+                    problems.push(foreign.to_string());
+                }
             }
-        }
+            Ok(None) => {}
+            Err(err) => problems.push(format!("checking the database failed: {err:#}")),
+        },
         Err(err) => problems.push(format!("replication connection: {err}")),
     }
     problems
@@ -387,18 +433,31 @@ async fn check_database(
 
     let slot = client
         .query_opt(
-            "SELECT plugin::text, database::text = current_database(), active FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin::text, database::text, current_database()::text, {} \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_INVALIDATION
+            ),
             &[&source.slot],
         )
         .await
         .map_err(db::explain)?;
     match slot {
         Some(row) => {
-            let (plugin, same_db): (Option<String>, Option<bool>) = (row.get(0), row.get(1));
-            if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
-                problems.push(format!(
-                    "replication slot {} belongs to another database or plugin: choose another source.slot",
-                    source.slot
+            let (plugin, database, current): (Option<String>, Option<String>, String) =
+                (row.get(0), row.get(1), row.get(2));
+            if let Some(problem) = db::foreign_slot_problem(
+                &source.slot,
+                plugin.as_deref(),
+                database.as_deref(),
+                &current,
+            ) {
+                problems.push(problem);
+            } else if let Some(reason) = row.get::<_, Option<String>>(3) {
+                problems.push(db::invalidated_slot_problem(
+                    &source.slot,
+                    &reason,
+                    &config.relay.schema,
                 ));
             }
         }

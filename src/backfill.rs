@@ -14,6 +14,7 @@
 use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::{parse_table_name, Config, ConnectParams};
 use crate::db;
+use crate::origin::Origin;
 use crate::outbox::{Mapped, OutboxMapper, RowContext};
 use crate::pipeline::{self, BatchLimit, PendingBatch, Progress, SinkWorker};
 use crate::relay::{build_sinks, skip_point, Horizon, SkipSources};
@@ -84,9 +85,12 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
     .map_err(db::explain)?;
 
     let mut replication = ReplicationConnection::connect(params).await?;
+    // Before the slot: a command after it would end the exported snapshot.
+    let system = replication.identify_system().await?;
     let (consistent_point, snapshot) = replication
         .create_slot_exporting_snapshot(slot, config.source.failover_slot)
         .await?;
+    Origin::record(&sql, &config.relay.schema, slot, &system, consistent_point).await?;
     sql.execute(
         &format!("INSERT INTO {backfills} (slot, consistent_point) VALUES ($1, $2)"),
         &[slot, &PgLsn::from(consistent_point.0)],

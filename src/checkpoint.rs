@@ -4,6 +4,7 @@
 //! sinks, never one per event.
 
 use crate::db;
+use crate::origin::Origin;
 use crate::outbox::{DeadLetter, ReplayKey};
 use crate::sql;
 use anyhow::Context;
@@ -148,10 +149,12 @@ pub async fn load_replay_key(
     Ok(row.map(|row| ReplayKey::new(row.get::<_, &[u8]>(0))))
 }
 
-/// Why a missing slot must not simply be created again, if the relay has checkpoints for it:
-/// it was dropped, or the server is a promoted standby, and a new slot would start at the
-/// current WAL position, skipping everything committed since the checkpoints. `None` when
-/// there are none (or the relay's tables do not exist yet). `run`, `init` and `check` ask.
+/// Why a missing slot must not simply be created again, if the relay has used it (it has
+/// checkpoints for it, or a record in `{schema}.slots`, see [`crate::origin`]): it
+/// was dropped, or the server is a promoted standby, and a new slot would start at the
+/// current WAL position, skipping everything committed since the relay last read. `None`
+/// when there is neither (or the relay's tables do not exist yet). `run`, `init` and
+/// `check` ask.
 pub async fn dropped_slot_problem(
     client: &Client,
     schema: &str,
@@ -163,28 +166,36 @@ pub async fn dropped_slot_problem(
         .await
         .map_err(db::explain)?
         .get(0);
-    if !exists {
-        return Ok(None);
-    }
-    let last = client
-        .query_opt(
-            &format!(
-                "SELECT max(commit_lsn)::text FROM {table} WHERE slot = $1 HAVING count(*) > 0"
-            ),
-            &[&slot],
-        )
-        .await
-        .map_err(db::explain)?;
-    Ok(last.map(|row| {
-        format!(
-            "replication slot {slot:?} is gone, but the relay has checkpoints for it (up to {}): \
-             it was dropped, or this server is a promoted standby (before PostgreSQL 17, logical \
-             slots do not survive a failover). A new slot would start at the current WAL position, \
-             and the events committed since the checkpoint would never be published. Publish them \
-             another way (source.backfill = true publishes the rows still in the outbox tables, \
-             on a new slot), or delete the old checkpoints to accept the gap and start afresh: \
-             DELETE FROM {schema}.checkpoints WHERE slot = '{slot}'",
-            row.get::<_, Option<String>>(0).unwrap_or_default()
-        )
-    }))
+    let last = if exists {
+        client
+            .query_opt(
+                &format!(
+                    "SELECT max(commit_lsn)::text FROM {table} WHERE slot = $1 HAVING count(*) > 0"
+                ),
+                &[&slot],
+            )
+            .await
+            .map_err(db::explain)?
+            .map(|row| row.get::<_, Option<String>>(0).unwrap_or_default())
+    } else {
+        None
+    };
+    let evidence = match (last, Origin::load(client, schema, slot).await?) {
+        (Some(last), _) => format!("the relay has checkpoints for it (up to {last})"),
+        (None, Some(origin)) => format!(
+            "the relay has used it (created it or streamed from it, from {} on, on system {} \
+             timeline {}), though it has no checkpoint yet",
+            origin.start_lsn, origin.system_id, origin.timeline
+        ),
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(format!(
+        "replication slot {slot:?} is gone, but {evidence}: it was dropped, or this server is a \
+         promoted standby (before PostgreSQL 17, logical slots do not survive a failover). A new \
+         slot would start at the current WAL position, and the events committed since the relay \
+         last read would never be published. Publish them another way (source.backfill = true \
+         publishes the rows still in the outbox tables, on a new slot), or delete the relay's \
+         record of the slot to accept the gap and start afresh: DELETE FROM {schema}.checkpoints \
+         WHERE slot = '{slot}'; DELETE FROM {schema}.slots WHERE slot = '{slot}'"
+    )))
 }

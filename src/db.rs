@@ -3,6 +3,7 @@
 
 use crate::config::{ConnectParams, Host, SslMode};
 use anyhow::Context;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 /// Opens a SQL connection and drives it on a background task.
@@ -65,7 +66,44 @@ pub async fn connect(params: &ConnectParams) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// Turns a tokio-postgres error into one line with the server's message and our advice.
+/// A failed SQL call as one line with the server's message and our advice, keeping the
+/// server's SQLSTATE so that callers classify it by code rather than by its text.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+pub struct SqlError {
+    code: Option<SqlState>,
+    text: String,
+}
+
+impl SqlError {
+    /// Whether the server refused for a reason that retrying cannot fix: authentication, a
+    /// database or schema that does not exist, a missing privilege or table.
+    pub fn is_permanent(&self) -> bool {
+        self.code.as_ref().is_some_and(|code| {
+            [
+                SqlState::INVALID_PASSWORD,
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                SqlState::INVALID_CATALOG_NAME,
+                SqlState::INSUFFICIENT_PRIVILEGE,
+                SqlState::UNDEFINED_TABLE,
+                SqlState::INVALID_SCHEMA_NAME,
+            ]
+            .contains(code)
+        })
+    }
+}
+
+/// Whether `err` (through any context) is a SQL failure that retrying cannot fix.
+pub fn is_permanent(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<SqlError>()
+            .is_some_and(SqlError::is_permanent)
+    })
+}
+
+/// Turns a tokio-postgres error into a [`SqlError`]: one line with the server's message and
+/// our advice.
 pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
     let Some(db) = err.as_db_error() else {
         // Keep the cause (a rustls refusal, an I/O error): "error performing TLS handshake"
@@ -77,20 +115,29 @@ pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
             text.push_str(&inner.to_string());
             cause = inner.source();
         }
-        return anyhow::anyhow!(text);
+        return SqlError { code: None, text }.into();
     };
-    let advice = match db.code().code() {
-        "28P01" => " -> check the password in source.url or source.password_file",
-        "28000" => " -> allow this user and database in pg_hba.conf, or fix the user in source.url",
-        "3D000" => " -> fix the database name in source.url",
-        "42501" => " -> grant the privilege to the relay's role (see migrations/)",
-        _ => "",
+    let code = db.code();
+    let advice = if *code == SqlState::INVALID_PASSWORD {
+        " -> check the password in source.url or source.password_file"
+    } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        " -> allow this user and database in pg_hba.conf, or fix the user in source.url"
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        " -> fix the database name in source.url"
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        " -> grant the privilege to the relay's role (see migrations/)"
+    } else {
+        ""
     };
-    anyhow::anyhow!(
-        "PostgreSQL said: {} ({}){advice}",
-        db.message(),
-        db.code().code()
-    )
+    SqlError {
+        code: Some(code.clone()),
+        text: format!(
+            "PostgreSQL said: {} ({}){advice}",
+            db.message(),
+            code.code()
+        ),
+    }
+    .into()
 }
 
 /// Whether the server is a standby in recovery. The relay needs the primary: it writes its
@@ -110,6 +157,50 @@ pub const STANDBY_PROBLEM: &str = "the server is a standby in recovery: the rela
 /// Whether the row `s` of `pg_replication_slots` is a failover slot, as SQL. Read through
 /// JSON: the `failover` column exists only from PostgreSQL 17 on.
 pub const SLOT_IS_FAILOVER: &str = "coalesce((to_jsonb(s) ->> 'failover')::bool, false)";
+
+/// Why the row `s` of `pg_replication_slots` can no longer stream, as SQL: NULL while it
+/// can. Read through JSON: `wal_status` exists from PostgreSQL 13, `conflicting` from 16 and
+/// `invalidation_reason` from 17 on.
+pub const SLOT_INVALIDATION: &str = "coalesce(to_jsonb(s) ->> 'invalidation_reason', \
+     CASE WHEN to_jsonb(s) ->> 'wal_status' = 'lost' THEN 'wal_removed' \
+     WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflict with recovery' END)";
+
+/// What to do about a slot that [`SLOT_INVALIDATION`] says can no longer stream.
+pub fn invalidated_slot_problem(slot: &str, reason: &str, schema: &str) -> String {
+    format!(
+        "replication slot {slot:?} is invalidated ({reason}): PostgreSQL removed WAL it still \
+         needed (max_slot_wal_keep_size) or it conflicted with recovery, and it can never \
+         stream again; the events in the WAL it lost are gone from the stream. Drop it (SELECT \
+         pg_drop_replication_slot('{slot}')) and publish them another way: source.backfill = \
+         true creates a new slot and first publishes the rows still in the outbox tables. Or, \
+         to accept the gap, drop it, delete the relay's record of it (DELETE FROM \
+         {schema}.checkpoints WHERE slot = '{slot}'; DELETE FROM {schema}.slots WHERE slot = \
+         '{slot}') and run `outbox-relay init`"
+    )
+}
+
+/// What is wrong with an existing slot of the relay's name that is not the relay's kind: a
+/// physical slot, another output plugin, or another database. `None` if it is a pgoutput slot
+/// of `current_database`.
+pub fn foreign_slot_problem(
+    slot: &str,
+    plugin: Option<&str>,
+    database: Option<&str>,
+    current_database: &str,
+) -> Option<String> {
+    let owner = match (plugin, database) {
+        (Some("pgoutput"), Some(database)) if database == current_database => return None,
+        (None, _) | (_, None) => "a physical slot".to_owned(),
+        (Some(plugin), Some(database)) => {
+            format!("a slot of database {database:?} with output plugin {plugin}")
+        }
+    };
+    Some(format!(
+        "replication slot {slot:?} already exists as {owner}, and the relay needs a pgoutput \
+         slot of database {current_database:?}: it belongs to something else; choose another \
+         source.slot"
+    ))
+}
 
 /// The call that creates the relay's slot (`$1` its name): a failover slot if asked for.
 pub fn create_slot_call(failover: bool) -> &'static str {

@@ -2,6 +2,11 @@
 //! only the holder of a session-level advisory lock keyed on the slot streams. The lock lives
 //! on a dedicated SQL connection, so PostgreSQL releases it when the leader's process or
 //! network dies, and a standby that retries every `leader.interval` takes over.
+//!
+//! A session starts only while the lock is verified held ([`Leadership::verify`]): after
+//! PostgreSQL restarts, the old lock connection is gone and another relay may hold the lock.
+//! What retrying cannot fix (a wrong password, a database that does not exist) stops the
+//! relay, as it does without election.
 
 use crate::config::Config;
 use crate::db;
@@ -17,14 +22,16 @@ const LOCK_KEY_SQL: &str = "hashtextextended('outbox-relay:' || $1, 0)";
 pub struct Leadership {
     client: tokio_postgres::Client,
     interval: Duration,
+    slot: String,
 }
 
 impl Leadership {
-    /// Waits as a standby until this relay holds the slot's lock; `None` on shutdown.
+    /// Waits as a standby until this relay holds the slot's lock; `None` on shutdown, an
+    /// error when the server refuses the connection for good.
     pub async fn acquire(
         config: &Config,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<Leadership> {
+    ) -> anyhow::Result<Option<Leadership>> {
         let slot = &config.source.slot;
         let interval = config.leader.interval;
         let mut announced = false;
@@ -36,7 +43,11 @@ impl Leadership {
                     info!(%slot, "leader: holding the slot's lock; streaming");
                     METRICS.leader.set(1);
                     let client = connection.take().expect("try_lock connected");
-                    return Some(Leadership { client, interval });
+                    return Ok(Some(Leadership {
+                        client,
+                        interval,
+                        slot: slot.clone(),
+                    }));
                 }
                 Ok(false) => {
                     METRICS.set_role(Role::Standby);
@@ -46,6 +57,9 @@ impl Leadership {
                         announced = true;
                     }
                 }
+                Err(err) if db::is_permanent(&err) => {
+                    return Err(err.context("taking the leader lock"));
+                }
                 Err(err) => {
                     METRICS.set_role(Role::Connecting);
                     warn!(error = %format!("{err:#}"), retry_in = ?interval,
@@ -54,27 +68,47 @@ impl Leadership {
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return None,
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
             }
         }
     }
 
-    /// Completes when this relay can no longer be sure it holds the lock: its connection
-    /// closed, or a check on it failed or took longer than the interval.
+    /// Whether this relay still holds the lock: its connection answers within the interval
+    /// and the server lists the lock as granted to that connection.
+    pub async fn verify(&self) -> bool {
+        let sql = format!(
+            "SELECT EXISTS (SELECT FROM pg_locks l, (SELECT {LOCK_KEY_SQL} AS k) lock_key \
+             WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND l.classid = ((k >> 32) & 4294967295)::oid \
+             AND l.objid = (k & 4294967295)::oid AND l.objsubid = 1)"
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.slot];
+        let query = self.client.query_one(&sql, &params);
+        match tokio::time::timeout(self.interval, query).await {
+            Ok(Ok(row)) if row.get::<_, bool>(0) => true,
+            Ok(Ok(_)) => {
+                warn!(slot = %self.slot, "leader: the server does not list this relay's lock; leadership lost");
+                false
+            }
+            Ok(Err(err)) => {
+                warn!(error = %format!("{:#}", db::explain(err)), "leader: the lock's connection failed; leadership lost");
+                false
+            }
+            Err(_) => {
+                warn!(timeout = ?self.interval, "leader: the lock's connection does not answer; leadership lost");
+                false
+            }
+        }
+    }
+
+    /// Completes when this relay can no longer be sure it holds the lock: a check every
+    /// interval ([`Leadership::verify`]) failed.
     pub async fn lost(&self) {
         loop {
             tokio::time::sleep(self.interval).await;
-            let check = tokio::time::timeout(self.interval, self.client.simple_query("SELECT 1"));
-            match check.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
-                    warn!(error = %err, "leader: the lock's connection failed; leadership lost");
-                    break;
-                }
-                Err(_) => {
-                    warn!(timeout = ?self.interval, "leader: the lock's connection does not answer; leadership lost");
-                    break;
-                }
+            if !self.verify().await {
+                break;
             }
         }
         METRICS.leader.set(0);

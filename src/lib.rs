@@ -14,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod leader;
+pub mod origin;
 pub mod outbox;
 pub mod pipeline;
 pub mod relay;

@@ -11,6 +11,7 @@ use crate::config::ChangePolicy;
 use crate::config::{Config, ConnectParams, SinkConfig, SourceConfig};
 use crate::db;
 use crate::leader::Leadership;
+use crate::origin::Origin;
 use crate::outbox::{
     DeadLetter, Mapped, OutboxMapper, RowChange, RowContext, PG_EPOCH_OFFSET_MICROS,
 };
@@ -58,9 +59,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let mut standby = false;
     let mut leadership: Option<Leadership> = None;
     loop {
+        // Held through a failed session, the lock may be gone (PostgreSQL restarted, and
+        // another relay took it): a session starts only while it is verified held.
+        drop_leadership_unless_held(&mut leadership).await;
         if config.leader.enabled && leadership.is_none() {
             let mut waiting = shutdown.clone();
-            match Leadership::acquire(&config, &mut waiting).await {
+            match Leadership::acquire(&config, &mut waiting).await? {
                 Some(held) => leadership = Some(held),
                 None => return Ok(()),
             }
@@ -78,6 +82,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(err) => return Err(err),
             SessionEnd::SlotInUse(err) => {
+                drop_leadership_unless_held(&mut leadership).await;
                 METRICS.set_role(Role::Standby);
                 if !standby {
                     info!(error = %format!("{err:#}"), retry_every = ?STANDBY_RETRY, "standing by until the slot is free");
@@ -90,6 +95,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 }
             }
             SessionEnd::Retry(err) => {
+                drop_leadership_unless_held(&mut leadership).await;
                 METRICS.set_role(Role::Connecting);
                 METRICS
                     .reconnects
@@ -109,6 +115,17 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// Gives up leadership that this relay can no longer be sure of ([`Leadership::verify`]).
+/// Asked before each session, and at once after a failed one, so that the relay stops
+/// reporting itself as the leader while another takes over.
+async fn drop_leadership_unless_held(leadership: &mut Option<Leadership>) {
+    if let Some(held) = leadership {
+        if !held.verify().await {
+            *leadership = None;
         }
     }
 }
@@ -182,24 +199,20 @@ fn classify_source(err: SourceError) -> SessionEnd {
     }
 }
 
-/// Connection-level SQL failures are retried; what the server refuses for good is fatal.
+/// Connection-level SQL failures are retried; what the server refuses for good (by its
+/// SQLSTATE, see [`db::SqlError::is_permanent`], or a replication error that retrying cannot
+/// fix) is fatal.
 fn classify_sql(err: anyhow::Error) -> SessionEnd {
-    let permanent = err.chain().any(|cause| {
-        let text = cause.to_string();
-        [
-            "(28P01)",
-            "(28000)",
-            "(3D000)",
-            "(42501)",
-            "(42P01)",
-            "(3F000)",
-            // A refused certificate or a server without TLS under sslmode=require: retrying
-            // cannot help, the configuration must change.
-            "error performing TLS handshake",
-        ]
-        .iter()
-        .any(|code| text.contains(code))
-    });
+    let permanent = db::is_permanent(&err)
+        || err.chain().any(|cause| {
+            cause
+                .downcast_ref::<SourceError>()
+                .is_some_and(|e| !e.is_retryable())
+                // A refused certificate or a server without TLS under sslmode=require:
+                // retrying cannot help, the configuration must change. tokio-postgres gives
+                // this failure no code or type of its own.
+                || cause.to_string().contains("error performing TLS handshake")
+        });
     if permanent {
         SessionEnd::Fatal(err)
     } else {
@@ -234,9 +247,10 @@ async fn prepare_slot(
     let row = sql
         .query_opt(
             &format!(
-                "SELECT plugin, database = current_database(), confirmed_flush_lsn::text, {} \
-                 FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_IS_FAILOVER
+                "SELECT plugin::text, database::text, current_database()::text, \
+                 confirmed_flush_lsn::text, {}, {} FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_IS_FAILOVER,
+                db::SLOT_INVALIDATION
             ),
             &[&source.slot],
         )
@@ -253,7 +267,8 @@ async fn prepare_slot(
             // the function at all.
             sql.query_one(
                 &format!(
-                    "SELECT 'pgoutput', true, lsn::text, $2::bool FROM {}",
+                    "SELECT 'pgoutput', current_database()::text, current_database()::text, \
+                     lsn::text, $2::bool, NULL::text FROM {}",
                     db::create_slot_call(source.failover_slot)
                 ),
                 &[&source.slot, &source.failover_slot],
@@ -268,27 +283,59 @@ async fn prepare_slot(
             )))
         }
     };
-    let plugin: Option<String> = row.get(0);
-    let same_database: Option<bool> = row.get(1);
-    if plugin.as_deref() != Some("pgoutput") || same_database != Some(true) {
+    let (plugin, database, current): (Option<String>, Option<String>, String) =
+        (row.get(0), row.get(1), row.get(2));
+    if let Some(problem) = db::foreign_slot_problem(
+        &source.slot,
+        plugin.as_deref(),
+        database.as_deref(),
+        &current,
+    ) {
+        return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
+    }
+    if let Some(reason) = row.get::<_, Option<String>>(5) {
         return Err(SessionEnd::Fatal(anyhow::anyhow!(
-            "replication slot {:?} belongs to another database or plugin ({}): choose another source.slot",
-            source.slot,
-            plugin.unwrap_or_default()
+            db::invalidated_slot_problem(&source.slot, &reason, &config.relay.schema)
         )));
     }
-    let confirmed: Option<String> = row.get(2);
+    let confirmed: Option<String> = row.get(3);
     let confirmed_flush = confirmed
         .as_deref()
         .unwrap_or("0/0")
         .parse()
         .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
-    let failover: bool = row.get(3);
+    let failover: bool = row.get(4);
     Ok(SlotState {
         confirmed_flush,
         created,
         needs_failover: source.failover_slot && !failover,
     })
+}
+
+/// Stops the relay if its state for the slot comes from another server (see
+/// [`crate::origin`]); follows a promoted standby's new timeline. Returns the recorded origin.
+async fn check_origin(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+    system: &SystemInfo,
+) -> Result<Option<Origin>, SessionEnd> {
+    let (schema, slot) = (&config.relay.schema, &config.source.slot);
+    let origin = Origin::load(sql, schema, slot)
+        .await
+        .map_err(classify_sql)?;
+    if let Some(origin) = &origin {
+        let new_timeline = origin
+            .compare(system, schema, slot)
+            .map_err(|err| SessionEnd::Fatal(err.into()))?;
+        if new_timeline {
+            info!(%slot, system_id = %system.system_id, from = origin.timeline, to = system.timeline,
+                "the server moved on to a new timeline (a promoted standby); recording it");
+            Origin::record_timeline(sql, schema, slot, system.timeline)
+                .await
+                .map_err(classify_sql)?;
+        }
+    }
+    Ok(origin)
 }
 
 /// `source.failover_slot` on a server without failover slots stops the relay; what may keep
@@ -397,6 +444,20 @@ async fn session(
         }
         Err(err) => return classify_sql(err),
     }
+    // The replication connection first: the relay's state must be this server's before
+    // anything is created, backfilled or skipped by it.
+    let mut connection = match ReplicationConnection::connect(&params).await {
+        Ok(connection) => connection,
+        Err(err) => return classify_source(err),
+    };
+    let system = match connection.identify_system().await {
+        Ok(system) => system,
+        Err(err) => return classify_source(err),
+    };
+    let origin = match check_origin(&sql, config, &system).await {
+        Ok(origin) => origin,
+        Err(end) => return end,
+    };
     if let Err(end) = check_failover_slot_support(&sql, source).await {
         return end;
     }
@@ -411,6 +472,19 @@ async fn session(
         Ok(slot) => slot,
         Err(end) => return end,
     };
+    if slot.created || origin.is_none() {
+        let recorded = Origin::record(
+            &sql,
+            &config.relay.schema,
+            &source.slot,
+            &system,
+            slot.confirmed_flush,
+        )
+        .await;
+        if let Err(err) = recorded {
+            return classify_sql(err);
+        }
+    }
     // Asked about relations the stream names that are not configured outbox tables (are they
     // partitions of one?); the OIDs tell a renamed outbox table from another table.
     let catalog = match db::connect(&params).await {
@@ -441,10 +515,6 @@ async fn session(
     };
     // Acquire the slot first: once streaming starts no other relay can write to the sinks,
     // so the positions recovered below cannot go stale.
-    let connection = match ReplicationConnection::connect(&params).await {
-        Ok(connection) => connection,
-        Err(err) => return classify_source(err),
-    };
     let (system, stream, status_writer) = match start_streaming(connection, config, &slot).await {
         Ok(started) => started,
         Err(err) => return classify_source(err),
@@ -770,7 +840,8 @@ pub(crate) fn skip_point(
 }
 
 /// Starts streaming; returns what the server said of itself (its WAL end, timeline and
-/// system identifier) with the stream's halves.
+/// system identifier) with the stream's halves. Asked again here rather than reused from the
+/// session's start: the WAL end must be the one at streaming, after any backfill.
 async fn start_streaming(
     mut connection: ReplicationConnection,
     config: &Config,
