@@ -160,7 +160,7 @@ pub async fn dropped_slot_problem(
     schema: &str,
     slot: &str,
 ) -> anyhow::Result<Option<String>> {
-    let table = format!("{schema}.checkpoints");
+    let table = sql::qualified(schema, "checkpoints");
     let exists: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
         .await
@@ -195,7 +195,7 @@ pub async fn dropped_slot_problem(
          slot would start at the current WAL position, and the events committed since the relay \
          last read would never be published. Publish them another way (source.backfill = true \
          publishes the rows still in the outbox tables, on a new slot), or delete the relay's \
-         record of the slot to accept the gap and start afresh: DELETE FROM {schema}.checkpoints \
-         WHERE slot = '{slot}'; DELETE FROM {schema}.slots WHERE slot = '{slot}'"
+         record of the slot to accept the gap and start afresh: {}",
+        crate::origin::forget_slot_sql(schema, slot)
     )))
 }

@@ -171,11 +171,12 @@ pub fn invalidated_slot_problem(slot: &str, reason: &str, schema: &str) -> Strin
         "replication slot {slot:?} is invalidated ({reason}): PostgreSQL removed WAL it still \
          needed (max_slot_wal_keep_size) or it conflicted with recovery, and it can never \
          stream again; the events in the WAL it lost are gone from the stream. Drop it (SELECT \
-         pg_drop_replication_slot('{slot}')) and publish them another way: source.backfill = \
+         pg_drop_replication_slot({literal})) and publish them another way: source.backfill = \
          true creates a new slot and first publishes the rows still in the outbox tables. Or, \
-         to accept the gap, drop it, delete the relay's record of it (DELETE FROM \
-         {schema}.checkpoints WHERE slot = '{slot}'; DELETE FROM {schema}.slots WHERE slot = \
-         '{slot}') and run `outbox-relay init`"
+         to accept the gap, drop it, delete the relay's record of it ({forget}) and run \
+         `outbox-relay init`",
+        literal = crate::sql::literal(slot),
+        forget = crate::origin::forget_slot_sql(schema, slot),
     )
 }
 

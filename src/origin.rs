@@ -16,6 +16,7 @@
 
 use crate::db;
 use crate::source::replication::SystemInfo;
+use crate::sql;
 use outbox_relay_sinks::Lsn;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
@@ -35,11 +36,23 @@ pub struct Origin {
 #[error("{0}")]
 pub struct ForeignServer(String);
 
+/// The statements that make the relay forget `slot`: its checkpoints and its record, as
+/// advice an operator can paste.
+pub fn forget_slot_sql(schema: &str, slot: &str) -> String {
+    format!(
+        "DELETE FROM {} WHERE slot = {}; DELETE FROM {} WHERE slot = {}",
+        sql::qualified(schema, "checkpoints"),
+        sql::literal(slot),
+        sql::qualified(schema, "slots"),
+        sql::literal(slot)
+    )
+}
+
 impl Origin {
     /// The recorded origin of `slot`; `None` if there is none (or the relay's tables do not
     /// exist yet).
     pub async fn load(client: &Client, schema: &str, slot: &str) -> anyhow::Result<Option<Origin>> {
-        let table = format!("{schema}.slots");
+        let table = sql::qualified(schema, "slots");
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
             .await
@@ -74,10 +87,11 @@ impl Origin {
         client
             .execute(
                 &format!(
-                    "INSERT INTO {schema}.slots (slot, system_id, timeline, start_lsn) \
+                    "INSERT INTO {} (slot, system_id, timeline, start_lsn) \
                      VALUES ($1, $2, $3, $4) ON CONFLICT (slot) DO UPDATE SET \
                      system_id = EXCLUDED.system_id, timeline = EXCLUDED.timeline, \
-                     start_lsn = EXCLUDED.start_lsn, recorded_at = now()"
+                     start_lsn = EXCLUDED.start_lsn, recorded_at = now()",
+                    sql::qualified(schema, "slots")
                 ),
                 &[
                     &slot,
@@ -107,7 +121,8 @@ impl Origin {
         client
             .execute(
                 &format!(
-                    "UPDATE {schema}.slots SET timeline = $2, recorded_at = now() WHERE slot = $1"
+                    "UPDATE {} SET timeline = $2, recorded_at = now() WHERE slot = $1",
+                    sql::qualified(schema, "slots")
                 ),
                 &[&slot, &i64::from(timeline)],
             )
@@ -127,8 +142,8 @@ impl Origin {
     ) -> Result<bool, ForeignServer> {
         let reset = format!(
             "if the relay is to stream from this server, reset its state for the slot, so that \
-             no position of the other server is applied here: DELETE FROM {schema}.checkpoints \
-             WHERE slot = '{slot}'; DELETE FROM {schema}.slots WHERE slot = '{slot}'"
+             no position of the other server is applied here: {}",
+            forget_slot_sql(schema, slot)
         );
         if system.system_id != self.system_id {
             return Err(ForeignServer(format!(

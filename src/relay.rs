@@ -668,12 +668,12 @@ async fn session(
                  position {confirmed}, and PostgreSQL reads every change with the publication as it \
                  was then: this slot cannot get past the drop, even now that the publication exists \
                  again. The rows committed in between reach no subscriber of this slot. To go on, \
-                 drop the slot (SELECT pg_drop_replication_slot('{slot}')) and start the relay with \
+                 drop the slot (SELECT pg_drop_replication_slot({slot})) and start the relay with \
                  source.backfill = true, which publishes the rows still in the outbox tables on a \
                  new slot (with their event ids, for consumers to dedup on)",
                 publication = source.publication,
                 confirmed = progress.confirmed(),
-                slot = source.slot,
+                slot = crate::sql::literal(&source.slot),
             )
         ),
         Err(ReadError::Source(err)) => classify_source(err),
@@ -820,8 +820,11 @@ pub(crate) fn skip_point(
             "sink {sink}: the checkpoint table holds position {position} for slot {slot:?}, but \
              {consequence}. The checkpoint comes from another database or an earlier history (a \
              restore, a copied relay schema). Once the events after it are published another \
-             way, or to accept the gap, delete it and start again: DELETE FROM \
-             {schema}.checkpoints WHERE slot = '{slot}' AND sink = '{sink}'"
+             way, or to accept the gap, delete it and start again: DELETE FROM {} WHERE slot = {} \
+             AND sink = {}",
+            crate::sql::qualified(schema, "checkpoints"),
+            crate::sql::literal(slot),
+            crate::sql::literal(sink)
         )));
     }
     if let Some(position) = beyond(&sources.acknowledged) {
@@ -1471,7 +1474,7 @@ mod tests {
         );
         assert!(recovered.contains("WAL ends at 0/3E8"), "{recovered}");
         let stored = skip(at(2000), None, None).unwrap_err().to_string();
-        assert!(stored.contains("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay' AND sink = 'orders'"), "{stored}");
+        assert!(stored.contains("DELETE FROM \"outbox_relay\".\"checkpoints\" WHERE slot = 'outbox_relay' AND sink = 'orders'"), "{stored}");
         let acknowledged = skip(None, at(5000), at(20)).unwrap_err().to_string();
         assert!(
             acknowledged.contains("before it reconnected"),

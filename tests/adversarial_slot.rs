@@ -80,8 +80,8 @@ fn a_slot_dropped_before_the_first_checkpoint_is_not_recreated() {
 
     let mut relay = Relay::start(&config);
     let log = relay.stops_with_failure(WAIT, "the slot was dropped");
-    let fix = "DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'; \
-               DELETE FROM outbox_relay.slots WHERE slot = 'outbox_relay'";
+    let fix = "DELETE FROM \"outbox_relay\".\"checkpoints\" WHERE slot = 'outbox_relay'; \
+               DELETE FROM \"outbox_relay\".\"slots\" WHERE slot = 'outbox_relay'";
     assert!(
         log.contains("replication slot \"outbox_relay\" is gone, but the relay has used it")
             && log.contains("source.backfill = true")
@@ -179,7 +179,9 @@ fn a_relay_state_from_another_server_stops_run_naming_both_systems() {
     assert!(
         log.contains(&format!("recorded on PostgreSQL system {a_system}"))
             && log.contains(&format!("the server at source.url is system {b_system}"))
-            && log.contains("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'"),
+            && log.contains(
+                "DELETE FROM \"outbox_relay\".\"checkpoints\" WHERE slot = 'outbox_relay'"
+            ),
         "{log}"
     );
     assert!(read_events(&b_events).is_empty(), "nothing was delivered");

@@ -175,7 +175,9 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
     let log = relay.log();
     assert!(
         log.contains("replication slot \"outbox_relay\" is gone, but the relay has checkpoints")
-            && log.contains("DELETE FROM outbox_relay.checkpoints WHERE slot = 'outbox_relay'"),
+            && log.contains(
+                "DELETE FROM \"outbox_relay\".\"checkpoints\" WHERE slot = 'outbox_relay'"
+            ),
         "{log}"
     );
     // `check` reports it, and `init`, which creates missing slots, refuses too.
