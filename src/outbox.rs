@@ -34,14 +34,22 @@ pub struct RowContext {
 }
 
 /// A row that could not become an event, kept with its reason and its raw columns.
+///
+/// The dead-letter store takes any bytes: `row` is what `jsonb` can hold (see
+/// [`DeadLetter::storable`]), and whenever that rendering is not exact (bytes that are not
+/// UTF-8, NUL characters, which `jsonb` refuses) the exact bytes go along in `raw`.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub table: String,
     pub position: Position,
     pub xid: u32,
     pub reason: String,
-    /// Column name → text value (or null), as received; for messages, the content.
+    /// Column name → text value (or null), as received; for messages, the content. Bytes
+    /// that are not UTF-8 are replaced by U+FFFD (and `raw` is set).
     pub row: serde_json::Value,
+    /// The exact bytes when `row` is not exact: for a message (`row` is a string), its
+    /// content; for a row (`row` is an object), its columns in the [`frame_columns`] layout.
+    pub raw: Option<Vec<u8>>,
     /// The sink that refused it; `None` when the row could not be mapped at all.
     pub sink: Option<String>,
 }
@@ -62,9 +70,100 @@ impl DeadLetter {
                 "payload": &*event.payload,
                 "schema_version": event.schema_version,
             }),
+            raw: None,
             sink,
         }
     }
+
+    /// The `row_data` and `raw` to store: `row` with every NUL character (which `jsonb`
+    /// refuses, as `\u0000`) replaced by U+FFFD, and `raw` holding the exact bytes when
+    /// that changed anything.
+    pub fn storable(&self) -> (serde_json::Value, Option<Vec<u8>>) {
+        let mut row = self.row.clone();
+        let replaced = replace_nul(&mut row);
+        let raw = match (&self.raw, replaced) {
+            (Some(raw), _) => Some(raw.clone()),
+            (None, false) => None,
+            (None, true) => Some(match &self.row {
+                serde_json::Value::String(content) => content.as_bytes().to_vec(),
+                serde_json::Value::Object(columns) => {
+                    frame_columns(columns.iter().map(|(name, value)| {
+                        let bytes = match value {
+                            serde_json::Value::Null => None,
+                            serde_json::Value::String(s) => Some(s.as_bytes().to_vec()),
+                            other => Some(other.to_string().into_bytes()),
+                        };
+                        (name.as_str(), bytes)
+                    }))
+                }
+                other => other.to_string().into_bytes(),
+            }),
+        };
+        (row, raw)
+    }
+}
+
+/// Replaces NUL in every string and key of `value` by U+FFFD; returns whether it did.
+fn replace_nul(value: &mut serde_json::Value) -> bool {
+    const REPLACEMENT: &str = "\u{FFFD}";
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => {
+            *s = s.replace('\0', REPLACEMENT);
+            true
+        }
+        serde_json::Value::Array(items) => items.iter_mut().fold(false, |r, v| replace_nul(v) | r),
+        serde_json::Value::Object(map) => {
+            let mut replaced = false;
+            if map.keys().any(|k| k.contains('\0')) {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (k.replace('\0', REPLACEMENT), v))
+                    .collect();
+                replaced = true;
+            }
+            map.values_mut().fold(replaced, |r, v| replace_nul(v) | r)
+        }
+        _ => false,
+    }
+}
+
+/// A row's columns as exact bytes: for each column, its name, a NUL byte, then a 4-byte
+/// big-endian length and that many bytes of value, or `FF FF FF FF` for NULL.
+/// [`unframe_columns`] reads it back.
+pub fn frame_columns<'a>(columns: impl Iterator<Item = (&'a str, Option<Vec<u8>>)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in columns {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        match value {
+            Some(bytes) => {
+                out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                out.extend_from_slice(&bytes);
+            }
+            None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+        }
+    }
+    out
+}
+
+/// Reads [`frame_columns`] back: (name, value) pairs; `None` if `raw` is not in that layout.
+pub fn unframe_columns(mut raw: &[u8]) -> Option<Vec<(String, Option<Vec<u8>>)>> {
+    let mut columns = Vec::new();
+    while !raw.is_empty() {
+        let end = raw.iter().position(|&b| b == 0)?;
+        let name = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let len: [u8; 4] = raw.get(end + 1..end + 5)?.try_into().ok()?;
+        raw = &raw[end + 5..];
+        let len = u32::from_be_bytes(len);
+        if len == u32::MAX {
+            columns.push((name, None));
+        } else {
+            let len = len as usize;
+            columns.push((name, Some(raw.get(..len)?.to_vec())));
+            raw = &raw[len..];
+        }
+    }
+    Some(columns)
 }
 
 /// What to do with a decoded change.
@@ -266,6 +365,7 @@ impl OutboxMapper {
         ctx: RowContext,
     ) -> DeadLetter {
         let info = &self.relations[&relation_id];
+        let (row, raw) = raw_row(&info.relation, tuple);
         DeadLetter {
             table: info.qualified.to_string(),
             position: ctx.position,
@@ -283,7 +383,8 @@ impl OutboxMapper {
                     "delete"
                 },
             ),
-            row: raw_row(&info.relation, tuple),
+            row,
+            raw,
             sink: None,
         }
     }
@@ -305,12 +406,14 @@ impl OutboxMapper {
             return Ok(Mapped::NotOutbox);
         };
         let dead = |reason: String| {
+            let (row, raw) = raw_row(&info.relation, tuple);
             Mapped::DeadLetter(DeadLetter {
                 table: info.qualified.to_string(),
                 position: ctx.position,
                 xid: ctx.xid,
                 reason,
-                row: raw_row(&info.relation, tuple),
+                row,
+                raw,
                 sink: None,
             })
         };
@@ -432,6 +535,9 @@ impl OutboxMapper {
                 row: serde_json::Value::String(
                     String::from_utf8_lossy(message.content).into_owned(),
                 ),
+                raw: std::str::from_utf8(message.content)
+                    .is_err()
+                    .then(|| message.content.to_vec()),
                 sink: None,
             })
         };
@@ -630,23 +736,39 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// The row as a JSON object of column name → text (lossy for non-UTF-8 bytes) or null.
-fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> serde_json::Value {
+/// The row as a JSON object of column name → text (lossy for non-UTF-8 bytes) or null, and
+/// when it is lossy, the exact bytes in the [`frame_columns`] layout.
+fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> (serde_json::Value, Option<Vec<u8>>) {
     let mut row = serde_json::Map::new();
-    for (i, value) in tuple.columns.iter().enumerate() {
-        let name = relation
-            .columns
-            .get(i)
-            .map_or_else(|| format!("column{i}"), |c| c.name.clone());
+    let mut lossy = false;
+    let names: Vec<String> = (0..tuple.columns.len())
+        .map(|i| {
+            relation
+                .columns
+                .get(i)
+                .map_or_else(|| format!("column{i}"), |c| c.name.clone())
+        })
+        .collect();
+    for (name, value) in names.iter().zip(&tuple.columns) {
         let value = match value {
             Value::Text(bytes) | Value::Binary(bytes) => {
+                lossy |= std::str::from_utf8(bytes).is_err();
                 serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
             }
             Value::Null | Value::UnchangedToast => serde_json::Value::Null,
         };
-        row.insert(name, value);
+        row.insert(name.clone(), value);
     }
-    serde_json::Value::Object(row)
+    let raw = lossy.then(|| {
+        frame_columns(names.iter().zip(&tuple.columns).map(|(name, value)| {
+            let bytes = match value {
+                Value::Text(bytes) | Value::Binary(bytes) => Some(bytes.to_vec()),
+                Value::Null | Value::UnchangedToast => None,
+            };
+            (name.as_str(), bytes)
+        }))
+    });
+    (serde_json::Value::Object(row), raw)
 }
 
 #[cfg(test)]
@@ -958,6 +1080,67 @@ mod tests {
             }
             _ => panic!("a configured optional column must exist"),
         }
+    }
+
+    #[test]
+    fn dead_letters_keep_exact_bytes_where_jsonb_cannot() {
+        let letter = |row: serde_json::Value, raw: Option<Vec<u8>>| DeadLetter {
+            table: "message:outbox".into(),
+            position: CTX.position,
+            xid: 1,
+            reason: "r".into(),
+            row,
+            raw,
+            sink: None,
+        };
+        let exact = letter(serde_json::json!({"a": "b", "n": null}), None);
+        assert_eq!(exact.storable(), (exact.row.clone(), None));
+        let (row, raw) = letter(serde_json::json!("x\0y"), None).storable();
+        assert_eq!(
+            (row, raw),
+            (serde_json::json!("x\u{FFFD}y"), Some(b"x\0y".to_vec()))
+        );
+        let (row, raw) =
+            letter(serde_json::json!({"a": "x\0", "v": 2, "n": null}), None).storable();
+        assert_eq!(
+            row,
+            serde_json::json!({"a": "x\u{FFFD}", "v": 2, "n": null})
+        );
+        assert_eq!(
+            unframe_columns(&raw.unwrap()).unwrap(),
+            [
+                ("a".to_owned(), Some(b"x\0".to_vec())),
+                ("n".to_owned(), None),
+                ("v".to_owned(), Some(b"2".to_vec())),
+            ]
+        );
+        // A row with bytes that are not UTF-8 (a SQL_ASCII database).
+        let mut mapper = OutboxMapper::new(&["public.outbox".into()], &BTreeMap::new(), &[]);
+        mapper.on_relation(relation("outbox", &DEBEZIUM));
+        let data = Bytes::from([ID.as_bytes(), b"orderT{}caf\xe9"].concat());
+        let tuple = Tuple {
+            columns: vec![
+                Value::Text(&data[..36]),
+                Value::Text(&data[36..41]),
+                Value::Text(&data[44..]),
+                Value::Text(&data[41..42]),
+                Value::Text(&data[42..44]),
+            ],
+        };
+        match mapper.map_insert(7, &tuple, &data, CTX).unwrap() {
+            Mapped::DeadLetter(d) => {
+                assert!(d.reason.contains("not valid UTF-8"), "{}", d.reason);
+                assert_eq!(d.row["aggregateid"], "caf\u{FFFD}");
+                let columns = unframe_columns(d.raw.as_deref().unwrap()).unwrap();
+                assert_eq!(
+                    columns[2],
+                    ("aggregateid".to_owned(), Some(b"caf\xe9".to_vec()))
+                );
+                assert_eq!(columns[4], ("payload".to_owned(), Some(b"{}".to_vec())));
+            }
+            _ => panic!("expected a dead letter"),
+        }
+        assert_eq!(unframe_columns(b"name\0\0\0"), None);
     }
 
     #[test]

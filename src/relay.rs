@@ -213,6 +213,12 @@ async fn prepare_slot(
             source.publication
         )));
     }
+    if let Some(problem) = crate::checkpoint::schema_problem(sql, &config.relay.schema)
+        .await
+        .map_err(classify_sql)?
+    {
+        return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
+    }
     let row = sql
         .query_opt(
             &format!(

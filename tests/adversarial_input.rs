@@ -138,3 +138,43 @@ fn a_full_disk_fails_the_batch_that_hit_it_and_loses_nothing_once_space_is_freed
          not in the file"
     );
 }
+
+/// Item 7: a logical message whose content `jsonb` cannot hold (a NUL byte; bytes that are
+/// not UTF-8) is dead-lettered with its exact bytes, `dlq show` shows them, and the stream
+/// goes on.
+#[test]
+fn a_message_holding_nul_or_non_utf8_bytes_is_dead_lettered_with_its_raw_bytes() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "message_prefixes = [\"outbox\"]");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql("SELECT pg_logical_emit_message(true, 'outbox', E'\\\\x00'::bytea)");
+    pg.psql("SELECT pg_logical_emit_message(true, 'outbox', E'\\\\x7b00e97d'::bytea)");
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o', 'T', '{\"seq\": 1}')",
+    );
+    assert!(
+        wait_until(WAIT, || read_seqs(&events) == [1]),
+        "the event after the messages:\n{}",
+        relay.log()
+    );
+    let dead = pg.psql(
+        "SELECT source_table, encode(raw, 'hex'), row_data::text FROM outbox_relay.dead_letters ORDER BY id",
+    );
+    assert_eq!(
+        dead,
+        "message:outbox|00|\"\u{FFFD}\"\nmessage:outbox|7b00e97d|\"{\u{FFFD}\u{FFFD}}\""
+    );
+    let id = pg.psql("SELECT min(id) FROM outbox_relay.dead_letters");
+    let shown = Command::new(relay_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["dlq", "show", &id])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(r#""raw": "\\x00""#), "{shown}");
+    assert!(!relay.log().contains("panicked"), "{}", relay.log());
+}
