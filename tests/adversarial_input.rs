@@ -178,3 +178,67 @@ fn a_message_holding_nul_or_non_utf8_bytes_is_dead_lettered_with_its_raw_bytes()
     assert!(shown.contains(r#""raw": "\\x00""#), "{shown}");
     assert!(!relay.log().contains("panicked"), "{}", relay.log());
 }
+
+/// Item 9: a `json` payload typed over several lines is one line in every line-based format,
+/// the same JSON, and the file sink still reads its position back after a restart.
+#[test]
+fn a_payload_with_line_breaks_is_one_line_in_every_format_and_survives_a_restart() {
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload json NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let formats = ["cloudevents", "debezium", "raw"];
+    let sinks: String = formats
+        .iter()
+        .map(|format| {
+            format!(
+                "[sinks.{format}]\ntype = \"file\"\nformat = \"{format}\"\nfsync = false\npath = \"{}\"\n",
+                dir.path().join(format!("{format}.jsonl")).display()
+            )
+        })
+        .collect();
+    let config = relay_config(dir.path(), &pg, &sinks);
+    init(&config);
+    let insert = |seq: u32| {
+        pg.psql(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o', 'T', \
+             E'{{\\r\\n  \"seq\": {seq},\\n  \"text\": \"two\\\\nlines\"\\n}}\\n')"
+        ));
+    };
+    let seqs = |format: &str| -> Vec<u64> {
+        read_events(&dir.path().join(format!("{format}.jsonl")))
+            .iter()
+            .map(|e| {
+                let data = if format == "cloudevents" {
+                    &e["data"]
+                } else {
+                    e
+                };
+                assert_eq!(data["text"], "two\nlines", "{e}");
+                data["seq"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    let mut relay = Relay::start(&config);
+    insert(1);
+    assert!(
+        wait_until(WAIT, || formats.iter().all(|f| seqs(f) == [1])),
+        "{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+    let mut relay = Relay::start(&config);
+    insert(2);
+    assert!(
+        wait_until(WAIT, || formats.iter().all(|f| seqs(f) == [1, 2])),
+        "after a restart: {}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+    for format in formats {
+        let text = std::fs::read_to_string(dir.path().join(format!("{format}.jsonl"))).unwrap();
+        assert_eq!(text.lines().count(), 2, "{format}: {text}");
+    }
+}
