@@ -1083,6 +1083,27 @@ mod tests {
     }
 
     #[test]
+    fn text_payloads_deeper_than_128_or_beyond_f64_are_json() {
+        let text_outbox = [
+            ("id", TEXT),
+            ("aggregatetype", TEXT),
+            ("aggregateid", TEXT),
+            ("type", TEXT),
+            ("payload", TEXT),
+        ];
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let huge = format!("[1e400, -1{}]", "0".repeat(400));
+        for payload in [deep.as_str(), huge.as_str()] {
+            let e = event(map_with(
+                None,
+                &text_outbox,
+                &[Some(ID), Some("o"), Some("k"), Some("T"), Some(payload)],
+            ));
+            assert_eq!(&*e.payload, payload);
+        }
+    }
+
+    #[test]
     fn dead_letters_keep_exact_bytes_where_jsonb_cannot() {
         let letter = |row: serde_json::Value, raw: Option<Vec<u8>>| DeadLetter {
             table: "message:outbox".into(),

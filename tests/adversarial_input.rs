@@ -242,3 +242,95 @@ fn a_payload_with_line_breaks_is_one_line_in_every_format_and_survives_a_restart
         assert_eq!(text.lines().count(), 2, "{format}: {text}");
     }
 }
+
+/// The non-empty lines of a file sink's output.
+fn lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete.lines().map(str::to_owned).collect()
+}
+
+/// Item 16: payloads nested 200 deep, or holding numbers beyond f64 (`1e400`), in `jsonb`
+/// and in `text` columns, are events with validation off and with it on.
+#[test]
+fn deep_payloads_and_numbers_beyond_f64_are_events_with_and_without_validation() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql(
+        "CREATE TABLE loose (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload text NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir(&schemas).unwrap();
+    for event_type in ["deep", "huge"] {
+        std::fs::write(
+            schemas.join(format!("{event_type}.json")),
+            r#"{"type": "array"}"#,
+        )
+        .unwrap();
+    }
+    let events = dir.path().join("events.jsonl");
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &format!(
+            "[sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
+            events.display()
+        ),
+    );
+    let base = std::fs::read_to_string(&config).unwrap().replace(
+        "[source]\n",
+        "[source]\ntables = [\"public.outbox\", \"public.loose\"]\n",
+    );
+    std::fs::write(&config, &base).unwrap();
+    init(&config);
+    let insert_all = || {
+        for table in ["outbox", "loose"] {
+            let cast = if table == "outbox" { "::jsonb" } else { "" };
+            pg.psql(&format!(
+                "INSERT INTO {table} (aggregatetype, aggregateid, type, payload) VALUES \
+                 ('order', '{table}', 'deep', (repeat('[', 200) || '1' || repeat(']', 200)){cast}), \
+                 ('order', '{table}', 'huge', ('[1e400, -1e400, 1' || repeat('0', 400) || ']'){cast})"
+            ));
+        }
+    };
+    let is_json = |line: &String| serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok();
+    for (round, validation) in [
+        "",
+        "[validation]\nschema_dir = \"SCHEMAS\"\nrequired = true\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let validation = validation.replace("SCHEMAS", &schemas.display().to_string());
+        std::fs::write(&config, format!("{base}\n{validation}")).unwrap();
+        let mut relay = Relay::start(&config);
+        insert_all();
+        let expected = 4 * (round + 1);
+        assert!(
+            wait_until(WAIT, || lines(&events).len() >= expected),
+            "validation {validation:?}: {} events, dead letters: {}\n{}",
+            lines(&events).len(),
+            pg.psql("SELECT reason FROM outbox_relay.dead_letters"),
+            relay.log()
+        );
+        relay.stops_cleanly();
+        let written = lines(&events);
+        assert_eq!(written.len(), expected);
+        assert!(written.iter().all(is_json));
+        for event_type in ["deep", "huge"] {
+            assert_eq!(
+                written
+                    .iter()
+                    .filter(|l| l.contains(&format!("\"type\":\"{event_type}\"")))
+                    .count(),
+                2 * (round + 1)
+            );
+        }
+    }
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
+        "0"
+    );
+}
