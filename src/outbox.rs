@@ -684,7 +684,10 @@ fn parse_headers(text: &str) -> Result<Vec<(Arc<str>, Text)>, String> {
 }
 
 /// Converts PostgreSQL's ISO timestamp output (`2026-11-22 22:39:38.658915+00`, or without
-/// an offset for `timestamp`) to RFC 3339 (`2026-11-22T22:39:38.658915Z`).
+/// an offset for `timestamp`) to RFC 3339 (`2026-11-22T22:39:38.658915Z`). The relay's
+/// connections pin `DateStyle=ISO`, so that is the form that arrives. An offset with seconds
+/// (`+00:19:32`: local mean time, before time zones were standardised), which RFC 3339
+/// cannot write, is converted to the same instant in UTC.
 pub fn pg_timestamp_to_rfc3339(text: &str) -> Option<String> {
     let (date, time) = text.split_once(' ')?;
     let date_ok = date.len() == 10
@@ -715,9 +718,76 @@ pub fn pg_timestamp_to_rfc3339(text: &str) -> Option<String> {
         "" | "+00" | "-00" | "+00:00" => "Z".to_owned(),
         o if o.len() == 3 => format!("{o}:00"),
         o if o.len() == 6 => o.to_owned(),
+        o if o.len() == 9 => return in_utc(date, clock, o),
         _ => return None,
     };
     Some(format!("{date}T{clock}{offset}"))
+}
+
+/// The RFC 3339 UTC form of a local `date` (`YYYY-MM-DD`) and `clock` (`HH:MM:SS[.frac]`),
+/// both checked by the caller, at an `offset` of `±HH:MM:SS`.
+fn in_utc(date: &str, clock: &str, offset: &str) -> Option<String> {
+    let number = |s: &str| -> Option<i64> {
+        s.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let sign = match offset.as_bytes()[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let o = offset.as_bytes();
+    if o[3] != b':' || o[6] != b':' {
+        return None;
+    }
+    let offset_seconds =
+        number(&offset[1..3])? * 3600 + number(&offset[4..6])? * 60 + number(&offset[7..9])?;
+    let local = days_from_civil(
+        number(&date[..4])?,
+        number(&date[5..7])?,
+        number(&date[8..10])?,
+    ) * 86_400
+        + number(&clock[..2])? * 3600
+        + number(&clock[3..5])? * 60
+        + number(&clock[6..8])?;
+    let utc = local - sign * offset_seconds;
+    let (year, month, day) = civil_from_days(utc.div_euclid(86_400));
+    let seconds = utc.rem_euclid(86_400);
+    (0..=9999).contains(&year).then(|| {
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{}Z",
+            seconds / 3600,
+            seconds % 3600 / 60,
+            seconds % 60,
+            &clock[8..]
+        )
+    })
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// The date of a day counted from 1970-01-01: the inverse of [`days_from_civil`].
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let days = days + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -1225,6 +1295,17 @@ mod tests {
             ("2026-11-22 22:39:38", Some("2026-11-22T22:39:38Z")),
             ("infinity", None),
             ("22/11/2026 22:39:38", None),
+            ("22/11/2026 22:39:38 CET", None),
+            // Local mean time: Amsterdam in 1900 (+00:19:32), Dublin (-00:25:21).
+            ("1900-01-01 00:00:00+00:19:32", Some("1899-12-31T23:40:28Z")),
+            (
+                "1900-03-01 00:10:00.25-00:25:21",
+                Some("1900-03-01T00:35:21.25Z"),
+            ),
+            ("2000-02-29 23:59:59+23:59:59", Some("2000-02-29T00:00:00Z")),
+            ("2000-02-29 00:00:00+00:19:3x", None),
+            ("0001-01-01 00:00:00+00:19:32", Some("0000-12-31T23:40:28Z")),
+            ("9999-12-31 23:59:59-00:19:32", None),
         ] {
             assert_eq!(pg_timestamp_to_rfc3339(pg).as_deref(), rfc, "{pg}");
         }

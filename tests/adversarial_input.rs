@@ -334,3 +334,46 @@ fn deep_payloads_and_numbers_beyond_f64_are_events_with_and_without_validation()
         "0"
     );
 }
+
+/// Item 15: a database whose `DateStyle` is not ISO, and whose time zone has offsets with
+/// seconds (local mean time), still has its `occurred_at` read, when streamed and when
+/// backfilled; the instants are exact.
+#[test]
+fn occurred_at_is_read_whatever_the_database_date_style_and_time_zone() {
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, occurred_at timestamptz)",
+    );
+    pg.psql("ALTER DATABASE postgres SET DateStyle = 'SQL, DMY'");
+    pg.psql("ALTER DATABASE postgres SET TimeZone = 'Europe/Amsterdam'");
+    let insert = |seq: u32, time: &str| {
+        pg.psql(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, occurred_at) VALUES \
+             ('order', 'o', 'T', '{{\"seq\": {seq}}}', '{time}')"
+        ));
+    };
+    // Before the slot: backfilled through a SQL connection.
+    insert(1, "2026-11-22 22:39:38.658915+00");
+    insert(2, "1900-01-01 00:00:00 Europe/Amsterdam");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = write_config(dir.path(), &pg, "backfill = true");
+    init(&config);
+    let relay = Relay::start(&config);
+    insert(3, "2026-11-22 22:39:38.658915+00");
+    insert(4, "1900-01-01 00:00:00 Europe/Amsterdam");
+    assert!(
+        wait_until(WAIT, || read_seqs(&events).len() == 4),
+        "events: {:?}, dead letters: {}\n{}",
+        read_seqs(&events),
+        pg.psql("SELECT reason FROM outbox_relay.dead_letters"),
+        relay.log()
+    );
+    let times: Vec<String> = read_events(&events)
+        .iter()
+        .map(|e| e["time"].as_str().unwrap().to_owned())
+        .collect();
+    let modern = "2026-11-22T23:39:38.658915+01:00";
+    let lmt = "1899-12-31T23:40:28Z";
+    assert_eq!(times, [modern, lmt, modern, lmt]);
+}

@@ -248,6 +248,12 @@ impl ReplicationConnection {
             ("application_name", params.application_name.as_str()),
             // pgoutput text values are converted to the client encoding: ask for UTF-8.
             ("client_encoding", "UTF8"),
+            // Values are rendered by the server's output functions, which follow these
+            // settings: pin the forms the mapper parses, whatever the database or role sets
+            // (as PostgreSQL's own replication client does).
+            ("DateStyle", "ISO"),
+            ("IntervalStyle", "postgres"),
+            ("extra_float_digits", "3"),
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.out)?;
         self.flush().await?;
