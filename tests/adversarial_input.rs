@@ -377,3 +377,128 @@ fn occurred_at_is_read_whatever_the_database_date_style_and_time_zone() {
     let lmt = "1899-12-31T23:40:28Z";
     assert_eq!(times, [modern, lmt, modern, lmt]);
 }
+
+/// Runs SQL with psql on database `db` in `client_encoding`; returns its unaligned output.
+fn psql_on(pg: &PgCluster, db: &str, client_encoding: &str, sql: &str) -> String {
+    let out = Command::new(pg.bin.join("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-p",
+            &pg.port.to_string(),
+            "-c",
+            sql,
+        ])
+        .env("PGCLIENTENCODING", client_encoding)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A relay config with a file sink for database `db` of `pg`, backfilling, with a slot of
+/// the database's name (slots are per cluster); (config, events).
+fn config_for_database(dir: &Path, pg: &PgCluster, db: &str) -> (PathBuf, PathBuf) {
+    let (config, events) = write_config(
+        dir,
+        pg,
+        &format!("backfill = true\nslot = \"{db}\"\npublication = \"{db}\""),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("/postgres?", &format!("/{db}?"));
+    std::fs::write(&config, text).unwrap();
+    (config, events)
+}
+
+/// Item 8: a SQL_ASCII database with a byte that is not UTF-8 in a text column: the row is
+/// dead-lettered with its exact bytes, when backfilled and when streamed, and the next row
+/// is delivered (no reconnect loop). A LATIN1 database's 'é' converts and is delivered.
+#[test]
+fn non_utf8_bytes_in_a_sql_ascii_database_are_dead_lettered_and_latin1_converts() {
+    let pg = PgCluster::start();
+    for (db, encoding) in [("ascii", "SQL_ASCII"), ("latin", "LATIN1")] {
+        pg.psql(&format!(
+            "CREATE DATABASE {db} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ));
+        psql_on(
+            &pg,
+            db,
+            "UTF8",
+            "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+             aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL)",
+        );
+    }
+    let insert = |db: &str, encoding: &str, key: &str, seq: u32| {
+        psql_on(
+            &pg,
+            db,
+            encoding,
+            &format!(
+                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+                 ('order', {key}, 'T', '{{\"seq\": {seq}}}')"
+            ),
+        );
+    };
+    let dead = |db: &str| {
+        psql_on(
+            &pg,
+            db,
+            "UTF8",
+            "SELECT reason, encode(raw, 'escape') FROM outbox_relay.dead_letters ORDER BY id",
+        )
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    insert("ascii", "SQL_ASCII", "E'caf\\xe9'", 1);
+    insert("ascii", "SQL_ASCII", "'good'", 2);
+    let (config, events) = config_for_database(dir.path(), &pg, "ascii");
+    init(&config);
+    let relay = Relay::start(&config);
+    insert("ascii", "SQL_ASCII", "E'caf\\xe9'", 3);
+    insert("ascii", "SQL_ASCII", "'good'", 4);
+    assert!(
+        wait_until(WAIT, || read_seqs(&events) == [2, 4]),
+        "events {:?}, dead letters: {}\n{}",
+        read_seqs(&events),
+        dead("ascii"),
+        relay.log()
+    );
+    // The exact bytes of the column, in the raw row (whose lengths may print as newlines).
+    let letters = dead("ascii");
+    assert_eq!(
+        psql_on(
+            &pg,
+            "ascii",
+            "UTF8",
+            "SELECT count(*) FROM outbox_relay.dead_letters WHERE reason LIKE \
+             'column \"aggregateid\" is not valid UTF-8%' AND position('\\x69640000000004636166e9'::bytea IN raw) > 0"
+        ),
+        "2",
+        "{letters}"
+    );
+    assert!(!relay.log().contains("panicked"), "{}", relay.log());
+    drop(relay);
+
+    let dir = tempfile::tempdir().unwrap();
+    insert("latin", "UTF8", "'café'", 1);
+    let (config, events) = config_for_database(dir.path(), &pg, "latin");
+    init(&config);
+    let relay = Relay::start(&config);
+    insert("latin", "UTF8", "'café'", 2);
+    assert!(
+        wait_until(WAIT, || read_seqs(&events) == [1, 2]),
+        "events {:?}, dead letters: {}\n{}",
+        read_seqs(&events),
+        dead("latin"),
+        relay.log()
+    );
+    assert!(read_events(&events).iter().all(|e| e["subject"] == "café"));
+}

@@ -258,15 +258,30 @@ impl ReplicationConnection {
         frontend::startup_message(startup.iter().copied(), &mut self.out)?;
         self.flush().await?;
         self.authenticate(params).await?;
+        let mut sql_ascii = false;
         loop {
             match self.read_message().await? {
-                BackendMessage::Other(Message::ReadyForQuery(_)) => return Ok(()),
+                BackendMessage::Other(Message::ParameterStatus(status))
+                    if status.name().ok() == Some("server_encoding") =>
+                {
+                    sql_ascii = status.value().ok() == Some("SQL_ASCII");
+                }
+                BackendMessage::Other(Message::ReadyForQuery(_)) => break,
                 BackendMessage::Other(Message::ErrorResponse(body)) => {
                     return Err(SourceError::Server(ServerError::parse(&body)))
                 }
                 _ => {}
             }
         }
+        // A SQL_ASCII database holds bytes in no known encoding, which the server refuses to
+        // convert to UTF-8: the walsender would fail on the first non-ASCII byte, on every
+        // reconnect. Take them as they are; the mapper dead-letters a value that is not
+        // UTF-8, with its exact bytes.
+        if sql_ascii {
+            self.simple_query("SET client_encoding = 'SQL_ASCII'")
+                .await?;
+        }
+        Ok(())
     }
 
     async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), SourceError> {
