@@ -360,6 +360,13 @@ fn occurred_at_is_read_whatever_the_database_date_style_and_time_zone() {
     let (config, events) = write_config(dir.path(), &pg, "backfill = true");
     init(&config);
     let relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || read_seqs(&events).len() == 2),
+        "backfill: events {:?}, dead letters: {}\n{}",
+        read_seqs(&events),
+        pg.psql("SELECT reason FROM outbox_relay.dead_letters"),
+        relay.log()
+    );
     insert(3, "2026-11-22 22:39:38.658915+00");
     insert(4, "1900-01-01 00:00:00 Europe/Amsterdam");
     assert!(
@@ -462,6 +469,14 @@ fn non_utf8_bytes_in_a_sql_ascii_database_are_dead_lettered_and_latin1_converts(
     let (config, events) = config_for_database(dir.path(), &pg, "ascii");
     init(&config);
     let relay = Relay::start(&config);
+    // Backfilled; then streamed.
+    assert!(
+        wait_until(WAIT, || read_seqs(&events) == [2]),
+        "backfill: events {:?}, dead letters: {}\n{}",
+        read_seqs(&events),
+        dead("ascii"),
+        relay.log()
+    );
     insert("ascii", "SQL_ASCII", "E'caf\\xe9'", 3);
     insert("ascii", "SQL_ASCII", "'good'", 4);
     assert!(
@@ -492,6 +507,12 @@ fn non_utf8_bytes_in_a_sql_ascii_database_are_dead_lettered_and_latin1_converts(
     let (config, events) = config_for_database(dir.path(), &pg, "latin");
     init(&config);
     let relay = Relay::start(&config);
+    assert!(
+        wait_until(WAIT, || read_seqs(&events) == [1]),
+        "backfill: events {:?}\n{}",
+        read_seqs(&events),
+        relay.log()
+    );
     insert("latin", "UTF8", "'café'", 2);
     assert!(
         wait_until(WAIT, || read_seqs(&events) == [1, 2]),
