@@ -427,7 +427,8 @@ fn config_for_database(dir: &Path, pg: &PgCluster, db: &str) -> (PathBuf, PathBu
 
 /// Item 8: a SQL_ASCII database with a byte that is not UTF-8 in a text column: the row is
 /// dead-lettered with its exact bytes, when backfilled and when streamed, and the next row
-/// is delivered (no reconnect loop). A LATIN1 database's 'é' converts and is delivered.
+/// is delivered (no reconnect loop); a logical message whose prefix is not UTF-8 is ignored.
+/// A LATIN1 database's 'é' converts and is delivered.
 #[test]
 fn non_utf8_bytes_in_a_sql_ascii_database_are_dead_lettered_and_latin1_converts() {
     let pg = PgCluster::start();
@@ -478,6 +479,13 @@ fn non_utf8_bytes_in_a_sql_ascii_database_are_dead_lettered_and_latin1_converts(
         relay.log()
     );
     insert("ascii", "SQL_ASCII", "E'caf\\xe9'", 3);
+    // Any session may emit a logical message whose prefix is not UTF-8: no outbox prefix.
+    psql_on(
+        &pg,
+        "ascii",
+        "SQL_ASCII",
+        "SELECT pg_logical_emit_message(true, E'caf\\xe9', 'x')",
+    );
     insert("ascii", "SQL_ASCII", "'good'", 4);
     assert!(
         wait_until(WAIT, || read_seqs(&events) == [2, 4]),
