@@ -179,6 +179,30 @@ fn a_message_holding_nul_or_non_utf8_bytes_is_dead_lettered_with_its_raw_bytes()
     assert!(!relay.log().contains("panicked"), "{}", relay.log());
 }
 
+/// Item 7, upgrade: relay tables from before the `raw` column make `run` stop and `check`
+/// fail with the fix (`init`), instead of retrying the first dead letter forever; `init`
+/// adds the column.
+#[test]
+fn a_dead_letter_table_without_the_raw_column_asks_for_init() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "");
+    init(&config);
+    pg.psql("ALTER TABLE outbox_relay.dead_letters DROP COLUMN raw");
+    let (passed, text) = relay_check(&config);
+    assert!(
+        !passed && text.contains("run `outbox-relay init`"),
+        "{text}"
+    );
+    let mut relay = Relay::start(&config);
+    let log = relay.stops_with_failure(WAIT, "the dead-letter table lacks raw");
+    assert!(log.contains("has no column raw"), "{log}");
+    init(&config);
+    let (passed, text) = relay_check(&config);
+    assert!(passed, "{text}");
+}
+
 /// Item 9: a `json` payload typed over several lines is one line in every line-based format,
 /// the same JSON, and the file sink still reads its position back after a restart.
 #[test]
