@@ -248,6 +248,22 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// /dev/full fails every write with ENOSPC: the batch that hit it fails, and is retried.
+    #[tokio::test]
+    async fn a_full_disk_fails_the_batch_that_hit_it() {
+        if !std::path::Path::new("/dev/full").exists() {
+            eprintln!("SKIPPED: no /dev/full on this system");
+            return;
+        }
+        let mut sink = FileSink::new("/dev/full", Format::CloudEvents, false);
+        match sink.send(&[event(100, 0)]).await {
+            Err(SinkError::Retryable(reason)) => {
+                assert!(reason.contains("free space"), "{reason}")
+            }
+            other => panic!("expected a retryable error, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn refuses_a_foreign_file() {
         let dir = std::env::temp_dir().join(format!("file-sink-foreign-{}", std::process::id()));
