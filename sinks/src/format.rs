@@ -17,8 +17,8 @@
 //! `text` payload that is not), and JSON can hold a raw line break only as whitespace between
 //! tokens: inside strings it must be escaped. So the line breaks (CR, LF) of a payload
 //! written as it was typed (a `json` column keeps its text) are written as spaces, which
-//! means the same JSON. Sinks with message framing (Kafka, RabbitMQ, EventBridge) send the
-//! payload unchanged.
+//! means the same JSON. Sinks with message framing (Kafka, RabbitMQ, EventBridge) send a
+//! debezium or raw payload unchanged; their structured CloudEvents envelope is this line.
 
 use crate::{Event, Lsn, Position};
 use serde::Deserialize;
