@@ -37,6 +37,13 @@ CREATE TABLE IF NOT EXISTS outbox_relay.dead_letters (
     UNIQUE (slot, sink, commit_lsn, event_index)
 );
 
+-- The exact bytes of a dead letter whose row_data is not exact: jsonb holds neither NUL
+-- characters nor bytes that are not UTF-8 (a SQL_ASCII database), so row_data has U+FFFD in
+-- their place. NULL when row_data is exact. For a logical message: its content; for a row:
+-- each column as its name, a NUL byte, a 4-byte big-endian length (FFFFFFFF for NULL) and
+-- the value's bytes. `outbox-relay dlq show` prints it readably.
+ALTER TABLE outbox_relay.dead_letters ADD COLUMN IF NOT EXISTS raw bytea;
+
 -- Set by `outbox-relay dlq replay` when a (fixed) dead letter was published again.
 ALTER TABLE outbox_relay.dead_letters ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
 

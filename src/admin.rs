@@ -512,6 +512,7 @@ async fn check_database(
         if !writable {
             problems.push(format!("role {user} cannot write {checkpoints} / {dead_letters}: grant INSERT, UPDATE (see migrations/003_relay_role.sql)"));
         }
+        problems.extend(crate::checkpoint::schema_problem(client, schema).await?);
     }
     Ok(())
 }
@@ -638,7 +639,9 @@ pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// `dlq show ID`: one dead letter as JSON, with its raw row.
+/// `dlq show ID`: one dead letter as JSON, with its raw row. When `row_data` is not exact
+/// (NUL characters or bytes that are not UTF-8 became U+FFFD), `raw` shows the exact bytes,
+/// escaped (`\xe9`, `\x00`): the content of a message, or each column of a row.
 pub async fn dlq_show(config: &Config, id: i64) -> anyhow::Result<String> {
     let client = db::connect(&config.source.connect_params()?).await?;
     let row = client
@@ -646,7 +649,7 @@ pub async fn dlq_show(config: &Config, id: i64) -> anyhow::Result<String> {
             &format!(
                 "SELECT jsonb_build_object('id', id, 'created_at', created_at, 'sink', sink, 'table', source_table, \
                  'commit_lsn', commit_lsn::text, 'event_index', event_index, 'xid', xid, 'reason', reason, \
-                 'row', row_data, 'replayed_at', replayed_at) FROM {}.dead_letters WHERE id = $1 AND slot = $2",
+                 'row', row_data, 'replayed_at', replayed_at), raw FROM {}.dead_letters WHERE id = $1 AND slot = $2",
                 config.relay.schema
             ),
             &[&id, &config.source.slot],
@@ -654,7 +657,27 @@ pub async fn dlq_show(config: &Config, id: i64) -> anyhow::Result<String> {
         .await
         .map_err(db::explain)?
         .with_context(|| format!("there is no dead letter {id} for slot {}", config.source.slot))?;
-    Ok(serde_json::to_string_pretty(&row.get::<_, serde_json::Value>(0))? + "\n")
+    let mut letter: serde_json::Value = row.get(0);
+    if let Some(raw) = row.get::<_, Option<Vec<u8>>>(1) {
+        letter["raw"] = show_raw(&letter["row"], &raw);
+    }
+    Ok(serde_json::to_string_pretty(&letter)? + "\n")
+}
+
+/// A dead letter's exact bytes, readably: escaped text for a message's content (its `row` is
+/// a string), an object of escaped column values for a row.
+fn show_raw(row: &serde_json::Value, raw: &[u8]) -> serde_json::Value {
+    use serde_json::Value;
+    let escaped = |bytes: &[u8]| Value::String(bytes.escape_ascii().to_string());
+    match (row, crate::outbox::unframe_columns(raw)) {
+        (Value::Object(_), Some(columns)) => Value::Object(
+            columns
+                .into_iter()
+                .map(|(name, value)| (name, value.map_or(Value::Null, |v| escaped(&v))))
+                .collect(),
+        ),
+        _ => escaped(raw),
+    }
 }
 
 /// `dlq replay ID`: publishes a dead letter again, after it was fixed in place (its

@@ -173,6 +173,20 @@ async fn deliver(
     .await
     .map_err(db::explain)?;
 
+    // Values are read as the bytes the stream would carry: converted to UTF-8, except in a
+    // SQL_ASCII database, whose bytes have no known encoding to convert from (the server
+    // refuses, on every attempt): those are read as they are, and a value that is not UTF-8
+    // is dead-lettered with its bytes, as when streaming.
+    let server_encoding: String = tx
+        .query_one("SELECT current_setting('server_encoding')", &[])
+        .await
+        .map_err(db::explain)?
+        .get(0);
+    let read_as = if server_encoding == "SQL_ASCII" {
+        "SQL_ASCII"
+    } else {
+        "UTF8"
+    };
     let mut mapper = OutboxMapper::new(&config.source.tables, &config.outbox, &[]);
     let before_stream = Lsn(consistent_point.0.saturating_sub(1));
     let now_micros = SystemTime::now()
@@ -187,7 +201,13 @@ async fn deliver(
         let select: Vec<String> = relation
             .columns
             .iter()
-            .map(|c| format!("{}::text", sql::ident(&c.name)))
+            .map(|c| {
+                format!(
+                    "convert_to({}::text, {})",
+                    sql::ident(&c.name),
+                    sql::literal(read_as)
+                )
+            })
             .collect();
         let (schema, name) = parse_table_name(table)?;
         mapper.on_relation(relation);
@@ -306,15 +326,16 @@ async fn describe(tx: &tokio_postgres::Transaction<'_>, table: &str) -> anyhow::
     })
 }
 
-/// One buffer holding the row's text values, and each value's range in it (None = NULL).
+/// One buffer holding the row's values (their text as bytes), and each value's range in it
+/// (None = NULL).
 fn row_bytes(row: &tokio_postgres::Row) -> (Bytes, Vec<Option<std::ops::Range<usize>>>) {
     let mut data = Vec::new();
     let mut ranges = Vec::with_capacity(row.len());
     for i in 0..row.len() {
-        match row.get::<_, Option<&str>>(i) {
+        match row.get::<_, Option<&[u8]>>(i) {
             Some(text) => {
                 let start = data.len();
-                data.extend_from_slice(text.as_bytes());
+                data.extend_from_slice(text);
                 ranges.push(Some(start..data.len()));
             }
             None => ranges.push(None),

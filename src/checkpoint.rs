@@ -53,8 +53,8 @@ impl PgCheckpointStore {
             ),
             dead_letter_sql: format!(
                 "INSERT INTO {dead_letters} \
-                 (slot, sink, source_table, commit_lsn, event_index, xid, reason, row_data) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 (slot, sink, source_table, commit_lsn, event_index, xid, reason, row_data, raw) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (slot, sink, commit_lsn, event_index) DO NOTHING"
             ),
         }
@@ -105,6 +105,7 @@ impl CheckpointStore for PgCheckpointStore {
 
     async fn dead_letter(&self, slot: &str, letter: &DeadLetter) -> anyhow::Result<()> {
         let lsn = PgLsn::from(letter.position.commit_lsn.0);
+        let (row, raw) = letter.storable();
         self.client
             .execute(
                 &self.dead_letter_sql,
@@ -116,7 +117,8 @@ impl CheckpointStore for PgCheckpointStore {
                     &(letter.position.index as i32),
                     &i64::from(letter.xid),
                     &letter.reason,
-                    &letter.row,
+                    &row,
+                    &raw,
                 ],
             )
             .await
@@ -124,6 +126,26 @@ impl CheckpointStore for PgCheckpointStore {
             .context("writing a dead letter")?;
         Ok(())
     }
+}
+
+/// What keeps the relay's tables from taking dead letters, if anything: the `raw` column
+/// (added to `dead_letters` in a later version) is missing until `init` runs again.
+pub async fn schema_problem(client: &Client, schema: &str) -> anyhow::Result<Option<String>> {
+    let missing: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL AND NOT EXISTS (SELECT FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname = 'raw' AND NOT attisdropped)",
+            &[&sql::qualified(schema, "dead_letters")],
+        )
+        .await
+        .map_err(db::explain)?
+        .get(0);
+    Ok(missing.then(|| {
+        format!(
+            "{schema}.dead_letters has no column raw, which this version stores dead letters' \
+             exact bytes in: run `outbox-relay init` (it adds the column)"
+        )
+    }))
 }
 
 /// The key `dlq replay` signs with and the relay verifies replays with (see

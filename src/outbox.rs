@@ -83,14 +83,22 @@ pub struct RowContext {
 }
 
 /// A row that could not become an event, kept with its reason and its raw columns.
+///
+/// The dead-letter store takes any bytes: `row` is what `jsonb` can hold (see
+/// [`DeadLetter::storable`]), and whenever that rendering is not exact (bytes that are not
+/// UTF-8, NUL characters, which `jsonb` refuses) the exact bytes go along in `raw`.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub table: String,
     pub position: Position,
     pub xid: u32,
     pub reason: String,
-    /// Column name → text value (or null), as received; for messages, the content.
+    /// Column name → text value (or null), as received; for messages, the content. Bytes
+    /// that are not UTF-8 are replaced by U+FFFD (and `raw` is set).
     pub row: serde_json::Value,
+    /// The exact bytes when `row` is not exact: for a message (`row` is a string), its
+    /// content; for a row (`row` is an object), its columns in the [`frame_columns`] layout.
+    pub raw: Option<Vec<u8>>,
     /// The sink that refused it; `None` when the row could not be mapped at all.
     pub sink: Option<String>,
 }
@@ -111,9 +119,100 @@ impl DeadLetter {
                 "payload": &*event.payload,
                 "schema_version": event.schema_version,
             }),
+            raw: None,
             sink,
         }
     }
+
+    /// The `row_data` and `raw` to store: `row` with every NUL character (which `jsonb`
+    /// refuses, as `\u0000`) replaced by U+FFFD, and `raw` holding the exact bytes when
+    /// that changed anything.
+    pub fn storable(&self) -> (serde_json::Value, Option<Vec<u8>>) {
+        let mut row = self.row.clone();
+        let replaced = replace_nul(&mut row);
+        let raw = match (&self.raw, replaced) {
+            (Some(raw), _) => Some(raw.clone()),
+            (None, false) => None,
+            (None, true) => Some(match &self.row {
+                serde_json::Value::String(content) => content.as_bytes().to_vec(),
+                serde_json::Value::Object(columns) => {
+                    frame_columns(columns.iter().map(|(name, value)| {
+                        let bytes = match value {
+                            serde_json::Value::Null => None,
+                            serde_json::Value::String(s) => Some(s.as_bytes().to_vec()),
+                            other => Some(other.to_string().into_bytes()),
+                        };
+                        (name.as_str(), bytes)
+                    }))
+                }
+                other => other.to_string().into_bytes(),
+            }),
+        };
+        (row, raw)
+    }
+}
+
+/// Replaces NUL in every string and key of `value` by U+FFFD; returns whether it did.
+fn replace_nul(value: &mut serde_json::Value) -> bool {
+    const REPLACEMENT: &str = "\u{FFFD}";
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => {
+            *s = s.replace('\0', REPLACEMENT);
+            true
+        }
+        serde_json::Value::Array(items) => items.iter_mut().fold(false, |r, v| replace_nul(v) | r),
+        serde_json::Value::Object(map) => {
+            let mut replaced = false;
+            if map.keys().any(|k| k.contains('\0')) {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (k.replace('\0', REPLACEMENT), v))
+                    .collect();
+                replaced = true;
+            }
+            map.values_mut().fold(replaced, |r, v| replace_nul(v) | r)
+        }
+        _ => false,
+    }
+}
+
+/// A row's columns as exact bytes: for each column, its name, a NUL byte, then a 4-byte
+/// big-endian length and that many bytes of value, or `FF FF FF FF` for NULL.
+/// [`unframe_columns`] reads it back.
+pub fn frame_columns<'a>(columns: impl Iterator<Item = (&'a str, Option<Vec<u8>>)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in columns {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        match value {
+            Some(bytes) => {
+                out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                out.extend_from_slice(&bytes);
+            }
+            None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+        }
+    }
+    out
+}
+
+/// Reads [`frame_columns`] back: (name, value) pairs; `None` if `raw` is not in that layout.
+pub fn unframe_columns(mut raw: &[u8]) -> Option<Vec<(String, Option<Vec<u8>>)>> {
+    let mut columns = Vec::new();
+    while !raw.is_empty() {
+        let end = raw.iter().position(|&b| b == 0)?;
+        let name = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let len: [u8; 4] = raw.get(end + 1..end + 5)?.try_into().ok()?;
+        raw = &raw[end + 5..];
+        let len = u32::from_be_bytes(len);
+        if len == u32::MAX {
+            columns.push((name, None));
+        } else {
+            let len = len as usize;
+            columns.push((name, Some(raw.get(..len)?.to_vec())));
+            raw = &raw[len..];
+        }
+    }
+    Some(columns)
 }
 
 /// What to do with a decoded change.
@@ -339,6 +438,7 @@ impl OutboxMapper {
         ctx: RowContext,
     ) -> DeadLetter {
         let info = &self.relations[&relation_id];
+        let (row, raw) = raw_row(&info.relation, tuple);
         DeadLetter {
             table: info.qualified.to_string(),
             position: ctx.position,
@@ -356,7 +456,8 @@ impl OutboxMapper {
                     "delete"
                 },
             ),
-            row: raw_row(&info.relation, tuple),
+            row,
+            raw,
             sink: None,
         }
     }
@@ -378,12 +479,14 @@ impl OutboxMapper {
             return Ok(Mapped::NotOutbox);
         };
         let dead = |reason: String| {
+            let (row, raw) = raw_row(&info.relation, tuple);
             Mapped::DeadLetter(DeadLetter {
                 table: info.qualified.to_string(),
                 position: ctx.position,
                 xid: ctx.xid,
                 reason,
-                row: raw_row(&info.relation, tuple),
+                row,
+                raw,
                 sink: None,
             })
         };
@@ -503,6 +606,9 @@ impl OutboxMapper {
                 row: serde_json::Value::String(
                     String::from_utf8_lossy(message.content).into_owned(),
                 ),
+                raw: std::str::from_utf8(message.content)
+                    .is_err()
+                    .then(|| message.content.to_vec()),
                 sink: None,
             })
         };
@@ -674,7 +780,10 @@ fn parse_headers(text: &str) -> Result<Vec<(Arc<str>, Text)>, String> {
 }
 
 /// Converts PostgreSQL's ISO timestamp output (`2026-11-22 22:39:38.658915+00`, or without
-/// an offset for `timestamp`) to RFC 3339 (`2026-11-22T22:39:38.658915Z`).
+/// an offset for `timestamp`) to RFC 3339 (`2026-11-22T22:39:38.658915Z`). The relay's
+/// connections pin `DateStyle=ISO`, so that is the form that arrives. An offset with seconds
+/// (`+00:19:32`: local mean time, before time zones were standardised), which RFC 3339
+/// cannot write, is converted to the same instant in UTC.
 pub fn pg_timestamp_to_rfc3339(text: &str) -> Option<String> {
     let (date, time) = text.split_once(' ')?;
     let date_ok = date.len() == 10
@@ -705,9 +814,76 @@ pub fn pg_timestamp_to_rfc3339(text: &str) -> Option<String> {
         "" | "+00" | "-00" | "+00:00" => "Z".to_owned(),
         o if o.len() == 3 => format!("{o}:00"),
         o if o.len() == 6 => o.to_owned(),
+        o if o.len() == 9 => return in_utc(date, clock, o),
         _ => return None,
     };
     Some(format!("{date}T{clock}{offset}"))
+}
+
+/// The RFC 3339 UTC form of a local `date` (`YYYY-MM-DD`) and `clock` (`HH:MM:SS[.frac]`),
+/// both checked by the caller, at an `offset` of `±HH:MM:SS`.
+fn in_utc(date: &str, clock: &str, offset: &str) -> Option<String> {
+    let number = |s: &str| -> Option<i64> {
+        s.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let sign = match offset.as_bytes()[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let o = offset.as_bytes();
+    if o[3] != b':' || o[6] != b':' {
+        return None;
+    }
+    let offset_seconds =
+        number(&offset[1..3])? * 3600 + number(&offset[4..6])? * 60 + number(&offset[7..9])?;
+    let local = days_from_civil(
+        number(&date[..4])?,
+        number(&date[5..7])?,
+        number(&date[8..10])?,
+    ) * 86_400
+        + number(&clock[..2])? * 3600
+        + number(&clock[3..5])? * 60
+        + number(&clock[6..8])?;
+    let utc = local - sign * offset_seconds;
+    let (year, month, day) = civil_from_days(utc.div_euclid(86_400));
+    let seconds = utc.rem_euclid(86_400);
+    (0..=9999).contains(&year).then(|| {
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{}Z",
+            seconds / 3600,
+            seconds % 3600 / 60,
+            seconds % 60,
+            &clock[8..]
+        )
+    })
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// The date of a day counted from 1970-01-01: the inverse of [`days_from_civil`].
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let days = days + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -717,23 +893,39 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// The row as a JSON object of column name → text (lossy for non-UTF-8 bytes) or null.
-fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> serde_json::Value {
+/// The row as a JSON object of column name → text (lossy for non-UTF-8 bytes) or null, and
+/// when it is lossy, the exact bytes in the [`frame_columns`] layout.
+fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> (serde_json::Value, Option<Vec<u8>>) {
     let mut row = serde_json::Map::new();
-    for (i, value) in tuple.columns.iter().enumerate() {
-        let name = relation
-            .columns
-            .get(i)
-            .map_or_else(|| format!("column{i}"), |c| c.name.clone());
+    let mut lossy = false;
+    let names: Vec<String> = (0..tuple.columns.len())
+        .map(|i| {
+            relation
+                .columns
+                .get(i)
+                .map_or_else(|| format!("column{i}"), |c| c.name.clone())
+        })
+        .collect();
+    for (name, value) in names.iter().zip(&tuple.columns) {
         let value = match value {
             Value::Text(bytes) | Value::Binary(bytes) => {
+                lossy |= std::str::from_utf8(bytes).is_err();
                 serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
             }
             Value::Null | Value::UnchangedToast => serde_json::Value::Null,
         };
-        row.insert(name, value);
+        row.insert(name.clone(), value);
     }
-    serde_json::Value::Object(row)
+    let raw = lossy.then(|| {
+        frame_columns(names.iter().zip(&tuple.columns).map(|(name, value)| {
+            let bytes = match value {
+                Value::Text(bytes) | Value::Binary(bytes) => Some(bytes.to_vec()),
+                Value::Null | Value::UnchangedToast => None,
+            };
+            (name.as_str(), bytes)
+        }))
+    });
+    (serde_json::Value::Object(row), raw)
 }
 
 #[cfg(test)]
@@ -1043,6 +1235,88 @@ mod tests {
     }
 
     #[test]
+    fn text_payloads_deeper_than_128_or_beyond_f64_are_json() {
+        let text_outbox = [
+            ("id", TEXT),
+            ("aggregatetype", TEXT),
+            ("aggregateid", TEXT),
+            ("type", TEXT),
+            ("payload", TEXT),
+        ];
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let huge = format!("[1e400, -1{}]", "0".repeat(400));
+        for payload in [deep.as_str(), huge.as_str()] {
+            let e = event(map_with(
+                None,
+                &text_outbox,
+                &[Some(ID), Some("o"), Some("k"), Some("T"), Some(payload)],
+            ));
+            assert_eq!(&*e.payload, payload);
+        }
+    }
+
+    #[test]
+    fn dead_letters_keep_exact_bytes_where_jsonb_cannot() {
+        let letter = |row: serde_json::Value, raw: Option<Vec<u8>>| DeadLetter {
+            table: "message:outbox".into(),
+            position: CTX.position,
+            xid: 1,
+            reason: "r".into(),
+            row,
+            raw,
+            sink: None,
+        };
+        let exact = letter(serde_json::json!({"a": "b", "n": null}), None);
+        assert_eq!(exact.storable(), (exact.row.clone(), None));
+        let (row, raw) = letter(serde_json::json!("x\0y"), None).storable();
+        assert_eq!(
+            (row, raw),
+            (serde_json::json!("x\u{FFFD}y"), Some(b"x\0y".to_vec()))
+        );
+        let (row, raw) =
+            letter(serde_json::json!({"a": "x\0", "v": 2, "n": null}), None).storable();
+        assert_eq!(
+            row,
+            serde_json::json!({"a": "x\u{FFFD}", "v": 2, "n": null})
+        );
+        assert_eq!(
+            unframe_columns(&raw.unwrap()).unwrap(),
+            [
+                ("a".to_owned(), Some(b"x\0".to_vec())),
+                ("n".to_owned(), None),
+                ("v".to_owned(), Some(b"2".to_vec())),
+            ]
+        );
+        // A row with bytes that are not UTF-8 (a SQL_ASCII database).
+        let mut mapper = OutboxMapper::new(&["public.outbox".into()], &BTreeMap::new(), &[]);
+        mapper.on_relation(relation("outbox", &DEBEZIUM));
+        let data = Bytes::from([ID.as_bytes(), b"orderT{}caf\xe9"].concat());
+        let tuple = Tuple {
+            columns: vec![
+                Value::Text(&data[..36]),
+                Value::Text(&data[36..41]),
+                Value::Text(&data[44..]),
+                Value::Text(&data[41..42]),
+                Value::Text(&data[42..44]),
+            ],
+        };
+        match mapper.map_insert(7, &tuple, &data, CTX).unwrap() {
+            Mapped::DeadLetter(d) => {
+                assert!(d.reason.contains("not valid UTF-8"), "{}", d.reason);
+                assert_eq!(d.row["aggregateid"], "caf\u{FFFD}");
+                let columns = unframe_columns(d.raw.as_deref().unwrap()).unwrap();
+                assert_eq!(
+                    columns[2],
+                    ("aggregateid".to_owned(), Some(b"caf\xe9".to_vec()))
+                );
+                assert_eq!(columns[4], ("payload".to_owned(), Some(b"{}".to_vec())));
+            }
+            _ => panic!("expected a dead letter"),
+        }
+        assert_eq!(unframe_columns(b"name\0\0\0"), None);
+    }
+
+    #[test]
     fn logical_messages_with_a_configured_prefix_are_events() {
         let mapper = OutboxMapper::new(&[], &BTreeMap::new(), &["outbox".into()]);
         let content = format!(
@@ -1103,6 +1377,17 @@ mod tests {
             ("2026-11-22 22:39:38", Some("2026-11-22T22:39:38Z")),
             ("infinity", None),
             ("22/11/2026 22:39:38", None),
+            ("22/11/2026 22:39:38 CET", None),
+            // Local mean time: Amsterdam in 1900 (+00:19:32), Dublin (-00:25:21).
+            ("1900-01-01 00:00:00+00:19:32", Some("1899-12-31T23:40:28Z")),
+            (
+                "1900-03-01 00:10:00.25-00:25:21",
+                Some("1900-03-01T00:35:21.25Z"),
+            ),
+            ("2000-02-29 23:59:59+23:59:59", Some("2000-02-29T00:00:00Z")),
+            ("2000-02-29 00:00:00+00:19:3x", None),
+            ("0001-01-01 00:00:00+00:19:32", Some("0000-12-31T23:40:28Z")),
+            ("9999-12-31 23:59:59-00:19:32", None),
         ] {
             assert_eq!(pg_timestamp_to_rfc3339(pg).as_deref(), rfc, "{pg}");
         }

@@ -244,6 +244,12 @@ async fn prepare_slot(
             return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
         }
     }
+    if let Some(problem) = crate::checkpoint::schema_problem(sql, &config.relay.schema)
+        .await
+        .map_err(classify_sql)?
+    {
+        return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
+    }
     let row = sql
         .query_opt(
             &format!(

@@ -2,11 +2,25 @@
 //! directory of schema files: `<type>.v<version>.json` for a version, `<type>.json` for
 //! events without one (or without a versioned file). An event that fails goes to the
 //! dead-letter store with the validation errors, never to a sink.
+//!
+//! Every payload PostgreSQL accepted is validated, not refused as "not JSON": one nested
+//! deeper than serde_json's default limit (128) is parsed without the limit, on a thread of
+//! its own with a large stack ([`DEEP_STACK`]), where it is validated and dropped too; a
+//! number beyond f64's range (`1e400`, which `jsonb` keeps) is validated as ±f64::MAX, the
+//! nearest value the validator can hold. Payloads that parse within the defaults (nearly
+//! all) take neither detour.
 
 use anyhow::{bail, Context};
 use outbox_relay_sinks::Event;
+use serde::Deserialize;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+
+/// The stack of the thread that parses and validates a payload nested deeper than
+/// serde_json's default limit. PostgreSQL's own parser bounds the depth by its stack
+/// (`max_stack_depth`, a few MB); this leaves a wide margin. Only touched pages are used.
+const DEEP_STACK: usize = 256 * 1024 * 1024;
 
 pub struct SchemaRegistry {
     validators: HashMap<(String, Option<i64>), jsonschema::Validator>,
@@ -78,20 +92,168 @@ impl SchemaRegistry {
                 Ok(())
             };
         };
-        let payload: serde_json::Value = serde_json::from_str(&event.payload)
-            .map_err(|e| format!("payload is not JSON: {e}"))?;
-        let errors: Vec<String> = validator
-            .iter_errors(&payload)
-            .take(5)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "payload fails its JSON Schema: {}",
-                errors.join("; ")
-            ))
+        match serde_json::from_str::<serde_json::Value>(&event.payload) {
+            Ok(payload) => conforms(validator, &payload),
+            Err(_) => std::thread::scope(|scope| {
+                std::thread::Builder::new()
+                    .name("deep-payload".into())
+                    .stack_size(DEEP_STACK)
+                    .spawn_scoped(scope, || {
+                        let payload = parse_unbounded(&event.payload)
+                            .map_err(|e| format!("payload is not JSON: {e}"))?;
+                        conforms(validator, &payload)
+                    })
+                    .map_err(|e| format!("cannot start a thread to validate a deep payload: {e}"))?
+                    .join()
+                    .unwrap_or_else(|_| Err("validating the payload panicked".to_owned()))
+            }),
         }
+    }
+}
+
+/// `Err` with the first validation errors when `payload` does not match.
+fn conforms(validator: &jsonschema::Validator, payload: &serde_json::Value) -> Result<(), String> {
+    let errors: Vec<String> = validator
+        .iter_errors(payload)
+        .take(5)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "payload fails its JSON Schema: {}",
+            errors.join("; ")
+        ))
+    }
+}
+
+/// Parses JSON at any depth, numbers beyond f64's range clamped to ±f64::MAX. Recursive:
+/// run it on a stack as deep as the document (see [`DEEP_STACK`]).
+fn parse_unbounded(text: &str) -> serde_json::Result<serde_json::Value> {
+    let text = clamp_huge_numbers(text);
+    let mut deserializer = serde_json::Deserializer::from_str(&text);
+    deserializer.disable_recursion_limit();
+    let value = serde_json::Value::deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
+}
+
+/// `text` with every number outside strings whose f64 value is infinite (`1e400`) replaced
+/// by ±f64::MAX, which serde_json can hold; borrowed when there is none.
+fn clamp_huge_numbers(text: &str) -> Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut in_string = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if in_string => i += 2,
+            b'"' => {
+                in_string = !in_string;
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' if !in_string => {
+                let start = i;
+                i += 1;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let number = &text[start..i];
+                if number.parse::<f64>().is_ok_and(f64::is_infinite) {
+                    out.push_str(&text[copied..start]);
+                    out.push_str(if number.starts_with('-') {
+                        "-1.7976931348623157e308"
+                    } else {
+                        "1.7976931348623157e308"
+                    });
+                    copied = i;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    if copied == 0 {
+        Cow::Borrowed(text)
+    } else {
+        out.push_str(&text[copied..]);
+        Cow::Owned(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outbox_relay_sinks::{Position, Text};
+
+    fn event(payload: &str) -> Event {
+        Event {
+            position: Position::default(),
+            xid: 1,
+            commit_time_micros: 0,
+            table: "public.outbox".into(),
+            source: "/public.outbox".into(),
+            id: Text::from("6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11"),
+            key: Text::from("k"),
+            aggregate_type: Text::from("order"),
+            aggregate_id: Text::from("k"),
+            event_type: Text::from("T"),
+            schema_version: None,
+            occurred_at: None,
+            traceparent: None,
+            headers: Vec::new(),
+            attributes: Vec::new(),
+            payload: Text::from(payload),
+        }
+    }
+
+    fn registry(schema: &str) -> (tempfile::TempDir, SchemaRegistry) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("T.json"), schema).unwrap();
+        let registry = SchemaRegistry::load(dir.path(), true).unwrap();
+        (dir, registry)
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn deep_payloads_and_numbers_beyond_f64_are_validated_not_refused() {
+        let (_dir, any_array) = registry(r#"{"type": "array"}"#);
+        for payload in [
+            nested(200),
+            nested(20_000),
+            "[1e400]".to_owned(),
+            format!("[-1{}]", "0".repeat(400)),
+            format!("[{{\"s\": \"1e400 \\\" 2e400\"}}, {}]", nested(300)),
+        ] {
+            assert_eq!(
+                any_array.check(&event(&payload)),
+                Ok(()),
+                "{}",
+                &payload[..40.min(payload.len())]
+            );
+        }
+        let (_dir, object) = registry(r#"{"type": "object"}"#);
+        assert!(object
+            .check(&event(&nested(200)))
+            .unwrap_err()
+            .contains("fails its JSON Schema"));
+        let (_dir, small) = registry(r#"{"type": "array", "items": {"maximum": 1e300}}"#);
+        assert!(small.check(&event("[1e400]")).is_err());
+        assert!(small.check(&event("[1e299]")).is_ok());
+    }
+
+    #[test]
+    fn huge_numbers_are_clamped_outside_strings_only() {
+        assert_eq!(
+            clamp_huge_numbers(r#"{"a\"1e400": 1e400, "b": -2E+999, "c": 1.5}"#),
+            r#"{"a\"1e400": 1.7976931348623157e308, "b": -1.7976931348623157e308, "c": 1.5}"#
+        );
+        assert!(matches!(clamp_huge_numbers("[1, 2e10]"), Cow::Borrowed(_)));
     }
 }

@@ -5,14 +5,21 @@
 //! debezium and raw formats lines carry no position, so the relay's checkpoint table
 //! decides (at-least-once after a crash). A torn last line from a crash mid-write is cut
 //! off before appending.
+//!
+//! A batch is written, and with `fsync` synced, by blocking `std::fs` calls on the blocking
+//! pool, and acknowledged only once they returned: an error (a full disk above all) fails
+//! that batch, never a later one. `tokio::fs::File` would hand the write to a background
+//! task and report its failure only on the next call, after the batch was acknowledged. A
+//! full disk is retried (the operator frees space, the batch goes in), and the torn part of
+//! the failed batch is cut off first.
 
 use crate::format::{self, Format};
 use crate::{Delivery, Event, Position, Sink, SinkError};
 use async_trait::async_trait;
-use std::io::SeekFrom;
+use std::io::{SeekFrom, Write};
 use std::path::PathBuf;
 use tokio::fs::{File, OpenOptions};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 pub struct FileSink {
     path: PathBuf,
@@ -20,7 +27,7 @@ pub struct FileSink {
     fsync: bool,
     /// The open file and its length after the last acknowledged batch. A failed append is
     /// cut back to that length before the retry, so a torn batch never stays in the file.
-    open: Option<(File, u64)>,
+    open: Option<(std::fs::File, u64)>,
     buf: Vec<u8>,
 }
 
@@ -38,7 +45,15 @@ impl FileSink {
     }
 
     fn io_error(&self, action: &str, err: std::io::Error) -> SinkError {
-        SinkError::from_io(&format!("{action} {}", self.path.display()), err)
+        let context = format!("{action} {}", self.path.display());
+        match err.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                SinkError::Retryable(format!(
+                    "{context}: {err}: free space on its file system; the batch is retried"
+                ))
+            }
+            _ => SinkError::from_io(&context, err),
+        }
     }
 
     /// Opens the file and cuts it back to its last complete line; returns that line.
@@ -70,21 +85,46 @@ impl FileSink {
                 .await
                 .map_err(|e| self.io_error("truncating", e))?;
         }
-        self.open = Some((file, complete_len));
+        self.open = Some((file.into_std().await, complete_len));
         Ok(last_line)
     }
 
-    async fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        let (file, len) = self
-            .open
-            .as_mut()
-            .expect("append is called on an open file");
-        file.write_all(bytes).await?;
-        if self.fsync {
-            file.sync_data().await?;
+    /// Appends `buf` (and syncs it, with `fsync`) on the blocking pool; returns the buffer
+    /// for reuse. Once this returned `Ok`, the bytes are in the file (on disk, with `fsync`).
+    /// On an error the file is cut back to its last acknowledged length and closed: the
+    /// next attempt reopens it (and cuts again, should this cut have failed).
+    async fn append(&mut self, buf: Vec<u8>) -> (Vec<u8>, Result<(), SinkError>) {
+        let Some((mut file, len)) = self.open.take() else {
+            return (
+                buf,
+                Err(SinkError::Retryable("the file is not open".into())),
+            );
+        };
+        let fsync = self.fsync;
+        let written = tokio::task::spawn_blocking(move || {
+            let result =
+                file.write_all(&buf)
+                    .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
+            if result.is_err() {
+                let _ = file.set_len(len);
+            }
+            (file, buf, result)
+        })
+        .await;
+        match written {
+            Ok((file, buf, Ok(()))) => {
+                self.open = Some((file, len + buf.len() as u64));
+                (buf, Ok(()))
+            }
+            Ok((_, buf, Err(err))) => (buf, Err(self.io_error("appending to", err))),
+            Err(join) => (
+                Vec::new(),
+                Err(SinkError::Retryable(format!(
+                    "appending to {}: the write task failed: {join}",
+                    self.path.display()
+                ))),
+            ),
         }
-        *len += bytes.len() as u64;
-        Ok(())
     }
 }
 
@@ -148,24 +188,16 @@ impl Sink for FileSink {
         for event in batch {
             format::write_line(self.format, event, &mut buf);
         }
-        let appended = self.append(&buf).await;
+        let (buf, appended) = self.append(buf).await;
         self.buf = buf;
-        match appended {
-            Ok(()) => Ok(Delivery::default()),
-            Err(err) => {
-                // Drop the handle: the next attempt reopens and cuts the torn batch off.
-                if let Some((file, len)) = self.open.take() {
-                    let _ = file.set_len(len).await;
-                }
-                Err(self.io_error("appending to", err))
-            }
-        }
+        appended.map(|()| Delivery::default())
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
         if let Some((file, _)) = self.open.take() {
-            file.sync_all()
+            tokio::task::spawn_blocking(move || file.sync_all())
                 .await
+                .map_err(|e| SinkError::Retryable(format!("syncing: {e}")))?
                 .map_err(|e| self.io_error("syncing", e))?;
         }
         Ok(())
@@ -214,6 +246,22 @@ mod tests {
             .lines()
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// /dev/full fails every write with ENOSPC: the batch that hit it fails, and is retried.
+    #[tokio::test]
+    async fn a_full_disk_fails_the_batch_that_hit_it() {
+        if !std::path::Path::new("/dev/full").exists() {
+            eprintln!("SKIPPED: no /dev/full on this system");
+            return;
+        }
+        let mut sink = FileSink::new("/dev/full", Format::CloudEvents, false);
+        match sink.send(&[event(100, 0)]).await {
+            Err(SinkError::Retryable(reason)) => {
+                assert!(reason.contains("free space"), "{reason}")
+            }
+            other => panic!("expected a retryable error, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -11,6 +11,14 @@
 //! - `raw`: the payload as it is.
 //!
 //! The `specversion` is the envelope version; `schemaversion` is the event's own.
+//!
+//! A line-based output ([`write_line`]: the file and stdout sinks) holds exactly one event
+//! per line, in every format. A payload is always JSON (the relay dead-letters a `json` or
+//! `text` payload that is not), and JSON can hold a raw line break only as whitespace between
+//! tokens: inside strings it must be escaped. So the line breaks (CR, LF) of a payload
+//! written as it was typed (a `json` column keeps its text) are written as spaces, which
+//! means the same JSON. Sinks with message framing (Kafka, RabbitMQ, EventBridge) send a
+//! debezium or raw payload unchanged; their structured CloudEvents envelope is this line.
 
 use crate::{Event, Lsn, Position};
 use serde::Deserialize;
@@ -34,9 +42,20 @@ pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
 pub fn write_line(format: Format, event: &Event, out: &mut Vec<u8>) {
     match format {
         Format::CloudEvents => write_cloudevent(event, out),
-        Format::Debezium | Format::Raw => out.extend_from_slice(event.payload.as_bytes()),
+        Format::Debezium | Format::Raw => push_one_line(out, event.payload.as_bytes()),
     }
     out.push(b'\n');
+}
+
+/// Appends a JSON payload with its line breaks (whitespace between tokens: JSON strings
+/// cannot hold raw ones) written as spaces, so it stays on one line and means the same.
+fn push_one_line(out: &mut Vec<u8>, payload: &[u8]) {
+    let is_break = |b: &u8| *b == b'\n' || *b == b'\r';
+    if payload.iter().any(is_break) {
+        out.extend(payload.iter().map(|b| if is_break(b) { b' ' } else { *b }));
+    } else {
+        out.extend_from_slice(payload);
+    }
 }
 
 /// A CloudEvents attribute value, owned: what binary mode turns into message headers.
@@ -201,7 +220,7 @@ fn write_cloudevent(event: &Event, out: &mut Vec<u8>) {
         value.write_json(out);
     });
     out.extend_from_slice(b",\"data\":");
-    out.extend_from_slice(event.payload.as_bytes());
+    push_one_line(out, event.payload.as_bytes());
     out.push(b'}');
 }
 
@@ -341,6 +360,39 @@ pub(crate) mod tests {
         let mut sorted = sequences.clone();
         sorted.sort();
         assert_eq!(sequences, sorted);
+    }
+
+    #[test]
+    fn a_payload_with_line_breaks_is_one_line_of_the_same_json_in_every_format() {
+        let mut event = sample(1, 0);
+        let payload = "{\r\n  \"a\": \"x\\ny\",\n  \"b\": [1,\n2]\n}\n";
+        event.payload = Text::from(payload);
+        for format in [Format::CloudEvents, Format::Debezium, Format::Raw] {
+            let mut line = Vec::new();
+            write_line(format, &event, &mut line);
+            assert_eq!(
+                line.iter().filter(|&&b| b == b'\n' || b == b'\r').count(),
+                1,
+                "{format:?}: {}",
+                String::from_utf8_lossy(&line)
+            );
+            let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            let data = if format == Format::CloudEvents {
+                &parsed["data"]
+            } else {
+                &parsed
+            };
+            assert_eq!(
+                *data,
+                serde_json::from_str::<serde_json::Value>(payload).unwrap()
+            );
+        }
+        let mut line = Vec::new();
+        write_line(Format::CloudEvents, &event, &mut line);
+        assert_eq!(
+            position_of_line(&line[..line.len() - 1]),
+            Some(event.position)
+        );
     }
 
     #[test]

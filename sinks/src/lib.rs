@@ -26,8 +26,8 @@ pub enum SinkError {
     /// backoff. The sink must tolerate seeing events of a partially delivered batch again.
     #[error("{0} (will retry)")]
     Retryable(String),
-    /// A failure that retrying cannot fix (bad credentials, missing destination, full disk that
-    /// the operator must clear). The relay stops with this message.
+    /// A failure that retrying cannot fix (bad credentials, missing destination, a file the
+    /// sink did not write). The relay stops with this message.
     #[error("{0}")]
     Permanent(String),
 }

@@ -172,9 +172,15 @@ pub struct LogicalMessage<'a> {
     pub transactional: bool,
     /// The end of the message's WAL record.
     pub lsn: Lsn,
+    /// [`PREFIX_NOT_UTF8`] when the prefix is not UTF-8 (a `SQL_ASCII` database).
     pub prefix: &'a str,
     pub content: &'a [u8],
 }
+
+/// What a logical message's prefix that is not UTF-8 reads as. Any session of a `SQL_ASCII`
+/// database can emit one; it is no outbox prefix (those are configured as UTF-8, and none
+/// holds U+FFFD), so the message is ignored like any other, instead of stopping the stream.
+pub const PREFIX_NOT_UTF8: &str = "\u{FFFD}";
 
 /// The column values of a row, in the order of the relation's columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -450,8 +456,8 @@ impl<'a> Reader<'a> {
         self.array(what).map(i64::from_be_bytes)
     }
 
-    /// A NUL-terminated UTF-8 string.
-    fn str(&mut self, what: &str) -> Result<&'a str, DecodeError> {
+    /// The bytes of a NUL-terminated string, without the NUL.
+    fn c_bytes(&mut self, what: &str) -> Result<&'a [u8], DecodeError> {
         let start = self.offset();
         let Some(nul) = self.rest.iter().position(|&b| b == 0) else {
             return Err(self.error(
@@ -462,8 +468,14 @@ impl<'a> Reader<'a> {
                 ),
             ));
         };
-        let bytes = self.take(nul + 1, what)?;
-        std::str::from_utf8(&bytes[..nul]).map_err(|e| {
+        Ok(&self.take(nul + 1, what)?[..nul])
+    }
+
+    /// A NUL-terminated UTF-8 string.
+    fn str(&mut self, what: &str) -> Result<&'a str, DecodeError> {
+        let start = self.offset();
+        let bytes = self.c_bytes(what)?;
+        std::str::from_utf8(bytes).map_err(|e| {
             self.error(
                 start + e.valid_up_to(),
                 format!("{what} is not valid UTF-8"),
@@ -595,7 +607,7 @@ impl<'a> Reader<'a> {
         Ok(LogicalMessage {
             transactional,
             lsn: self.u64("message LSN")?,
-            prefix: self.str("prefix")?,
+            prefix: std::str::from_utf8(self.c_bytes("prefix")?).unwrap_or(PREFIX_NOT_UTF8),
             content: self.length_prefixed("content length")?,
         })
     }
@@ -1225,5 +1237,17 @@ mod tests {
             decoded > 0 && rejected > 0,
             "{decoded} decoded, {rejected} rejected"
         );
+    }
+
+    #[test]
+    fn a_message_prefix_that_is_not_utf8_is_no_error() {
+        let bytes = cat(&[b"M\x01", &[0; 8], b"caf\xe9\0", &[0, 0, 0, 1], b"x"]);
+        match decode(&bytes).unwrap() {
+            Message::Message(message) => {
+                assert_eq!(message.prefix, PREFIX_NOT_UTF8);
+                assert_eq!(message.content, b"x");
+            }
+            _ => panic!("expected a logical message"),
+        }
     }
 }

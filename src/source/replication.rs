@@ -255,19 +255,40 @@ impl ReplicationConnection {
             ("application_name", params.application_name.as_str()),
             // pgoutput text values are converted to the client encoding: ask for UTF-8.
             ("client_encoding", "UTF8"),
+            // Values are rendered by the server's output functions, which follow these
+            // settings: pin the forms the mapper parses, whatever the database or role sets
+            // (as PostgreSQL's own replication client does).
+            ("DateStyle", "ISO"),
+            ("IntervalStyle", "postgres"),
+            ("extra_float_digits", "3"),
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.out)?;
         self.flush().await?;
         self.authenticate(params).await?;
+        let mut sql_ascii = false;
         loop {
             match self.read_message().await? {
-                BackendMessage::Other(Message::ReadyForQuery(_)) => return Ok(()),
+                BackendMessage::Other(Message::ParameterStatus(status))
+                    if status.name().ok() == Some("server_encoding") =>
+                {
+                    sql_ascii = status.value().ok() == Some("SQL_ASCII");
+                }
+                BackendMessage::Other(Message::ReadyForQuery(_)) => break,
                 BackendMessage::Other(Message::ErrorResponse(body)) => {
                     return Err(SourceError::Server(ServerError::parse(&body)))
                 }
                 _ => {}
             }
         }
+        // A SQL_ASCII database holds bytes in no known encoding, which the server refuses to
+        // convert to UTF-8: the walsender would fail on the first non-ASCII byte, on every
+        // reconnect. Take them as they are; the mapper dead-letters a value that is not
+        // UTF-8, with its exact bytes.
+        if sql_ascii {
+            self.simple_query("SET client_encoding = 'SQL_ASCII'")
+                .await?;
+        }
+        Ok(())
     }
 
     async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), SourceError> {

@@ -79,7 +79,7 @@ pub fn pg17_bin() -> PathBuf {
     )
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     extern "C" {
         fn geteuid() -> u32;
     }
