@@ -42,8 +42,9 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
 
     // The file names the schema as a literal (a catalog lookup) and as an identifier.
     let schema_sql = RELAY_SCHEMA_SQL
-        .replace("'outbox_relay'", &sql::literal(&config.relay.schema))
-        .replace("outbox_relay", &sql::ident(&config.relay.schema));
+        .replace("'outbox_relay'", "\0")
+        .replace("outbox_relay", &sql::ident(&config.relay.schema))
+        .replace('\0', &sql::literal(&config.relay.schema));
     client
         .batch_execute(&schema_sql)
         .await

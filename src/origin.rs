@@ -201,7 +201,7 @@ mod tests {
         assert!(
             foreign.contains("recorded on PostgreSQL system 7001")
                 && foreign.contains("is system 7002")
-                && foreign.contains("DELETE FROM r.checkpoints WHERE slot = 's'; DELETE FROM r.slots WHERE slot = 's'"),
+                && foreign.contains("DELETE FROM \"r\".\"checkpoints\" WHERE slot = 's'; DELETE FROM \"r\".\"slots\" WHERE slot = 's'"),
             "{foreign}"
         );
         let earlier = origin

@@ -103,7 +103,7 @@ fn missing_publication_and_slot_are_explained() {
     assert!(!status.success());
     let log = relay.log();
     assert!(
-        log.contains("publication \"outbox_relay\" does not exist: run `outbox-relay init`"),
+        log.contains("publication outbox_relay does not exist: run `outbox-relay init`"),
         "{log}"
     );
 
