@@ -1056,3 +1056,62 @@ fn stream_tls_verifies_the_broker_certificate() {
         relay.log()
     );
 }
+
+/// A vhost's connection limit reached (other clients use it up, or an operator sets it to 0
+/// for a while) is temporary: the exchange sink retries and says what it is, and delivers
+/// everything once a connection is allowed again. Stream-protocol connections do not count
+/// against the vhost's limit on this RabbitMQ (3.10): the stream sink delivers meanwhile.
+#[test]
+fn a_vhost_connection_limit_reached_is_retried() {
+    let vhost = Vhost::new();
+    common::rabbitmq::rabbitmqctl(&[
+        "set_vhost_limits",
+        "-p",
+        &vhost.name,
+        "{\"max-connections\": 0}",
+    ]);
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "{}\n[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
+         stream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
+        exchange_sink(
+            &vhost,
+            "declare = true\nqueue = \"orders\"\nbinding_key = \"order.#\"\n"
+        ),
+        vhost.stream_url()
+    );
+    let config = relay_config(dir.path(), &pg, &sinks);
+    init(&config);
+    let mut relay = Relay::start(&config);
+    insert_events(&pg, "order", 0, 10, 3);
+    let received = vhost.read_stream("events");
+    assert!(
+        wait_until(WAIT, || relay
+            .log()
+            .matches("the connection limit of virtual host")
+            .count()
+            >= 2
+            && received.lock().unwrap().len() >= 10),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        relay.wait(Duration::from_millis(100)).is_none(),
+        "{}",
+        relay.log()
+    );
+    common::rabbitmq::rabbitmqctl(&["clear_vhost_limits", "-p", &vhost.name]);
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("orders", &mut messages);
+            messages.len() >= 10
+        }),
+        "{} in the queue\n{}",
+        messages.len(),
+        relay.log()
+    );
+    assert_eq!(messages.len(), 10);
+}

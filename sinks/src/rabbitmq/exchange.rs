@@ -671,6 +671,20 @@ fn classify(context: &str, err: &lapin::Error, settings: &ExchangeSettings) -> S
             "{context}: {message}: the exchange or queue exists with other settings, or a \
              message exceeds the broker's max_message_size (lower max_message_bytes)"
         )),
+        // RabbitMQ refuses with NOT_ALLOWED both what an operator must fix (a vhost that does
+        // not exist, a user without access) and what passes (the vhost's or user's connection
+        // limit reached, the vhost restarting); its reply text tells them apart.
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) if message.contains("connection limit") => {
+            retryable(format!(
+                "{context}: the connection limit of virtual host {:?} (or of the user) is \
+                 reached ({message}); retrying. Raise it (rabbitmqctl set_vhost_limits, \
+                 set_user_limits) or close other clients' connections",
+                settings.uri().map(|uri| uri.vhost).unwrap_or_default()
+            ))
+        }
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) if message.contains("is down") => {
+            retryable(format!("{context}: {message}; retrying until the virtual host is up"))
+        }
         AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => permanent(format!(
             "{context}: {message}: the virtual host does not exist or the user may not use it"
         )),
