@@ -1115,3 +1115,36 @@ fn a_vhost_connection_limit_reached_is_retried() {
     );
     assert_eq!(messages.len(), 10);
 }
+
+/// `check` compares what a declaring sink would declare with what exists: an exchange of
+/// another type and a queue with other arguments are reported with the fix (RabbitMQ would
+/// refuse `run`'s declarations with PRECONDITION_FAILED); an equivalent exchange is not.
+#[test]
+fn check_reports_an_exchange_or_queue_that_exists_with_other_settings() {
+    let vhost = Vhost::new();
+    vhost.declare_queue("events", "orders", "order.#", full_queue_arguments());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "{}\n[sinks.same]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"events\"\n\
+         declare = true\ntimeout = \"5s\"\n",
+        exchange_sink(
+            &vhost,
+            "declare = true\nexchange_type = \"direct\"\nqueue = \"orders\"\n"
+        ),
+        vhost.amqp_url()
+    );
+    let config = relay_config(dir.path(), &pg, &sinks);
+    init(&config);
+    let (ok, report) = relay_check(&config);
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains("sink rabbit: exchange \"events\" exists with other settings")
+            && report.contains("type direct")
+            && report.contains("sink rabbit: queue \"orders\" exists with other settings")
+            && report.contains("PRECONDITION_FAILED"),
+        "{report}"
+    );
+    assert!(!report.contains("sink same"), "{report}");
+}

@@ -682,9 +682,9 @@ fn classify(context: &str, err: &lapin::Error, settings: &ExchangeSettings) -> S
                 settings.uri().map(|uri| uri.vhost).unwrap_or_default()
             ))
         }
-        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) if message.contains("is down") => {
-            retryable(format!("{context}: {message}; retrying until the virtual host is up"))
-        }
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) if message.contains("is down") => retryable(
+            format!("{context}: {message}; retrying until the virtual host is up"),
+        ),
         AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => permanent(format!(
             "{context}: {message}: the virtual host does not exist or the user may not use it"
         )),
@@ -698,9 +698,10 @@ async fn close(connection: Connection, timeout: Duration) {
 }
 
 /// Problems `outbox-relay check` reports: the broker unreachable, credentials or vhost
-/// refused, the exchange missing (when the sink does not declare it).
+/// refused, the exchange missing (when the sink does not declare it), or an exchange or
+/// queue the sink declares that exists with other settings.
 pub async fn check(settings: &ExchangeSettings) -> Vec<String> {
-    // Declares nothing: a sink that declares its exchange needs only a connection here.
+    // Declares nothing here: what the sink declares is compared below.
     let without_declarations = ExchangeSettings {
         declare: false,
         exchange: match settings.declare {
@@ -711,11 +712,83 @@ pub async fn check(settings: &ExchangeSettings) -> Vec<String> {
     };
     match ExchangeSink::connect(&without_declarations).await {
         Ok(link) => {
+            let problems = match settings.declare {
+                true => declaration_clashes(&link.connection, settings).await,
+                false => Vec::new(),
+            };
             close(link.connection, settings.timeout).await;
-            Vec::new()
+            problems
         }
         Err(err) => vec![err.to_string()],
     }
+}
+
+/// What the sink would declare that already exists with other settings (type, durability,
+/// arguments), which RabbitMQ refuses with PRECONDITION_FAILED when `run` declares it. An
+/// existing exchange or queue is declared again with the sink's own settings, each step on a
+/// channel of its own (a refused declaration closes its channel): an equivalent declaration
+/// changes nothing, and what does not exist yet is left for `run` to create.
+async fn declaration_clashes(connection: &Connection, settings: &ExchangeSettings) -> Vec<String> {
+    let name = &settings.name;
+    let mut problems = Vec::new();
+    let exchange = ShortString::from(settings.exchange.as_str());
+    let declare_exchange = |passive: bool| {
+        let exchange = exchange.clone();
+        async move {
+            let channel = connection.create_channel().await?;
+            let options = ExchangeDeclareOptions {
+                passive,
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            channel
+                .exchange_declare(
+                    exchange,
+                    settings.exchange_kind(),
+                    options,
+                    FieldTable::default(),
+                )
+                .await
+        }
+    };
+    if declare_exchange(true).await.is_ok() {
+        if let Err(err) = declare_exchange(false).await {
+            problems.push(format!(
+                "sink {name}: exchange {:?} exists with other settings than the sink declares \
+                 (type {}, durable, no arguments): {err}. Set exchange_type to its type, set \
+                 declare = false to use it as it is, or delete it so that the sink declares it",
+                settings.exchange, settings.exchange_type
+            ));
+        }
+    }
+    if let Some(queue) = &settings.queue {
+        let declare_queue = |passive: bool| async move {
+            let channel = connection.create_channel().await?;
+            let options = QueueDeclareOptions {
+                passive,
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(
+                    ShortString::from(queue.as_str()),
+                    options,
+                    FieldTable::default(),
+                )
+                .await
+        };
+        if declare_queue(true).await.is_ok() {
+            if let Err(err) = declare_queue(false).await {
+                problems.push(format!(
+                    "sink {name}: queue {queue:?} exists with other settings than the sink \
+                     declares (durable, no arguments): {err}. Remove queue from the sink's \
+                     settings and bind the queue yourself, or delete it so that the sink \
+                     declares it"
+                ));
+            }
+        }
+    }
+    problems
 }
 
 #[async_trait]
