@@ -429,13 +429,17 @@ impl KafkaSink {
                     }
                     Err((
                         KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-                        _,
+                        returned,
                     )) => {
+                        let size = RecordSize::of(
+                            event.key.len(),
+                            self.value_buf.len(),
+                            returned.headers.as_ref(),
+                        );
                         rejected.push(Rejection {
                             index,
                             reason: format!(
-                                "Kafka record of {} bytes is over message.max.bytes ({})",
-                                self.value_buf.len(),
+                                "Kafka record of {size} is over message.max.bytes ({})",
                                 self.settings.message_max_bytes
                             ),
                         });
@@ -461,6 +465,68 @@ impl KafkaSink {
 
 /// Deliveries of a batch not yet reported, with the index of their event.
 type Deliveries = VecDeque<(usize, DeliveryFuture)>;
+
+/// The size librdkafka compares with `message.max.bytes` before it takes a record
+/// (`rd_kafka_msg_new0`): the key, the value, the headers as they are serialized (each name
+/// and value with its length as a zigzag varint), and the most that a record's framing can
+/// take. A refusal states this sum, so that its numbers agree with the limit.
+struct RecordSize {
+    key: usize,
+    value: usize,
+    headers: usize,
+}
+
+impl RecordSize {
+    /// `RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: the varints of the record's length, offset delta,
+    /// key and value lengths and header count (5 bytes each at most), the timestamp delta's
+    /// (10), and the attributes byte.
+    const FRAMING: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
+
+    fn of(key: usize, value: usize, headers: Option<&OwnedHeaders>) -> RecordSize {
+        use rdkafka::message::Headers;
+        let with_length = |len: usize| len + zigzag_varint_len(len);
+        let headers = headers.map_or(0, |headers| {
+            headers
+                .iter()
+                .map(|h| with_length(h.key.len()) + with_length(h.value.map_or(0, <[u8]>::len)))
+                .sum()
+        });
+        RecordSize {
+            key,
+            value,
+            headers,
+        }
+    }
+
+    fn total(&self) -> usize {
+        Self::FRAMING + self.key + self.value + self.headers
+    }
+}
+
+impl std::fmt::Display for RecordSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes as librdkafka counts it (value {}, key {}, headers {}, framing {})",
+            self.total(),
+            self.value,
+            self.key,
+            self.headers,
+            Self::FRAMING
+        )
+    }
+}
+
+/// Bytes of `len` as a zigzag-encoded varint (librdkafka's `rd_uvarint_enc_i64`).
+fn zigzag_varint_len(len: usize) -> usize {
+    let mut encoded = (len as u64) << 1;
+    let mut bytes = 1;
+    while encoded >= 0x80 {
+        encoded >>= 7;
+        bytes += 1;
+    }
+    bytes
+}
 
 /// Sends the batch's records at once and waits for every delivery report.
 ///
@@ -808,6 +874,44 @@ impl KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size a refusal states is the one librdkafka compared: around the limit, a record
+    /// is refused exactly when that size is over `message.max.bytes`.
+    #[test]
+    fn a_refused_record_states_the_size_librdkafka_compared() {
+        const MAX: usize = 2000;
+        let producer: FutureProducer = ClientConfig::new()
+            // Nothing listens there: a record is checked and queued without a broker.
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("message.max.bytes", MAX.to_string())
+            .create()
+            .unwrap();
+        let headers = || {
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: "id",
+                    value: Some("0123456789abcdef"),
+                })
+                .insert(Header {
+                    key: "content-type",
+                    value: Some("application/cloudevents+json; charset=UTF-8"),
+                })
+        };
+        let key = "order-17";
+        for value_len in MAX - 200..MAX {
+            let value = vec![b'x'; value_len];
+            let record = FutureRecord::to("t")
+                .key(key)
+                .payload(&value)
+                .headers(headers());
+            let refused = matches!(
+                producer.send_result(record),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
+            );
+            let size = RecordSize::of(key.len(), value_len, Some(&headers()));
+            assert_eq!(refused, size.total() > MAX, "{size}");
+        }
+    }
 
     fn report(errors: &BrokerErrors, code: RDKafkaErrorCode, reason: &str) {
         errors.error(KafkaError::Global(code), reason);
