@@ -413,7 +413,7 @@ async fn check_database(
         let (exists, readable): (bool, Option<bool>) = (row.get(0), row.get(1));
         if !exists {
             problems.push(format!(
-                "outbox table {table} does not exist: create it (see migrations/001_outbox_table.sql) or fix source.tables"
+                "outbox table {table} does not exist: create it (see migrations/001_outbox_table.sql) or fix source.tables (names are matched exactly, case included: a table created without quotes has a lower-case name)"
             ));
             continue;
         }
