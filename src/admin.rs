@@ -267,10 +267,11 @@ pub async fn check(config: &Config) -> Vec<String> {
             problems.push(format!("{err:#}"));
         }
     }
-    if let Err(err) = check_database(config, &client, &mut problems).await {
+    let system = identify(&params).await;
+    if let Err(err) = check_database(config, &client, system.is_ok(), &mut problems).await {
         problems.push(format!("checking the database failed: {err:#}"));
     }
-    match identify(&params).await {
+    match system {
         Ok(system) => match Origin::load(&client, &config.relay.schema, &source.slot).await {
             Ok(Some(origin)) => {
                 if let Err(foreign) = origin.compare(&system, &config.relay.schema, &source.slot) {
@@ -371,9 +372,37 @@ async fn check_sinks(config: &Config) -> Vec<String> {
     problems
 }
 
+/// The current role, and whether it may stream: REPLICATION or superuser of its own, or
+/// membership in a role that grants it on a managed platform. Amazon RDS and Aurora grant
+/// replication through membership in `rds_replication` (or `rds_superuser`); elsewhere a
+/// member of a role with REPLICATION is counted too, and the replication connection `check`
+/// opens says whether the server agrees (vanilla PostgreSQL does not pass the attribute on).
+const REPLICATION_RIGHTS_SQL: &str =
+    "SELECT current_user::text, r.rolreplication OR r.rolsuper OR EXISTS (\
+     SELECT 1 FROM pg_roles g WHERE g.oid <> r.oid \
+     AND (g.rolreplication OR g.rolname IN ('rds_replication', 'rds_superuser')) \
+     AND pg_has_role(current_user, g.oid, 'MEMBER')) \
+     FROM pg_roles r WHERE r.rolname = current_user";
+
+/// The problem line for a role that cannot stream, with the fix on each platform.
+fn cannot_stream_problem(user: &str) -> String {
+    let role = sql::ident(user);
+    format!(
+        "role {user} cannot stream (it has neither REPLICATION nor a role that grants it): \
+         ALTER ROLE {role} WITH REPLICATION as a superuser (see migrations/003_relay_role.sql); \
+         on Amazon RDS or Aurora, GRANT rds_replication TO {role}; on Google Cloud SQL, \
+         ALTER ROLE {role} WITH REPLICATION as a member of cloudsqlsuperuser; on Azure \
+         Database for PostgreSQL flexible server, ALTER ROLE {role} WITH REPLICATION as a \
+         member of azure_pg_admin"
+    )
+}
+
+/// The database's problems. `streams`: a replication connection succeeded, which settles
+/// whether the role may stream, however its rights were granted.
 async fn check_database(
     config: &Config,
     client: &Client,
+    streams: bool,
     problems: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let source = &config.source;
@@ -395,10 +424,10 @@ async fn check_database(
             "wal_level is {wal_level}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
         ));
     }
-    let role = one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").await?;
+    let role = one(REPLICATION_RIGHTS_SQL).await?;
     let (user, can_replicate): (String, bool) = (role.get(0), role.get(1));
-    if !can_replicate {
-        problems.push(format!("role {user} cannot stream: ALTER ROLE {user} WITH REPLICATION (see migrations/003_relay_role.sql)"));
+    if !can_replicate && !streams {
+        problems.push(cannot_stream_problem(&user));
     }
 
     for table in &source.tables {
