@@ -1,6 +1,7 @@
 //! The operator commands beside `run`: `init` creates what the relay needs, `check` finds
-//! every problem with the configuration and the database (one line each, with the fix), and
-//! `status` shows slot lag and checkpoints.
+//! every problem with the configuration and the database (one line each, with the fix),
+//! and warnings that do not fail it (a setting that will not do what it says), and `status`
+//! shows slot lag and checkpoints.
 
 use crate::checkpoint::dropped_slot_problem;
 use crate::config::{parse_table_name, Config, ConnectParams, SinkConfig, TableMapping};
@@ -229,6 +230,9 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         Origin::record(&client, &config.relay.schema, &source.slot, &system, start).await?;
         done.push(format!("replication slot {}: created{kind}", source.slot));
     }
+    if let Some(warning) = crate::backfill::skipped(&client, config).await? {
+        done.push(format!("warning: {warning}"));
+    }
     if source.failover_slot {
         for warning in db::failover_slot_warnings(&client).await? {
             done.push(format!("warning: {warning}"));
@@ -244,22 +248,34 @@ async fn identify(params: &ConnectParams) -> anyhow::Result<SystemInfo> {
     Ok(connection.identify_system().await?)
 }
 
-/// Every problem found, one line each with its fix; empty when the relay can run.
-pub async fn check(config: &Config) -> Vec<String> {
-    let mut problems = check_sinks(config).await;
+/// What `check` found: problems, which stop the relay or lose events, and warnings, which
+/// do neither but are not what the configuration asks for. One line each, with the fix.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Every problem and warning found; no problem when the relay can run.
+pub async fn check(config: &Config) -> CheckReport {
+    let mut report = CheckReport {
+        problems: check_sinks(config).await,
+        warnings: Vec::new(),
+    };
+    let problems = &mut report.problems;
     let source = &config.source;
     let params = match source.connect_params() {
         Ok(params) => params,
         Err(err) => {
             problems.push(format!("{err:#}"));
-            return problems;
+            return report;
         }
     };
     let client = match db::connect(&params).await {
         Ok(client) => client,
         Err(err) => {
             problems.push(format!("{err:#}"));
-            return problems;
+            return report;
         }
     };
     if let Some(dir) = &config.validation.schema_dir {
@@ -268,8 +284,12 @@ pub async fn check(config: &Config) -> Vec<String> {
         }
     }
     let system = identify(&params).await;
-    if let Err(err) = check_database(config, &client, system.is_ok(), &mut problems).await {
+    if let Err(err) = check_database(config, &client, system.is_ok(), problems).await {
         problems.push(format!("checking the database failed: {err:#}"));
+    }
+    match crate::backfill::skipped(&client, config).await {
+        Ok(warning) => report.warnings.extend(warning),
+        Err(err) => problems.push(format!("checking the backfill failed: {err:#}")),
     }
     match system {
         Ok(system) => match Origin::load(&client, &config.relay.schema, &source.slot).await {
@@ -283,7 +303,7 @@ pub async fn check(config: &Config) -> Vec<String> {
         },
         Err(err) => problems.push(format!("replication connection: {err}")),
     }
-    problems
+    report
 }
 
 /// Problems with the columns `mapping` reads from `table`: missing, generated (logical
