@@ -1,6 +1,7 @@
 //! The operator commands beside `run`: `init` creates what the relay needs, `check` finds
-//! every problem with the configuration and the database (one line each, with the fix), and
-//! `status` shows slot lag and checkpoints.
+//! every problem with the configuration and the database (one line each, with the fix),
+//! and warnings that do not fail it (a setting that will not do what it says), and `status`
+//! shows slot lag and checkpoints.
 
 use crate::checkpoint::dropped_slot_problem;
 use crate::config::{parse_table_name, Config, ConnectParams, SinkConfig, TableMapping};
@@ -229,6 +230,9 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         Origin::record(&client, &config.relay.schema, &source.slot, &system, start).await?;
         done.push(format!("replication slot {}: created{kind}", source.slot));
     }
+    if let Some(warning) = crate::backfill::skipped(&client, config).await? {
+        done.push(format!("warning: {warning}"));
+    }
     if source.failover_slot {
         for warning in db::failover_slot_warnings(&client).await? {
             done.push(format!("warning: {warning}"));
@@ -244,22 +248,34 @@ async fn identify(params: &ConnectParams) -> anyhow::Result<SystemInfo> {
     Ok(connection.identify_system().await?)
 }
 
-/// Every problem found, one line each with its fix; empty when the relay can run.
-pub async fn check(config: &Config) -> Vec<String> {
-    let mut problems = check_sinks(config).await;
+/// What `check` found: problems, which stop the relay or lose events, and warnings, which
+/// do neither but are not what the configuration asks for. One line each, with the fix.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Every problem and warning found; no problem when the relay can run.
+pub async fn check(config: &Config) -> CheckReport {
+    let mut report = CheckReport {
+        problems: check_sinks(config).await,
+        warnings: Vec::new(),
+    };
+    let problems = &mut report.problems;
     let source = &config.source;
     let params = match source.connect_params() {
         Ok(params) => params,
         Err(err) => {
             problems.push(format!("{err:#}"));
-            return problems;
+            return report;
         }
     };
     let client = match db::connect(&params).await {
         Ok(client) => client,
         Err(err) => {
             problems.push(format!("{err:#}"));
-            return problems;
+            return report;
         }
     };
     if let Some(dir) = &config.validation.schema_dir {
@@ -267,10 +283,15 @@ pub async fn check(config: &Config) -> Vec<String> {
             problems.push(format!("{err:#}"));
         }
     }
-    if let Err(err) = check_database(config, &client, &mut problems).await {
+    let system = identify(&params).await;
+    if let Err(err) = check_database(config, &client, system.is_ok(), problems).await {
         problems.push(format!("checking the database failed: {err:#}"));
     }
-    match identify(&params).await {
+    match crate::backfill::skipped(&client, config).await {
+        Ok(warning) => report.warnings.extend(warning),
+        Err(err) => problems.push(format!("checking the backfill failed: {err:#}")),
+    }
+    match system {
         Ok(system) => match Origin::load(&client, &config.relay.schema, &source.slot).await {
             Ok(Some(origin)) => {
                 if let Err(foreign) = origin.compare(&system, &config.relay.schema, &source.slot) {
@@ -282,7 +303,7 @@ pub async fn check(config: &Config) -> Vec<String> {
         },
         Err(err) => problems.push(format!("replication connection: {err}")),
     }
-    problems
+    report
 }
 
 /// Problems with the columns `mapping` reads from `table`: missing, generated (logical
@@ -371,9 +392,37 @@ async fn check_sinks(config: &Config) -> Vec<String> {
     problems
 }
 
+/// The current role, and whether it may stream: REPLICATION or superuser of its own, or
+/// membership in a role that grants it on a managed platform. Amazon RDS and Aurora grant
+/// replication through membership in `rds_replication` (or `rds_superuser`); elsewhere a
+/// member of a role with REPLICATION is counted too, and the replication connection `check`
+/// opens says whether the server agrees (vanilla PostgreSQL does not pass the attribute on).
+const REPLICATION_RIGHTS_SQL: &str =
+    "SELECT current_user::text, r.rolreplication OR r.rolsuper OR EXISTS (\
+     SELECT 1 FROM pg_roles g WHERE g.oid <> r.oid \
+     AND (g.rolreplication OR g.rolname IN ('rds_replication', 'rds_superuser')) \
+     AND pg_has_role(current_user, g.oid, 'MEMBER')) \
+     FROM pg_roles r WHERE r.rolname = current_user";
+
+/// The problem line for a role that cannot stream, with the fix on each platform.
+fn cannot_stream_problem(user: &str) -> String {
+    let role = sql::ident(user);
+    format!(
+        "role {user} cannot stream (it has neither REPLICATION nor a role that grants it): \
+         ALTER ROLE {role} WITH REPLICATION as a superuser (see migrations/003_relay_role.sql); \
+         on Amazon RDS or Aurora, GRANT rds_replication TO {role}; on Google Cloud SQL, \
+         ALTER ROLE {role} WITH REPLICATION as a member of cloudsqlsuperuser; on Azure \
+         Database for PostgreSQL flexible server, ALTER ROLE {role} WITH REPLICATION as a \
+         member of azure_pg_admin"
+    )
+}
+
+/// The database's problems. `streams`: a replication connection succeeded, which settles
+/// whether the role may stream, however its rights were granted.
 async fn check_database(
     config: &Config,
     client: &Client,
+    streams: bool,
     problems: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let source = &config.source;
@@ -395,10 +444,10 @@ async fn check_database(
             "wal_level is {wal_level}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
         ));
     }
-    let role = one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").await?;
+    let role = one(REPLICATION_RIGHTS_SQL).await?;
     let (user, can_replicate): (String, bool) = (role.get(0), role.get(1));
-    if !can_replicate {
-        problems.push(format!("role {user} cannot stream: ALTER ROLE {user} WITH REPLICATION (see migrations/003_relay_role.sql)"));
+    if !can_replicate && !streams {
+        problems.push(cannot_stream_problem(&user));
     }
 
     for table in &source.tables {

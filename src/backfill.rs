@@ -64,7 +64,11 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
         .map_err(db::explain)
         .context("reading backfill state (run `outbox-relay init` to create the relay's tables)")?;
     match (slot_exists, record.map(|r| r.get::<_, bool>(0))) {
-        (true, Some(true)) | (true, None) => return Ok(()),
+        (true, Some(true)) => return Ok(()),
+        (true, None) => {
+            warn!(%slot, "{}", skipped_warning(slot));
+            return Ok(());
+        }
         (true, Some(false)) => {
             warn!(%slot, "an earlier backfill was interrupted: dropping its slot and starting over");
             sql.execute("SELECT pg_drop_replication_slot($1)", &[slot])
@@ -109,6 +113,54 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
     info!(%slot, rows, "backfill finished; streaming starts at the slot's consistent point");
     drop(replication); // releases the snapshot; the slot stays
     Ok(())
+}
+
+/// Why `source.backfill = true` does nothing for `slot`, and how to backfill anyway: the
+/// slot existed before any backfill, and a backfill happens only when the relay creates it.
+pub fn skipped_warning(slot: &str) -> String {
+    format!(
+        "source.backfill = true, but replication slot {slot} already exists and no backfill \
+         was made for it: the rows already in the outbox tables will not be backfilled (a \
+         backfill happens only when the relay creates the slot). To backfill them anyway, stop \
+         the relay, drop the slot (SELECT pg_drop_replication_slot({})) and start it again: it \
+         creates the slot and backfills first; events the slot already delivered are then \
+         delivered again with their ids, which consumers dedup on",
+        sql::literal(slot)
+    )
+}
+
+/// [`skipped_warning`] when it applies to the configured slot: backfill is on, the slot
+/// exists, and no backfill was started for it (one that was interrupted is made again by
+/// `run`; one that finished is done). Nothing when the relay's tables do not exist yet.
+pub async fn skipped(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> anyhow::Result<Option<String>> {
+    let slot = &config.source.slot;
+    if !config.source.backfill {
+        return Ok(None);
+    }
+    let backfills = sql::qualified(&config.relay.schema, "backfills");
+    let state = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1), \
+             to_regclass($2) IS NOT NULL",
+            &[slot, &backfills],
+        )
+        .await
+        .map_err(db::explain)?;
+    if !(state.get::<_, bool>(0) && state.get::<_, bool>(1)) {
+        return Ok(None);
+    }
+    let started = client
+        .query_opt(
+            &format!("SELECT 1 FROM {backfills} WHERE slot = $1"),
+            &[slot],
+        )
+        .await
+        .map_err(db::explain)?
+        .is_some();
+    Ok((!started).then(|| skipped_warning(slot)))
 }
 
 /// Reads every outbox table in the snapshot and delivers the rows; returns how many.

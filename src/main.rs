@@ -130,11 +130,14 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Check => {
-            let problems = admin::check(&config).await;
-            if problems.is_empty() {
+            let report = admin::check(&config).await;
+            for warning in &report.warnings {
+                println!("warning: {warning}");
+            }
+            if report.problems.is_empty() {
                 println!("ok: configuration, database, publication, slot and privileges are ready");
             } else {
-                for problem in &problems {
+                for problem in &report.problems {
                     println!("error: {problem}");
                 }
                 return Ok(ExitCode::FAILURE);

@@ -84,6 +84,10 @@ pub struct RowContext {
 
 /// A row that could not become an event, kept with its reason and its raw columns.
 ///
+/// `reason` may quote the row's values (a timestamp that does not parse, a validation
+/// error): it goes to the dead-letter store, which holds the row anyway, and never to a log.
+/// Logs say `kind`, a few fixed words without values.
+///
 /// The dead-letter store takes any bytes: `row` is what `jsonb` can hold (see
 /// [`DeadLetter::storable`]), and whenever that rendering is not exact (bytes that are not
 /// UTF-8, NUL characters, which `jsonb` refuses) the exact bytes go along in `raw`.
@@ -92,6 +96,9 @@ pub struct DeadLetter {
     pub table: String,
     pub position: Position,
     pub xid: u32,
+    /// What went wrong, without values: what logs say.
+    pub kind: &'static str,
+    /// What went wrong, in detail, values and all: stored, never logged.
     pub reason: String,
     /// Column name → text value (or null), as received; for messages, the content. Bytes
     /// that are not UTF-8 are replaced by U+FFFD (and `raw` is set).
@@ -105,11 +112,17 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// A dead letter for an event refused after mapping (by validation or by a sink).
-    pub fn from_event(event: &Event, reason: String, sink: Option<String>) -> Self {
+    pub fn from_event(
+        event: &Event,
+        kind: &'static str,
+        reason: String,
+        sink: Option<String>,
+    ) -> Self {
         DeadLetter {
             table: event.table.to_string(),
             position: event.position,
             xid: event.xid,
+            kind,
             reason,
             row: serde_json::json!({
                 "id": &*event.id,
@@ -443,6 +456,11 @@ impl OutboxMapper {
             table: info.qualified.to_string(),
             position: ctx.position,
             xid: ctx.xid,
+            kind: if change == RowChange::Update {
+                "update of an outbox row"
+            } else {
+                "delete of an outbox row"
+            },
             reason: format!(
                 "{} of an outbox row is not an event (on_{} = \"dead-letter\")",
                 if change == RowChange::Update {
@@ -484,6 +502,7 @@ impl OutboxMapper {
                 table: info.qualified.to_string(),
                 position: ctx.position,
                 xid: ctx.xid,
+                kind: "outbox row does not map to an event",
                 reason,
                 row,
                 raw,
@@ -602,6 +621,7 @@ impl OutboxMapper {
                 table: prefix_table.to_string(),
                 position: ctx.position,
                 xid: ctx.xid,
+                kind: "logical message does not map to an event",
                 reason,
                 row: serde_json::Value::String(
                     String::from_utf8_lossy(message.content).into_owned(),
@@ -1261,6 +1281,7 @@ mod tests {
             table: "message:outbox".into(),
             position: CTX.position,
             xid: 1,
+            kind: "k",
             reason: "r".into(),
             row,
             raw,

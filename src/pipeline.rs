@@ -576,8 +576,15 @@ async fn deliver(
                 events.len()
             )
         })?;
-        let letter = DeadLetter::from_event(event, rejection.reason, Some(worker.name.clone()));
-        warn!(position = %letter.position, reason = %letter.reason, "sink refused an event; dead-lettered");
+        let letter = DeadLetter::from_event(
+            event,
+            "refused by the sink",
+            rejection.reason,
+            Some(worker.name.clone()),
+        );
+        // Not the reason: a sink's refusal may quote the event.
+        warn!(sink = %worker.name, position = %letter.position,
+            "sink refused an event; dead-lettered (`outbox-relay dlq list` shows why)");
         store.dead_letter(slot, &letter).await?;
     }
     Ok(rejected)

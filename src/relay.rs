@@ -1348,7 +1348,12 @@ impl Reader {
         let letter = match mapped {
             Mapped::NotOutbox => return Ok(()),
             Mapped::Event(event) => match self.schemas.as_ref().map(|s| s.check(&event)) {
-                Some(Err(reason)) => Some(DeadLetter::from_event(&event, reason, None)),
+                Some(Err(reason)) => Some(DeadLetter::from_event(
+                    &event,
+                    "payload fails validation",
+                    reason,
+                    None,
+                )),
                 _ => {
                     self.counts.events += 1;
                     self.pending.push(*event);
@@ -1369,8 +1374,9 @@ impl Reader {
     async fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), ReadError> {
         self.counts.dead_letters += 1;
         METRICS.dead_letters.get_or_create(&Metrics::sink("")).inc();
-        warn!(table = %letter.table, position = %letter.position, reason = %letter.reason,
-            "outbox row cannot become an event; dead-lettered");
+        // The kind only: the reason may quote the row, which stays out of logs.
+        warn!(table = %letter.table, position = %letter.position, kind = letter.kind,
+            "outbox row cannot become an event; dead-lettered (`outbox-relay dlq list` shows why)");
         let store = &self.store;
         let slot = &self.slot;
         abandon_on_stop(&mut self.stop, async {

@@ -111,12 +111,22 @@ impl SchemaRegistry {
     }
 }
 
-/// `Err` with the first validation errors when `payload` does not match.
+/// `Err` with the first validation errors when `payload` does not match: each says where
+/// (the JSON pointer into the payload) and which keyword of the schema failed, with the
+/// payload's value masked (`value is not of type "integer"`), not quoted.
 fn conforms(validator: &jsonschema::Validator, payload: &serde_json::Value) -> Result<(), String> {
     let errors: Vec<String> = validator
         .iter_errors(payload)
         .take(5)
-        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .map(|e| {
+            format!(
+                "{} at {:?} (keyword {} at {})",
+                e.masked(),
+                e.instance_path().as_str(),
+                e.kind().keyword(),
+                e.schema_path()
+            )
+        })
         .collect();
     if errors.is_empty() {
         Ok(())
@@ -246,6 +256,25 @@ mod tests {
         let (_dir, small) = registry(r#"{"type": "array", "items": {"maximum": 1e300}}"#);
         assert!(small.check(&event("[1e400]")).is_err());
         assert!(small.check(&event("[1e299]")).is_ok());
+    }
+
+    #[test]
+    fn a_failure_names_where_and_which_keyword_not_the_value() {
+        let (_dir, registry) = registry(
+            r#"{"type": "object", "properties": {"amount": {"type": "integer"}, "code": {"pattern": "^[a-z]+$"}}}"#,
+        );
+        let reason = registry
+            .check(&event(r#"{"amount": "SECRET1", "code": "SECRET2"}"#))
+            .unwrap_err();
+        assert!(!reason.contains("SECRET"), "{reason}");
+        assert!(
+            reason.contains(r#"at "/amount" (keyword type at /properties/amount/type)"#),
+            "{reason}"
+        );
+        assert!(
+            reason.contains(r#"at "/code" (keyword pattern"#),
+            "{reason}"
+        );
     }
 
     #[test]

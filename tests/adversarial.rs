@@ -190,6 +190,20 @@ const PAYLOAD_MARKER: &str = "PAYLOADMARKER7731";
 const PAYLOAD_MARKER_BYTES: &str = "80, 65, 89, 76, 79, 65, 68, 77, 65, 82, 75, 69, 82";
 const PASSWORD_MARKER: &str = "PASSWORDMARKER4419";
 
+/// Panics with the line that holds any of `markers`, if `log` has one.
+fn assert_log_lacks(log: &str, markers: &[&str]) {
+    for marker in markers {
+        if let Some(at) = log.find(marker) {
+            let start = log[..at].rfind('\n').map_or(0, |n| n + 1);
+            let end = log[at..].find('\n').map_or(log.len(), |n| at + n);
+            panic!(
+                "the log holds {marker:?}: {}",
+                &log[start..end.min(start + 2000)]
+            );
+        }
+    }
+}
+
 #[test]
 fn no_payload_or_secret_reaches_any_log_at_trace_level() {
     let pg = PgCluster::start();
@@ -273,16 +287,10 @@ fn no_payload_or_secret_reaches_any_log_at_trace_level() {
     relay.stops_cleanly();
     let log = relay.log();
     assert!(log.contains("DEBUG"), "debug logging was on");
-    for marker in [PAYLOAD_MARKER, PAYLOAD_MARKER_BYTES, PASSWORD_MARKER] {
-        if let Some(at) = log.find(marker) {
-            let start = log[..at].rfind('\n').map_or(0, |n| n + 1);
-            let end = log[at..].find('\n').map_or(log.len(), |n| at + n);
-            panic!(
-                "the log holds {marker:?}: {}",
-                &log[start..end.min(start + 2000)]
-            );
-        }
-    }
+    assert_log_lacks(
+        &log,
+        &[PAYLOAD_MARKER, PAYLOAD_MARKER_BYTES, PASSWORD_MARKER],
+    );
 }
 
 const PARTITIONED_OUTBOX: &str = "CREATE TABLE outbox (id uuid NOT NULL DEFAULT gen_random_uuid(), \
@@ -673,4 +681,67 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
             ("2".to_owned(), "Streamed".to_owned(), source)
         ]
     );
+}
+
+#[test]
+fn a_dead_letters_values_reach_its_store_but_no_log_at_trace_level() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    pg.psql("ALTER TABLE outbox ADD COLUMN occurred_at text");
+    let dir = tempfile::tempdir().unwrap();
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir(&schemas).unwrap();
+    std::fs::write(
+        schemas.join("Created.json"),
+        r#"{"type": "object", "properties": {"amount": {"type": "integer"}, "code": {"enum": ["a"]}}}"#,
+    )
+    .unwrap();
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &format!(
+            "[validation]\nschema_dir = \"{}\"\n\n{}",
+            schemas.display(),
+            file_sink(dir.path())
+        ),
+    );
+    init(&config);
+    let mut relay = Relay::start_with_env(&config, &[("RUST_LOG", "trace")]);
+    // A payload that fails its schema, and an occurred_at that is not a timestamp: both
+    // reasons quoted the offending values, and the log line carried the reason.
+    pg.psql(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, occurred_at) VALUES \
+         ('order', 'o-1', 'Created', '{{\"amount\": \"{PAYLOAD_MARKER}\", \"code\": \"{PAYLOAD_MARKER}\"}}', NULL), \
+         ('order', 'o-2', 'Other', '{{}}', 'yesterday {PAYLOAD_MARKER}')"
+    ));
+    assert!(
+        wait_until(WAIT, || pg
+            .psql("SELECT count(*) FROM outbox_relay.dead_letters")
+            == "2"),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT count(*) FROM outbox_relay.dead_letters \
+             WHERE (reason || row_data::text) LIKE '%{PAYLOAD_MARKER}%'"
+        )),
+        "2",
+        "the store keeps the values"
+    );
+    let reasons = pg.psql(
+        "SELECT string_agg(reason, E'\\n' ORDER BY event_index) FROM outbox_relay.dead_letters",
+    );
+    assert!(
+        reasons.contains("\"/amount\" (keyword type") && reasons.contains("occurred_at"),
+        "the stored reasons say where: {reasons}"
+    );
+    relay.stops_cleanly();
+    let log = relay.log();
+    assert!(log.contains("DEBUG"), "debug logging was on");
+    assert!(
+        log.matches("dead-lettered").count() >= 2,
+        "the dead letters are logged: {log}"
+    );
+    assert_log_lacks(&log, &[PAYLOAD_MARKER, PAYLOAD_MARKER_BYTES]);
 }

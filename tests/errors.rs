@@ -199,3 +199,51 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
         "no slot was created"
     );
 }
+
+#[test]
+fn check_counts_replication_granted_through_a_managed_platforms_role_and_names_each_fix() {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    // As on Amazon RDS and Aurora: REPLICATION comes with membership in rds_replication.
+    pg.psql(
+        "CREATE ROLE rds_replication WITH REPLICATION; \
+         CREATE ROLE member LOGIN IN ROLE rds_replication; CREATE ROLE plain LOGIN; \
+         GRANT SELECT ON outbox TO member, plain",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "");
+    init(&config);
+    let check_as = |user: &str| {
+        let url = format!(
+            "postgres://{user}@127.0.0.1:{}/postgres?sslmode=disable",
+            pg.port
+        );
+        let out = relay_command_with_env(
+            &config,
+            "check",
+            &[("OUTBOX_RELAY__SOURCE__URL", url.as_str())],
+        );
+        (out.status.success(), stdout(&out))
+    };
+    // The role check counts the membership. Vanilla PostgreSQL does not pass REPLICATION on,
+    // so here the replication connection is still refused, and check says that instead.
+    let (_, member) = check_as("member");
+    assert!(
+        member.contains("replication connection:") && !member.contains("cannot stream"),
+        "{member}"
+    );
+    let (ok, plain) = check_as("plain");
+    let line = plain
+        .lines()
+        .find(|l| l.contains("role plain cannot stream"))
+        .unwrap_or_else(|| panic!("{plain}"));
+    assert!(!ok);
+    for fix in [
+        "ALTER ROLE \"plain\" WITH REPLICATION",
+        "on Amazon RDS or Aurora, GRANT rds_replication TO \"plain\"",
+        "cloudsqlsuperuser",
+        "azure_pg_admin",
+    ] {
+        assert!(line.contains(fix), "{fix}: {line}");
+    }
+}

@@ -661,3 +661,68 @@ fn an_interrupted_backfill_starts_over_and_loses_nothing() {
         1
     );
 }
+
+#[test]
+fn backfill_turned_on_for_an_existing_slot_is_a_warning_with_the_way_to_backfill() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let insert = |kind: &str| {
+        pg.psql(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', '{kind}', '{{}}')"
+        ))
+    };
+    insert("Existing");
+    let dir = tempfile::tempdir().unwrap();
+    let sink = file_sink("all", dir.path(), "");
+    // The slot is made without backfill; backfill is turned on afterwards.
+    init(&config(dir.path(), &pg, "", &sink));
+    let cfg = config(dir.path(), &pg, "backfill = true", &sink);
+    const WARNING: &str =
+        "source.backfill = true, but replication slot outbox_relay already exists";
+    let (ok, report) = relay_check(&cfg);
+    assert!(
+        ok && report.contains(&format!("warning: {WARNING}"))
+            && report.contains("SELECT pg_drop_replication_slot('outbox_relay')")
+            && report.contains("ok: "),
+        "{report}"
+    );
+    let init = relay_command(&cfg, "init");
+    assert!(
+        init.status.success() && String::from_utf8_lossy(&init.stdout).contains(WARNING),
+        "{init:?}"
+    );
+    let path = dir.path().join("all.jsonl");
+    let mut relay = Relay::start(&cfg);
+    insert("Streamed");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 1),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert!(relay.log().contains(WARNING), "{}", relay.log());
+    relay.stops_cleanly();
+
+    // The way the warning gives: the slot dropped while the relay is stopped.
+    pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    let mut relay = Relay::start(&cfg);
+    let types = || -> Vec<String> {
+        read_events(&path)
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(
+        wait_until(WAIT, || types().contains(&"Existing".to_owned())),
+        "relay log:\n{}",
+        relay.log()
+    );
+    relay.stops_cleanly();
+    assert!(!relay.log().contains(WARNING), "{}", relay.log());
+    // Once the backfill finished for this slot, nothing is left to warn about.
+    let (ok, report) = relay_check(&cfg);
+    assert!(ok && !report.contains("warning:"), "{report}");
+    let mut relay = Relay::start(&cfg);
+    assert!(wait_until(WAIT, || relay.log().contains("streaming")));
+    relay.stops_cleanly();
+    assert!(!relay.log().contains(WARNING), "{}", relay.log());
+}

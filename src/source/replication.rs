@@ -134,7 +134,10 @@ impl ServerError {
             "28P01" => "check the password in source.url or source.password_file",
             "28000" => "allow this user and database in pg_hba.conf, or fix the user in source.url",
             "42501" if m.contains("replication") || m.contains("walsender") => {
-                "grant the role REPLICATION (ALTER ROLE ... WITH REPLICATION; see migrations/)"
+                "grant the role REPLICATION (ALTER ROLE ... WITH REPLICATION; see migrations/; on Amazon \
+                 RDS or Aurora, GRANT rds_replication TO the role; on Google Cloud SQL or Azure \
+                 flexible server, ALTER ROLE ... WITH REPLICATION as a member of cloudsqlsuperuser \
+                 or azure_pg_admin)"
             }
             "55000" if m.contains("wal_level") => {
                 "set wal_level = logical in postgresql.conf and restart PostgreSQL"
