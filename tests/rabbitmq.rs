@@ -1148,3 +1148,28 @@ fn check_reports_an_exchange_or_queue_that_exists_with_other_settings() {
     );
     assert!(!report.contains("sink same"), "{report}");
 }
+
+/// A declaring stream sink whose stream name is taken by a queue that is not a stream: the
+/// stream protocol's metadata says "no such stream" for it, so `check` cannot tell; `run`
+/// stops on creating it, naming the likely cause.
+#[test]
+fn a_stream_name_taken_by_another_kind_of_queue_stops_run_with_the_cause() {
+    let vhost = Vhost::new();
+    vhost.declare_queue("events-exchange", "events", "#", FieldTable::default());
+    let pg = PgCluster::start();
+    create_outbox(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!(
+        "[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
+         stream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
+        vhost.stream_url()
+    );
+    let config = relay_config(dir.path(), &pg, &sink);
+    init(&config);
+    let mut relay = Relay::start(&config);
+    let log = relay.stops_with_failure(WAIT, "the stream's name is a classic queue's");
+    assert!(
+        log.contains("its name is taken by a queue that is not a stream"),
+        "{log}"
+    );
+}

@@ -906,7 +906,10 @@ mod tests {
                 .headers(headers());
             let refused = matches!(
                 producer.send_result(record),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
+                Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    _
+                ))
             );
             let size = RecordSize::of(key.len(), value_len, Some(&headers()));
             assert_eq!(refused, size.total() > MAX, "{size}");

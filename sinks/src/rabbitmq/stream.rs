@@ -395,6 +395,16 @@ impl StreamSink {
                     client.create_stream(stream, HashMap::new()),
                 )
                 .await?;
+            if *response.code() == ResponseCode::PrecoditionFailed {
+                // Metadata says "no such stream" for a queue of another type too, and only
+                // creating the stream tells them apart.
+                return Err(permanent(format!(
+                    "{}: creating the stream was refused (PRECONDITION_FAILED): its name is \
+                     taken by a queue that is not a stream, or a stream with other arguments: \
+                     choose another stream, or delete that queue",
+                    self.context()
+                )));
+            }
             if !response.is_ok() && *response.code() != ResponseCode::StreamAlreadyExists {
                 return Err(permanent(format!(
                     "{}: creating the stream was refused: {:?}",
