@@ -7,11 +7,11 @@
 //! `id uuid, aggregatetype text, aggregateid text, type text, payload jsonb`, with the optional
 //! columns `schema_version`, `headers`, `occurred_at` and `traceparent` used when present.
 
-use crate::config::{parse_table_name, ChangePolicy, Placement, TableMapping};
+use crate::config::{parse_table_name, ChangePolicy, NullPayloadPolicy, Placement, TableMapping};
 use crate::source::pgoutput::{LogicalMessage, Relation, Tuple, Value};
 use bytes::Bytes;
 use outbox_relay_sinks::routing::Template;
-use outbox_relay_sinks::{Event, Position, Text};
+use outbox_relay_sinks::{Event, Payload, Position, Text};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,7 +116,7 @@ impl DeadLetter {
                 "aggregatetype": &*event.aggregate_type,
                 "aggregateid": &*event.aggregate_id,
                 "type": &*event.event_type,
-                "payload": &*event.payload,
+                "payload": event.payload.as_json().map(|json| json.as_str()),
                 "schema_version": event.schema_version,
             }),
             raw: None,
@@ -219,6 +219,9 @@ pub fn unframe_columns(mut raw: &[u8]) -> Option<Vec<(String, Option<Vec<u8>>)>>
 pub enum Mapped {
     Event(Box<Event>),
     DeadLetter(DeadLetter),
+    /// A row of the table (`schema.table`) whose payload is NULL, under
+    /// `on_null_payload = "skip"`: counted, not published.
+    NullPayloadSkipped(Arc<str>),
     /// Not from an outbox table or prefix: nothing to publish.
     NotOutbox,
 }
@@ -501,6 +504,11 @@ impl OutboxMapper {
                 info.relation.columns.len()
             )));
         }
+        if table.mapping.on_null_payload == NullPayloadPolicy::Skip
+            && matches!(tuple.columns[layout.payload], Value::Null)
+        {
+            return Ok(Mapped::NullPayloadSkipped(info.qualified.clone()));
+        }
         let column = |index: usize| -> Result<Option<Text>, String> {
             let name = &info.relation.columns[index].name;
             match tuple.columns[index] {
@@ -527,11 +535,19 @@ impl OutboxMapper {
             if id.trim().is_empty() {
                 return Err("the id column is empty: consumers could not dedup on it".to_owned());
             }
-            let payload = required(layout.payload)?;
-            if !layout.payload_is_jsonb {
-                serde_json::from_str::<serde::de::IgnoredAny>(&payload)
-                    .map_err(|e| format!("the payload column is not valid JSON: {e}"))?;
-            }
+            let payload = match column(layout.payload)? {
+                Some(payload) => {
+                    if !layout.payload_is_jsonb {
+                        serde_json::from_str::<serde::de::IgnoredAny>(&payload)
+                            .map_err(|e| format!("the payload column is not valid JSON: {e}"))?;
+                    }
+                    Payload::Json(payload)
+                }
+                None if table.mapping.on_null_payload == NullPayloadPolicy::Tombstone => {
+                    Payload::Tombstone
+                }
+                None => required(layout.payload).map(Payload::Json)?,
+            };
             let mut headers = match optional(layout.headers)? {
                 Some(text) => parse_headers(&text)?,
                 None => Vec::new(),
@@ -668,8 +684,10 @@ impl OutboxMapper {
             traceparent: content.traceparent.map(Text::from),
             headers,
             attributes: Vec::new(),
-            payload: Text::new(data.slice_ref(content.payload.get().as_bytes()))
-                .expect("a slice of a JSON document that parsed as UTF-8"),
+            payload: Payload::Json(
+                Text::new(data.slice_ref(content.payload.get().as_bytes()))
+                    .expect("a slice of a JSON document that parsed as UTF-8"),
+            ),
         };
         Mapped::Event(Box::new(fields.into_event(ctx, table, source)))
     }
@@ -726,7 +744,7 @@ struct EventFields {
     traceparent: Option<Text>,
     headers: Vec<(Arc<str>, Text)>,
     attributes: Vec<(Arc<str>, Text)>,
-    payload: Text,
+    payload: Payload,
 }
 
 impl EventFields {
@@ -1010,7 +1028,41 @@ mod tests {
             Mapped::Event(e) => *e,
             Mapped::DeadLetter(d) => panic!("dead letter: {}", d.reason),
             Mapped::NotOutbox => panic!("not outbox"),
+            Mapped::NullPayloadSkipped(_) => panic!("skipped"),
         }
+    }
+
+    #[test]
+    fn a_null_payload_follows_the_tables_policy() {
+        let row = [Some(ID), Some("order"), Some("o-1"), Some("T"), None];
+        let with = |policy: &str| {
+            let mapping: TableMapping =
+                serde_json::from_value(serde_json::json!({ "on_null_payload": policy })).unwrap();
+            map_with(Some(mapping), &DEBEZIUM, &row)
+        };
+        let Mapped::DeadLetter(letter) = map_with(None, &DEBEZIUM, &row) else {
+            panic!("the default is a dead letter");
+        };
+        assert_eq!(letter.reason, "column \"payload\" is NULL");
+        assert!(matches!(with("dead-letter"), Mapped::DeadLetter(_)));
+        let Mapped::NullPayloadSkipped(table) = with("skip") else {
+            panic!("skip is no event and no dead letter");
+        };
+        assert_eq!(&*table, "public.outbox");
+        let tombstone = event(with("tombstone"));
+        assert_eq!(tombstone.payload, Payload::Tombstone);
+        assert_eq!((&*tombstone.key, &*tombstone.id), ("o-1", ID));
+        let Mapped::DeadLetter(letter) = map_with(
+            Some(
+                serde_json::from_value(serde_json::json!({ "on_null_payload": "tombstone" }))
+                    .unwrap(),
+            ),
+            &DEBEZIUM,
+            &[Some(ID), Some("order"), None, Some("T"), None],
+        ) else {
+            panic!("a tombstone still needs its key");
+        };
+        assert_eq!(letter.reason, "column \"aggregateid\" is NULL");
     }
 
     #[test]
@@ -1251,7 +1303,7 @@ mod tests {
                 &text_outbox,
                 &[Some(ID), Some("o"), Some("k"), Some("T"), Some(payload)],
             ));
-            assert_eq!(&*e.payload, payload);
+            assert_eq!(e.payload, Payload::Json(Text::from(payload)));
         }
     }
 
@@ -1337,14 +1389,14 @@ mod tests {
                 &*e.table,
                 &*e.source,
                 &*e.key,
-                &*e.payload,
+                e.payload.as_json().map(|json| json.as_str()),
                 e.schema_version
             ),
             (
                 "message:outbox",
                 "/message:outbox",
                 "o-1",
-                r#"{"a":[1,2]}"#,
+                Some(r#"{"a":[1,2]}"#),
                 Some(4)
             )
         );

@@ -31,7 +31,12 @@
 
 use crate::format::{self, Format};
 use crate::routing::Template;
-use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
+use crate::{Delivery, Event, Payload, Position, Rejection, Sink, SinkError};
+
+/// Why a tombstone is refused: the configuration lets only Kafka sinks take them.
+const NO_PAYLOAD: &str =
+    "the event has no payload (a tombstone: on_null_payload = \"tombstone\"), \
+     and only a Kafka sink can carry one: route the table only to Kafka sinks";
 use async_trait::async_trait;
 use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region, SdkConfig};
 use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
@@ -206,6 +211,9 @@ impl EventBridgeSettings {
             template.render(event, &mut out);
             out
         };
+        if event.payload == Payload::Tombstone {
+            return Err(NO_PAYLOAD.into());
+        }
         let detail = match self.format {
             Format::CloudEvents => {
                 let mut line = Vec::with_capacity(event.payload.len() + 512);
@@ -214,7 +222,10 @@ impl EventBridgeSettings {
                 String::from_utf8(line).expect("the envelope is UTF-8")
             }
             Format::Debezium | Format::Raw => {
-                if !event.payload.trim_start().starts_with('{') {
+                let Some(payload) = event.payload.as_json() else {
+                    return Err(NO_PAYLOAD.into());
+                };
+                if !payload.trim_start().starts_with('{') {
                     return Err(
                         "the payload is not a JSON object, and EventBridge's Detail must be one: \
                          use format = \"cloudevents\" (the payload goes into `data`) or publish \
@@ -222,7 +233,7 @@ impl EventBridgeSettings {
                             .into(),
                     );
                 }
-                event.payload.to_string()
+                payload.to_string()
             }
         };
         let source = render(&self.source);
@@ -887,7 +898,7 @@ mod tests {
     #[test]
     fn raw_details_must_be_objects() {
         let mut event = sample(1, 0);
-        event.payload = Text::from(r#" ["gold", 3]"#);
+        event.payload = Text::from(r#" ["gold", 3]"#).into();
         let reason = settings(Format::Debezium).entry(&event).unwrap_err();
         assert!(reason.contains("not a JSON object"), "{reason}");
         assert!(settings(Format::CloudEvents).entry(&event).is_ok());
@@ -900,9 +911,9 @@ mod tests {
         let fixed = 14 + "outbox.order".len() + "OrderCreated".len();
         let payload = |len: usize| format!("{{\"p\":\"{}\"}}", "x".repeat(len - 8));
         let mut event = sample(1, 0);
-        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed));
+        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed)).into();
         assert_eq!(s.entry(&event).unwrap().size, DEFAULT_MAX_REQUEST_BYTES);
-        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed + 1));
+        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed + 1)).into();
         let reason = s.entry(&event).unwrap_err();
         assert!(reason.contains("262145 bytes"), "{reason}");
     }

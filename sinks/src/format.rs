@@ -19,8 +19,11 @@
 //! written as it was typed (a `json` column keeps its text) are written as spaces, which
 //! means the same JSON. Sinks with message framing (Kafka, RabbitMQ, EventBridge) send a
 //! debezium or raw payload unchanged; their structured CloudEvents envelope is this line.
+//!
+//! A tombstone (no payload) reaches only Kafka sinks, which write no value at all (see
+//! [`crate::Payload`]); here it is written as JSON `null`, and as an envelope without `data`.
 
-use crate::{Event, Lsn, Position};
+use crate::{Event, Lsn, Payload, Position};
 use serde::Deserialize;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -42,7 +45,10 @@ pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
 pub fn write_line(format: Format, event: &Event, out: &mut Vec<u8>) {
     match format {
         Format::CloudEvents => write_cloudevent(event, out),
-        Format::Debezium | Format::Raw => push_one_line(out, event.payload.as_bytes()),
+        Format::Debezium | Format::Raw => match &event.payload {
+            Payload::Json(json) => push_one_line(out, json.as_bytes()),
+            Payload::Tombstone => out.extend_from_slice(b"null"),
+        },
     }
     out.push(b'\n');
 }
@@ -219,8 +225,10 @@ fn write_cloudevent(event: &Event, out: &mut Vec<u8>) {
         out.push(b':');
         value.write_json(out);
     });
-    out.extend_from_slice(b",\"data\":");
-    push_one_line(out, event.payload.as_bytes());
+    if let Payload::Json(json) = &event.payload {
+        out.extend_from_slice(b",\"data\":");
+        push_one_line(out, json.as_bytes());
+    }
     out.push(b'}');
 }
 
@@ -277,7 +285,7 @@ pub(crate) mod tests {
             traceparent: None,
             headers: Vec::new(),
             attributes: Vec::new(),
-            payload: Text::from(r#"{"total": 12}"#),
+            payload: Text::from(r#"{"total": 12}"#).into(),
         }
     }
 
@@ -366,7 +374,7 @@ pub(crate) mod tests {
     fn a_payload_with_line_breaks_is_one_line_of_the_same_json_in_every_format() {
         let mut event = sample(1, 0);
         let payload = "{\r\n  \"a\": \"x\\ny\",\n  \"b\": [1,\n2]\n}\n";
-        event.payload = Text::from(payload);
+        event.payload = Text::from(payload).into();
         for format in [Format::CloudEvents, Format::Debezium, Format::Raw] {
             let mut line = Vec::new();
             write_line(format, &event, &mut line);
