@@ -83,6 +83,10 @@ pub struct TableMapping {
     /// What an inserted row whose payload column is NULL becomes.
     #[serde(default)]
     pub on_null_payload: NullPayloadPolicy,
+    /// The CloudEvents `datacontenttype` of a `bytea` payload (e.g. "application/avro");
+    /// JSON payloads are always "application/json".
+    #[serde(default = "default_binary_content_type")]
+    pub content_type: String,
 }
 
 impl Default for TableMapping {
@@ -200,6 +204,9 @@ fn column_type() -> String {
 }
 fn column_payload() -> String {
     "payload".into()
+}
+fn default_binary_content_type() -> String {
+    "application/octet-stream".into()
 }
 fn default_ce_source() -> String {
     "/{table}".into()

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 const JSONB_OID: u32 = 3802;
+const BYTEA_OID: u32 = 17;
 /// The logical-message prefix `outbox-relay dlq replay` publishes fixed dead letters with;
 /// always read, whatever `source.message_prefixes` says, and mapped only when its signature
 /// verifies (see [`ReplayKey`]).
@@ -41,7 +42,7 @@ impl ReplayKey {
     pub fn sign(&self, document: &serde_json::Value) -> String {
         let event = document.to_string();
         let tag = ring::hmac::sign(&self.0, event.as_bytes());
-        let mac: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mac = encode_hex(tag.as_ref());
         format!("{{\"mac\":\"{mac}\",\"event\":{event}}}")
     }
 
@@ -61,6 +62,22 @@ struct ReplayEnvelope<'a> {
     mac: String,
     #[serde(borrow)]
     event: &'a serde_json::value::RawValue,
+}
+
+/// Decodes a `bytea` value in its hex text form (`\x` then two hex digits a byte).
+fn decode_bytea(text: &str) -> Result<Bytes, String> {
+    text.strip_prefix("\\x")
+        .and_then(decode_hex)
+        .map(Bytes::from)
+        .ok_or_else(|| {
+            "the bytea payload column is not in hex form (\\x…): the relay's connections set \
+             bytea_output = hex; if this row was written some other way, report it"
+                .to_owned()
+        })
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
@@ -116,7 +133,11 @@ impl DeadLetter {
                 "aggregatetype": &*event.aggregate_type,
                 "aggregateid": &*event.aggregate_id,
                 "type": &*event.event_type,
-                "payload": event.payload.as_json().map(|json| json.as_str()),
+                "payload": match &event.payload {
+                    Payload::Json(json) => Some(json.to_string()),
+                    Payload::Binary { bytes, .. } => Some(format!("\\x{}", encode_hex(bytes))),
+                    Payload::Tombstone => None,
+                },
                 "schema_version": event.schema_version,
             }),
             raw: None,
@@ -230,6 +251,8 @@ pub enum Mapped {
 struct OutboxTable {
     mapping: TableMapping,
     source: Template,
+    /// The mapping's content type of `bytea` payloads, shared by the table's events.
+    content_type: Arc<str>,
 }
 
 /// What the mapper knows about one relation of the stream.
@@ -243,6 +266,18 @@ struct RelationInfo {
     fixed_source: Option<Arc<str>>,
 }
 
+/// What the payload column holds, by its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadKind {
+    /// `jsonb`: JSON already.
+    Jsonb,
+    /// `bytea`: bytes, in the text form `\x` + hex (the relay's connections pin
+    /// `bytea_output = hex`).
+    Bytea,
+    /// Any other type (`json`, `text`, …): text that must be JSON.
+    JsonText,
+}
+
 /// Positions of the mapped columns within the relation.
 struct Layout {
     id: usize,
@@ -250,7 +285,7 @@ struct Layout {
     aggregate_id: usize,
     event_type: usize,
     payload: usize,
-    payload_is_jsonb: bool,
+    payload_kind: PayloadKind,
     key: usize,
     schema_version: Option<usize>,
     headers: Option<usize>,
@@ -292,7 +327,11 @@ impl Layout {
             aggregate_id,
             event_type: find(&mapping.event_type, "type")?,
             payload,
-            payload_is_jsonb: relation.columns[payload].type_oid == JSONB_OID,
+            payload_kind: match relation.columns[payload].type_oid {
+                JSONB_OID => PayloadKind::Jsonb,
+                BYTEA_OID => PayloadKind::Bytea,
+                _ => PayloadKind::JsonText,
+            },
             key: match &mapping.key {
                 Some(name) => find(name, "key")?,
                 None => aggregate_id,
@@ -344,7 +383,15 @@ impl OutboxMapper {
             let source = Template::parse(&mapping.source).unwrap_or_else(|_| {
                 Template::parse("/{table}").expect("the default source template is valid")
             });
-            configured.insert(names, Arc::new(OutboxTable { mapping, source }));
+            let content_type = mapping.content_type.as_str().into();
+            configured.insert(
+                names,
+                Arc::new(OutboxTable {
+                    mapping,
+                    source,
+                    content_type,
+                }),
+            );
         }
         let message_prefixes = message_prefixes
             .iter()
@@ -536,13 +583,18 @@ impl OutboxMapper {
                 return Err("the id column is empty: consumers could not dedup on it".to_owned());
             }
             let payload = match column(layout.payload)? {
-                Some(payload) => {
-                    if !layout.payload_is_jsonb {
+                Some(payload) => match layout.payload_kind {
+                    PayloadKind::Jsonb => Payload::Json(payload),
+                    PayloadKind::JsonText => {
                         serde_json::from_str::<serde::de::IgnoredAny>(&payload)
                             .map_err(|e| format!("the payload column is not valid JSON: {e}"))?;
+                        Payload::Json(payload)
                     }
-                    Payload::Json(payload)
-                }
+                    PayloadKind::Bytea => Payload::Binary {
+                        bytes: decode_bytea(&payload)?,
+                        content_type: table.content_type.clone(),
+                    },
+                },
                 None if table.mapping.on_null_payload == NullPayloadPolicy::Tombstone => {
                     Payload::Tombstone
                 }
@@ -1029,6 +1081,47 @@ mod tests {
             Mapped::DeadLetter(d) => panic!("dead letter: {}", d.reason),
             Mapped::NotOutbox => panic!("not outbox"),
             Mapped::NullPayloadSkipped(_) => panic!("skipped"),
+        }
+    }
+
+    #[test]
+    fn a_bytea_payload_is_its_decoded_bytes_with_the_mappings_content_type() {
+        let mut bytea = DEBEZIUM;
+        bytea[4] = ("payload", BYTEA_OID);
+        let row = |payload| {
+            [
+                Some(ID),
+                Some("order"),
+                Some("o-1"),
+                Some("T"),
+                Some(payload),
+            ]
+        };
+        let e = event(map_with(None, &bytea, &row("\\x00ff0a7b")));
+        assert_eq!(
+            e.payload,
+            Payload::Binary {
+                bytes: Bytes::from_static(&[0x00, 0xff, 0x0a, 0x7b]),
+                content_type: "application/octet-stream".into(),
+            }
+        );
+        let letter = DeadLetter::from_event(&e, "refused".into(), None);
+        assert_eq!(letter.row["payload"], "\\x00ff0a7b");
+        let avro: TableMapping =
+            serde_json::from_value(serde_json::json!({ "content_type": "application/avro" }))
+                .unwrap();
+        let e = event(map_with(Some(avro), &bytea, &row("\\x")));
+        assert_eq!(e.payload.content_type(), "application/avro");
+        assert!(e.payload.is_empty());
+        for malformed in ["00ff", "\\x0", "\\xzz", "\\000"] {
+            let Mapped::DeadLetter(letter) = map_with(None, &bytea, &row(malformed)) else {
+                panic!("{malformed:?} is not hex bytea");
+            };
+            assert!(
+                letter.reason.contains("not in hex form"),
+                "{}",
+                letter.reason
+            );
         }
     }
 

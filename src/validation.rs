@@ -8,7 +8,8 @@
 //! its own with a large stack ([`DEEP_STACK`]), where it is validated and dropped too; a
 //! number beyond f64's range (`1e400`, which `jsonb` keeps) is validated as ±f64::MAX, the
 //! nearest value the validator can hold. Payloads that parse within the defaults (nearly
-//! all) take neither detour.
+//! all) take neither detour. A payload that is not JSON (bytes from a `bytea` column, or a
+//! tombstone) is not validated.
 
 use anyhow::{bail, Context};
 use outbox_relay_sinks::Event;
@@ -76,7 +77,8 @@ impl SchemaRegistry {
     }
 
     /// `Err` with the reason when the event's payload does not match its schema. An event
-    /// without a JSON payload (a tombstone) has nothing to validate.
+    /// without a JSON payload (bytes from a `bytea` column, or a tombstone) has nothing to
+    /// validate: JSON Schemas describe JSON.
     pub fn check(&self, event: &Event) -> Result<(), String> {
         let Some(payload) = event.payload.as_json() else {
             return Ok(());
@@ -250,6 +252,20 @@ mod tests {
         let (_dir, small) = registry(r#"{"type": "array", "items": {"maximum": 1e300}}"#);
         assert!(small.check(&event("[1e400]")).is_err());
         assert!(small.check(&event("[1e299]")).is_ok());
+    }
+
+    #[test]
+    fn bytes_and_tombstones_are_not_validated() {
+        let (_dir, object) = registry(r#"{"type": "object"}"#);
+        let mut binary = event("[]");
+        assert!(object.check(&binary).is_err());
+        binary.payload = outbox_relay_sinks::Payload::Binary {
+            bytes: bytes::Bytes::from_static(b"[]"),
+            content_type: "application/avro".into(),
+        };
+        assert_eq!(object.check(&binary), Ok(()));
+        binary.payload = outbox_relay_sinks::Payload::Tombstone;
+        assert_eq!(object.check(&binary), Ok(()));
     }
 
     #[test]

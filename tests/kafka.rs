@@ -11,7 +11,8 @@
 //! - an oversized record is dead-lettered and the stream goes on;
 //! - at-least-once mode (no transactions) delivers everything in per-key order;
 //! - a NULL payload under `on_null_payload = "tombstone"` is a record with the event's key
-//!   and a null value, in order with its neighbours.
+//!   and a null value, in order with its neighbours;
+//! - a `bytea` payload with the `raw` format is the record's value, byte for byte.
 
 mod common;
 
@@ -512,6 +513,31 @@ fn a_null_payload_under_the_tombstone_policy_is_a_record_with_a_null_value_in_or
         pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
         "0"
     );
+}
+
+#[test]
+fn a_bytea_payload_is_the_raw_record_value_byte_for_byte() {
+    let broker = Broker::start();
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &pg, &broker, "format = \"raw\"");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+         ('order', 'k', 'Avro', '\\x00ff0a0d7b22c3'), ('order', 'k', 'Avro', '\\x')",
+    );
+    let records = consume_raw(&broker, "outbox.event.order", 2);
+    assert_eq!(records.len(), 2, "relay log:\n{}", relay.log());
+    assert_eq!(
+        records[0].value.as_deref(),
+        Some(&[0x00, 0xff, 0x0a, 0x0d, 0x7b, 0x22, 0xc3][..])
+    );
+    assert_eq!(records[1].value.as_deref(), Some(&[][..]));
 }
 
 #[test]

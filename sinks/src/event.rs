@@ -3,7 +3,9 @@
 //! Text fields are [`Text`]: UTF-8-checked slices of the replication receive buffer, so
 //! building an event copies no row data.
 //!
-//! The payload is a [`Payload`]: a JSON document, or none at all (a tombstone). A tombstone
+//! The payload is a [`Payload`]: a JSON document, bytes (a `bytea` column: Avro, Protobuf,
+//! …, with the content type the table's mapping names), or none at all (a tombstone). A
+//! tombstone
 //! exists only for tables with `on_null_payload = "tombstone"`, and the configuration refuses
 //! that unless every sink that takes the table's events is a Kafka sink, which writes it as
 //! a record with a null value. So no other sink receives one; were one to arrive anyway, the
@@ -112,6 +114,12 @@ impl fmt::Display for Text {
 pub enum Payload {
     /// A JSON document (checked by the mapper, or `jsonb`).
     Json(Text),
+    /// Bytes from a `bytea` column, decoded: any content, described by `content_type` (the
+    /// CloudEvents `datacontenttype`). Never validated against a JSON Schema.
+    Binary {
+        bytes: Bytes,
+        content_type: Arc<str>,
+    },
     /// No payload: the row's payload column was NULL under `on_null_payload = "tombstone"`
     /// (Debezium's `route.tombstone.on.empty.payload`), for compacted Kafka topics.
     Tombstone,
@@ -122,7 +130,16 @@ impl Payload {
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             Payload::Json(text) => text.as_bytes(),
+            Payload::Binary { bytes, .. } => bytes,
             Payload::Tombstone => &[],
+        }
+    }
+
+    /// The CloudEvents `datacontenttype` of the payload.
+    pub fn content_type(&self) -> &str {
+        match self {
+            Payload::Binary { content_type, .. } => content_type,
+            Payload::Json(_) | Payload::Tombstone => "application/json",
         }
     }
 
@@ -138,7 +155,7 @@ impl Payload {
     pub fn as_json(&self) -> Option<&Text> {
         match self {
             Payload::Json(text) => Some(text),
-            Payload::Tombstone => None,
+            Payload::Binary { .. } | Payload::Tombstone => None,
         }
     }
 }

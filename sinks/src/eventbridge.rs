@@ -3,7 +3,9 @@
 //! - **Entries.** `EventBusName`, `Source` and `DetailType` come from templates (default
 //!   bus `default`, source `outbox.{aggregatetype}`, detail type `{type}`). `Detail` is the
 //!   CloudEvents envelope in structured JSON (default) or, with format `raw`/`debezium`, the
-//!   payload, which must then be a JSON object. `Time` is `occurred_at`, else the commit time;
+//!   payload, which must then be a JSON object (a tombstone, or bytes from a `bytea`
+//!   column, is rejected: dead-lettered with the fix; the envelope carries bytes as
+//!   `data_base64`). `Time` is `occurred_at`, else the commit time;
 //!   `Resources` are optional templates; `TraceHeader` is the event's W3C `traceparent`
 //!   converted to the X-Ray header format. EventBridge assigns its own event ids, so the
 //!   outbox event id travels inside `Detail` (the CloudEvents `id`) for consumers to dedup on.
@@ -32,6 +34,11 @@
 use crate::format::{self, Format};
 use crate::routing::Template;
 use crate::{Delivery, Event, Payload, Position, Rejection, Sink, SinkError};
+
+/// Why a binary payload (a `bytea` column) is refused with `debezium` or `raw`: the column
+/// type is known only once rows arrive, so this is decided per event, not by the config.
+const NOT_JSON: &str = "the payload is bytes (a bytea column), and EventBridge's Detail must be \
+     a JSON object: use format = \"cloudevents\" (the bytes go into `data_base64`)";
 
 /// Why a tombstone is refused: the configuration lets only Kafka sinks take them.
 const NO_PAYLOAD: &str =
@@ -223,7 +230,7 @@ impl EventBridgeSettings {
             }
             Format::Debezium | Format::Raw => {
                 let Some(payload) = event.payload.as_json() else {
-                    return Err(NO_PAYLOAD.into());
+                    return Err(NOT_JSON.into());
                 };
                 if !payload.trim_start().starts_with('{') {
                     return Err(
@@ -902,6 +909,34 @@ mod tests {
         let reason = settings(Format::Debezium).entry(&event).unwrap_err();
         assert!(reason.contains("not a JSON object"), "{reason}");
         assert!(settings(Format::CloudEvents).entry(&event).is_ok());
+    }
+
+    #[test]
+    fn bytes_and_tombstones_are_refused_as_raw_details_bytes_go_in_the_envelope() {
+        let mut event = sample(1, 0);
+        event.payload = Payload::Binary {
+            bytes: bytes::Bytes::from_static(b"\x00\x01"),
+            content_type: "application/x-protobuf".into(),
+        };
+        for format in [Format::Debezium, Format::Raw] {
+            let reason = settings(format).entry(&event).unwrap_err();
+            assert!(
+                reason.contains("the payload is bytes (a bytea column)"),
+                "{reason}"
+            );
+        }
+        let Entry { entry, .. } = settings(Format::CloudEvents).entry(&event).unwrap();
+        let detail: serde_json::Value = serde_json::from_str(entry.detail().unwrap()).unwrap();
+        assert_eq!(detail["data_base64"], "AAE=");
+        assert_eq!(detail["datacontenttype"], "application/x-protobuf");
+        event.payload = Payload::Tombstone;
+        for format in [Format::CloudEvents, Format::Debezium, Format::Raw] {
+            let reason = settings(format).entry(&event).unwrap_err();
+            assert!(
+                reason.contains("only a Kafka sink can carry one"),
+                "{reason}"
+            );
+        }
     }
 
     #[test]

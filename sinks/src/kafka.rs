@@ -19,6 +19,10 @@
 //!
 //! An event larger than `message.max.bytes` is rejected (dead-lettered), the rest go on.
 //!
+//! A binary payload (a `bytea` column) is the record's value as it is in `debezium`, `raw`
+//! and CloudEvents binary mode (with its `content-type`), and `data_base64` in the
+//! structured envelope.
+//!
 //! A tombstone (a NULL payload under `on_null_payload = "tombstone"`) is a record with the
 //! event's key, the usual headers and a null value, in every format (a structured CloudEvents
 //! envelope too): what compacted topics delete a key by.
@@ -376,7 +380,7 @@ impl KafkaSink {
         }
         match (self.settings.format, self.settings.binary) {
             (Format::CloudEvents, true) => {
-                add("content-type", "application/json");
+                add("content-type", event.payload.content_type());
                 for (name, value) in format::attributes(event) {
                     if name != "datacontenttype" {
                         add(&format!("ce_{name}"), &value.to_string());
