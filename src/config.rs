@@ -226,6 +226,18 @@ pub struct MatchRule {
     pub event_types: Vec<String>,
 }
 
+impl MatchRule {
+    /// Whether the rule lets through events of the table `names` (`schema`, `table`), as far
+    /// as `tables` says (the other lists depend on the event).
+    pub fn takes_table(&self, names: &(String, String)) -> bool {
+        self.tables.is_empty()
+            || self
+                .tables
+                .iter()
+                .any(|t| parse_table_name(t).ok().as_ref() == Some(names))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
@@ -901,17 +913,9 @@ impl Config {
     /// A tombstone is a Kafka record with a null value; no other sink has such a thing, so
     /// every sink whose `match.tables` takes `table` must be a Kafka sink.
     fn check_tombstone_sinks(&self, table: &str, names: &(String, String)) -> anyhow::Result<()> {
-        let takes_table = |rule: &MatchRule| {
-            rule.tables.is_empty()
-                || rule
-                    .tables
-                    .iter()
-                    .any(|t| parse_table_name(t).ok().as_ref() == Some(names))
-        };
-        let refusing = self
-            .sinks
-            .iter()
-            .find(|(_, sink)| !matches!(sink, SinkConfig::Kafka(_)) && takes_table(sink.filter()));
+        let refusing = self.sinks.iter().find(|(_, sink)| {
+            !matches!(sink, SinkConfig::Kafka(_)) && sink.filter().takes_table(names)
+        });
         match refusing {
             Some((sink, _)) => bail!(
                 "[outbox.\"{table}\"] has on_null_payload = \"tombstone\", but sink {sink:?} \

@@ -36,7 +36,8 @@ use crate::routing::Template;
 use crate::{Delivery, Event, Payload, Position, Rejection, Sink, SinkError};
 
 /// Why a binary payload (a `bytea` column) is refused with `debezium` or `raw`: the column
-/// type is known only once rows arrive, so this is decided per event, not by the config.
+/// type is known only from the database (`check` reports it), so the configuration cannot
+/// refuse it, and each such event is rejected.
 const NOT_JSON: &str = "the payload is bytes (a bytea column), and EventBridge's Detail must be \
      a JSON object: use format = \"cloudevents\" (the bytes go into `data_base64`)";
 
