@@ -1,7 +1,7 @@
 //! The outbox model end to end: each format's exact output (golden files), per-table column
 //! mappings, the logical-message outbox, update/delete policies, schema evolution, per-sink
-//! match rules, dead letters fixed and replayed with `outbox-relay dlq`, and `bytea`
-//! payloads (backfilled and streamed).
+//! match rules, dead letters fixed and replayed with `outbox-relay dlq`, NULL payloads
+//! skipped, and `bytea` payloads (backfilled and streamed).
 
 mod common;
 
@@ -305,6 +305,51 @@ fn update_and_delete_policies_skip_dead_letter_or_fail() {
         relay.log().contains("policy is \"fail\""),
         "{}",
         relay.log()
+    );
+}
+
+#[test]
+fn a_null_payload_under_the_skip_policy_is_counted_and_its_neighbours_flow() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &pg,
+        "",
+        &format!(
+            "[outbox.\"public.outbox\"]\non_null_payload = \"skip\"\n{}",
+            file_sink("all", dir.path(), "")
+        ),
+    );
+    init(&cfg);
+    let mut relay = Relay::start(&cfg);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+         ('order', 'o-1', 'Before', '{}'), ('order', 'o-1', 'Empty', NULL), \
+         ('order', 'o-1', 'After', '{}')",
+    );
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 2),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let types: Vec<Value> = read_events(&path)
+        .iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(types, ["Before", "After"]);
+    relay.stops_cleanly();
+    assert!(
+        relay.log().contains("skipped_null_payloads=1"),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
+        "0"
     );
 }
 
