@@ -26,8 +26,7 @@
 //! A binary payload (a `bytea` column) is carried by a CloudEvents envelope as `data_base64`
 //! (standard base64) with the mapping's `datacontenttype`. A line cannot hold arbitrary
 //! bytes, so a line-based output writes a binary `debezium` or `raw` payload as its standard
-//! base64 (which no JSON payload line can be: it never starts with `{`, `[` or `"`); sinks
-//! with message framing send the bytes themselves.
+//! base64; sinks with message framing send the bytes themselves.
 
 use crate::{Event, Lsn, Payload, Position};
 use serde::Deserialize;
