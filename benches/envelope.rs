@@ -32,7 +32,7 @@ fn event(payload_len: usize) -> Event {
         traceparent: None,
         headers: Vec::new(),
         attributes: Vec::new(),
-        payload: Text::from(common::payload(payload_len)),
+        payload: Text::from(common::payload(payload_len)).into(),
     }
 }
 

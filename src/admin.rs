@@ -4,7 +4,7 @@
 //! shows slot lag and checkpoints.
 
 use crate::checkpoint::dropped_slot_problem;
-use crate::config::{parse_table_name, Config, ConnectParams, SinkConfig, TableMapping};
+use crate::config::{parse_table_name, Config, ConnectParams, Format, SinkConfig};
 use crate::db;
 use crate::origin::Origin;
 use crate::source::replication::{ReplicationConnection, SystemInfo};
@@ -306,14 +306,15 @@ pub async fn check(config: &Config) -> CheckReport {
     report
 }
 
-/// Problems with the columns `mapping` reads from `table`: missing, generated (logical
-/// replication does not send generated columns), or of a type the relay cannot read as
-/// text.
+/// Problems with the columns the mapping of `table` reads: missing, generated (logical
+/// replication does not send generated columns), of a type the relay cannot read as text,
+/// or a `bytea` payload that a sink can only dead-letter.
 async fn column_problems(
     client: &Client,
     table: &str,
-    mapping: &TableMapping,
+    config: &Config,
 ) -> anyhow::Result<Vec<String>> {
+    let mapping = config.mapping_for(table);
     let rows = client
         .query(
             "SELECT attname::text, attgenerated <> '', format_type(atttypid, NULL) FROM pg_attribute \
@@ -347,16 +348,48 @@ async fn column_problems(
         if column.role == "payload" && !PAYLOAD_TYPES.contains(&type_name.as_str()) {
             problems.push(format!(
                 "the payload column {:?} of outbox table {table} is of type {type_name}: use jsonb \
-                 (json and text holding JSON work too)",
+                 (json and text holding JSON work too, bytea for bytes)",
                 column.name
             ));
+        }
+        if column.role == "payload" && type_name == "bytea" {
+            problems.extend(bytes_refused_by(config, table)?);
         }
     }
     Ok(problems)
 }
 
-/// Payload column types the relay reads as JSON text.
-const PAYLOAD_TYPES: [&str; 4] = ["jsonb", "json", "text", "character varying"];
+/// Payload column types the relay reads: as JSON text, or as bytes (`bytea`).
+const PAYLOAD_TYPES: [&str; 5] = ["jsonb", "json", "text", "character varying", "bytea"];
+
+/// The EventBridge sinks that would dead-letter every event of `table`, whose payload is
+/// bytes: their `raw` or `debezium` Detail must be a JSON object.
+fn bytes_refused_by(config: &Config, table: &str) -> anyhow::Result<Vec<String>> {
+    let names = parse_table_name(table)?;
+    Ok(config
+        .sinks
+        .iter()
+        .filter_map(|(name, sink)| match sink {
+            SinkConfig::EventBridge(eventbridge)
+                if eventbridge.format != Format::CloudEvents
+                    && eventbridge.filter.takes_table(&names) =>
+            {
+                let format = if eventbridge.format == Format::Raw {
+                    "raw"
+                } else {
+                    "debezium"
+                };
+                Some(format!(
+                    "sink {name}: the payload column of outbox table {table} is bytea, and an \
+                     EventBridge Detail in format \"{format}\" must be a JSON object: every event \
+                     of the table would be dead-lettered. Use format = \"cloudevents\" (the bytes \
+                     go into data_base64), or keep the table from the sink with match.tables"
+                ))
+            }
+            _ => None,
+        })
+        .collect())
+}
 
 /// Problems with the sinks' destinations that a sink can see before it runs.
 async fn check_sinks(config: &Config) -> Vec<String> {
@@ -471,7 +504,7 @@ async fn check_database(
                 "role {user} cannot read {table}: GRANT SELECT ON {table} TO {user}"
             ));
         }
-        problems.extend(column_problems(client, table, &config.mapping_for(table)).await?);
+        problems.extend(column_problems(client, table, config).await?);
     }
 
     problems.extend(

@@ -311,7 +311,7 @@ async fn deliver(
                     Mapped::DeadLetter(letter) => {
                         store.dead_letter(&config.source.slot, &letter).await?
                     }
-                    Mapped::NotOutbox => continue,
+                    Mapped::NotOutbox | Mapped::NullPayloadSkipped(_) => continue,
                 }
                 index = index
                     .checked_add(1)

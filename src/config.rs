@@ -80,6 +80,13 @@ pub struct TableMapping {
     /// What a DELETE of an outbox row does (the default fits "insert then delete").
     #[serde(default)]
     pub on_delete: ChangePolicy,
+    /// What an inserted row whose payload column is NULL becomes.
+    #[serde(default)]
+    pub on_null_payload: NullPayloadPolicy,
+    /// The CloudEvents `datacontenttype` of a `bytea` payload (e.g. "application/avro");
+    /// JSON payloads are always "application/json".
+    #[serde(default = "default_binary_content_type")]
+    pub content_type: String,
 }
 
 impl Default for TableMapping {
@@ -169,6 +176,20 @@ pub enum ChangePolicy {
     Fail,
 }
 
+/// What an inserted row with a NULL payload becomes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NullPayloadPolicy {
+    /// A dead letter with the reason `column "payload" is NULL`.
+    #[default]
+    DeadLetter,
+    /// Nothing: counted in the session summary, logged at debug level.
+    Skip,
+    /// An event without a payload: a Kafka record with the event's key and a null value
+    /// (Debezium's `route.tombstone.on.empty.payload`). Only Kafka sinks may take the table.
+    Tombstone,
+}
+
 fn column_id() -> String {
     "id".into()
 }
@@ -183,6 +204,9 @@ fn column_type() -> String {
 }
 fn column_payload() -> String {
     "payload".into()
+}
+fn default_binary_content_type() -> String {
+    "application/octet-stream".into()
 }
 fn default_ce_source() -> String {
     "/{table}".into()
@@ -200,6 +224,18 @@ pub struct MatchRule {
     /// Globs: `*` any run of characters, `?` one character.
     #[serde(default)]
     pub event_types: Vec<String>,
+}
+
+impl MatchRule {
+    /// Whether the rule lets through events of the table `names` (`schema`, `table`), as far
+    /// as `tables` says (the other lists depend on the event).
+    pub fn takes_table(&self, names: &(String, String)) -> bool {
+        self.tables.is_empty()
+            || self
+                .tables
+                .iter()
+                .any(|t| parse_table_name(t).ok().as_ref() == Some(names))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -874,6 +910,23 @@ impl Config {
         Ok(config)
     }
 
+    /// A tombstone is a Kafka record with a null value; no other sink has such a thing, so
+    /// every sink whose `match.tables` takes `table` must be a Kafka sink.
+    fn check_tombstone_sinks(&self, table: &str, names: &(String, String)) -> anyhow::Result<()> {
+        let refusing = self.sinks.iter().find(|(_, sink)| {
+            !matches!(sink, SinkConfig::Kafka(_)) && sink.filter().takes_table(names)
+        });
+        match refusing {
+            Some((sink, _)) => bail!(
+                "[outbox.\"{table}\"] has on_null_payload = \"tombstone\", but sink {sink:?} \
+                 takes the table's events and is not a Kafka sink: only Kafka has tombstones \
+                 (a record with a null value). Keep the table from that sink with \
+                 sinks.{sink}.match.tables, or use on_null_payload = \"skip\" or \"dead-letter\""
+            ),
+            None => Ok(()),
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         if self.sinks.is_empty() {
             bail!("no sink is configured: add a [sinks.NAME] table with a `type` (stdout, file, null)");
@@ -904,6 +957,9 @@ impl Config {
             }
             outbox_relay_sinks::routing::Template::parse(&mapping.source)
                 .with_context(|| format!("outbox.\"{table}\".source"))?;
+            if mapping.on_null_payload == NullPayloadPolicy::Tombstone {
+                self.check_tombstone_sinks(table, &names)?;
+            }
         }
         for (name, sink) in &self.sinks {
             if let SinkConfig::Kafka(kafka) = sink {
@@ -1288,6 +1344,48 @@ mod tests {
 
     const MINIMAL: &str =
         "[source]\nurl = \"postgres://app@db/app\"\n[sinks.out]\ntype = \"stdout\"\n";
+
+    #[test]
+    fn tombstones_are_refused_for_every_non_kafka_sink_that_takes_the_table() {
+        let config = |sinks: &str| {
+            load(
+                &format!(
+                    "[source]\nurl = \"postgres://app@db/app\"\n\
+                     tables = [\"public.outbox\", \"billing.events\"]\n\
+                     [outbox.\"public.outbox\"]\non_null_payload = \"tombstone\"\n\
+                     [sinks.k]\ntype = \"kafka\"\nbrokers = \"b:9092\"\n{sinks}"
+                ),
+                &[],
+            )
+            .map(|config| config.mapping_for("public.outbox").on_null_payload)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(config(""), Ok(NullPayloadPolicy::Tombstone));
+        assert_eq!(
+            config("[sinks.audit]\ntype = \"stdout\"\n[sinks.audit.match]\ntables = [\"billing.events\"]\n"),
+            Ok(NullPayloadPolicy::Tombstone),
+            "a sink whose match.tables leaves the table out never sees a tombstone"
+        );
+        for sink in [
+            "[sinks.audit]\ntype = \"stdout\"\n",
+            "[sinks.audit]\ntype = \"null\"\n[sinks.audit.match]\ntables = [\"public.outbox\"]\n",
+            "[sinks.audit]\ntype = \"eventbridge\"\n[sinks.audit.match]\naggregate_types = [\"order\"]\n",
+        ] {
+            let err = config(sink).unwrap_err();
+            assert!(
+                err.contains("[outbox.\"public.outbox\"] has on_null_payload = \"tombstone\", but sink \"audit\"")
+                    && err.contains("sinks.audit.match.tables"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            load(MINIMAL, &[])
+                .unwrap()
+                .mapping_for("public.outbox")
+                .on_null_payload,
+            NullPayloadPolicy::DeadLetter
+        );
+    }
 
     #[test]
     fn table_names_are_taken_as_the_catalog_holds_them_quoted_where_needed() {

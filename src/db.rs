@@ -1,7 +1,8 @@
 //! Ordinary SQL connections (tokio-postgres) with the same connection parameters and TLS
 //! rules as the replication connection: used for setup, checks, checkpoints and dead letters.
-//! Like the replication connection, they pin `DateStyle=ISO`, `IntervalStyle=postgres` and
-//! `extra_float_digits=3`, so values read as text have the forms the mapper parses.
+//! Like the replication connection, they pin `DateStyle=ISO`, `IntervalStyle=postgres`,
+//! `extra_float_digits=3` and `bytea_output=hex`, so values read as text have the forms the
+//! mapper parses.
 
 use crate::config::{ConnectParams, Host, SslMode};
 use anyhow::Context;
@@ -27,7 +28,10 @@ pub async fn connect(params: &ConnectParams) -> anyhow::Result<Client> {
         .keepalives(true)
         // Backfill reads values as text: the same forms as the replication connection's,
         // whatever the database or role sets.
-        .options("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3");
+        .options(
+            "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 \
+             -c bytea_output=hex",
+        );
     if let Some(timeout) = params.tcp_user_timeout {
         config.tcp_user_timeout(timeout);
     }

@@ -7,16 +7,17 @@
 //! `id uuid, aggregatetype text, aggregateid text, type text, payload jsonb`, with the optional
 //! columns `schema_version`, `headers`, `occurred_at` and `traceparent` used when present.
 
-use crate::config::{parse_table_name, ChangePolicy, Placement, TableMapping};
+use crate::config::{parse_table_name, ChangePolicy, NullPayloadPolicy, Placement, TableMapping};
 use crate::source::pgoutput::{LogicalMessage, Relation, Tuple, Value};
 use bytes::Bytes;
 use outbox_relay_sinks::routing::Template;
-use outbox_relay_sinks::{Event, Position, Text};
+use outbox_relay_sinks::{Event, Payload, Position, Text};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 const JSONB_OID: u32 = 3802;
+const BYTEA_OID: u32 = 17;
 /// The logical-message prefix `outbox-relay dlq replay` publishes fixed dead letters with;
 /// always read, whatever `source.message_prefixes` says, and mapped only when its signature
 /// verifies (see [`ReplayKey`]).
@@ -41,7 +42,7 @@ impl ReplayKey {
     pub fn sign(&self, document: &serde_json::Value) -> String {
         let event = document.to_string();
         let tag = ring::hmac::sign(&self.0, event.as_bytes());
-        let mac: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mac = encode_hex(tag.as_ref());
         format!("{{\"mac\":\"{mac}\",\"event\":{event}}}")
     }
 
@@ -61,6 +62,22 @@ struct ReplayEnvelope<'a> {
     mac: String,
     #[serde(borrow)]
     event: &'a serde_json::value::RawValue,
+}
+
+/// Decodes a `bytea` value in its hex text form (`\x` then two hex digits a byte).
+fn decode_bytea(text: &str) -> Result<Bytes, String> {
+    text.strip_prefix("\\x")
+        .and_then(decode_hex)
+        .map(Bytes::from)
+        .ok_or_else(|| {
+            "the bytea payload column is not in hex form (\\x…): the relay's connections set \
+             bytea_output = hex; if this row was written some other way, report it"
+                .to_owned()
+        })
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
@@ -129,7 +146,11 @@ impl DeadLetter {
                 "aggregatetype": &*event.aggregate_type,
                 "aggregateid": &*event.aggregate_id,
                 "type": &*event.event_type,
-                "payload": &*event.payload,
+                "payload": match &event.payload {
+                    Payload::Json(json) => Some(json.to_string()),
+                    Payload::Binary { bytes, .. } => Some(format!("\\x{}", encode_hex(bytes))),
+                    Payload::Tombstone => None,
+                },
                 "schema_version": event.schema_version,
             }),
             raw: None,
@@ -232,6 +253,9 @@ pub fn unframe_columns(mut raw: &[u8]) -> Option<Vec<(String, Option<Vec<u8>>)>>
 pub enum Mapped {
     Event(Box<Event>),
     DeadLetter(DeadLetter),
+    /// A row of the table (`schema.table`) whose payload is NULL, under
+    /// `on_null_payload = "skip"`: counted, not published.
+    NullPayloadSkipped(Arc<str>),
     /// Not from an outbox table or prefix: nothing to publish.
     NotOutbox,
 }
@@ -240,6 +264,8 @@ pub enum Mapped {
 struct OutboxTable {
     mapping: TableMapping,
     source: Template,
+    /// The mapping's content type of `bytea` payloads, shared by the table's events.
+    content_type: Arc<str>,
 }
 
 /// What the mapper knows about one relation of the stream.
@@ -253,6 +279,18 @@ struct RelationInfo {
     fixed_source: Option<Arc<str>>,
 }
 
+/// What the payload column holds, by its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadKind {
+    /// `jsonb`: JSON already.
+    Jsonb,
+    /// `bytea`: bytes, in the text form `\x` + hex (the relay's connections pin
+    /// `bytea_output = hex`).
+    Bytea,
+    /// Any other type (`json`, `text`, …): text that must be JSON.
+    JsonText,
+}
+
 /// Positions of the mapped columns within the relation.
 struct Layout {
     id: usize,
@@ -260,7 +298,7 @@ struct Layout {
     aggregate_id: usize,
     event_type: usize,
     payload: usize,
-    payload_is_jsonb: bool,
+    payload_kind: PayloadKind,
     key: usize,
     schema_version: Option<usize>,
     headers: Option<usize>,
@@ -302,7 +340,11 @@ impl Layout {
             aggregate_id,
             event_type: find(&mapping.event_type, "type")?,
             payload,
-            payload_is_jsonb: relation.columns[payload].type_oid == JSONB_OID,
+            payload_kind: match relation.columns[payload].type_oid {
+                JSONB_OID => PayloadKind::Jsonb,
+                BYTEA_OID => PayloadKind::Bytea,
+                _ => PayloadKind::JsonText,
+            },
             key: match &mapping.key {
                 Some(name) => find(name, "key")?,
                 None => aggregate_id,
@@ -354,7 +396,15 @@ impl OutboxMapper {
             let source = Template::parse(&mapping.source).unwrap_or_else(|_| {
                 Template::parse("/{table}").expect("the default source template is valid")
             });
-            configured.insert(names, Arc::new(OutboxTable { mapping, source }));
+            let content_type = mapping.content_type.as_str().into();
+            configured.insert(
+                names,
+                Arc::new(OutboxTable {
+                    mapping,
+                    source,
+                    content_type,
+                }),
+            );
         }
         let message_prefixes = message_prefixes
             .iter()
@@ -520,6 +570,11 @@ impl OutboxMapper {
                 info.relation.columns.len()
             )));
         }
+        if table.mapping.on_null_payload == NullPayloadPolicy::Skip
+            && matches!(tuple.columns[layout.payload], Value::Null)
+        {
+            return Ok(Mapped::NullPayloadSkipped(info.qualified.clone()));
+        }
         let column = |index: usize| -> Result<Option<Text>, String> {
             let name = &info.relation.columns[index].name;
             match tuple.columns[index] {
@@ -546,11 +601,24 @@ impl OutboxMapper {
             if id.trim().is_empty() {
                 return Err("the id column is empty: consumers could not dedup on it".to_owned());
             }
-            let payload = required(layout.payload)?;
-            if !layout.payload_is_jsonb {
-                serde_json::from_str::<serde::de::IgnoredAny>(&payload)
-                    .map_err(|e| format!("the payload column is not valid JSON: {e}"))?;
-            }
+            let payload = match column(layout.payload)? {
+                Some(payload) => match layout.payload_kind {
+                    PayloadKind::Jsonb => Payload::Json(payload),
+                    PayloadKind::JsonText => {
+                        serde_json::from_str::<serde::de::IgnoredAny>(&payload)
+                            .map_err(|e| format!("the payload column is not valid JSON: {e}"))?;
+                        Payload::Json(payload)
+                    }
+                    PayloadKind::Bytea => Payload::Binary {
+                        bytes: decode_bytea(&payload)?,
+                        content_type: table.content_type.clone(),
+                    },
+                },
+                None if table.mapping.on_null_payload == NullPayloadPolicy::Tombstone => {
+                    Payload::Tombstone
+                }
+                None => required(layout.payload).map(Payload::Json)?,
+            };
             let mut headers = match optional(layout.headers)? {
                 Some(text) => parse_headers(&text)?,
                 None => Vec::new(),
@@ -688,8 +756,10 @@ impl OutboxMapper {
             traceparent: content.traceparent.map(Text::from),
             headers,
             attributes: Vec::new(),
-            payload: Text::new(data.slice_ref(content.payload.get().as_bytes()))
-                .expect("a slice of a JSON document that parsed as UTF-8"),
+            payload: Payload::Json(
+                Text::new(data.slice_ref(content.payload.get().as_bytes()))
+                    .expect("a slice of a JSON document that parsed as UTF-8"),
+            ),
         };
         Mapped::Event(Box::new(fields.into_event(ctx, table, source)))
     }
@@ -746,7 +816,7 @@ struct EventFields {
     traceparent: Option<Text>,
     headers: Vec<(Arc<str>, Text)>,
     attributes: Vec<(Arc<str>, Text)>,
-    payload: Text,
+    payload: Payload,
 }
 
 impl EventFields {
@@ -1030,7 +1100,82 @@ mod tests {
             Mapped::Event(e) => *e,
             Mapped::DeadLetter(d) => panic!("dead letter: {}", d.reason),
             Mapped::NotOutbox => panic!("not outbox"),
+            Mapped::NullPayloadSkipped(_) => panic!("skipped"),
         }
+    }
+
+    #[test]
+    fn a_bytea_payload_is_its_decoded_bytes_with_the_mappings_content_type() {
+        let mut bytea = DEBEZIUM;
+        bytea[4] = ("payload", BYTEA_OID);
+        let row = |payload| {
+            [
+                Some(ID),
+                Some("order"),
+                Some("o-1"),
+                Some("T"),
+                Some(payload),
+            ]
+        };
+        let e = event(map_with(None, &bytea, &row("\\x00ff0a7b")));
+        assert_eq!(
+            e.payload,
+            Payload::Binary {
+                bytes: Bytes::from_static(&[0x00, 0xff, 0x0a, 0x7b]),
+                content_type: "application/octet-stream".into(),
+            }
+        );
+        let letter = DeadLetter::from_event(&e, "refused by the sink", "refused".into(), None);
+        assert_eq!(letter.row["payload"], "\\x00ff0a7b");
+        let avro: TableMapping =
+            serde_json::from_value(serde_json::json!({ "content_type": "application/avro" }))
+                .unwrap();
+        let e = event(map_with(Some(avro), &bytea, &row("\\x")));
+        assert_eq!(e.payload.content_type(), "application/avro");
+        assert!(e.payload.is_empty());
+        for malformed in ["00ff", "\\x0", "\\xzz", "\\000"] {
+            let Mapped::DeadLetter(letter) = map_with(None, &bytea, &row(malformed)) else {
+                panic!("{malformed:?} is not hex bytea");
+            };
+            assert!(
+                letter.reason.contains("not in hex form"),
+                "{}",
+                letter.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_null_payload_follows_the_tables_policy() {
+        let row = [Some(ID), Some("order"), Some("o-1"), Some("T"), None];
+        let with = |policy: &str| {
+            let mapping: TableMapping =
+                serde_json::from_value(serde_json::json!({ "on_null_payload": policy })).unwrap();
+            map_with(Some(mapping), &DEBEZIUM, &row)
+        };
+        let Mapped::DeadLetter(letter) = map_with(None, &DEBEZIUM, &row) else {
+            panic!("the default is a dead letter");
+        };
+        assert_eq!(letter.reason, "column \"payload\" is NULL");
+        assert!(matches!(with("dead-letter"), Mapped::DeadLetter(_)));
+        let Mapped::NullPayloadSkipped(table) = with("skip") else {
+            panic!("skip is no event and no dead letter");
+        };
+        assert_eq!(&*table, "public.outbox");
+        let tombstone = event(with("tombstone"));
+        assert_eq!(tombstone.payload, Payload::Tombstone);
+        assert_eq!((&*tombstone.key, &*tombstone.id), ("o-1", ID));
+        let Mapped::DeadLetter(letter) = map_with(
+            Some(
+                serde_json::from_value(serde_json::json!({ "on_null_payload": "tombstone" }))
+                    .unwrap(),
+            ),
+            &DEBEZIUM,
+            &[Some(ID), Some("order"), None, Some("T"), None],
+        ) else {
+            panic!("a tombstone still needs its key");
+        };
+        assert_eq!(letter.reason, "column \"aggregateid\" is NULL");
     }
 
     #[test]
@@ -1271,7 +1416,7 @@ mod tests {
                 &text_outbox,
                 &[Some(ID), Some("o"), Some("k"), Some("T"), Some(payload)],
             ));
-            assert_eq!(&*e.payload, payload);
+            assert_eq!(e.payload, Payload::Json(Text::from(payload)));
         }
     }
 
@@ -1358,14 +1503,14 @@ mod tests {
                 &*e.table,
                 &*e.source,
                 &*e.key,
-                &*e.payload,
+                e.payload.as_json().map(|json| json.as_str()),
                 e.schema_version
             ),
             (
                 "message:outbox",
                 "/message:outbox",
                 "o-1",
-                r#"{"a":[1,2]}"#,
+                Some(r#"{"a":[1,2]}"#),
                 Some(4)
             )
         );

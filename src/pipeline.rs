@@ -715,7 +715,7 @@ mod tests {
             traceparent: None,
             headers: Vec::new(),
             attributes: Vec::new(),
-            payload: Text::from("{}"),
+            payload: Text::from("{}").into(),
         }
     }
 
@@ -815,7 +815,7 @@ mod tests {
     #[test]
     fn a_batch_counts_the_bytes_of_its_events() {
         let mut big = event(10, 0);
-        big.payload = Text::from("x".repeat(1000));
+        big.payload = Text::from("x".repeat(1000)).into();
         big.headers.push(("tenant".into(), Text::from("acme")));
         let small = event(10, 1);
         let mut pending = PendingBatch::new(BatchLimit {

@@ -736,6 +736,7 @@ async fn session(
         dead_letters = counts.dead_letters,
         skipped_updates = counts.skipped_updates,
         skipped_deletes = counts.skipped_deletes,
+        skipped_null_payloads = counts.skipped_null_payloads,
         truncates = counts.truncates,
         ignored_non_transactional_messages = counts.non_transactional_messages,
         "session ended"
@@ -1104,6 +1105,7 @@ struct ReadCounts {
     dead_letters: u64,
     skipped_updates: u64,
     skipped_deletes: u64,
+    skipped_null_payloads: u64,
     truncates: u64,
     non_transactional_messages: u64,
 }
@@ -1347,6 +1349,11 @@ impl Reader {
     async fn take(&mut self, mapped: Mapped) -> Result<(), ReadError> {
         let letter = match mapped {
             Mapped::NotOutbox => return Ok(()),
+            Mapped::NullPayloadSkipped(table) => {
+                self.counts.skipped_null_payloads += 1;
+                debug!(%table, "skipping an outbox row with a NULL payload (on_null_payload = \"skip\")");
+                return Ok(());
+            }
             Mapped::Event(event) => match self.schemas.as_ref().map(|s| s.check(&event)) {
                 Some(Err(reason)) => Some(DeadLetter::from_event(
                     &event,

@@ -8,7 +8,8 @@
 //! its own with a large stack ([`DEEP_STACK`]), where it is validated and dropped too; a
 //! number beyond f64's range (`1e400`, which `jsonb` keeps) is validated as ±f64::MAX, the
 //! nearest value the validator can hold. Payloads that parse within the defaults (nearly
-//! all) take neither detour.
+//! all) take neither detour. A payload that is not JSON (bytes from a `bytea` column, or a
+//! tombstone) is not validated.
 
 use anyhow::{bail, Context};
 use outbox_relay_sinks::Event;
@@ -75,8 +76,13 @@ impl SchemaRegistry {
         })
     }
 
-    /// `Err` with the reason when the event's payload does not match its schema.
+    /// `Err` with the reason when the event's payload does not match its schema. An event
+    /// without a JSON payload (bytes from a `bytea` column, or a tombstone) has nothing to
+    /// validate: JSON Schemas describe JSON.
     pub fn check(&self, event: &Event) -> Result<(), String> {
+        let Some(payload) = event.payload.as_json() else {
+            return Ok(());
+        };
         let event_type = event.event_type.to_string();
         let validator = event
             .schema_version
@@ -92,14 +98,14 @@ impl SchemaRegistry {
                 Ok(())
             };
         };
-        match serde_json::from_str::<serde_json::Value>(&event.payload) {
+        match serde_json::from_str::<serde_json::Value>(payload) {
             Ok(payload) => conforms(validator, &payload),
             Err(_) => std::thread::scope(|scope| {
                 std::thread::Builder::new()
                     .name("deep-payload".into())
                     .stack_size(DEEP_STACK)
                     .spawn_scoped(scope, || {
-                        let payload = parse_unbounded(&event.payload)
+                        let payload = parse_unbounded(payload)
                             .map_err(|e| format!("payload is not JSON: {e}"))?;
                         conforms(validator, &payload)
                     })
@@ -216,7 +222,7 @@ mod tests {
             traceparent: None,
             headers: Vec::new(),
             attributes: Vec::new(),
-            payload: Text::from(payload),
+            payload: Text::from(payload).into(),
         }
     }
 
@@ -275,6 +281,20 @@ mod tests {
             reason.contains(r#"at "/code" (keyword pattern"#),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn bytes_and_tombstones_are_not_validated() {
+        let (_dir, object) = registry(r#"{"type": "object"}"#);
+        let mut binary = event("[]");
+        assert!(object.check(&binary).is_err());
+        binary.payload = outbox_relay_sinks::Payload::Binary {
+            bytes: bytes::Bytes::from_static(b"[]"),
+            content_type: "application/avro".into(),
+        };
+        assert_eq!(object.check(&binary), Ok(()));
+        binary.payload = outbox_relay_sinks::Payload::Tombstone;
+        assert_eq!(object.check(&binary), Ok(()));
     }
 
     #[test]

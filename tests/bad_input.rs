@@ -210,6 +210,8 @@ const CONFIG_CASES: &[(&str, &str, &str)] = &[
     ("bad listen address", "[source]\nurl = \"postgres://u@h/d\"\n[http]\nlisten = \"everywhere\"\n[sinks.s]\ntype = \"stdout\"\n", "listen"),
     ("bad topic template", "[source]\nurl = \"postgres://u@h/d\"\n[sinks.k]\ntype = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"events.{nope}\"\n", "topic"),
     ("bad table name", "[source]\nurl = \"postgres://u@h/d\"\ntables = [\"a.b.c\"]\n[sinks.s]\ntype = \"stdout\"\n", "tables"),
+    ("tombstone to a file sink", "[source]\nurl = \"postgres://u@h/d\"\n[outbox.\"public.outbox\"]\non_null_payload = \"tombstone\"\n[sinks.k]\ntype = \"kafka\"\nbrokers = \"b:9092\"\n[sinks.f]\ntype = \"file\"\npath = \"/tmp/x\"\n", "sink \"f\" takes the table's events and is not a Kafka sink"),
+    ("bad null-payload policy", "[source]\nurl = \"postgres://u@h/d\"\n[outbox.\"public.outbox\"]\non_null_payload = \"drop\"\n[sinks.s]\ntype = \"stdout\"\n", "on_null_payload"),
     ("rabbitmq stream without stream", "[source]\nurl = \"postgres://u@h/d\"\n[sinks.r]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"rabbitmq-stream://h:5552/%2f\"\n", "stream"),
 ];
 

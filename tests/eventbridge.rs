@@ -262,6 +262,66 @@ fn an_oversized_event_is_dead_lettered_by_the_relay() {
     );
 }
 
+/// A bytea payload: a `raw` Detail cannot hold bytes, which `check` names before `run`
+/// dead-letters them with the same fix; a `cloudevents` Detail carries them as `data_base64`.
+#[test]
+fn a_bytea_payload_is_data_base64_in_the_envelope_and_refused_as_a_raw_detail() {
+    let moto = Moto::start();
+    let aws = Aws::new(&moto);
+    let bus = unique("bytes");
+    let queue = aws.bus_into_queue(&bus);
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sink = |name: &str, format: &str| {
+        format!(
+            "[sinks.{name}]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\nformat = \"{format}\"\n",
+            moto.url()
+        )
+    };
+    let config = relay_config(
+        dir.path(),
+        &pg,
+        &format!(
+            "{}{}",
+            sink("envelope", "cloudevents"),
+            sink("detail", "raw")
+        ),
+    );
+    init(&config);
+    let out = relay_command_with_env(&config, "check", &AWS_ENV);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success()
+            && stdout
+                .contains("sink detail: the payload column of outbox table public.outbox is bytea")
+            && stdout.contains("format = \"cloudevents\"")
+            && !stdout.contains("sink envelope:"),
+        "{stdout}"
+    );
+    let relay = Relay::start_with_env(&config, &AWS_ENV);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'o-1', 'Avro', '\\xdeadbeef')",
+    );
+    let events = aws.wait_for(&queue, 1, &relay);
+    assert_eq!(events[0]["detail"]["data_base64"], "3q2+7w==");
+    assert_eq!(
+        events[0]["detail"]["datacontenttype"],
+        "application/octet-stream"
+    );
+    assert!(wait_until(WAIT, || !dead_letters(&pg).is_empty()));
+    let letters = dead_letters(&pg);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0].starts_with("detail | Avro | the payload is bytes (a bytea column)"),
+        "{letters:?}"
+    );
+}
+
 /// Failures the proxy injects into PutEvents requests before they reach moto.
 #[derive(Default)]
 struct Faults {

@@ -9,12 +9,15 @@
 //! - fencing: a second producer with the same transactional id stops the first;
 //! - the broker paused (SIGSTOP) for 30 s mid-stream, then resumed: nothing lost, order kept;
 //! - an oversized record is dead-lettered and the stream goes on;
-//! - at-least-once mode (no transactions) delivers everything in per-key order.
+//! - at-least-once mode (no transactions) delivers everything in per-key order;
+//! - a NULL payload under `on_null_payload = "tombstone"` is a record with the event's key
+//!   and a null value, in order with its neighbours;
+//! - a `bytea` payload with the `raw` format is the record's value, byte for byte.
 
 mod common;
 
 use common::certs::{make_ca, make_server_cert};
-use common::kafka::{consume, consume_all, Broker, Record};
+use common::kafka::{consume, consume_all, consume_raw, Broker, Record};
 use common::*;
 use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
 use outbox_relay_sinks::routing::Template;
@@ -302,7 +305,7 @@ fn event(lsn: u64, seq: u64) -> Event {
         traceparent: None,
         headers: Vec::new(),
         attributes: Vec::new(),
-        payload: Text::from(format!("{{\"seq\": {seq}}}")),
+        payload: Text::from(format!("{{\"seq\": {seq}}}")).into(),
     }
 }
 
@@ -470,6 +473,71 @@ fn an_oversized_record_is_dead_lettered_and_the_stream_goes_on() {
         reason.starts_with("kafka: Kafka record of") && reason.contains("message.max.bytes"),
         "{reason}"
     );
+}
+
+#[test]
+fn a_null_payload_under_the_tombstone_policy_is_a_record_with_a_null_value_in_order() {
+    let broker = Broker::start();
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL");
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(
+        dir.path(),
+        &pg,
+        &broker,
+        "[outbox.\"public.outbox\"]\non_null_payload = \"tombstone\"",
+    );
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+         ('order', 'k', 'Seq', '{\"seq\": 0}'), \
+         ('order', 'k', 'Deleted', NULL), \
+         ('order', 'k', 'Seq', '{\"seq\": 2}')",
+    );
+    let records = consume_raw(&broker, "outbox.event.order", 3);
+    assert_eq!(records.len(), 3, "relay log:\n{}", relay.log());
+    let values: Vec<Option<serde_json::Value>> = records
+        .iter()
+        .map(|r| r.value.as_ref().map(|v| serde_json::from_slice(v).unwrap()))
+        .collect();
+    assert_eq!(values[0].as_ref().unwrap()["data"]["seq"], 0);
+    assert_eq!(values[1], None, "the tombstone's value is null");
+    assert_eq!(values[2].as_ref().unwrap()["data"]["seq"], 2);
+    assert!(records.iter().all(|r| r.key == "k"));
+    let tombstone = &records[1].headers;
+    assert_eq!(tombstone.get("type").map(String::as_str), Some("Deleted"));
+    assert_eq!(tombstone.get("id").map(String::len), Some(36));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
+        "0"
+    );
+}
+
+#[test]
+fn a_bytea_payload_is_the_raw_record_value_byte_for_byte() {
+    let broker = Broker::start();
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &pg, &broker, "format = \"raw\"");
+    init(&config);
+    let relay = Relay::start(&config);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+         ('order', 'k', 'Avro', '\\x00ff0a0d7b22c3'), ('order', 'k', 'Avro', '\\x')",
+    );
+    let records = consume_raw(&broker, "outbox.event.order", 2);
+    assert_eq!(records.len(), 2, "relay log:\n{}", relay.log());
+    assert_eq!(
+        records[0].value.as_deref(),
+        Some(&[0x00, 0xff, 0x0a, 0x0d, 0x7b, 0x22, 0xc3][..])
+    );
+    assert_eq!(records[1].value.as_deref(), Some(&[][..]));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The outbox model end to end: each format's exact output (golden files), per-table column
 //! mappings, the logical-message outbox, update/delete policies, schema evolution, per-sink
-//! match rules, and dead letters fixed and replayed with `outbox-relay dlq`.
+//! match rules, dead letters fixed and replayed with `outbox-relay dlq`, NULL payloads
+//! skipped, and `bytea` payloads (backfilled and streamed).
 
 mod common;
 
@@ -304,6 +305,105 @@ fn update_and_delete_policies_skip_dead_letter_or_fail() {
         relay.log().contains("policy is \"fail\""),
         "{}",
         relay.log()
+    );
+}
+
+#[test]
+fn a_null_payload_under_the_skip_policy_is_counted_and_its_neighbours_flow() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &pg,
+        "",
+        &format!(
+            "[outbox.\"public.outbox\"]\non_null_payload = \"skip\"\n{}",
+            file_sink("all", dir.path(), "")
+        ),
+    );
+    init(&cfg);
+    let mut relay = Relay::start(&cfg);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+         ('order', 'o-1', 'Before', '{}'), ('order', 'o-1', 'Empty', NULL), \
+         ('order', 'o-1', 'After', '{}')",
+    );
+    let path = dir.path().join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 2),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let types: Vec<Value> = read_events(&path)
+        .iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(types, ["Before", "After"]);
+    relay.stops_cleanly();
+    assert!(
+        relay.log().contains("skipped_null_payloads=1"),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
+        "0"
+    );
+}
+
+#[test]
+fn bytea_payloads_are_exact_bytes_as_data_base64_whether_backfilled_or_streamed() {
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE blobs (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL); \
+         INSERT INTO blobs (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'o-1', 'Avro', '\\x00ff0a0d7b22c3'); \
+         ALTER ROLE ALL SET bytea_output = 'escape'",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &pg,
+        "tables = [\"public.blobs\"]\nbackfill = true",
+        &format!(
+            "[outbox.\"public.blobs\"]\ncontent_type = \"application/avro\"\n{}{}",
+            file_sink("envelope", dir.path(), ""),
+            file_sink("raw", dir.path(), "format = \"raw\""),
+        ),
+    );
+    init(&cfg);
+    let relay = Relay::start(&cfg);
+    pg.psql(
+        "INSERT INTO blobs (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'o-1', 'Avro', '\\xdeadbeef')",
+    );
+    let envelope = dir.path().join("envelope.jsonl");
+    let raw = dir.path().join("raw.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&envelope).len() == 2
+            && lines(&raw).len() == 2),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let events = read_events(&envelope);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e["data_base64"].as_str(), e["datacontenttype"].as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (Some("AP8KDXsiww=="), Some("application/avro")),
+            (Some("3q2+7w=="), Some("application/avro")),
+        ]
+    );
+    assert!(events.iter().all(|e| e.get("data").is_none()));
+    assert_eq!(lines(&raw), ["AP8KDXsiww==", "3q2+7w=="]);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
+        "0"
     );
 }
 

@@ -633,7 +633,7 @@ fn event(lsn: u64, index: u32) -> Event {
         traceparent: None,
         headers: Vec::new(),
         attributes: Vec::new(),
-        payload: Text::from(format!("{{\"n\": {index}}}")),
+        payload: Text::from(format!("{{\"n\": {index}}}")).into(),
     }
 }
 

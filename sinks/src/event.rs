@@ -2,6 +2,15 @@
 //!
 //! Text fields are [`Text`]: UTF-8-checked slices of the replication receive buffer, so
 //! building an event copies no row data.
+//!
+//! The payload is a [`Payload`]: a JSON document, bytes (a `bytea` column: Avro, Protobuf,
+//! …, with the content type the table's mapping names), or none at all (a tombstone). A
+//! tombstone
+//! exists only for tables with `on_null_payload = "tombstone"`, and the configuration refuses
+//! that unless every sink that takes the table's events is a Kafka sink, which writes it as
+//! a record with a null value. So no other sink receives one; were one to arrive anyway, the
+//! line-based sinks write JSON `null`, RabbitMQ an empty body, and EventBridge rejects it
+//! (dead letter): never a drop.
 
 use bytes::Bytes;
 use std::fmt;
@@ -100,6 +109,63 @@ impl fmt::Display for Text {
     }
 }
 
+/// What an event carries as its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A JSON document (checked by the mapper, or `jsonb`).
+    Json(Text),
+    /// Bytes from a `bytea` column, decoded: any content, described by `content_type` (the
+    /// CloudEvents `datacontenttype`). Never validated against a JSON Schema.
+    Binary {
+        bytes: Bytes,
+        content_type: Arc<str>,
+    },
+    /// No payload: the row's payload column was NULL under `on_null_payload = "tombstone"`
+    /// (Debezium's `route.tombstone.on.empty.payload`), for compacted Kafka topics.
+    Tombstone,
+}
+
+impl Payload {
+    /// The payload's bytes: empty for a tombstone.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::Json(text) => text.as_bytes(),
+            Payload::Binary { bytes, .. } => bytes,
+            Payload::Tombstone => &[],
+        }
+    }
+
+    /// The CloudEvents `datacontenttype` of the payload.
+    pub fn content_type(&self) -> &str {
+        match self {
+            Payload::Binary { content_type, .. } => content_type,
+            Payload::Json(_) | Payload::Tombstone => "application/json",
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_bytes().is_empty()
+    }
+
+    /// The JSON document, unless the event has no JSON payload.
+    pub fn as_json(&self) -> Option<&Text> {
+        match self {
+            Payload::Json(text) => Some(text),
+            Payload::Binary { .. } | Payload::Tombstone => None,
+        }
+    }
+}
+
+impl From<Text> for Payload {
+    fn from(text: Text) -> Self {
+        Payload::Json(text)
+    }
+}
+
 /// One committed outbox row (or transactional logical message), ready to publish.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -130,8 +196,7 @@ pub struct Event {
     pub headers: Vec<(Arc<str>, Text)>,
     /// Extra envelope attributes: columns placed in the envelope.
     pub attributes: Vec<(Arc<str>, Text)>,
-    /// The payload, a JSON document.
-    pub payload: Text,
+    pub payload: Payload,
 }
 
 impl Event {
@@ -144,10 +209,10 @@ impl Event {
             &self.aggregate_type,
             &self.aggregate_id,
             &self.event_type,
-            &self.payload,
         ];
         let optional = [&self.occurred_at, &self.traceparent];
         texts.iter().map(|text| text.len()).sum::<usize>()
+            + self.payload.len()
             + optional
                 .iter()
                 .flat_map(|text| text.as_ref())

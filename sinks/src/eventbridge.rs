@@ -3,7 +3,9 @@
 //! - **Entries.** `EventBusName`, `Source` and `DetailType` come from templates (default
 //!   bus `default`, source `outbox.{aggregatetype}`, detail type `{type}`). `Detail` is the
 //!   CloudEvents envelope in structured JSON (default) or, with format `raw`/`debezium`, the
-//!   payload, which must then be a JSON object. `Time` is `occurred_at`, else the commit time;
+//!   payload, which must then be a JSON object (a tombstone, or bytes from a `bytea`
+//!   column, is rejected: dead-lettered with the fix; the envelope carries bytes as
+//!   `data_base64`). `Time` is `occurred_at`, else the commit time;
 //!   `Resources` are optional templates; `TraceHeader` is the event's W3C `traceparent`
 //!   converted to the X-Ray header format. EventBridge assigns its own event ids, so the
 //!   outbox event id travels inside `Detail` (the CloudEvents `id`) for consumers to dedup on.
@@ -31,7 +33,18 @@
 
 use crate::format::{self, Format};
 use crate::routing::Template;
-use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
+use crate::{Delivery, Event, Payload, Position, Rejection, Sink, SinkError};
+
+/// Why a binary payload (a `bytea` column) is refused with `debezium` or `raw`: the column
+/// type is known only from the database (`check` reports it), so the configuration cannot
+/// refuse it, and each such event is rejected.
+const NOT_JSON: &str = "the payload is bytes (a bytea column), and EventBridge's Detail must be \
+     a JSON object: use format = \"cloudevents\" (the bytes go into `data_base64`)";
+
+/// Why a tombstone is refused: the configuration lets only Kafka sinks take them.
+const NO_PAYLOAD: &str =
+    "the event has no payload (a tombstone: on_null_payload = \"tombstone\"), \
+     and only a Kafka sink can carry one: route the table only to Kafka sinks";
 use async_trait::async_trait;
 use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region, SdkConfig};
 use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
@@ -206,6 +219,9 @@ impl EventBridgeSettings {
             template.render(event, &mut out);
             out
         };
+        if event.payload == Payload::Tombstone {
+            return Err(NO_PAYLOAD.into());
+        }
         let detail = match self.format {
             Format::CloudEvents => {
                 let mut line = Vec::with_capacity(event.payload.len() + 512);
@@ -214,7 +230,10 @@ impl EventBridgeSettings {
                 String::from_utf8(line).expect("the envelope is UTF-8")
             }
             Format::Debezium | Format::Raw => {
-                if !event.payload.trim_start().starts_with('{') {
+                let Some(payload) = event.payload.as_json() else {
+                    return Err(NOT_JSON.into());
+                };
+                if !payload.trim_start().starts_with('{') {
                     return Err(
                         "the payload is not a JSON object, and EventBridge's Detail must be one: \
                          use format = \"cloudevents\" (the payload goes into `data`) or publish \
@@ -222,7 +241,7 @@ impl EventBridgeSettings {
                             .into(),
                     );
                 }
-                event.payload.to_string()
+                payload.to_string()
             }
         };
         let source = render(&self.source);
@@ -887,10 +906,38 @@ mod tests {
     #[test]
     fn raw_details_must_be_objects() {
         let mut event = sample(1, 0);
-        event.payload = Text::from(r#" ["gold", 3]"#);
+        event.payload = Text::from(r#" ["gold", 3]"#).into();
         let reason = settings(Format::Debezium).entry(&event).unwrap_err();
         assert!(reason.contains("not a JSON object"), "{reason}");
         assert!(settings(Format::CloudEvents).entry(&event).is_ok());
+    }
+
+    #[test]
+    fn bytes_and_tombstones_are_refused_as_raw_details_bytes_go_in_the_envelope() {
+        let mut event = sample(1, 0);
+        event.payload = Payload::Binary {
+            bytes: bytes::Bytes::from_static(b"\x00\x01"),
+            content_type: "application/x-protobuf".into(),
+        };
+        for format in [Format::Debezium, Format::Raw] {
+            let reason = settings(format).entry(&event).unwrap_err();
+            assert!(
+                reason.contains("the payload is bytes (a bytea column)"),
+                "{reason}"
+            );
+        }
+        let Entry { entry, .. } = settings(Format::CloudEvents).entry(&event).unwrap();
+        let detail: serde_json::Value = serde_json::from_str(entry.detail().unwrap()).unwrap();
+        assert_eq!(detail["data_base64"], "AAE=");
+        assert_eq!(detail["datacontenttype"], "application/x-protobuf");
+        event.payload = Payload::Tombstone;
+        for format in [Format::CloudEvents, Format::Debezium, Format::Raw] {
+            let reason = settings(format).entry(&event).unwrap_err();
+            assert!(
+                reason.contains("only a Kafka sink can carry one"),
+                "{reason}"
+            );
+        }
     }
 
     #[test]
@@ -900,9 +947,9 @@ mod tests {
         let fixed = 14 + "outbox.order".len() + "OrderCreated".len();
         let payload = |len: usize| format!("{{\"p\":\"{}\"}}", "x".repeat(len - 8));
         let mut event = sample(1, 0);
-        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed));
+        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed)).into();
         assert_eq!(s.entry(&event).unwrap().size, DEFAULT_MAX_REQUEST_BYTES);
-        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed + 1));
+        event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed + 1)).into();
         let reason = s.entry(&event).unwrap_err();
         assert!(reason.contains("262145 bytes"), "{reason}");
     }

@@ -13,14 +13,22 @@
 //! The `specversion` is the envelope version; `schemaversion` is the event's own.
 //!
 //! A line-based output ([`write_line`]: the file and stdout sinks) holds exactly one event
-//! per line, in every format. A payload is always JSON (the relay dead-letters a `json` or
+//! per line, in every format. A payload that is not bytes is always JSON (the relay dead-letters a `json` or
 //! `text` payload that is not), and JSON can hold a raw line break only as whitespace between
 //! tokens: inside strings it must be escaped. So the line breaks (CR, LF) of a payload
 //! written as it was typed (a `json` column keeps its text) are written as spaces, which
 //! means the same JSON. Sinks with message framing (Kafka, RabbitMQ, EventBridge) send a
 //! debezium or raw payload unchanged; their structured CloudEvents envelope is this line.
+//!
+//! A tombstone (no payload) reaches only Kafka sinks, which write no value at all (see
+//! [`crate::Payload`]); here it is written as JSON `null`, and as an envelope without `data`.
+//!
+//! A binary payload (a `bytea` column) is carried by a CloudEvents envelope as `data_base64`
+//! (standard base64) with the mapping's `datacontenttype`. A line cannot hold arbitrary
+//! bytes, so a line-based output writes a binary `debezium` or `raw` payload as its standard
+//! base64; sinks with message framing send the bytes themselves.
 
-use crate::{Event, Lsn, Position};
+use crate::{Event, Lsn, Payload, Position};
 use serde::Deserialize;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -42,7 +50,11 @@ pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
 pub fn write_line(format: Format, event: &Event, out: &mut Vec<u8>) {
     match format {
         Format::CloudEvents => write_cloudevent(event, out),
-        Format::Debezium | Format::Raw => push_one_line(out, event.payload.as_bytes()),
+        Format::Debezium | Format::Raw => match &event.payload {
+            Payload::Json(json) => push_one_line(out, json.as_bytes()),
+            Payload::Binary { bytes, .. } => push_base64(out, bytes),
+            Payload::Tombstone => out.extend_from_slice(b"null"),
+        },
     }
     out.push(b'\n');
 }
@@ -56,6 +68,17 @@ fn push_one_line(out: &mut Vec<u8>, payload: &[u8]) {
     } else {
         out.extend_from_slice(payload);
     }
+}
+
+/// Appends `bytes` in standard base64 (with padding): ASCII, no line breaks.
+fn push_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    use base64::Engine;
+    let start = out.len();
+    out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(bytes, &mut out[start..])
+        .expect("the buffer was sized for the encoding");
+    out.truncate(start + written);
 }
 
 /// A CloudEvents attribute value, owned: what binary mode turns into message headers.
@@ -154,7 +177,7 @@ fn visit_attributes(event: &Event, mut visit: impl FnMut(&str, Attribute<'_>)) {
         Some(time) => fixed_attribute("time", Str(time)),
         None => fixed_attribute("time", Attribute::CommitTime(event.commit_time_micros)),
     }
-    fixed_attribute("datacontenttype", Str("application/json"));
+    fixed_attribute("datacontenttype", Str(event.payload.content_type()));
     fixed_attribute("aggregatetype", Str(&event.aggregate_type));
     if let Some(version) = event.schema_version {
         fixed_attribute("schemaversion", Integer(version));
@@ -219,8 +242,18 @@ fn write_cloudevent(event: &Event, out: &mut Vec<u8>) {
         out.push(b':');
         value.write_json(out);
     });
-    out.extend_from_slice(b",\"data\":");
-    push_one_line(out, event.payload.as_bytes());
+    match &event.payload {
+        Payload::Json(json) => {
+            out.extend_from_slice(b",\"data\":");
+            push_one_line(out, json.as_bytes());
+        }
+        Payload::Binary { bytes, .. } => {
+            out.extend_from_slice(b",\"data_base64\":\"");
+            push_base64(out, bytes);
+            out.push(b'"');
+        }
+        Payload::Tombstone => {}
+    }
     out.push(b'}');
 }
 
@@ -277,7 +310,7 @@ pub(crate) mod tests {
             traceparent: None,
             headers: Vec::new(),
             attributes: Vec::new(),
-            payload: Text::from(r#"{"total": 12}"#),
+            payload: Text::from(r#"{"total": 12}"#).into(),
         }
     }
 
@@ -366,7 +399,7 @@ pub(crate) mod tests {
     fn a_payload_with_line_breaks_is_one_line_of_the_same_json_in_every_format() {
         let mut event = sample(1, 0);
         let payload = "{\r\n  \"a\": \"x\\ny\",\n  \"b\": [1,\n2]\n}\n";
-        event.payload = Text::from(payload);
+        event.payload = Text::from(payload).into();
         for format in [Format::CloudEvents, Format::Debezium, Format::Raw] {
             let mut line = Vec::new();
             write_line(format, &event, &mut line);
@@ -393,6 +426,35 @@ pub(crate) mod tests {
             position_of_line(&line[..line.len() - 1]),
             Some(event.position)
         );
+    }
+
+    #[test]
+    fn a_binary_payload_is_data_base64_with_its_content_type_and_base64_on_a_raw_line() {
+        let mut event = sample(1, 0);
+        let bytes: &[u8] = &[0x00, 0xff, b'\n', 0x80, b'"', 0x0d];
+        event.payload = Payload::Binary {
+            bytes: bytes::Bytes::from_static(bytes),
+            content_type: "application/avro".into(),
+        };
+        let mut line = Vec::new();
+        write_line(Format::CloudEvents, &event, &mut line);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed["datacontenttype"], "application/avro");
+        assert_eq!(parsed["data_base64"], "AP8KgCIN");
+        assert!(parsed.get("data").is_none());
+        let header = attributes(&event)
+            .into_iter()
+            .find(|(name, _)| name == "datacontenttype");
+        assert_eq!(
+            header.map(|(_, value)| value.to_string()).as_deref(),
+            Some("application/avro")
+        );
+        for format in [Format::Debezium, Format::Raw] {
+            let mut line = Vec::new();
+            write_line(format, &event, &mut line);
+            assert_eq!(line, b"AP8KgCIN\n");
+        }
     }
 
     #[test]

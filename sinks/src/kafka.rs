@@ -19,6 +19,14 @@
 //!
 //! An event larger than `message.max.bytes` is rejected (dead-lettered), the rest go on.
 //!
+//! A binary payload (a `bytea` column) is the record's value as it is in `debezium`, `raw`
+//! and CloudEvents binary mode (with its `content-type`), and `data_base64` in the
+//! structured envelope.
+//!
+//! A tombstone (a NULL payload under `on_null_payload = "tombstone"`) is a record with the
+//! event's key, the usual headers and a null value, in every format (a structured CloudEvents
+//! envelope too): what compacted topics delete a key by.
+//!
 //! librdkafka reports connection trouble (a refused login, a refused certificate, a broker
 //! that does not answer) not as the result of a call but through its error callback, while
 //! the calls themselves just time out. [`BrokerErrors`] keeps those reports: they go to the
@@ -27,7 +35,7 @@
 
 use crate::format::{self, Format};
 use crate::routing::Template;
-use crate::{Delivery, Event, Lsn, Position, Rejection, Sink, SinkError};
+use crate::{Delivery, Event, Lsn, Payload, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
@@ -372,7 +380,7 @@ impl KafkaSink {
         }
         match (self.settings.format, self.settings.binary) {
             (Format::CloudEvents, true) => {
-                add("content-type", "application/json");
+                add("content-type", event.payload.content_type());
                 for (name, value) in format::attributes(event) {
                     if name != "datacontenttype" {
                         add(&format!("ce_{name}"), &value.to_string());
@@ -388,9 +396,13 @@ impl KafkaSink {
         headers.expect("every insert puts the list back")
     }
 
-    /// Encodes the value of `event` into `value_buf`.
-    fn encode_value(&mut self, event: &Event) {
+    /// Encodes the value of `event` into `value_buf`; `false` for a tombstone, whose record
+    /// has a null value in every format.
+    fn encode_value(&mut self, event: &Event) -> bool {
         self.value_buf.clear();
+        if event.payload == Payload::Tombstone {
+            return false;
+        }
         match (self.settings.format, self.settings.binary) {
             (Format::CloudEvents, false) => {
                 format::write_line(Format::CloudEvents, event, &mut self.value_buf);
@@ -398,6 +410,7 @@ impl KafkaSink {
             }
             _ => self.value_buf.extend_from_slice(event.payload.as_bytes()),
         }
+        true
     }
 
     /// Hands every event of `batch` to the producer; returns the events too large for the
@@ -415,12 +428,15 @@ impl KafkaSink {
             let topic = std::mem::take(&mut self.topic_buf);
             self.ensure_topic(&topic, self.settings.create_topics)
                 .await?;
-            self.encode_value(event);
+            let has_value = self.encode_value(event);
             let headers = self.headers(event);
             let mut record = FutureRecord::to(&topic)
                 .key(event.key.as_bytes())
                 .payload(&self.value_buf)
                 .headers(headers);
+            if !has_value {
+                record.payload = None;
+            }
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => {

@@ -15,7 +15,7 @@ pub mod rabbitmq;
 pub mod routing;
 pub mod stdout;
 
-pub use event::{Event, Lsn, Position, Text};
+pub use event::{Event, Lsn, Payload, Position, Text};
 
 use async_trait::async_trait;
 

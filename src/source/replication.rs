@@ -264,6 +264,8 @@ impl ReplicationConnection {
             ("DateStyle", "ISO"),
             ("IntervalStyle", "postgres"),
             ("extra_float_digits", "3"),
+            // A bytea payload arrives as `\x` and hex digits, the form the mapper decodes.
+            ("bytea_output", "hex"),
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.out)?;
         self.flush().await?;

@@ -167,6 +167,54 @@ pub fn consume_until(
     topic: &str,
     done: impl Fn(&[Record], Duration) -> bool,
 ) -> Vec<Record> {
+    consume_as(broker, topic, Record::of, done)
+}
+
+/// A consumed record as it is: key, value (`None`: a tombstone), headers.
+pub struct RawRecord {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads every partition of `topic` from the beginning, as they are, until `expected`
+/// records arrived (or the wait ends).
+pub fn consume_raw(broker: &Broker, topic: &str, expected: usize) -> Vec<RawRecord> {
+    consume_as(
+        broker,
+        topic,
+        |raw| raw,
+        |records, _| records.len() >= expected,
+    )
+}
+
+impl Record {
+    /// A record whose value is an event with a `seq` (the payload, or its CloudEvents data).
+    fn of(raw: RawRecord) -> Record {
+        let payload: serde_json::Value =
+            serde_json::from_slice(&raw.value.expect("a record with a value")).unwrap();
+        let data = if payload.get("specversion").is_some() {
+            &payload["data"]
+        } else {
+            &payload
+        };
+        Record {
+            key: raw.key,
+            seq: data["seq"].as_u64().unwrap(),
+            id: raw.headers.get("id").cloned().unwrap_or_default(),
+            headers: raw.headers,
+        }
+    }
+}
+
+/// Reads `topic` from the beginning, each record converted by `convert`, until
+/// `done(records so far, time since the last record)` or the wait ends.
+fn consume_as<T>(
+    broker: &Broker,
+    topic: &str,
+    convert: impl Fn(RawRecord) -> T,
+    done: impl Fn(&[T], Duration) -> bool,
+) -> Vec<T> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", broker.address())
@@ -208,13 +256,6 @@ pub fn consume_until(
         };
         last_record = Instant::now();
         let message = message.unwrap();
-        let payload: serde_json::Value =
-            serde_json::from_slice(message.payload().unwrap()).unwrap();
-        let data = if payload.get("specversion").is_some() {
-            &payload["data"]
-        } else {
-            &payload
-        };
         let headers: HashMap<String, String> = message
             .headers()
             .map(|h| {
@@ -228,12 +269,11 @@ pub fn consume_until(
                     .collect()
             })
             .unwrap_or_default();
-        records.push(Record {
+        records.push(convert(RawRecord {
             key: String::from_utf8_lossy(message.key().unwrap()).into_owned(),
-            seq: data["seq"].as_u64().unwrap(),
-            id: headers.get("id").cloned().unwrap_or_default(),
+            value: message.payload().map(<[u8]>::to_vec),
             headers,
-        });
+        }));
     }
     records
 }

@@ -17,7 +17,9 @@
 //! Both modes share the message content ([`Content`]): CloudEvents structured (the JSON
 //! envelope as the body, `application/cloudevents+json`) or binary (the payload as the
 //! body, the attributes as `cloudEvents_`-prefixed headers, per the CloudEvents AMQP
-//! binding), or the payload alone for the `debezium` and `raw` formats.
+//! binding), or the payload alone for the `debezium` and `raw` formats. A binary payload (a
+//! `bytea` column) is the body as it is, with the mapping's content type, except in the
+//! structured envelope, which carries it as `data_base64`.
 
 pub mod exchange;
 pub mod stream;
@@ -98,7 +100,7 @@ pub async fn check(settings: &RabbitMqSettings) -> Vec<String> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Content {
     pub body: Vec<u8>,
-    pub content_type: &'static str,
+    pub content_type: String,
     pub headers: Vec<(String, AttributeValue)>,
 }
 
@@ -129,7 +131,7 @@ impl Content {
                 }
                 Content {
                     body: event.payload.as_bytes().to_vec(),
-                    content_type: "application/json",
+                    content_type: event.payload.content_type().to_owned(),
                     headers,
                 }
             }
@@ -139,7 +141,7 @@ impl Content {
                 body.pop();
                 Content {
                     body,
-                    content_type: "application/cloudevents+json; charset=UTF-8",
+                    content_type: "application/cloudevents+json; charset=UTF-8".to_owned(),
                     headers,
                 }
             }
@@ -152,7 +154,7 @@ impl Content {
                 }
                 Content {
                     body: event.payload.as_bytes().to_vec(),
-                    content_type: "application/json",
+                    content_type: event.payload.content_type().to_owned(),
                     headers,
                 }
             }
@@ -243,6 +245,28 @@ mod tests {
     use super::*;
     use crate::format::tests::sample;
     use crate::Text;
+
+    #[test]
+    fn a_binary_payload_is_the_body_with_its_content_type_or_data_base64_in_the_envelope() {
+        let mut event = sample(1, 0);
+        event.payload = crate::Payload::Binary {
+            bytes: bytes::Bytes::from_static(&[0xde, 0xad, 0xbe, 0xef]),
+            content_type: "application/avro".into(),
+        };
+        for (format, binary) in [
+            (Format::Raw, false),
+            (Format::Debezium, false),
+            (Format::CloudEvents, true),
+        ] {
+            let content = Content::of(&event, format, binary);
+            assert_eq!(content.body, [0xde, 0xad, 0xbe, 0xef], "{format:?}");
+            assert_eq!(content.content_type, "application/avro", "{format:?}");
+        }
+        let content = Content::of(&event, Format::CloudEvents, false);
+        let envelope: serde_json::Value = serde_json::from_slice(&content.body).unwrap();
+        assert_eq!(envelope["data_base64"], "3q2+7w==");
+        assert_eq!(envelope["datacontenttype"], "application/avro");
+    }
 
     #[test]
     fn binary_mode_puts_attributes_in_prefixed_headers_and_the_payload_in_the_body() {

@@ -909,7 +909,7 @@ mod tests {
         let sink = StreamSink::new(settings("rabbitmq-stream://broker"));
         let mut event = crate::format::tests::sample(1, 0);
         assert!(sink.prepare(&event, 1).is_ok());
-        event.payload = crate::Text::from(format!("\"{}\"", "x".repeat(FRAME_MAX as usize)));
+        event.payload = crate::Text::from(format!("\"{}\"", "x".repeat(FRAME_MAX as usize))).into();
         let err = sink.prepare(&event, 1).unwrap_err();
         assert!(err.contains("stream.frame_max"), "{err}");
     }
