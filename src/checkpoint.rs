@@ -155,11 +155,7 @@ pub async fn load_replay_key(
     schema: &str,
 ) -> anyhow::Result<Option<ReplayKey>> {
     let table = sql::qualified(schema, "replay_key");
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .map_err(db::explain)?
-        .get(0);
+    let exists = db::table_exists(client, &table).await?;
     if !exists {
         return Ok(None);
     }
@@ -183,11 +179,7 @@ pub async fn dropped_slot_problem(
     slot: &str,
 ) -> anyhow::Result<Option<String>> {
     let table = sql::qualified(schema, "checkpoints");
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .map_err(db::explain)?
-        .get(0);
+    let exists = db::table_exists(client, &table).await?;
     let last = if exists {
         client
             .query_opt(

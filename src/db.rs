@@ -149,6 +149,19 @@ pub fn explain(err: tokio_postgres::Error) -> anyhow::Error {
     .into()
 }
 
+/// Whether `table` (quoted, `schema.table`) exists: the relay's own tables may predate a
+/// version, or `init` may not have run yet.
+pub async fn table_exists(
+    client: &impl tokio_postgres::GenericClient,
+    table: &str,
+) -> anyhow::Result<bool> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(explain)?
+        .get(0))
+}
+
 /// Whether the server is a standby in recovery. The relay needs the primary: it writes its
 /// checkpoints and dead letters there, and before PostgreSQL 16 a standby cannot decode at all.
 pub async fn is_standby(client: &Client) -> anyhow::Result<bool> {

@@ -53,11 +53,7 @@ impl Origin {
     /// exist yet).
     pub async fn load(client: &Client, schema: &str, slot: &str) -> anyhow::Result<Option<Origin>> {
         let table = sql::qualified(schema, "slots");
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-            .await
-            .map_err(db::explain)?
-            .get(0);
+        let exists = db::table_exists(client, &table).await?;
         if !exists {
             return Ok(None);
         }

@@ -22,6 +22,14 @@ fn psql_as(pg: &PgCluster, user: &str, sql: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Puts `lines` at the start of the config's `[source]` table (and `before` ahead of it).
+fn with_source(config: &Path, before: &str, lines: &str) {
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace("[source]\n", &format!("{before}[source]\n{lines}"));
+    std::fs::write(config, text).unwrap();
+}
+
 fn file_sink(dir: &Path) -> String {
     format!(
         "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
@@ -42,9 +50,7 @@ fn a_column_name_cannot_inject_sql_into_the_backfill() {
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 1}')");
     let dir = tempfile::tempdir().unwrap();
     let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text = text.replace("[source]\n", "[source]\nbackfill = true\n");
-    std::fs::write(&config, text).unwrap();
+    with_source(&config, "", "backfill = true\n");
     init(&config);
     let mut relay = Relay::start(&config);
     let events = dir.path().join("events.jsonl");
@@ -417,10 +423,7 @@ fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
         log.contains("outbox table public.outbox does not exist"),
         "{log}"
     );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[source]\n", "[source]\ntables = [\"public.outbox_v2\"]\n");
-    std::fs::write(&config, text).unwrap();
+    with_source(&config, "", "tables = [\"public.outbox_v2\"]\n");
     let relay = Relay::start(&config);
     assert!(
         wait_until(WAIT, || read_events(&events).len() == 3),
@@ -436,11 +439,7 @@ fn a_publication_that_hides_inserts_or_filters_rows_is_refused() {
     pg.create_outbox("outbox");
     let dir = tempfile::tempdir().unwrap();
     let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[source]\n",
-        "[source]\npublication_check_interval = \"200ms\"\n",
-    );
-    std::fs::write(&config, text).unwrap();
+    with_source(&config, "", "publication_check_interval = \"200ms\"\n");
     init(&config);
     let relay = Relay::start(&config);
     insert_kinds(&pg, &["order"]);
@@ -550,10 +549,7 @@ fn a_publication_dropped_and_created_again_under_a_running_relay_stops_it_with_t
     );
     // The fix it gives publishes the rows the broken slot could not.
     pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[source]\n", "[source]\nbackfill = true\n");
-    std::fs::write(&config, text).unwrap();
+    with_source(&config, "", "backfill = true\n");
     let relay = Relay::start(&config);
     assert!(
         wait_until(WAIT, || {
@@ -588,11 +584,11 @@ fn the_relays_sql_connections_dying_under_a_live_stream_are_opened_again() {
     let dir = tempfile::tempdir().unwrap();
     let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
     // Without leader election: losing the lock's connection would end the session anyway.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[source]\n",
-        "[leader]\nenabled = false\n\n[source]\nheartbeat_interval = \"200ms\"\n",
+    with_source(
+        &config,
+        "[leader]\nenabled = false\n\n",
+        "heartbeat_interval = \"200ms\"\n",
     );
-    std::fs::write(&config, text).unwrap();
     init(&config);
     let relay = Relay::start(&config);
     insert_kinds(&pg, &["order"]);
@@ -608,6 +604,17 @@ fn the_relays_sql_connections_dying_under_a_live_stream_are_opened_again() {
     assert_ne!(cut, "0");
     insert_kinds(&pg, &["after-the-cut"]);
     assert!(wait_until(WAIT, || read_events(&events).len() == 2));
+    // The next checkpoint write finds the connection closed and ends the session; the next
+    // session connects afresh. Only an event acknowledged there moves the checkpoint on.
+    assert!(
+        wait_until(WAIT, || relay
+            .log()
+            .matches("INFO outbox_relay::relay: streaming")
+            .count()
+            == 2),
+        "a second session: {}",
+        relay.log()
+    );
     let before = pg.psql("SELECT pg_current_wal_lsn()");
     insert_kinds(&pg, &["later"]);
     assert!(
@@ -645,13 +652,12 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
     insert("Existing");
     let dir = tempfile::tempdir().unwrap();
     let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[source]\n",
+    with_source(
+        &config,
         "[outbox.\"Billing.OutboxMessage\"]\nid = \"Id\"\naggregate_type = \"AggregateType\"\n\
-         aggregate_id = \"AggregateId\"\ntype = \"Type\"\npayload = \"Payload\"\n\n\
-         [source]\ntables = [\"Billing.OutboxMessage\"]\nbackfill = true\n",
+         aggregate_id = \"AggregateId\"\ntype = \"Type\"\npayload = \"Payload\"\n\n",
+        "tables = [\"Billing.OutboxMessage\"]\nbackfill = true\n",
     );
-    std::fs::write(&config, text).unwrap();
     init(&config);
     let (ok, report) = relay_check(&config);
     assert!(ok, "{report}");
