@@ -227,6 +227,18 @@ pub struct MatchRule {
 }
 
 impl MatchRule {
+    /// `tables` as events name their table: `schema.table` (a bare name is in `public`, quotes
+    /// are taken off), and `message:PREFIX` as it is.
+    pub fn event_tables(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .map(|t| match parse_table_name(t) {
+                Ok((schema, name)) if !t.starts_with("message:") => format!("{schema}.{name}"),
+                _ => t.clone(),
+            })
+            .collect()
+    }
+
     /// Whether the rule lets through events of the table `names` (`schema`, `table`), as far
     /// as `tables` says (the other lists depend on the event).
     pub fn takes_table(&self, names: &(String, String)) -> bool {
@@ -910,6 +922,31 @@ impl Config {
         Ok(config)
     }
 
+    /// Every table a sink's match rule names must be an outbox table (or a configured message
+    /// prefix): a rule that names no table events carry matches nothing, and the sink would
+    /// skip every event without a word.
+    fn check_match_tables(&self, sink: &str, rule: &MatchRule) -> anyhow::Result<()> {
+        for table in &rule.tables {
+            let known = match table.strip_prefix("message:") {
+                Some(prefix) => self.source.message_prefixes.iter().any(|p| p == prefix),
+                None => parse_table_name(table).is_ok_and(|names| {
+                    self.source
+                        .tables
+                        .iter()
+                        .any(|t| parse_table_name(t).ok().as_ref() == Some(&names))
+                }),
+            };
+            if !known {
+                bail!(
+                    "sinks.{sink}.match.tables names {table:?}, which is neither in source.tables \
+                     nor message:PREFIX of a source.message_prefixes entry: no event would match \
+                     it. Fix the name (\"schema.table\"), or list the table in source.tables"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// A tombstone is a Kafka record with a null value; no other sink has such a thing, so
     /// every sink whose `match.tables` takes `table` must be a Kafka sink.
     fn check_tombstone_sinks(&self, table: &str, names: &(String, String)) -> anyhow::Result<()> {
@@ -962,6 +999,7 @@ impl Config {
             }
         }
         for (name, sink) in &self.sinks {
+            self.check_match_tables(name, sink.filter())?;
             if let SinkConfig::Kafka(kafka) = sink {
                 outbox_relay_sinks::routing::Template::parse(&kafka.topic)
                     .with_context(|| format!("sinks.{name}.topic"))?;
@@ -1385,6 +1423,25 @@ mod tests {
                 .on_null_payload,
             NullPayloadPolicy::DeadLetter
         );
+    }
+
+    #[test]
+    fn match_tables_are_named_as_events_name_them_and_must_be_outbox_tables() {
+        let sink = |tables: &str| {
+            format!(
+                "[source]\nurl = \"postgres://app@db/app\"\nmessage_prefixes = [\"outbox\"]\n\
+                 [sinks.out]\ntype = \"stdout\"\n[sinks.out.match]\ntables = [{tables}]\n"
+            )
+        };
+        let config = load(&sink("\"outbox\", \"message:outbox\""), &[]).unwrap();
+        assert_eq!(
+            config.sinks["out"].filter().event_tables(),
+            ["public.outbox", "message:outbox"]
+        );
+        for unknown in ["\"public.outbx\"", "\"message:other\""] {
+            let err = format!("{:#}", load(&sink(unknown), &[]).unwrap_err());
+            assert!(err.contains("sinks.out.match.tables names"), "{err}");
+        }
     }
 
     #[test]

@@ -407,7 +407,7 @@ pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>
             };
             let rule = sink.filter();
             let filter = EventFilter::new(
-                rule.tables.clone(),
+                rule.event_tables(),
                 rule.aggregate_types.clone(),
                 rule.event_types.clone(),
             );
