@@ -154,10 +154,9 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
     let slot = client
         .query_opt(
             &format!(
-                "SELECT {}, plugin::text, database::text, current_database()::text, {} \
-                 FROM pg_replication_slots s WHERE slot_name = $1",
+                "SELECT {}, {} FROM pg_replication_slots s WHERE slot_name = $1",
                 db::SLOT_IS_FAILOVER,
-                db::SLOT_INVALIDATION
+                db::SLOT_USABILITY
             ),
             &[&source.slot],
         )
@@ -169,22 +168,8 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         ""
     };
     if let Some(row) = slot {
-        let (plugin, database, current): (Option<String>, Option<String>, String) =
-            (row.get(1), row.get(2), row.get(3));
-        if let Some(problem) = db::foreign_slot_problem(
-            &source.slot,
-            plugin.as_deref(),
-            database.as_deref(),
-            &current,
-        ) {
+        if let Some(problem) = db::slot_refusal(&row, 1, &source.slot, &config.relay.schema) {
             anyhow::bail!(problem);
-        }
-        if let Some(reason) = row.get::<_, Option<String>>(4) {
-            anyhow::bail!(db::invalidated_slot_problem(
-                &source.slot,
-                &reason,
-                &config.relay.schema
-            ));
         }
         if source.failover_slot && !row.get::<_, bool>(0) {
             ReplicationConnection::connect(&params)
@@ -517,9 +502,8 @@ async fn check_database(
     let slot = client
         .query_opt(
             &format!(
-                "SELECT plugin::text, database::text, current_database()::text, {} \
-                 FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_INVALIDATION
+                "SELECT {} FROM pg_replication_slots s WHERE slot_name = $1",
+                db::SLOT_USABILITY
             ),
             &[&source.slot],
         )
@@ -527,22 +511,12 @@ async fn check_database(
         .map_err(db::explain)?;
     match slot {
         Some(row) => {
-            let (plugin, database, current): (Option<String>, Option<String>, String) =
-                (row.get(0), row.get(1), row.get(2));
-            if let Some(problem) = db::foreign_slot_problem(
+            problems.extend(db::slot_refusal(
+                &row,
+                0,
                 &source.slot,
-                plugin.as_deref(),
-                database.as_deref(),
-                &current,
-            ) {
-                problems.push(problem);
-            } else if let Some(reason) = row.get::<_, Option<String>>(3) {
-                problems.push(db::invalidated_slot_problem(
-                    &source.slot,
-                    &reason,
-                    &config.relay.schema,
-                ));
-            }
+                &config.relay.schema,
+            ));
         }
         None => {
             if let Some(problem) =

@@ -180,15 +180,34 @@ pub const STANDBY_PROBLEM: &str = "the server is a standby in recovery: the rela
 /// JSON: the `failover` column exists only from PostgreSQL 17 on.
 pub const SLOT_IS_FAILOVER: &str = "coalesce((to_jsonb(s) ->> 'failover')::bool, false)";
 
-/// Why the row `s` of `pg_replication_slots` can no longer stream, as SQL: NULL while it
-/// can. Read through JSON: `wal_status` exists from PostgreSQL 13, `conflicting` from 16 and
-/// `invalidation_reason` from 17 on.
-pub const SLOT_INVALIDATION: &str = "coalesce(to_jsonb(s) ->> 'invalidation_reason', \
+/// Four columns of the row `s` of `pg_replication_slots`, as SQL, that say whether the relay
+/// can use the slot: its plugin, its database, the current database, and why it can no
+/// longer stream (NULL while it can; read through JSON: `wal_status` exists from PostgreSQL
+/// 13, `conflicting` from 16 and `invalidation_reason` from 17 on). [`slot_refusal`] reads
+/// them.
+pub const SLOT_USABILITY: &str = "plugin::text, database::text, current_database()::text, \
+     coalesce(to_jsonb(s) ->> 'invalidation_reason', \
      CASE WHEN to_jsonb(s) ->> 'wal_status' = 'lost' THEN 'wal_removed' \
      WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflict with recovery' END)";
 
-/// What to do about a slot that [`SLOT_INVALIDATION`] says can no longer stream.
-pub fn invalidated_slot_problem(slot: &str, reason: &str, schema: &str) -> String {
+/// Why the relay cannot use an existing slot whose [`SLOT_USABILITY`] columns start at
+/// `first` in `row`: it belongs to something else, or it is invalidated. `None` if it can.
+pub fn slot_refusal(
+    row: &tokio_postgres::Row,
+    first: usize,
+    slot: &str,
+    schema: &str,
+) -> Option<String> {
+    let plugin: Option<String> = row.get(first);
+    let database: Option<String> = row.get(first + 1);
+    let current: String = row.get(first + 2);
+    let invalidation: Option<String> = row.get(first + 3);
+    foreign_slot_problem(slot, plugin.as_deref(), database.as_deref(), &current)
+        .or_else(|| invalidation.map(|reason| invalidated_slot_problem(slot, &reason, schema)))
+}
+
+/// What to do about a slot that can no longer stream.
+fn invalidated_slot_problem(slot: &str, reason: &str, schema: &str) -> String {
     format!(
         "replication slot {slot:?} is invalidated ({reason}): PostgreSQL removed WAL it still \
          needed (max_slot_wal_keep_size) or it conflicted with recovery, and it can never \
@@ -205,7 +224,7 @@ pub fn invalidated_slot_problem(slot: &str, reason: &str, schema: &str) -> Strin
 /// What is wrong with an existing slot of the relay's name that is not the relay's kind: a
 /// physical slot, another output plugin, or another database. `None` if it is a pgoutput slot
 /// of `current_database`.
-pub fn foreign_slot_problem(
+fn foreign_slot_problem(
     slot: &str,
     plugin: Option<&str>,
     database: Option<&str>,

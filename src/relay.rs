@@ -253,10 +253,10 @@ async fn prepare_slot(
     let row = sql
         .query_opt(
             &format!(
-                "SELECT plugin::text, database::text, current_database()::text, \
-                 confirmed_flush_lsn::text, {}, {} FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_IS_FAILOVER,
-                db::SLOT_INVALIDATION
+                "SELECT {}, confirmed_flush_lsn::text, {} FROM pg_replication_slots s \
+                 WHERE slot_name = $1",
+                db::SLOT_USABILITY,
+                db::SLOT_IS_FAILOVER
             ),
             &[&source.slot],
         )
@@ -274,7 +274,7 @@ async fn prepare_slot(
             sql.query_one(
                 &format!(
                     "SELECT 'pgoutput', current_database()::text, current_database()::text, \
-                     lsn::text, $2::bool, NULL::text FROM {}",
+                     NULL::text, lsn::text, $2::bool FROM {}",
                     db::create_slot_call(source.failover_slot)
                 ),
                 &[&source.slot, &source.failover_slot],
@@ -289,28 +289,16 @@ async fn prepare_slot(
             )))
         }
     };
-    let (plugin, database, current): (Option<String>, Option<String>, String) =
-        (row.get(0), row.get(1), row.get(2));
-    if let Some(problem) = db::foreign_slot_problem(
-        &source.slot,
-        plugin.as_deref(),
-        database.as_deref(),
-        &current,
-    ) {
+    if let Some(problem) = db::slot_refusal(&row, 0, &source.slot, &config.relay.schema) {
         return Err(SessionEnd::Fatal(anyhow::anyhow!(problem)));
     }
-    if let Some(reason) = row.get::<_, Option<String>>(5) {
-        return Err(SessionEnd::Fatal(anyhow::anyhow!(
-            db::invalidated_slot_problem(&source.slot, &reason, &config.relay.schema)
-        )));
-    }
-    let confirmed: Option<String> = row.get(3);
+    let confirmed: Option<String> = row.get(4);
     let confirmed_flush = confirmed
         .as_deref()
         .unwrap_or("0/0")
         .parse()
         .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
-    let failover: bool = row.get(4);
+    let failover: bool = row.get(5);
     Ok(SlotState {
         confirmed_flush,
         created,
