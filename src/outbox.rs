@@ -913,7 +913,8 @@ pub fn pg_timestamp_to_rfc3339(text: &str) -> Option<String> {
 /// The RFC 3339 UTC form of a local `date` (`YYYY-MM-DD`) and `clock` (`HH:MM:SS[.frac]`),
 /// both checked by the caller, at an `offset` of `±HH:MM:SS`.
 fn in_utc(date: &str, clock: &str, offset: &str) -> Option<String> {
-    let number = |s: &str| -> Option<i64> {
+    use chrono::{Datelike, Timelike};
+    let number = |s: &str| -> Option<u32> {
         s.bytes()
             .all(|b| b.is_ascii_digit())
             .then(|| s.parse().ok())?
@@ -929,51 +930,29 @@ fn in_utc(date: &str, clock: &str, offset: &str) -> Option<String> {
     }
     let offset_seconds =
         number(&offset[1..3])? * 3600 + number(&offset[4..6])? * 60 + number(&offset[7..9])?;
-    let local = days_from_civil(
-        number(&date[..4])?,
+    let local = chrono::NaiveDate::from_ymd_opt(
+        i32::try_from(number(&date[..4])?).ok()?,
         number(&date[5..7])?,
         number(&date[8..10])?,
-    ) * 86_400
-        + number(&clock[..2])? * 3600
-        + number(&clock[3..5])? * 60
-        + number(&clock[6..8])?;
-    let utc = local - sign * offset_seconds;
-    let (year, month, day) = civil_from_days(utc.div_euclid(86_400));
-    let seconds = utc.rem_euclid(86_400);
-    (0..=9999).contains(&year).then(|| {
+    )?
+    .and_hms_opt(
+        number(&clock[..2])?,
+        number(&clock[3..5])?,
+        number(&clock[6..8])?,
+    )?;
+    let utc = local - chrono::TimeDelta::seconds(sign * i64::from(offset_seconds));
+    (0..=9999).contains(&utc.year()).then(|| {
         format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{}Z",
-            seconds / 3600,
-            seconds % 3600 / 60,
-            seconds % 60,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{}Z",
+            utc.year(),
+            utc.month(),
+            utc.day(),
+            utc.hour(),
+            utc.minute(),
+            utc.second(),
             &clock[8..]
         )
     })
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-/// The date of a day counted from 1970-01-01: the inverse of [`days_from_civil`].
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let days = days + 719_468;
-    let era = days.div_euclid(146_097);
-    let day_of_era = days - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
