@@ -807,12 +807,7 @@ fn replay_document(
         }
         (Some(_), other) => other,
         (None, Value::Object(columns)) => {
-            let mapping = config
-                .outbox
-                .iter()
-                .find(|(t, _)| parse_table_name(t).ok() == parse_table_name(table).ok())
-                .map(|(_, m)| m.clone())
-                .unwrap_or_default();
+            let mapping = config.mapping_for(table);
             let text = |column: &str| {
                 columns
                     .get(column)

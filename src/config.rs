@@ -242,11 +242,7 @@ impl MatchRule {
     /// Whether the rule lets through events of the table `names` (`schema`, `table`), as far
     /// as `tables` says (the other lists depend on the event).
     pub fn takes_table(&self, names: &(String, String)) -> bool {
-        self.tables.is_empty()
-            || self
-                .tables
-                .iter()
-                .any(|t| parse_table_name(t).ok().as_ref() == Some(names))
+        self.tables.is_empty() || names_one_of(&self.tables, names)
     }
 }
 
@@ -877,11 +873,7 @@ fn default_shutdown_timeout() -> Duration {
 impl Config {
     /// The column mapping of the configured outbox table `table` (`schema.table`).
     pub fn mapping_for(&self, table: &str) -> TableMapping {
-        self.outbox
-            .iter()
-            .find(|(t, _)| parse_table_name(t).ok() == parse_table_name(table).ok())
-            .map(|(_, m)| m.clone())
-            .unwrap_or_default()
+        mapping_in(&self.outbox, table)
     }
 
     /// Reads `path` (if given) and the `OUTBOX_RELAY__*` environment, then validates.
@@ -929,12 +921,8 @@ impl Config {
         for table in &rule.tables {
             let known = match table.strip_prefix("message:") {
                 Some(prefix) => self.source.message_prefixes.iter().any(|p| p == prefix),
-                None => parse_table_name(table).is_ok_and(|names| {
-                    self.source
-                        .tables
-                        .iter()
-                        .any(|t| parse_table_name(t).ok().as_ref() == Some(&names))
-                }),
+                None => parse_table_name(table)
+                    .is_ok_and(|names| names_one_of(&self.source.tables, &names)),
             };
             if !known {
                 bail!(
@@ -982,12 +970,7 @@ impl Config {
         }
         for (table, mapping) in &self.outbox {
             let names = parse_table_name(table)?;
-            let listed = self
-                .source
-                .tables
-                .iter()
-                .any(|t| parse_table_name(t).ok().as_ref() == Some(&names));
-            if !listed {
+            if !names_one_of(&self.source.tables, &names) {
                 bail!(
                     "[outbox.\"{table}\"] maps a table that is not in source.tables: add it there"
                 );
@@ -1025,6 +1008,23 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether one of `tables` (configured `schema.table` names) names the table `names`.
+fn names_one_of(tables: &[String], names: &(String, String)) -> bool {
+    tables
+        .iter()
+        .any(|t| parse_table_name(t).ok().as_ref() == Some(names))
+}
+
+/// The mapping `mappings` (`[outbox."schema.table"]`) has for `table`, or the default one.
+pub fn mapping_in(mappings: &BTreeMap<String, TableMapping>, table: &str) -> TableMapping {
+    let names = parse_table_name(table).ok();
+    mappings
+        .iter()
+        .find(|(t, _)| names.is_some() && parse_table_name(t).ok() == names)
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default()
 }
 
 /// Splits `schema.table` (a bare name means `public`) into the names as the catalog holds

@@ -7,7 +7,9 @@
 //! `id uuid, aggregatetype text, aggregateid text, type text, payload jsonb`, with the optional
 //! columns `schema_version`, `headers`, `occurred_at` and `traceparent` used when present.
 
-use crate::config::{parse_table_name, ChangePolicy, NullPayloadPolicy, Placement, TableMapping};
+use crate::config::{
+    mapping_in, parse_table_name, ChangePolicy, NullPayloadPolicy, Placement, TableMapping,
+};
 use crate::source::pgoutput::{LogicalMessage, Relation, Tuple, Value};
 use bytes::Bytes;
 use outbox_relay_sinks::routing::Template;
@@ -388,11 +390,7 @@ impl OutboxMapper {
             let Ok(names) = parse_table_name(table) else {
                 continue;
             };
-            let mapping = mappings
-                .iter()
-                .find(|(t, _)| parse_table_name(t).ok().as_ref() == Some(&names))
-                .map(|(_, m)| m.clone())
-                .unwrap_or_default();
+            let mapping = mapping_in(mappings, table);
             let source = Template::parse(&mapping.source).unwrap_or_else(|_| {
                 Template::parse("/{table}").expect("the default source template is valid")
             });
