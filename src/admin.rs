@@ -9,19 +9,13 @@ use crate::db;
 use crate::origin::Origin;
 use crate::source::replication::{ReplicationConnection, SystemInfo};
 use crate::sql;
-use crate::tables::{self, PublicationProblem};
+use crate::tables::{self, quoted_table, PublicationProblem};
 use anyhow::Context;
 use outbox_relay_sinks::eventbridge::EventBridgeSink;
 use outbox_relay_sinks::kafka::KafkaSink;
 use tokio_postgres::Client;
 
 const RELAY_SCHEMA_SQL: &str = include_str!("../migrations/002_relay_schema.sql");
-
-/// Quotes `schema.table` for SQL.
-fn quoted_table(name: &str) -> String {
-    let (schema, table) = parse_table_name(name).expect("validated by the config");
-    sql::qualified(&schema, &table)
-}
 
 /// One of the relay's own tables, quoted for SQL.
 fn relay_table(config: &Config, name: &str) -> String {

@@ -407,7 +407,7 @@ pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>
 async fn session(
     config: &Config,
     acknowledged: &mut BTreeMap<String, Position>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> SessionEnd {
     let source = &config.source;
     let schemas = match &config.validation.schema_dir {
@@ -455,6 +455,27 @@ async fn session(
     if let Err(end) = check_failover_slot_support(&sql, source).await {
         return end;
     }
+    // Asked about relations the stream names that are not configured outbox tables (are they
+    // partitions of one?); the OIDs tell a renamed outbox table from another table.
+    let catalog = match db::connect(&params).await {
+        Ok(client) => client,
+        Err(err) => return classify_sql(err),
+    };
+    let outbox_oids = match tables::outbox_oids(&catalog, &source.tables).await {
+        Ok(oids) => oids,
+        Err(err) => return classify_sql(err),
+    };
+    if let Some(missing) = source.tables.iter().find(|t| {
+        crate::config::parse_table_name(t)
+            .is_ok_and(|names| !outbox_oids.values().any(|known| *known == names))
+    }) {
+        return SessionEnd::Fatal(anyhow::anyhow!(
+            "outbox table {missing} does not exist: if it was renamed, put its new name in \
+             source.tables (and its [outbox.\"…\"] mapping); if it was dropped, remove it from \
+             source.tables. The relay does not start while a configured table is missing, so \
+             that the rows of a renamed table are not skipped"
+        ));
+    }
     if let Err(err) = crate::backfill::ensure(config, &params).await {
         let err = err.context("backfill");
         if err.chain().any(|cause| cause.is::<ForeignHistory>()) {
@@ -478,27 +499,6 @@ async fn session(
         if let Err(err) = recorded {
             return classify_sql(err);
         }
-    }
-    // Asked about relations the stream names that are not configured outbox tables (are they
-    // partitions of one?); the OIDs tell a renamed outbox table from another table.
-    let catalog = match db::connect(&params).await {
-        Ok(client) => client,
-        Err(err) => return classify_sql(err),
-    };
-    let outbox_oids = match tables::outbox_oids(&catalog, &source.tables).await {
-        Ok(oids) => oids,
-        Err(err) => return classify_sql(err),
-    };
-    if let Some(missing) = source.tables.iter().find(|t| {
-        crate::config::parse_table_name(t)
-            .is_ok_and(|names| !outbox_oids.values().any(|known| *known == names))
-    }) {
-        return SessionEnd::Fatal(anyhow::anyhow!(
-            "outbox table {missing} does not exist: if it was renamed, put its new name in \
-             source.tables (and its [outbox.\"…\"] mapping); if it was dropped, remove it from \
-             source.tables. The relay does not start while a configured table is missing, so \
-             that the rows of a renamed table are not skipped"
-        ));
     }
     let heartbeat_sql = match source.heartbeat_interval {
         Some(_) => match db::connect(&params).await {
@@ -633,7 +633,7 @@ async fn session(
             .with_replay_key(replay_key),
         catalog,
         outbox_oids,
-        stop: shutdown.clone(),
+        stop: shutdown,
         renames_reported: Default::default(),
         store_lost,
         schemas,
@@ -647,7 +647,7 @@ async fn session(
         pending_boundary: None,
         counts: ReadCounts::default(),
     };
-    let read_result = reader.run(&mut shutdown).await;
+    let read_result = reader.run().await;
     let counts = reader.counts;
     drop(reader); // closes the sink queues: workers drain what they hold, then stop
 
@@ -1067,7 +1067,8 @@ struct Reader {
     catalog: tokio_postgres::Client,
     /// The configured outbox tables by OID, as they were when the session started.
     outbox_oids: HashMap<u32, tables::TableName>,
-    /// Shutdown: a database call the reader waits on is abandoned when it turns true.
+    /// Shutdown: reading stops, and a database call the reader waits on is abandoned, when
+    /// it turns true.
     stop: watch::Receiver<bool>,
     /// Renamed outbox tables already reported in this session.
     renames_reported: std::collections::HashSet<u32>,
@@ -1099,14 +1100,14 @@ struct ReadCounts {
 }
 
 impl Reader {
-    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadError> {
-        match self.read(shutdown).await {
+    async fn run(&mut self) -> Result<(), ReadError> {
+        match self.read().await {
             Err(ReadError::Stopped) => Ok(()),
             other => other,
         }
     }
 
-    async fn read(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadError> {
+    async fn read(&mut self) -> Result<(), ReadError> {
         loop {
             while let Some(message) = self.stream.next_buffered()? {
                 self.handle(message).await?;
@@ -1118,7 +1119,7 @@ impl Reader {
                             bytes, "batch full while a sink is behind: reading pauses"
                         );
                     }
-                    self.flush(shutdown).await?;
+                    self.flush().await?;
                 }
             }
             // Everything received is handled. Hand it on now if every sink can take it. If
@@ -1126,12 +1127,12 @@ impl Reader {
             // until there is room: fewer, fuller batches while the sinks work off a backlog,
             // and no wait otherwise.
             if self.pipeline.has_room() {
-                self.flush(shutdown).await?;
+                self.flush().await?;
             }
             let held = !self.pending.is_empty() || self.pending_boundary.is_some();
             let room = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => return Err(ReadError::Stopped),
+                _ = self.stop.wait_for(|stop| *stop) => return Err(ReadError::Stopped),
                 _ = self.pipeline.worker_failed() => return Err(ReadError::Retry(WorkerGone.into())),
                 _ = self.store_lost.notified() => return Err(ReadError::Retry(anyhow::anyhow!(
                     "the connection for checkpoints and dead letters closed"
@@ -1143,11 +1144,11 @@ impl Reader {
                 }
             };
             room.map_err(|e| ReadError::Retry(e.into()))?;
-            self.flush(shutdown).await?;
+            self.flush().await?;
         }
     }
 
-    async fn flush(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReadError> {
+    async fn flush(&mut self) -> Result<(), ReadError> {
         if self.pending.is_empty() && self.pending_boundary.is_none() {
             return Ok(());
         }
@@ -1155,7 +1156,7 @@ impl Reader {
         tokio::select! {
             biased;
             sent = self.pipeline.dispatch(batch) => sent.map_err(|e| ReadError::Retry(e.into())),
-            _ = shutdown.wait_for(|stop| *stop) => Err(ReadError::Stopped),
+            _ = self.stop.wait_for(|stop| *stop) => Err(ReadError::Stopped),
         }
     }
 

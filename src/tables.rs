@@ -64,7 +64,7 @@ impl std::fmt::Display for PublicationProblem {
                 "publication {publication} does not include {table}, so its rows do not reach the relay: \
                  run `outbox-relay init`, or ALTER PUBLICATION {} ADD TABLE {}",
                 sql::ident(publication),
-                quoted(table)
+                quoted_table(table)
             ),
             PublicationProblem::RowFilter {
                 publication,
@@ -77,7 +77,7 @@ impl std::fmt::Display for PublicationProblem {
                  WHERE, or give the relay a publication of its own (source.publication). Rows filtered \
                  out so far were never sent; publish them another way",
                 sql::ident(publication),
-                quoted(table)
+                quoted_table(table)
             ),
             PublicationProblem::ViaPartitions { publication, table } => write!(
                 f,
@@ -90,8 +90,9 @@ impl std::fmt::Display for PublicationProblem {
     }
 }
 
-/// A configured `schema.table` quoted for SQL.
-fn quoted(table: &str) -> String {
+/// A configured `schema.table` quoted for SQL (validated by the configuration; anything
+/// else is returned as it is, for messages).
+pub fn quoted_table(table: &str) -> String {
     match parse_table_name(table) {
         Ok((schema, name)) => sql::qualified(&schema, &name),
         Err(_) => table.to_owned(),
