@@ -30,6 +30,40 @@ fn with_source(config: &Path, before: &str, lines: &str) {
     std::fs::write(config, text).unwrap();
 }
 
+/// A relay on the Debezium-layout `outbox` with a file sink, its config edited by
+/// [`with_source`], that has delivered one event (of aggregate type `order`).
+struct Streaming {
+    pg: PgCluster,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    relay: Relay,
+    events: std::path::PathBuf,
+}
+
+fn streaming(before: &str, source: &str) -> Streaming {
+    let pg = PgCluster::start();
+    pg.create_outbox("outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    with_source(&config, before, source);
+    init(&config);
+    let relay = Relay::start(&config);
+    insert_kinds(&pg, &["order"]);
+    let events = dir.path().join("events.jsonl");
+    assert!(
+        wait_until(WAIT, || read_events(&events).len() == 1),
+        "{}",
+        relay.log()
+    );
+    Streaming {
+        pg,
+        dir,
+        config,
+        relay,
+        events,
+    }
+}
+
 fn file_sink(dir: &Path) -> String {
     format!(
         "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
@@ -393,15 +427,13 @@ fn a_publication_that_sends_partitions_under_their_own_names_still_delivers_them
 
 #[test]
 fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    init(&config);
-    let mut relay = Relay::start(&config);
-    insert_kinds(&pg, &["order"]);
-    let events = dir.path().join("events.jsonl");
-    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    let Streaming {
+        pg,
+        dir: _dir,
+        config,
+        mut relay,
+        events,
+    } = streaming("", "");
     pg.psql("ALTER TABLE outbox RENAME TO outbox_v2");
     pg.psql("INSERT INTO outbox_v2 (aggregatetype, aggregateid, type, payload) VALUES ('renamed', 'r-1', 'Created', '{}')");
     assert!(
@@ -435,16 +467,13 @@ fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
 
 #[test]
 fn a_publication_that_hides_inserts_or_filters_rows_is_refused() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    with_source(&config, "", "publication_check_interval = \"200ms\"\n");
-    init(&config);
-    let relay = Relay::start(&config);
-    insert_kinds(&pg, &["order"]);
-    let events = dir.path().join("events.jsonl");
-    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    let Streaming {
+        pg,
+        dir: _dir,
+        config,
+        relay,
+        events: _,
+    } = streaming("", "publication_check_interval = \"200ms\"\n");
     // While it streams: said at once, with the fix.
     pg.psql("ALTER PUBLICATION outbox_relay SET (publish = 'update, delete')");
     assert!(
@@ -526,15 +555,13 @@ fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
 
 #[test]
 fn a_publication_dropped_and_created_again_under_a_running_relay_stops_it_with_the_fix() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    init(&config);
-    let mut relay = Relay::start(&config);
-    insert_kinds(&pg, &["order"]);
-    let events = dir.path().join("events.jsonl");
-    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
+    let Streaming {
+        pg,
+        dir: _dir,
+        config,
+        mut relay,
+        events,
+    } = streaming("", "");
     pg.psql("DROP PUBLICATION outbox_relay");
     insert_kinds(&pg, &["lost"]);
     pg.psql(
@@ -579,21 +606,17 @@ fn check_reports_a_mapped_generated_column() {
 
 #[test]
 fn the_relays_sql_connections_dying_under_a_live_stream_are_opened_again() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
     // Without leader election: losing the lock's connection would end the session anyway.
-    with_source(
-        &config,
+    let Streaming {
+        pg,
+        dir: _dir,
+        config: _,
+        relay,
+        events,
+    } = streaming(
         "[leader]\nenabled = false\n\n",
         "heartbeat_interval = \"200ms\"\n",
     );
-    init(&config);
-    let relay = Relay::start(&config);
-    insert_kinds(&pg, &["order"]);
-    let events = dir.path().join("events.jsonl");
-    assert!(wait_until(WAIT, || read_events(&events).len() == 1));
     // Every SQL connection of the relay (checkpoints and dead letters, leader lock, catalog,
     // heartbeat) is cut; the replication connection lives on.
     let cut_at = pg.psql("SELECT now()");
