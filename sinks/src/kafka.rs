@@ -96,9 +96,12 @@ impl BrokerError {
             Some(RDKafkaErrorCode::Authentication) => {
                 Some("check sasl.username, sasl.password (or sasl_password_file) and sasl.mechanism")
             }
-            // librdkafka reports every TLS failure with this code; only a verification
-            // failure is a refused certificate rather than a broken connection.
-            Some(RDKafkaErrorCode::SSL) if self.reason.contains("certificate verify failed") => {
+            // librdkafka reports a TLS failure twice, with the SSL code and as a transport
+            // failure, in either order; only a verification failure is a refused
+            // certificate rather than a broken connection.
+            Some(RDKafkaErrorCode::SSL | RDKafkaErrorCode::BrokerTransportFailure)
+                if self.reason.contains("certificate verify failed") =>
+            {
                 Some("check ssl.ca.location and that the broker's certificate names the host in brokers")
             }
             _ => None,
@@ -961,6 +964,26 @@ mod tests {
                     "{message}"
                 );
                 assert!(message.contains("check sasl.username"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// librdkafka's transport-failure report of a refused certificate can come first, and
+    /// `check` reads the first report: it is the refusal all the same.
+    #[test]
+    fn a_refused_certificate_reported_as_a_transport_failure_is_permanent() {
+        let errors = BrokerErrors::default();
+        report(
+            &errors,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            "ssl://127.0.0.1:9093/bootstrap: ../ssl/statem/statem_clnt.c:1889:\
+             tls_post_process_server_certificate error:0A000086:SSL routines::certificate \
+             verify failed (after 3ms in state SSL_HANDSHAKE)",
+        );
+        match errors.explain(SinkError::Retryable("timed out".into())) {
+            SinkError::Permanent(message) => {
+                assert!(message.contains("check ssl.ca.location"), "{message}")
             }
             other => panic!("{other:?}"),
         }
