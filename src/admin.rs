@@ -3,11 +3,11 @@
 //! and warnings that do not fail it (a setting that will not do what it says), and `status`
 //! shows slot lag and checkpoints.
 
-use crate::checkpoint::dropped_slot_problem;
 use crate::config::{parse_table_name, Config, ConnectParams, Format, SinkConfig};
 use crate::db;
 use crate::origin::Origin;
 use crate::source::replication::{ReplicationConnection, SystemInfo};
+use crate::source::slot::{self, dropped_slot_problem};
 use crate::sql;
 use crate::tables::{self, quoted_table, PublicationProblem};
 use anyhow::Context;
@@ -30,7 +30,7 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
     let client = db::connect(&params).await?;
     let mut done = Vec::new();
     if source.failover_slot {
-        if let Some(problem) = db::failover_slot_problem(&client).await? {
+        if let Some(problem) = slot::failover_slot_problem(&client).await? {
             anyhow::bail!(problem);
         }
     }
@@ -149,8 +149,8 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         .query_opt(
             &format!(
                 "SELECT {}, {} FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_IS_FAILOVER,
-                db::SLOT_USABILITY
+                slot::SLOT_IS_FAILOVER,
+                slot::SLOT_USABILITY
             ),
             &[&source.slot],
         )
@@ -162,7 +162,7 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         ""
     };
     if let Some(row) = slot {
-        if let Some(problem) = db::slot_refusal(&row, 1, &source.slot, &config.relay.schema) {
+        if let Some(problem) = slot::slot_refusal(&row, 1, &source.slot, &config.relay.schema) {
             anyhow::bail!(problem);
         }
         if source.failover_slot && !row.get::<_, bool>(0) {
@@ -197,7 +197,7 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
             .query_one(
                 &format!(
                     "SELECT lsn::text FROM {}",
-                    db::create_slot_call(source.failover_slot)
+                    slot::create_slot_call(source.failover_slot)
                 ),
                 &[&source.slot],
             )
@@ -213,7 +213,7 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         done.push(format!("warning: {warning}"));
     }
     if source.failover_slot {
-        for warning in db::failover_slot_warnings(&client).await? {
+        for warning in slot::failover_slot_warnings(&client).await? {
             done.push(format!("warning: {warning}"));
         }
     }
@@ -445,9 +445,9 @@ async fn check_database(
         problems.push(db::STANDBY_PROBLEM.to_owned());
     }
     if source.failover_slot {
-        match db::failover_slot_problem(client).await? {
+        match slot::failover_slot_problem(client).await? {
             Some(problem) => problems.push(problem),
-            None => problems.extend(db::standby_slot_problems(client).await?),
+            None => problems.extend(slot::standby_slot_problems(client).await?),
         }
     }
     let wal_level: String = one("SHOW wal_level").await?.get(0);
@@ -497,7 +497,7 @@ async fn check_database(
         .query_opt(
             &format!(
                 "SELECT {} FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_USABILITY
+                slot::SLOT_USABILITY
             ),
             &[&source.slot],
         )
@@ -505,7 +505,7 @@ async fn check_database(
         .map_err(db::explain)?;
     match slot {
         Some(row) => {
-            problems.extend(db::slot_refusal(
+            problems.extend(slot::slot_refusal(
                 &row,
                 0,
                 &source.slot,
@@ -563,7 +563,7 @@ async fn check_database(
         if !writable {
             problems.push(format!("role {user} cannot write {checkpoints} / {dead_letters}: grant INSERT, UPDATE (see migrations/003_relay_role.sql)"));
         }
-        problems.extend(crate::checkpoint::schema_problem(client, schema).await?);
+        problems.extend(crate::dead_letters::schema_problem(client, schema).await?);
     }
     Ok(())
 }
@@ -579,7 +579,7 @@ pub async fn status(config: &Config) -> anyhow::Result<String> {
                 "SELECT active, active_pid, confirmed_flush_lsn::text, pg_current_wal_lsn()::text, \
                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, {} \
                  FROM pg_replication_slots s WHERE slot_name = $1",
-                db::SLOT_IS_FAILOVER
+                slot::SLOT_IS_FAILOVER
             ),
             &[&source.slot],
         )
@@ -765,7 +765,7 @@ pub async fn dlq_replay(config: &Config, id: i64) -> anyhow::Result<String> {
              UPDATE {dead_letters} SET row_data = jsonb_set(row_data, '{{payload}}', to_jsonb('{{\"fixed\": true}}'::text)) WHERE id = {id}"
         )
     })?;
-    let key = crate::checkpoint::load_replay_key(&tx, &config.relay.schema)
+    let key = crate::dead_letters::load_replay_key(&tx, &config.relay.schema)
         .await?
         .context("the relay's schema has no replay key: run `outbox-relay init` (it adds one), then replay again")?;
     tx.execute(

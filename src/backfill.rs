@@ -14,10 +14,11 @@
 use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::{parse_table_name, Config, ConnectParams};
 use crate::db;
+use crate::dead_letters::{DeadLetterStore, PgDeadLetterStore};
 use crate::origin::Origin;
 use crate::outbox::{Mapped, OutboxMapper, RowContext};
-use crate::pipeline::{self, BatchLimit, PendingBatch, Progress, SinkWorker};
-use crate::relay::{build_sinks, skip_point, Horizon, SkipSources};
+use crate::pipeline::{self, BatchLimit, PendingBatch, Progress};
+use crate::resume::{ready_workers, Horizon};
 use crate::source::pgoutput::{Relation, RelationColumn, Tuple, Value};
 use crate::source::replication::ReplicationConnection;
 use crate::sql;
@@ -170,48 +171,27 @@ async fn deliver(
     consistent_point: Lsn,
     snapshot: &str,
 ) -> anyhow::Result<u64> {
-    let store: Arc<dyn CheckpointStore> = Arc::new(PgCheckpointStore::new(
-        db::connect(params).await?,
-        &config.relay.schema,
-    ));
-    let mut workers = Vec::new();
-    for (name, mut sink) in build_sinks(config)? {
-        // Every backfilled event lies below the consistent point. A destination that holds
-        // positions beyond it belongs to another database or history, and a deduplicating
-        // one (a RabbitMQ stream) would drop the backfill as already stored.
-        let recovered = sink
-            .recover()
-            .await
-            .map_err(|err| anyhow::anyhow!("sink {name}: {err}"))?;
-        let sources = SkipSources {
-            recovered,
-            ..SkipSources::default()
-        };
-        skip_point(
-            &name,
-            sources,
-            Horizon::NewSlot(consistent_point),
-            (&config.source.slot, &config.relay.schema),
-        )?;
-        workers.push(SinkWorker {
-            name,
-            sink,
-            skip_through: None,
-        });
-    }
+    let sql = Arc::new(db::connect(params).await?);
+    let store = PgCheckpointStore::new(sql.clone(), &config.relay.schema);
+    let dead_letters: Arc<dyn DeadLetterStore> =
+        Arc::new(PgDeadLetterStore::new(sql, &config.relay.schema));
+    // Every backfilled event lies below the consistent point. A destination that holds
+    // positions beyond it belongs to another database or history, and a deduplicating one (a
+    // RabbitMQ stream) would drop the backfill as already stored.
+    let workers = ready_workers(config, Horizon::NewSlot(consistent_point), None).await?;
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), Lsn(0));
     let limit = BatchLimit::of(&config.relay);
     let (pipeline, handles) = pipeline::start(
         workers,
         progress.clone(),
-        store.clone(),
+        dead_letters.clone(),
         &config.source.slot,
         config.relay.queue_depth,
         limit,
     );
 
-    let mut reader = db::connect(params).await?;
-    let tx = reader
+    let mut snapshot_reader = db::connect(params).await?;
+    let tx = snapshot_reader
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .read_only(true)
@@ -309,7 +289,7 @@ async fn deliver(
                 match mapper.map_insert(relation_id, &tuple, &data, ctx)? {
                     Mapped::Event(event) => batch.push(*event),
                     Mapped::DeadLetter(letter) => {
-                        store.dead_letter(&config.source.slot, &letter).await?
+                        dead_letters.store(&config.source.slot, &letter).await?
                     }
                     Mapped::NotOutbox | Mapped::NullPayloadSkipped(_) => continue,
                 }

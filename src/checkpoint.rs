@@ -1,44 +1,47 @@
 //! The checkpoint store: per (slot, sink), the highest position below which that sink has
-//! acknowledged everything; plus dead letters, which must be as durable as a checkpoint
-//! before the stream moves past them. Writes are batched: one statement per interval for all
-//! sinks, never one per event.
+//! acknowledged everything, and the task that writes it. Writes are batched: one statement
+//! per interval for all sinks, never one per event.
+//!
+//! Invariant: a stored position is one the pipeline reports as acknowledged
+//! ([`Progress::checkpoints`]); a failed write only delays the restart point, it never
+//! moves it past what a sink acknowledged.
 
 use crate::db;
-use crate::origin::Origin;
-use crate::outbox::{DeadLetter, ReplayKey};
+use crate::pipeline::Progress;
 use crate::sql;
+use crate::telemetry::{gauge_value, Metrics, METRICS};
 use anyhow::Context;
 use async_trait::async_trait;
 use outbox_relay_sinks::{Lsn, Position};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
+use tracing::{error, warn};
 
-/// Where the relay keeps what it must not forget.
+/// Where the relay keeps how far each sink got.
 #[async_trait]
 pub trait CheckpointStore: Send + Sync {
     /// Every sink's stored checkpoint for `slot`.
     async fn load(&self, slot: &str) -> anyhow::Result<BTreeMap<String, Position>>;
     /// Stores the given sinks' checkpoints for `slot` atomically.
     async fn save(&self, slot: &str, positions: &BTreeMap<String, Position>) -> anyhow::Result<()>;
-    /// Stores a dead letter; storing the same one again is a no-op.
-    async fn dead_letter(&self, slot: &str, letter: &DeadLetter) -> anyhow::Result<()>;
     /// Whether the store's connection is gone for good: every later call fails too.
     fn is_closed(&self) -> bool;
 }
 
-/// Checkpoints and dead letters in tables of the relay's schema (see migrations/).
+/// Checkpoints in the `checkpoints` table of the relay's schema (see migrations/).
 pub struct PgCheckpointStore {
-    client: Client,
+    client: Arc<Client>,
     load_sql: String,
     save_sql: String,
-    dead_letter_sql: String,
 }
 
 impl PgCheckpointStore {
-    pub fn new(client: Client, schema: &str) -> Self {
+    pub fn new(client: Arc<Client>, schema: &str) -> Self {
         let checkpoints = sql::qualified(schema, "checkpoints");
-        let dead_letters = sql::qualified(schema, "dead_letters");
         PgCheckpointStore {
             client,
             load_sql: format!(
@@ -50,12 +53,6 @@ impl PgCheckpointStore {
                  FROM unnest($2::text[], $3::text[], $4::int[]) AS s(sink, lsn, idx) \
                  ON CONFLICT (slot, sink) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, \
                  event_index = EXCLUDED.event_index, updated_at = EXCLUDED.updated_at"
-            ),
-            dead_letter_sql: format!(
-                "INSERT INTO {dead_letters} \
-                 (slot, sink, source_table, commit_lsn, event_index, xid, reason, row_data, raw) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (slot, sink, commit_lsn, event_index) DO NOTHING"
             ),
         }
     }
@@ -102,114 +99,54 @@ impl CheckpointStore for PgCheckpointStore {
             .context("writing checkpoints")?;
         Ok(())
     }
+}
 
-    async fn dead_letter(&self, slot: &str, letter: &DeadLetter) -> anyhow::Result<()> {
-        let lsn = PgLsn::from(letter.position.commit_lsn.0);
-        let (row, raw) = letter.storable();
-        self.client
-            .execute(
-                &self.dead_letter_sql,
-                &[
-                    &slot,
-                    &letter.sink.as_deref().unwrap_or(""),
-                    &letter.table,
-                    &lsn,
-                    &(letter.position.index as i32),
-                    &i64::from(letter.xid),
-                    &letter.reason,
-                    &row,
-                    &raw,
-                ],
-            )
-            .await
-            .map_err(db::explain)
-            .context("writing a dead letter")?;
-        Ok(())
+/// Writes changed checkpoints every `interval`, and once more on stop. A failed write is
+/// retried at the next tick: the stream goes on, only the restart point lags. A closed
+/// connection is not retried: `store_lost` tells the reader to end the session.
+pub async fn write_checkpoints(
+    store: Arc<dyn CheckpointStore>,
+    slot: String,
+    progress: Arc<Progress>,
+    interval: Duration,
+    store_lost: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut saved = BTreeMap::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = stop.wait_for(|stop| *stop) => true,
+        };
+        let current = progress.checkpoints();
+        if current != saved {
+            match store.save(&slot, &current).await {
+                Ok(()) => {
+                    for (sink, position) in &current {
+                        METRICS
+                            .sink_checkpoint_lsn
+                            .get_or_create(&Metrics::sink(sink))
+                            .set(gauge_value(position.commit_lsn.0));
+                    }
+                    saved = current;
+                }
+                Err(err) if stopping => return Err(err),
+                // The connection died: no later write can succeed on it. End the session, and
+                // the next one connects afresh (and re-reads from the last checkpoint).
+                Err(err) if store.is_closed() => {
+                    error!(error = %format!("{err:#}"), "the connection for checkpoints closed; reconnecting");
+                    store_lost.notify_one();
+                    return Err(err);
+                }
+                Err(err) => {
+                    warn!(error = %format!("{err:#}"), "writing checkpoints failed; retrying")
+                }
+            }
+        }
+        if stopping {
+            return Ok(());
+        }
     }
-}
-
-/// What keeps the relay's tables from taking dead letters, if anything: the `raw` column
-/// (added to `dead_letters` in a later version) is missing until `init` runs again.
-pub async fn schema_problem(client: &Client, schema: &str) -> anyhow::Result<Option<String>> {
-    let missing: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL AND NOT EXISTS (SELECT FROM pg_attribute \
-             WHERE attrelid = to_regclass($1) AND attname = 'raw' AND NOT attisdropped)",
-            &[&sql::qualified(schema, "dead_letters")],
-        )
-        .await
-        .map_err(db::explain)?
-        .get(0);
-    Ok(missing.then(|| {
-        format!(
-            "{schema}.dead_letters has no column raw, which this version stores dead letters' \
-             exact bytes in: run `outbox-relay init` (it adds the column)"
-        )
-    }))
-}
-
-/// The key `dlq replay` signs with and the relay verifies replays with (see
-/// [`ReplayKey`]); `None` when the relay's schema predates it (`init` adds it).
-pub async fn load_replay_key(
-    client: &impl tokio_postgres::GenericClient,
-    schema: &str,
-) -> anyhow::Result<Option<ReplayKey>> {
-    let table = sql::qualified(schema, "replay_key");
-    let exists = db::table_exists(client, &table).await?;
-    if !exists {
-        return Ok(None);
-    }
-    let row = client
-        .query_opt(&format!("SELECT key FROM {table}"), &[])
-        .await
-        .map_err(db::explain)
-        .with_context(|| format!("reading the replay key in {table}"))?;
-    Ok(row.map(|row| ReplayKey::new(row.get::<_, &[u8]>(0))))
-}
-
-/// Why a missing slot must not simply be created again, if the relay has used it (it has
-/// checkpoints for it, or a record in `{schema}.slots`, see [`crate::origin`]): it
-/// was dropped, or the server is a promoted standby, and a new slot would start at the
-/// current WAL position, skipping everything committed since the relay last read. `None`
-/// when there is neither (or the relay's tables do not exist yet). `run`, `init` and
-/// `check` ask.
-pub async fn dropped_slot_problem(
-    client: &Client,
-    schema: &str,
-    slot: &str,
-) -> anyhow::Result<Option<String>> {
-    let table = sql::qualified(schema, "checkpoints");
-    let exists = db::table_exists(client, &table).await?;
-    let last = if exists {
-        client
-            .query_opt(
-                &format!(
-                    "SELECT max(commit_lsn)::text FROM {table} WHERE slot = $1 HAVING count(*) > 0"
-                ),
-                &[&slot],
-            )
-            .await
-            .map_err(db::explain)?
-            .map(|row| row.get::<_, Option<String>>(0).unwrap_or_default())
-    } else {
-        None
-    };
-    let evidence = match (last, Origin::load(client, schema, slot).await?) {
-        (Some(last), _) => format!("the relay has checkpoints for it (up to {last})"),
-        (None, Some(origin)) => format!(
-            "the relay has used it (created it or streamed from it, from {} on, on system {} \
-             timeline {}), though it has no checkpoint yet",
-            origin.start_lsn, origin.system_id, origin.timeline
-        ),
-        (None, None) => return Ok(None),
-    };
-    Ok(Some(format!(
-        "replication slot {slot:?} is gone, but {evidence}: it was dropped, or this server is a \
-         promoted standby (before PostgreSQL 17, logical slots do not survive a failover). A new \
-         slot would start at the current WAL position, and the events committed since the relay \
-         last read would never be published. Publish them another way (source.backfill = true \
-         publishes the rows still in the outbox tables, on a new slot), or delete the relay's \
-         record of the slot to accept the gap and start afresh: {}",
-        crate::origin::forget_slot_sql(schema, slot)
-    )))
 }

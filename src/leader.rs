@@ -57,7 +57,7 @@ impl Leadership {
                         announced = true;
                     }
                 }
-                Err(err) if db::is_permanent(&err) => {
+                Err(err) if crate::failure::is_permanent(&err) => {
                     return Err(err.context("taking the leader lock"));
                 }
                 Err(err) => {

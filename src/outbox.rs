@@ -24,8 +24,6 @@ const BYTEA_OID: u32 = 17;
 /// always read, whatever `source.message_prefixes` says, and mapped only when its signature
 /// verifies (see [`ReplayKey`]).
 pub const REPLAY_PREFIX: &str = "outbox-relay-replay";
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// The key `dlq replay` signs its messages with (HMAC-SHA256), kept in the relay's schema
 /// (`replay_key`, readable by the relay's role and the schema's owner only). Any role that can

@@ -12,8 +12,8 @@
 //! PostgreSQL stamped on the transaction to the moment the sink's `send` returned) into a
 //! fixed-size [`LatencyHistogram`], and logs its percentiles when it stops.
 
-use crate::checkpoint::CheckpointStore;
 use crate::config::RelayConfig;
+use crate::dead_letters::DeadLetterStore;
 use crate::outbox::DeadLetter;
 use crate::telemetry::{Metrics, SinkLabels, SinkTableLabels, METRICS};
 use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError};
@@ -253,7 +253,7 @@ pub struct SinkWorker {
 pub fn start(
     workers: Vec<SinkWorker>,
     progress: Arc<Progress>,
-    store: Arc<dyn CheckpointStore>,
+    dead_letters: Arc<dyn DeadLetterStore>,
     slot: &str,
     queue_depth: usize,
     limit: BatchLimit,
@@ -272,7 +272,7 @@ pub fn start(
             worker,
             rx,
             progress.clone(),
-            store.clone(),
+            dead_letters.clone(),
             slot.to_owned(),
             limit,
         );
@@ -301,7 +301,7 @@ async fn run_worker(
     mut worker: SinkWorker,
     mut batches: mpsc::Receiver<Arc<Batch>>,
     progress: Arc<Progress>,
-    store: Arc<dyn CheckpointStore>,
+    dead_letters: Arc<dyn DeadLetterStore>,
     slot: String,
     limit: BatchLimit,
 ) -> anyhow::Result<()> {
@@ -357,7 +357,7 @@ async fn run_worker(
             let span = info_span!("batch", events = fresh.len(), first = %fresh[0].position,
                 last = %fresh[fresh.len() - 1].position);
             let started = unix_micros();
-            let rejected = deliver(&mut worker, fresh, &*store, &slot)
+            let rejected = deliver(&mut worker, fresh, &*dead_letters, &slot)
                 .instrument(span)
                 .await?;
             let acked = unix_micros();
@@ -544,7 +544,7 @@ fn bucket_range(index: usize) -> (u64, u64) {
 async fn deliver(
     worker: &mut SinkWorker,
     events: &[Event],
-    store: &dyn CheckpointStore,
+    dead_letters: &dyn DeadLetterStore,
     slot: &str,
 ) -> anyhow::Result<Vec<usize>> {
     let mut backoff = Duration::from_millis(100);
@@ -585,7 +585,7 @@ async fn deliver(
         // Not the reason: a sink's refusal may quote the event.
         warn!(sink = %worker.name, position = %letter.position,
             "sink refused an event; dead-lettered (`outbox-relay dlq list` shows why)");
-        store.dead_letter(slot, &letter).await?;
+        dead_letters.store(slot, &letter).await?;
     }
     Ok(rejected)
 }
@@ -680,18 +680,9 @@ mod tests {
     struct NoStore;
 
     #[async_trait::async_trait]
-    impl CheckpointStore for NoStore {
-        async fn load(&self, _: &str) -> anyhow::Result<BTreeMap<String, Position>> {
-            Ok(BTreeMap::new())
-        }
-        async fn save(&self, _: &str, _: &BTreeMap<String, Position>) -> anyhow::Result<()> {
+    impl DeadLetterStore for NoStore {
+        async fn store(&self, _: &str, _: &DeadLetter) -> anyhow::Result<()> {
             Ok(())
-        }
-        async fn dead_letter(&self, _: &str, _: &DeadLetter) -> anyhow::Result<()> {
-            Ok(())
-        }
-        fn is_closed(&self) -> bool {
-            false
         }
     }
 

@@ -214,6 +214,21 @@ pub async fn outbox_oids(
     Ok(oids)
 }
 
+/// What to do about the first configured outbox table that [`outbox_oids`] did not find. The
+/// relay does not start while one is missing, so that the rows of a renamed table are not
+/// skipped.
+pub fn missing_table_problem(tables: &[String], found: &HashMap<u32, TableName>) -> Option<String> {
+    let missing = tables.iter().find(|t| {
+        parse_table_name(t).is_ok_and(|names| !found.values().any(|known| *known == names))
+    })?;
+    Some(format!(
+        "outbox table {missing} does not exist: if it was renamed, put its new name in \
+         source.tables (and its [outbox.\"…\"] mapping); if it was dropped, remove it from \
+         source.tables. The relay does not start while a configured table is missing, so \
+         that the rows of a renamed table are not skipped"
+    ))
+}
+
 /// The OID, schema and name of the partitioned table at the root of relation `oid`'s
 /// partition tree, if `oid` is a partition that exists now.
 pub async fn partition_root(

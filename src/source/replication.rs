@@ -6,7 +6,9 @@
 //! `wal_sender_timeout`.
 
 use super::coalesce::CoalescingReader;
-use super::wire::{self, BackendMessage, ReplicationMessage};
+use super::status::StatusWriter;
+use super::stream::ReplicationStream;
+use super::wire::{self, BackendMessage};
 use crate::config::{ConnectParams, Host, SslMode};
 use crate::sql;
 use bytes::BytesMut;
@@ -18,21 +20,20 @@ use postgres_protocol::message::frontend;
 use sinks::Lsn;
 use std::fmt;
 use std::io;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use outbox_relay_sinks as sinks;
 
 /// How much the receive buffer grows by when it runs short: large reads, few syscalls.
-const READ_CHUNK: usize = 256 * 1024;
+pub(super) const READ_CHUNK: usize = 256 * 1024;
 
 /// The receive buffer grows only when less than this is free. Events keep slices of the
 /// buffer alive, so `BytesMut::reserve` cannot reuse it and allocates a fresh one: reserving
 /// `READ_CHUNK` before every read allocated 256 KiB per read, and a relay that keeps up with
 /// the server reads a few KiB at a time. Now one allocation serves many reads.
-const MIN_READ: usize = 64 * 1024;
+pub(super) const MIN_READ: usize = 64 * 1024;
 
 /// A failure on the replication connection, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -52,27 +53,10 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Whether retrying later can help (network, restarts, a slot busy with another relay).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            SourceError::Connect { .. } | SourceError::Io(_) => true,
-            SourceError::Server(e) => !matches!(
-                e.code.as_str(),
-                "28P01" | "28000" | "42501" | "55000" | "3D000" | "42704" | "0A000" | "42601"
-            ),
-            SourceError::Tls(_) | SourceError::Protocol(_) | SourceError::Config(_) => false,
-        }
-    }
-
     /// Whether the server could not find the publication while decoding: it reads each
     /// change with the publication as it was at that change's position.
     pub fn is_missing_publication(&self) -> bool {
         matches!(self, SourceError::Server(e) if e.code == "42704" && e.message.contains("publication"))
-    }
-
-    /// Whether the slot is being streamed by another process (another relay).
-    pub fn is_slot_in_use(&self) -> bool {
-        matches!(self, SourceError::Server(e) if e.code == "55006")
     }
 }
 
@@ -87,11 +71,11 @@ pub struct ServerError {
 }
 
 impl ServerError {
-    fn parse(body: &ErrorResponseBody) -> ServerError {
+    pub(super) fn parse(body: &ErrorResponseBody) -> ServerError {
         Self::from_fields(body.fields())
     }
 
-    fn from_fields(mut fields: ErrorFields) -> ServerError {
+    pub(super) fn from_fields(mut fields: ErrorFields) -> ServerError {
         use fallible_iterator::FallibleIterator;
         let mut err = ServerError {
             severity: String::new(),
@@ -119,7 +103,7 @@ impl ServerError {
         Self::from_fields(body.fields()).log_as_notice();
     }
 
-    fn log_as_notice(&self) {
+    pub(super) fn log_as_notice(&self) {
         if self.severity == "WARNING" {
             warn!(code = %self.code, "{self}");
         } else {
@@ -176,7 +160,7 @@ impl fmt::Display for ServerError {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// An authenticated connection in `replication=database` mode, before streaming.
@@ -506,18 +490,8 @@ impl ReplicationConnection {
         }
         let (reader, writer) = tokio::io::split(self.io);
         Ok((
-            ReplicationStream {
-                reader,
-                coalescing: self.coalescing,
-                buf: self.buf,
-                reads: 0,
-                bytes: 0,
-                notices: RepeatedNotices::default(),
-            },
-            StatusWriter {
-                writer,
-                out: BytesMut::with_capacity(64),
-            },
+            ReplicationStream::new(reader, self.coalescing, self.buf),
+            StatusWriter::new(writer),
         ))
     }
 }
@@ -527,7 +501,7 @@ async fn negotiate_tls(
     host: &str,
     params: &ConnectParams,
 ) -> Result<Box<dyn Io>, SourceError> {
-    let Some(config) = super::tls::client_config(params.sslmode, params.sslrootcert.as_deref())
+    let Some(config) = crate::tls::client_config(params.sslmode, params.sslrootcert.as_deref())
         .map_err(|e| SourceError::Config(format!("{e:#}")))?
     else {
         return Ok(Box::new(tcp));
@@ -539,7 +513,7 @@ async fn negotiate_tls(
     tcp.read_exact(&mut answer).await?;
     match answer[0] {
         b'S' => {
-            let name = super::tls::server_name(host).map_err(|e| SourceError::Config(format!("{e:#}")))?;
+            let name = crate::tls::server_name(host).map_err(|e| SourceError::Config(format!("{e:#}")))?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
@@ -571,7 +545,7 @@ fn sslmode_name(mode: SslMode) -> &'static str {
 }
 
 /// The name of a backend message, for errors.
-fn message_name(message: &Message) -> &'static str {
+pub(super) fn message_name(message: &Message) -> &'static str {
     match message {
         Message::ReadyForQuery(_) => "ReadyForQuery",
         Message::ParameterStatus(_) => "ParameterStatus",
@@ -582,191 +556,5 @@ fn message_name(message: &Message) -> &'static str {
         Message::NotificationResponse(_) => "NotificationResponse",
         Message::EmptyQueryResponse => "EmptyQueryResponse",
         _ => "backend message",
-    }
-}
-
-/// The receiving half while streaming.
-pub struct ReplicationStream {
-    reader: ReadHalf<Box<dyn Io>>,
-    coalescing: CoalescingReader,
-    buf: BytesMut,
-    /// Socket reads and the bytes they returned, logged at debug level when the stream ends
-    /// (how large reads are is what the relay's CPU per event mostly depends on).
-    reads: u64,
-    bytes: u64,
-    notices: RepeatedNotices,
-}
-
-/// How often a notice the server repeats while streaming is logged again.
-const NOTICE_REPEAT_INTERVAL: Duration = Duration::from_secs(60);
-
-/// The notices of a stream. A walsender that waits for something warns at every wake-up
-/// (twice a second for a missing `synchronized_standby_slots` slot): the same notice is
-/// logged once per [`NOTICE_REPEAT_INTERVAL`].
-#[derive(Default)]
-struct RepeatedNotices {
-    last: Option<(String, Instant)>,
-}
-
-impl RepeatedNotices {
-    /// Logs the notice unless it repeats the last one within the interval; returns whether
-    /// it logged.
-    fn log(&mut self, body: &NoticeResponseBody) -> bool {
-        let notice = ServerError::from_fields(body.fields());
-        let text = notice.to_string();
-        if let Some((last, at)) = &self.last {
-            if *last == text && at.elapsed() < NOTICE_REPEAT_INTERVAL {
-                return false;
-            }
-        }
-        notice.log_as_notice();
-        self.last = Some((text, Instant::now()));
-        true
-    }
-}
-
-impl Drop for ReplicationStream {
-    fn drop(&mut self) {
-        tracing::debug!(
-            reads = self.reads,
-            bytes = self.bytes,
-            bytes_per_read = self.bytes / self.reads.max(1),
-            "replication stream closed"
-        );
-    }
-}
-
-impl ReplicationStream {
-    /// The next message already received, without I/O; `None` when the buffer is drained.
-    pub fn next_buffered(&mut self) -> Result<Option<ReplicationMessage>, SourceError> {
-        loop {
-            let Some(message) = wire::parse_backend(&mut self.buf)? else {
-                return Ok(None);
-            };
-            match message {
-                BackendMessage::CopyData(data) => {
-                    return wire::parse_replication(data)
-                        .map(Some)
-                        .map_err(|e| SourceError::Protocol(e.to_string()))
-                }
-                BackendMessage::Other(Message::ErrorResponse(body)) => {
-                    return Err(SourceError::Server(ServerError::parse(&body)))
-                }
-                BackendMessage::Other(Message::NoticeResponse(body)) => {
-                    self.notices.log(&body);
-                    continue;
-                }
-                BackendMessage::Other(Message::CopyDone | Message::CommandComplete(_)) => {
-                    // A shutting-down walsender ends streaming with CommandComplete
-                    // (PostgreSQL's WalSndDone) or CopyDone: reconnect later.
-                    return Err(SourceError::Io(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        "PostgreSQL ended replication (is it shutting down?)",
-                    )));
-                }
-                BackendMessage::Other(other) => {
-                    return Err(SourceError::Protocol(format!(
-                        "unexpected {} while streaming",
-                        message_name(&other)
-                    )))
-                }
-                BackendMessage::CopyBothResponse => {
-                    return Err(SourceError::Protocol(
-                        "unexpected CopyBothResponse while streaming".into(),
-                    ))
-                }
-            }
-        }
-    }
-
-    /// Reads more from the socket into the buffer.
-    pub async fn fill(&mut self) -> Result<(), SourceError> {
-        if self.buf.capacity() - self.buf.len() < MIN_READ {
-            self.buf.reserve(READ_CHUNK);
-        }
-        let n = self
-            .coalescing
-            .read(&mut self.reader, &mut self.buf)
-            .await?;
-        self.reads += 1;
-        self.bytes += n as u64;
-        if n == 0 {
-            return Err(SourceError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "PostgreSQL closed the replication connection",
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// The sending half while streaming: standby status updates.
-pub struct StatusWriter {
-    writer: WriteHalf<Box<dyn Io>>,
-    out: BytesMut,
-}
-
-impl StatusWriter {
-    /// Reports `received` as written and `confirmed` as flushed and applied: the server may
-    /// forget WAL up to `confirmed`.
-    pub async fn send(&mut self, received: Lsn, confirmed: Lsn) -> Result<(), SourceError> {
-        self.out.clear();
-        wire::standby_status_update(
-            received.0,
-            confirmed.0,
-            confirmed.0,
-            wire::pg_now(),
-            &mut self.out,
-        );
-        self.writer.write_all(&self.out).await?;
-        self.writer.flush().await?;
-        Ok(())
-    }
-
-    /// Ends streaming and the session politely.
-    pub async fn finish(mut self) -> Result<(), SourceError> {
-        self.out.clear();
-        frontend::copy_done(&mut self.out);
-        frontend::terminate(&mut self.out);
-        self.writer.write_all(&self.out).await?;
-        self.writer.shutdown().await?;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A NoticeResponse as the server frames it.
-    fn notice(severity: &str, message: &str) -> NoticeResponseBody {
-        let mut fields = Vec::new();
-        for (kind, value) in [(b'S', severity), (b'C', "22023"), (b'M', message)] {
-            fields.push(kind);
-            fields.extend_from_slice(value.as_bytes());
-            fields.push(0);
-        }
-        fields.push(0);
-        let mut frame = BytesMut::from(&b"N"[..]);
-        frame.extend_from_slice(&(fields.len() as i32 + 4).to_be_bytes());
-        frame.extend_from_slice(&fields);
-        match Message::parse(&mut frame) {
-            Ok(Some(Message::NoticeResponse(body))) => body,
-            _ => panic!("not a notice"),
-        }
-    }
-
-    #[test]
-    fn a_notice_repeated_while_streaming_is_logged_once_per_interval() {
-        let mut notices = RepeatedNotices::default();
-        let waiting = notice("WARNING", "replication slot \"s\" does not exist");
-        assert!(notices.log(&waiting));
-        assert!(!notices.log(&waiting));
-        assert!(!notices.log(&waiting));
-        assert!(notices.log(&notice("WARNING", "another")));
-        assert!(notices.log(&waiting), "a different notice came in between");
-        let (text, _) = notices.last.take().unwrap();
-        notices.last = Some((text, Instant::now() - NOTICE_REPEAT_INTERVAL));
-        assert!(notices.log(&waiting), "the interval has passed");
     }
 }

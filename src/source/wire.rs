@@ -136,13 +136,16 @@ pub fn standby_status_update(write: u64, flush: u64, apply: u64, now: i64, out: 
     out.put_u8(0);
 }
 
-/// Microseconds since 2000-01-01, PostgreSQL's epoch, for status updates.
+/// PostgreSQL's epoch (2000-01-01) in microseconds since the Unix epoch. Times cross the
+/// protocol in PostgreSQL's epoch and leave the source side in the Unix epoch.
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// Microseconds since PostgreSQL's epoch, for status updates.
 pub fn pg_now() -> i64 {
-    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    (unix.as_micros() as i64) - (PG_EPOCH_UNIX_SECS as i64 * 1_000_000)
+    unix.as_micros() as i64 - PG_EPOCH_UNIX_MICROS
 }
 
 #[cfg(test)]
