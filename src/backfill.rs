@@ -19,7 +19,7 @@ use crate::origin::Origin;
 use crate::outbox::{Mapped, OutboxMapper, RowContext};
 use crate::pipeline::{self, BatchLimit, PendingBatch, Progress};
 use crate::resume::{ready_workers, Horizon};
-use crate::source::pgoutput::{Relation, RelationColumn, Tuple, Value};
+use crate::row::{Column, Row, Table, Value};
 use crate::source::replication::ReplicationConnection;
 use crate::sql;
 use anyhow::Context;
@@ -272,11 +272,13 @@ async fn deliver(
             for row in &rows {
                 let (data, ranges) = row_bytes(row);
                 fetched_bytes += data.len();
-                let tuple = Tuple {
-                    columns: ranges
-                        .iter()
-                        .map(|r| r.clone().map_or(Value::Null, |r| Value::Text(&data[r])))
-                        .collect(),
+                let values: Vec<Value> = ranges
+                    .iter()
+                    .map(|r| r.clone().map_or(Value::Null, |r| Value::Text(&data[r])))
+                    .collect();
+                let row = Row {
+                    values: &values,
+                    frame: &data,
                 };
                 let ctx = RowContext {
                     position: Position {
@@ -286,7 +288,7 @@ async fn deliver(
                     xid: 0,
                     commit_time_micros: now_micros,
                 };
-                match mapper.map_insert(relation_id, &tuple, &data, ctx)? {
+                match mapper.map_insert(relation_id, row, ctx)? {
                     Mapped::Event(event) => batch.push(*event),
                     Mapped::DeadLetter(letter) => {
                         dead_letters.store(&config.source.slot, &letter).await?
@@ -323,8 +325,9 @@ async fn deliver(
     Ok(u64::from(index))
 }
 
-/// The table's columns as a Relation, as pgoutput would describe it.
-async fn describe(tx: &tokio_postgres::Transaction<'_>, table: &str) -> anyhow::Result<Relation> {
+/// The table's shape: its OID and its columns, in the order the stream would send them
+/// (generated columns are not sent).
+async fn describe(tx: &tokio_postgres::Transaction<'_>, table: &str) -> anyhow::Result<Table> {
     let (schema, name) = parse_table_name(table)?;
     let qualified = sql::qualified(&schema, &name);
     let rows = tx
@@ -341,18 +344,15 @@ async fn describe(tx: &tokio_postgres::Transaction<'_>, table: &str) -> anyhow::
         .first()
         .map(|r| r.get(0))
         .with_context(|| format!("outbox table {table} has no columns"))?;
-    Ok(Relation {
+    Ok(Table {
         id,
-        namespace: schema.to_owned(),
-        name: name.to_owned(),
-        replica_identity: b'd',
+        schema,
+        name,
         columns: rows
             .iter()
-            .map(|r| RelationColumn {
-                flags: 0,
+            .map(|r| Column {
                 name: r.get(1),
                 type_oid: r.get(2),
-                type_modifier: -1,
             })
             .collect(),
     })

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod reader;
 pub mod relay;
 pub mod resume;
+pub mod row;
 pub mod source;
 pub mod sql;
 pub mod tables;

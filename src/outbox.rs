@@ -10,7 +10,7 @@
 use crate::config::{
     mapping_in, parse_table_name, ChangePolicy, NullPayloadPolicy, Placement, TableMapping,
 };
-use crate::source::pgoutput::{LogicalMessage, Relation, Tuple, Value};
+use crate::row::{Message, Row, Table, Value};
 use bytes::Bytes;
 use outbox_relay_sinks::routing::Template;
 use outbox_relay_sinks::{Event, Payload, Position, Text};
@@ -270,7 +270,7 @@ struct OutboxTable {
 
 /// What the mapper knows about one relation of the stream.
 struct RelationInfo {
-    relation: Relation,
+    table: Table,
     /// `schema.name`, shared by every event of the table.
     qualified: Arc<str>,
     /// `None` when the relation is not a configured outbox table.
@@ -308,13 +308,13 @@ struct Layout {
 }
 
 impl Layout {
-    fn resolve(relation: &Relation, mapping: &TableMapping) -> Result<Layout, String> {
+    fn resolve(relation: &Table, mapping: &TableMapping) -> Result<Layout, String> {
         let position = |name: &str| relation.columns.iter().position(|c| c.name == name);
         let find = |name: &str, role: &str| {
             position(name).ok_or_else(|| {
                 format!(
                     "outbox table {}.{} has no column {name:?} (the {role} column; see [outbox] in the configuration)",
-                    relation.namespace, relation.name
+                    relation.schema, relation.name
                 )
             })
         };
@@ -425,17 +425,17 @@ impl OutboxMapper {
         self
     }
 
-    /// Records a Relation message (sent before the first change of a table in a session and
-    /// again whenever the table's definition changed).
-    pub fn on_relation(&mut self, relation: Relation) {
-        let table = (relation.namespace.clone(), relation.name.clone());
+    /// Records a table's shape (the stream sends it before the first change of a table in a
+    /// session, and again whenever the table's definition changed).
+    pub fn on_relation(&mut self, relation: Table) {
+        let table = (relation.schema.clone(), relation.name.clone());
         self.record(relation, table);
     }
 
-    /// Records the Relation message of a relation whose rows are those of the configured
-    /// outbox table `table` (`schema`, `name`) under another name: a partition of it, or the
-    /// table itself renamed. Its events carry the configured table's name.
-    pub fn on_relation_as(&mut self, relation: Relation, table: (String, String)) {
+    /// Records the shape of a relation whose rows are those of the configured outbox table
+    /// `table` (`schema`, `name`) under another name: a partition of it, or the table itself
+    /// renamed. Its events carry the configured table's name.
+    pub fn on_relation_as(&mut self, relation: Table, table: (String, String)) {
         self.record(relation, table);
     }
 
@@ -445,7 +445,7 @@ impl OutboxMapper {
             .contains_key(&(schema.to_owned(), table.to_owned()))
     }
 
-    fn record(&mut self, relation: Relation, table: (String, String)) {
+    fn record(&mut self, relation: Table, table: (String, String)) {
         let outbox = self.tables.get(&table).map(|configured| {
             (
                 configured.clone(),
@@ -460,7 +460,7 @@ impl OutboxMapper {
         self.relations.insert(
             relation.id,
             RelationInfo {
-                relation,
+                table: relation,
                 qualified,
                 outbox,
                 fixed_source,
@@ -493,11 +493,11 @@ impl OutboxMapper {
         &self,
         relation_id: u32,
         change: RowChange,
-        tuple: &Tuple<'_>,
+        values: &[Value<'_>],
         ctx: RowContext,
     ) -> DeadLetter {
         let info = &self.relations[&relation_id];
-        let (row, raw) = raw_row(&info.relation, tuple);
+        let (row, raw) = raw_row(&info.table, values);
         DeadLetter {
             table: info.qualified.to_string(),
             position: ctx.position,
@@ -526,13 +526,11 @@ impl OutboxMapper {
         }
     }
 
-    /// Maps an inserted row. `data` is the buffer `tuple` borrows from, so text fields are
-    /// shared slices, not copies.
+    /// Maps an inserted row; its text fields become shared slices of its frame, not copies.
     pub fn map_insert(
         &self,
         relation_id: u32,
-        tuple: &Tuple<'_>,
-        data: &Bytes,
+        row: Row<'_>,
         ctx: RowContext,
     ) -> Result<Mapped, UnknownRelation> {
         let info = self
@@ -543,7 +541,7 @@ impl OutboxMapper {
             return Ok(Mapped::NotOutbox);
         };
         let dead = |reason: String| {
-            let (row, raw) = raw_row(&info.relation, tuple);
+            let (row, raw) = raw_row(&info.table, row.values);
             Mapped::DeadLetter(DeadLetter {
                 table: info.qualified.to_string(),
                 position: ctx.position,
@@ -559,22 +557,22 @@ impl OutboxMapper {
             Ok(layout) => layout,
             Err(reason) => return Ok(dead(reason.clone())),
         };
-        if tuple.columns.len() != info.relation.columns.len() {
+        if row.values.len() != info.table.columns.len() {
             return Ok(dead(format!(
                 "row has {} columns but the relation has {}",
-                tuple.columns.len(),
-                info.relation.columns.len()
+                row.values.len(),
+                info.table.columns.len()
             )));
         }
         if table.mapping.on_null_payload == NullPayloadPolicy::Skip
-            && matches!(tuple.columns[layout.payload], Value::Null)
+            && matches!(row.values[layout.payload], Value::Null)
         {
             return Ok(Mapped::NullPayloadSkipped(info.qualified.clone()));
         }
         let column = |index: usize| -> Result<Option<Text>, String> {
-            let name = &info.relation.columns[index].name;
-            match tuple.columns[index] {
-                Value::Text(bytes) => Text::new(data.slice_ref(bytes))
+            let name = &info.table.columns[index].name;
+            match row.values[index] {
+                Value::Text(bytes) => Text::new(row.frame.slice_ref(bytes))
                     .map(Some)
                     .map_err(|e| format!("column {name:?} is not valid UTF-8: {e}")),
                 Value::Null => Ok(None),
@@ -586,7 +584,7 @@ impl OutboxMapper {
         };
         let required = |index: usize| -> Result<Text, String> {
             column(index)?
-                .ok_or_else(|| format!("column {:?} is NULL", info.relation.columns[index].name))
+                .ok_or_else(|| format!("column {:?} is NULL", info.table.columns[index].name))
         };
         let optional = |index: Option<usize>| -> Result<Option<Text>, String> {
             index.map_or(Ok(None), column)
@@ -671,12 +669,7 @@ impl OutboxMapper {
     }
 
     /// Maps a transactional logical message: outbox events without a table.
-    pub fn map_message(
-        &self,
-        message: &LogicalMessage<'_>,
-        data: &Bytes,
-        ctx: RowContext,
-    ) -> Mapped {
+    pub fn map_message(&self, message: Message<'_>, ctx: RowContext) -> Mapped {
         let Some((prefix_table, prefix_source)) = self.message_prefixes.get(message.prefix) else {
             return Mapped::NotOutbox;
         };
@@ -753,7 +746,7 @@ impl OutboxMapper {
             headers,
             attributes: Vec::new(),
             payload: Payload::Json(
-                Text::new(data.slice_ref(content.payload.get().as_bytes()))
+                Text::new(message.frame.slice_ref(content.payload.get().as_bytes()))
                     .expect("a slice of a JSON document that parsed as UTF-8"),
             ),
         };
@@ -960,10 +953,10 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// The row as a JSON object of column name → text (lossy for non-UTF-8 bytes) or null, and
 /// when it is lossy, the exact bytes in the [`frame_columns`] layout.
-fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> (serde_json::Value, Option<Vec<u8>>) {
+fn raw_row(relation: &Table, values: &[Value<'_>]) -> (serde_json::Value, Option<Vec<u8>>) {
     let mut row = serde_json::Map::new();
     let mut lossy = false;
-    let names: Vec<String> = (0..tuple.columns.len())
+    let names: Vec<String> = (0..values.len())
         .map(|i| {
             relation
                 .columns
@@ -971,7 +964,7 @@ fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> (serde_json::Value, Option
                 .map_or_else(|| format!("column{i}"), |c| c.name.clone())
         })
         .collect();
-    for (name, value) in names.iter().zip(&tuple.columns) {
+    for (name, value) in names.iter().zip(values) {
         let value = match value {
             Value::Text(bytes) | Value::Binary(bytes) => {
                 lossy |= std::str::from_utf8(bytes).is_err();
@@ -982,7 +975,7 @@ fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> (serde_json::Value, Option
         row.insert(name.clone(), value);
     }
     let raw = lossy.then(|| {
-        frame_columns(names.iter().zip(&tuple.columns).map(|(name, value)| {
+        frame_columns(names.iter().zip(values).map(|(name, value)| {
             let bytes = match value {
                 Value::Text(bytes) | Value::Binary(bytes) => Some(bytes.to_vec()),
                 Value::Null | Value::UnchangedToast => None,
@@ -997,7 +990,7 @@ fn raw_row(relation: &Relation, tuple: &Tuple<'_>) -> (serde_json::Value, Option
 mod tests {
     use super::*;
     use crate::config::AdditionalColumn;
-    use crate::source::pgoutput::RelationColumn;
+    use crate::row::Column;
     use outbox_relay_sinks::Lsn;
     use std::collections::BTreeMap;
 
@@ -1022,19 +1015,16 @@ mod tests {
         ("payload", JSONB_OID),
     ];
 
-    fn relation(name: &str, columns: &[(&str, u32)]) -> Relation {
-        Relation {
+    fn relation(name: &str, columns: &[(&str, u32)]) -> Table {
+        Table {
             id: 7,
-            namespace: "public".into(),
+            schema: "public".into(),
             name: name.into(),
-            replica_identity: b'd',
             columns: columns
                 .iter()
-                .map(|(name, type_oid)| RelationColumn {
-                    flags: 0,
+                .map(|(name, type_oid)| Column {
                     name: (*name).into(),
                     type_oid: *type_oid,
-                    type_modifier: -1,
                 })
                 .collect(),
         }
@@ -1054,20 +1044,22 @@ mod tests {
         mapper.on_relation(relation("outbox", columns));
         let data = Bytes::from(values.iter().flatten().copied().collect::<String>());
         let mut offset = 0;
-        let tuple = Tuple {
-            columns: values
-                .iter()
-                .map(|v| match v {
-                    Some(s) => {
-                        let slice = &data[offset..offset + s.len()];
-                        offset += s.len();
-                        Value::Text(slice)
-                    }
-                    None => Value::Null,
-                })
-                .collect(),
+        let values: Vec<Value> = values
+            .iter()
+            .map(|v| match v {
+                Some(s) => {
+                    let slice = &data[offset..offset + s.len()];
+                    offset += s.len();
+                    Value::Text(slice)
+                }
+                None => Value::Null,
+            })
+            .collect();
+        let row = Row {
+            values: &values,
+            frame: &data,
         };
-        mapper.map_insert(7, &tuple, &data, CTX).unwrap()
+        mapper.map_insert(7, row, CTX).unwrap()
     }
 
     fn event(mapped: Mapped) -> Event {
@@ -1432,16 +1424,18 @@ mod tests {
         let mut mapper = OutboxMapper::new(&["public.outbox".into()], &BTreeMap::new(), &[]);
         mapper.on_relation(relation("outbox", &DEBEZIUM));
         let data = Bytes::from([ID.as_bytes(), b"orderT{}caf\xe9"].concat());
-        let tuple = Tuple {
-            columns: vec![
-                Value::Text(&data[..36]),
-                Value::Text(&data[36..41]),
-                Value::Text(&data[44..]),
-                Value::Text(&data[41..42]),
-                Value::Text(&data[42..44]),
-            ],
+        let values = [
+            Value::Text(&data[..36]),
+            Value::Text(&data[36..41]),
+            Value::Text(&data[44..]),
+            Value::Text(&data[41..42]),
+            Value::Text(&data[42..44]),
+        ];
+        let row = Row {
+            values: &values,
+            frame: &data,
         };
-        match mapper.map_insert(7, &tuple, &data, CTX).unwrap() {
+        match mapper.map_insert(7, row, CTX).unwrap() {
             Mapped::DeadLetter(d) => {
                 assert!(d.reason.contains("not valid UTF-8"), "{}", d.reason);
                 assert_eq!(d.row["aggregateid"], "caf\u{FFFD}");
@@ -1464,15 +1458,14 @@ mod tests {
             r#"{{"id":"{ID}","aggregatetype":"order","aggregateid":"o-1","type":"Created","payload":{{"a":[1,2]}},"schema_version":4}}"#
         );
         let data = Bytes::from(content);
-        let message = |prefix: &'static str, content: &'static [u8]| LogicalMessage {
-            transactional: true,
-            lsn: 1,
-            prefix,
-            content,
-        };
-        let content: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
-        let data = Bytes::from_static(content);
-        let e = event(mapper.map_message(&message("outbox", content), &data, CTX));
+        fn message<'a>(prefix: &'a str, frame: &'a Bytes) -> Message<'a> {
+            Message {
+                prefix,
+                content: frame,
+                frame,
+            }
+        }
+        let e = event(mapper.map_message(message("outbox", &data), CTX));
         assert_eq!(
             (
                 &*e.table,
@@ -1490,11 +1483,11 @@ mod tests {
             )
         );
         assert!(matches!(
-            mapper.map_message(&message("other", content), &data, CTX),
+            mapper.map_message(message("other", &data), CTX),
             Mapped::NotOutbox
         ));
         let bad = Bytes::from_static(br#"{"id":"x"}"#);
-        match mapper.map_message(&message("outbox", br#"{"id":"x"}"#), &bad, CTX) {
+        match mapper.map_message(message("outbox", &bad), CTX) {
             Mapped::DeadLetter(d) => assert!(d.reason.contains("missing field"), "{}", d.reason),
             _ => panic!("expected a dead letter"),
         }

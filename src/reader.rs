@@ -17,7 +17,8 @@ use crate::dead_letters::DeadLetterStore;
 use crate::failure::SessionEnd;
 use crate::outbox::{DeadLetter, Mapped, OutboxMapper, RowChange, RowContext};
 use crate::pipeline::{BatchLimit, PendingBatch, Pipeline, Progress, WorkerGone};
-use crate::source::pgoutput::{self, Message, Relation, Tuple};
+use crate::row::{self, Row, Value};
+use crate::source::pgoutput::{self, Message, Relation};
 use crate::source::replication::SourceError;
 use crate::source::stream::ReplicationStream;
 use crate::source::wire::{ReplicationMessage, PG_EPOCH_UNIX_MICROS};
@@ -256,27 +257,36 @@ impl Reader {
                 self.counts.transactions += 1;
                 self.set_boundary(Lsn(commit.end_lsn));
             }
-            Message::Relation(relation) => self.on_relation(relation).await?,
+            Message::Relation(relation) => self.on_relation(table_of(relation)).await?,
             Message::Insert(insert) => {
                 let ctx = self.next_row()?;
+                let row = Row {
+                    values: &insert.new.columns,
+                    frame: &data,
+                };
                 let mapped = self
                     .mapper
-                    .map_insert(insert.relation_id, &insert.new, &data, ctx)
+                    .map_insert(insert.relation_id, row, ctx)
                     .map_err(|e| SessionEnd::Fatal(e.into()))?;
                 self.take(mapped).await?;
             }
             Message::Message(message) if message.transactional => {
                 let ctx = self.next_row()?;
-                let mapped = self.mapper.map_message(&message, &data, ctx);
+                let message = row::Message {
+                    prefix: message.prefix,
+                    content: message.content,
+                    frame: &data,
+                };
+                let mapped = self.mapper.map_message(message, ctx);
                 self.take(mapped).await?;
             }
             Message::Update(update) => {
                 let row = update.old.as_ref().unwrap_or(&update.new);
-                self.row_change(update.relation_id, RowChange::Update, row)
+                self.row_change(update.relation_id, RowChange::Update, &row.columns)
                     .await?;
             }
             Message::Delete(delete) => {
-                self.row_change(delete.relation_id, RowChange::Delete, &delete.old)
+                self.row_change(delete.relation_id, RowChange::Delete, &delete.old.columns)
                     .await?;
             }
             Message::Truncate(truncate) => {
@@ -311,15 +321,12 @@ impl Reader {
     /// (the relay says so once). A relation that is not an outbox table may be a partition of
     /// one: a publication that does not publish via the partition root sends partitions
     /// under their own names.
-    async fn on_relation(&mut self, relation: Relation) -> Result<(), SessionEnd> {
+    async fn on_relation(&mut self, relation: row::Table) -> Result<(), SessionEnd> {
         if let Some(configured) = self.links.outbox_oids.get(&relation.id).cloned() {
             self.follow(relation, configured);
             return Ok(());
         }
-        if !self
-            .mapper
-            .is_configured(&relation.namespace, &relation.name)
-        {
+        if !self.mapper.is_configured(&relation.schema, &relation.name) {
             let catalog = &self.links.catalog;
             let root = abandon_on_stop(&mut self.links.stop, async {
                 tables::partition_root(catalog, relation.id)
@@ -344,14 +351,14 @@ impl Reader {
 
     /// Maps the relation of a configured outbox table (by OID) as that table, whatever its
     /// name now.
-    fn follow(&mut self, relation: Relation, configured: tables::TableName) {
-        if (relation.namespace.as_str(), relation.name.as_str())
+    fn follow(&mut self, relation: row::Table, configured: tables::TableName) {
+        if (relation.schema.as_str(), relation.name.as_str())
             != (configured.0.as_str(), configured.1.as_str())
             && self.renames_reported.insert(relation.id)
         {
             let (was, now) = (
                 format!("{}.{}", configured.0, configured.1),
-                format!("{}.{}", relation.namespace, relation.name),
+                format!("{}.{}", relation.schema, relation.name),
             );
             warn!(table = %was, %now,
                 "outbox table {was} was renamed to {now}: its rows are still published as \
@@ -433,7 +440,7 @@ impl Reader {
         &mut self,
         relation_id: u32,
         change: RowChange,
-        row: &Tuple<'_>,
+        row: &[Value<'_>],
     ) -> Result<(), SessionEnd> {
         let Some(policy) = self.mapper.change_policy(relation_id, change) else {
             return Ok(());
@@ -463,6 +470,23 @@ impl Reader {
                 if change == RowChange::Update { "update" } else { "delete" }
             ))),
         }
+    }
+}
+
+/// The neutral shape of a table the stream describes.
+fn table_of(relation: Relation) -> row::Table {
+    row::Table {
+        id: relation.id,
+        schema: relation.namespace,
+        name: relation.name,
+        columns: relation
+            .columns
+            .into_iter()
+            .map(|c| row::Column {
+                name: c.name,
+                type_oid: c.type_oid,
+            })
+            .collect(),
     }
 }
 

@@ -188,16 +188,9 @@ pub struct Tuple<'a> {
     pub columns: Vec<Value<'a>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Value<'a> {
-    Null,
-    /// A TOASTed value the change did not touch; its content is not sent.
-    UnchangedToast,
-    /// The value in text format, as sent: not checked to be UTF-8.
-    Text(&'a [u8]),
-    /// The value in binary format (only with the `binary` option).
-    Binary(&'a [u8]),
-}
+/// A tuple's values are the neutral row's ([`crate::row::Value`]): the stream hands them to
+/// the mapper as they are decoded.
+pub use crate::row::Value;
 
 /// Decodes one complete pgoutput v1 message; the buffer must hold exactly one.
 pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
