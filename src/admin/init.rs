@@ -1,0 +1,212 @@
+//! `outbox-relay init`: creates the relay's schema, the publication (or adds missing tables
+//! to it) and the slot. Safe to run any number of times.
+
+use super::identify;
+use crate::config::Config;
+use crate::db;
+use crate::origin::Origin;
+use crate::source::replication::ReplicationConnection;
+use crate::source::slot::{self, dropped_slot_problem};
+use crate::sql;
+use crate::tables::{self, quoted_table, PublicationProblem};
+use anyhow::Context;
+
+const RELAY_SCHEMA_SQL: &str = include_str!("../../migrations/002_relay_schema.sql");
+
+/// Creates the relay schema, the publication (or adds missing tables to it) and the slot;
+/// safe to run any number of times.
+pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
+    let source = &config.source;
+    let params = source.connect_params()?;
+    let client = db::connect(&params).await?;
+    let mut done = Vec::new();
+    if source.failover_slot {
+        if let Some(problem) = slot::failover_slot_problem(&client).await? {
+            anyhow::bail!(problem);
+        }
+    }
+
+    // The file names the schema as a literal (a catalog lookup) and as an identifier.
+    let schema_sql = RELAY_SCHEMA_SQL
+        .replace("'outbox_relay'", "\0")
+        .replace("outbox_relay", &sql::ident(&config.relay.schema))
+        .replace('\0', &sql::literal(&config.relay.schema));
+    client
+        .batch_execute(&schema_sql)
+        .await
+        .map_err(db::explain)
+        .with_context(|| format!("creating schema {} (the role needs CREATE on the database, or see migrations/003_relay_role.sql)", config.relay.schema))?;
+    done.push(format!(
+        "schema {} with checkpoints and dead_letters: ready",
+        config.relay.schema
+    ));
+
+    let problems =
+        tables::publication_problems(&client, &source.publication, &source.tables).await?;
+    let publication = sql::ident(&source.publication);
+    if problems
+        .iter()
+        .any(|p| matches!(p, PublicationProblem::Missing { .. }))
+    {
+        let tables: Vec<String> = source.tables.iter().map(|t| quoted_table(t)).collect();
+        // Via the root: a partitioned outbox table's rows then arrive under its own name,
+        // whichever partition holds them, and whenever a partition was attached.
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                tables.join(", ")
+            ))
+            .await
+            .map_err(db::explain)
+            .with_context(|| {
+                format!(
+                    "creating publication {} (the table owner must do it)",
+                    source.publication
+                )
+            })?;
+        done.push(format!(
+            "publication {}: created for {}",
+            source.publication,
+            source.tables.join(", ")
+        ));
+    } else {
+        let missing: Vec<String> = problems
+            .iter()
+            .filter_map(|p| match p {
+                PublicationProblem::Unpublished { table, .. } => Some(quoted_table(table)),
+                _ => None,
+            })
+            .collect();
+        if !missing.is_empty() {
+            client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {publication} ADD TABLE {}",
+                    missing.join(", ")
+                ))
+                .await
+                .map_err(db::explain)
+                .with_context(|| format!("adding tables to publication {}", source.publication))?;
+            done.push(format!(
+                "publication {}: added {}",
+                source.publication,
+                missing.join(", ")
+            ));
+        }
+        if problems
+            .iter()
+            .any(|p| matches!(p, PublicationProblem::ViaPartitions { .. }))
+        {
+            client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+                ))
+                .await
+                .map_err(db::explain)
+                .with_context(|| format!("changing publication {}", source.publication))?;
+            done.push(format!(
+                "publication {}: now publishes partitioned tables via their root",
+                source.publication
+            ));
+        }
+        let left: Vec<&PublicationProblem> = problems
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p,
+                    PublicationProblem::NoInserts { .. } | PublicationProblem::RowFilter { .. }
+                )
+            })
+            .collect();
+        if missing.is_empty() && left.is_empty() {
+            done.push(format!(
+                "publication {}: already covers the outbox tables",
+                source.publication
+            ));
+        }
+        for problem in left {
+            done.push(format!("warning: {problem}"));
+        }
+    }
+
+    // The relay's state must be this server's before a slot is created for it.
+    if let Some(origin) = Origin::load(&client, &config.relay.schema, &source.slot).await? {
+        origin.compare(
+            &identify(&params).await?,
+            &config.relay.schema,
+            &source.slot,
+        )?;
+    }
+    let slot = client
+        .query_opt(
+            &format!(
+                "SELECT {}, {} FROM pg_replication_slots s WHERE slot_name = $1",
+                slot::SLOT_IS_FAILOVER,
+                slot::SLOT_USABILITY
+            ),
+            &[&source.slot],
+        )
+        .await
+        .map_err(db::explain)?;
+    let kind = if source.failover_slot {
+        " (a failover slot)"
+    } else {
+        ""
+    };
+    if let Some(row) = slot {
+        if let Some(problem) = slot::slot_refusal(&row, 1, &source.slot, &config.relay.schema) {
+            anyhow::bail!(problem);
+        }
+        if source.failover_slot && !row.get::<_, bool>(0) {
+            ReplicationConnection::connect(&params)
+                .await?
+                .enable_failover(&source.slot)
+                .await
+                .with_context(|| format!("making replication slot {} a failover slot (stop the relay that is using it, or let `run` do it)", source.slot))?;
+            done.push(format!(
+                "replication slot {}: already exists, now a failover slot",
+                source.slot
+            ));
+        } else {
+            done.push(format!(
+                "replication slot {}: already exists{kind}",
+                source.slot
+            ));
+        }
+    } else if source.backfill {
+        done.push(format!(
+            "replication slot {}: left to `run`, which creates it{kind} and backfills the rows already in the outbox first",
+            source.slot
+        ));
+    } else {
+        if let Some(problem) =
+            dropped_slot_problem(&client, &config.relay.schema, &source.slot).await?
+        {
+            anyhow::bail!(problem);
+        }
+        let system = identify(&params).await?;
+        let start: String = client
+            .query_one(
+                &format!(
+                    "SELECT lsn::text FROM {}",
+                    slot::create_slot_call(source.failover_slot)
+                ),
+                &[&source.slot],
+            )
+            .await
+            .map_err(db::explain)
+            .with_context(|| format!("creating replication slot {}", source.slot))?
+            .get(0);
+        let start = start.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        Origin::record(&client, &config.relay.schema, &source.slot, &system, start).await?;
+        done.push(format!("replication slot {}: created{kind}", source.slot));
+    }
+    if let Some(warning) = crate::backfill::skipped(&client, config).await? {
+        done.push(format!("warning: {warning}"));
+    }
+    if source.failover_slot {
+        for warning in slot::failover_slot_warnings(&client).await? {
+            done.push(format!("warning: {warning}"));
+        }
+    }
+    Ok(done)
+}

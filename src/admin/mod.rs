@@ -1,0 +1,30 @@
+//! The operator commands beside `run`, one file each: `init` creates what the relay needs,
+//! `check` finds every problem with the configuration and the database (one line each, with
+//! the fix) and warnings that do not fail it, `status` shows slot lag and checkpoints, and
+//! `dlq` lists, shows and replays dead letters.
+
+mod check;
+mod dlq;
+mod init;
+mod status;
+
+pub use check::{check, CheckReport};
+pub use dlq::{dlq_list, dlq_replay, dlq_show};
+pub use init::init;
+pub use status::status;
+
+use crate::config::{Config, ConnectParams};
+use crate::source::replication::{ReplicationConnection, SystemInfo};
+use crate::sql;
+
+/// One of the relay's own tables, quoted for SQL.
+pub(crate) fn relay_table(config: &Config, name: &str) -> String {
+    sql::qualified(&config.relay.schema, name)
+}
+
+/// What the server says of itself over a replication connection: its system identifier and
+/// timeline, as `run` sees them.
+pub(crate) async fn identify(params: &ConnectParams) -> anyhow::Result<SystemInfo> {
+    let mut connection = ReplicationConnection::connect(params).await?;
+    Ok(connection.identify_system().await?)
+}
