@@ -104,7 +104,7 @@ pub async fn ensure(config: &Config, params: &ConnectParams) -> anyhow::Result<(
     .map_err(db::explain)?;
     info!(%slot, %consistent_point, "backfilling rows committed before the slot");
 
-    let rows = deliver(config, params, consistent_point, &snapshot).await?;
+    let rows = publish_snapshot(config, params, consistent_point, &snapshot).await?;
     sql.execute(
         &format!("UPDATE {backfills} SET finished_at = now(), rows = $2 WHERE slot = $1"),
         &[slot, &(rows as i64)],
@@ -165,7 +165,7 @@ pub async fn skipped(
 }
 
 /// Reads every outbox table in the snapshot and delivers the rows; returns how many.
-async fn deliver(
+async fn publish_snapshot(
     config: &Config,
     params: &ConnectParams,
     consistent_point: Lsn,

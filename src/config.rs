@@ -908,8 +908,8 @@ impl Config {
             .with_list_parse_key("source.tables")
             .try_parsing(true)
             .source(env);
-        let raw = builder.add_source(environment).build().map_err(explain)?;
-        let config: Config = raw.try_deserialize().map_err(explain)?;
+        let raw = builder.add_source(environment).build().map_err(redacted)?;
+        let config: Config = raw.try_deserialize().map_err(redacted)?;
         config.validate()?;
         Ok(config)
     }
@@ -1103,7 +1103,7 @@ fn check_identifier(what: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn explain(err: config::ConfigError) -> anyhow::Error {
+fn redacted(err: config::ConfigError) -> anyhow::Error {
     anyhow::anyhow!(
         "invalid configuration: {}; see config/ for examples of every key",
         redact_config_error(&err.to_string())

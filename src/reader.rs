@@ -246,7 +246,7 @@ impl Reader {
         match message {
             Message::Begin(begin) => {
                 self.transaction = Some(Transaction {
-                    commit_lsn: Lsn(begin.final_lsn),
+                    commit_lsn: begin.final_lsn,
                     xid: begin.xid,
                     commit_time_micros: begin.commit_time + PG_EPOCH_UNIX_MICROS,
                     next_index: 0,
@@ -255,7 +255,7 @@ impl Reader {
             Message::Commit(commit) => {
                 self.transaction = None;
                 self.counts.transactions += 1;
-                self.set_boundary(Lsn(commit.end_lsn));
+                self.set_boundary(commit.end_lsn);
             }
             Message::Relation(relation) => self.on_relation(table_of(relation)).await?,
             Message::Insert(insert) => {
@@ -308,7 +308,7 @@ impl Reader {
             Message::Message(message) => {
                 self.counts.non_transactional_messages += 1;
                 if self.transaction.is_none() {
-                    self.set_boundary(Lsn(message.lsn));
+                    self.set_boundary(message.lsn);
                 }
             }
             Message::Type(_) | Message::Origin(_) => {}

@@ -6,6 +6,8 @@
 //! Invariant: values are slices of `frame`, the buffer they arrived in, never copies; an
 //! event keeps the frame alive by sharing it.
 
+#![forbid(unsafe_code)]
+
 use bytes::Bytes;
 
 /// A table as the mapper knows it: the relation id the stream names it by (its OID), its

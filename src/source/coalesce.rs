@@ -22,9 +22,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
-/// A read at least this large means the server is ahead of the relay: start coalescing. At
-/// 40,000 events/s in transactions of 10 rows, reads seldom reach it (a 16 KiB trigger added
-/// a millisecond to the median there); draining a backlog, they reach it within moments.
+/// A read at least this large means the server is ahead of the relay: start coalescing. A
+/// relay that keeps up seldom reads this much at once (a lower trigger delays events at
+/// moderate rates: BENCHMARKS.md); draining a backlog, reads reach it within moments.
 const BURST_READ: usize = 32 * 1024;
 
 /// While coalescing, the kernel wakes the relay once this much is queued.

@@ -16,8 +16,10 @@
 //! Streaming (proto_version 2) and two-phase (proto_version 3) messages are recognised
 //! only to be rejected with a clear error, since the relay asks for proto_version 1.
 
+#![forbid(unsafe_code)]
+
 /// A WAL location, as PostgreSQL's `XLogRecPtr`.
-pub type Lsn = u64;
+pub use outbox_relay_sinks::Lsn;
 
 /// Why a buffer is not one well-formed pgoutput v1 message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -202,25 +204,25 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
         });
     };
     let kind = Kind::from_tag(tag)?;
-    let mut r = Reader {
+    let mut r = Cursor {
         rest,
         len: buf.len(),
         kind: kind.name(),
     };
     let message = match kind {
         Kind::Begin => Message::Begin(Begin {
-            final_lsn: r.u64("final LSN")?,
+            final_lsn: Lsn(r.u64("final LSN")?),
             commit_time: r.i64("commit timestamp")?,
             xid: r.u32("xid")?,
         }),
         Kind::Commit => Message::Commit(Commit {
             flags: r.u8("flags")?,
-            commit_lsn: r.u64("commit LSN")?,
-            end_lsn: r.u64("end LSN")?,
+            commit_lsn: Lsn(r.u64("commit LSN")?),
+            end_lsn: Lsn(r.u64("end LSN")?),
             commit_time: r.i64("commit timestamp")?,
         }),
         Kind::Origin => Message::Origin(Origin {
-            commit_lsn: r.u64("origin commit LSN")?,
+            commit_lsn: Lsn(r.u64("origin commit LSN")?),
             name: r.str("origin name")?,
         }),
         Kind::Relation => Message::Relation(r.relation()?),
@@ -374,14 +376,14 @@ fn show(byte: u8) -> String {
 
 /// A cursor over one message. It never indexes: every read goes through `take`,
 /// which checks the length first.
-struct Reader<'a> {
+struct Cursor<'a> {
     rest: &'a [u8],
     /// Length of the whole message, to turn `rest` back into offsets.
     len: usize,
     kind: &'static str,
 }
 
-impl<'a> Reader<'a> {
+impl<'a> Cursor<'a> {
     fn offset(&self) -> usize {
         self.len - self.rest.len()
     }
@@ -599,7 +601,7 @@ impl<'a> Reader<'a> {
         };
         Ok(LogicalMessage {
             transactional,
-            lsn: self.u64("message LSN")?,
+            lsn: Lsn(self.u64("message LSN")?),
             prefix: std::str::from_utf8(self.c_bytes("prefix")?).unwrap_or(PREFIX_NOT_UTF8),
             content: self.length_prefixed("content length")?,
         })
@@ -895,7 +897,10 @@ mod tests {
         //    is the one the origin set (2024-01-01 00:00:00 UTC)
         let begin = next!(it, Begin);
         let origin = next!(it, Origin);
-        assert_eq!((origin.name, origin.commit_lsn), ("upstream", 0xAB_CDEF));
+        assert_eq!(
+            (origin.name, origin.commit_lsn),
+            ("upstream", Lsn(0xAB_CDEF))
+        );
         let ins = next!(it, Insert);
         assert_eq!(ins.new.columns[0], t(&id9));
         assert_eq!(ins.new.columns[6], t("published"));
@@ -916,7 +921,7 @@ mod tests {
         let raw = fixture();
         let mut cache: HashMap<u32, Relation> = HashMap::new();
         let mut open: Option<Begin> = None;
-        let mut last_end: Lsn = 0;
+        let mut last_end = Lsn(0);
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for bytes in &raw {
             let message = decode(bytes).unwrap_or_else(|e| panic!("{e}"));

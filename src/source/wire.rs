@@ -2,6 +2,8 @@
 //! (handing the ordinary ones to `postgres-protocol`, which lacks CopyBothResponse), and
 //! encodes/decodes the streaming-replication messages carried inside CopyData. No I/O here.
 
+#![forbid(unsafe_code)]
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::message::backend;
 use std::io;
