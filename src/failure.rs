@@ -8,7 +8,7 @@
 //! with the error's own advice.
 
 use crate::db::SqlError;
-use crate::resume::ForeignHistory;
+use crate::problem::Problem;
 use crate::source::replication::SourceError;
 use outbox_relay_sinks::SinkError;
 use tokio_postgres::error::SqlState;
@@ -34,11 +34,6 @@ impl SessionEnd {
             Verdict::SlotInUse => SessionEnd::SlotInUse(err),
             Verdict::Fatal => SessionEnd::Fatal(err),
         }
-    }
-
-    /// A problem found by the relay's own checks, which an operator must fix.
-    pub fn fatal(problem: impl std::fmt::Display) -> SessionEnd {
-        SessionEnd::Fatal(anyhow::anyhow!("{problem}"))
     }
 }
 
@@ -76,7 +71,7 @@ fn verdict(err: &anyhow::Error) -> Verdict {
                 SinkError::Permanent(_) => Verdict::Fatal,
             };
         }
-        if cause.is::<ForeignHistory>() {
+        if cause.is::<Problem>() {
             return Verdict::Fatal;
         }
     }

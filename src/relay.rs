@@ -17,12 +17,13 @@ use crate::db;
 use crate::dead_letters::{load_replay_key, DeadLetterStore, PgDeadLetterStore};
 use crate::failure::SessionEnd;
 use crate::leader::Leadership;
-use crate::origin::Origin;
 use crate::outbox::{OutboxMapper, ReplayKey};
 use crate::pipeline::{self, BatchLimit, Progress};
+use crate::problem::Problem;
 use crate::reader::{Reader, ReaderLinks};
 use crate::resume::{ready_workers, Horizon, Remembered};
 use crate::source::heartbeat::heartbeat;
+use crate::source::origin::Origin;
 use crate::source::publication_watch::{watch_publication, PublicationWatch};
 use crate::source::replication::ReplicationConnection;
 use crate::source::slot::{self, SlotState};
@@ -213,8 +214,12 @@ async fn prepare(config: &Config) -> Result<Prepared, SessionEnd> {
     // anything is created, backfilled or skipped by it.
     let mut connection = ReplicationConnection::connect(&params).await?;
     let system = connection.identify_system().await?;
-    let origin = slot::check_origin(&sql, config, &system).await?;
-    slot::check_failover_slot_support(&sql, source).await?;
+    let origin = slot::check_origin(&sql, config, &system)
+        .await
+        .map_err(SessionEnd::of)?;
+    slot::check_failover_slot_support(&sql, source)
+        .await
+        .map_err(SessionEnd::of)?;
     // Asked about relations the stream names that are not configured outbox tables (are they
     // partitions of one?); the OIDs tell a renamed outbox table from another table.
     let catalog = db::connect(&params).await.map_err(SessionEnd::of)?;
@@ -222,12 +227,12 @@ async fn prepare(config: &Config) -> Result<Prepared, SessionEnd> {
         .await
         .map_err(SessionEnd::of)?;
     if let Some(problem) = tables::missing_table_problem(&source.tables, &outbox_oids) {
-        return Err(SessionEnd::fatal(problem));
+        return Err(SessionEnd::Fatal(Problem(problem).into()));
     }
     backfill::ensure(config, &params)
         .await
         .map_err(|err| SessionEnd::of(err.context("backfill")))?;
-    let slot = slot::prepare(&sql, config).await?;
+    let slot = slot::prepare(&sql, config).await.map_err(SessionEnd::of)?;
     if slot.created || origin.is_none() {
         Origin::record(
             &sql,

@@ -4,9 +4,10 @@
 //!
 //! Invariant: a sink skips only through a position within this database's history (below
 //! the [`Horizon`]); a position beyond it comes from another history, and stops the relay
-//! ([`ForeignHistory`]) rather than dropping this database's events without a trace.
+//! (a [`Problem`]) rather than dropping this database's events without a trace.
 
 use crate::config::{Config, SinkConfig};
+use crate::problem::Problem;
 use crate::pipeline::SinkWorker;
 use crate::telemetry::{Metrics, METRICS};
 use outbox_relay_sinks::eventbridge::EventBridgeSink;
@@ -126,12 +127,6 @@ pub struct SkipSources {
     pub recovered: Option<Position>,
 }
 
-/// A sink position beyond the database's history. Not retried: an operator must decide what
-/// becomes of the events the destination holds.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ForeignHistory(String);
-
 /// The furthest position this database's history can hold for a sink.
 #[derive(Clone, Copy)]
 pub enum Horizon {
@@ -152,7 +147,7 @@ pub fn skip_point(
     sources: SkipSources,
     horizon: Horizon,
     (slot, schema): (&str, &str),
-) -> Result<Option<Position>, ForeignHistory> {
+) -> Result<Option<Position>, Problem> {
     let (limit, consequence) = match horizon {
         Horizon::WalEnd(lsn) => (
             lsn,
@@ -169,7 +164,7 @@ pub fn skip_point(
     };
     let beyond = |position: &Option<Position>| position.filter(|p| p.commit_lsn > limit);
     if let Some(position) = beyond(&sources.recovered) {
-        return Err(ForeignHistory(format!(
+        return Err(Problem(format!(
             "sink {sink}: its destination already holds events up to position {position}, but \
              {consequence}. Those events come from another database or from WAL this server \
              never had (a failover to a standby that lagged, a restore from backup, a re-created \
@@ -179,7 +174,7 @@ pub fn skip_point(
         )));
     }
     if let Some(position) = beyond(&sources.stored) {
-        return Err(ForeignHistory(format!(
+        return Err(Problem(format!(
             "sink {sink}: the checkpoint table holds position {position} for slot {slot:?}, but \
              {consequence}. The checkpoint comes from another database or an earlier history (a \
              restore, a copied relay schema). Once the events after it are published another \
@@ -191,7 +186,7 @@ pub fn skip_point(
         )));
     }
     if let Some(position) = beyond(&sources.acknowledged) {
-        return Err(ForeignHistory(format!(
+        return Err(Problem(format!(
             "sink {sink}: this relay delivered events up to position {position} before it \
              reconnected, but {consequence}. The server it reconnected to is not the one it \
              streamed from (a failover to a standby that had not received that WAL): the events \
@@ -220,7 +215,7 @@ mod tests {
         stored: Option<Position>,
         acknowledged: Option<Position>,
         recovered: Option<Position>,
-    ) -> Result<Option<Position>, ForeignHistory> {
+    ) -> Result<Option<Position>, Problem> {
         let sources = SkipSources {
             stored,
             acknowledged,

@@ -4,7 +4,7 @@
 use super::{identify, relay_table};
 use crate::config::{parse_table_name, Config, Format, SinkConfig};
 use crate::db;
-use crate::origin::Origin;
+use crate::source::origin::Origin;
 use crate::source::slot::{self, dropped_slot_problem};
 use crate::sql;
 use crate::tables::{self, quoted_table};

@@ -4,7 +4,7 @@
 use super::identify;
 use crate::config::Config;
 use crate::db;
-use crate::origin::Origin;
+use crate::source::origin::Origin;
 use crate::source::replication::ReplicationConnection;
 use crate::source::slot::{self, dropped_slot_problem};
 use crate::sql;

@@ -4,6 +4,7 @@
 
 mod coalesce;
 pub mod heartbeat;
+pub mod origin;
 pub mod pgoutput;
 pub mod publication_watch;
 pub mod replication;

@@ -1,7 +1,7 @@
 //! Everything about the relay's replication slot, for `run`, `init` and `check`: what makes
 //! an existing slot usable (its plugin, database, invalidation), creating it (a failover
 //! slot if asked), refusing to create again one that was dropped under the relay, checking
-//! that the slot's history is this server's ([`crate::origin`]), and starting to stream.
+//! that the slot's history is this server's ([`crate::source::origin`]), and starting to stream.
 //!
 //! Invariant: the relay never silently starts over. A slot that is foreign, invalidated, or
 //! gone after the relay used it stops the relay with the fix; only a slot the relay has no
@@ -9,8 +9,8 @@
 
 use crate::config::{Config, SourceConfig};
 use crate::db;
-use crate::failure::SessionEnd;
-use crate::origin::Origin;
+use crate::problem::Problem;
+use crate::source::origin::Origin;
 use crate::source::replication::{ReplicationConnection, SourceError, SystemInfo};
 use crate::source::status::StatusWriter;
 use crate::source::stream::ReplicationStream;
@@ -28,26 +28,17 @@ pub struct SlotState {
     pub needs_failover: bool,
 }
 
-pub async fn prepare(
-    sql: &tokio_postgres::Client,
-    config: &Config,
-) -> Result<SlotState, SessionEnd> {
+pub async fn prepare(sql: &tokio_postgres::Client, config: &Config) -> anyhow::Result<SlotState> {
     let source = &config.source;
-    for problem in tables::publication_problems(sql, &source.publication, &source.tables)
-        .await
-        .map_err(SessionEnd::of)?
-    {
+    for problem in tables::publication_problems(sql, &source.publication, &source.tables).await? {
         if problem.is_warning() {
             warn!("{problem}");
         } else {
-            return Err(SessionEnd::fatal(problem));
+            return Err(Problem(problem.to_string()).into());
         }
     }
-    if let Some(problem) = crate::dead_letters::schema_problem(sql, &config.relay.schema)
-        .await
-        .map_err(SessionEnd::of)?
-    {
-        return Err(SessionEnd::fatal(problem));
+    if let Some(problem) = crate::dead_letters::schema_problem(sql, &config.relay.schema).await? {
+        return Err(Problem(problem).into());
     }
     let row = sql
         .query_opt(
@@ -59,7 +50,7 @@ pub async fn prepare(
             &[&source.slot],
         )
         .await
-        .map_err(|e| SessionEnd::of(db::explain(e)))?;
+        .map_err(db::explain)?;
     let created = row.is_none();
     let row = match row {
         Some(row) => row,
@@ -78,24 +69,25 @@ pub async fn prepare(
                 &[&source.slot, &source.failover_slot],
             )
             .await
-            .map_err(|e| SessionEnd::of(db::explain(e).context("creating the replication slot")))?
+            .map_err(|e| db::explain(e).context("creating the replication slot"))?
         }
         None => {
-            return Err(SessionEnd::Fatal(anyhow::anyhow!(
+            return Err(Problem(format!(
                 "replication slot {:?} does not exist: run `outbox-relay init`, or set source.create_slot = true",
                 source.slot
-            )))
+            ))
+            .into())
         }
     };
     if let Some(problem) = slot_refusal(&row, 0, &source.slot, &config.relay.schema) {
-        return Err(SessionEnd::fatal(problem));
+        return Err(Problem(problem).into());
     }
     let confirmed: Option<String> = row.get(4);
     let confirmed_flush = confirmed
         .as_deref()
         .unwrap_or("0/0")
         .parse()
-        .map_err(|e: String| SessionEnd::Fatal(anyhow::anyhow!(e)))?;
+        .map_err(Problem)?;
     let failover: bool = row.get(5);
     Ok(SlotState {
         confirmed_flush,
@@ -105,26 +97,22 @@ pub async fn prepare(
 }
 
 /// Stops the relay if its state for the slot comes from another server (see
-/// [`crate::origin`]); follows a promoted standby's new timeline. Returns the recorded origin.
+/// [`crate::source::origin`]); follows a promoted standby's new timeline. Returns the recorded origin.
 pub async fn check_origin(
     sql: &tokio_postgres::Client,
     config: &Config,
     system: &SystemInfo,
-) -> Result<Option<Origin>, SessionEnd> {
+) -> anyhow::Result<Option<Origin>> {
     let (schema, slot) = (&config.relay.schema, &config.source.slot);
-    let origin = Origin::load(sql, schema, slot)
-        .await
-        .map_err(SessionEnd::of)?;
+    let origin = Origin::load(sql, schema, slot).await?;
     if let Some(origin) = &origin {
         let new_timeline = origin
             .compare(system, schema, slot)
-            .map_err(|err| SessionEnd::Fatal(err.into()))?;
+            .map_err(|err| Problem(err.to_string()))?;
         if new_timeline {
             info!(%slot, system_id = %system.system_id, from = origin.timeline, to = system.timeline,
                 "the server moved on to a new timeline (a promoted standby); recording it");
-            Origin::record_timeline(sql, schema, slot, system.timeline)
-                .await
-                .map_err(SessionEnd::of)?;
+            Origin::record_timeline(sql, schema, slot, system.timeline).await?;
         }
     }
     Ok(origin)
@@ -135,14 +123,14 @@ pub async fn check_origin(
 pub async fn check_failover_slot_support(
     sql: &tokio_postgres::Client,
     source: &SourceConfig,
-) -> Result<(), SessionEnd> {
+) -> anyhow::Result<()> {
     if !source.failover_slot {
         return Ok(());
     }
-    if let Some(problem) = failover_slot_problem(sql).await.map_err(SessionEnd::of)? {
-        return Err(SessionEnd::fatal(problem));
+    if let Some(problem) = failover_slot_problem(sql).await? {
+        return Err(Problem(problem).into());
     }
-    for warning in failover_slot_warnings(sql).await.map_err(SessionEnd::of)? {
+    for warning in failover_slot_warnings(sql).await? {
         warn!(slot = %source.slot, "{warning}");
     }
     Ok(())
@@ -153,12 +141,9 @@ pub async fn check_failover_slot_support(
 async fn refuse_to_recreate_a_dropped_slot(
     sql: &tokio_postgres::Client,
     config: &Config,
-) -> Result<(), SessionEnd> {
-    match dropped_slot_problem(sql, &config.relay.schema, &config.source.slot)
-        .await
-        .map_err(SessionEnd::of)?
-    {
-        Some(problem) => Err(SessionEnd::fatal(problem)),
+) -> anyhow::Result<()> {
+    match dropped_slot_problem(sql, &config.relay.schema, &config.source.slot).await? {
+        Some(problem) => Err(Problem(problem).into()),
         None => Ok(()),
     }
 }
@@ -183,7 +168,7 @@ pub async fn start_streaming(
 }
 
 /// Why a missing slot must not simply be created again, if the relay has used it (it has
-/// checkpoints for it, or a record in `{schema}.slots`, see [`crate::origin`]): it
+/// checkpoints for it, or a record in `{schema}.slots`, see [`crate::source::origin`]): it
 /// was dropped, or the server is a promoted standby, and a new slot would start at the
 /// current WAL position, skipping everything committed since the relay last read. `None`
 /// when there is neither (or the relay's tables do not exist yet). `run`, `init` and
@@ -225,7 +210,7 @@ pub async fn dropped_slot_problem(
          last read would never be published. Publish them another way (source.backfill = true \
          publishes the rows still in the outbox tables, on a new slot), or delete the relay's \
          record of the slot to accept the gap and start afresh: {}",
-        crate::origin::forget_slot_sql(schema, slot)
+        crate::source::origin::forget_slot_sql(schema, slot)
     )))
 }
 
@@ -270,7 +255,7 @@ fn invalidated_slot_problem(slot: &str, reason: &str, schema: &str) -> String {
          to accept the gap, drop it, delete the relay's record of it ({forget}) and run \
          `outbox-relay init`",
         literal = crate::sql::literal(slot),
-        forget = crate::origin::forget_slot_sql(schema, slot),
+        forget = crate::source::origin::forget_slot_sql(schema, slot),
     )
 }
 
