@@ -2,10 +2,24 @@
 //! publishes every committed row as an event, in commit order, checkpointing exactly what
 //! every sink acknowledged.
 //!
-//! The data path, top-down: [`source::replication`] (our own replication connection) →
-//! [`source::pgoutput`] (pure decoder) → [`outbox`] (rows → events) → [`pipeline`] (batching,
-//! backpressure, per-sink delivery and acknowledgement) → sinks → [`checkpoint`] → standby
-//! status updates.
+//! One row's path, one file per hop, top-down:
+//! 1. [`source::replication`]: our own replication connection (TLS, auth, START_REPLICATION).
+//! 2. [`source::stream`]: reads the socket, frames CopyData into replication messages.
+//! 3. [`source::pgoutput`]: the pure decoder, bytes → Begin / Relation / Insert / … / Commit.
+//! 4. [`reader`]: transactions → positions (commit end LSN, index) and confirmable
+//!    boundaries; pgoutput's shapes become the neutral [`row`].
+//! 5. [`outbox`]: a row or logical message → an event, or a dead letter with its reason
+//!    ([`dead_letters`] stores it).
+//! 6. [`pipeline`]: batches, one worker per sink, backpressure, acknowledgement progress.
+//! 7. the sinks crate (`outbox_relay_sinks`): one folder per sink, publishing and confirming.
+//! 8. [`checkpoint`]: stores each sink's acknowledged position.
+//! 9. [`source::status`]: confirms to PostgreSQL the end of every transaction all sinks
+//!    acknowledged.
+//!
+//! [`relay`] wires one session of these together. Beside the path: [`source::slot`] readies
+//! the slot, [`resume`] readies the sinks (what each already holds), [`backfill`] is the
+//! second source of rows, [`failure`] decides what a failure leads to, [`leader`] elects one
+//! relay per slot, [`admin`] holds the other commands.
 
 pub mod admin;
 pub mod backfill;

@@ -1,14 +1,7 @@
 //! `outbox-relay run`: one replication session at a time, reconnecting with backoff after
 //! transient failures, and standing by while another relay holds the slot. This file only
-//! wires. One row's path, top-down:
-//! [`source::replication`](crate::source::replication) (the connection) →
-//! [`source::stream`](crate::source::stream) (framing) → [`reader`](crate::reader)
-//! (pgoutput decoding, transactions, positions) → [`outbox`](crate::outbox) (row → event) →
-//! [`pipeline`](crate::pipeline) (batches, per-sink workers, acknowledgements) → the sinks →
-//! [`checkpoint`](crate::checkpoint) → [`source::status`](crate::source::status) (the
-//! confirmed LSN back to the server). Beside them: [`source::slot`](crate::source::slot)
-//! readies the slot, [`resume`](crate::resume) readies the sinks, and
-//! [`failure`](crate::failure) decides what a failure leads to.
+//! wires the data path (its hops are listed in lib.rs) and the session's helper tasks; it
+//! holds none of their logic.
 
 use crate::backfill;
 use crate::checkpoint::{write_checkpoints, CheckpointStore, PgCheckpointStore};

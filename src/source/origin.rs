@@ -7,7 +7,7 @@
 //! Invariants:
 //! - A missing slot that has a row here was dropped, or this server is a promoted standby: a
 //!   new slot would skip what committed since, so the relay does not create it
-//!   ([`crate::checkpoint::dropped_slot_problem`]), even before the first checkpoint.
+//!   ([`crate::source::slot::dropped_slot_problem`]), even before the first checkpoint.
 //! - A row of another system identifier, or of a later timeline, means that the relay's
 //!   state (checkpoints included) comes from another server: its positions mean nothing
 //!   here and skipping by them would drop this server's events, so the relay stops
