@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use outbox_relay_sinks::format::Format;
+pub use outbox_relay_sinks::Secret;
 
 /// The environment variable prefix; `__` separates the section from the key.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
@@ -609,7 +610,7 @@ pub struct RabbitMqSinkConfig {
     pub url: String,
     /// Override the URL's credentials; `password_file` wins over `password`.
     pub username: Option<String>,
-    pub password: Option<outbox_relay_sinks::rabbitmq::Password>,
+    pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     /// PEM file of CA certificates to trust for TLS.
     pub ca_file: Option<PathBuf>,
@@ -671,7 +672,8 @@ impl KafkaSinkConfig {
         let mut properties = self.properties.clone();
         if let Some(file) = &self.sasl_password_file {
             let key = format!("sinks.{name}.sasl_password_file");
-            properties.insert("sasl.password".into(), read_secret_file(file, &key)?);
+            let password = Secret::from_file(file, &key)?;
+            properties.insert("sasl.password".into(), password.expose().to_owned());
         }
         Ok(outbox_relay_sinks::kafka::KafkaSettings {
             brokers: self.brokers.clone(),
@@ -704,14 +706,14 @@ impl RabbitMqSinkConfig {
         slot: &str,
     ) -> anyhow::Result<outbox_relay_sinks::rabbitmq::RabbitMqSettings> {
         use outbox_relay_sinks::rabbitmq::{
-            exchange::DEFAULT_MAX_MESSAGE_BYTES, ExchangeSettings, Password, Policy,
-            RabbitMqSettings, StreamSettings,
+            exchange::DEFAULT_MAX_MESSAGE_BYTES, ExchangeSettings, Policy, RabbitMqSettings,
+            StreamSettings,
         };
         let password = match &self.password_file {
-            Some(file) => Some(Password::new(read_secret_file(
+            Some(file) => Some(Secret::from_file(
                 file,
                 &format!("sinks.{name}.password_file"),
-            )?)),
+            )?),
             None => self.password.clone(),
         };
         let misplaced = |keys: &[(&str, bool)], mode: &str| -> anyhow::Result<()> {
@@ -1158,25 +1160,6 @@ fn mask_quoted(line: &str) -> String {
     out
 }
 
-/// A secret that never shows up in logs or debug output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
 /// Where and how to connect, resolved from `SourceConfig` (URL, password file, TLS keys).
 #[derive(Debug, Clone)]
 pub struct ConnectParams {
@@ -1246,7 +1229,7 @@ impl SourceConfig {
             .get_password()
             .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
         if let Some(file) = &self.password_file {
-            password = Some(Secret::new(read_secret_file(file, "source.password_file")?));
+            password = Some(Secret::from_file(file, "source.password_file")?);
         }
         let sslmode = match (self.sslmode, url_sslmode) {
             (Some(mode), _) => mode,
@@ -1269,17 +1252,6 @@ impl SourceConfig {
             tcp_user_timeout: Some(self.tcp_user_timeout).filter(|t| !t.is_zero()),
         })
     }
-}
-
-/// The first line of the secret file that configuration key `key` names.
-fn read_secret_file(file: &Path, key: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file).with_context(|| {
-        format!(
-            "cannot read {key} {}: check the path and permissions",
-            file.display()
-        )
-    })?;
-    Ok(text.lines().next().unwrap_or_default().to_owned())
 }
 
 /// Removes `sslmode` and `sslrootcert` from a connection string (tokio-postgres rejects the

@@ -16,7 +16,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::RelayConfig;
 use crate::outbox::DeadLetter;
 use crate::telemetry::{Metrics, SinkLabels, SinkTableLabels, METRICS};
-use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError};
+use outbox_relay_sinks::{Backoff, Event, Lsn, Position, Sink, SinkError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -547,18 +547,18 @@ async fn deliver(
     store: &dyn CheckpointStore,
     slot: &str,
 ) -> anyhow::Result<Vec<usize>> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     let delivery = loop {
         match worker.sink.send(events).await {
             Ok(delivery) => break delivery,
             Err(SinkError::Retryable(reason)) => {
-                warn!(%reason, retry_in = ?backoff, "sink failed; retrying the batch");
+                let delay = backoff.next_delay();
+                warn!(%reason, retry_in = ?delay, "sink failed; retrying the batch");
                 METRICS
                     .sink_retries
                     .get_or_create(&Metrics::sink(&worker.name))
                     .inc();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                tokio::time::sleep(delay).await;
             }
             Err(SinkError::Permanent(reason)) => {
                 anyhow::bail!("sink {} failed: {reason}", worker.name)

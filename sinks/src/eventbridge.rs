@@ -33,7 +33,7 @@
 
 use crate::format::{self, Format};
 use crate::routing::Template;
-use crate::{Delivery, Event, Payload, Position, Rejection, Sink, SinkError};
+use crate::{Backoff, Delivery, Event, Payload, Position, Rejection, Sink, SinkError};
 
 /// Why a binary payload (a `bytea` column) is refused with `debezium` or `raw`: the column
 /// type is known only from the database (`check` reports it), so the configuration cannot
@@ -299,6 +299,8 @@ struct Slot {
     state: State,
     /// Failures in this `send`.
     failures: u32,
+    /// The wait before its next attempt after a failure.
+    backoff: Backoff,
     not_before: Instant,
     /// Sent alone: a request holding it was refused as a whole as invalid.
     alone: bool,
@@ -340,6 +342,7 @@ impl Scheduler {
                     group,
                     state,
                     failures: 0,
+                    backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
                     not_before: now,
                     alone: false,
                 }
@@ -422,7 +425,7 @@ impl Scheduler {
             Outcome::Retry(_) => {
                 slot.state = State::Pending;
                 slot.failures += 1;
-                slot.not_before = now + backoff(slot.failures);
+                slot.not_before = now + slot.backoff.next_delay();
                 exhausted = slot.failures >= ATTEMPTS_PER_SEND;
             }
         }
@@ -440,13 +443,6 @@ impl Scheduler {
         }
         request.len() == 1
     }
-}
-
-/// Exponential backoff after `failures` failures: 100 ms, 200 ms, ... up to 5 s.
-fn backoff(failures: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF)
 }
 
 /// Packs one request from `candidates` (index, entry size, must go alone), taken in order:
@@ -1096,13 +1092,16 @@ mod tests {
     fn an_event_fails_a_bounded_number_of_times_per_send() {
         let mut s = scheduler(&["a"], 10);
         let mut now = Instant::now();
+        let mut waits = Vec::new();
         for attempt in 1..=ATTEMPTS_PER_SEND {
             assert_eq!(s.next_request(now), [0]);
             let exhausted = s.finish(0, Outcome::Retry("ThrottlingException".into()), now);
             assert_eq!(exhausted, attempt == ATTEMPTS_PER_SEND);
-            now = s.next_ready().unwrap();
+            let ready = s.next_ready().unwrap();
+            waits.push(ready - now);
+            now = ready;
         }
-        assert_eq!(backoff(1), FIRST_BACKOFF);
-        assert_eq!(backoff(30), MAX_BACKOFF);
+        assert_eq!(waits[0], FIRST_BACKOFF);
+        assert!(waits.iter().all(|wait| *wait <= MAX_BACKOFF), "{waits:?}");
     }
 }

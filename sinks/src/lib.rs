@@ -5,6 +5,7 @@
 //! answer once every event of the batch is durably accepted (or explicitly rejected), so the
 //! relay can move its checkpoint over exactly what was acknowledged.
 
+mod backoff;
 mod event;
 pub mod eventbridge;
 pub mod file;
@@ -13,9 +14,12 @@ pub mod kafka;
 pub mod null;
 pub mod rabbitmq;
 pub mod routing;
+mod secret;
 pub mod stdout;
 
+pub use backoff::Backoff;
 pub use event::{Event, Lsn, Payload, Position, Text};
+pub use secret::{Secret, SecretFileError};
 
 use async_trait::async_trait;
 

@@ -33,13 +33,10 @@
 //! - **TLS.** `amqps://` URLs use rustls with the system's CA certificates, plus the PEM
 //!   file `ca_file` when set; the server's host name is verified.
 
-use super::{
-    event_time_millis, next_backoff, permanent, retryable, Content, Outcome, Password, Policy,
-    Progress,
-};
+use super::{backoff, event_time_millis, permanent, retryable, Content, Outcome, Policy, Progress};
 use crate::format::{AttributeValue, Format};
 use crate::routing::Template;
-use crate::{Delivery, Event, Position, Sink, SinkError};
+use crate::{Delivery, Event, Position, Secret, Sink, SinkError};
 use async_trait::async_trait;
 use lapin::message::BasicReturnMessage;
 use lapin::options::{
@@ -81,7 +78,7 @@ pub struct ExchangeSettings {
     /// Overrides the URL's user.
     pub username: Option<String>,
     /// Overrides the URL's password.
-    pub password: Option<Password>,
+    pub password: Option<Secret>,
     /// PEM file of CA certificates trusted for `amqps://`, besides the system's.
     pub ca_file: Option<PathBuf>,
     pub exchange: String,
@@ -815,7 +812,7 @@ impl Sink for ExchangeSink {
                 }
             })
             .collect();
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = backoff(FIRST_BACKOFF);
         for round in 1..=ROUNDS_PER_SEND {
             let result = self.publish_round(batch, &prepared, &mut outcomes).await;
             if let Err(err) = result {
@@ -834,8 +831,7 @@ impl Sink for ExchangeSink {
                 return Ok(self.progress.finish());
             }
             if round < ROUNDS_PER_SEND {
-                tokio::time::sleep(backoff).await;
-                backoff = next_backoff(backoff);
+                tokio::time::sleep(backoff.next_delay()).await;
             } else {
                 self.progress.outcomes = outcomes;
                 return Err(retryable(format!(
@@ -937,7 +933,7 @@ mod tests {
     fn urls_take_the_configured_credentials_and_never_show_them() {
         let mut settings = settings();
         settings.username = Some("relay".into());
-        settings.password = Some(Password::new("s3cret"));
+        settings.password = Some(Secret::new("s3cret"));
         let uri = settings.uri().unwrap();
         assert_eq!(uri.authority.userinfo.username, "relay");
         assert_eq!(uri.authority.userinfo.password, "s3cret");

@@ -27,7 +27,6 @@ pub mod stream;
 use crate::format::{self, AttributeValue, Format};
 use crate::{Event, Position, Sink, SinkError};
 use serde::Deserialize;
-use std::fmt;
 
 pub use exchange::{ExchangeSettings, ExchangeSink};
 pub use stream::{StreamSettings, StreamSink};
@@ -48,27 +47,6 @@ pub enum Policy {
     DeadLetter,
     /// Stop the relay with the reason, so an operator can fix the broker side.
     Fail,
-}
-
-/// A password that never shows up in logs or debug output.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Password(String);
-
-impl Password {
-    pub fn new(password: impl Into<String>) -> Self {
-        Password(password.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
 }
 
 /// The settings of either mode.
@@ -227,9 +205,10 @@ impl Progress {
     }
 }
 
-/// Backoff between retries inside one `send`.
-fn next_backoff(backoff: std::time::Duration) -> std::time::Duration {
-    (backoff * 2).min(std::time::Duration::from_secs(5))
+/// Backoff between rounds inside one `send`, and between `recover`'s connection attempts:
+/// from `first` up to 5 s.
+fn backoff(first: std::time::Duration) -> crate::Backoff {
+    crate::Backoff::new(first, std::time::Duration::from_secs(5))
 }
 
 fn permanent(message: impl Into<String>) -> SinkError {

@@ -34,9 +34,9 @@
 //! - **TLS.** `rabbitmq-stream+tls://` URLs need `ca_file` (the stream client trusts only
 //!   that file); the server's host name is verified.
 
-use super::{event_time_millis, permanent, retryable, Content, Outcome, Password, Progress};
+use super::{backoff, event_time_millis, permanent, retryable, Content, Outcome, Progress};
 use crate::format::{AttributeValue, Format};
-use crate::{Delivery, Event, Lsn, Position, Sink, SinkError};
+use crate::{Delivery, Event, Lsn, Position, Secret, Sink, SinkError};
 use async_trait::async_trait;
 use rabbitmq_stream_client::types::{Message, MessageResult, ResponseCode, ResponseKind};
 use rabbitmq_stream_client::{Client, ClientOptions, TlsConfiguration};
@@ -102,7 +102,7 @@ pub struct StreamSettings {
     /// carry `user:password@`.
     pub url: String,
     pub username: Option<String>,
-    pub password: Option<Password>,
+    pub password: Option<Secret>,
     /// PEM file of the CA certificates to trust; required for `rabbitmq-stream+tls://`.
     pub ca_file: Option<PathBuf>,
     pub stream: String,
@@ -124,7 +124,7 @@ struct Endpoint {
     port: u16,
     vhost: String,
     user: String,
-    password: Password,
+    password: Secret,
     tls: bool,
 }
 
@@ -191,8 +191,8 @@ impl StreamSettings {
         };
         let password = match (&self.password, url.password()) {
             (Some(password), _) => password.clone(),
-            (None, Some(password)) => Password::new(decode(password)),
-            (None, None) => Password::new("guest"),
+            (None, Some(password)) => Secret::new(decode(password)),
+            (None, None) => Secret::new("guest"),
         };
         Ok(Endpoint {
             host,
@@ -729,7 +729,7 @@ pub async fn check(settings: &StreamSettings) -> Vec<String> {
 #[async_trait]
 impl Sink for StreamSink {
     async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = backoff(Duration::from_millis(500));
         for attempt in 1..=RECOVER_ATTEMPTS {
             match self.connect().await {
                 Ok(link) => {
@@ -737,9 +737,9 @@ impl Sink for StreamSink {
                     break;
                 }
                 Err(SinkError::Retryable(reason)) if attempt < RECOVER_ATTEMPTS => {
-                    warn!(sink = %self.settings.name, %reason, retry_in = ?backoff, "cannot read the stream's position yet");
-                    tokio::time::sleep(backoff).await;
-                    backoff = super::next_backoff(backoff);
+                    let delay = backoff.next_delay();
+                    warn!(sink = %self.settings.name, %reason, retry_in = ?delay, "cannot read the stream's position yet");
+                    tokio::time::sleep(delay).await;
                 }
                 Err(err) => return Err(err),
             }
@@ -890,7 +890,7 @@ mod tests {
             (5551, "/", true)
         );
         let mut overridden = settings("rabbitmq-stream://a:b@broker");
-        overridden.password = Some(Password::new("from-file"));
+        overridden.password = Some(Secret::new("from-file"));
         assert_eq!(
             overridden.endpoint().unwrap().password.expose(),
             "from-file"
