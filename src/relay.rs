@@ -8,7 +8,7 @@ use crate::checkpoint::{
     dropped_slot_problem, load_replay_key, CheckpointStore, PgCheckpointStore,
 };
 use crate::config::ChangePolicy;
-use crate::config::{Config, ConnectParams, SinkConfig, SourceConfig};
+use crate::config::{Config, ConnectParams, SourceConfig};
 use crate::db;
 use crate::leader::Leadership;
 use crate::origin::Origin;
@@ -25,12 +25,7 @@ use crate::tables;
 use crate::telemetry::{gauge_value, ComponentLabels, Metrics, Role, METRICS};
 use crate::validation::SchemaRegistry;
 use bytes::Bytes;
-use outbox_relay_sinks::eventbridge::EventBridgeSink;
-use outbox_relay_sinks::kafka::KafkaSink;
-use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
-use outbox_relay_sinks::{
-    file::FileSink, null::NullSink, stdout::StdoutSink, Lsn, Position, Sink, SinkError,
-};
+use outbox_relay_sinks::{Lsn, Position, Sink, SinkError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -371,38 +366,10 @@ async fn refuse_to_recreate_a_dropped_slot(
 
 /// Builds the configured sinks.
 pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>)>> {
-    config
-        .sinks
-        .iter()
-        .map(|(name, sink)| {
-            let inner: Box<dyn Sink> = match sink {
-                SinkConfig::Stdout { format, .. } => Box::new(StdoutSink::new(*format)),
-                SinkConfig::Null { .. } => Box::new(NullSink),
-                SinkConfig::File {
-                    path,
-                    fsync,
-                    format,
-                    ..
-                } => Box::new(FileSink::new(path, *format, *fsync)),
-                SinkConfig::Kafka(kafka) => {
-                    Box::new(KafkaSink::new(kafka.settings(name, &config.source.slot)?))
-                }
-                SinkConfig::EventBridge(eventbridge) => {
-                    Box::new(EventBridgeSink::new(eventbridge.settings(name)?))
-                }
-                SinkConfig::RabbitMq(rabbitmq) => outbox_relay_sinks::rabbitmq::sink(
-                    rabbitmq.settings(name, &config.source.slot)?,
-                ),
-            };
-            let rule = sink.filter();
-            let filter = EventFilter::new(
-                rule.event_tables(),
-                rule.aggregate_types.clone(),
-                rule.event_types.clone(),
-            );
-            Ok((name.clone(), FilteredSink::wrap(filter, inner)))
-        })
-        .collect()
+    Ok(outbox_relay_sinks::build_all(
+        &config.sinks,
+        &config.source.slot,
+    )?)
 }
 
 async fn session(

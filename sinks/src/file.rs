@@ -13,13 +13,40 @@
 //! full disk is retried (the operator frees space, the batch goes in), and the torn part of
 //! the failed batch is cut off first.
 
+use crate::config::{default_true, ConfigError, SinkContext, SinkKind};
 use crate::format::{self, Format};
+use crate::routing::MatchRule;
 use crate::{Delivery, Event, Position, Sink, SinkError};
 use async_trait::async_trait;
+use serde::Deserialize;
 use std::io::{SeekFrom, Write};
 use std::path::PathBuf;
 use tokio::fs::{File, OpenOptions};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// `type = "file"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub path: PathBuf,
+    /// fsync every batch before acknowledging it.
+    #[serde(default = "default_true")]
+    pub fsync: bool,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default, rename = "match")]
+    pub filter: MatchRule,
+}
+
+impl SinkKind for FileConfig {
+    fn build(&self, _ctx: &SinkContext<'_>) -> Result<Box<dyn Sink>, ConfigError> {
+        Ok(Box::new(FileSink::new(&self.path, self.format, self.fsync)))
+    }
+
+    fn filter(&self) -> &MatchRule {
+        &self.filter
+    }
+}
 
 pub struct FileSink {
     path: PathBuf,

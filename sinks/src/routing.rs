@@ -1,9 +1,12 @@
 //! Routing primitives shared by the sinks: templates over an event's fields (topic, exchange,
-//! routing key, bus, CloudEvents source: `outbox.event.{aggregatetype}`) and filters that say
-//! which events a sink or route takes (by table, aggregate type, event-type glob).
+//! routing key, bus, CloudEvents source: `outbox.event.{aggregatetype}`), and which events a
+//! sink takes: the configured [`MatchRule`] (`[sinks.NAME.match]`) and the [`EventFilter`] it
+//! becomes (by table, aggregate type, event-type glob).
 
+use crate::table_name::{names_one_of, parse_table_name};
 use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
+use serde::Deserialize;
 use std::fmt::Write;
 
 /// A field of an event a template can name.
@@ -169,6 +172,49 @@ impl EventFilter {
                     .event_type_globs
                     .iter()
                     .any(|g| glob_matches(g, &event.event_type)))
+    }
+}
+
+/// Which events a sink takes; an empty list matches everything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    /// `schema.table`, or `message:PREFIX` for logical-message events.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub aggregate_types: Vec<String>,
+    /// Globs: `*` any run of characters, `?` one character.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+}
+
+impl MatchRule {
+    /// `tables` as events name their table: `schema.table` (a bare name is in `public`, quotes
+    /// are taken off), and `message:PREFIX` as it is.
+    pub fn event_tables(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .map(|t| match parse_table_name(t) {
+                Ok((schema, name)) if !t.starts_with("message:") => format!("{schema}.{name}"),
+                _ => t.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether the rule lets through events of the table `names` (`schema`, `table`), as far
+    /// as `tables` says (the other lists depend on the event).
+    pub fn takes_table(&self, names: &(String, String)) -> bool {
+        self.tables.is_empty() || names_one_of(&self.tables, names)
+    }
+
+    /// The filter that applies the rule to events.
+    pub fn event_filter(&self) -> EventFilter {
+        EventFilter::new(
+            self.event_tables(),
+            self.aggregate_types.clone(),
+            self.event_types.clone(),
+        )
     }
 }
 

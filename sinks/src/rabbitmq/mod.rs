@@ -21,6 +21,7 @@
 //! `bytea` column) is the body as it is, with the mapping's content type, except in the
 //! structured envelope, which carries it as `data_base64`.
 
+mod config;
 pub mod exchange;
 pub mod stream;
 
@@ -28,6 +29,7 @@ use crate::format::{self, AttributeValue, Format};
 use crate::{Event, Position, Sink, SinkError};
 use serde::Deserialize;
 
+pub use config::{RabbitMqConfig, RabbitMqMode};
 pub use exchange::{ExchangeSettings, ExchangeSink};
 pub use stream::{StreamSettings, StreamSink};
 

@@ -33,20 +33,24 @@
 //! log, into the messages of failed batches and of `check`, and a refused login or
 //! certificate stops the relay instead of being retried forever.
 
-use crate::format::{self, Format};
+mod checkpoint;
+mod config;
+mod encode;
+mod errors;
+
+pub use config::KafkaConfig;
+
+use crate::format::Format;
 use crate::routing::Template;
-use crate::{Delivery, Event, Lsn, Payload, Position, Rejection, Sink, SinkError};
+use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
+use errors::{classify, classify_code, BrokerErrors};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Everything the Kafka sink needs, resolved from the configuration.
@@ -74,115 +78,6 @@ pub struct KafkaSettings {
     /// Any librdkafka property (TLS, SASL, tuning); wins over the sink's defaults.
     pub properties: BTreeMap<String, String>,
 }
-
-/// The librdkafka client context of every client the sink creates: librdkafka's log lines
-/// and error reports go to `tracing`, and the last error report is kept.
-#[derive(Clone, Default)]
-struct BrokerErrors {
-    last: Arc<Mutex<Option<BrokerError>>>,
-}
-
-/// An error librdkafka reported through its error callback.
-#[derive(Clone, Debug)]
-struct BrokerError {
-    code: Option<RDKafkaErrorCode>,
-    reason: String,
-}
-
-impl BrokerError {
-    /// A refused login or certificate: retrying with the same settings cannot succeed.
-    fn advice_if_permanent(&self) -> Option<&'static str> {
-        match self.code {
-            Some(RDKafkaErrorCode::Authentication) => {
-                Some("check sasl.username, sasl.password (or sasl_password_file) and sasl.mechanism")
-            }
-            // librdkafka reports a TLS failure twice, with the SSL code and as a transport
-            // failure, in either order; only a verification failure is a refused
-            // certificate rather than a broken connection.
-            Some(RDKafkaErrorCode::SSL | RDKafkaErrorCode::BrokerTransportFailure)
-                if self.reason.contains("certificate verify failed") =>
-            {
-                Some("check ssl.ca.location and that the broker's certificate names the host in brokers")
-            }
-            _ => None,
-        }
-    }
-
-    /// The report as a clause for an error message.
-    fn describe(&self) -> String {
-        match self.advice_if_permanent() {
-            Some(advice) => format!(
-                "the broker refused the connection: {}; {advice}",
-                self.reason
-            ),
-            None => format!("librdkafka last reported: {}", self.reason),
-        }
-    }
-}
-
-impl BrokerErrors {
-    fn take(&self) -> Option<BrokerError> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-
-    fn peek(&self) -> Option<BrokerError> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// `error` as the relay should see it: replaced by a refused login or certificate that
-    /// librdkafka reported meanwhile, or with the broker's last complaint added.
-    fn explain(&self, error: SinkError) -> SinkError {
-        let SinkError::Retryable(message) = error else {
-            return error;
-        };
-        match self.peek() {
-            Some(reported) if reported.advice_if_permanent().is_some() => {
-                SinkError::Permanent(format!("{message}; {}", reported.describe()))
-            }
-            Some(reported) => SinkError::Retryable(format!("{message}; {}", reported.describe())),
-            None => SinkError::Retryable(message),
-        }
-    }
-}
-
-impl ClientContext for BrokerErrors {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility, "{message}")
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", facility, "{message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
-        let reported = BrokerError {
-            code: error.rdkafka_error_code(),
-            reason: reason.to_owned(),
-        };
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        // Keep the cause, not its consequence ("1/1 brokers are down" follows a refused
-        // login), and a refused login or certificate over anything retryable.
-        let keep = last.as_ref().is_some_and(|kept| {
-            reported.code == Some(RDKafkaErrorCode::AllBrokersDown)
-                || (kept.advice_if_permanent().is_some()
-                    && reported.advice_if_permanent().is_none())
-        });
-        if !keep {
-            *last = Some(reported);
-        }
-    }
-}
-
-impl ConsumerContext for BrokerErrors {}
 
 pub struct KafkaSink {
     settings: KafkaSettings,
@@ -356,66 +251,6 @@ impl KafkaSink {
         Ok(())
     }
 
-    fn headers(&self, event: &Event) -> OwnedHeaders {
-        // `insert` takes the list by value; `Option::take` moves it out without making a
-        // new one (`mem::take` would create and free an empty librdkafka list per header).
-        let mut headers = Some(OwnedHeaders::new());
-        let mut add = |key: &str, value: &str| {
-            headers = headers.take().map(|list| {
-                list.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            });
-        };
-        add("id", &event.id);
-        if self.settings.format != Format::Debezium {
-            add("type", &event.event_type);
-            if let Some(version) = event.schema_version {
-                add("schema_version", &version.to_string());
-            }
-            if let Some(traceparent) = &event.traceparent {
-                add("traceparent", traceparent);
-            }
-        }
-        for (key, value) in &event.headers {
-            add(key, value);
-        }
-        match (self.settings.format, self.settings.binary) {
-            (Format::CloudEvents, true) => {
-                add("content-type", event.payload.content_type());
-                for (name, value) in format::attributes(event) {
-                    if name != "datacontenttype" {
-                        add(&format!("ce_{name}"), &value.to_string());
-                    }
-                }
-            }
-            (Format::CloudEvents, false) => add(
-                "content-type",
-                "application/cloudevents+json; charset=UTF-8",
-            ),
-            _ => {}
-        }
-        headers.expect("every insert puts the list back")
-    }
-
-    /// Encodes the value of `event` into `value_buf`; `false` for a tombstone, whose record
-    /// has a null value in every format.
-    fn encode_value(&mut self, event: &Event) -> bool {
-        self.value_buf.clear();
-        if event.payload == Payload::Tombstone {
-            return false;
-        }
-        match (self.settings.format, self.settings.binary) {
-            (Format::CloudEvents, false) => {
-                format::write_line(Format::CloudEvents, event, &mut self.value_buf);
-                self.value_buf.pop(); // the newline
-            }
-            _ => self.value_buf.extend_from_slice(event.payload.as_bytes()),
-        }
-        true
-    }
-
     /// Hands every event of `batch` to the producer; returns the events too large for the
     /// broker as rejections, and the deliveries still to wait for.
     async fn produce_all(
@@ -431,8 +266,8 @@ impl KafkaSink {
             let topic = std::mem::take(&mut self.topic_buf);
             self.ensure_topic(&topic, self.settings.create_topics)
                 .await?;
-            let has_value = self.encode_value(event);
-            let headers = self.headers(event);
+            let has_value = encode::value(&self.settings, event, &mut self.value_buf);
+            let headers = encode::headers(&self.settings, event);
             let mut record = FutureRecord::to(&topic)
                 .key(event.key.as_bytes())
                 .payload(&self.value_buf)
@@ -450,7 +285,7 @@ impl KafkaSink {
                         KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
                         returned,
                     )) => {
-                        let size = RecordSize::of(
+                        let size = encode::RecordSize::of(
                             event.key.len(),
                             self.value_buf.len(),
                             returned.headers.as_ref(),
@@ -484,68 +319,6 @@ impl KafkaSink {
 
 /// Deliveries of a batch not yet reported, with the index of their event.
 type Deliveries = VecDeque<(usize, DeliveryFuture)>;
-
-/// The size librdkafka compares with `message.max.bytes` before it takes a record
-/// (`rd_kafka_msg_new0`): the key, the value, the headers as they are serialized (each name
-/// and value with its length as a zigzag varint), and the most that a record's framing can
-/// take. A refusal states this sum, so that its numbers agree with the limit.
-struct RecordSize {
-    key: usize,
-    value: usize,
-    headers: usize,
-}
-
-impl RecordSize {
-    /// `RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: the varints of the record's length, offset delta,
-    /// key and value lengths and header count (5 bytes each at most), the timestamp delta's
-    /// (10), and the attributes byte.
-    const FRAMING: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
-
-    fn of(key: usize, value: usize, headers: Option<&OwnedHeaders>) -> RecordSize {
-        use rdkafka::message::Headers;
-        let with_length = |len: usize| len + zigzag_varint_len(len);
-        let headers = headers.map_or(0, |headers| {
-            headers
-                .iter()
-                .map(|h| with_length(h.key.len()) + with_length(h.value.map_or(0, <[u8]>::len)))
-                .sum()
-        });
-        RecordSize {
-            key,
-            value,
-            headers,
-        }
-    }
-
-    fn total(&self) -> usize {
-        Self::FRAMING + self.key + self.value + self.headers
-    }
-}
-
-impl std::fmt::Display for RecordSize {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} bytes as librdkafka counts it (value {}, key {}, headers {}, framing {})",
-            self.total(),
-            self.value,
-            self.key,
-            self.headers,
-            Self::FRAMING
-        )
-    }
-}
-
-/// Bytes of `len` as a zigzag-encoded varint (librdkafka's `rd_uvarint_enc_i64`).
-fn zigzag_varint_len(len: usize) -> usize {
-    let mut encoded = (len as u64) << 1;
-    let mut bytes = 1;
-    while encoded >= 0x80 {
-        encoded >>= 7;
-        bytes += 1;
-    }
-    bytes
-}
 
 /// Sends the batch's records at once and waits for every delivery report.
 ///
@@ -607,51 +380,6 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or(Err(KafkaError::Canceled))
 }
 
-/// Fatal errors (fencing) and configuration errors stop the relay; the rest are retried.
-fn classify(error: &KafkaError, context: &str) -> SinkError {
-    classify_code(error.rdkafka_error_code(), &error.to_string(), context)
-}
-
-fn classify_code(code: Option<RDKafkaErrorCode>, error: &str, context: &str) -> SinkError {
-    let fenced = matches!(
-        code,
-        Some(
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-        )
-    );
-    if fenced {
-        return SinkError::Permanent(format!(
-            "{context}: {error}: another relay with the same transactional id took over (fenced); \
-             only one relay may publish for this slot"
-        ));
-    }
-    let permanent = matches!(
-        code,
-        Some(
-            RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
-                | RDKafkaErrorCode::SaslAuthenticationFailed
-                | RDKafkaErrorCode::Authentication
-                | RDKafkaErrorCode::UnsupportedVersion
-        )
-    );
-    if permanent {
-        SinkError::Permanent(format!(
-            "{context}: {error}; check the Kafka credentials and ACLs"
-        ))
-    } else {
-        SinkError::Retryable(format!("{context}: {error}"))
-    }
-}
-
-/// The checkpoint topic's partitions: the committed offset of one is the commit LSN of the
-/// last event delivered, of the other its index in its transaction.
-const CHECKPOINT_PARTITIONS: i32 = 2;
-const LSN_PARTITION: i32 = 0;
-const INDEX_PARTITION: i32 = 1;
 /// How long a commit waits for librdkafka to let go of delivered messages (see `send_batch`).
 const SETTLE: Duration = Duration::from_millis(100);
 /// How long `recover` may spend preparing the producer for the first event (see `warm_up`).
@@ -683,63 +411,6 @@ impl Sink for KafkaSink {
 }
 
 impl KafkaSink {
-    /// Connects (fencing earlier producers of this transactional id) and reads the
-    /// checkpoint committed in Kafka.
-    async fn recover_checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
-        // Connecting initialises transactions, which fences any earlier producer of this id.
-        let producer = self.connect().await?;
-        if tokio::time::timeout(WARM_UP, self.warm_up(&producer))
-            .await
-            .is_err()
-        {
-            tracing::debug!(
-                "Kafka metadata not fetched within {WARM_UP:?}; the first batch will fetch it"
-            );
-        }
-        if !self.settings.exactly_once {
-            return Ok(None);
-        }
-        let topic = self.settings.checkpoint_topic.clone();
-        self.ensure_topic(
-            &topic,
-            Some((
-                CHECKPOINT_PARTITIONS,
-                self.settings.create_topics.map_or(1, |(_, r)| r),
-            )),
-        )
-        .await?;
-        let timeout = self.settings.timeout;
-        let mut partitions = TopicPartitionList::new();
-        partitions.add_partition(&topic, LSN_PARTITION);
-        partitions.add_partition(&topic, INDEX_PARTITION);
-        let committed = self
-            .checkpoint_reader()?
-            .committed_offsets(partitions, timeout)
-            .map_err(|e| classify(&e, "reading the Kafka checkpoint"))?;
-        let offset = |partition| match committed
-            .find_partition(&topic, partition)
-            .map(|elem| elem.offset())
-        {
-            Some(Offset::Offset(offset)) => u64::try_from(offset).ok(),
-            _ => None,
-        };
-        let position = match (offset(LSN_PARTITION), offset(INDEX_PARTITION)) {
-            (Some(lsn), Some(index)) => Some(Position {
-                commit_lsn: Lsn(lsn),
-                index: u32::try_from(index).map_err(|_| {
-                    SinkError::Permanent(format!(
-                        "the Kafka checkpoint in topic {topic} was not written by outbox-relay \
-                         (index {index}); give the sink its own checkpoint_topic"
-                    ))
-                })?,
-            }),
-            _ => None,
-        };
-        tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
-            "recovered the checkpoint committed in Kafka");
-        Ok(position)
-    }
-
     /// The admin client, created on first use.
     fn admin(&mut self) -> Result<&AdminClient<BrokerErrors>, SinkError> {
         if self.admin.is_none() {
@@ -857,188 +528,5 @@ impl KafkaSink {
         .await
         .map_err(|e| classify(&e, "committing the Kafka transaction"))?;
         Ok(rejected)
-    }
-
-    /// Adds the checkpoint to the open transaction.
-    async fn add_checkpoint(
-        &mut self,
-        producer: &FutureProducer<BrokerErrors>,
-        last: Position,
-    ) -> Result<(), SinkError> {
-        let topic = self.settings.checkpoint_topic.clone();
-        let timeout = self.settings.timeout;
-        let group = self.checkpoint_reader()?.group_metadata().ok_or_else(|| {
-            SinkError::Permanent("the Kafka consumer has no group metadata".into())
-        })?;
-        let mut offsets = TopicPartitionList::new();
-        let lsn = i64::try_from(last.commit_lsn.0).unwrap_or(i64::MAX);
-        for (partition, offset) in [
-            (LSN_PARTITION, lsn),
-            (INDEX_PARTITION, i64::from(last.index)),
-        ] {
-            offsets
-                .add_partition_offset(&topic, partition, Offset::Offset(offset))
-                .map_err(|e| classify(&e, "preparing the Kafka checkpoint"))?;
-        }
-        if let Some(mut elem) = offsets.find_partition(&topic, LSN_PARTITION) {
-            elem.set_metadata(format!("outbox-relay position {last}"));
-        }
-        let p = producer.clone();
-        blocking(move || p.send_offsets_to_transaction(&offsets, &group, timeout))
-            .await
-            .map_err(|e| classify(&e, "adding the checkpoint to the Kafka transaction"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The size a refusal states is the one librdkafka compared: around the limit, a record
-    /// is refused exactly when that size is over `message.max.bytes`.
-    #[test]
-    fn a_refused_record_states_the_size_librdkafka_compared() {
-        const MAX: usize = 2000;
-        let producer: FutureProducer = ClientConfig::new()
-            // Nothing listens there: a record is checked and queued without a broker.
-            .set("bootstrap.servers", "127.0.0.1:9")
-            .set("message.max.bytes", MAX.to_string())
-            .create()
-            .unwrap();
-        let headers = || {
-            OwnedHeaders::new()
-                .insert(Header {
-                    key: "id",
-                    value: Some("0123456789abcdef"),
-                })
-                .insert(Header {
-                    key: "content-type",
-                    value: Some("application/cloudevents+json; charset=UTF-8"),
-                })
-        };
-        let key = "order-17";
-        for value_len in MAX - 200..MAX {
-            let value = vec![b'x'; value_len];
-            let record = FutureRecord::to("t")
-                .key(key)
-                .payload(&value)
-                .headers(headers());
-            let refused = matches!(
-                producer.send_result(record),
-                Err((
-                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-                    _
-                ))
-            );
-            let size = RecordSize::of(key.len(), value_len, Some(&headers()));
-            assert_eq!(refused, size.total() > MAX, "{size}");
-        }
-    }
-
-    fn report(errors: &BrokerErrors, code: RDKafkaErrorCode, reason: &str) {
-        errors.error(KafkaError::Global(code), reason);
-    }
-
-    #[test]
-    fn a_refused_login_makes_a_timed_out_batch_permanent_and_outlives_its_consequences() {
-        let errors = BrokerErrors::default();
-        report(
-            &errors,
-            RDKafkaErrorCode::Authentication,
-            "SASL authentication error: refused",
-        );
-        report(
-            &errors,
-            RDKafkaErrorCode::AllBrokersDown,
-            "1/1 brokers are down",
-        );
-        report(
-            &errors,
-            RDKafkaErrorCode::BrokerTransportFailure,
-            "Disconnected",
-        );
-        match errors.explain(SinkError::Retryable("delivering: Message timed out".into())) {
-            SinkError::Permanent(message) => {
-                assert!(
-                    message.contains("SASL authentication error: refused"),
-                    "{message}"
-                );
-                assert!(message.contains("check sasl.username"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    /// librdkafka's transport-failure report of a refused certificate can come first, and
-    /// `check` reads the first report: it is the refusal all the same.
-    #[test]
-    fn a_refused_certificate_reported_as_a_transport_failure_is_permanent() {
-        let errors = BrokerErrors::default();
-        report(
-            &errors,
-            RDKafkaErrorCode::BrokerTransportFailure,
-            "ssl://127.0.0.1:9093/bootstrap: ../ssl/statem/statem_clnt.c:1889:\
-             tls_post_process_server_certificate error:0A000086:SSL routines::certificate \
-             verify failed (after 3ms in state SSL_HANDSHAKE)",
-        );
-        match errors.explain(SinkError::Retryable("timed out".into())) {
-            SinkError::Permanent(message) => {
-                assert!(message.contains("check ssl.ca.location"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn other_broker_errors_stay_retryable_with_the_reason_added() {
-        let errors = BrokerErrors::default();
-        report(
-            &errors,
-            RDKafkaErrorCode::BrokerTransportFailure,
-            "Connection refused",
-        );
-        report(
-            &errors,
-            RDKafkaErrorCode::AllBrokersDown,
-            "1/1 brokers are down",
-        );
-        match errors.explain(SinkError::Retryable("timed out".into())) {
-            SinkError::Retryable(message) => {
-                assert!(
-                    message.ends_with("librdkafka last reported: Connection refused"),
-                    "{message}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        // A TLS failure that is not a verification failure is a broken connection.
-        report(
-            &errors,
-            RDKafkaErrorCode::SSL,
-            "SSL handshake failed: Disconnected",
-        );
-        assert!(matches!(
-            errors.explain(SinkError::Retryable("timed out".into())),
-            SinkError::Retryable(_)
-        ));
-        report(
-            &errors,
-            RDKafkaErrorCode::SSL,
-            "SSL handshake failed: certificate verify failed",
-        );
-        assert!(matches!(
-            errors.explain(SinkError::Retryable("timed out".into())),
-            SinkError::Permanent(_)
-        ));
-        // A permanent error stays permanent; a batch's start forgets old reports.
-        assert!(matches!(
-            errors.explain(SinkError::Permanent("fenced".into())),
-            SinkError::Permanent(m) if m == "fenced"
-        ));
-        errors.take();
-        assert!(matches!(
-            errors.explain(SinkError::Retryable("timed out".into())),
-            SinkError::Retryable(m) if m == "timed out"
-        ));
     }
 }
