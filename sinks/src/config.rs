@@ -202,7 +202,7 @@ mod tests {
 
     use super::*;
     use crate::format::tests::sample;
-    use crate::{Delivery, Event, SinkError, Text};
+    use crate::{Event, EventState, SinkError, Text};
     use std::sync::{Arc, Mutex};
 
     /// `type = "tally"`: counts the events it takes; refuses a configuration without room.
@@ -220,9 +220,13 @@ mod tests {
 
     #[async_trait]
     impl Sink for TallySink {
-        async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        async fn send(
+            &mut self,
+            batch: &[Event],
+            _states: &mut [EventState],
+        ) -> Result<(), SinkError> {
             *self.0.lock().unwrap() += batch.len();
-            Ok(Delivery::default())
+            Ok(())
         }
     }
 
@@ -259,7 +263,8 @@ mod tests {
         let mut sink = build_filtered(&config, &ctx).unwrap();
         let mut batch = vec![sample(1, 0), sample(1, 1)];
         batch[1].aggregate_type = Text::from("customer");
-        sink.send(&batch).await.unwrap();
+        let mut states = vec![EventState::Pending; batch.len()];
+        sink.send(&batch, &mut states).await.unwrap();
         assert_eq!(*config.seen.lock().unwrap(), 1, "the match rule applies");
         let empty: TallyConfig = serde_json::from_str(r#"{"capacity": 0}"#).unwrap();
         let err = build_filtered(&empty, &ctx).err().unwrap().to_string();

@@ -3,7 +3,7 @@
 
 use crate::config::{ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
-use crate::{Delivery, Event, Sink, SinkError};
+use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
 use serde::Deserialize;
 
@@ -30,7 +30,11 @@ pub struct NullSink;
 
 #[async_trait]
 impl Sink for NullSink {
-    async fn send(&mut self, _batch: &[Event]) -> Result<Delivery, SinkError> {
-        Ok(Delivery::default())
+    async fn send(
+        &mut self,
+        _batch: &[Event],
+        _states: &mut [EventState],
+    ) -> Result<(), SinkError> {
+        Ok(())
     }
 }

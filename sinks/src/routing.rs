@@ -4,7 +4,7 @@
 //! becomes (by table, aggregate type, event-type glob).
 
 use crate::table_name::{names_one_of, parse_table_name};
-use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
+use crate::{Event, EventState, Position, Sink, SinkError};
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::fmt::Write;
@@ -223,9 +223,10 @@ impl MatchRule {
 pub struct FilteredSink {
     filter: EventFilter,
     inner: Box<dyn Sink>,
-    /// The matching events of the current batch, and their indices in it.
+    /// The matching events of the current batch, their indices in it, and their states.
     selected: Vec<Event>,
     indices: Vec<usize>,
+    states: Vec<EventState>,
 }
 
 impl FilteredSink {
@@ -239,6 +240,7 @@ impl FilteredSink {
             inner,
             selected: Vec::new(),
             indices: Vec::new(),
+            states: Vec::new(),
         })
     }
 }
@@ -249,9 +251,10 @@ impl Sink for FilteredSink {
         self.inner.recover().await
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         self.selected.clear();
         self.indices.clear();
+        self.states.clear();
         for (index, event) in batch
             .iter()
             .enumerate()
@@ -259,20 +262,16 @@ impl Sink for FilteredSink {
         {
             self.selected.push(event.clone());
             self.indices.push(index);
+            self.states.push(std::mem::take(&mut states[index]));
         }
         if self.selected.is_empty() {
-            return Ok(Delivery::default());
+            return Ok(());
         }
-        let delivery = self.inner.send(&self.selected).await?;
-        let rejected = delivery
-            .rejected
-            .into_iter()
-            .map(|r| Rejection {
-                index: self.indices.get(r.index).copied().unwrap_or(usize::MAX),
-                reason: r.reason,
-            })
-            .collect();
-        Ok(Delivery { rejected })
+        let sent = self.inner.send(&self.selected, &mut self.states).await;
+        for (&index, state) in self.indices.iter().zip(self.states.drain(..)) {
+            states[index] = state;
+        }
+        sent
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
@@ -356,21 +355,21 @@ mod tests {
 
     #[async_trait]
     impl Sink for Recording {
-        async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        async fn send(
+            &mut self,
+            batch: &[Event],
+            states: &mut [EventState],
+        ) -> Result<(), SinkError> {
             self.0
                 .lock()
                 .unwrap()
                 .extend(batch.iter().map(|e| e.aggregate_type.to_string()));
-            let rejected = batch
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| &*e.event_type == "Bad")
-                .map(|(index, _)| Rejection {
-                    index,
-                    reason: "bad".into(),
-                })
-                .collect();
-            Ok(Delivery { rejected })
+            for (event, state) in batch.iter().zip(states) {
+                if &*event.event_type == "Bad" {
+                    *state = EventState::Rejected("bad".into());
+                }
+            }
+            Ok(())
         }
     }
 
@@ -382,11 +381,12 @@ mod tests {
         let mut batch = vec![sample(1, 0), sample(1, 1), sample(1, 2)];
         batch[0].aggregate_type = crate::Text::from("customer");
         batch[2].event_type = crate::Text::from("Bad");
-        let delivery = sink.send(&batch).await.unwrap();
+        let mut states = vec![EventState::Pending; batch.len()];
+        sink.send(&batch, &mut states).await.unwrap();
         assert_eq!(*seen.lock().unwrap(), ["order", "order"]);
         assert_eq!(
-            delivery.rejected,
-            vec![Rejection {
+            crate::rejections(states),
+            vec![crate::Rejection {
                 index: 2,
                 reason: "bad".into()
             }]

@@ -5,7 +5,7 @@
 use crate::config::{ConfigError, SinkContext, SinkKind};
 use crate::format::{self, Format};
 use crate::routing::MatchRule;
-use crate::{Delivery, Event, Sink, SinkError};
+use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -48,7 +48,7 @@ impl StdoutSink {
 
 #[async_trait]
 impl Sink for StdoutSink {
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    async fn send(&mut self, batch: &[Event], _states: &mut [EventState]) -> Result<(), SinkError> {
         self.buf.clear();
         for event in batch {
             format::write_line(self.format, event, &mut self.buf);
@@ -61,6 +61,6 @@ impl Sink for StdoutSink {
             .flush()
             .await
             .map_err(|e| SinkError::from_io("flushing stdout", e))?;
-        Ok(Delivery::default())
+        Ok(())
     }
 }

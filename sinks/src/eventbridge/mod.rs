@@ -26,8 +26,8 @@
 //!   move the outage into the dead-letter table.
 //! - **Acknowledgement.** `send` returns once every event is acknowledged or rejected, so the
 //!   relay's checkpoint only moves over accepted entries. When failures persist it returns a
-//!   retryable error after a few attempts, and remembers what was already accepted: the
-//!   relay's retry of the same batch resends only the rest. Delivery is at-least-once
+//!   retryable error after a few attempts; the events' states say what was already accepted,
+//!   and the relay's retry of the same batch resends only the rest. Delivery is at-least-once
 //!   (EventBridge does not deduplicate): a response lost after the service accepted the
 //!   entries means they are sent again.
 
@@ -41,7 +41,7 @@ pub use entry::{entry_size, xray_trace_header};
 
 use crate::format::Format;
 use crate::routing::Template;
-use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
+use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
 use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region, SdkConfig};
 use aws_sdk_eventbridge::error::ProvideErrorMetadata;
@@ -53,7 +53,7 @@ use errors::{
     classify_request_error, error_chain, fatal_hint, RequestError, FATAL_CODES, REJECTED_CODES,
     UNREACHABLE_HINT,
 };
-use scheduler::{Outcome, Scheduler, State};
+use scheduler::{Outcome, Scheduler};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -123,9 +123,6 @@ pub async fn sdk_config(
 pub struct EventBridgeSink {
     settings: EventBridgeSettings,
     client: Option<Client>,
-    /// What earlier attempts at the current batch achieved: the relay retries the same
-    /// batch after a retryable error, and acknowledged entries are not sent again.
-    resume: Option<(Vec<Position>, Vec<State>)>,
 }
 
 impl EventBridgeSink {
@@ -133,7 +130,6 @@ impl EventBridgeSink {
         EventBridgeSink {
             settings,
             client: None,
-            resume: None,
         }
     }
 
@@ -353,54 +349,25 @@ impl EventBridgeSink {
 
 #[async_trait]
 impl Sink for EventBridgeSink {
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         let client = self.client().await?;
-        let positions: Vec<Position> = batch.iter().map(|e| e.position).collect();
-        let previous = match self.resume.take() {
-            Some((resumed, states)) if resumed == positions => Some(states),
-            _ => None,
-        };
         let entries = batch
             .iter()
-            .enumerate()
-            .map(|(i, event)| {
-                let before = previous.as_ref().map(|states| states[i].clone());
-                match before {
-                    Some(state) if state.is_done() => (None, state),
-                    _ => match self.settings.entry(event) {
-                        Ok(entry) => (Some(entry), State::Pending),
-                        Err(reason) => (None, State::Rejected(reason)),
-                    },
-                }
+            .zip(states.iter())
+            .map(|(event, state)| match state {
+                state if state.is_settled() => (None, state.clone()),
+                _ => match self.settings.entry(event) {
+                    Ok(entry) => (Some(entry), EventState::Pending),
+                    Err(reason) => (None, EventState::Rejected(reason)),
+                },
             })
             .collect();
         let keys: Vec<&str> = batch.iter().map(|e| e.key.as_str()).collect();
         let mut scheduler = Scheduler::new(entries, &keys, self.settings.max_request_bytes);
         let result = self.run(&client, &mut scheduler).await;
-        let states: Vec<State> = scheduler
-            .slots
-            .into_iter()
-            .map(|slot| match slot.state {
-                State::InFlight => State::Pending,
-                state => state,
-            })
-            .collect();
-        match result {
-            Ok(()) => Ok(Delivery {
-                rejected: states
-                    .into_iter()
-                    .enumerate()
-                    .filter_map(|(index, state)| match state {
-                        State::Rejected(reason) => Some(Rejection { index, reason }),
-                        _ => None,
-                    })
-                    .collect(),
-            }),
-            Err(err @ SinkError::Retryable(_)) => {
-                self.resume = Some((positions, states));
-                Err(err)
-            }
-            Err(err) => Err(err),
+        for (state, slot) in states.iter_mut().zip(scheduler.slots) {
+            *state = slot.state;
         }
+        result
     }
 }

@@ -4,31 +4,18 @@
 
 use super::entry::Entry;
 use super::{ATTEMPTS_PER_SEND, FIRST_BACKOFF, MAX_BACKOFF, MAX_ENTRIES_PER_REQUEST};
-use crate::Backoff;
+use crate::{Backoff, EventState};
 use std::collections::HashMap;
 use tokio::time::Instant;
-
-/// Where an event of the batch being sent stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum State {
-    Pending,
-    InFlight,
-    Acknowledged,
-    Rejected(String),
-}
-
-impl State {
-    pub(super) fn is_done(&self) -> bool {
-        matches!(self, State::Acknowledged | State::Rejected(_))
-    }
-}
 
 #[derive(Debug)]
 pub(super) struct Slot {
     pub(super) entry: Option<Entry>,
     /// Index of the event's key in [`Scheduler::groups`].
     group: usize,
-    pub(super) state: State,
+    pub(super) state: EventState,
+    /// In a request that has not answered yet.
+    in_flight: bool,
     /// Failures in this `send`.
     failures: u32,
     /// The wait before its next attempt after a failure.
@@ -56,7 +43,7 @@ pub(super) struct Scheduler {
 
 impl Scheduler {
     pub(super) fn new(
-        entries: Vec<(Option<Entry>, State)>,
+        entries: Vec<(Option<Entry>, EventState)>,
         keys: &[&str],
         max_bytes: usize,
     ) -> Self {
@@ -77,6 +64,7 @@ impl Scheduler {
                     entry,
                     group,
                     state,
+                    in_flight: false,
                     failures: 0,
                     backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
                     not_before: now,
@@ -98,7 +86,7 @@ impl Scheduler {
     /// Moves the group's cursor past its finished events.
     fn advance(&mut self, group: usize) {
         let (members, done) = &mut self.groups[group];
-        while *done < members.len() && self.slots[members[*done]].state.is_done() {
+        while *done < members.len() && self.slots[members[*done]].state.is_settled() {
             *done += 1;
         }
     }
@@ -109,7 +97,7 @@ impl Scheduler {
             .groups
             .iter()
             .filter_map(|(members, done)| members.get(*done).copied())
-            .filter(|&i| self.slots[i].state == State::Pending)
+            .filter(|&i| !self.slots[i].in_flight)
             .collect();
         heads.sort_unstable();
         heads
@@ -137,7 +125,7 @@ impl Scheduler {
             self.max_bytes,
         );
         for &i in &request {
-            self.slots[i].state = State::InFlight;
+            self.slots[i].in_flight = true;
         }
         request
     }
@@ -155,11 +143,11 @@ impl Scheduler {
     pub(super) fn finish(&mut self, index: usize, outcome: Outcome, now: Instant) -> bool {
         let slot = &mut self.slots[index];
         let mut exhausted = false;
+        slot.in_flight = false;
         match outcome {
-            Outcome::Acknowledged => slot.state = State::Acknowledged,
-            Outcome::Reject(reason) => slot.state = State::Rejected(reason),
+            Outcome::Acknowledged => slot.state = EventState::Acked,
+            Outcome::Reject(reason) => slot.state = EventState::Rejected(reason),
             Outcome::Retry(_) => {
-                slot.state = State::Pending;
                 slot.failures += 1;
                 slot.not_before = now + slot.backoff.next_delay();
                 exhausted = slot.failures >= ATTEMPTS_PER_SEND;
@@ -174,7 +162,7 @@ impl Scheduler {
     /// only the one at fault is rejected. Returns whether the request held a single event.
     pub(super) fn isolate(&mut self, request: &[usize]) -> bool {
         for &i in request {
-            self.slots[i].state = State::Pending;
+            self.slots[i].in_flight = false;
             self.slots[i].alone = true;
         }
         request.len() == 1
@@ -260,7 +248,7 @@ mod tests {
                     entry: PutEventsRequestEntry::builder().build(),
                     size,
                 };
-                (Some(entry), State::Pending)
+                (Some(entry), EventState::Pending)
             })
             .collect();
         Scheduler::new(entries, keys, DEFAULT_MAX_REQUEST_BYTES)

@@ -42,7 +42,7 @@ pub use config::KafkaConfig;
 
 use crate::format::Format;
 use crate::routing::Template;
-use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
+use crate::{Event, EventState, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
 use errors::{classify, classify_code, BrokerErrors};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -393,10 +393,16 @@ impl Sink for KafkaSink {
         recovered.map_err(|e| self.errors.explain(e))
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    /// A batch's states change only once the whole batch went through (its transaction
+    /// committed, or every delivery was reported), so a retried batch is produced whole again:
+    /// in exactly-once mode the failed attempt's transaction was aborted.
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         self.errors.take();
         let sent = self.send_batch(batch).await;
-        sent.map_err(|e| self.errors.explain(e))
+        for Rejection { index, reason } in sent.map_err(|e| self.errors.explain(e))? {
+            states[index] = EventState::Rejected(reason);
+        }
+        Ok(())
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
@@ -460,12 +466,12 @@ impl KafkaSink {
     }
 
     /// Produces `batch`, in one transaction with the checkpoint in exactly-once mode.
-    async fn send_batch(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    async fn send_batch(&mut self, batch: &[Event]) -> Result<Vec<Rejection>, SinkError> {
         let producer = self.connect().await?;
         if !self.settings.exactly_once {
             let (rejected, pending) = self.produce_all(&producer, batch).await?;
             deliver_now(&producer, self.settings.timeout, pending, batch).await?;
-            return Ok(Delivery { rejected });
+            return Ok(rejected);
         }
         let last = batch.last().map(|e| e.position).unwrap_or_default();
         let p = producer.clone();
@@ -474,7 +480,7 @@ impl KafkaSink {
             .map_err(|e| classify(&e, "beginning a Kafka transaction"))?;
         let outcome = self.produce_and_commit(&producer, batch, last).await;
         match outcome {
-            Ok(rejected) => Ok(Delivery { rejected }),
+            Ok(rejected) => Ok(rejected),
             Err(error) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
                     // Deliveries fail as "purged" once the producer is fenced: say why.

@@ -5,8 +5,8 @@
 
 use super::broker::classify;
 use super::ExchangeSettings;
-use crate::rabbitmq::{permanent, retryable, Outcome, Policy};
-use crate::{Event, SinkError};
+use crate::rabbitmq::{permanent, retryable, Policy};
+use crate::{Event, EventState, SinkError};
 use lapin::message::BasicReturnMessage;
 use lapin::{Confirmation, PublisherConfirm};
 use std::collections::HashSet;
@@ -136,10 +136,10 @@ impl<'a> Answers<'a> {
         batch: &[Event],
         index: usize,
         (answer, returned): (Answer, Option<Returned>),
-        outcomes: &mut [Outcome],
+        states: &mut [EventState],
     ) -> Result<(), SinkError> {
         if !self.returned.contains(&index) {
-            settle(settings, batch, index, answer, outcomes, &mut self.to_retry)?;
+            settle(settings, batch, index, answer, states, &mut self.to_retry)?;
         }
         let Some(returned) = returned else {
             return Ok(());
@@ -158,7 +158,7 @@ impl<'a> Answers<'a> {
         // The return decides: a retry the owner's own nack asked for is taken back.
         self.to_retry.retain(|&(retried, _)| retried != owner);
         let answer = Answer::Unroutable(returned.reason);
-        settle(settings, batch, owner, answer, outcomes, &mut self.to_retry)
+        settle(settings, batch, owner, answer, states, &mut self.to_retry)
     }
 }
 
@@ -168,12 +168,12 @@ pub(super) fn settle(
     batch: &[Event],
     index: usize,
     answer: Answer,
-    outcomes: &mut [Outcome],
+    states: &mut [EventState],
     to_retry: &mut Vec<(usize, String)>,
 ) -> Result<(), SinkError> {
     let (policy, reason) = match answer {
         Answer::Confirmed => {
-            outcomes[index] = Outcome::Confirmed;
+            states[index] = EventState::Acked;
             return Ok(());
         }
         Answer::Nacked => (
@@ -187,7 +187,7 @@ pub(super) fn settle(
     let event = &batch[index];
     match policy {
         Policy::Retry => to_retry.push((index, reason)),
-        Policy::DeadLetter => outcomes[index] = Outcome::Rejected(reason),
+        Policy::DeadLetter => states[index] = EventState::Rejected(reason),
         Policy::Fail => {
             return Err(permanent(format!(
                 "sink {}: event {} at {} was {reason}; fix the broker side (or set on_nack / \
@@ -204,13 +204,13 @@ pub(super) fn settle(
 pub(super) fn republish_later_events_of_key(
     batch: &[Event],
     index: usize,
-    outcomes: &mut [Outcome],
+    states: &mut [EventState],
 ) {
-    outcomes[index] = Outcome::Pending;
+    states[index] = EventState::Pending;
     let key = &batch[index].key;
     for later in index + 1..batch.len() {
-        if batch[later].key == *key && outcomes[later] == Outcome::Confirmed {
-            outcomes[later] = Outcome::Pending;
+        if batch[later].key == *key && states[later] == EventState::Acked {
+            states[later] = EventState::Pending;
         }
     }
 }
@@ -225,20 +225,20 @@ mod tests {
     fn a_retry_takes_the_later_confirmed_events_of_the_same_key_along() {
         let mut batch = vec![sample(1, 0), sample(1, 1), sample(1, 2), sample(1, 3)];
         batch[1].key = Text::from("other");
-        let mut outcomes = vec![
-            Outcome::Pending,
-            Outcome::Confirmed,
-            Outcome::Confirmed,
-            Outcome::Rejected("too big".into()),
+        let mut states = vec![
+            EventState::Pending,
+            EventState::Acked,
+            EventState::Acked,
+            EventState::Rejected("too big".into()),
         ];
-        republish_later_events_of_key(&batch, 0, &mut outcomes);
+        republish_later_events_of_key(&batch, 0, &mut states);
         assert_eq!(
-            outcomes,
+            states,
             vec![
-                Outcome::Pending,
-                Outcome::Confirmed,
-                Outcome::Pending,
-                Outcome::Rejected("too big".into())
+                EventState::Pending,
+                EventState::Acked,
+                EventState::Pending,
+                EventState::Rejected("too big".into())
             ]
         );
     }

@@ -38,10 +38,10 @@ mod confirm;
 
 pub use broker::check;
 
-use super::{backoff, event_time_millis, permanent, retryable, Content, Outcome, Policy, Progress};
+use super::{backoff, event_time_millis, permanent, retryable, Content, Policy};
 use crate::format::{AttributeValue, Format};
 use crate::routing::Template;
-use crate::{Delivery, Event, Position, Secret, Sink, SinkError};
+use crate::{Event, EventState, Position, Secret, Sink, SinkError};
 use async_trait::async_trait;
 use broker::{classify, close, declare};
 use confirm::{republish_later_events_of_key, Answers, Publishing};
@@ -166,7 +166,6 @@ pub struct ExchangeSink {
     link: Option<Link>,
     /// The connection `recover` opens in the background for the first batch.
     connecting: Option<JoinHandle<Result<Link, SinkError>>>,
-    progress: Progress,
 }
 
 /// One event ready to publish.
@@ -183,7 +182,6 @@ impl ExchangeSink {
             settings,
             link: None,
             connecting: None,
-            progress: Progress::default(),
         }
     }
 
@@ -333,7 +331,7 @@ impl ExchangeSink {
         &mut self,
         batch: &[Event],
         prepared: &[Option<Prepared>],
-        outcomes: &mut [Outcome],
+        states: &mut [EventState],
     ) -> Result<(), SinkError> {
         if self
             .link
@@ -363,7 +361,7 @@ impl ExchangeSink {
         };
         let mut in_flight = VecDeque::new();
         let pending: Vec<usize> = (0..batch.len())
-            .filter(|&i| outcomes[i] == Outcome::Pending)
+            .filter(|&i| states[i] == EventState::Pending)
             .collect();
         let mut answers = Answers::new(&pending);
         for &index in &pending {
@@ -382,19 +380,19 @@ impl ExchangeSink {
             while in_flight.len() >= settings.window {
                 let (index, publishing) = in_flight.pop_front().expect("window is not empty");
                 let answer = publishing.answer(settings, &context).await?;
-                answers.settle(settings, batch, index, answer, outcomes)?;
+                answers.settle(settings, batch, index, answer, states)?;
             }
         }
         while let Some((index, publishing)) = in_flight.pop_front() {
             let answer = publishing.answer(settings, &context).await?;
-            answers.settle(settings, batch, index, answer, outcomes)?;
+            answers.settle(settings, batch, index, answer, states)?;
         }
         let to_retry = answers.to_retry;
         if let Some((first, reason)) = to_retry.first() {
             warn!(sink = %settings.name, events = to_retry.len(), first = %batch[*first].position, %reason, "publishing refused events again, with the later events of their keys");
         }
         for (index, _) in to_retry {
-            republish_later_events_of_key(batch, index, outcomes);
+            republish_later_events_of_key(batch, index, states);
         }
         Ok(())
     }
@@ -411,41 +409,40 @@ impl Sink for ExchangeSink {
         Ok(None)
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
-        let mut outcomes = std::mem::take(self.progress.start(batch));
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         let prepared: Vec<Option<Prepared>> = batch
             .iter()
-            .zip(outcomes.iter_mut())
-            .map(|(event, outcome)| match self.prepare(event) {
+            .zip(states.iter_mut())
+            .map(|(event, state)| match self.prepare(event) {
                 Ok(message) => Some(message),
                 Err(reason) => {
-                    *outcome = Outcome::Rejected(reason);
+                    *state = EventState::Rejected(reason);
                     None
                 }
             })
             .collect();
         let mut backoff = backoff(FIRST_BACKOFF);
         for round in 1..=ROUNDS_PER_SEND {
-            let result = self.publish_round(batch, &prepared, &mut outcomes).await;
+            let result = self.publish_round(batch, &prepared, states).await;
             if let Err(err) = result {
                 self.disconnect().await;
                 for index in 0..batch.len() {
-                    if outcomes[index] == Outcome::Pending {
-                        republish_later_events_of_key(batch, index, &mut outcomes);
+                    if states[index] == EventState::Pending {
+                        republish_later_events_of_key(batch, index, states);
                     }
                 }
-                self.progress.outcomes = outcomes;
                 return Err(err);
             }
-            let pending = outcomes.iter().filter(|o| **o == Outcome::Pending).count();
+            let pending = states
+                .iter()
+                .filter(|state| **state == EventState::Pending)
+                .count();
             if pending == 0 {
-                self.progress.outcomes = outcomes;
-                return Ok(self.progress.finish());
+                return Ok(());
             }
             if round < ROUNDS_PER_SEND {
                 tokio::time::sleep(backoff.next_delay()).await;
             } else {
-                self.progress.outcomes = outcomes;
                 return Err(retryable(format!(
                     "sink {}: {pending} events were refused or returned by RabbitMQ in \
                      {ROUNDS_PER_SEND} rounds; retrying with the relay's backoff",

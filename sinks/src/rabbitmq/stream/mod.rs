@@ -44,9 +44,9 @@ use connect::refused;
 pub use ids::{position_of, publishing_id, IdError, INDEX_BITS, MAX_INDEX, MAX_LSN};
 pub use settings::StreamSettings;
 
-use super::{backoff, event_time_millis, permanent, retryable, Content, Outcome, Progress};
+use super::{backoff, event_time_millis, permanent, retryable, Content};
 use crate::format::AttributeValue;
-use crate::{Delivery, Event, Lsn, Position, Sink, SinkError};
+use crate::{Event, EventState, Lsn, Position, Sink, SinkError};
 use async_trait::async_trait;
 use rabbitmq_stream_client::types::{Message, ResponseCode};
 use rabbitmq_stream_client::Client;
@@ -88,9 +88,6 @@ struct Link {
 pub struct StreamSink {
     settings: StreamSettings,
     link: Option<Link>,
-    progress: Progress,
-    /// Events of the current batch the broker refused in their last attempt, by id.
-    refused: HashMap<u64, ResponseCode>,
 }
 
 impl StreamSink {
@@ -98,8 +95,6 @@ impl StreamSink {
         StreamSink {
             settings,
             link: None,
-            progress: Progress::default(),
-            refused: HashMap::new(),
         }
     }
 
@@ -168,7 +163,7 @@ impl StreamSink {
     async fn publish(
         &mut self,
         messages: &[Option<(u64, Message)>],
-        outcomes: &mut [Outcome],
+        states: &mut [EventState],
     ) -> Result<(), SinkError> {
         if self.link.is_none() {
             self.link = Some(self.connect().await?);
@@ -176,8 +171,8 @@ impl StreamSink {
         let context = self.context();
         let stored = self.link.as_ref().expect("connected above").stored;
         let mut pending = VecDeque::new();
-        for (index, outcome) in outcomes.iter_mut().enumerate() {
-            if *outcome != Outcome::Pending {
+        for (index, state) in states.iter_mut().enumerate() {
+            if state.is_settled() {
                 continue;
             }
             let (id, message) = messages[index]
@@ -185,13 +180,13 @@ impl StreamSink {
                 .expect("pending events are prepared");
             if *id > stored {
                 pending.push_back((index, *id, message.clone()));
-            } else if let Some(code) = self.refused.get(id) {
-                *outcome = Outcome::Rejected(format!(
-                    "RabbitMQ refused the message ({code:?}) and stored a later one of this \
+            } else if let EventState::Refused(code) = state {
+                *state = EventState::Rejected(format!(
+                    "RabbitMQ refused the message ({code}) and stored a later one of this \
                      producer, so its publishing id can no longer be stored"
                 ));
             } else {
-                *outcome = Outcome::Confirmed;
+                *state = EventState::Acked;
             }
         }
         let window = self.settings.window;
@@ -233,22 +228,21 @@ impl StreamSink {
                 Notice::Confirmed(ids) => {
                     for id in ids {
                         if let Some(index) = waiting.remove(&id) {
-                            outcomes[index] = Outcome::Confirmed;
-                            self.refused.remove(&id);
+                            states[index] = EventState::Acked;
                         }
                     }
                 }
                 Notice::Refused(errors) => {
                     let mut permanent_error = None;
                     for (id, code) in errors {
-                        if waiting.remove(&id).is_some() {
+                        if let Some(index) = waiting.remove(&id) {
                             if matches!(
                                 code,
                                 ResponseCode::StreamDoesNotExist | ResponseCode::AccessRefused
                             ) {
                                 permanent_error = Some(refused(&context, "publishing", &code));
                             }
-                            self.refused.insert(id, code);
+                            states[index] = EventState::Refused(format!("{code:?}"));
                         }
                     }
                     return Err(permanent_error.unwrap_or_else(|| {
@@ -293,13 +287,9 @@ impl Sink for StreamSink {
         Ok(position)
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
-        if !self.progress.is_current(batch) {
-            self.refused.clear();
-        }
-        let mut outcomes = std::mem::take(self.progress.start(batch));
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         let mut messages = Vec::with_capacity(batch.len());
-        for (event, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+        for (event, state) in batch.iter().zip(states.iter_mut()) {
             let prepared = match publishing_id(event.position) {
                 Ok(id) => self.prepare(event, id).map(|message| (id, message)),
                 Err(IdError::IndexTooLarge(index)) => Err(format!(
@@ -309,7 +299,6 @@ impl Sink for StreamSink {
                     MAX_INDEX + 1
                 )),
                 Err(IdError::LsnTooLarge(lsn)) => {
-                    self.progress.outcomes = outcomes;
                     return Err(permanent(format!(
                         "{}: commit LSN {lsn} is beyond the highest LSN stream mode can turn into \
                          a publishing id ({}); publish this sink in exchange mode instead",
@@ -321,20 +310,16 @@ impl Sink for StreamSink {
             match prepared {
                 Ok(message) => messages.push(Some(message)),
                 Err(reason) => {
-                    if *outcome == Outcome::Pending {
-                        *outcome = Outcome::Rejected(reason);
+                    if !state.is_settled() {
+                        *state = EventState::Rejected(reason);
                     }
                     messages.push(None);
                 }
             }
         }
-        let result = self.publish(&messages, &mut outcomes).await;
-        self.progress.outcomes = outcomes;
+        let result = self.publish(&messages, states).await;
         match result {
-            Ok(()) => {
-                self.refused.clear();
-                Ok(self.progress.finish())
-            }
+            Ok(()) => Ok(()),
             Err(err) => {
                 self.disconnect().await;
                 Err(err)
