@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use outbox_relay_sinks::format::Format;
-pub use outbox_relay_sinks::routing::MatchRule;
+use outbox_relay_sinks::routing::MatchRule;
 use outbox_relay_sinks::table_name::names_one_of;
 pub use outbox_relay_sinks::table_name::parse_table_name;
 use outbox_relay_sinks::SinkContext;

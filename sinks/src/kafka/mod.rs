@@ -27,11 +27,9 @@
 //! event's key, the usual headers and a null value, in every format (a structured CloudEvents
 //! envelope too): what compacted topics delete a key by.
 //!
-//! librdkafka reports connection trouble (a refused login, a refused certificate, a broker
-//! that does not answer) not as the result of a call but through its error callback, while
-//! the calls themselves just time out. [`BrokerErrors`] keeps those reports: they go to the
-//! log, into the messages of failed batches and of `check`, and a refused login or
-//! certificate stops the relay instead of being retried forever.
+//! The jobs live beside this file: the configuration (`config.rs`), a record's encoding
+//! (`encode.rs`), librdkafka's error reports and their classification (`errors.rs`), and
+//! exactly-once mode's checkpoint (`checkpoint.rs`).
 
 mod checkpoint;
 mod config;
@@ -479,28 +477,26 @@ impl KafkaSink {
             .await
             .map_err(|e| classify(&e, "beginning a Kafka transaction"))?;
         let outcome = self.produce_and_commit(&producer, batch, last).await;
-        match outcome {
-            Ok(rejected) => Ok(rejected),
-            Err(error) => {
-                if let Some((code, reason)) = producer.client().fatal_error() {
-                    // Deliveries fail as "purged" once the producer is fenced: say why.
-                    self.producer = None;
-                    return Err(classify_code(
-                        Some(code),
-                        &reason,
-                        "the Kafka producer failed",
-                    ));
-                }
-                let timeout = self.settings.timeout;
-                let p = producer.clone();
-                if let Err(abort) = blocking(move || p.abort_transaction(timeout)).await {
-                    // The producer is unusable: start over with a new one (and a new epoch).
-                    tracing::warn!(error = %abort, "aborting the Kafka transaction failed; recreating the producer");
-                    self.producer = None;
-                }
-                Err(error)
-            }
+        let Err(error) = outcome else {
+            return outcome;
+        };
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            // Deliveries fail as "purged" once the producer is fenced: say why.
+            self.producer = None;
+            return Err(classify_code(
+                Some(code),
+                &reason,
+                "the Kafka producer failed",
+            ));
         }
+        let timeout = self.settings.timeout;
+        let p = producer.clone();
+        if let Err(abort) = blocking(move || p.abort_transaction(timeout)).await {
+            // The producer is unusable: start over with a new one (and a new epoch).
+            tracing::warn!(error = %abort, "aborting the Kafka transaction failed; recreating the producer");
+            self.producer = None;
+        }
+        Err(error)
     }
 
     /// Produces `batch` and its checkpoint in the open transaction, then commits it.

@@ -318,13 +318,10 @@ impl Sink for StreamSink {
             }
         }
         let result = self.publish(&messages, states).await;
-        match result {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                self.disconnect().await;
-                Err(err)
-            }
+        if result.is_err() {
+            self.disconnect().await;
         }
+        result
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
