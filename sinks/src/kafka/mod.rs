@@ -82,8 +82,7 @@ pub struct KafkaSink {
     producer: Option<FutureProducer<BrokerErrors>>,
     /// Only for the consumer group metadata and the committed checkpoint.
     checkpoint_reader: Option<BaseConsumer<BrokerErrors>>,
-    /// Creates topics; kept, since a new client connects and fetches metadata first
-    /// (about 100 ms against a local broker).
+    /// Creates topics; kept, since a new client connects and fetches metadata first.
     admin: Option<AdminClient<BrokerErrors>>,
     errors: BrokerErrors,
     known_topics: HashSet<String>,
@@ -323,7 +322,7 @@ type Deliveries = VecDeque<(usize, DeliveryFuture)>;
 /// librdkafka holds records for `linger.ms` to fill produce requests. That suits a
 /// producer that never waits, but the sink waits for the whole batch before the relay hands
 /// it the next one, so the linger of the batch's last records would be idle time on every
-/// batch (2 of about 6 ms per batch against a local broker). `rd_kafka_flush` makes the
+/// batch. `rd_kafka_flush` makes the
 /// broker threads send what they hold now, for as long as it runs; it returns when
 /// librdkafka has handed every delivery report to the producer's polling thread, or
 /// after `timeout`. Its outcome is not needed: the delivery reports say how each record
@@ -441,7 +440,7 @@ impl KafkaSink {
     /// Creates the topic (when `create_topics` is set and the topic has no placeholders) and
     /// fetches its metadata, so that the producer knows the partitions' leaders and is
     /// connected to them before the first event: otherwise the session's first batch waits
-    /// for all of that (about 100 ms against a local broker). Best effort: what fails here
+    /// for all of that. Best effort: what fails here
     /// fails again, and is reported, in the first batch.
     async fn warm_up(&mut self, producer: &FutureProducer<BrokerErrors>) {
         let topic = self.settings.topic.as_static().map(str::to_owned);

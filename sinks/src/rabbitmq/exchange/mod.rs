@@ -401,7 +401,7 @@ impl ExchangeSink {
 #[async_trait]
 impl Sink for ExchangeSink {
     /// Starts connecting (handshake, declarations, confirm mode) while the stream starts,
-    /// so the first batch does not wait for it (17 ms against a local broker). What fails
+    /// so the first batch does not wait for it. What fails
     /// is reported by the first batch, which retries it as before.
     async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
         let settings = self.settings.clone();
