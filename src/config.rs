@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use outbox_relay_sinks::format::Format;
+use outbox_relay_sinks::routing::MatchRule;
+use outbox_relay_sinks::table_name::names_one_of;
+pub use outbox_relay_sinks::table_name::parse_table_name;
+use outbox_relay_sinks::SinkContext;
+pub use outbox_relay_sinks::{Secret, SinkConfig};
 
 /// The environment variable prefix; `__` separates the section from the key.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
@@ -212,40 +217,6 @@ fn default_ce_source() -> String {
     "/{table}".into()
 }
 
-/// Which events a sink takes; an empty list matches everything.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MatchRule {
-    /// `schema.table`, or `message:PREFIX` for logical-message events.
-    #[serde(default)]
-    pub tables: Vec<String>,
-    #[serde(default)]
-    pub aggregate_types: Vec<String>,
-    /// Globs: `*` any run of characters, `?` one character.
-    #[serde(default)]
-    pub event_types: Vec<String>,
-}
-
-impl MatchRule {
-    /// `tables` as events name their table: `schema.table` (a bare name is in `public`, quotes
-    /// are taken off), and `message:PREFIX` as it is.
-    pub fn event_tables(&self) -> Vec<String> {
-        self.tables
-            .iter()
-            .map(|t| match parse_table_name(t) {
-                Ok((schema, name)) if !t.starts_with("message:") => format!("{schema}.{name}"),
-                _ => t.clone(),
-            })
-            .collect()
-    }
-
-    /// Whether the rule lets through events of the table `names` (`schema`, `table`), as far
-    /// as `tables` says (the other lists depend on the event).
-    pub fn takes_table(&self, names: &(String, String)) -> bool {
-        self.tables.is_empty() || names_one_of(&self.tables, names)
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
@@ -397,413 +368,6 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// One event per line on standard output.
-    Stdout {
-        #[serde(default)]
-        format: Format,
-        #[serde(default, rename = "match")]
-        filter: MatchRule,
-    },
-    /// Acknowledges everything, publishes nothing (benchmarks, draining a slot).
-    Null {
-        #[serde(default, rename = "match")]
-        filter: MatchRule,
-    },
-    /// One event per line appended to `path`.
-    File {
-        path: PathBuf,
-        /// fsync every batch before acknowledging it.
-        #[serde(default = "default_true")]
-        fsync: bool,
-        #[serde(default)]
-        format: Format,
-        #[serde(default, rename = "match")]
-        filter: MatchRule,
-    },
-    /// Apache Kafka (and Kafka-protocol brokers).
-    Kafka(KafkaSinkConfig),
-    /// Amazon EventBridge `PutEvents`.
-    EventBridge(EventBridgeSinkConfig),
-    /// RabbitMQ: an exchange (AMQP 0-9-1) or a stream.
-    RabbitMq(RabbitMqSinkConfig),
-}
-
-impl SinkConfig {
-    /// Which events this sink takes.
-    pub fn filter(&self) -> &MatchRule {
-        match self {
-            SinkConfig::Stdout { filter, .. }
-            | SinkConfig::Null { filter }
-            | SinkConfig::File { filter, .. }
-            | SinkConfig::Kafka(KafkaSinkConfig { filter, .. })
-            | SinkConfig::EventBridge(EventBridgeSinkConfig { filter, .. })
-            | SinkConfig::RabbitMq(RabbitMqSinkConfig { filter, .. }) => filter,
-        }
-    }
-}
-
-/// `type = "kafka"`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSinkConfig {
-    /// `bootstrap.servers`, e.g. "kafka-1:9092,kafka-2:9092".
-    pub brokers: String,
-    /// Topic template.
-    #[serde(default = "default_kafka_topic")]
-    pub topic: String,
-    #[serde(default)]
-    pub format: Format,
-    /// CloudEvents binary mode (attributes as `ce_` headers) instead of structured.
-    #[serde(default)]
-    pub binary: bool,
-    /// One Kafka transaction per batch carrying the checkpoint; false: idempotent producer,
-    /// at-least-once, for brokers without transactions.
-    #[serde(default = "default_true")]
-    pub exactly_once: bool,
-    /// Default: `outbox-relay.<slot>.<sink>`; also the checkpoint's consumer group.
-    pub transactional_id: Option<String>,
-    #[serde(default = "default_kafka_checkpoint_topic")]
-    pub checkpoint_topic: String,
-    /// Create destination topics on first use.
-    #[serde(default)]
-    pub create_topics: bool,
-    #[serde(default = "default_kafka_partitions")]
-    pub partitions: i32,
-    #[serde(default = "default_kafka_replication")]
-    pub replication_factor: i32,
-    /// Larger records are dead-lettered (the broker's limit; librdkafka's default).
-    #[serde(default = "default_kafka_message_max_bytes")]
-    pub message_max_bytes: usize,
-    /// How long a delivery or transaction step may take before the batch is retried.
-    #[serde(default = "default_kafka_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// `sasl.password` read from this file at start (keeps it out of the TOML and env).
-    pub sasl_password_file: Option<PathBuf>,
-    /// Any librdkafka property: security.protocol, ssl.ca.location, sasl.mechanism, ...
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-    #[serde(default, rename = "match")]
-    pub filter: MatchRule,
-}
-
-fn default_kafka_topic() -> String {
-    "outbox.event.{aggregatetype}".into()
-}
-fn default_kafka_checkpoint_topic() -> String {
-    "outbox-relay.checkpoints".into()
-}
-fn default_kafka_partitions() -> i32 {
-    3
-}
-fn default_kafka_replication() -> i32 {
-    1
-}
-fn default_kafka_message_max_bytes() -> usize {
-    1_000_000
-}
-fn default_kafka_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-
-/// `type = "eventbridge"`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventBridgeSinkConfig {
-    /// Event bus name or ARN template.
-    #[serde(default = "default_eventbridge_bus")]
-    pub bus: String,
-    /// `Source` template.
-    #[serde(default = "default_eventbridge_source")]
-    pub source: String,
-    /// `DetailType` template.
-    #[serde(default = "default_eventbridge_detail_type")]
-    pub detail_type: String,
-    /// `Resources` templates (ARNs), attached to every entry.
-    #[serde(default)]
-    pub resources: Vec<String>,
-    /// `Detail`: the CloudEvents envelope, or the payload (a JSON object) for debezium/raw.
-    #[serde(default)]
-    pub format: Format,
-    /// Default: the standard AWS chain (`AWS_REGION`, profile, instance metadata).
-    pub region: Option<String>,
-    /// Default: AWS's endpoint for the region (or `AWS_ENDPOINT_URL`).
-    pub endpoint_url: Option<String>,
-    /// Most `PutEvents` requests in flight at once (different keys).
-    #[serde(default = "default_eventbridge_concurrency")]
-    pub concurrency: usize,
-    /// Most entry bytes per request, as AWS counts them; a larger event is dead-lettered.
-    #[serde(default = "default_eventbridge_max_request_bytes")]
-    pub max_request_bytes: usize,
-    /// How long one `PutEvents` attempt may take before it is retried.
-    #[serde(default = "default_eventbridge_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    #[serde(default, rename = "match")]
-    pub filter: MatchRule,
-}
-
-fn default_eventbridge_bus() -> String {
-    "default".into()
-}
-fn default_eventbridge_source() -> String {
-    "outbox.{aggregatetype}".into()
-}
-fn default_eventbridge_detail_type() -> String {
-    "{type}".into()
-}
-fn default_eventbridge_concurrency() -> usize {
-    8
-}
-fn default_eventbridge_max_request_bytes() -> usize {
-    outbox_relay_sinks::eventbridge::DEFAULT_MAX_REQUEST_BYTES
-}
-fn default_eventbridge_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-impl EventBridgeSinkConfig {
-    /// The sink's settings, its templates parsed.
-    pub fn settings(
-        &self,
-        name: &str,
-    ) -> anyhow::Result<outbox_relay_sinks::eventbridge::EventBridgeSettings> {
-        use outbox_relay_sinks::routing::Template;
-        let template = |key: &str, value: &str| {
-            Template::parse(value).with_context(|| format!("sinks.{name}.{key}"))
-        };
-        let settings = outbox_relay_sinks::eventbridge::EventBridgeSettings {
-            name: name.to_owned(),
-            bus: template("bus", &self.bus)?,
-            source: template("source", &self.source)?,
-            detail_type: template("detail_type", &self.detail_type)?,
-            resources: self
-                .resources
-                .iter()
-                .map(|r| template("resources", r))
-                .collect::<anyhow::Result<_>>()?,
-            format: self.format,
-            region: self.region.clone(),
-            endpoint_url: self.endpoint_url.clone(),
-            concurrency: self.concurrency,
-            max_request_bytes: self.max_request_bytes,
-            timeout: self.timeout,
-        };
-        settings
-            .validate()
-            .map_err(|err| anyhow::anyhow!("sinks.{name}: {err}"))?;
-        Ok(settings)
-    }
-}
-
-/// `type = "rabbitmq"`: exchange mode (AMQP 0-9-1, at-least-once) or stream mode (RabbitMQ
-/// Streams, exactly-once through the broker's deduplication).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RabbitMqSinkConfig {
-    #[serde(default)]
-    pub mode: RabbitMqMode,
-    /// `amqp://host:5672/vhost` / `amqps://` (exchange mode), `rabbitmq-stream://host:5552/vhost`
-    /// / `rabbitmq-stream+tls://` (stream mode).
-    pub url: String,
-    /// Override the URL's credentials; `password_file` wins over `password`.
-    pub username: Option<String>,
-    pub password: Option<outbox_relay_sinks::rabbitmq::Password>,
-    pub password_file: Option<PathBuf>,
-    /// PEM file of CA certificates to trust for TLS.
-    pub ca_file: Option<PathBuf>,
-    #[serde(default)]
-    pub format: Format,
-    /// CloudEvents binary mode (attributes as `cloudEvents_` headers) instead of structured.
-    #[serde(default)]
-    pub binary: bool,
-    /// Most unconfirmed messages at once.
-    #[serde(default = "default_rabbitmq_window")]
-    pub window: usize,
-    /// Connecting, each request, and waiting for a confirm.
-    #[serde(default = "default_rabbitmq_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Exchange mode: declare the exchange (stream mode: create the stream) on connect.
-    #[serde(default)]
-    pub declare: bool,
-    /// Exchange mode.
-    pub exchange: Option<String>,
-    pub exchange_type: Option<String>,
-    pub routing_key: Option<String>,
-    pub queue: Option<String>,
-    pub binding_key: Option<String>,
-    pub mandatory: Option<bool>,
-    pub on_nack: Option<outbox_relay_sinks::rabbitmq::Policy>,
-    pub on_unroutable: Option<outbox_relay_sinks::rabbitmq::Policy>,
-    pub max_message_bytes: Option<usize>,
-    /// Stream mode.
-    pub stream: Option<String>,
-    /// Default: `outbox-relay.<slot>.<sink>`.
-    pub producer_name: Option<String>,
-    #[serde(default, rename = "match")]
-    pub filter: MatchRule,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RabbitMqMode {
-    #[default]
-    Exchange,
-    Stream,
-}
-
-fn default_rabbitmq_window() -> usize {
-    1024
-}
-fn default_rabbitmq_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-
-impl KafkaSinkConfig {
-    /// The sink's settings: the topic template parsed, the identity derived from the slot,
-    /// `sasl.password` read from its file.
-    pub fn settings(
-        &self,
-        name: &str,
-        slot: &str,
-    ) -> anyhow::Result<outbox_relay_sinks::kafka::KafkaSettings> {
-        let mut properties = self.properties.clone();
-        if let Some(file) = &self.sasl_password_file {
-            let key = format!("sinks.{name}.sasl_password_file");
-            properties.insert("sasl.password".into(), read_secret_file(file, &key)?);
-        }
-        Ok(outbox_relay_sinks::kafka::KafkaSettings {
-            brokers: self.brokers.clone(),
-            topic: outbox_relay_sinks::routing::Template::parse(&self.topic)
-                .with_context(|| format!("sinks.{name}.topic"))?,
-            format: self.format,
-            binary: self.binary,
-            exactly_once: self.exactly_once,
-            transactional_id: self
-                .transactional_id
-                .clone()
-                .unwrap_or_else(|| format!("outbox-relay.{slot}.{name}")),
-            checkpoint_topic: self.checkpoint_topic.clone(),
-            create_topics: self
-                .create_topics
-                .then_some((self.partitions, self.replication_factor)),
-            message_max_bytes: self.message_max_bytes,
-            timeout: self.timeout,
-            properties,
-        })
-    }
-}
-
-impl RabbitMqSinkConfig {
-    /// The sink's settings: templates parsed, the password file read, keys checked against
-    /// the mode.
-    pub fn settings(
-        &self,
-        name: &str,
-        slot: &str,
-    ) -> anyhow::Result<outbox_relay_sinks::rabbitmq::RabbitMqSettings> {
-        use outbox_relay_sinks::rabbitmq::{
-            exchange::DEFAULT_MAX_MESSAGE_BYTES, ExchangeSettings, Password, Policy,
-            RabbitMqSettings, StreamSettings,
-        };
-        let password = match &self.password_file {
-            Some(file) => Some(Password::new(read_secret_file(
-                file,
-                &format!("sinks.{name}.password_file"),
-            )?)),
-            None => self.password.clone(),
-        };
-        let misplaced = |keys: &[(&str, bool)], mode: &str| -> anyhow::Result<()> {
-            match keys.iter().find(|(_, set)| *set) {
-                Some((key, _)) => bail!("sinks.{name}.{key} is only for mode = \"{mode}\""),
-                None => Ok(()),
-            }
-        };
-        let settings = match self.mode {
-            RabbitMqMode::Exchange => {
-                misplaced(
-                    &[
-                        ("stream", self.stream.is_some()),
-                        ("producer_name", self.producer_name.is_some()),
-                    ],
-                    "stream",
-                )?;
-                let exchange = self.exchange.clone().with_context(|| {
-                    format!("sinks.{name}.exchange is required in exchange mode (\"\" is the default exchange)")
-                })?;
-                let routing_key = self
-                    .routing_key
-                    .as_deref()
-                    .unwrap_or("{aggregatetype}.{type}");
-                RabbitMqSettings::Exchange(ExchangeSettings {
-                    name: name.to_owned(),
-                    url: self.url.clone(),
-                    username: self.username.clone(),
-                    password,
-                    ca_file: self.ca_file.clone(),
-                    exchange,
-                    exchange_type: self.exchange_type.clone().unwrap_or_else(|| "topic".into()),
-                    declare: self.declare,
-                    queue: self.queue.clone(),
-                    binding_key: self.binding_key.clone().unwrap_or_else(|| "#".into()),
-                    routing_key: outbox_relay_sinks::routing::Template::parse(routing_key)
-                        .with_context(|| format!("sinks.{name}.routing_key"))?,
-                    format: self.format,
-                    binary: self.binary,
-                    mandatory: self.mandatory.unwrap_or(true),
-                    on_nack: self.on_nack.unwrap_or(Policy::Retry),
-                    on_unroutable: self.on_unroutable.unwrap_or(Policy::DeadLetter),
-                    window: self.window,
-                    max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
-                    timeout: self.timeout,
-                })
-            }
-            RabbitMqMode::Stream => {
-                misplaced(
-                    &[
-                        ("exchange", self.exchange.is_some()),
-                        ("exchange_type", self.exchange_type.is_some()),
-                        ("routing_key", self.routing_key.is_some()),
-                        ("queue", self.queue.is_some()),
-                        ("binding_key", self.binding_key.is_some()),
-                        ("mandatory", self.mandatory.is_some()),
-                        ("on_nack", self.on_nack.is_some()),
-                        ("on_unroutable", self.on_unroutable.is_some()),
-                        ("max_message_bytes", self.max_message_bytes.is_some()),
-                    ],
-                    "exchange",
-                )?;
-                RabbitMqSettings::Stream(StreamSettings {
-                    name: name.to_owned(),
-                    url: self.url.clone(),
-                    username: self.username.clone(),
-                    password,
-                    ca_file: self.ca_file.clone(),
-                    stream: self.stream.clone().with_context(|| {
-                        format!("sinks.{name}.stream is required in stream mode")
-                    })?,
-                    producer_name: self
-                        .producer_name
-                        .clone()
-                        .unwrap_or_else(|| format!("outbox-relay.{slot}.{name}")),
-                    declare: self.declare,
-                    format: self.format,
-                    binary: self.binary,
-                    window: self.window,
-                    timeout: self.timeout,
-                })
-            }
-        };
-        let valid = match &settings {
-            RabbitMqSettings::Exchange(exchange) => exchange.validate(),
-            RabbitMqSettings::Stream(stream) => stream.validate(),
-        };
-        valid.map_err(|err| anyhow::anyhow!("sinks.{name}: {err}"))?;
-        Ok(settings)
-    }
-}
-
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum SslMode {
@@ -938,9 +502,10 @@ impl Config {
     /// A tombstone is a Kafka record with a null value; no other sink has such a thing, so
     /// every sink whose `match.tables` takes `table` must be a Kafka sink.
     fn check_tombstone_sinks(&self, table: &str, names: &(String, String)) -> anyhow::Result<()> {
-        let refusing = self.sinks.iter().find(|(_, sink)| {
-            !matches!(sink, SinkConfig::Kafka(_)) && sink.filter().takes_table(names)
-        });
+        let refusing = self
+            .sinks
+            .iter()
+            .find(|(_, sink)| !sink.takes_tombstones() && sink.filter().takes_table(names));
         match refusing {
             Some((sink, _)) => bail!(
                 "[outbox.\"{table}\"] has on_null_payload = \"tombstone\", but sink {sink:?} \
@@ -983,16 +548,10 @@ impl Config {
         }
         for (name, sink) in &self.sinks {
             self.check_match_tables(name, sink.filter())?;
-            if let SinkConfig::Kafka(kafka) = sink {
-                outbox_relay_sinks::routing::Template::parse(&kafka.topic)
-                    .with_context(|| format!("sinks.{name}.topic"))?;
-            }
-            if let SinkConfig::EventBridge(eventbridge) = sink {
-                eventbridge.settings(name)?;
-            }
-            if let SinkConfig::RabbitMq(rabbitmq) = sink {
-                rabbitmq.settings(name, &self.source.slot)?;
-            }
+            sink.validate(&SinkContext {
+                name,
+                slot: &self.source.slot,
+            })?;
         }
         for prefix in &self.source.message_prefixes {
             if prefix.is_empty() {
@@ -1010,13 +569,6 @@ impl Config {
     }
 }
 
-/// Whether one of `tables` (configured `schema.table` names) names the table `names`.
-fn names_one_of(tables: &[String], names: &(String, String)) -> bool {
-    tables
-        .iter()
-        .any(|t| parse_table_name(t).ok().as_ref() == Some(names))
-}
-
 /// The mapping `mappings` (`[outbox."schema.table"]`) has for `table`, or the default one.
 pub fn mapping_in(mappings: &BTreeMap<String, TableMapping>, table: &str) -> TableMapping {
     let names = parse_table_name(table).ok();
@@ -1025,66 +577,6 @@ pub fn mapping_in(mappings: &BTreeMap<String, TableMapping>, table: &str) -> Tab
         .find(|(t, _)| names.is_some() && parse_table_name(t).ok() == names)
         .map(|(_, m)| m.clone())
         .unwrap_or_default()
-}
-
-/// Splits `schema.table` (a bare name means `public`) into the names as the catalog holds
-/// them: no case folding, so `public.OutboxMessage` is the table EF Core or MassTransit created
-/// as "OutboxMessage". A part may be double-quoted (`"my.schema"."Out""box"`), for names that
-/// hold a dot or a quote; every name reaches SQL quoted (src/sql.rs).
-pub fn parse_table_name(name: &str) -> anyhow::Result<(String, String)> {
-    let parsed = split_name(name).and_then(|parts| match parts.as_slice() {
-        [table] => Some(("public".to_owned(), table.clone())),
-        [schema, table] => Some((schema.clone(), table.clone())),
-        _ => None,
-    });
-    let ok = parsed.as_ref().is_some_and(|(schema, table)| {
-        [schema, table]
-            .iter()
-            .all(|part| !part.is_empty() && part.len() <= 63 && !part.contains('\0'))
-    });
-    match parsed {
-        Some(names) if ok => Ok(names),
-        _ => bail!(
-            "source.tables entry {name:?} must be \"schema.table\": names of 1–63 bytes, \
-             double-quoted where they hold a dot or a quote (\"\\\"my.schema\\\".outbox\")"
-        ),
-    }
-}
-
-/// The dot-separated parts of a name, each bare or double-quoted (`""` inside quotes is one
-/// quote); `None` when the quoting is broken.
-fn split_name(name: &str) -> Option<Vec<String>> {
-    let mut parts = vec![String::new()];
-    let mut chars = name.chars().peekable();
-    let mut quoted = false;
-    let mut part_quoted = false;
-    while let Some(c) = chars.next() {
-        let part = parts.last_mut().expect("parts is never empty");
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                chars.next();
-                part.push('"');
-            }
-            (true, '"') => {
-                quoted = false;
-                if chars.peek().is_some_and(|next| *next != '.') {
-                    return None;
-                }
-            }
-            (true, c) => part.push(c),
-            (false, '"') if part.is_empty() && !part_quoted => {
-                quoted = true;
-                part_quoted = true;
-            }
-            (false, '"') => return None,
-            (false, '.') => {
-                parts.push(String::new());
-                part_quoted = false;
-            }
-            (false, c) => part.push(c),
-        }
-    }
-    (!quoted).then_some(parts)
 }
 
 /// Names the relay puts into SQL must be plain identifiers: lower-case letters, digits, `_`.
@@ -1158,25 +650,6 @@ fn mask_quoted(line: &str) -> String {
     out
 }
 
-/// A secret that never shows up in logs or debug output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
 /// Where and how to connect, resolved from `SourceConfig` (URL, password file, TLS keys).
 #[derive(Debug, Clone)]
 pub struct ConnectParams {
@@ -1246,7 +719,7 @@ impl SourceConfig {
             .get_password()
             .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
         if let Some(file) = &self.password_file {
-            password = Some(Secret::new(read_secret_file(file, "source.password_file")?));
+            password = Some(Secret::from_file(file, "source.password_file")?);
         }
         let sslmode = match (self.sslmode, url_sslmode) {
             (Some(mode), _) => mode,
@@ -1269,17 +742,6 @@ impl SourceConfig {
             tcp_user_timeout: Some(self.tcp_user_timeout).filter(|t| !t.is_zero()),
         })
     }
-}
-
-/// The first line of the secret file that configuration key `key` names.
-fn read_secret_file(file: &Path, key: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file).with_context(|| {
-        format!(
-            "cannot read {key} {}: check the path and permissions",
-            file.display()
-        )
-    })?;
-    Ok(text.lines().next().unwrap_or_default().to_owned())
 }
 
 /// Removes `sslmode` and `sslrootcert` from a connection string (tokio-postgres rejects the
@@ -1441,34 +903,6 @@ mod tests {
         for unknown in ["\"public.outbx\"", "\"message:other\""] {
             let err = format!("{:#}", load(&sink(unknown), &[]).unwrap_err());
             assert!(err.contains("sinks.out.match.tables names"), "{err}");
-        }
-    }
-
-    #[test]
-    fn table_names_are_taken_as_the_catalog_holds_them_quoted_where_needed() {
-        let parsed = |name: &str| parse_table_name(name).map_err(|e| e.to_string());
-        let pair = |schema: &str, table: &str| Ok((schema.to_owned(), table.to_owned()));
-        assert_eq!(parsed("outbox"), pair("public", "outbox"));
-        assert_eq!(
-            parsed("Billing.OutboxMessage"),
-            pair("Billing", "OutboxMessage")
-        );
-        assert_eq!(
-            parsed("\"my.schema\".\"Out\"\"box\""),
-            pair("my.schema", "Out\"box")
-        );
-        assert_eq!(parsed("\"a.b\""), pair("public", "a.b"));
-        for bad in [
-            "",
-            "a.",
-            ".b",
-            "a.b.c",
-            "\"open",
-            "a\"b",
-            "\"x\"y.z",
-            &"x".repeat(64),
-        ] {
-            assert!(parsed(bad).is_err(), "{bad:?}");
         }
     }
 

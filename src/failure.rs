@@ -1,7 +1,7 @@
 //! What a failure leads to, decided in one place from typed causes: the SQLSTATE the server
 //! sent (over a SQL connection or the replication connection alike), the kind of a
-//! replication-protocol failure, a sink's verdict, or a refusal of the relay itself. Other
-//! modules return errors; only this one says retry, stand by or stop.
+//! replication-protocol failure, a sink's verdict or configuration, or a refusal of the relay
+//! itself. Other modules return errors; only this one says retry, stand by or stop.
 //!
 //! Invariant: a failure with no recognised cause is retried (connections drop, servers
 //! restart, and that heals); only a cause known to be permanent stops the relay, and it stops
@@ -10,7 +10,7 @@
 use crate::db::SqlError;
 use crate::problem::Problem;
 use crate::source::replication::SourceError;
-use outbox_relay_sinks::SinkError;
+use outbox_relay_sinks::{ConfigError, SinkError};
 use tokio_postgres::error::SqlState;
 
 /// How a replication session ended, and so what the relay does next.
@@ -71,7 +71,7 @@ fn verdict(err: &anyhow::Error) -> Verdict {
                 SinkError::Permanent(_) => Verdict::Fatal,
             };
         }
-        if cause.is::<Problem>() {
+        if cause.is::<Problem>() || cause.is::<ConfigError>() {
             return Verdict::Fatal;
         }
     }

@@ -16,7 +16,7 @@ use crate::config::RelayConfig;
 use crate::dead_letters::DeadLetterStore;
 use crate::outbox::DeadLetter;
 use crate::telemetry::{Metrics, SinkLabels, SinkTableLabels, METRICS};
-use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError};
+use outbox_relay_sinks::{Backoff, Event, EventState, Lsn, Position, Sink, SinkError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -540,44 +540,40 @@ fn bucket_range(index: usize) -> (u64, u64) {
 }
 
 /// Sends `events` until the sink takes them, backing off on retryable errors; rejected events
-/// go to the dead-letter store, and their indices are returned.
+/// go to the dead-letter store, and their indices are returned. The events' states live here,
+/// one per event, and every retry of the batch hands the sink the same ones: what an earlier
+/// attempt settled is not sent again.
 async fn deliver(
     worker: &mut SinkWorker,
     events: &[Event],
     dead_letters: &dyn DeadLetterStore,
     slot: &str,
 ) -> anyhow::Result<Vec<usize>> {
-    let mut backoff = Duration::from_millis(100);
-    let delivery = loop {
-        match worker.sink.send(events).await {
-            Ok(delivery) => break delivery,
+    let mut states = vec![EventState::Pending; events.len()];
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        match worker.sink.send(events, &mut states).await {
+            Ok(()) => break,
             Err(SinkError::Retryable(reason)) => {
-                warn!(%reason, retry_in = ?backoff, "sink failed; retrying the batch");
+                let delay = backoff.next_delay();
+                warn!(%reason, retry_in = ?delay, "sink failed; retrying the batch");
                 METRICS
                     .sink_retries
                     .get_or_create(&Metrics::sink(&worker.name))
                     .inc();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                tokio::time::sleep(delay).await;
             }
             Err(SinkError::Permanent(reason)) => {
                 anyhow::bail!("sink {} failed: {reason}", worker.name)
             }
         }
-    };
-    let mut rejected = Vec::with_capacity(delivery.rejected.len());
-    for rejection in delivery.rejected {
+    }
+    let rejections = outbox_relay_sinks::rejections(states);
+    let mut rejected = Vec::with_capacity(rejections.len());
+    for rejection in rejections {
         rejected.push(rejection.index);
-        let event = events.get(rejection.index).ok_or_else(|| {
-            anyhow::anyhow!(
-                "sink {} rejected event #{} of a batch of {}",
-                worker.name,
-                rejection.index,
-                events.len()
-            )
-        })?;
         let letter = DeadLetter::from_event(
-            event,
+            &events[rejection.index],
             "refused by the sink",
             rejection.reason,
             Some(worker.name.clone()),
@@ -669,21 +665,76 @@ mod tests {
         async fn send(
             &mut self,
             batch: &[Event],
-        ) -> Result<outbox_relay_sinks::Delivery, SinkError> {
+            _states: &mut [EventState],
+        ) -> Result<(), SinkError> {
             self.entered.notify_one();
             self.gate.acquire().await.expect("gate open").forget();
             self.sizes.lock().unwrap().push(batch.len());
-            Ok(outbox_relay_sinks::Delivery::default())
+            Ok(())
         }
     }
 
-    struct NoStore;
+    /// Acknowledges the first event and fails; on the retry, records what it was shown and
+    /// rejects the second.
+    struct FailsOnce {
+        shown: Arc<Mutex<Vec<Vec<EventState>>>>,
+    }
 
     #[async_trait::async_trait]
-    impl DeadLetterStore for NoStore {
-        async fn store(&self, _: &str, _: &DeadLetter) -> anyhow::Result<()> {
+    impl Sink for FailsOnce {
+        async fn send(
+            &mut self,
+            _batch: &[Event],
+            states: &mut [EventState],
+        ) -> Result<(), SinkError> {
+            let mut shown = self.shown.lock().unwrap();
+            shown.push(states.to_vec());
+            if shown.len() == 1 {
+                states[0] = EventState::Acked;
+                return Err(SinkError::Retryable("broker away".into()));
+            }
+            states[1] = EventState::Rejected("too big".into());
             Ok(())
         }
+    }
+
+    /// Keeps no checkpoint; records the positions of dead letters.
+    #[derive(Default)]
+    struct Letters(Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl DeadLetterStore for Letters {
+        async fn store(&self, _: &str, letter: &DeadLetter) -> anyhow::Result<()> {
+            self.0.lock().unwrap().push(letter.position.to_string());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_shows_the_sink_what_earlier_attempts_settled_and_rejections_are_dead_letters()
+    {
+        let shown = Arc::new(Mutex::new(Vec::new()));
+        let mut worker = SinkWorker {
+            name: "flaky".into(),
+            sink: Box::new(FailsOnce {
+                shown: shown.clone(),
+            }),
+            skip_through: None,
+        };
+        let letters = Letters::default();
+        let events = [event(10, 0), event(10, 1)];
+        let rejected = deliver(&mut worker, &events, &letters, "slot")
+            .await
+            .unwrap();
+        assert_eq!(rejected, [1]);
+        assert_eq!(
+            *shown.lock().unwrap(),
+            [
+                vec![EventState::Pending, EventState::Pending],
+                vec![EventState::Acked, EventState::Pending]
+            ]
+        );
+        assert_eq!(letters.0.lock().unwrap().len(), 1);
     }
 
     fn event(lsn: u64, index: u32) -> Event {
@@ -746,7 +797,7 @@ mod tests {
         let (pipeline, handles) = start(
             vec![worker],
             progress.clone(),
-            Arc::new(NoStore),
+            Arc::new(Letters::default()),
             "slot",
             4,
             limit,

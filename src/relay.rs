@@ -36,7 +36,8 @@ use tracing::{debug, error, info, warn};
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     // What each sink acknowledged in earlier sessions of this process.
     let mut acknowledged: BTreeMap<String, Position> = BTreeMap::new();
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff =
+        outbox_relay_sinks::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut standby = false;
     let mut leadership: Option<Leadership> = None;
     loop {
@@ -86,15 +87,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                     .inc();
                 standby = false;
                 if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(500);
+                    backoff.reset();
                 }
-                warn!(error = %format!("{err:#}"), retry_in = ?backoff, "replication session ended; reconnecting");
+                let delay = backoff.next_delay();
+                warn!(error = %format!("{err:#}"), retry_in = ?delay, "replication session ended; reconnecting");
                 let mut shutdown = shutdown.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }

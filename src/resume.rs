@@ -6,16 +6,11 @@
 //! the [`Horizon`]); a position beyond it comes from another history, and stops the relay
 //! (a [`Problem`]) rather than dropping this database's events without a trace.
 
-use crate::config::{Config, SinkConfig};
-use crate::problem::Problem;
+use crate::config::Config;
 use crate::pipeline::SinkWorker;
+use crate::problem::Problem;
 use crate::telemetry::{Metrics, METRICS};
-use outbox_relay_sinks::eventbridge::EventBridgeSink;
-use outbox_relay_sinks::kafka::KafkaSink;
-use outbox_relay_sinks::routing::{EventFilter, FilteredSink};
-use outbox_relay_sinks::{
-    file::FileSink, null::NullSink, stdout::StdoutSink, Lsn, Position, Sink, SinkError,
-};
+use outbox_relay_sinks::{Lsn, Position, Sink, SinkError};
 use std::collections::BTreeMap;
 use tracing::info;
 
@@ -82,38 +77,10 @@ pub async fn ready_workers(
 
 /// Builds the configured sinks.
 fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>)>> {
-    config
-        .sinks
-        .iter()
-        .map(|(name, sink)| {
-            let inner: Box<dyn Sink> = match sink {
-                SinkConfig::Stdout { format, .. } => Box::new(StdoutSink::new(*format)),
-                SinkConfig::Null { .. } => Box::new(NullSink),
-                SinkConfig::File {
-                    path,
-                    fsync,
-                    format,
-                    ..
-                } => Box::new(FileSink::new(path, *format, *fsync)),
-                SinkConfig::Kafka(kafka) => {
-                    Box::new(KafkaSink::new(kafka.settings(name, &config.source.slot)?))
-                }
-                SinkConfig::EventBridge(eventbridge) => {
-                    Box::new(EventBridgeSink::new(eventbridge.settings(name)?))
-                }
-                SinkConfig::RabbitMq(rabbitmq) => outbox_relay_sinks::rabbitmq::sink(
-                    rabbitmq.settings(name, &config.source.slot)?,
-                ),
-            };
-            let rule = sink.filter();
-            let filter = EventFilter::new(
-                rule.event_tables(),
-                rule.aggregate_types.clone(),
-                rule.event_types.clone(),
-            );
-            Ok((name.clone(), FilteredSink::wrap(filter, inner)))
-        })
-        .collect()
+    Ok(outbox_relay_sinks::build_all(
+        &config.sinks,
+        &config.source.slot,
+    )?)
 }
 
 /// Where a sink's earlier deliveries end, by who remembers them.

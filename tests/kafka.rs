@@ -21,7 +21,7 @@ use common::kafka::{consume, consume_all, consume_raw, Broker, Record};
 use common::*;
 use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
 use outbox_relay_sinks::routing::Template;
-use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError, Text};
+use outbox_relay_sinks::{Event, EventState, Lsn, Position, Sink, SinkError, Text};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -314,7 +314,10 @@ async fn a_second_producer_with_the_same_identity_fences_the_first() {
     let broker = Broker::start();
     let mut first = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
     assert_eq!(first.recover().await.unwrap(), None);
-    first.send(&[event(100, 0)]).await.unwrap();
+    first
+        .send(&[event(100, 0)], &mut [EventState::Pending])
+        .await
+        .unwrap();
 
     let mut second = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
     assert_eq!(
@@ -325,11 +328,17 @@ async fn a_second_producer_with_the_same_identity_fences_the_first() {
         }),
         "the checkpoint rides in the transaction"
     );
-    match first.send(&[event(200, 1)]).await {
+    match first
+        .send(&[event(200, 1)], &mut [EventState::Pending])
+        .await
+    {
         Err(SinkError::Permanent(reason)) => assert!(reason.contains("fenced"), "{reason}"),
         other => panic!("the first producer must be fenced, got {other:?}"),
     }
-    second.send(&[event(200, 1)]).await.unwrap();
+    second
+        .send(&[event(200, 1)], &mut [EventState::Pending])
+        .await
+        .unwrap();
     let mut third = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
     assert_eq!(
         third.recover().await.unwrap(),

@@ -15,7 +15,7 @@ use common::tls_proxy::TlsProxy;
 use common::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use outbox_relay_sinks::rabbitmq::{self, StreamSettings};
-use outbox_relay_sinks::{Event, Lsn, Position, Sink, Text};
+use outbox_relay_sinks::{rejections, Event, EventState, Lsn, Position, Sink, Text};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
@@ -671,17 +671,20 @@ fn stream_replays_are_deduplicated_by_the_broker() {
             &vhost, "replay",
         )));
         assert_eq!(first.recover().await.unwrap(), None);
-        let delivery = first.send(&batch[..70]).await.unwrap();
-        assert!(delivery.rejected.is_empty());
+        let mut states = vec![EventState::Pending; 70];
+        first.send(&batch[..70], &mut states).await.unwrap();
+        assert!(rejections(states).is_empty());
         first.close().await.unwrap();
 
         let mut second = rabbitmq::StreamSink::new(stream_settings(&vhost, "replay"));
         let mut last = batch.clone();
         last.push(event(0x2000, rabbitmq::stream::MAX_INDEX + 1));
-        let delivery = second.send(&last).await.unwrap();
-        assert_eq!(delivery.rejected.len(), 1);
-        assert_eq!(delivery.rejected[0].index, batch.len());
-        assert!(delivery.rejected[0].reason.contains("dlq replay"));
+        let mut states = vec![EventState::Pending; last.len()];
+        second.send(&last, &mut states).await.unwrap();
+        let rejected = rejections(states);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].index, batch.len());
+        assert!(rejected[0].reason.contains("dlq replay"));
         second.close().await.unwrap();
 
         let mut third = rabbitmq::StreamSink::new(stream_settings(&vhost, "replay"));

@@ -13,13 +13,40 @@
 //! full disk is retried (the operator frees space, the batch goes in), and the torn part of
 //! the failed batch is cut off first.
 
+use crate::config::{default_true, ConfigError, SinkContext, SinkKind};
 use crate::format::{self, Format};
-use crate::{Delivery, Event, Position, Sink, SinkError};
+use crate::routing::MatchRule;
+use crate::{Event, EventState, Position, Sink, SinkError};
 use async_trait::async_trait;
+use serde::Deserialize;
 use std::io::{SeekFrom, Write};
 use std::path::PathBuf;
 use tokio::fs::{File, OpenOptions};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// `type = "file"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub path: PathBuf,
+    /// fsync every batch before acknowledging it.
+    #[serde(default = "default_true")]
+    pub fsync: bool,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default, rename = "match")]
+    pub filter: MatchRule,
+}
+
+impl SinkKind for FileConfig {
+    fn build(&self, _ctx: &SinkContext<'_>) -> Result<Box<dyn Sink>, ConfigError> {
+        Ok(Box::new(FileSink::new(&self.path, self.format, self.fsync)))
+    }
+
+    fn filter(&self) -> &MatchRule {
+        &self.filter
+    }
+}
 
 pub struct FileSink {
     path: PathBuf,
@@ -179,7 +206,7 @@ impl Sink for FileSink {
         })
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    async fn send(&mut self, batch: &[Event], _states: &mut [EventState]) -> Result<(), SinkError> {
         if self.open.is_none() {
             self.open().await?;
         }
@@ -190,7 +217,7 @@ impl Sink for FileSink {
         }
         let (buf, appended) = self.append(buf).await;
         self.buf = buf;
-        appended.map(|()| Delivery::default())
+        appended
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
@@ -221,9 +248,17 @@ mod tests {
 
         let mut sink = FileSink::new(&path, Format::CloudEvents, false);
         assert_eq!(sink.recover().await.unwrap(), None);
-        sink.send(&[event(100, 0), event(100, 1), event(200, 0)])
-            .await
-            .unwrap();
+        let batch = [event(100, 0), event(100, 1), event(200, 0)];
+        sink.send(
+            &batch,
+            &mut [
+                EventState::Pending,
+                EventState::Pending,
+                EventState::Pending,
+            ],
+        )
+        .await
+        .unwrap();
         sink.close().await.unwrap();
 
         let mut torn = std::fs::read(&path).unwrap();
@@ -238,7 +273,9 @@ mod tests {
                 index: 0
             })
         );
-        sink.send(&[event(300, 0)]).await.unwrap();
+        sink.send(&[event(300, 0)], &mut [EventState::Pending])
+            .await
+            .unwrap();
         sink.close().await.unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 4);
@@ -256,7 +293,10 @@ mod tests {
             return;
         }
         let mut sink = FileSink::new("/dev/full", Format::CloudEvents, false);
-        match sink.send(&[event(100, 0)]).await {
+        match sink
+            .send(&[event(100, 0)], &mut [EventState::Pending])
+            .await
+        {
             Err(SinkError::Retryable(reason)) => {
                 assert!(reason.contains("free space"), "{reason}")
             }

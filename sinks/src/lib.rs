@@ -1,10 +1,27 @@
 //! The seam between the relay and the outside world: the [`Event`] that crosses it, the
-//! [`Sink`] trait every destination implements, and one module per sink.
+//! [`Sink`] trait every destination implements, one module per sink, and [`SinkConfig`], the
+//! one place that knows every kind of sink.
 //!
 //! Sinks know nothing about PostgreSQL. They receive batches of events in commit order and
 //! answer once every event of the batch is durably accepted (or explicitly rejected), so the
 //! relay can move its checkpoint over exactly what was acknowledged.
+//!
+//! # Adding a sink
+//!
+//! 1. A module (a folder once it has more than one job: `config.rs`, encoding, transport,
+//!    `mod.rs` with the sink) holding the serde configuration of `[sinks.NAME]`, with
+//!    `#[serde(deny_unknown_fields)]` and a `match` key ([`routing::MatchRule`]), and a
+//!    [`Sink`].
+//! 2. [`SinkKind`] for the configuration: `build` the sink, and where they apply `validate`
+//!    (what can be refused when the configuration loads), `takes_tombstones`, `check`
+//!    (what `outbox-relay check` reports).
+//! 3. One variant of [`SinkConfig`] (its name is the `type`) and its arm in
+//!    `SinkConfig::kind`. Nothing in the relay's crate changes.
+//!
+//! The test module of `config.rs` shows it on a toy sink.
 
+mod backoff;
+pub mod config;
 mod event;
 pub mod eventbridge;
 pub mod file;
@@ -13,9 +30,14 @@ pub mod kafka;
 pub mod null;
 pub mod rabbitmq;
 pub mod routing;
+mod secret;
 pub mod stdout;
+pub mod table_name;
 
+pub use backoff::Backoff;
+pub use config::{build_all, ConfigError, SinkConfig, SinkContext, SinkKind};
 pub use event::{Event, Lsn, Payload, Position, Text};
+pub use secret::{Secret, SecretFileError};
 
 use async_trait::async_trait;
 
@@ -44,20 +66,51 @@ impl SinkError {
     }
 }
 
-/// An event of a batch that the sink refused for good (for example larger than the broker
-/// accepts). The relay writes it to the dead-letter store with `reason`; it is never dropped.
+/// Where one event of a batch stands with a sink. The relay keeps one per event of a batch
+/// across its own retries of that batch and hands the same slice to every [`Sink::send`]
+/// of it, so a sink remembers nothing of an earlier attempt: what is settled is in the
+/// slice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EventState {
+    /// Not known to be delivered: the next attempt sends it.
+    #[default]
+    Pending,
+    /// Sent, and refused by the destination for a reason that may pass (`reason`): the next
+    /// attempt sends it again or, if the destination has meanwhile made that impossible,
+    /// rejects it. Sinks whose refusals need no memory never use it.
+    Refused(String),
+    /// Durably accepted by the destination.
+    Acked,
+    /// Refused for good (for example larger than the broker accepts). The relay writes it to
+    /// the dead-letter store with `reason`; it is never dropped.
+    Rejected(String),
+}
+
+impl EventState {
+    /// Acknowledged or rejected: no attempt sends it again, unless the sink's own per-key
+    /// ordering rule makes it pending again.
+    pub fn is_settled(&self) -> bool {
+        matches!(self, EventState::Acked | EventState::Rejected(_))
+    }
+}
+
+/// An event the sink rejected, by its index in the batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// Index of the event in the batch passed to [`Sink::send`].
     pub index: usize,
     pub reason: String,
 }
 
-/// The outcome of a successful [`Sink::send`]: every event is acknowledged except the
-/// rejected ones.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub rejected: Vec<Rejection>,
+/// The rejected events of a batch whose `send` succeeded: every other one is acknowledged.
+pub fn rejections(states: Vec<EventState>) -> Vec<Rejection> {
+    states
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, state)| match state {
+            EventState::Rejected(reason) => Some(Rejection { index, reason }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A destination for events.
@@ -76,7 +129,14 @@ pub trait Sink: Send {
     }
 
     /// Delivers `batch` and returns once every event is acknowledged or rejected.
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError>;
+    ///
+    /// `states` has one entry per event: all [`EventState::Pending`] on the first attempt,
+    /// and on the relay's retries of the same batch what earlier attempts left there. The
+    /// sink sends only the events that are not settled (and, where its per-key ordering rule
+    /// says so, later events of their key again), records what it learns as it goes, also
+    /// when it fails, and marks refused-for-good events [`EventState::Rejected`]. `Ok(())`
+    /// means every event that is not rejected is acknowledged.
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError>;
 
     /// Flushes and releases resources before a clean shutdown.
     async fn close(&mut self) -> Result<(), SinkError> {

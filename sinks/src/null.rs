@@ -1,15 +1,40 @@
 //! The null sink: acknowledges every event at once and writes nothing. It measures the
 //! relay itself (benchmarks) and lets a relay confirm a slot without publishing.
 
-use crate::{Delivery, Event, Sink, SinkError};
+use crate::config::{ConfigError, SinkContext, SinkKind};
+use crate::routing::MatchRule;
+use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
+use serde::Deserialize;
+
+/// `type = "null"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NullConfig {
+    #[serde(default, rename = "match")]
+    pub filter: MatchRule,
+}
+
+impl SinkKind for NullConfig {
+    fn build(&self, _ctx: &SinkContext<'_>) -> Result<Box<dyn Sink>, ConfigError> {
+        Ok(Box::new(NullSink))
+    }
+
+    fn filter(&self) -> &MatchRule {
+        &self.filter
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct NullSink;
 
 #[async_trait]
 impl Sink for NullSink {
-    async fn send(&mut self, _batch: &[Event]) -> Result<Delivery, SinkError> {
-        Ok(Delivery::default())
+    async fn send(
+        &mut self,
+        _batch: &[Event],
+        _states: &mut [EventState],
+    ) -> Result<(), SinkError> {
+        Ok(())
     }
 }

@@ -1,9 +1,12 @@
 //! Routing primitives shared by the sinks: templates over an event's fields (topic, exchange,
-//! routing key, bus, CloudEvents source: `outbox.event.{aggregatetype}`) and filters that say
-//! which events a sink or route takes (by table, aggregate type, event-type glob).
+//! routing key, bus, CloudEvents source: `outbox.event.{aggregatetype}`), and which events a
+//! sink takes: the configured [`MatchRule`] (`[sinks.NAME.match]`) and the [`EventFilter`] it
+//! becomes (by table, aggregate type, event-type glob).
 
-use crate::{Delivery, Event, Position, Rejection, Sink, SinkError};
+use crate::table_name::{names_one_of, parse_table_name};
+use crate::{Event, EventState, Position, Sink, SinkError};
 use async_trait::async_trait;
+use serde::Deserialize;
 use std::fmt::Write;
 
 /// A field of an event a template can name.
@@ -172,14 +175,58 @@ impl EventFilter {
     }
 }
 
+/// Which events a sink takes; an empty list matches everything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    /// `schema.table`, or `message:PREFIX` for logical-message events.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub aggregate_types: Vec<String>,
+    /// Globs: `*` any run of characters, `?` one character.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+}
+
+impl MatchRule {
+    /// `tables` as events name their table: `schema.table` (a bare name is in `public`, quotes
+    /// are taken off), and `message:PREFIX` as it is.
+    pub fn event_tables(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .map(|t| match parse_table_name(t) {
+                Ok((schema, name)) if !t.starts_with("message:") => format!("{schema}.{name}"),
+                _ => t.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether the rule lets through events of the table `names` (`schema`, `table`), as far
+    /// as `tables` says (the other lists depend on the event).
+    pub fn takes_table(&self, names: &(String, String)) -> bool {
+        self.tables.is_empty() || names_one_of(&self.tables, names)
+    }
+
+    /// The filter that applies the rule to events.
+    pub fn event_filter(&self) -> EventFilter {
+        EventFilter::new(
+            self.event_tables(),
+            self.aggregate_types.clone(),
+            self.event_types.clone(),
+        )
+    }
+}
+
 /// A sink that only sees the events its filter takes. Events filtered out count as handled:
 /// they are not for this sink, so its checkpoint may move past them.
 pub struct FilteredSink {
     filter: EventFilter,
     inner: Box<dyn Sink>,
-    /// The matching events of the current batch, and their indices in it.
+    /// The matching events of the current batch, their indices in it, and their states.
     selected: Vec<Event>,
     indices: Vec<usize>,
+    states: Vec<EventState>,
 }
 
 impl FilteredSink {
@@ -193,6 +240,7 @@ impl FilteredSink {
             inner,
             selected: Vec::new(),
             indices: Vec::new(),
+            states: Vec::new(),
         })
     }
 }
@@ -203,9 +251,10 @@ impl Sink for FilteredSink {
         self.inner.recover().await
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         self.selected.clear();
         self.indices.clear();
+        self.states.clear();
         for (index, event) in batch
             .iter()
             .enumerate()
@@ -213,20 +262,16 @@ impl Sink for FilteredSink {
         {
             self.selected.push(event.clone());
             self.indices.push(index);
+            self.states.push(std::mem::take(&mut states[index]));
         }
         if self.selected.is_empty() {
-            return Ok(Delivery::default());
+            return Ok(());
         }
-        let delivery = self.inner.send(&self.selected).await?;
-        let rejected = delivery
-            .rejected
-            .into_iter()
-            .map(|r| Rejection {
-                index: self.indices.get(r.index).copied().unwrap_or(usize::MAX),
-                reason: r.reason,
-            })
-            .collect();
-        Ok(Delivery { rejected })
+        let sent = self.inner.send(&self.selected, &mut self.states).await;
+        for (&index, state) in self.indices.iter().zip(self.states.drain(..)) {
+            states[index] = state;
+        }
+        sent
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
@@ -310,21 +355,21 @@ mod tests {
 
     #[async_trait]
     impl Sink for Recording {
-        async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+        async fn send(
+            &mut self,
+            batch: &[Event],
+            states: &mut [EventState],
+        ) -> Result<(), SinkError> {
             self.0
                 .lock()
                 .unwrap()
                 .extend(batch.iter().map(|e| e.aggregate_type.to_string()));
-            let rejected = batch
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| &*e.event_type == "Bad")
-                .map(|(index, _)| Rejection {
-                    index,
-                    reason: "bad".into(),
-                })
-                .collect();
-            Ok(Delivery { rejected })
+            for (event, state) in batch.iter().zip(states) {
+                if &*event.event_type == "Bad" {
+                    *state = EventState::Rejected("bad".into());
+                }
+            }
+            Ok(())
         }
     }
 
@@ -336,11 +381,12 @@ mod tests {
         let mut batch = vec![sample(1, 0), sample(1, 1), sample(1, 2)];
         batch[0].aggregate_type = crate::Text::from("customer");
         batch[2].event_type = crate::Text::from("Bad");
-        let delivery = sink.send(&batch).await.unwrap();
+        let mut states = vec![EventState::Pending; batch.len()];
+        sink.send(&batch, &mut states).await.unwrap();
         assert_eq!(*seen.lock().unwrap(), ["order", "order"]);
         assert_eq!(
-            delivery.rejected,
-            vec![Rejection {
+            crate::rejections(states),
+            vec![crate::Rejection {
                 index: 2,
                 reason: "bad".into()
             }]

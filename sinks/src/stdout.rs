@@ -2,10 +2,33 @@
 //! into other tools. An event is acknowledged once its batch is flushed to the pipe; a crash
 //! may repeat the events since the last checkpoint (at-least-once).
 
+use crate::config::{ConfigError, SinkContext, SinkKind};
 use crate::format::{self, Format};
-use crate::{Delivery, Event, Sink, SinkError};
+use crate::routing::MatchRule;
+use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
+use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
+
+/// `type = "stdout"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutConfig {
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default, rename = "match")]
+    pub filter: MatchRule,
+}
+
+impl SinkKind for StdoutConfig {
+    fn build(&self, _ctx: &SinkContext<'_>) -> Result<Box<dyn Sink>, ConfigError> {
+        Ok(Box::new(StdoutSink::new(self.format)))
+    }
+
+    fn filter(&self) -> &MatchRule {
+        &self.filter
+    }
+}
 
 pub struct StdoutSink {
     format: Format,
@@ -25,7 +48,7 @@ impl StdoutSink {
 
 #[async_trait]
 impl Sink for StdoutSink {
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
+    async fn send(&mut self, batch: &[Event], _states: &mut [EventState]) -> Result<(), SinkError> {
         self.buf.clear();
         for event in batch {
             format::write_line(self.format, event, &mut self.buf);
@@ -38,6 +61,6 @@ impl Sink for StdoutSink {
             .flush()
             .await
             .map_err(|e| SinkError::from_io("flushing stdout", e))?;
-        Ok(Delivery::default())
+        Ok(())
     }
 }

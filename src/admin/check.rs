@@ -8,8 +8,7 @@ use crate::source::origin::Origin;
 use crate::source::slot::{self, dropped_slot_problem};
 use crate::sql;
 use crate::tables::{self, quoted_table};
-use outbox_relay_sinks::eventbridge::EventBridgeSink;
-use outbox_relay_sinks::kafka::KafkaSink;
+use outbox_relay_sinks::SinkContext;
 use tokio_postgres::Client;
 
 /// What `check` found: problems, which stop the relay or lose events, and warnings, which
@@ -159,32 +158,8 @@ fn bytes_refused_by(config: &Config, table: &str) -> anyhow::Result<Vec<String>>
 async fn check_sinks(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, sink) in &config.sinks {
-        if let SinkConfig::EventBridge(eventbridge) = sink {
-            match eventbridge.settings(name) {
-                Ok(settings) => problems.extend(EventBridgeSink::new(settings).check().await),
-                Err(err) => problems.push(format!("{err:#}")),
-            }
-        }
-        if let SinkConfig::Kafka(kafka) = sink {
-            match kafka.settings(name, &config.source.slot) {
-                Ok(settings) => problems.extend(
-                    KafkaSink::new(settings)
-                        .check()
-                        .await
-                        .into_iter()
-                        .map(|problem| format!("sink {name}: {problem}")),
-                ),
-                Err(err) => problems.push(format!("{err:#}")),
-            }
-        }
-        if let SinkConfig::RabbitMq(rabbitmq) = sink {
-            match rabbitmq.settings(name, &config.source.slot) {
-                Ok(settings) => {
-                    problems.extend(outbox_relay_sinks::rabbitmq::check(&settings).await)
-                }
-                Err(err) => problems.push(format!("{err:#}")),
-            }
-        }
+        let slot = &config.source.slot;
+        problems.extend(sink.check(&SinkContext { name, slot }).await);
     }
     problems
 }

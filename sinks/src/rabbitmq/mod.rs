@@ -21,14 +21,15 @@
 //! `bytea` column) is the body as it is, with the mapping's content type, except in the
 //! structured envelope, which carries it as `data_base64`.
 
+mod config;
 pub mod exchange;
 pub mod stream;
 
 use crate::format::{self, AttributeValue, Format};
-use crate::{Event, Position, Sink, SinkError};
+use crate::{Event, Sink, SinkError};
 use serde::Deserialize;
-use std::fmt;
 
+pub use config::{RabbitMqConfig, RabbitMqMode};
 pub use exchange::{ExchangeSettings, ExchangeSink};
 pub use stream::{StreamSettings, StreamSink};
 
@@ -48,27 +49,6 @@ pub enum Policy {
     DeadLetter,
     /// Stop the relay with the reason, so an operator can fix the broker side.
     Fail,
-}
-
-/// A password that never shows up in logs or debug output.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Password(String);
-
-impl Password {
-    pub fn new(password: impl Into<String>) -> Self {
-        Password(password.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
 }
 
 /// The settings of either mode.
@@ -173,63 +153,10 @@ pub fn event_time_millis(event: &Event) -> i64 {
         .map_or(event.commit_time_micros / 1000, |d| d.as_millis() as i64)
 }
 
-/// Where a batch stands inside the sink, across the relay's retries of the same batch: the
-/// relay hands back exactly the same batch after a retryable error, so what was settled
-/// then is not published again.
-#[derive(Debug, Default)]
-struct Progress {
-    batch: Option<(usize, Position, Position)>,
-    outcomes: Vec<Outcome>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    Pending,
-    Confirmed,
-    Rejected(String),
-}
-
-impl Progress {
-    /// Whether `batch` is the one in progress (the relay handing it back after an error).
-    fn is_current(&self, batch: &[Event]) -> bool {
-        self.batch.is_some() && self.batch == Self::identity(batch)
-    }
-
-    fn identity(batch: &[Event]) -> Option<(usize, Position, Position)> {
-        batch
-            .first()
-            .zip(batch.last())
-            .map(|(first, last)| (batch.len(), first.position, last.position))
-    }
-
-    /// The outcomes for `batch`: kept from the last call if it is the same batch, else new.
-    fn start(&mut self, batch: &[Event]) -> &mut Vec<Outcome> {
-        let identity = Self::identity(batch);
-        if self.batch != identity || self.outcomes.len() != batch.len() {
-            self.batch = identity;
-            self.outcomes = vec![Outcome::Pending; batch.len()];
-        }
-        &mut self.outcomes
-    }
-
-    /// The rejections of a finished batch, and forgets it.
-    fn finish(&mut self) -> crate::Delivery {
-        self.batch = None;
-        let rejected = std::mem::take(&mut self.outcomes)
-            .into_iter()
-            .enumerate()
-            .filter_map(|(index, outcome)| match outcome {
-                Outcome::Rejected(reason) => Some(crate::Rejection { index, reason }),
-                _ => None,
-            })
-            .collect();
-        crate::Delivery { rejected }
-    }
-}
-
-/// Backoff between retries inside one `send`.
-fn next_backoff(backoff: std::time::Duration) -> std::time::Duration {
-    (backoff * 2).min(std::time::Duration::from_secs(5))
+/// Backoff between rounds inside one `send`, and between `recover`'s connection attempts:
+/// from `first` up to 5 s.
+fn backoff(first: std::time::Duration) -> crate::Backoff {
+    crate::Backoff::new(first, std::time::Duration::from_secs(5))
 }
 
 fn permanent(message: impl Into<String>) -> SinkError {
@@ -323,20 +250,5 @@ mod tests {
         assert_eq!(event_time_millis(&event), 1_700_000_000_123);
         event.occurred_at = Some(Text::from("2026-01-02T03:04:05.5Z"));
         assert_eq!(event_time_millis(&event), 1_767_323_045_500);
-    }
-
-    #[test]
-    fn progress_is_kept_for_the_same_batch_only() {
-        let batch = vec![sample(1, 0), sample(1, 1)];
-        let mut progress = Progress::default();
-        progress.start(&batch)[0] = Outcome::Confirmed;
-        assert_eq!(progress.start(&batch)[0], Outcome::Confirmed);
-        let other = vec![sample(2, 0), sample(2, 1)];
-        assert_eq!(progress.start(&other)[0], Outcome::Pending);
-        progress.outcomes[1] = Outcome::Rejected("no".into());
-        let delivery = progress.finish();
-        assert_eq!(delivery.rejected.len(), 1);
-        assert_eq!(delivery.rejected[0].index, 1);
-        assert_eq!(progress.start(&other)[1], Outcome::Pending);
     }
 }

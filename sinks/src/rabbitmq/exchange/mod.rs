@@ -33,32 +33,25 @@
 //! - **TLS.** `amqps://` URLs use rustls with the system's CA certificates, plus the PEM
 //!   file `ca_file` when set; the server's host name is verified.
 
-use super::{
-    event_time_millis, next_backoff, permanent, retryable, Content, Outcome, Password, Policy,
-    Progress,
-};
+mod broker;
+mod confirm;
+
+pub use broker::check;
+
+use super::{backoff, event_time_millis, permanent, retryable, Content, Policy};
 use crate::format::{AttributeValue, Format};
 use crate::routing::Template;
-use crate::{Delivery, Event, Position, Sink, SinkError};
+use crate::{Event, EventState, Position, Secret, Sink, SinkError};
 use async_trait::async_trait;
-use lapin::message::BasicReturnMessage;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use broker::{classify, close, declare};
+use confirm::{republish_later_events_of_key, Answers, Publishing};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    ExchangeKind, PublisherConfirm,
-};
-use std::collections::{HashSet, VecDeque};
-use std::future::Future;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -66,7 +59,9 @@ use tracing::{info, warn};
 /// Rounds of publishing inside one `send` before a batch with retried events is handed
 /// back to the relay's backoff.
 const ROUNDS_PER_SEND: u32 = 5;
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
 /// RabbitMQ's default `max_message_size` (128 MiB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
@@ -81,7 +76,7 @@ pub struct ExchangeSettings {
     /// Overrides the URL's user.
     pub username: Option<String>,
     /// Overrides the URL's password.
-    pub password: Option<Password>,
+    pub password: Option<Secret>,
     /// PEM file of CA certificates trusted for `amqps://`, besides the system's.
     pub ca_file: Option<PathBuf>,
     pub exchange: String,
@@ -171,7 +166,6 @@ pub struct ExchangeSink {
     link: Option<Link>,
     /// The connection `recover` opens in the background for the first batch.
     connecting: Option<JoinHandle<Result<Link, SinkError>>>,
-    progress: Progress,
 }
 
 /// One event ready to publish.
@@ -182,28 +176,12 @@ struct Prepared {
     properties: BasicProperties,
 }
 
-/// What the broker said about one publish.
-enum Answer {
-    Confirmed,
-    Nacked,
-    Unroutable(String),
-}
-
-/// A message RabbitMQ returned as unroutable. lapin hands it to whichever confirm
-/// completes next (with a multiple ack, any of the acknowledged ones), not necessarily the
-/// returned message's own: its `message_id` (the event id) says whose it is.
-struct Returned {
-    message_id: Option<String>,
-    reason: String,
-}
-
 impl ExchangeSink {
     pub fn new(settings: ExchangeSettings) -> Self {
         ExchangeSink {
             settings,
             link: None,
             connecting: None,
-            progress: Progress::default(),
         }
     }
 
@@ -353,7 +331,7 @@ impl ExchangeSink {
         &mut self,
         batch: &[Event],
         prepared: &[Option<Prepared>],
-        outcomes: &mut [Outcome],
+        states: &mut [EventState],
     ) -> Result<(), SinkError> {
         if self
             .link
@@ -383,7 +361,7 @@ impl ExchangeSink {
         };
         let mut in_flight = VecDeque::new();
         let pending: Vec<usize> = (0..batch.len())
-            .filter(|&i| outcomes[i] == Outcome::Pending)
+            .filter(|&i| states[i] == EventState::Pending)
             .collect();
         let mut answers = Answers::new(&pending);
         for &index in &pending {
@@ -402,399 +380,28 @@ impl ExchangeSink {
             while in_flight.len() >= settings.window {
                 let (index, publishing) = in_flight.pop_front().expect("window is not empty");
                 let answer = publishing.answer(settings, &context).await?;
-                answers.settle(settings, batch, index, answer, outcomes)?;
+                answers.settle(settings, batch, index, answer, states)?;
             }
         }
         while let Some((index, publishing)) = in_flight.pop_front() {
             let answer = publishing.answer(settings, &context).await?;
-            answers.settle(settings, batch, index, answer, outcomes)?;
+            answers.settle(settings, batch, index, answer, states)?;
         }
         let to_retry = answers.to_retry;
         if let Some((first, reason)) = to_retry.first() {
             warn!(sink = %settings.name, events = to_retry.len(), first = %batch[*first].position, %reason, "publishing refused events again, with the later events of their keys");
         }
         for (index, _) in to_retry {
-            republish_later_events_of_key(batch, index, outcomes);
+            republish_later_events_of_key(batch, index, states);
         }
         Ok(())
     }
 }
 
-/// Declares the exchange (and the queue) when configured; otherwise checks that the
-/// exchange exists, on a channel of its own since a failed check closes it.
-async fn declare(channel: &Channel, settings: &ExchangeSettings) -> Result<(), lapin::Error> {
-    if settings.exchange.is_empty() {
-        return Ok(());
-    }
-    let options = ExchangeDeclareOptions {
-        passive: !settings.declare,
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            ShortString::from(settings.exchange.as_str()),
-            settings.exchange_kind(),
-            options,
-            FieldTable::default(),
-        )
-        .await?;
-    if let (true, Some(queue)) = (settings.declare, &settings.queue) {
-        channel
-            .queue_declare(
-                ShortString::from(queue.as_str()),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                ShortString::from(queue.as_str()),
-                ShortString::from(settings.exchange.as_str()),
-                ShortString::from(settings.binding_key.as_str()),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    Ok(())
-}
-
-/// A message handed to lapin. `basic_publish` queues the message's frames for lapin's I/O
-/// thread on its first poll and then waits until that thread has written them; awaiting each
-/// publish in turn would cost a hand-off between threads per message. So the first poll
-/// happens at once (messages go out in the order they were started) and the write is
-/// awaited together with the confirm.
-enum Publishing<F> {
-    Writing(Pin<Box<F>>),
-    Written(lapin::Result<PublisherConfirm>),
-}
-
-impl<F: Future<Output = lapin::Result<PublisherConfirm>>> Publishing<F> {
-    async fn start(publish: F) -> Self {
-        let mut publish = Box::pin(publish);
-        match std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await {
-            Poll::Ready(written) => Publishing::Written(written),
-            Poll::Pending => Publishing::Writing(publish),
-        }
-    }
-
-    /// What the broker answered for the message, and the returned message its confirm
-    /// carried, if any.
-    async fn answer(
-        self,
-        settings: &ExchangeSettings,
-        context: &str,
-    ) -> Result<(Answer, Option<Returned>), SinkError> {
-        let written = match self {
-            Publishing::Writing(publish) => publish.await,
-            Publishing::Written(written) => written,
-        };
-        let confirm =
-            written.map_err(|err| classify(&format!("{context}: publishing"), &err, settings))?;
-        await_confirm(confirm, settings).await
-    }
-}
-
-async fn await_confirm(
-    confirm: PublisherConfirm,
-    settings: &ExchangeSettings,
-) -> Result<(Answer, Option<Returned>), SinkError> {
-    let context = format!("sink {}", settings.name);
-    let confirmation = tokio::time::timeout(settings.timeout, confirm)
-        .await
-        .map_err(|_| {
-            retryable(format!(
-                "{context}: no publisher confirm within {:?}; reconnecting",
-                settings.timeout
-            ))
-        })?
-        .map_err(|err| classify(&format!("{context}: waiting for a confirm"), &err, settings))?;
-    let describe = |returned: BasicReturnMessage| Returned {
-        message_id: returned
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_owned()),
-        reason: format!(
-            "returned by RabbitMQ: {} {} (no queue is bound to exchange {:?} for routing key \
-             {:?})",
-            returned.reply_code,
-            returned.reply_text,
-            settings.exchange,
-            returned.delivery.routing_key.as_str()
-        ),
-    };
-    Ok(match confirmation {
-        Confirmation::Ack(returned) => (Answer::Confirmed, returned.map(describe)),
-        Confirmation::Nack(returned) => (Answer::Nacked, returned.map(describe)),
-        Confirmation::NotRequested => {
-            return Err(retryable(format!(
-                "{context}: the channel is not in confirm mode; reconnecting"
-            )))
-        }
-    })
-}
-
-/// What one publishing round learned, as the confirms come in.
-struct Answers<'a> {
-    /// The round's events, among which a returned message's owner is looked up by id
-    /// (returns are rare: no index is built for them).
-    round: &'a [usize],
-    /// Events returned as unroutable: their own confirm, which may come before or after the
-    /// returned message, must not mark them confirmed.
-    returned: HashSet<usize>,
-    /// Events to publish again, with why.
-    to_retry: Vec<(usize, String)>,
-}
-
-impl<'a> Answers<'a> {
-    fn new(round: &'a [usize]) -> Self {
-        Answers {
-            round,
-            returned: HashSet::new(),
-            to_retry: Vec::new(),
-        }
-    }
-
-    /// Settles event `index` by its confirm, and the owner of the returned message the
-    /// confirm carried.
-    fn settle(
-        &mut self,
-        settings: &ExchangeSettings,
-        batch: &[Event],
-        index: usize,
-        (answer, returned): (Answer, Option<Returned>),
-        outcomes: &mut [Outcome],
-    ) -> Result<(), SinkError> {
-        if !self.returned.contains(&index) {
-            settle(settings, batch, index, answer, outcomes, &mut self.to_retry)?;
-        }
-        let Some(returned) = returned else {
-            return Ok(());
-        };
-        let owner = returned.message_id.as_deref().and_then(|id| {
-            self.round
-                .iter()
-                .copied()
-                .find(|i| batch[*i].id.as_str() == id && !self.returned.contains(i))
-        });
-        let owner = owner.unwrap_or_else(|| {
-            warn!(sink = %settings.name, message_id = ?returned.message_id, "RabbitMQ returned a message of no event in flight; counting it against the confirm that carried it");
-            index
-        });
-        self.returned.insert(owner);
-        // The return decides: a retry the owner's own nack asked for is taken back.
-        self.to_retry.retain(|&(retried, _)| retried != owner);
-        let answer = Answer::Unroutable(returned.reason);
-        settle(settings, batch, owner, answer, outcomes, &mut self.to_retry)
-    }
-}
-
-/// Applies the policy for what the broker answered about event `index`.
-fn settle(
-    settings: &ExchangeSettings,
-    batch: &[Event],
-    index: usize,
-    answer: Answer,
-    outcomes: &mut [Outcome],
-    to_retry: &mut Vec<(usize, String)>,
-) -> Result<(), SinkError> {
-    let (policy, reason) = match answer {
-        Answer::Confirmed => {
-            outcomes[index] = Outcome::Confirmed;
-            return Ok(());
-        }
-        Answer::Nacked => (
-            settings.on_nack,
-            "nacked by RabbitMQ (a queue refused it: full with x-overflow=reject-publish, or \
-             an internal error)"
-                .to_owned(),
-        ),
-        Answer::Unroutable(reason) => (settings.on_unroutable, reason),
-    };
-    let event = &batch[index];
-    match policy {
-        Policy::Retry => to_retry.push((index, reason)),
-        Policy::DeadLetter => outcomes[index] = Outcome::Rejected(reason),
-        Policy::Fail => {
-            return Err(permanent(format!(
-                "sink {}: event {} at {} was {reason}; fix the broker side (or set on_nack / \
-                 on_unroutable to retry or dead-letter), then restart the relay",
-                settings.name, event.id, event.position
-            )))
-        }
-    }
-    Ok(())
-}
-
-/// Event `index` is published again: so are the later events of its key that the broker
-/// already confirmed, so that the key's last copies stay in order.
-fn republish_later_events_of_key(batch: &[Event], index: usize, outcomes: &mut [Outcome]) {
-    outcomes[index] = Outcome::Pending;
-    let key = &batch[index].key;
-    for later in index + 1..batch.len() {
-        if batch[later].key == *key && outcomes[later] == Outcome::Confirmed {
-            outcomes[later] = Outcome::Pending;
-        }
-    }
-}
-
-/// Sorts a lapin error into retryable (network, broker restart, resource alarms) and
-/// permanent (missing exchange, refused access, bad credentials or vhost) with the fix.
-fn classify(context: &str, err: &lapin::Error, settings: &ExchangeSettings) -> SinkError {
-    let ErrorKind::ProtocolError(amqp) = err.kind() else {
-        // rustls refusing the broker's certificate: retrying cannot help.
-        if err.to_string().contains("invalid peer certificate") {
-            return permanent(format!(
-                "{context}: {err}: check ca_file and that the certificate is for the host in url"
-            ));
-        }
-        return retryable(format!("{context}: {err}"));
-    };
-    let message = amqp.get_message().as_str();
-    match amqp.kind() {
-        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => permanent(format!(
-            "{context}: {message}: the exchange {:?} does not exist; create it or set \
-             declare = true",
-            settings.exchange
-        )),
-        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => permanent(format!(
-            "{context}: {message}: check the username and password (password_file), and that \
-             the user may write to the exchange (rabbitmqctl set_permissions)"
-        )),
-        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => permanent(format!(
-            "{context}: {message}: the exchange or queue exists with other settings, or a \
-             message exceeds the broker's max_message_size (lower max_message_bytes)"
-        )),
-        // RabbitMQ refuses with NOT_ALLOWED both what an operator must fix (a vhost that does
-        // not exist, a user without access) and what passes (the vhost's or user's connection
-        // limit reached, the vhost restarting); its reply text tells them apart.
-        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) if message.contains("connection limit") => {
-            retryable(format!(
-                "{context}: the connection limit of virtual host {:?} (or of the user) is \
-                 reached ({message}); retrying. Raise it (rabbitmqctl set_vhost_limits, \
-                 set_user_limits) or close other clients' connections",
-                settings.uri().map(|uri| uri.vhost).unwrap_or_default()
-            ))
-        }
-        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) if message.contains("is down") => retryable(
-            format!("{context}: {message}; retrying until the virtual host is up"),
-        ),
-        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => permanent(format!(
-            "{context}: {message}: the virtual host does not exist or the user may not use it"
-        )),
-        _ => retryable(format!("{context}: {message}")),
-    }
-}
-
-async fn close(connection: Connection, timeout: Duration) {
-    let closing = connection.close(200, ShortString::from("outbox-relay sink closing"));
-    let _ = tokio::time::timeout(timeout, closing).await;
-}
-
-/// Problems `outbox-relay check` reports: the broker unreachable, credentials or vhost
-/// refused, the exchange missing (when the sink does not declare it), or an exchange or
-/// queue the sink declares that exists with other settings.
-pub async fn check(settings: &ExchangeSettings) -> Vec<String> {
-    // Declares nothing here: what the sink declares is compared below.
-    let without_declarations = ExchangeSettings {
-        declare: false,
-        exchange: match settings.declare {
-            true => String::new(),
-            false => settings.exchange.clone(),
-        },
-        ..settings.clone()
-    };
-    match ExchangeSink::connect(&without_declarations).await {
-        Ok(link) => {
-            let problems = match settings.declare {
-                true => declaration_clashes(&link.connection, settings).await,
-                false => Vec::new(),
-            };
-            close(link.connection, settings.timeout).await;
-            problems
-        }
-        Err(err) => vec![err.to_string()],
-    }
-}
-
-/// What the sink would declare that already exists with other settings (type, durability,
-/// arguments), which RabbitMQ refuses with PRECONDITION_FAILED when `run` declares it. An
-/// existing exchange or queue is declared again with the sink's own settings, each step on a
-/// channel of its own (a refused declaration closes its channel): an equivalent declaration
-/// changes nothing, and what does not exist yet is left for `run` to create.
-async fn declaration_clashes(connection: &Connection, settings: &ExchangeSettings) -> Vec<String> {
-    let name = &settings.name;
-    let mut problems = Vec::new();
-    let exchange = ShortString::from(settings.exchange.as_str());
-    let declare_exchange = |passive: bool| {
-        let exchange = exchange.clone();
-        async move {
-            let channel = connection.create_channel().await?;
-            let options = ExchangeDeclareOptions {
-                passive,
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            channel
-                .exchange_declare(
-                    exchange,
-                    settings.exchange_kind(),
-                    options,
-                    FieldTable::default(),
-                )
-                .await
-        }
-    };
-    if declare_exchange(true).await.is_ok() {
-        if let Err(err) = declare_exchange(false).await {
-            problems.push(format!(
-                "sink {name}: exchange {:?} exists with other settings than the sink declares \
-                 (type {}, durable, no arguments): {err}. Set exchange_type to its type, set \
-                 declare = false to use it as it is, or delete it so that the sink declares it",
-                settings.exchange, settings.exchange_type
-            ));
-        }
-    }
-    if let Some(queue) = &settings.queue {
-        let declare_queue = |passive: bool| async move {
-            let channel = connection.create_channel().await?;
-            let options = QueueDeclareOptions {
-                passive,
-                durable: true,
-                ..QueueDeclareOptions::default()
-            };
-            channel
-                .queue_declare(
-                    ShortString::from(queue.as_str()),
-                    options,
-                    FieldTable::default(),
-                )
-                .await
-        };
-        if declare_queue(true).await.is_ok() {
-            if let Err(err) = declare_queue(false).await {
-                problems.push(format!(
-                    "sink {name}: queue {queue:?} exists with other settings than the sink \
-                     declares (durable, no arguments): {err}. Remove queue from the sink's \
-                     settings and bind the queue yourself, or delete it so that the sink \
-                     declares it"
-                ));
-            }
-        }
-    }
-    problems
-}
-
 #[async_trait]
 impl Sink for ExchangeSink {
     /// Starts connecting (handshake, declarations, confirm mode) while the stream starts,
-    /// so the first batch does not wait for it (17 ms against a local broker). What fails
+    /// so the first batch does not wait for it. What fails
     /// is reported by the first batch, which retries it as before.
     async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
         let settings = self.settings.clone();
@@ -802,42 +409,40 @@ impl Sink for ExchangeSink {
         Ok(None)
     }
 
-    async fn send(&mut self, batch: &[Event]) -> Result<Delivery, SinkError> {
-        let mut outcomes = std::mem::take(self.progress.start(batch));
+    async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         let prepared: Vec<Option<Prepared>> = batch
             .iter()
-            .zip(outcomes.iter_mut())
-            .map(|(event, outcome)| match self.prepare(event) {
+            .zip(states.iter_mut())
+            .map(|(event, state)| match self.prepare(event) {
                 Ok(message) => Some(message),
                 Err(reason) => {
-                    *outcome = Outcome::Rejected(reason);
+                    *state = EventState::Rejected(reason);
                     None
                 }
             })
             .collect();
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = backoff(FIRST_BACKOFF);
         for round in 1..=ROUNDS_PER_SEND {
-            let result = self.publish_round(batch, &prepared, &mut outcomes).await;
+            let result = self.publish_round(batch, &prepared, states).await;
             if let Err(err) = result {
                 self.disconnect().await;
                 for index in 0..batch.len() {
-                    if outcomes[index] == Outcome::Pending {
-                        republish_later_events_of_key(batch, index, &mut outcomes);
+                    if states[index] == EventState::Pending {
+                        republish_later_events_of_key(batch, index, states);
                     }
                 }
-                self.progress.outcomes = outcomes;
                 return Err(err);
             }
-            let pending = outcomes.iter().filter(|o| **o == Outcome::Pending).count();
+            let pending = states
+                .iter()
+                .filter(|state| **state == EventState::Pending)
+                .count();
             if pending == 0 {
-                self.progress.outcomes = outcomes;
-                return Ok(self.progress.finish());
+                return Ok(());
             }
             if round < ROUNDS_PER_SEND {
-                tokio::time::sleep(backoff).await;
-                backoff = next_backoff(backoff);
+                tokio::time::sleep(backoff.next_delay()).await;
             } else {
-                self.progress.outcomes = outcomes;
                 return Err(retryable(format!(
                     "sink {}: {pending} events were refused or returned by RabbitMQ in \
                      {ROUNDS_PER_SEND} rounds; retrying with the relay's backoff",
@@ -885,28 +490,6 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_takes_the_later_confirmed_events_of_the_same_key_along() {
-        let mut batch = vec![sample(1, 0), sample(1, 1), sample(1, 2), sample(1, 3)];
-        batch[1].key = Text::from("other");
-        let mut outcomes = vec![
-            Outcome::Pending,
-            Outcome::Confirmed,
-            Outcome::Confirmed,
-            Outcome::Rejected("too big".into()),
-        ];
-        republish_later_events_of_key(&batch, 0, &mut outcomes);
-        assert_eq!(
-            outcomes,
-            vec![
-                Outcome::Pending,
-                Outcome::Confirmed,
-                Outcome::Pending,
-                Outcome::Rejected("too big".into())
-            ]
-        );
-    }
-
-    #[test]
     fn messages_carry_the_event_identity_and_refuse_what_amqp_cannot_hold() {
         let sink = ExchangeSink::new(settings());
         let mut event = sample(0x10, 1);
@@ -937,7 +520,7 @@ mod tests {
     fn urls_take_the_configured_credentials_and_never_show_them() {
         let mut settings = settings();
         settings.username = Some("relay".into());
-        settings.password = Some(Password::new("s3cret"));
+        settings.password = Some(Secret::new("s3cret"));
         let uri = settings.uri().unwrap();
         assert_eq!(uri.authority.userinfo.username, "relay");
         assert_eq!(uri.authority.userinfo.password, "s3cret");

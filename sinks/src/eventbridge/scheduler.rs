@@ -1,0 +1,321 @@
+//! Which events of a batch go out in which `PutEvents` request: at most one event per key in
+//! flight, in key order; at most 10 entries and `max_bytes` per request; a failed entry
+//! waits out its own backoff.
+
+use super::entry::Entry;
+use super::{ATTEMPTS_PER_SEND, FIRST_BACKOFF, MAX_BACKOFF, MAX_ENTRIES_PER_REQUEST};
+use crate::{Backoff, EventState};
+use std::collections::HashMap;
+use tokio::time::Instant;
+
+#[derive(Debug)]
+pub(super) struct Slot {
+    pub(super) entry: Option<Entry>,
+    /// Index of the event's key in [`Scheduler::groups`].
+    group: usize,
+    pub(super) state: EventState,
+    /// In a request that has not answered yet.
+    in_flight: bool,
+    /// Failures in this `send`.
+    failures: u32,
+    /// The wait before its next attempt after a failure.
+    backoff: Backoff,
+    not_before: Instant,
+    /// Sent alone: a request holding it was refused as a whole as invalid.
+    alone: bool,
+}
+
+/// What one finished request means for its entries.
+pub(super) enum Outcome {
+    Acknowledged,
+    Retry(String),
+    Reject(String),
+}
+
+/// Decides which events go out in which request: at most one event per key in flight, in
+/// key order; at most 10 entries and `max_bytes` per request.
+pub(super) struct Scheduler {
+    pub(super) slots: Vec<Slot>,
+    /// The events of each key, in batch order, and how many of them are done.
+    groups: Vec<(Vec<usize>, usize)>,
+    max_bytes: usize,
+}
+
+impl Scheduler {
+    pub(super) fn new(
+        entries: Vec<(Option<Entry>, EventState)>,
+        keys: &[&str],
+        max_bytes: usize,
+    ) -> Self {
+        let mut group_of: HashMap<&str, usize> = HashMap::new();
+        let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+        let now = Instant::now();
+        let slots = entries
+            .into_iter()
+            .zip(keys)
+            .enumerate()
+            .map(|(index, ((entry, state), key))| {
+                let group = *group_of.entry(key).or_insert_with(|| {
+                    groups.push((Vec::new(), 0));
+                    groups.len() - 1
+                });
+                groups[group].0.push(index);
+                Slot {
+                    entry,
+                    group,
+                    state,
+                    in_flight: false,
+                    failures: 0,
+                    backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
+                    not_before: now,
+                    alone: false,
+                }
+            })
+            .collect();
+        let mut scheduler = Scheduler {
+            slots,
+            groups,
+            max_bytes,
+        };
+        for group in 0..scheduler.groups.len() {
+            scheduler.advance(group);
+        }
+        scheduler
+    }
+
+    /// Moves the group's cursor past its finished events.
+    fn advance(&mut self, group: usize) {
+        let (members, done) = &mut self.groups[group];
+        while *done < members.len() && self.slots[members[*done]].state.is_settled() {
+            *done += 1;
+        }
+    }
+
+    /// The first unfinished event of each key that is pending, in batch order.
+    fn heads(&self) -> Vec<usize> {
+        let mut heads: Vec<usize> = self
+            .groups
+            .iter()
+            .filter_map(|(members, done)| members.get(*done).copied())
+            .filter(|&i| !self.slots[i].in_flight)
+            .collect();
+        heads.sort_unstable();
+        heads
+    }
+
+    pub(super) fn all_done(&self) -> bool {
+        self.groups
+            .iter()
+            .all(|(members, done)| *done == members.len())
+    }
+
+    /// The events of the next request among those ready at `now`, marked in flight; empty
+    /// when none is ready.
+    pub(super) fn next_request(&mut self, now: Instant) -> Vec<usize> {
+        let ready = self
+            .heads()
+            .into_iter()
+            .filter(|&i| self.slots[i].not_before <= now);
+        let request = pack(
+            ready.map(|i| {
+                let slot = &self.slots[i];
+                let size = slot.entry.as_ref().map_or(0, |e| e.size);
+                (i, size, slot.alone)
+            }),
+            self.max_bytes,
+        );
+        for &i in &request {
+            self.slots[i].in_flight = true;
+        }
+        request
+    }
+
+    /// When the earliest pending head becomes ready.
+    pub(super) fn next_ready(&self) -> Option<Instant> {
+        self.heads()
+            .into_iter()
+            .map(|i| self.slots[i].not_before)
+            .min()
+    }
+
+    /// Records the outcome of an event that was in flight; returns whether it has now failed
+    /// too often in this `send`.
+    pub(super) fn finish(&mut self, index: usize, outcome: Outcome, now: Instant) -> bool {
+        let slot = &mut self.slots[index];
+        let mut exhausted = false;
+        slot.in_flight = false;
+        match outcome {
+            Outcome::Acknowledged => slot.state = EventState::Acked,
+            Outcome::Reject(reason) => slot.state = EventState::Rejected(reason),
+            Outcome::Retry(_) => {
+                slot.failures += 1;
+                slot.not_before = now + slot.backoff.next_delay();
+                exhausted = slot.failures >= ATTEMPTS_PER_SEND;
+            }
+        }
+        let group = slot.group;
+        self.advance(group);
+        exhausted
+    }
+
+    /// A request refused as a whole as invalid: its events go again one per request, so
+    /// only the one at fault is rejected. Returns whether the request held a single event.
+    pub(super) fn isolate(&mut self, request: &[usize]) -> bool {
+        for &i in request {
+            self.slots[i].in_flight = false;
+            self.slots[i].alone = true;
+        }
+        request.len() == 1
+    }
+}
+
+/// Packs one request from `candidates` (index, entry size, must go alone), taken in order:
+/// each one that still fits goes in, up to 10 entries and `max_bytes`.
+fn pack(candidates: impl Iterator<Item = (usize, usize, bool)>, max_bytes: usize) -> Vec<usize> {
+    let mut request = Vec::new();
+    let mut bytes = 0;
+    for (index, size, alone) in candidates {
+        if alone {
+            if request.is_empty() {
+                return vec![index];
+            }
+            continue;
+        }
+        if bytes + size <= max_bytes {
+            request.push(index);
+            bytes += size;
+            if request.len() == MAX_ENTRIES_PER_REQUEST {
+                break;
+            }
+        }
+    }
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eventbridge::DEFAULT_MAX_REQUEST_BYTES;
+    use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+
+    #[test]
+    fn packing_stops_at_ten_entries() {
+        let candidates = (0..25).map(|i| (i, 100, false));
+        assert_eq!(
+            pack(candidates, DEFAULT_MAX_REQUEST_BYTES),
+            (0..10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn packing_respects_the_byte_limit_exactly() {
+        let max = DEFAULT_MAX_REQUEST_BYTES;
+        // Exactly at the limit: both fit.
+        assert_eq!(
+            pack([(0, max - 1000, false), (1, 1000, false)].into_iter(), max),
+            [0, 1]
+        );
+        // One byte over: the second waits for the next request, a smaller one still fits.
+        assert_eq!(
+            pack(
+                [(0, max - 1000, false), (1, 1001, false), (2, 1000, false)].into_iter(),
+                max
+            ),
+            [0, 2]
+        );
+        // A maximal entry goes alone.
+        assert_eq!(pack([(0, max, false), (1, 1, false)].into_iter(), max), [0]);
+    }
+
+    #[test]
+    fn isolated_entries_travel_alone() {
+        let max = DEFAULT_MAX_REQUEST_BYTES;
+        assert_eq!(pack([(0, 10, true), (1, 10, false)].into_iter(), max), [0]);
+        assert_eq!(
+            pack(
+                [(0, 10, false), (1, 10, true), (2, 10, false)].into_iter(),
+                max
+            ),
+            [0, 2]
+        );
+    }
+
+    fn scheduler(keys: &[&str], size: usize) -> Scheduler {
+        let entries = keys
+            .iter()
+            .map(|_| {
+                let entry = Entry {
+                    entry: PutEventsRequestEntry::builder().build(),
+                    size,
+                };
+                (Some(entry), EventState::Pending)
+            })
+            .collect();
+        Scheduler::new(entries, keys, DEFAULT_MAX_REQUEST_BYTES)
+    }
+
+    #[test]
+    fn one_event_per_key_in_flight_and_keys_in_parallel() {
+        let mut s = scheduler(&["a", "a", "b", "c", "b"], 100);
+        let now = Instant::now();
+        assert_eq!(s.next_request(now), [0, 2, 3]);
+        assert!(
+            s.next_request(now).is_empty(),
+            "a and b already have an event in flight"
+        );
+        // b's first event fails for now: b's second must wait for it, even though a retry
+        // is pending and the request with it would be quicker.
+        s.finish(2, Outcome::Retry("ThrottlingException".into()), now);
+        s.finish(0, Outcome::Acknowledged, now);
+        s.finish(3, Outcome::Reject("MalformedDetail".into()), now);
+        assert_eq!(
+            s.next_request(now),
+            [1],
+            "event 2 backs off; event 4 waits behind it"
+        );
+        let later = s.next_ready().unwrap();
+        assert!(later > now);
+        assert_eq!(s.next_request(later), [2]);
+        s.finish(2, Outcome::Acknowledged, later);
+        s.finish(1, Outcome::Acknowledged, later);
+        assert_eq!(s.next_request(later), [4]);
+        s.finish(4, Outcome::Acknowledged, later);
+        assert!(s.all_done());
+    }
+
+    #[test]
+    fn requests_split_by_size_across_keys() {
+        let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        // 100 KiB entries: two per request, never ten.
+        let mut s = scheduler(&keys, 100 * 1024);
+        let now = Instant::now();
+        let mut requests = Vec::new();
+        loop {
+            let request = s.next_request(now);
+            if request.is_empty() {
+                break;
+            }
+            requests.push(request);
+        }
+        assert_eq!(requests.len(), 15);
+        assert!(requests.iter().all(|r| r.len() == 2));
+    }
+
+    #[test]
+    fn an_event_fails_a_bounded_number_of_times_per_send() {
+        let mut s = scheduler(&["a"], 10);
+        let mut now = Instant::now();
+        let mut waits = Vec::new();
+        for attempt in 1..=ATTEMPTS_PER_SEND {
+            assert_eq!(s.next_request(now), [0]);
+            let exhausted = s.finish(0, Outcome::Retry("ThrottlingException".into()), now);
+            assert_eq!(exhausted, attempt == ATTEMPTS_PER_SEND);
+            let ready = s.next_ready().unwrap();
+            waits.push(ready - now);
+            now = ready;
+        }
+        assert_eq!(waits[0], FIRST_BACKOFF);
+        assert!(waits.iter().all(|wait| *wait <= MAX_BACKOFF), "{waits:?}");
+    }
+}

@@ -1,0 +1,105 @@
+//! Exactly-once mode's checkpoint: the position of the last event of every committed
+//! transaction travels in that transaction, as the offsets a consumer group named after the
+//! relay commits on a checkpoint topic; `recover` reads it back.
+
+use super::errors::{classify, BrokerErrors};
+use super::{blocking, KafkaSink, WARM_UP};
+use crate::{Lsn, Position, SinkError};
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// The checkpoint topic's partitions: the committed offset of one is the commit LSN of the
+/// last event delivered, of the other its index in its transaction.
+const CHECKPOINT_PARTITIONS: i32 = 2;
+const LSN_PARTITION: i32 = 0;
+const INDEX_PARTITION: i32 = 1;
+
+impl KafkaSink {
+    /// Connects (fencing earlier producers of this transactional id) and reads the
+    /// checkpoint committed in Kafka.
+    pub(super) async fn recover_checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+        // Connecting initialises transactions, which fences any earlier producer of this id.
+        let producer = self.connect().await?;
+        if tokio::time::timeout(WARM_UP, self.warm_up(&producer))
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                "Kafka metadata not fetched within {WARM_UP:?}; the first batch will fetch it"
+            );
+        }
+        if !self.settings.exactly_once {
+            return Ok(None);
+        }
+        let topic = self.settings.checkpoint_topic.clone();
+        self.ensure_topic(
+            &topic,
+            Some((
+                CHECKPOINT_PARTITIONS,
+                self.settings.create_topics.map_or(1, |(_, r)| r),
+            )),
+        )
+        .await?;
+        let timeout = self.settings.timeout;
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition(&topic, LSN_PARTITION);
+        partitions.add_partition(&topic, INDEX_PARTITION);
+        let committed = self
+            .checkpoint_reader()?
+            .committed_offsets(partitions, timeout)
+            .map_err(|e| classify(&e, "reading the Kafka checkpoint"))?;
+        let offset = |partition| match committed
+            .find_partition(&topic, partition)
+            .map(|elem| elem.offset())
+        {
+            Some(Offset::Offset(offset)) => u64::try_from(offset).ok(),
+            _ => None,
+        };
+        let position = match (offset(LSN_PARTITION), offset(INDEX_PARTITION)) {
+            (Some(lsn), Some(index)) => Some(Position {
+                commit_lsn: Lsn(lsn),
+                index: u32::try_from(index).map_err(|_| {
+                    SinkError::Permanent(format!(
+                        "the Kafka checkpoint in topic {topic} was not written by outbox-relay \
+                         (index {index}); give the sink its own checkpoint_topic"
+                    ))
+                })?,
+            }),
+            _ => None,
+        };
+        tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
+            "recovered the checkpoint committed in Kafka");
+        Ok(position)
+    }
+
+    /// Adds the checkpoint to the open transaction.
+    pub(super) async fn add_checkpoint(
+        &mut self,
+        producer: &FutureProducer<BrokerErrors>,
+        last: Position,
+    ) -> Result<(), SinkError> {
+        let topic = self.settings.checkpoint_topic.clone();
+        let timeout = self.settings.timeout;
+        let group = self.checkpoint_reader()?.group_metadata().ok_or_else(|| {
+            SinkError::Permanent("the Kafka consumer has no group metadata".into())
+        })?;
+        let mut offsets = TopicPartitionList::new();
+        let lsn = i64::try_from(last.commit_lsn.0).unwrap_or(i64::MAX);
+        for (partition, offset) in [
+            (LSN_PARTITION, lsn),
+            (INDEX_PARTITION, i64::from(last.index)),
+        ] {
+            offsets
+                .add_partition_offset(&topic, partition, Offset::Offset(offset))
+                .map_err(|e| classify(&e, "preparing the Kafka checkpoint"))?;
+        }
+        if let Some(mut elem) = offsets.find_partition(&topic, LSN_PARTITION) {
+            elem.set_metadata(format!("outbox-relay position {last}"));
+        }
+        let p = producer.clone();
+        blocking(move || p.send_offsets_to_transaction(&offsets, &group, timeout))
+            .await
+            .map_err(|e| classify(&e, "adding the checkpoint to the Kafka transaction"))
+    }
+}
