@@ -21,7 +21,8 @@ use common::kafka::{consume, consume_all, consume_raw, Broker, Record};
 use common::*;
 use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
 use outbox_relay_sinks::routing::Template;
-use outbox_relay_sinks::{Event, Lsn, Position, Sink, SinkError, Text};
+use outbox_relay_sinks::test_util::sample;
+use outbox_relay_sinks::{Lsn, Position, Sink, SinkError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -285,36 +286,12 @@ fn settings(broker: &Broker, transactional_id: &str, topic: &str) -> KafkaSettin
     }
 }
 
-fn event(lsn: u64, seq: u64) -> Event {
-    Event {
-        position: Position {
-            commit_lsn: Lsn(lsn),
-            index: 0,
-        },
-        xid: 1,
-        commit_time_micros: 0,
-        table: "public.outbox".into(),
-        source: "/public.outbox".into(),
-        id: Text::from(format!("00000000-0000-4000-8000-{seq:012}")),
-        key: Text::from("k"),
-        aggregate_type: Text::from("order"),
-        aggregate_id: Text::from("k"),
-        event_type: Text::from("Seq"),
-        schema_version: None,
-        occurred_at: None,
-        traceparent: None,
-        headers: Vec::new(),
-        attributes: Vec::new(),
-        payload: Text::from(format!("{{\"seq\": {seq}}}")).into(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_producer_with_the_same_identity_fences_the_first() {
     let broker = Broker::start();
     let mut first = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
     assert_eq!(first.recover().await.unwrap(), None);
-    first.send(&[event(100, 0)]).await.unwrap();
+    first.send(&[sample(100, 0)]).await.unwrap();
 
     let mut second = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
     assert_eq!(
@@ -325,11 +302,11 @@ async fn a_second_producer_with_the_same_identity_fences_the_first() {
         }),
         "the checkpoint rides in the transaction"
     );
-    match first.send(&[event(200, 1)]).await {
+    match first.send(&[sample(200, 0)]).await {
         Err(SinkError::Permanent(reason)) => assert!(reason.contains("fenced"), "{reason}"),
         other => panic!("the first producer must be fenced, got {other:?}"),
     }
-    second.send(&[event(200, 1)]).await.unwrap();
+    second.send(&[sample(200, 0)]).await.unwrap();
     let mut third = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
     assert_eq!(
         third.recover().await.unwrap(),

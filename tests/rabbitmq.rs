@@ -15,7 +15,8 @@ use common::tls_proxy::TlsProxy;
 use common::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use outbox_relay_sinks::rabbitmq::{self, StreamSettings};
-use outbox_relay_sinks::{Event, Lsn, Position, Sink, Text};
+use outbox_relay_sinks::test_util::sample;
+use outbox_relay_sinks::{Event, Sink};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
@@ -609,34 +610,6 @@ fn a_stream_filled_from_a_recreated_database_stops_the_relay() {
     );
 }
 
-fn event(lsn: u64, index: u32) -> Event {
-    let id = format!(
-        "00000000-0000-4000-8000-{:012x}",
-        lsn * 100_000 + u64::from(index)
-    );
-    Event {
-        position: Position {
-            commit_lsn: Lsn(lsn),
-            index,
-        },
-        xid: 7,
-        commit_time_micros: 1_700_000_000_000_000,
-        table: "public.outbox".into(),
-        source: "/public.outbox".into(),
-        id: Text::from(id),
-        key: Text::from(format!("k{}", index % 3)),
-        aggregate_type: Text::from("order"),
-        aggregate_id: Text::from(format!("k{}", index % 3)),
-        event_type: Text::from("Updated"),
-        schema_version: None,
-        occurred_at: None,
-        traceparent: None,
-        headers: Vec::new(),
-        attributes: Vec::new(),
-        payload: Text::from(format!("{{\"n\": {index}}}")).into(),
-    }
-}
-
 fn stream_settings(vhost: &Vhost, stream: &str) -> StreamSettings {
     StreamSettings {
         name: "stream".into(),
@@ -664,7 +637,7 @@ fn stream_replays_are_deduplicated_by_the_broker() {
     let vhost = Vhost::new();
     let rt = Runtime::new().unwrap();
     let batch: Vec<Event> = (0..3)
-        .flat_map(|tx| (0..40).map(move |i| event(0x1000 + tx, i)))
+        .flat_map(|tx| (0..40).map(move |i| sample(0x1000 + tx, i)))
         .collect();
     rt.block_on(async {
         let mut first = rabbitmq::sink(rabbitmq::RabbitMqSettings::Stream(stream_settings(
@@ -677,7 +650,7 @@ fn stream_replays_are_deduplicated_by_the_broker() {
 
         let mut second = rabbitmq::StreamSink::new(stream_settings(&vhost, "replay"));
         let mut last = batch.clone();
-        last.push(event(0x2000, rabbitmq::stream::MAX_INDEX + 1));
+        last.push(sample(0x2000, rabbitmq::stream::MAX_INDEX + 1));
         let delivery = second.send(&last).await.unwrap();
         assert_eq!(delivery.rejected.len(), 1);
         assert_eq!(delivery.rejected[0].index, batch.len());

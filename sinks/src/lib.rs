@@ -14,6 +14,8 @@ pub mod null;
 pub mod rabbitmq;
 pub mod routing;
 pub mod stdout;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 
 pub use event::{Event, Lsn, Payload, Position, Text};
 
