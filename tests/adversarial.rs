@@ -10,8 +10,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
-
 /// Runs `sql` with psql as `user` (the test clusters trust local connections).
 fn psql_as(pg: &PgCluster, user: &str, sql: &str) -> std::process::Output {
     Command::new(pg.bin.join("psql"))
@@ -44,7 +42,9 @@ fn streaming(before: &str, source: &str) -> Streaming {
     let pg = PgCluster::start();
     pg.create_outbox("outbox");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     with_source(&config, before, source);
     init(&config);
     let relay = Relay::start(&config);
@@ -83,7 +83,9 @@ fn a_column_name_cannot_inject_sql_into_the_backfill() {
     pg.psql("SELECT pg_create_physical_replication_slot('victim')");
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 1}')");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     with_source(&config, "", "backfill = true\n");
     init(&config);
     let mut relay = Relay::start(&config);
@@ -107,7 +109,9 @@ fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_publi
     pg.create_outbox("outbox");
     pg.psql("CREATE ROLE mallory LOGIN; REVOKE ALL ON outbox FROM mallory");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     init(&config);
     let relay = Relay::start(&config);
     let events = dir.path().join("events.jsonl");
@@ -149,7 +153,9 @@ fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() 
     let pg = PgCluster::start();
     pg.create_outbox("outbox");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     init(&config);
     let relay = Relay::start(&config);
     let key = pg.psql("SELECT encode(key, 'hex') FROM outbox_relay.replay_key");
@@ -290,7 +296,7 @@ fn no_payload_or_secret_reaches_any_log_at_trace_level() {
         vhost.name,
         secret.display(),
     );
-    let config = relay_config(dir.path(), &pg, &sinks);
+    let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     // The database password: trust authentication never asks for it, so only a log of the
     // URL would show it.
     let text = std::fs::read_to_string(&config).unwrap().replace(
@@ -384,7 +390,9 @@ fn a_partitioned_outbox_table_publishes_the_rows_of_every_partition() {
     let pg = PgCluster::start();
     pg.psql(PARTITIONED_OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     init(&config);
     let (ok, report) = relay_check(&config);
     assert!(ok, "{report}");
@@ -407,7 +415,9 @@ fn a_publication_that_sends_partitions_under_their_own_names_still_delivers_them
     // As someone would create it by hand: without publish_via_partition_root.
     pg.psql("CREATE PUBLICATION outbox_relay FOR TABLE outbox");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     let (ok, report) = relay_check(&config);
     assert!(
         !ok && report.contains("publish_via_partition_root = true"),
@@ -508,12 +518,10 @@ fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
     let pg = PgCluster::start();
     pg.psql("CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config_with(
-        dir.path(),
-        &pg,
-        "shutdown_timeout = \"2s\"\n",
-        &file_sink(dir.path()),
-    );
+    let config = ConfigFile::new()
+        .relay("shutdown_timeout = \"2s\"\n")
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     init(&config);
     let mut relay = Relay::start(&config);
     assert!(wait_until(WAIT, || relay.log().contains("streaming")));
@@ -595,7 +603,9 @@ fn check_reports_a_mapped_generated_column() {
              type text NOT NULL, payload jsonb NOT NULL, \
              aggregateid text GENERATED ALWAYS AS (payload ->> 'order') STORED)");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     init(&config);
     let (ok, report) = relay_check(&config);
     assert!(
@@ -674,7 +684,9 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
     };
     insert("Existing");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let config = ConfigFile::new()
+        .sinks(&file_sink(dir.path()))
+        .write(dir.path(), &pg);
     with_source(
         &config,
         "[outbox.\"Billing.OutboxMessage\"]\nid = \"Id\"\naggregate_type = \"AggregateType\"\n\
@@ -725,15 +737,13 @@ fn a_dead_letters_values_reach_its_store_but_no_log_at_trace_level() {
         r#"{"type": "object", "properties": {"amount": {"type": "integer"}, "code": {"enum": ["a"]}}}"#,
     )
     .unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &format!(
+    let config = ConfigFile::new()
+        .sinks(&format!(
             "[validation]\nschema_dir = \"{}\"\n\n{}",
             schemas.display(),
             file_sink(dir.path())
-        ),
-    );
+        ))
+        .write(dir.path(), &pg);
     init(&config);
     let mut relay = Relay::start_with_env(&config, &[("RUST_LOG", "trace")]);
     // A payload that fails its schema, and an occurred_at that is not a timestamp: both

@@ -13,8 +13,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(30);
-
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -56,12 +54,12 @@ fn psql_in(pg: &PgCluster, database: &str, sql: &str) -> String {
 /// committed in between would never be published.
 #[test]
 fn a_slot_dropped_before_the_first_checkpoint_is_not_recreated() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        mut relay,
+    ) = scenario().start();
     assert!(
         wait_until(WAIT, || pg.psql(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active"
@@ -379,15 +377,13 @@ fn leader_config(
     interval: &str,
 ) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    relay_config(
-        dir,
-        pg,
-        &format!(
+    ConfigFile::new()
+        .sinks(&format!(
             "[leader]\ninterval = \"{interval}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
              [sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
             events.display()
-        ),
-    )
+        ))
+        .write(dir, pg)
 }
 
 /// Item 22b: PostgreSQL restarts under a leader; its lock went with its connection, and a

@@ -163,15 +163,13 @@ fn relay_into_a_pipe(pg: &PgCluster, dir: &Path, relay_settings: &str) -> (Relay
     pg.create_outbox("public.outbox");
     let events = dir.join("events.jsonl");
     mkfifo(&events);
-    let config = relay_config_with(
-        dir,
-        pg,
-        relay_settings,
-        &format!(
+    let config = ConfigFile::new()
+        .relay(relay_settings)
+        .sinks(&format!(
             "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
             events.display()
-        ),
-    );
+        ))
+        .write(dir, pg);
     init(&config);
     (Relay::start(&config), events)
 }

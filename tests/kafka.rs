@@ -27,8 +27,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
-
 /// A relay config with one Kafka sink; returns the config path.
 fn kafka_config(dir: &Path, pg: &PgCluster, broker: &Broker, sink_extra: &str) -> PathBuf {
     let path = dir.join("relay.toml");
@@ -578,17 +576,9 @@ fn the_example_config_works() {
 #[test]
 fn a_broker_down_at_start_is_reported_by_check_and_waited_for_by_run() {
     let port = free_port();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &format!(
+    let Scenario { pg, config, .. } = scenario().sinks(&format!(
             "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:{port}\"\ncreate_topics = true\ntimeout = \"2s\"\n"
-        ),
-    );
-    init(&config);
+        )).init();
     let (passed, text) = relay_check(&config);
     assert!(!passed, "{text}");
     assert!(
@@ -650,11 +640,9 @@ fn sasl_relay(
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join(PASSWORD_FILE);
     std::fs::write(&password_file, format!("{password}\n")).unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &sasl_sink(broker, mechanism, &password_file),
-    );
+    let config = ConfigFile::new()
+        .sinks(&sasl_sink(broker, mechanism, &password_file))
+        .write(dir.path(), &pg);
     init(&config);
     (pg, dir, config)
 }
@@ -679,9 +667,6 @@ fn tls_to_the_broker_verifies_its_certificate() {
     let other_ca = make_ca(certs.path(), "other-ca");
     let server = make_server_cert(certs.path(), "broker", &ca, "01", "IP:127.0.0.1");
     let broker = Broker::start_behind_tls(&ca.cert, &server);
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
     let sink = |ca: &Path| {
         format!(
             "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"10s\"\n\
@@ -690,8 +675,9 @@ fn tls_to_the_broker_verifies_its_certificate() {
             ca.display()
         )
     };
-    let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert));
-    init(&config);
+    let Scenario {
+        pg, dir, config, ..
+    } = scenario().sinks(&sink(&other_ca.cert)).init();
     assert_refused(
         &config,
         &[
@@ -702,7 +688,7 @@ fn tls_to_the_broker_verifies_its_certificate() {
         "check ssl.ca.location",
     );
 
-    let config = relay_config(dir.path(), &pg, &sink(&ca.cert));
+    let config = ConfigFile::new().sinks(&sink(&ca.cert)).write(&dir, &pg);
     let (passed, text) = relay_check(&config);
     assert!(passed, "{text}");
     let relay = Relay::start(&config);

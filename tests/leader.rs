@@ -11,8 +11,6 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(30);
-
 /// A relay config with a file sink, leader election checked every `interval`, and the HTTP
 /// endpoint on `port`; written into `dir`.
 fn sidecar_config(dir: &Path, pg: &PgCluster, events: &Path, port: u16) -> std::path::PathBuf {
@@ -21,7 +19,7 @@ fn sidecar_config(dir: &Path, pg: &PgCluster, events: &Path, port: u16) -> std::
          [sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
         events.display()
     );
-    relay_config(dir, pg, &sinks)
+    ConfigFile::new().sinks(&sinks).write(dir, pg)
 }
 
 /// One relay per port, each with its own config directory under `dir`, all on one slot and

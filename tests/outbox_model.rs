@@ -8,9 +8,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// Writes a relay config with `source_extra` in [source], `rest` after it, into `dir`.
 fn config(dir: &Path, pg: &PgCluster, source_extra: &str, rest: &str) -> PathBuf {

@@ -10,9 +10,6 @@ use common::certs::{make_ca, make_server_cert, KeyPair};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// What `check` prints when everything is ready.
 const CHECK_OK: &str = "ok: configuration, database, publication, slot and privileges are ready";

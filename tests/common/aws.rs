@@ -2,7 +2,7 @@
 //! scripts/install-test-deps.sh): the emulator, and AWS clients that set up a bus whose
 //! rule feeds an SQS queue and read that queue back.
 
-use super::{free_port, wait_until, Relay};
+use super::{free_port, wait_until, Relay, WAIT};
 use aws_sdk_eventbridge::types::Target;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use serde_json::Value;
@@ -10,8 +10,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::runtime::Runtime;
-
-const WAIT: Duration = Duration::from_secs(60);
 pub const REGION: &str = "us-east-1";
 /// Dummy credentials for the emulator, and no instance-metadata lookups.
 pub const AWS_ENV: [(&str, &str); 4] = [
