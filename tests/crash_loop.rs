@@ -26,7 +26,7 @@
 
 mod common;
 
-use common::aws::{Aws, Moto, AWS_ENV};
+use common::aws::{eventbridge_sink, Aws, Moto, AWS_ENV};
 use common::kafka::{consume_all, Broker};
 use common::rabbitmq::Vhost;
 use common::*;
@@ -369,10 +369,7 @@ fn eventbridge_kill_9_loops_lose_nothing_and_keep_per_key_order() {
     // finish between two kills.
     let Scenario { pg, config, .. } = scenario()
         .relay("batch_size = 20\n")
-        .sinks(&format!(
-            "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-            moto.url()
-        ))
+        .sinks(&eventbridge_sink("bus", &bus, &moto.url(), ""))
         .init();
 
     let relay = write_while_killing(&pg, &config, &AWS_ENV, events, kills, seed);

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::aws::{Aws, Moto, AWS_ENV};
+use common::aws::{eventbridge_sink, Aws, Moto, AWS_ENV};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -55,6 +55,14 @@ fn ids(events: &[Value]) -> HashSet<String> {
 
 /// What the tests read of a dead letter: "sink | type | reason".
 const LETTER: &str = "sink, row_data->>'type', reason";
+
+/// A scenario on `outbox` whose one sink, `bus`, puts to `bus` at `endpoint` (more sink
+/// keys in `extra`).
+fn bus_relay(bus: &str, endpoint: &str, extra: &str) -> ScenarioBuilder {
+    scenario()
+        .outbox("outbox")
+        .sinks(&eventbridge_sink("bus", bus, endpoint, extra))
+}
 
 /// Guarantee: each event becomes one PutEvents entry whose source, detail-type, detail
 /// (CloudEvents envelope with the outbox id, or the raw payload), resources and time are
@@ -180,14 +188,7 @@ fn an_entry_refused_by_eventbridge_is_dead_lettered_and_the_rest_delivered() {
     let aws = Aws::new(&moto);
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let (Scenario { pg, .. }, relay) = scenario()
-        .outbox("outbox")
-        .sinks(&sinks)
-        .start_with_env(&AWS_ENV);
+    let (Scenario { pg, .. }, relay) = bus_relay(&bus, &moto.url(), "").start_with_env(&AWS_ENV);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'OrderCreated', '{\"n\": 1}'), \
@@ -220,14 +221,7 @@ fn an_oversized_event_is_dead_lettered_by_the_relay() {
     let aws = Aws::new(&moto);
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let (Scenario { pg, .. }, relay) = scenario()
-        .outbox("outbox")
-        .sinks(&sinks)
-        .start_with_env(&AWS_ENV);
+    let (Scenario { pg, .. }, relay) = bus_relay(&bus, &moto.url(), "").start_with_env(&AWS_ENV);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'Small', '{\"n\": 1}'), \
@@ -267,10 +261,7 @@ fn a_bytea_payload_is_data_base64_in_the_envelope_and_refused_as_a_raw_detail() 
     );
     let dir = tempfile::tempdir().unwrap();
     let sink = |name: &str, format: &str| {
-        format!(
-            "[sinks.{name}]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\nformat = \"{format}\"\n",
-            moto.url()
-        )
+        eventbridge_sink(name, &bus, &moto.url(), &format!("format = \"{format}\""))
     };
     let config = ConfigFile::new()
         .sinks(&format!(
@@ -536,10 +527,7 @@ fn throttling_and_server_errors_are_retried_without_loss_or_reordering() {
     let proxy = start_proxy(&aws.rt, &moto, faults.clone());
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{proxy}\"\nconcurrency = 4\n"
-    );
-    let Scenario { pg, config, .. } = scenario().outbox("outbox").sinks(&sinks).init();
+    let Scenario { pg, config, .. } = bus_relay(&bus, &proxy, "concurrency = 4").init();
     // 25 keys, written before the relay starts so that its first batches hold many keys:
     // their first events fill three requests, sent concurrently.
     insert_events(&pg, 0, 30, 25);
@@ -585,13 +573,7 @@ fn a_request_refused_as_invalid_is_split_and_only_the_bad_entry_dead_lettered() 
     let proxy = start_proxy(&aws.rt, &moto, faults.clone());
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{proxy}\"\n"
-    );
-    let (Scenario { pg, .. }, relay) = scenario()
-        .outbox("outbox")
-        .sinks(&sinks)
-        .start_with_env(&AWS_ENV);
+    let (Scenario { pg, .. }, relay) = bus_relay(&bus, &proxy, "").start_with_env(&AWS_ENV);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'OrderCreated', '{\"n\": 1}'), \
@@ -624,11 +606,7 @@ fn a_missing_bus_is_reported_by_check_and_stops_run() {
     let moto = Moto::start();
     let aws = Aws::new(&moto);
     let bus = unique("missing");
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let Scenario { pg, config, .. } = scenario().outbox("outbox").sinks(&sinks).init();
+    let Scenario { pg, config, .. } = bus_relay(&bus, &moto.url(), "").init();
     let out = relay_command_with_env(&config, "check", &AWS_ENV);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
@@ -668,11 +646,7 @@ fn restarts_lose_nothing_and_keep_per_key_order() {
     let aws = Aws::new(&moto);
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let Scenario { pg, config, .. } = scenario().outbox("outbox").sinks(&sinks).init();
+    let Scenario { pg, config, .. } = bus_relay(&bus, &moto.url(), "").init();
 
     let mut relay = Relay::start_with_env(&config, &AWS_ENV);
     insert_events(&pg, 0, 50, 4);
@@ -769,14 +743,8 @@ fn a_30_second_outage_delays_but_loses_nothing() {
     let aws = Aws::new(&moto);
     let bus = unique("outage");
     let queue = aws.bus_into_queue(&bus);
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\ntimeout = \"2s\"\n",
-        moto.url()
-    );
-    let (Scenario { pg, .. }, relay) = scenario()
-        .outbox("outbox")
-        .sinks(&sinks)
-        .start_with_env(&AWS_ENV);
+    let (Scenario { pg, .. }, relay) =
+        bus_relay(&bus, &moto.url(), "timeout = \"2s\"").start_with_env(&AWS_ENV);
     insert_events(&pg, 0, 20, 4);
     let mut events = aws.wait_for(&queue, 20, &relay);
 

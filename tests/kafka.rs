@@ -27,28 +27,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A relay config with one Kafka sink; returns the config path.
-fn kafka_config(dir: &Path, pg: &PgCluster, broker: &Broker, sink_extra: &str) -> PathBuf {
-    let path = dir.join("relay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n[relay]\ncheckpoint_interval = \"100ms\"\nbatch_size = 50\n\
-             [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\npartitions = 4\ntimeout = \"10s\"\n{sink_extra}\n",
-            pg.url(),
-            broker.address()
-        ),
+/// A `[sinks.kafka]` table on `broker` whose requests time out after `timeout`, with more
+/// keys (or tables after it) in `extra`.
+fn kafka_sink(broker: &Broker, timeout: &str, extra: &str) -> String {
+    format!(
+        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\n\
+         partitions = 4\ntimeout = \"{timeout}\"\n{extra}\n",
+        broker.address()
     )
-    .unwrap();
-    path
 }
 
-/// Replaces the sink's `timeout` in a config written by [`kafka_config`].
-fn set_sink_timeout(config: &Path, timeout: &str) {
-    let text = std::fs::read_to_string(config)
-        .unwrap()
-        .replace("timeout = \"10s\"", &format!("timeout = \"{timeout}\""));
-    std::fs::write(config, text).unwrap();
+/// A scenario whose relay (batches of 50) has one Kafka sink: see [`kafka_sink`].
+fn kafka_relay(broker: &Broker, timeout: &str, extra: &str) -> ScenarioBuilder {
+    scenario()
+        .relay("batch_size = 50")
+        .sinks(&kafka_sink(broker, timeout, extra))
 }
 
 /// For each key, the seqs of the last copy of every event, in consumption order.
@@ -91,12 +84,7 @@ fn write(pg: &PgCluster, keys: usize, txs: usize) {
 #[test]
 fn per_key_order_over_many_keys_and_partitions_with_headers() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "binary = true");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = kafka_relay(&broker, "10s", "binary = true").start();
     write(&pg, 10, 60);
     let records = consume(&broker, "outbox.event.order", 300);
     assert_eq!(records.len(), 300, "relay log:\n{}", relay.log());
@@ -120,11 +108,7 @@ fn per_key_order_over_many_keys_and_partitions_with_headers() {
 #[test]
 fn kill_9_during_transactions_loses_nothing_and_resumes_from_the_kafka_checkpoint() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "");
-    init(&config);
+    let Scenario { pg, config, .. } = kafka_relay(&broker, "10s", "").init();
     let total_txs = 200;
     let writer = {
         let url = pg.url();
@@ -209,7 +193,10 @@ fn a_kafka_checkpoint_from_a_recreated_database_stops_the_relay() {
     {
         let old = PgCluster::start();
         old.create_outbox("public.outbox");
-        let config = kafka_config(dir.path(), &old, &broker, "");
+        let config = ConfigFile::new()
+            .relay("batch_size = 50")
+            .sinks(&kafka_sink(&broker, "10s", ""))
+            .write(dir.path(), &old);
         init(&config);
         let mut relay = Relay::start(&config);
         old.psql(&rows(2000));
@@ -220,7 +207,10 @@ fn a_kafka_checkpoint_from_a_recreated_database_stops_the_relay() {
 
     let new = PgCluster::start();
     new.create_outbox("public.outbox");
-    let config = kafka_config(dir.path(), &new, &broker, "");
+    let config = ConfigFile::new()
+        .relay("batch_size = 50")
+        .sinks(&kafka_sink(&broker, "10s", ""))
+        .write(dir.path(), &new);
     init(&config);
     new.psql(&rows(5));
     let mut relay = Relay::start(&config);
@@ -318,13 +308,7 @@ async fn a_second_producer_with_the_same_identity_fences_the_first() {
 #[test]
 fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "");
-    set_sink_timeout(&config, "2s");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = kafka_relay(&broker, "2s", "").start();
     write(&pg, 4, 10);
     assert_eq!(
         consume(&broker, "outbox.event.order", 50).len(),
@@ -373,13 +357,7 @@ fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
 #[test]
 fn sigterm_while_the_broker_is_paused_exits_after_the_shutdown_timeout() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "");
-    set_sink_timeout(&config, "120s");
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg, .. }, mut relay) = kafka_relay(&broker, "120s", "").start();
     write(&pg, 2, 5);
     assert_eq!(
         consume(&broker, "outbox.event.order", 10).len(),
@@ -416,17 +394,12 @@ fn sigterm_while_the_broker_is_paused_exits_after_the_shutdown_timeout() {
 #[test]
 fn an_oversized_record_is_dead_lettered_and_the_stream_goes_on() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(
-        dir.path(),
-        &pg,
+    let (Scenario { pg, .. }, relay) = kafka_relay(
         &broker,
+        "10s",
         "message_max_bytes = 10000\nformat = \"raw\"",
-    );
-    init(&config);
-    let relay = Relay::start(&config);
+    )
+    .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'k', 'Seq', '{\"seq\": 0}'), \
@@ -440,9 +413,7 @@ fn an_oversized_record_is_dead_lettered_and_the_stream_goes_on() {
         "{}",
         relay.log()
     );
-    assert!(wait_until(WAIT, || pg
-        .psql("SELECT count(*) FROM outbox_relay.dead_letters")
-        == "1"));
+    assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 1));
     let reason = pg.psql("SELECT sink || ': ' || reason FROM outbox_relay.dead_letters");
     assert!(
         reason.starts_with("kafka: Kafka record of") && reason.contains("message.max.bytes"),
@@ -453,18 +424,13 @@ fn an_oversized_record_is_dead_lettered_and_the_stream_goes_on() {
 #[test]
 fn a_null_payload_under_the_tombstone_policy_is_a_record_with_a_null_value_in_order() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    pg.psql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(
-        dir.path(),
-        &pg,
+    let (Scenario { pg, .. }, relay) = kafka_relay(
         &broker,
+        "10s",
         "[outbox.\"public.outbox\"]\non_null_payload = \"tombstone\"",
-    );
-    init(&config);
-    let relay = Relay::start(&config);
+    )
+    .sql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL")
+    .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'k', 'Seq', '{\"seq\": 0}'), \
@@ -484,24 +450,18 @@ fn a_null_payload_under_the_tombstone_policy_is_a_record_with_a_null_value_in_or
     let tombstone = &records[1].headers;
     assert_eq!(tombstone.get("type").map(String::as_str), Some("Deleted"));
     assert_eq!(tombstone.get("id").map(String::len), Some(36));
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
-        "0"
-    );
+    assert_eq!(dead_letters(&pg, "reason").len(), 0);
 }
 
 #[test]
 fn a_bytea_payload_is_the_raw_record_value_byte_for_byte() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.psql(
-        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
-         aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL)",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "format = \"raw\"");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = kafka_relay(&broker, "10s", "format = \"raw\"")
+        .outbox_sql(
+            "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+             aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL)",
+        )
+        .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'k', 'Avro', '\\x00ff0a0d7b22c3'), ('order', 'k', 'Avro', '\\x')",
@@ -518,17 +478,12 @@ fn a_bytea_payload_is_the_raw_record_value_byte_for_byte() {
 #[test]
 fn at_least_once_mode_delivers_everything_in_per_key_order() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(
-        dir.path(),
-        &pg,
+    let (Scenario { pg, .. }, relay) = kafka_relay(
         &broker,
+        "10s",
         "exactly_once = false\nformat = \"debezium\"",
-    );
-    init(&config);
-    let relay = Relay::start(&config);
+    )
+    .start();
     write(&pg, 5, 20);
     let records = consume(&broker, "outbox.event.order", 100);
     assert_eq!(records.len(), 100, "{}", relay.log());

@@ -90,6 +90,15 @@ fn assert_per_key_order(pairs: impl IntoIterator<Item = (String, String)>) {
     }
 }
 
+/// How many distinct events (by id) are among `messages`.
+fn distinct(messages: &[Received]) -> usize {
+    messages
+        .iter()
+        .map(Received::id)
+        .collect::<HashSet<_>>()
+        .len()
+}
+
 /// The last copy of each message, in arrival order.
 fn last_copies(messages: &[Received]) -> Vec<&Received> {
     let mut seen = HashSet::new();
@@ -190,12 +199,7 @@ fn exchange_mode_delivers_every_event_once_in_per_key_order_with_its_headers() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                >= 600
+            distinct(&messages) >= 600
         }),
         "{} arrived after the restart; relay log:\n{}",
         messages.len(),
@@ -264,12 +268,7 @@ fn exchange_mode_loses_nothing_when_the_broker_closes_its_connections() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                == total
+            distinct(&messages) == total
         }),
         "{} of {total} arrived; relay log:\n{}",
         messages.len(),
@@ -389,12 +388,7 @@ fn nacked_events_are_retried_until_the_queue_has_room() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("small", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                == 30
+            distinct(&messages) == 30
         }),
         "{} arrived; relay log:\n{}",
         messages.len(),
@@ -764,19 +758,10 @@ fn exchange_mode_loses_nothing_across_a_30_second_network_partition() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                == total
+            distinct(&messages) == total
         }),
         "{} distinct of {total} arrived; relay log:\n{}",
-        messages
-            .iter()
-            .map(Received::id)
-            .collect::<HashSet<_>>()
-            .len(),
+        distinct(&messages),
         relay.log()
     );
     assert_per_key_order(
@@ -899,13 +884,6 @@ fn the_broker_stopped_for_30_seconds_delays_both_modes_but_loses_nothing() {
     node.start_app();
 
     let total = 40;
-    let distinct = |messages: &[Received]| {
-        messages
-            .iter()
-            .map(Received::id)
-            .collect::<HashSet<_>>()
-            .len()
-    };
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::runtime::Runtime;
+
 pub const REGION: &str = "us-east-1";
 /// Dummy credentials for the emulator, and no instance-metadata lookups.
 pub const AWS_ENV: [(&str, &str); 4] = [
@@ -18,6 +19,14 @@ pub const AWS_ENV: [(&str, &str); 4] = [
     ("AWS_EC2_METADATA_DISABLED", "true"),
     ("AWS_REGION", REGION),
 ];
+
+/// A `[sinks.NAME]` table: an EventBridge sink putting to `bus` at `endpoint` (the emulator,
+/// or a proxy in front of it), with more keys in `extra`.
+pub fn eventbridge_sink(name: &str, bus: &str, endpoint: &str, extra: &str) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{endpoint}\"\n{extra}\n"
+    )
+}
 
 /// A moto server on a free port, killed when dropped.
 pub struct Moto {

@@ -512,6 +512,23 @@ pub fn file_sink(name: &str, path: &Path) -> String {
     )
 }
 
+/// A config for one of several relays on one slot: leader election checked every
+/// `interval`, the HTTP endpoint on `port` and the shared file sink at `events`; written
+/// into `dir`.
+pub fn sidecar_config(
+    dir: &Path,
+    pg: &PgCluster,
+    events: &Path,
+    port: u16,
+    interval: &str,
+) -> PathBuf {
+    let tables = format!(
+        "[leader]\ninterval = \"{interval}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{}",
+        file_sink("file", events)
+    );
+    ConfigFile::new().sinks(&tables).write(dir, pg)
+}
+
 /// A config with more `[source]` lines and a file sink at `dir`/events.jsonl, written into
 /// `dir`; returns (config, events).
 pub fn write_config(dir: &Path, pg: &PgCluster, source: &str) -> (PathBuf, PathBuf) {
@@ -536,12 +553,17 @@ pub struct Scenario {
     pub events: PathBuf,
 }
 
+/// Config tables made from a scenario's directory: see [`ScenarioBuilder::sinks_in`].
+type DirTables = Box<dyn FnOnce(&Path) -> String>;
+
 /// Builds a [`Scenario`]: see [`scenario`].
 pub struct ScenarioBuilder {
     cluster: ClusterOptions,
-    /// The SQL that creates the outbox table.
-    outbox: String,
+    /// The SQL that creates the outbox, then what else the test runs before `init`.
+    sql: Vec<String>,
     config: ConfigFile,
+    /// Tables that name files in the scenario's directory, made once it exists.
+    tables_in_dir: Vec<DirTables>,
     file_sink: bool,
 }
 
@@ -550,8 +572,9 @@ pub struct ScenarioBuilder {
 pub fn scenario() -> ScenarioBuilder {
     ScenarioBuilder {
         cluster: ClusterOptions::default(),
-        outbox: debezium_outbox("public.outbox"),
+        sql: vec![debezium_outbox("public.outbox")],
         config: ConfigFile::new(),
+        tables_in_dir: Vec::new(),
         file_sink: true,
     }
 }
@@ -564,13 +587,19 @@ impl ScenarioBuilder {
 
     /// The outbox table to create (Debezium layout).
     pub fn outbox(mut self, table: &str) -> Self {
-        self.outbox = debezium_outbox(table);
+        self.sql[0] = debezium_outbox(table);
         self
     }
 
     /// The SQL that creates the outbox, for a layout other than Debezium's.
     pub fn outbox_sql(mut self, sql: &str) -> Self {
-        self.outbox = sql.to_owned();
+        self.sql[0] = sql.to_owned();
+        self
+    }
+
+    /// More SQL, run after the outbox is created and before `init`.
+    pub fn sql(mut self, sql: &str) -> Self {
+        self.sql.push(sql.to_owned());
         self
     }
 
@@ -586,6 +615,12 @@ impl ScenarioBuilder {
         self
     }
 
+    /// More tables after `[relay]` (`[outbox.*]`, `[leader]`...), beside the sinks.
+    pub fn tables(mut self, tables: &str) -> Self {
+        self.config = self.config.sinks(tables);
+        self
+    }
+
     /// Sink tables instead of the default file sink.
     pub fn sinks(mut self, tables: &str) -> Self {
         self.config = self.config.sinks(tables);
@@ -593,16 +628,29 @@ impl ScenarioBuilder {
         self
     }
 
+    /// Sink tables instead of the default file sink, made from the scenario's directory
+    /// (for file sinks of other names, schema directories...).
+    pub fn sinks_in(mut self, tables: impl FnOnce(&Path) -> String + 'static) -> Self {
+        self.tables_in_dir.push(Box::new(tables));
+        self.file_sink = false;
+        self
+    }
+
     /// Starts the cluster, creates the outbox, writes the config and runs `init`.
     pub fn init(self) -> Scenario {
         let pg = PgCluster::start_with(self.cluster);
-        pg.psql(&self.outbox);
+        for sql in &self.sql {
+            pg.psql(sql);
+        }
         let dir = pg.dir.path().join("relay");
         std::fs::create_dir(&dir).unwrap();
         let events = dir.join("events.jsonl");
         let mut config = self.config;
         if self.file_sink {
             config = config.sinks(&file_sink("file", &events));
+        }
+        for tables in self.tables_in_dir {
+            config = config.sinks(&tables(&dir));
         }
         let config = config.write(&dir, &pg);
         init(&config);
