@@ -28,28 +28,27 @@ fn with_source(config: &Path, before: &str, lines: &str) {
     std::fs::write(config, text).unwrap();
 }
 
-/// A relay on the Debezium-layout `outbox` with a file sink, its config edited by
-/// [`with_source`], that has delivered one event (of aggregate type `order`).
+/// A relay on the Debezium-layout `outbox` with a file sink, `tables` and `source` lines
+/// in its config, that has delivered one event (of aggregate type `order`).
 struct Streaming {
     pg: PgCluster,
-    dir: tempfile::TempDir,
     config: std::path::PathBuf,
     relay: Relay,
     events: std::path::PathBuf,
 }
 
-fn streaming(before: &str, source: &str) -> Streaming {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
-    with_source(&config, before, source);
-    init(&config);
-    let relay = Relay::start(&config);
+fn streaming(tables: &str, source: &str) -> Streaming {
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        relay,
+    ) = scenario()
+        .outbox("outbox")
+        .source(source)
+        .tables(tables)
+        .start();
     insert_kinds(&pg, &["order"]);
-    let events = dir.path().join("events.jsonl");
     assert!(
         wait_until(WAIT, || read_events(&events).len() == 1),
         "{}",
@@ -57,18 +56,10 @@ fn streaming(before: &str, source: &str) -> Streaming {
     );
     Streaming {
         pg,
-        dir,
         config,
         relay,
         events,
     }
-}
-
-fn file_sink(dir: &Path) -> String {
-    format!(
-        "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
-        dir.join("events.jsonl").display()
-    )
 }
 
 #[test]
@@ -83,13 +74,10 @@ fn a_column_name_cannot_inject_sql_into_the_backfill() {
     pg.psql("SELECT pg_create_physical_replication_slot('victim')");
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 1}')");
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
+    let (config, events) = write_config(dir.path(), &pg, "");
     with_source(&config, "", "backfill = true\n");
     init(&config);
     let mut relay = Relay::start(&config);
-    let events = dir.path().join("events.jsonl");
     assert!(
         wait_until(WAIT, || read_events(&events).len() == 1),
         "the backfilled row: {}",
@@ -109,12 +97,9 @@ fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_publi
     pg.create_outbox("outbox");
     pg.psql("CREATE ROLE mallory LOGIN; REVOKE ALL ON outbox FROM mallory");
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
+    let (config, events) = write_config(dir.path(), &pg, "");
     init(&config);
     let relay = Relay::start(&config);
-    let events = dir.path().join("events.jsonl");
 
     // Mallory may not insert into the outbox...
     let refused = psql_as(&pg, "mallory", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Forged', '{}')");
@@ -153,9 +138,7 @@ fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() 
     let pg = PgCluster::start();
     pg.create_outbox("outbox");
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
+    let (config, events) = write_config(dir.path(), &pg, "");
     init(&config);
     let relay = Relay::start(&config);
     let key = pg.psql("SELECT encode(key, 'hex') FROM outbox_relay.replay_key");
@@ -184,7 +167,6 @@ fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() 
     };
     emit(signed(&document("Altered"), &document("Altered2")));
     emit(signed(&document("Replayed"), &document("Replayed")));
-    let events = dir.path().join("events.jsonl");
     assert!(
         wait_until(WAIT, || read_events(&events).len() == 1),
         "{}",
@@ -287,7 +269,7 @@ fn no_payload_or_secret_reaches_any_log_at_trace_level() {
          [sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\n\
          url = \"rabbitmq-stream://127.0.0.1:5552/{}\"\nusername = \"{rabbit_user}\"\n\
          password_file = \"{}\"\nstream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
-        file_sink(dir.path()),
+        file_sink("file", &dir.path().join("events.jsonl")),
         kafka.address(),
         secret.display(),
         moto.url(),
@@ -390,9 +372,7 @@ fn a_partitioned_outbox_table_publishes_the_rows_of_every_partition() {
     let pg = PgCluster::start();
     pg.psql(PARTITIONED_OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
+    let (config, _) = write_config(dir.path(), &pg, "");
     init(&config);
     let (ok, report) = relay_check(&config);
     assert!(ok, "{report}");
@@ -415,9 +395,7 @@ fn a_publication_that_sends_partitions_under_their_own_names_still_delivers_them
     // As someone would create it by hand: without publish_via_partition_root.
     pg.psql("CREATE PUBLICATION outbox_relay FOR TABLE outbox");
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
+    let (config, _) = write_config(dir.path(), &pg, "");
     let (ok, report) = relay_check(&config);
     assert!(
         !ok && report.contains("publish_via_partition_root = true"),
@@ -439,7 +417,6 @@ fn a_publication_that_sends_partitions_under_their_own_names_still_delivers_them
 fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
     let Streaming {
         pg,
-        dir: _dir,
         config,
         mut relay,
         events,
@@ -479,7 +456,6 @@ fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
 fn a_publication_that_hides_inserts_or_filters_rows_is_refused() {
     let Streaming {
         pg,
-        dir: _dir,
         config,
         relay,
         events: _,
@@ -519,8 +495,8 @@ fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
     pg.psql("CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigFile::new()
-        .relay("shutdown_timeout = \"2s\"\n")
-        .sinks(&file_sink(dir.path()))
+        .relay("shutdown_timeout = \"2s\"")
+        .sinks(&file_sink("file", &dir.path().join("events.jsonl")))
         .write(dir.path(), &pg);
     init(&config);
     let mut relay = Relay::start(&config);
@@ -565,7 +541,6 @@ fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
 fn a_publication_dropped_and_created_again_under_a_running_relay_stops_it_with_the_fix() {
     let Streaming {
         pg,
-        dir: _dir,
         config,
         mut relay,
         events,
@@ -603,9 +578,7 @@ fn check_reports_a_mapped_generated_column() {
              type text NOT NULL, payload jsonb NOT NULL, \
              aggregateid text GENERATED ALWAYS AS (payload ->> 'order') STORED)");
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
+    let (config, _) = write_config(dir.path(), &pg, "");
     init(&config);
     let (ok, report) = relay_check(&config);
     assert!(
@@ -619,7 +592,6 @@ fn the_relays_sql_connections_dying_under_a_live_stream_are_opened_again() {
     // Without leader election: losing the lock's connection would end the session anyway.
     let Streaming {
         pg,
-        dir: _dir,
         config: _,
         relay,
         events,
@@ -684,9 +656,7 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
     };
     insert("Existing");
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigFile::new()
-        .sinks(&file_sink(dir.path()))
-        .write(dir.path(), &pg);
+    let (config, events) = write_config(dir.path(), &pg, "");
     with_source(
         &config,
         "[outbox.\"Billing.OutboxMessage\"]\nid = \"Id\"\naggregate_type = \"AggregateType\"\n\
@@ -698,7 +668,6 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
     assert!(ok, "{report}");
     let relay = Relay::start(&config);
     insert("Streamed");
-    let events = dir.path().join("events.jsonl");
     assert!(
         wait_until(WAIT, || read_events(&events).len() == 2),
         "{}",
@@ -741,7 +710,7 @@ fn a_dead_letters_values_reach_its_store_but_no_log_at_trace_level() {
         .sinks(&format!(
             "[validation]\nschema_dir = \"{}\"\n\n{}",
             schemas.display(),
-            file_sink(dir.path())
+            file_sink("file", &dir.path().join("events.jsonl"))
         ))
         .write(dir.path(), &pg);
     init(&config);
@@ -754,9 +723,7 @@ fn a_dead_letters_values_reach_its_store_but_no_log_at_trace_level() {
          ('order', 'o-2', 'Other', '{{}}', 'yesterday {PAYLOAD_MARKER}')"
     ));
     assert!(
-        wait_until(WAIT, || pg
-            .psql("SELECT count(*) FROM outbox_relay.dead_letters")
-            == "2"),
+        wait_until(WAIT, || dead_letters(&pg, "reason").len() == 2),
         "{}",
         relay.log()
     );

@@ -9,7 +9,6 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -367,25 +366,6 @@ fn state(port: u16) -> (String, bool) {
     (ready, leader)
 }
 
-/// A relay config with leader election checked every `interval`, the HTTP endpoint on
-/// `port` and the file sink at `events`, in `dir`.
-fn leader_config(
-    dir: &Path,
-    pg: &PgCluster,
-    events: &Path,
-    port: u16,
-    interval: &str,
-) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    ConfigFile::new()
-        .sinks(&format!(
-            "[leader]\ninterval = \"{interval}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             [sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
-            events.display()
-        ))
-        .write(dir, pg)
-}
-
 /// Item 22b: PostgreSQL restarts under a leader; its lock went with its connection, and a
 /// standby may take it. The old leader must not start a session on the strength of the lock
 /// it held before: at no moment does one relay stream while the other holds the lock. The
@@ -398,8 +378,13 @@ fn after_a_restart_a_relay_streams_only_while_it_holds_the_lock() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let ports = [free_port(), free_port()];
-    let first = leader_config(&dir.path().join("first"), &pg, &events, ports[0], "10s");
-    let second = leader_config(&dir.path().join("second"), &pg, &events, ports[1], "500ms");
+    let [first, second] = [("first", ports[0], "10s"), ("second", ports[1], "500ms")].map(
+        |(name, port, interval)| {
+            let config_dir = dir.path().join(name);
+            std::fs::create_dir(&config_dir).unwrap();
+            sidecar_config(&config_dir, &pg, &events, port, interval)
+        },
+    );
     init(&first);
     let leader = Relay::start(&first);
     assert!(

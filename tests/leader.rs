@@ -11,17 +11,6 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A relay config with a file sink, leader election checked every `interval`, and the HTTP
-/// endpoint on `port`; written into `dir`.
-fn sidecar_config(dir: &Path, pg: &PgCluster, events: &Path, port: u16) -> std::path::PathBuf {
-    let sinks = format!(
-        "[leader]\ninterval = \"500ms\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-         [sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
-        events.display()
-    );
-    ConfigFile::new().sinks(&sinks).write(dir, pg)
-}
-
 /// One relay per port, each with its own config directory under `dir`, all on one slot and
 /// one file sink; the first runs `init`.
 fn start_sidecars(dir: &Path, pg: &PgCluster, events: &Path, ports: &[u16]) -> Vec<Relay> {
@@ -29,7 +18,7 @@ fn start_sidecars(dir: &Path, pg: &PgCluster, events: &Path, ports: &[u16]) -> V
     for (i, port) in ports.iter().enumerate() {
         let relay_dir = dir.join(format!("relay{i}"));
         std::fs::create_dir(&relay_dir).unwrap();
-        let config = sidecar_config(&relay_dir, pg, events, *port);
+        let config = sidecar_config(&relay_dir, pg, events, *port, "500ms");
         if i == 0 {
             init(&config);
         }
