@@ -256,15 +256,13 @@ fn an_invalidated_slot_is_reported_by_check_and_stops_run_on_postgres_17() {
 }
 
 fn an_invalidated_slot_stops_the_relay(bin: std::path::PathBuf) {
-    let pg = PgCluster::start_with(ClusterOptions {
-        bin,
-        settings: vec!["max_slot_wal_keep_size = 1MB".into()],
-        ..Default::default()
-    });
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario { pg, config, .. } = scenario()
+        .cluster(ClusterOptions {
+            bin,
+            settings: vec!["max_slot_wal_keep_size = 1MB".into()],
+            ..Default::default()
+        })
+        .init();
     assert!(
         wait_until(WAIT, || {
             insert(&pg, "lost");

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -98,7 +97,7 @@ fn missing_publication_and_slot_are_explained() {
     }
     let mut relay = Relay::start(&config);
     let status = relay
-        .wait(Duration::from_secs(30))
+        .wait(WAIT)
         .expect("run should exit on a permanent error");
     assert!(!status.success());
     let log = relay.log();
@@ -159,7 +158,7 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
     assert!(out.status.success(), "{}", stderr(&out));
     let mut relay = Relay::start(&config);
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'T', '{}')");
-    assert!(wait_until(Duration::from_secs(30), || {
+    assert!(wait_until(WAIT, || {
         read_events(&events).len() == 1
             && pg.psql("SELECT count(*) FROM outbox_relay.checkpoints") == "1"
     }));
@@ -169,7 +168,7 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
 
     let mut relay = Relay::start(&config);
     let status = relay
-        .wait(Duration::from_secs(30))
+        .wait(WAIT)
         .expect("run should stop instead of re-creating the slot");
     assert!(!status.success());
     let log = relay.log();
@@ -202,17 +201,15 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
 
 #[test]
 fn check_counts_replication_granted_through_a_managed_platforms_role_and_names_each_fix() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    // As on Amazon RDS and Aurora: REPLICATION comes with membership in rds_replication.
-    pg.psql(
-        "CREATE ROLE rds_replication WITH REPLICATION; \
-         CREATE ROLE member LOGIN IN ROLE rds_replication; CREATE ROLE plain LOGIN; \
-         GRANT SELECT ON outbox TO member, plain",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario { pg, config, .. } = scenario()
+        .outbox("outbox")
+        // As on Amazon RDS and Aurora: REPLICATION comes with membership in rds_replication.
+        .sql(
+            "CREATE ROLE rds_replication WITH REPLICATION; \
+             CREATE ROLE member LOGIN IN ROLE rds_replication; CREATE ROLE plain LOGIN; \
+             GRANT SELECT ON outbox TO member, plain",
+        )
+        .init();
     let check_as = |user: &str| {
         let url = format!(
             "postgres://{user}@127.0.0.1:{}/postgres?sslmode=disable",

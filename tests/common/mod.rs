@@ -1,6 +1,9 @@
 //! Test support: a throwaway PostgreSQL cluster per test (initdb into a temp dir,
 //! `wal_level=logical`, a free port, built from the server binaries on the machine), and the
-//! real relay binary run as a child process, so tests exercise what users run.
+//! real relay binary run as a child process, so tests exercise what users run. What every
+//! test file would otherwise set up again lives here once: the relay config template
+//! ([`ConfigFile`]), the scenario builder ([`scenario`]: cluster, outbox, config, `init`,
+//! `run`), the one [`WAIT`] and [`dead_letters`].
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod aws;
