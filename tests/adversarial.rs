@@ -93,13 +93,10 @@ fn a_column_name_cannot_inject_sql_into_the_backfill() {
 
 #[test]
 fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_published() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    pg.psql("CREATE ROLE mallory LOGIN; REVOKE ALL ON outbox FROM mallory");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario()
+        .outbox("outbox")
+        .sql("CREATE ROLE mallory LOGIN; REVOKE ALL ON outbox FROM mallory")
+        .start();
 
     // Mallory may not insert into the outbox...
     let refused = psql_as(&pg, "mallory", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Forged', '{}')");
@@ -135,12 +132,7 @@ fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_publi
 
 #[test]
 fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario().outbox("outbox").start();
     let key = pg.psql("SELECT encode(key, 'hex') FROM outbox_relay.replay_key");
     let key: Vec<u8> = (0..key.len())
         .step_by(2)

@@ -179,11 +179,7 @@ fn a_message_holding_nul_or_non_utf8_bytes_is_dead_lettered_with_its_raw_bytes()
 /// adds the column.
 #[test]
 fn a_dead_letter_table_without_the_raw_column_asks_for_init() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario { pg, config, .. } = scenario().init();
     pg.psql("ALTER TABLE outbox_relay.dead_letters DROP COLUMN raw");
     let (passed, text) = relay_check(&config);
     assert!(

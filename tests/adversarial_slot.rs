@@ -206,10 +206,7 @@ fn a_relay_state_from_another_server_stops_run_naming_both_systems() {
 /// another database) is not taken for the relay's own, by `init` and `check` as by `run`.
 #[test]
 fn a_slot_of_another_plugin_or_database_is_refused_by_init_check_and_run() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
+    let Scenario { pg, config, .. } = scenario().without_init();
     pg.psql("SELECT pg_create_logical_replication_slot('outbox_relay', 'test_decoding')");
     let expect_refusal = |owner: &str| {
         let out = relay_command(&config, "init");

@@ -81,10 +81,9 @@ fn wal_level_replica_is_reported_by_check_and_run() {
 
 #[test]
 fn missing_publication_and_slot_are_explained() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "create_slot = false");
+    let Scenario {
+        pg: _pg, config, ..
+    } = scenario().source("create_slot = false").without_init();
     let out = relay_command(&config, "check");
     assert!(!out.status.success());
     let text = stdout(&out);
@@ -150,10 +149,9 @@ fn unreachable_database_and_bad_config_fail_fast_with_the_key() {
 /// slot would skip everything committed in between): `run` stops and says what to do.
 #[test]
 fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
+    let Scenario {
+        pg, config, events, ..
+    } = scenario().without_init();
     let out = relay_command(&config, "init");
     assert!(out.status.success(), "{}", stderr(&out));
     let mut relay = Relay::start(&config);

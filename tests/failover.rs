@@ -156,16 +156,14 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
 /// backfill: the primary's slot is gone).
 #[test]
 fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
-    let primary = PgCluster::start();
-    primary.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &primary, "");
-    init(&config);
+    let Scenario {
+        pg: primary, dir, ..
+    } = scenario().init();
     let standby = PgCluster::start_standby_of(&primary);
     // The slot `init` made on the primary does not survive the failover (before PostgreSQL
     // 17), and rows committed after it may be on the standby: rather than skip them on a new
     // slot, the relay backfills them.
-    let (config, events) = write_config(dir.path(), &standby, "backfill = true");
+    let (config, events) = write_config(&dir, &standby, "backfill = true");
 
     let (ok, report) = relay_check(&config);
     assert!(

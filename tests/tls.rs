@@ -391,13 +391,12 @@ fn refused_certificates_are_explained() {
 
 #[test]
 fn require_refuses_a_server_without_tls() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
+    let Scenario {
+        pg, dir, config, ..
+    } = scenario().without_init();
     let out = relay_command(&config, "init");
     assert!(out.status.success(), "init failed: {}", stderr(&out));
-    let (config, _) = write_config(dir.path(), &pg, &tls_keys("require", None));
+    let (config, _) = write_config(&dir, &pg, &tls_keys("require", None));
     let out = relay_command(&config, "check");
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(

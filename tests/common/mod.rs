@@ -641,6 +641,14 @@ impl ScenarioBuilder {
 
     /// Starts the cluster, creates the outbox, writes the config and runs `init`.
     pub fn init(self) -> Scenario {
+        let scenario = self.without_init();
+        init(&scenario.config);
+        scenario
+    }
+
+    /// Starts the cluster, creates the outbox and writes the config: for what the relay says
+    /// before `init` (or instead of it).
+    pub fn without_init(self) -> Scenario {
         let pg = PgCluster::start_with(self.cluster);
         for sql in &self.sql {
             pg.psql(sql);
@@ -656,7 +664,6 @@ impl ScenarioBuilder {
             config = config.sinks(&tables(&dir));
         }
         let config = config.write(&dir, &pg);
-        init(&config);
         Scenario {
             pg,
             dir,
