@@ -49,11 +49,7 @@ fn streaming(tables: &str, source: &str) -> Streaming {
         .tables(tables)
         .start();
     insert_kinds(&pg, &["order"]);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     Streaming {
         pg,
         config,
@@ -78,11 +74,7 @@ fn a_column_name_cannot_inject_sql_into_the_backfill() {
     with_source(&config, "", "backfill = true\n");
     init(&config);
     let mut relay = Relay::start(&config);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "the backfilled row: {}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     relay.stops_cleanly();
     assert_eq!(
         pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'victim'"),
@@ -118,11 +110,7 @@ fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_publi
         assert!(sent.status.success(), "{sent:?}");
     }
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Genuine', '{}')");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     assert!(wait_until(WAIT, || pg.psql(
         "SELECT count(*) FROM outbox_relay.dead_letters WHERE reason LIKE '%did not sign%'"
     ) == "2"));
@@ -159,11 +147,7 @@ fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() 
     };
     emit(signed(&document("Altered"), &document("Altered2")));
     emit(signed(&document("Replayed"), &document("Replayed")));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     let event = &read_events(&events)[0];
     assert_eq!(
         (event["type"].as_str(), event["source"].as_str()),
@@ -339,11 +323,7 @@ fn insert_into_every_partition(
     pg.psql("CREATE TABLE outbox_invoice PARTITION OF outbox FOR VALUES IN ('invoice')");
     insert_kinds(pg, &["invoice"]);
     let events = dir.join("events.jsonl");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 3),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     (relay, events)
 }
 
@@ -415,11 +395,7 @@ fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
     } = streaming("", "");
     pg.psql("ALTER TABLE outbox RENAME TO outbox_v2");
     pg.psql("INSERT INTO outbox_v2 (aggregatetype, aggregateid, type, payload) VALUES ('renamed', 'r-1', 'Created', '{}')");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 2),
-        "the renamed table's row: {}",
-        relay.log()
-    );
+    relay.delivers(&events, 2);
     assert_eq!(read_events(&events)[1]["source"], "/public.outbox");
     assert!(relay
         .log()
@@ -436,11 +412,7 @@ fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
     );
     with_source(&config, "", "tables = [\"public.outbox_v2\"]\n");
     let relay = Relay::start(&config);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 3),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     assert_eq!(read_events(&events)[2]["source"], "/public.outbox_v2");
 }
 
@@ -660,11 +632,7 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
     assert!(ok, "{report}");
     let relay = Relay::start(&config);
     insert("Streamed");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 2),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 2);
     let got: Vec<(String, String, String)> = read_events(&events)
         .iter()
         .map(|e| {

@@ -7,8 +7,6 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -105,11 +103,7 @@ fn a_slot_dropped_before_the_first_checkpoint_is_not_recreated() {
 
     // The first way on that the message offers: a backfill publishes the row.
     let mut relay = Relay::start_with_env(&config, &[("OUTBOX_RELAY__SOURCE__BACKFILL", "true")]);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "the row committed while the slot was gone was not published\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     relay.stops_cleanly();
 }
 
@@ -194,11 +188,7 @@ fn a_relay_state_from_another_server_stops_run_naming_both_systems() {
          DELETE FROM outbox_relay.slots WHERE slot = 'outbox_relay'",
     );
     let mut relay = Relay::start(&b_config);
-    assert!(
-        wait_until(WAIT, || read_events(&b_events).len() == 3),
-        "B's events were not all delivered\n{}",
-        relay.log()
-    );
+    relay.delivers(&b_events, 3);
     relay.stops_cleanly();
 }
 
@@ -288,15 +278,7 @@ fn an_invalidated_slot_stops_the_relay(bin: std::path::PathBuf) {
 /// the leader lock's connection forever.
 #[test]
 fn permanent_connection_errors_stop_run_with_leader_election_on_or_off() {
-    let pg = PgCluster::start_with(ClusterOptions {
-        hba: vec!["host all app 127.0.0.1/32 scram-sha-256".into()],
-        ..Default::default()
-    });
-    pg.psql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    let secret = dir.path().join("password");
-    std::fs::write(&secret, "wrong\n").unwrap();
+    let (pg, _dir, config, secret) = cluster_with_a_password();
     let wrong_password = format!(
         "postgres://app@127.0.0.1:{}/postgres?sslmode=disable",
         pg.port
@@ -338,26 +320,13 @@ fn permanent_connection_errors_stop_run_with_leader_election_on_or_off() {
     }
 }
 
-/// GET `path` from the relay on `port`: the body, or None if nothing answers.
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response.split_once("\r\n\r\n")?.1.trim().to_owned())
-}
-
 /// What a relay says of itself: its /readyz state and whether its `outbox_relay_leader`
 /// gauge is 1.
 fn state(port: u16) -> (String, bool) {
-    let ready = get(port, "/readyz").unwrap_or_else(|| "down".into());
-    let leader = get(port, "/metrics")
-        .is_some_and(|metrics| metrics.lines().any(|line| line == "outbox_relay_leader 1"));
+    let ready =
+        http_get(port, "/readyz").map_or_else(|| "down".into(), |(_, body)| body.trim().to_owned());
+    let leader = http_get(port, "/metrics")
+        .is_some_and(|(_, metrics)| metrics.lines().any(|line| line == "outbox_relay_leader 1"));
     (ready, leader)
 }
 

@@ -104,11 +104,7 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
     std::fs::rename(&events, dir.path().join("before-failover.jsonl")).unwrap();
     let mut relay = Relay::start(&config);
     insert_rows(&standby, 1, 5, 100);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 5),
-        "the new primary's 5 events\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
     assert_eq!(
         streamed_from(&relay.log()),
         (system_id, "2".to_owned()),
@@ -129,11 +125,7 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
     init(&config);
     let mut relay = Relay::start(&config);
     insert_rows(&old, 20, 20, 2000);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 400),
-        "400 events delivered\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 400);
     relay.stops_cleanly();
     drop(old);
 
@@ -194,21 +186,13 @@ fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
         relay.log()
     );
     insert_rows(&standby, 1, 5, 100);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 5),
-        "the 5 rows written after the slot\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
 }
 
 /// Waits until the file at `events` holds `count` events, all streamed on timeline 1;
 /// returns the system identifier the relay streamed from.
 fn delivered_from_the_first_timeline(relay: &Relay, events: &Path, count: usize) -> String {
-    assert!(
-        wait_until(WAIT, || read_events(events).len() == count),
-        "{count} events delivered\n{}",
-        relay.log()
-    );
+    relay.delivers(events, count);
     let (system_id, timeline) = streamed_from(&relay.log());
     assert_eq!(timeline, "1");
     system_id
@@ -369,11 +353,7 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
         "check passes once the setting is cleared\n{}",
         relay_check(&config).1
     );
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 225),
-        "the new primary's 5 events\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 225);
     assert_each_once_in_key_order(&read_events(&events), 225);
     assert_eq!(
         streamed_from(&relay.log()),
@@ -404,11 +384,7 @@ fn a_listed_standby_that_is_down_holds_the_relay_back_until_it_returns() {
     init(&config);
     let mut relay = Relay::start(&config);
     insert_numbered_rows(&primary, 1, 5);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 5),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
 
     standby.stop("fast");
     insert_numbered_rows(&primary, 6, 5);
@@ -432,11 +408,7 @@ fn a_listed_standby_that_is_down_holds_the_relay_back_until_it_returns() {
     );
 
     standby.start_stopped();
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 10),
-        "delivered once the standby is back\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 10);
     assert_each_once_in_key_order(&read_events(&events), 10);
     relay.stops_cleanly();
 }
@@ -458,11 +430,7 @@ fn failover_slot_makes_existing_and_backfill_slots_failover_slots() {
     let (config, _) = write_config(dir.path(), &pg, "failover_slot = true");
     let mut relay = Relay::start(&config);
     insert_numbered_rows(&pg, 1, 3);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 3),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     assert_eq!(failover("outbox_relay"), "t");
     assert!(
         relay
@@ -482,11 +450,7 @@ fn failover_slot_makes_existing_and_backfill_slots_failover_slots() {
     );
     init(&config);
     let mut relay = Relay::start(&config);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 3),
-        "the 3 rows backfilled\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     assert_eq!(failover("backfilled"), "t");
     relay.stops_cleanly();
 }

@@ -6,8 +6,6 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -27,24 +25,8 @@ fn start_sidecars(dir: &Path, pg: &PgCluster, events: &Path, ports: &[u16]) -> V
     relays
 }
 
-/// GET `path` from the relay on `port`: status code and body, or None if nothing answers.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
 fn readiness(port: u16) -> Option<(u16, String)> {
-    get(port, "/readyz").map(|(status, body)| (status, body.trim().to_owned()))
+    http_get(port, "/readyz").map(|(status, body)| (status, body.trim().to_owned()))
 }
 
 /// Parses Prometheus/OpenMetrics text: every sample line is `name{labels} value`, and
@@ -109,7 +91,7 @@ fn one_leader_among_three_and_a_standby_takes_over_when_it_dies() {
     );
     for port in ports {
         assert_eq!(readiness(port).unwrap().0, 200);
-        assert_eq!(get(port, "/healthz"), Some((200, "ok\n".into())));
+        assert_eq!(http_get(port, "/healthz"), Some((200, "ok\n".into())));
     }
     let leader = states().iter().position(|s| s == "streaming").unwrap();
     assert!(relays[leader]
@@ -134,7 +116,7 @@ fn one_leader_among_three_and_a_standby_takes_over_when_it_dies() {
     assert!(wait_until(WAIT, || read_events(&events).len() == 10));
 
     // The leader's metrics: valid text, and the counters match what was delivered.
-    let metrics = |port| parse_metrics(&get(port, "/metrics").expect("metrics answer").1);
+    let metrics = |port| parse_metrics(&http_get(port, "/metrics").expect("metrics answer").1);
     let leader_port = ports[leader];
     assert!(wait_until(WAIT, || {
         metrics(leader_port)
@@ -254,11 +236,7 @@ fn the_least_privilege_role_runs_the_relay_and_reads_nothing_else() {
     assert!(passed, "{text}");
     let relay = Relay::start(&config);
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{}')");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     let denied = std::process::Command::new(pg_bin().join("psql"))
         .args([
             "-X",

@@ -437,9 +437,7 @@ fn nacked_events_follow_the_dead_letter_and_fail_policies() {
         .write(&dir, &pg);
     let mut relay = Relay::start(&config);
     insert_events(&pg, "order", 12, 12, 3);
-    let status = relay.wait(WAIT);
-    assert!(status.is_some_and(|s| !s.success()), "{}", relay.log());
-    let log = relay.log();
+    let log = relay.stops_with_failure(WAIT, "on_nack = fail");
     assert!(
         log.contains("nacked by RabbitMQ") && log.contains("on_nack"),
         "{log}"

@@ -14,11 +14,7 @@ fn committed_insert_becomes_an_event() {
         "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES \
          ('6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11', 'order', 'o-1', 'OrderCreated', '{\"total\": 12.5, \"items\": [1, 2]}')",
     );
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "no event; relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     let event = &read_events(&events)[0];
     // CloudEvents 1.0, structured mode: the default format.
     assert_eq!(event["specversion"], "1.0");
@@ -64,11 +60,7 @@ fn run_creates_its_slot_on_a_server_without_slots() {
         relay.log()
     );
     pg.psql(&insert_sql("o-1", 1));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "no event; relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
 }
 
 /// (lsn, index) of every event, from the CloudEvents `sequence` extension (24 hex digits).
@@ -216,11 +208,7 @@ fn clean_restart_repeats_nothing() {
     for i in 0..20 {
         pg.psql(&insert_sql("k", i));
     }
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 20),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 20);
     let status = relay
         .terminate(Duration::from_secs(10))
         .expect("relay did not exit after SIGTERM");
@@ -391,11 +379,7 @@ async fn sigterm_under_load_then_restart_repeats_nothing_on_the_stdout_sink() {
 fn alter_table_mid_stream_keeps_flowing() {
     let (Scenario { pg, events, .. }, relay) = scenario().start();
     pg.psql(&insert_sql("k", 0));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     pg.psql("ALTER TABLE outbox ADD COLUMN tenant text DEFAULT 'acme'");
     pg.psql(&insert_sql("k", 1));
     pg.psql("ALTER TABLE outbox DROP COLUMN tenant");
@@ -404,11 +388,7 @@ fn alter_table_mid_stream_keeps_flowing() {
         insert_sql("k", 2),
         insert_sql("k", 3)
     ));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 4),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 4);
     let seqs = read_seqs(&events);
     assert_eq!(seqs, [0, 1, 2, 3]);
 }
@@ -446,11 +426,7 @@ fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
          ('', 'order', 'o-1', 'T', '{}'), \
          ('00000000-0000-0000-0000-000000000004', 'order', 'o-1', 'T', '{\"ok\": true}')",
     );
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     assert_eq!(read_events(&events)[0]["data"]["ok"], true);
     assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 3));
     let reasons = pg.psql(
@@ -515,11 +491,7 @@ fn a_second_relay_on_the_same_slot_stands_by_and_takes_over() {
         mut first,
     ) = scenario().source("[leader]\nenabled = false").start();
     pg.psql(&insert_sql("k", 0));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "relay log:\n{}",
-        first.log()
-    );
+    first.delivers(&events, 1);
     let second = Relay::start(&config);
     assert!(
         wait_until(WAIT, || second
@@ -685,11 +657,7 @@ fn an_outbox_table_missing_from_the_publication_is_reported_by_run() {
         relay.log()
     );
     pg.psql(&insert_sql("k", 1));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 2),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 2);
 }
 
 /// A silent network partition between the relay and PostgreSQL (packets dropped, nothing
@@ -721,11 +689,7 @@ fn a_silent_partition_from_postgres_ends_the_session_after_the_tcp_user_timeout(
     for seq in 0..5 {
         pg.psql(&insert_sql("o-1", seq));
     }
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 5),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
 
     proxy.set_cut(true);
     for seq in 5..10 {

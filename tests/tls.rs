@@ -158,11 +158,7 @@ impl TlsCluster {
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
              VALUES ('order', 'o-1', 'T', '{}')",
         );
-        assert!(
-            wait_until(WAIT, || read_events(&events).len() == 1),
-            "no event; relay log:\n{}",
-            relay.log()
-        );
+        relay.delivers(&events, 1);
         let walsender = self.pg.psql(
             "SELECT r.usename || ' ' || coalesce(host(r.client_addr), 'unix') || ' ' || s.ssl \
              FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \

@@ -14,6 +14,7 @@ pub mod rabbitmq;
 pub mod sasl_gate;
 pub mod tls_proxy;
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -436,6 +437,22 @@ pub fn relay_bin() -> &'static str {
 /// fails: long enough for a loaded machine, never spent when things work.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// GET `path` from the relay's HTTP endpoint on `port`: status code and body, or None if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
 /// A relay config as TOML text, the one template every test's config is written from: the
 /// source on the test cluster with a short status interval, a short checkpoint interval, and
 /// what the test adds to `[source]` and `[relay]` (a key it sets replaces the template's),
@@ -513,6 +530,22 @@ pub fn file_sink(name: &str, path: &Path) -> String {
         "[sinks.{name}]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
         path.display()
     )
+}
+
+/// A cluster (no outbox) where role `app` logs in with the password "right" over
+/// scram-sha-256, and a config in a temp dir beside a password file that holds a wrong one;
+/// (cluster, dir, config, password file).
+pub fn cluster_with_a_password() -> (PgCluster, tempfile::TempDir, PathBuf, PathBuf) {
+    let pg = PgCluster::start_with(ClusterOptions {
+        hba: vec!["host all app 127.0.0.1/32 scram-sha-256".into()],
+        ..Default::default()
+    });
+    pg.psql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "");
+    let secret = dir.path().join("password");
+    std::fs::write(&secret, "wrong\n").unwrap();
+    (pg, dir, config, secret)
 }
 
 /// A config for one of several relays on one slot: leader election checked every
@@ -783,6 +816,19 @@ impl Relay {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asserts that the file sink's output at `events` holds `count` events within [`WAIT`].
+    pub fn delivers(&self, events: &Path, count: usize) {
+        let mut delivered = 0;
+        assert!(
+            wait_until(WAIT, || {
+                delivered = read_events(events).len();
+                delivered == count
+            }),
+            "{delivered} events delivered, not {count}; relay log:\n{}",
+            self.log()
+        );
     }
 
     pub fn kill9(&mut self) {
