@@ -6,7 +6,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use outbox_relay_sinks::format::{self, Format};
-use outbox_relay_sinks::{Event, Lsn, Position, Text};
+use outbox_relay_sinks::test_util::sample;
+use outbox_relay_sinks::{Event, Text};
 use std::hint::black_box;
 
 mod common;
@@ -14,25 +15,13 @@ mod common;
 /// The event the relay makes of the benchmark's outbox row.
 fn event(payload_len: usize) -> Event {
     Event {
-        position: Position {
-            commit_lsn: Lsn(0x1_6B37_4D48),
-            index: 41,
-        },
         xid: 7_311,
         commit_time_micros: 1_767_323_045_123_456,
-        table: "public.outbox".into(),
-        source: "/public.outbox".into(),
         id: Text::from(common::ID),
         key: Text::from(common::AGGREGATE_ID),
-        aggregate_type: Text::from("order"),
         aggregate_id: Text::from(common::AGGREGATE_ID),
-        event_type: Text::from("OrderCreated"),
-        schema_version: None,
-        occurred_at: None,
-        traceparent: None,
-        headers: Vec::new(),
-        attributes: Vec::new(),
         payload: Text::from(common::payload(payload_len)).into(),
+        ..sample(0x1_6B37_4D48, 41)
     }
 }
 

@@ -589,6 +589,7 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outbox_relay_sinks::test_util::{sample, RecordingSink};
     use outbox_relay_sinks::Text;
 
     #[test]
@@ -653,9 +654,9 @@ mod tests {
         assert_eq!(progress.confirmed(), Lsn(25), "never moves backwards");
     }
 
-    /// A sink whose sends wait for a permit, recording each batch's size.
+    /// A sink whose sends wait for a permit, recording each batch.
     struct Gated {
-        sizes: Arc<Mutex<Vec<usize>>>,
+        recording: RecordingSink,
         gate: Arc<tokio::sync::Semaphore>,
         entered: Arc<Notify>,
     }
@@ -665,12 +666,11 @@ mod tests {
         async fn send(
             &mut self,
             batch: &[Event],
-            _states: &mut [EventState],
+            states: &mut [EventState],
         ) -> Result<(), SinkError> {
             self.entered.notify_one();
             self.gate.acquire().await.expect("gate open").forget();
-            self.sizes.lock().unwrap().push(batch.len());
-            Ok(())
+            self.recording.send(batch, states).await
         }
     }
 
@@ -722,7 +722,7 @@ mod tests {
             skip_through: None,
         };
         let letters = Letters::default();
-        let events = [event(10, 0), event(10, 1)];
+        let events = [sample(10, 0), sample(10, 1)];
         let rejected = deliver(&mut worker, &events, &letters, "slot")
             .await
             .unwrap();
@@ -737,32 +737,8 @@ mod tests {
         assert_eq!(letters.0.lock().unwrap().len(), 1);
     }
 
-    fn event(lsn: u64, index: u32) -> Event {
-        Event {
-            position: Position {
-                commit_lsn: Lsn(lsn),
-                index,
-            },
-            xid: 1,
-            commit_time_micros: 0,
-            table: "public.outbox".into(),
-            source: "/public.outbox".into(),
-            id: Text::from("id"),
-            key: Text::from("key"),
-            aggregate_type: Text::from("order"),
-            aggregate_id: Text::from("key"),
-            event_type: Text::from("Created"),
-            schema_version: None,
-            occurred_at: None,
-            traceparent: None,
-            headers: Vec::new(),
-            attributes: Vec::new(),
-            payload: Text::from("{}").into(),
-        }
-    }
-
     fn two_event_batch(lsn: u64) -> Batch {
-        batch_of(vec![event(lsn, 0), event(lsn, 1)], Some(Lsn(lsn + 1)))
+        batch_of(vec![sample(lsn, 0), sample(lsn, 1)], Some(Lsn(lsn + 1)))
     }
 
     fn batch_of(events: Vec<Event>, boundary: Option<Lsn>) -> Batch {
@@ -777,11 +753,11 @@ mod tests {
     /// (10/0); then the three batches that queued meanwhile, joined up to `limit`. Returns
     /// the sizes of the sends.
     async fn sends_after_falling_behind(limit: BatchLimit) -> Vec<usize> {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let recording = RecordingSink::default();
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let entered = Arc::new(Notify::new());
         let sink = Gated {
-            sizes: sizes.clone(),
+            recording: recording.clone(),
             gate: gate.clone(),
             entered: entered.clone(),
         };
@@ -828,8 +804,7 @@ mod tests {
                 index: 1
             }
         );
-        let sizes = sizes.lock().unwrap().clone();
-        sizes
+        recording.batches().iter().map(Vec::len).collect()
     }
 
     #[tokio::test]
@@ -856,10 +831,10 @@ mod tests {
 
     #[test]
     fn a_batch_counts_the_bytes_of_its_events() {
-        let mut big = event(10, 0);
+        let mut big = sample(10, 0);
         big.payload = Text::from("x".repeat(1000)).into();
         big.headers.push(("tenant".into(), Text::from("acme")));
-        let small = event(10, 1);
+        let small = sample(10, 1);
         let mut pending = PendingBatch::new(BatchLimit {
             events: 10,
             bytes: usize::MAX,

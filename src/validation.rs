@@ -203,26 +203,15 @@ fn clamp_huge_numbers(text: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outbox_relay_sinks::{Position, Text};
+    use outbox_relay_sinks::test_util::sample;
+    use outbox_relay_sinks::Text;
 
+    /// An event of type `T` (the schema the tests write) carrying `payload`.
     fn event(payload: &str) -> Event {
         Event {
-            position: Position::default(),
-            xid: 1,
-            commit_time_micros: 0,
-            table: "public.outbox".into(),
-            source: "/public.outbox".into(),
-            id: Text::from("6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11"),
-            key: Text::from("k"),
-            aggregate_type: Text::from("order"),
-            aggregate_id: Text::from("k"),
             event_type: Text::from("T"),
-            schema_version: None,
-            occurred_at: None,
-            traceparent: None,
-            headers: Vec::new(),
-            attributes: Vec::new(),
             payload: Text::from(payload).into(),
+            ..sample(0, 0)
         }
     }
 

@@ -10,8 +10,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
-
 /// Runs `sql` with psql as `user` (the test clusters trust local connections).
 fn psql_as(pg: &PgCluster, user: &str, sql: &str) -> std::process::Output {
     Command::new(pg.bin.join("psql"))
@@ -30,45 +28,34 @@ fn with_source(config: &Path, before: &str, lines: &str) {
     std::fs::write(config, text).unwrap();
 }
 
-/// A relay on the Debezium-layout `outbox` with a file sink, its config edited by
-/// [`with_source`], that has delivered one event (of aggregate type `order`).
+/// A relay on the Debezium-layout `outbox` with a file sink, `tables` and `source` lines
+/// in its config, that has delivered one event (of aggregate type `order`).
 struct Streaming {
     pg: PgCluster,
-    dir: tempfile::TempDir,
     config: std::path::PathBuf,
     relay: Relay,
     events: std::path::PathBuf,
 }
 
-fn streaming(before: &str, source: &str) -> Streaming {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    with_source(&config, before, source);
-    init(&config);
-    let relay = Relay::start(&config);
+fn streaming(tables: &str, source: &str) -> Streaming {
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        relay,
+    ) = scenario()
+        .outbox("outbox")
+        .source(source)
+        .tables(tables)
+        .start();
     insert_kinds(&pg, &["order"]);
-    let events = dir.path().join("events.jsonl");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     Streaming {
         pg,
-        dir,
         config,
         relay,
         events,
     }
-}
-
-fn file_sink(dir: &Path) -> String {
-    format!(
-        "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
-        dir.join("events.jsonl").display()
-    )
 }
 
 #[test]
@@ -83,16 +70,11 @@ fn a_column_name_cannot_inject_sql_into_the_backfill() {
     pg.psql("SELECT pg_create_physical_replication_slot('victim')");
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 1}')");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let (config, events) = write_config(dir.path(), &pg, "");
     with_source(&config, "", "backfill = true\n");
     init(&config);
     let mut relay = Relay::start(&config);
-    let events = dir.path().join("events.jsonl");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "the backfilled row: {}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     relay.stops_cleanly();
     assert_eq!(
         pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'victim'"),
@@ -103,14 +85,10 @@ fn a_column_name_cannot_inject_sql_into_the_backfill() {
 
 #[test]
 fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_published() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    pg.psql("CREATE ROLE mallory LOGIN; REVOKE ALL ON outbox FROM mallory");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    init(&config);
-    let relay = Relay::start(&config);
-    let events = dir.path().join("events.jsonl");
+    let (Scenario { pg, events, .. }, relay) = scenario()
+        .outbox("outbox")
+        .sql("CREATE ROLE mallory LOGIN; REVOKE ALL ON outbox FROM mallory")
+        .start();
 
     // Mallory may not insert into the outbox...
     let refused = psql_as(&pg, "mallory", "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Forged', '{}')");
@@ -132,11 +110,7 @@ fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_publi
         assert!(sent.status.success(), "{sent:?}");
     }
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Genuine', '{}')");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     assert!(wait_until(WAIT, || pg.psql(
         "SELECT count(*) FROM outbox_relay.dead_letters WHERE reason LIKE '%did not sign%'"
     ) == "2"));
@@ -146,12 +120,7 @@ fn a_replay_message_from_a_role_without_outbox_rights_is_dead_lettered_not_publi
 
 #[test]
 fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario().outbox("outbox").start();
     let key = pg.psql("SELECT encode(key, 'hex') FROM outbox_relay.replay_key");
     let key: Vec<u8> = (0..key.len())
         .step_by(2)
@@ -178,12 +147,7 @@ fn a_replay_signed_with_the_relays_key_is_published_and_an_altered_one_is_not() 
     };
     emit(signed(&document("Altered"), &document("Altered2")));
     emit(signed(&document("Replayed"), &document("Replayed")));
-    let events = dir.path().join("events.jsonl");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     let event = &read_events(&events)[0];
     assert_eq!(
         (event["type"].as_str(), event["source"].as_str()),
@@ -281,7 +245,7 @@ fn no_payload_or_secret_reaches_any_log_at_trace_level() {
          [sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\n\
          url = \"rabbitmq-stream://127.0.0.1:5552/{}\"\nusername = \"{rabbit_user}\"\n\
          password_file = \"{}\"\nstream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
-        file_sink(dir.path()),
+        file_sink("file", &dir.path().join("events.jsonl")),
         kafka.address(),
         secret.display(),
         moto.url(),
@@ -290,7 +254,7 @@ fn no_payload_or_secret_reaches_any_log_at_trace_level() {
         vhost.name,
         secret.display(),
     );
-    let config = relay_config(dir.path(), &pg, &sinks);
+    let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     // The database password: trust authentication never asks for it, so only a log of the
     // URL would show it.
     let text = std::fs::read_to_string(&config).unwrap().replace(
@@ -359,11 +323,7 @@ fn insert_into_every_partition(
     pg.psql("CREATE TABLE outbox_invoice PARTITION OF outbox FOR VALUES IN ('invoice')");
     insert_kinds(pg, &["invoice"]);
     let events = dir.join("events.jsonl");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 3),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     (relay, events)
 }
 
@@ -384,7 +344,7 @@ fn a_partitioned_outbox_table_publishes_the_rows_of_every_partition() {
     let pg = PgCluster::start();
     pg.psql(PARTITIONED_OUTBOX);
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let (config, _) = write_config(dir.path(), &pg, "");
     init(&config);
     let (ok, report) = relay_check(&config);
     assert!(ok, "{report}");
@@ -407,7 +367,7 @@ fn a_publication_that_sends_partitions_under_their_own_names_still_delivers_them
     // As someone would create it by hand: without publish_via_partition_root.
     pg.psql("CREATE PUBLICATION outbox_relay FOR TABLE outbox");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let (config, _) = write_config(dir.path(), &pg, "");
     let (ok, report) = relay_check(&config);
     assert!(
         !ok && report.contains("publish_via_partition_root = true"),
@@ -429,18 +389,13 @@ fn a_publication_that_sends_partitions_under_their_own_names_still_delivers_them
 fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
     let Streaming {
         pg,
-        dir: _dir,
         config,
         mut relay,
         events,
     } = streaming("", "");
     pg.psql("ALTER TABLE outbox RENAME TO outbox_v2");
     pg.psql("INSERT INTO outbox_v2 (aggregatetype, aggregateid, type, payload) VALUES ('renamed', 'r-1', 'Created', '{}')");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 2),
-        "the renamed table's row: {}",
-        relay.log()
-    );
+    relay.delivers(&events, 2);
     assert_eq!(read_events(&events)[1]["source"], "/public.outbox");
     assert!(relay
         .log()
@@ -457,11 +412,7 @@ fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
     );
     with_source(&config, "", "tables = [\"public.outbox_v2\"]\n");
     let relay = Relay::start(&config);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 3),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     assert_eq!(read_events(&events)[2]["source"], "/public.outbox_v2");
 }
 
@@ -469,7 +420,6 @@ fn a_renamed_outbox_table_is_followed_and_a_restart_asks_for_its_new_name() {
 fn a_publication_that_hides_inserts_or_filters_rows_is_refused() {
     let Streaming {
         pg,
-        dir: _dir,
         config,
         relay,
         events: _,
@@ -508,12 +458,10 @@ fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
     let pg = PgCluster::start();
     pg.psql("CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config_with(
-        dir.path(),
-        &pg,
-        "shutdown_timeout = \"2s\"\n",
-        &file_sink(dir.path()),
-    );
+    let config = ConfigFile::new()
+        .relay("shutdown_timeout = \"2s\"")
+        .sinks(&file_sink("file", &dir.path().join("events.jsonl")))
+        .write(dir.path(), &pg);
     init(&config);
     let mut relay = Relay::start(&config);
     assert!(wait_until(WAIT, || relay.log().contains("streaming")));
@@ -557,7 +505,6 @@ fn sigterm_is_acted_on_while_a_dead_letter_insert_waits_on_a_lock() {
 fn a_publication_dropped_and_created_again_under_a_running_relay_stops_it_with_the_fix() {
     let Streaming {
         pg,
-        dir: _dir,
         config,
         mut relay,
         events,
@@ -595,7 +542,7 @@ fn check_reports_a_mapped_generated_column() {
              type text NOT NULL, payload jsonb NOT NULL, \
              aggregateid text GENERATED ALWAYS AS (payload ->> 'order') STORED)");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let (config, _) = write_config(dir.path(), &pg, "");
     init(&config);
     let (ok, report) = relay_check(&config);
     assert!(
@@ -609,7 +556,6 @@ fn the_relays_sql_connections_dying_under_a_live_stream_are_opened_again() {
     // Without leader election: losing the lock's connection would end the session anyway.
     let Streaming {
         pg,
-        dir: _dir,
         config: _,
         relay,
         events,
@@ -674,7 +620,7 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
     };
     insert("Existing");
     let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &file_sink(dir.path()));
+    let (config, events) = write_config(dir.path(), &pg, "");
     with_source(
         &config,
         "[outbox.\"Billing.OutboxMessage\"]\nid = \"Id\"\naggregate_type = \"AggregateType\"\n\
@@ -686,12 +632,7 @@ fn a_mixed_case_table_with_mixed_case_columns_and_bigserial_ids_is_relayed_and_b
     assert!(ok, "{report}");
     let relay = Relay::start(&config);
     insert("Streamed");
-    let events = dir.path().join("events.jsonl");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 2),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 2);
     let got: Vec<(String, String, String)> = read_events(&events)
         .iter()
         .map(|e| {
@@ -725,15 +666,13 @@ fn a_dead_letters_values_reach_its_store_but_no_log_at_trace_level() {
         r#"{"type": "object", "properties": {"amount": {"type": "integer"}, "code": {"enum": ["a"]}}}"#,
     )
     .unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &format!(
+    let config = ConfigFile::new()
+        .sinks(&format!(
             "[validation]\nschema_dir = \"{}\"\n\n{}",
             schemas.display(),
-            file_sink(dir.path())
-        ),
-    );
+            file_sink("file", &dir.path().join("events.jsonl"))
+        ))
+        .write(dir.path(), &pg);
     init(&config);
     let mut relay = Relay::start_with_env(&config, &[("RUST_LOG", "trace")]);
     // A payload that fails its schema, and an occurred_at that is not a timestamp: both
@@ -744,9 +683,7 @@ fn a_dead_letters_values_reach_its_store_but_no_log_at_trace_level() {
          ('order', 'o-2', 'Other', '{{}}', 'yesterday {PAYLOAD_MARKER}')"
     ));
     assert!(
-        wait_until(WAIT, || pg
-            .psql("SELECT count(*) FROM outbox_relay.dead_letters")
-            == "2"),
+        wait_until(WAIT, || dead_letters(&pg, "reason").len() == 2),
         "{}",
         relay.log()
     );

@@ -9,9 +9,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// A tmpfs mounted for the length of a test, unmounted when dropped.
 struct Tmpfs(PathBuf);
@@ -66,14 +63,12 @@ fn a_full_disk_fails_the_batch_that_hit_it_and_loses_nothing_once_space_is_freed
     let pg = PgCluster::start();
     pg.create_outbox("public.outbox");
     let events = disk.0.join("events.jsonl");
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &format!(
+    let config = ConfigFile::new()
+        .sinks(&format!(
             "[sinks.file]\ntype = \"file\"\nfsync = true\npath = \"{}\"\n",
             events.display()
-        ),
-    );
+        ))
+        .write(dir.path(), &pg);
     init(&config);
     let mut relay = Relay::start(&config);
     // About 1.2 KB per line: the 64 KiB disk fills after some 50 events.
@@ -144,12 +139,12 @@ fn a_full_disk_fails_the_batch_that_hit_it_and_loses_nothing_once_space_is_freed
 /// goes on.
 #[test]
 fn a_message_holding_nul_or_non_utf8_bytes_is_dead_lettered_with_its_raw_bytes() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "message_prefixes = [\"outbox\"]");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        relay,
+    ) = scenario().source("message_prefixes = [\"outbox\"]").start();
     pg.psql("SELECT pg_logical_emit_message(true, 'outbox', E'\\\\x00'::bytea)");
     pg.psql("SELECT pg_logical_emit_message(true, 'outbox', E'\\\\x7b00e97d'::bytea)");
     pg.psql(
@@ -184,11 +179,7 @@ fn a_message_holding_nul_or_non_utf8_bytes_is_dead_lettered_with_its_raw_bytes()
 /// adds the column.
 #[test]
 fn a_dead_letter_table_without_the_raw_column_asks_for_init() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario { pg, config, .. } = scenario().init();
     pg.psql("ALTER TABLE outbox_relay.dead_letters DROP COLUMN raw");
     let (passed, text) = relay_check(&config);
     assert!(
@@ -223,7 +214,7 @@ fn a_payload_with_line_breaks_is_one_line_in_every_format_and_survives_a_restart
             )
         })
         .collect();
-    let config = relay_config(dir.path(), &pg, &sinks);
+    let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     init(&config);
     let insert = |seq: u32| {
         pg.psql(&format!(
@@ -295,14 +286,12 @@ fn deep_payloads_and_numbers_beyond_f64_are_events_with_and_without_validation()
         .unwrap();
     }
     let events = dir.path().join("events.jsonl");
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &format!(
+    let config = ConfigFile::new()
+        .sinks(&format!(
             "[sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
             events.display()
-        ),
-    );
+        ))
+        .write(dir.path(), &pg);
     let base = std::fs::read_to_string(&config).unwrap().replace(
         "[source]\n",
         "[source]\ntables = [\"public.outbox\", \"public.loose\"]\n",
@@ -353,10 +342,7 @@ fn deep_payloads_and_numbers_beyond_f64_are_events_with_and_without_validation()
             );
         }
     }
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
-        "0"
-    );
+    assert_eq!(dead_letters(&pg, "reason").len(), 0);
 }
 
 /// Item 15: a database whose `DateStyle` is not ISO, and whose time zone has offsets with

@@ -7,13 +7,8 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -56,12 +51,12 @@ fn psql_in(pg: &PgCluster, database: &str, sql: &str) -> String {
 /// committed in between would never be published.
 #[test]
 fn a_slot_dropped_before_the_first_checkpoint_is_not_recreated() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        mut relay,
+    ) = scenario().start();
     assert!(
         wait_until(WAIT, || pg.psql(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active"
@@ -108,11 +103,7 @@ fn a_slot_dropped_before_the_first_checkpoint_is_not_recreated() {
 
     // The first way on that the message offers: a backfill publishes the row.
     let mut relay = Relay::start_with_env(&config, &[("OUTBOX_RELAY__SOURCE__BACKFILL", "true")]);
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "the row committed while the slot was gone was not published\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     relay.stops_cleanly();
 }
 
@@ -197,11 +188,7 @@ fn a_relay_state_from_another_server_stops_run_naming_both_systems() {
          DELETE FROM outbox_relay.slots WHERE slot = 'outbox_relay'",
     );
     let mut relay = Relay::start(&b_config);
-    assert!(
-        wait_until(WAIT, || read_events(&b_events).len() == 3),
-        "B's events were not all delivered\n{}",
-        relay.log()
-    );
+    relay.delivers(&b_events, 3);
     relay.stops_cleanly();
 }
 
@@ -209,10 +196,7 @@ fn a_relay_state_from_another_server_stops_run_naming_both_systems() {
 /// another database) is not taken for the relay's own, by `init` and `check` as by `run`.
 #[test]
 fn a_slot_of_another_plugin_or_database_is_refused_by_init_check_and_run() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
+    let Scenario { pg, config, .. } = scenario().without_init();
     pg.psql("SELECT pg_create_logical_replication_slot('outbox_relay', 'test_decoding')");
     let expect_refusal = |owner: &str| {
         let out = relay_command(&config, "init");
@@ -259,15 +243,13 @@ fn an_invalidated_slot_is_reported_by_check_and_stops_run_on_postgres_17() {
 }
 
 fn an_invalidated_slot_stops_the_relay(bin: std::path::PathBuf) {
-    let pg = PgCluster::start_with(ClusterOptions {
-        bin,
-        settings: vec!["max_slot_wal_keep_size = 1MB".into()],
-        ..Default::default()
-    });
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario { pg, config, .. } = scenario()
+        .cluster(ClusterOptions {
+            bin,
+            settings: vec!["max_slot_wal_keep_size = 1MB".into()],
+            ..Default::default()
+        })
+        .init();
     assert!(
         wait_until(WAIT, || {
             insert(&pg, "lost");
@@ -296,15 +278,7 @@ fn an_invalidated_slot_stops_the_relay(bin: std::path::PathBuf) {
 /// the leader lock's connection forever.
 #[test]
 fn permanent_connection_errors_stop_run_with_leader_election_on_or_off() {
-    let pg = PgCluster::start_with(ClusterOptions {
-        hba: vec!["host all app 127.0.0.1/32 scram-sha-256".into()],
-        ..Default::default()
-    });
-    pg.psql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    let secret = dir.path().join("password");
-    std::fs::write(&secret, "wrong\n").unwrap();
+    let (pg, _dir, config, secret) = cluster_with_a_password();
     let wrong_password = format!(
         "postgres://app@127.0.0.1:{}/postgres?sslmode=disable",
         pg.port
@@ -346,48 +320,14 @@ fn permanent_connection_errors_stop_run_with_leader_election_on_or_off() {
     }
 }
 
-/// GET `path` from the relay on `port`: the body, or None if nothing answers.
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response.split_once("\r\n\r\n")?.1.trim().to_owned())
-}
-
 /// What a relay says of itself: its /readyz state and whether its `outbox_relay_leader`
 /// gauge is 1.
 fn state(port: u16) -> (String, bool) {
-    let ready = get(port, "/readyz").unwrap_or_else(|| "down".into());
-    let leader = get(port, "/metrics")
-        .is_some_and(|metrics| metrics.lines().any(|line| line == "outbox_relay_leader 1"));
+    let ready =
+        http_get(port, "/readyz").map_or_else(|| "down".into(), |(_, body)| body.trim().to_owned());
+    let leader = http_get(port, "/metrics")
+        .is_some_and(|(_, metrics)| metrics.lines().any(|line| line == "outbox_relay_leader 1"));
     (ready, leader)
-}
-
-/// A relay config with leader election checked every `interval`, the HTTP endpoint on
-/// `port` and the file sink at `events`, in `dir`.
-fn leader_config(
-    dir: &Path,
-    pg: &PgCluster,
-    events: &Path,
-    port: u16,
-    interval: &str,
-) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    relay_config(
-        dir,
-        pg,
-        &format!(
-            "[leader]\ninterval = \"{interval}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             [sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
-            events.display()
-        ),
-    )
 }
 
 /// Item 22b: PostgreSQL restarts under a leader; its lock went with its connection, and a
@@ -402,8 +342,13 @@ fn after_a_restart_a_relay_streams_only_while_it_holds_the_lock() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let ports = [free_port(), free_port()];
-    let first = leader_config(&dir.path().join("first"), &pg, &events, ports[0], "10s");
-    let second = leader_config(&dir.path().join("second"), &pg, &events, ports[1], "500ms");
+    let [first, second] = [("first", ports[0], "10s"), ("second", ports[1], "500ms")].map(
+        |(name, port, interval)| {
+            let config_dir = dir.path().join(name);
+            std::fs::create_dir(&config_dir).unwrap();
+            sidecar_config(&config_dir, &pg, &events, port, interval)
+        },
+    );
     init(&first);
     let leader = Relay::start(&first);
     assert!(

@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 #[test]
 fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
@@ -33,7 +32,7 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
     let pid =
         || pg.psql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'");
     assert!(
-        wait_until(Duration::from_secs(30), || !pid().is_empty()),
+        wait_until(WAIT, || !pid().is_empty()),
         "relay log:\n{}",
         relay.log()
     );
@@ -41,7 +40,7 @@ fn a_stalled_sink_does_not_trip_wal_sender_timeout() {
     let stalled_since = pg.psql("SELECT now()");
 
     // Status updates keep arriving for three times wal_sender_timeout while the sink is stuck.
-    let kept_alive = wait_until(Duration::from_secs(30), || {
+    let kept_alive = wait_until(WAIT, || {
         pg.psql(&format!(
             "SELECT coalesce(max(reply_time) > '{stalled_since}'::timestamptz + interval '6 seconds', false) \
              FROM pg_stat_replication WHERE pid = {walsender}"
@@ -86,7 +85,7 @@ fn the_reader_fills_its_batch_while_a_sink_is_behind() {
     insert(0, 99);
     let stalled_at = pg.psql("SELECT pg_current_wal_flush_lsn()");
     assert!(
-        wait_until(Duration::from_secs(30), || received_through(&stalled_at)),
+        wait_until(WAIT, || received_through(&stalled_at)),
         "the relay did not read the first transaction; log:\n{}",
         relay.log()
     );
@@ -98,7 +97,7 @@ fn the_reader_fills_its_batch_while_a_sink_is_behind() {
         insert(seq, seq);
     }
     assert!(
-        wait_until(Duration::from_secs(30), || received_through(&last_start)),
+        wait_until(WAIT, || received_through(&last_start)),
         "the reader stopped reading while the sink was behind; log:\n{}",
         relay.log()
     );
@@ -130,7 +129,7 @@ fn a_batch_closes_at_its_byte_limit_while_a_sink_is_behind() {
     ));
     let paused = "batch full while a sink is behind: reading pauses";
     assert!(
-        wait_until(Duration::from_secs(30), || relay.log().contains(paused)),
+        wait_until(WAIT, || relay.log().contains(paused)),
         "the reader never filled a batch; log:\n{}",
         relay.log()
     );
@@ -163,15 +162,13 @@ fn relay_into_a_pipe(pg: &PgCluster, dir: &Path, relay_settings: &str) -> (Relay
     pg.create_outbox("public.outbox");
     let events = dir.join("events.jsonl");
     mkfifo(&events);
-    let config = relay_config_with(
-        dir,
-        pg,
-        relay_settings,
-        &format!(
+    let config = ConfigFile::new()
+        .relay(relay_settings)
+        .sinks(&format!(
             "[sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
             events.display()
-        ),
-    );
+        ))
+        .write(dir, pg);
     init(&config);
     (Relay::start(&config), events)
 }

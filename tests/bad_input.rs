@@ -7,9 +7,6 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// What must become of a row.
 enum Outcome {
@@ -238,15 +235,7 @@ fn every_bad_configuration_is_refused_with_the_key_to_fix() {
 /// Wrong credentials for a broker: `check` names the broker and the refusal.
 #[test]
 fn wrong_broker_credentials_are_named_by_check() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        "[sinks.rabbit]\ntype = \"rabbitmq\"\nurl = \"amqp://guest:wrong-password@127.0.0.1:5672/%2f\"\nexchange = \"x\"\ndeclare = true\n",
-    );
-    init(&config);
+    let Scenario { pg: _pg, config, .. } = scenario().sinks("[sinks.rabbit]\ntype = \"rabbitmq\"\nurl = \"amqp://guest:wrong-password@127.0.0.1:5672/%2f\"\nexchange = \"x\"\ndeclare = true\n").init();
     let (passed, text) = relay_check(&config);
     assert!(!passed, "{text}");
     assert!(

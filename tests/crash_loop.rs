@@ -26,7 +26,7 @@
 
 mod common;
 
-use common::aws::{Aws, Moto, AWS_ENV};
+use common::aws::{eventbridge_sink, Aws, Moto, AWS_ENV};
 use common::kafka::{consume_all, Broker};
 use common::rabbitmq::Vhost;
 use common::*;
@@ -292,7 +292,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         vhost.amqp_url(),
         vhost.stream_url(),
     );
-    let config = relay_config(dir.path(), &pg, &sinks);
+    let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     init(&config);
 
     let relay = write_while_killing(&pg, &config, &[], events, kills, seed);
@@ -365,21 +365,12 @@ fn eventbridge_kill_9_loops_lose_nothing_and_keep_per_key_order() {
     let aws = Aws::new(&moto);
     let bus = unique("crash-loop");
     let queue = aws.bus_into_queue(&bus);
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
     // Small batches: moto takes about a hundred events a second, and a batch must be able to
     // finish between two kills.
-    let config = relay_config_with(
-        dir.path(),
-        &pg,
-        "batch_size = 20\n",
-        &format!(
-            "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-            moto.url()
-        ),
-    );
-    init(&config);
+    let Scenario { pg, config, .. } = scenario()
+        .relay("batch_size = 20\n")
+        .sinks(&eventbridge_sink("bus", &bus, &moto.url(), ""))
+        .init();
 
     let relay = write_while_killing(&pg, &config, &AWS_ENV, events, kills, seed);
     let expected = committed_ids(&pg, events);

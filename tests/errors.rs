@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -16,15 +15,7 @@ fn stderr(out: &std::process::Output) -> String {
 
 #[test]
 fn wrong_password_is_named_with_the_fix() {
-    let pg = PgCluster::start_with(ClusterOptions {
-        hba: vec!["host all app 127.0.0.1/32 scram-sha-256".into()],
-        ..Default::default()
-    });
-    pg.psql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    let secret = dir.path().join("password");
-    std::fs::write(&secret, "wrong\n").unwrap();
+    let (pg, _dir, config, secret) = cluster_with_a_password();
     let url = format!(
         "postgres://app@127.0.0.1:{}/postgres?sslmode=disable",
         pg.port
@@ -61,13 +52,14 @@ fn wrong_password_is_named_with_the_fix() {
 
 #[test]
 fn wal_level_replica_is_reported_by_check_and_run() {
-    let pg = PgCluster::start_with(ClusterOptions {
-        wal_level: "replica",
-        ..Default::default()
-    });
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
+    let Scenario {
+        pg: _pg, config, ..
+    } = scenario()
+        .cluster(ClusterOptions {
+            wal_level: "replica",
+            ..Default::default()
+        })
+        .without_init();
     let out = relay_command(&config, "check");
     assert!(!out.status.success());
     assert!(
@@ -82,10 +74,9 @@ fn wal_level_replica_is_reported_by_check_and_run() {
 
 #[test]
 fn missing_publication_and_slot_are_explained() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "create_slot = false");
+    let Scenario {
+        pg: _pg, config, ..
+    } = scenario().source("create_slot = false").without_init();
     let out = relay_command(&config, "check");
     assert!(!out.status.success());
     let text = stdout(&out);
@@ -97,11 +88,7 @@ fn missing_publication_and_slot_are_explained() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     let mut relay = Relay::start(&config);
-    let status = relay
-        .wait(Duration::from_secs(30))
-        .expect("run should exit on a permanent error");
-    assert!(!status.success());
-    let log = relay.log();
+    let log = relay.stops_with_failure(WAIT, "run should exit on a permanent error");
     assert!(
         log.contains("publication outbox_relay does not exist: run `outbox-relay init`"),
         "{log}"
@@ -151,15 +138,14 @@ fn unreachable_database_and_bad_config_fail_fast_with_the_key() {
 /// slot would skip everything committed in between): `run` stops and says what to do.
 #[test]
 fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    let out = relay_command(&config, "init");
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut relay = Relay::start(&config);
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        mut relay,
+    ) = scenario().start();
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'T', '{}')");
-    assert!(wait_until(Duration::from_secs(30), || {
+    assert!(wait_until(WAIT, || {
         read_events(&events).len() == 1
             && pg.psql("SELECT count(*) FROM outbox_relay.checkpoints") == "1"
     }));
@@ -168,11 +154,7 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'T', '{}')");
 
     let mut relay = Relay::start(&config);
-    let status = relay
-        .wait(Duration::from_secs(30))
-        .expect("run should stop instead of re-creating the slot");
-    assert!(!status.success());
-    let log = relay.log();
+    let log = relay.stops_with_failure(WAIT, "run should stop instead of re-creating the slot");
     assert!(
         log.contains("replication slot \"outbox_relay\" is gone, but the relay has checkpoints")
             && log.contains(
@@ -202,17 +184,15 @@ fn a_dropped_slot_with_checkpoints_is_not_silently_recreated() {
 
 #[test]
 fn check_counts_replication_granted_through_a_managed_platforms_role_and_names_each_fix() {
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    // As on Amazon RDS and Aurora: REPLICATION comes with membership in rds_replication.
-    pg.psql(
-        "CREATE ROLE rds_replication WITH REPLICATION; \
-         CREATE ROLE member LOGIN IN ROLE rds_replication; CREATE ROLE plain LOGIN; \
-         GRANT SELECT ON outbox TO member, plain",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario { pg, config, .. } = scenario()
+        .outbox("outbox")
+        // As on Amazon RDS and Aurora: REPLICATION comes with membership in rds_replication.
+        .sql(
+            "CREATE ROLE rds_replication WITH REPLICATION; \
+             CREATE ROLE member LOGIN IN ROLE rds_replication; CREATE ROLE plain LOGIN; \
+             GRANT SELECT ON outbox TO member, plain",
+        )
+        .init();
     let check_as = |user: &str| {
         let url = format!(
             "postgres://{user}@127.0.0.1:{}/postgres?sslmode=disable",

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::aws::{Aws, Moto, AWS_ENV};
+use common::aws::{eventbridge_sink, Aws, Moto, AWS_ENV};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
-const WAIT: Duration = Duration::from_secs(60);
 /// Inserts `count` events in one transaction: keys k0..k{keys-1} in turn, payload `{"n": i}`.
 fn insert_events(pg: &PgCluster, first: usize, count: usize, keys: usize) {
     pg.psql(&format!(
@@ -54,12 +53,15 @@ fn ids(events: &[Value]) -> HashSet<String> {
         .collect()
 }
 
-fn dead_letters(pg: &PgCluster) -> Vec<String> {
-    let out = pg.psql(
-        "SELECT sink || ' | ' || (row_data->>'type') || ' | ' || reason \
-         FROM outbox_relay.dead_letters ORDER BY commit_lsn, event_index",
-    );
-    out.lines().map(str::to_owned).collect()
+/// What the tests read of a dead letter: "sink | type | reason".
+const LETTER: &str = "sink, row_data->>'type', reason";
+
+/// A scenario on `outbox` whose one sink, `bus`, puts to `bus` at `endpoint` (more sink
+/// keys in `extra`).
+fn bus_relay(bus: &str, endpoint: &str, extra: &str) -> ScenarioBuilder {
+    scenario()
+        .outbox("outbox")
+        .sinks(&eventbridge_sink("bus", bus, endpoint, extra))
 }
 
 /// Guarantee: each event becomes one PutEvents entry whose source, detail-type, detail
@@ -85,7 +87,7 @@ fn events_arrive_through_a_rule_with_their_source_detail_type_and_detail() {
          [sinks.raw]\ntype = \"eventbridge\"\nbus = \"{raw_bus}\"\nformat = \"raw\"\n\
          source = \"outbox.raw.{{aggregatetype}}\"\ndetail_type = \"{{aggregatetype}}.{{type}}\"\n"
     );
-    let config = relay_config(dir.path(), &pg, &sinks);
+    let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     init(&config);
     let moto_url = moto.url();
     let mut env = AWS_ENV.to_vec();
@@ -173,7 +175,7 @@ fn events_arrive_through_a_rule_with_their_source_detail_type_and_detail() {
             ),
         ]
     );
-    assert!(dead_letters(&pg).is_empty());
+    assert!(dead_letters(&pg, LETTER).is_empty());
 }
 
 /// Guarantee: an entry EventBridge refuses for good is dead-lettered with the service's
@@ -186,16 +188,7 @@ fn an_entry_refused_by_eventbridge_is_dead_lettered_and_the_rest_delivered() {
     let aws = Aws::new(&moto);
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
-    let relay = Relay::start_with_env(&config, &AWS_ENV);
+    let (Scenario { pg, .. }, relay) = bus_relay(&bus, &moto.url(), "").start_with_env(&AWS_ENV);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'OrderCreated', '{\"n\": 1}'), \
@@ -211,8 +204,8 @@ fn an_entry_refused_by_eventbridge_is_dead_lettered_and_the_rest_delivered() {
         .collect();
     assert_eq!(numbers, [1, 2, 4, 5].into());
     assert_per_key_order(&events);
-    assert!(wait_until(WAIT, || !dead_letters(&pg).is_empty()));
-    let letters = dead_letters(&pg);
+    assert!(wait_until(WAIT, || !dead_letters(&pg, LETTER).is_empty()));
+    let letters = dead_letters(&pg, LETTER);
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(
         letters[0].starts_with("bus |  | EventBridge rejected the entry: InvalidArgument"),
@@ -228,16 +221,7 @@ fn an_oversized_event_is_dead_lettered_by_the_relay() {
     let aws = Aws::new(&moto);
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
-    let relay = Relay::start_with_env(&config, &AWS_ENV);
+    let (Scenario { pg, .. }, relay) = bus_relay(&bus, &moto.url(), "").start_with_env(&AWS_ENV);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'Small', '{\"n\": 1}'), \
@@ -252,8 +236,8 @@ fn an_oversized_event_is_dead_lettered_by_the_relay() {
             .collect::<Vec<_>>(),
         [1, 3]
     );
-    assert!(wait_until(WAIT, || !dead_letters(&pg).is_empty()));
-    let letters = dead_letters(&pg);
+    assert!(wait_until(WAIT, || !dead_letters(&pg, LETTER).is_empty()));
+    let letters = dead_letters(&pg, LETTER);
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(
         letters[0].starts_with("bus | Huge | the event is 300")
@@ -277,20 +261,15 @@ fn a_bytea_payload_is_data_base64_in_the_envelope_and_refused_as_a_raw_detail() 
     );
     let dir = tempfile::tempdir().unwrap();
     let sink = |name: &str, format: &str| {
-        format!(
-            "[sinks.{name}]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\nformat = \"{format}\"\n",
-            moto.url()
-        )
+        eventbridge_sink(name, &bus, &moto.url(), &format!("format = \"{format}\""))
     };
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &format!(
+    let config = ConfigFile::new()
+        .sinks(&format!(
             "{}{}",
             sink("envelope", "cloudevents"),
             sink("detail", "raw")
-        ),
-    );
+        ))
+        .write(dir.path(), &pg);
     init(&config);
     let out = relay_command_with_env(&config, "check", &AWS_ENV);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -313,8 +292,8 @@ fn a_bytea_payload_is_data_base64_in_the_envelope_and_refused_as_a_raw_detail() 
         events[0]["detail"]["datacontenttype"],
         "application/octet-stream"
     );
-    assert!(wait_until(WAIT, || !dead_letters(&pg).is_empty()));
-    let letters = dead_letters(&pg);
+    assert!(wait_until(WAIT, || !dead_letters(&pg, LETTER).is_empty()));
+    let letters = dead_letters(&pg, LETTER);
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(
         letters[0].starts_with("detail | Avro | the payload is bytes (a bytea column)"),
@@ -548,14 +527,7 @@ fn throttling_and_server_errors_are_retried_without_loss_or_reordering() {
     let proxy = start_proxy(&aws.rt, &moto, faults.clone());
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{proxy}\"\nconcurrency = 4\n"
-    );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
+    let Scenario { pg, config, .. } = bus_relay(&bus, &proxy, "concurrency = 4").init();
     // 25 keys, written before the relay starts so that its first batches hold many keys:
     // their first events fill three requests, sent concurrently.
     insert_events(&pg, 0, 30, 25);
@@ -575,7 +547,7 @@ fn throttling_and_server_errors_are_retried_without_loss_or_reordering() {
     assert_eq!(faults.injected_whole.load(Ordering::SeqCst), 5);
     assert_eq!(faults.partial.load(Ordering::SeqCst), 0);
     assert!(faults.injected_entries.load(Ordering::SeqCst) >= 6);
-    assert!(dead_letters(&pg).is_empty());
+    assert!(dead_letters(&pg, LETTER).is_empty());
     let log = relay.log();
     assert!(
         log.contains("PutEvents failed; retrying its entries"),
@@ -601,15 +573,7 @@ fn a_request_refused_as_invalid_is_split_and_only_the_bad_entry_dead_lettered() 
     let proxy = start_proxy(&aws.rt, &moto, faults.clone());
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{proxy}\"\n"
-    );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
-    let relay = Relay::start_with_env(&config, &AWS_ENV);
+    let (Scenario { pg, .. }, relay) = bus_relay(&bus, &proxy, "").start_with_env(&AWS_ENV);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'OrderCreated', '{\"n\": 1}'), \
@@ -623,8 +587,8 @@ fn a_request_refused_as_invalid_is_split_and_only_the_bad_entry_dead_lettered() 
         .map(|e| e["detail"]["data"]["n"].as_i64().unwrap())
         .collect();
     assert_eq!(numbers, [1, 3, 4].into());
-    assert!(wait_until(WAIT, || !dead_letters(&pg).is_empty()));
-    let letters = dead_letters(&pg);
+    assert!(wait_until(WAIT, || !dead_letters(&pg, LETTER).is_empty()));
+    let letters = dead_letters(&pg, LETTER);
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(
         letters[0].starts_with("bus | Poison | EventBridge refused the entry")
@@ -642,15 +606,7 @@ fn a_missing_bus_is_reported_by_check_and_stops_run() {
     let moto = Moto::start();
     let aws = Aws::new(&moto);
     let bus = unique("missing");
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
+    let Scenario { pg, config, .. } = bus_relay(&bus, &moto.url(), "").init();
     let out = relay_command_with_env(&config, "check", &AWS_ENV);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
@@ -662,9 +618,7 @@ fn a_missing_bus_is_reported_by_check_and_stops_run() {
 
     let mut relay = Relay::start_with_env(&config, &AWS_ENV);
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'OrderCreated', '{}')");
-    let status = relay.wait(WAIT).expect("the relay should stop");
-    assert!(!status.success());
-    let log = relay.log();
+    let log = relay.stops_with_failure(WAIT, "the relay should stop");
     assert!(
         log.contains("ResourceNotFoundException")
             && log.contains(&format!("event bus {bus} does not exist"))
@@ -690,15 +644,7 @@ fn restarts_lose_nothing_and_keep_per_key_order() {
     let aws = Aws::new(&moto);
     let bus = unique("orders");
     let queue = aws.bus_into_queue(&bus);
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\n",
-        moto.url()
-    );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
+    let Scenario { pg, config, .. } = bus_relay(&bus, &moto.url(), "").init();
 
     let mut relay = Relay::start_with_env(&config, &AWS_ENV);
     insert_events(&pg, 0, 50, 4);
@@ -795,16 +741,8 @@ fn a_30_second_outage_delays_but_loses_nothing() {
     let aws = Aws::new(&moto);
     let bus = unique("outage");
     let queue = aws.bus_into_queue(&bus);
-    let pg = PgCluster::start();
-    pg.create_outbox("outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "[sinks.bus]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{}\"\ntimeout = \"2s\"\n",
-        moto.url()
-    );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
-    let relay = Relay::start_with_env(&config, &AWS_ENV);
+    let (Scenario { pg, .. }, relay) =
+        bus_relay(&bus, &moto.url(), "timeout = \"2s\"").start_with_env(&AWS_ENV);
     insert_events(&pg, 0, 20, 4);
     let mut events = aws.wait_for(&queue, 20, &relay);
 
@@ -844,5 +782,5 @@ fn a_30_second_outage_delays_but_loses_nothing() {
         .cloned()
         .collect();
     assert_per_key_order(&first_copies);
-    assert!(dead_letters(&pg).is_empty());
+    assert!(dead_letters(&pg, LETTER).is_empty());
 }

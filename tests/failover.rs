@@ -49,7 +49,7 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
     let mut relay = Relay::start(&config);
     insert_rows(&primary, 2, 10, 100);
     assert!(
-        wait_until(Duration::from_secs(30), || {
+        wait_until(WAIT, || {
             read_events(&events).len() == 20
                 && standby.psql("SELECT count(*) FROM outbox_relay.checkpoints") == "1"
                 && standby.psql("SELECT count(*) FROM outbox") == "20"
@@ -73,10 +73,7 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
     let (config, events_again) = write_config(dir.path(), &standby, "");
     assert_eq!(events, events_again);
     let mut relay = Relay::start(&config);
-    let log = relay.stops_with_failure(
-        Duration::from_secs(30),
-        "the slot did not survive the failover",
-    );
+    let log = relay.stops_with_failure(WAIT, "the slot did not survive the failover");
     assert!(
         log.contains("replication slot \"outbox_relay\" is gone, but the relay has checkpoints")
             && log.contains("promoted standby"),
@@ -96,10 +93,7 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
          DELETE FROM outbox_relay.slots WHERE slot = 'outbox_relay'",
     );
     let mut relay = Relay::start(&config);
-    let log = relay.stops_with_failure(
-        Duration::from_secs(30),
-        "the file holds events beyond the new slot's start",
-    );
+    let log = relay.stops_with_failure(WAIT, "the file holds events beyond the new slot's start");
     assert!(
         log.contains("sink file: its destination already holds events up to position")
             && log.contains("file: a new path"),
@@ -110,11 +104,7 @@ fn a_failover_to_a_lagging_standby_stops_the_relay_instead_of_skipping_events() 
     std::fs::rename(&events, dir.path().join("before-failover.jsonl")).unwrap();
     let mut relay = Relay::start(&config);
     insert_rows(&standby, 1, 5, 100);
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len() == 5),
-        "the new primary's 5 events\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
     assert_eq!(
         streamed_from(&relay.log()),
         (system_id, "2".to_owned()),
@@ -135,12 +125,7 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
     init(&config);
     let mut relay = Relay::start(&config);
     insert_rows(&old, 20, 20, 2000);
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len()
-            == 400),
-        "400 events delivered\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 400);
     relay.stops_cleanly();
     drop(old);
 
@@ -150,10 +135,7 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
     let (config, _) = write_config(dir.path(), &new, "backfill = true");
     init(&config);
     let mut relay = Relay::start(&config);
-    let log = relay.stops_with_failure(
-        Duration::from_secs(30),
-        "the file holds events beyond the new database's WAL",
-    );
+    let log = relay.stops_with_failure(WAIT, "the file holds events beyond the new database's WAL");
     assert!(
         log.contains("sink file: its destination already holds events up to position"),
         "{log}"
@@ -166,16 +148,14 @@ fn a_destination_filled_from_a_recreated_database_is_not_trusted() {
 /// backfill: the primary's slot is gone).
 #[test]
 fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
-    let primary = PgCluster::start();
-    primary.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &primary, "");
-    init(&config);
+    let Scenario {
+        pg: primary, dir, ..
+    } = scenario().init();
     let standby = PgCluster::start_standby_of(&primary);
     // The slot `init` made on the primary does not survive the failover (before PostgreSQL
     // 17), and rows committed after it may be on the standby: rather than skip them on a new
     // slot, the relay backfills them.
-    let (config, events) = write_config(dir.path(), &standby, "backfill = true");
+    let (config, events) = write_config(&dir, &standby, "backfill = true");
 
     let (ok, report) = relay_check(&config);
     assert!(
@@ -184,7 +164,7 @@ fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
     );
     let mut relay = Relay::start(&config);
     assert!(
-        wait_until(Duration::from_secs(30), || relay
+        wait_until(WAIT, || relay
             .log()
             .contains("the server is a standby in recovery")),
         "{}",
@@ -199,29 +179,20 @@ fn a_relay_pointed_at_a_standby_waits_for_its_promotion() {
     primary.stop("fast");
     standby.promote();
     assert!(
-        wait_until(Duration::from_secs(60), || {
+        wait_until(WAIT, || {
             standby.psql("SELECT count(*) FROM pg_replication_slots") == "1"
         }),
         "the relay creates its slot on the promoted standby\n{}",
         relay.log()
     );
     insert_rows(&standby, 1, 5, 100);
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len() == 5),
-        "the 5 rows written after the slot\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
 }
 
 /// Waits until the file at `events` holds `count` events, all streamed on timeline 1;
 /// returns the system identifier the relay streamed from.
 fn delivered_from_the_first_timeline(relay: &Relay, events: &Path, count: usize) -> String {
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(events).len()
-            == count),
-        "{count} events delivered\n{}",
-        relay.log()
-    );
+    relay.delivers(events, count);
     let (system_id, timeline) = streamed_from(&relay.log());
     assert_eq!(timeline, "1");
     system_id
@@ -348,7 +319,7 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
         .matches("the server is a standby in recovery")
         .count();
     assert!(
-        wait_until(Duration::from_secs(60), || relay
+        wait_until(WAIT, || relay
             .log()
             .matches("the server is a standby in recovery")
             .count()
@@ -365,7 +336,7 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
     let server_says = "replication slot \"standby_slot\" specified in parameter \"synchronized_standby_slots\" does not exist";
     let relay_says = "synchronized_standby_slots names slot \"standby_slot\", which does not exist on this server";
     assert!(
-        wait_until(Duration::from_secs(60), || {
+        wait_until(WAIT, || {
             let log = relay.log();
             log.contains(server_says) && log.contains(relay_says)
         }),
@@ -378,16 +349,11 @@ fn a_failover_slot_lets_the_relay_go_on_from_the_promoted_standby() {
     standby.psql("ALTER SYSTEM SET synchronized_standby_slots = ''");
     standby.psql("SELECT pg_reload_conf()");
     assert!(
-        wait_until(Duration::from_secs(30), || relay_check(&config).0),
+        wait_until(WAIT, || relay_check(&config).0),
         "check passes once the setting is cleared\n{}",
         relay_check(&config).1
     );
-    assert!(
-        wait_until(Duration::from_secs(60), || read_events(&events).len()
-            == 225),
-        "the new primary's 5 events\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 225);
     assert_each_once_in_key_order(&read_events(&events), 225);
     assert_eq!(
         streamed_from(&relay.log()),
@@ -418,19 +384,13 @@ fn a_listed_standby_that_is_down_holds_the_relay_back_until_it_returns() {
     init(&config);
     let mut relay = Relay::start(&config);
     insert_numbered_rows(&primary, 1, 5);
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len() == 5),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
 
     standby.stop("fast");
     insert_numbered_rows(&primary, 6, 5);
     let server_says = "replication slot \"standby_slot\" specified in parameter \"synchronized_standby_slots\" does not have active_pid";
     assert!(
-        wait_until(Duration::from_secs(30), || relay
-            .log()
-            .contains(server_says)),
+        wait_until(WAIT, || relay.log().contains(server_says)),
         "the server's warning in the relay's log\n{}",
         relay.log()
     );
@@ -448,11 +408,7 @@ fn a_listed_standby_that_is_down_holds_the_relay_back_until_it_returns() {
     );
 
     standby.start_stopped();
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len() == 10),
-        "delivered once the standby is back\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 10);
     assert_each_once_in_key_order(&read_events(&events), 10);
     relay.stops_cleanly();
 }
@@ -474,11 +430,7 @@ fn failover_slot_makes_existing_and_backfill_slots_failover_slots() {
     let (config, _) = write_config(dir.path(), &pg, "failover_slot = true");
     let mut relay = Relay::start(&config);
     insert_numbered_rows(&pg, 1, 3);
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len() == 3),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     assert_eq!(failover("outbox_relay"), "t");
     assert!(
         relay
@@ -498,11 +450,7 @@ fn failover_slot_makes_existing_and_backfill_slots_failover_slots() {
     );
     init(&config);
     let mut relay = Relay::start(&config);
-    assert!(
-        wait_until(Duration::from_secs(30), || read_events(&events).len() == 3),
-        "the 3 rows backfilled\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 3);
     assert_eq!(failover("backfilled"), "t");
     relay.stops_cleanly();
 }
@@ -527,7 +475,7 @@ fn failover_slot_before_postgres_17_is_refused_with_what_to_do() {
     let (ok, report) = relay_check(&config);
     assert!(!ok && report.contains(&expected), "{report}");
     let mut relay = Relay::start(&config);
-    let log = relay.stops_with_failure(Duration::from_secs(30), "no failover slots before 17");
+    let log = relay.stops_with_failure(WAIT, "no failover slots before 17");
     assert!(log.contains(&expected), "{log}");
     assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots"), "0");
 }

@@ -21,35 +21,27 @@ use common::kafka::{consume, consume_all, consume_raw, Broker, Record};
 use common::*;
 use outbox_relay_sinks::kafka::{KafkaSettings, KafkaSink};
 use outbox_relay_sinks::routing::Template;
-use outbox_relay_sinks::{Event, EventState, Lsn, Position, Sink, SinkError, Text};
+use outbox_relay_sinks::test_util::sample;
+use outbox_relay_sinks::{EventState, Lsn, Position, Sink, SinkError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A relay config with one Kafka sink; returns the config path.
-fn kafka_config(dir: &Path, pg: &PgCluster, broker: &Broker, sink_extra: &str) -> PathBuf {
-    let path = dir.join("relay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n[relay]\ncheckpoint_interval = \"100ms\"\nbatch_size = 50\n\
-             [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\npartitions = 4\ntimeout = \"10s\"\n{sink_extra}\n",
-            pg.url(),
-            broker.address()
-        ),
+/// A `[sinks.kafka]` table on `broker` whose requests time out after `timeout`, with more
+/// keys (or tables after it) in `extra`.
+fn kafka_sink(broker: &Broker, timeout: &str, extra: &str) -> String {
+    format!(
+        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\n\
+         partitions = 4\ntimeout = \"{timeout}\"\n{extra}\n",
+        broker.address()
     )
-    .unwrap();
-    path
 }
 
-/// Replaces the sink's `timeout` in a config written by [`kafka_config`].
-fn set_sink_timeout(config: &Path, timeout: &str) {
-    let text = std::fs::read_to_string(config)
-        .unwrap()
-        .replace("timeout = \"10s\"", &format!("timeout = \"{timeout}\""));
-    std::fs::write(config, text).unwrap();
+/// A scenario whose relay (batches of 50) has one Kafka sink: see [`kafka_sink`].
+fn kafka_relay(broker: &Broker, timeout: &str, extra: &str) -> ScenarioBuilder {
+    scenario()
+        .relay("batch_size = 50")
+        .sinks(&kafka_sink(broker, timeout, extra))
 }
 
 /// For each key, the seqs of the last copy of every event, in consumption order.
@@ -92,12 +84,7 @@ fn write(pg: &PgCluster, keys: usize, txs: usize) {
 #[test]
 fn per_key_order_over_many_keys_and_partitions_with_headers() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "binary = true");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = kafka_relay(&broker, "10s", "binary = true").start();
     write(&pg, 10, 60);
     let records = consume(&broker, "outbox.event.order", 300);
     assert_eq!(records.len(), 300, "relay log:\n{}", relay.log());
@@ -121,11 +108,7 @@ fn per_key_order_over_many_keys_and_partitions_with_headers() {
 #[test]
 fn kill_9_during_transactions_loses_nothing_and_resumes_from_the_kafka_checkpoint() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "");
-    init(&config);
+    let Scenario { pg, config, .. } = kafka_relay(&broker, "10s", "").init();
     let total_txs = 200;
     let writer = {
         let url = pg.url();
@@ -210,7 +193,10 @@ fn a_kafka_checkpoint_from_a_recreated_database_stops_the_relay() {
     {
         let old = PgCluster::start();
         old.create_outbox("public.outbox");
-        let config = kafka_config(dir.path(), &old, &broker, "");
+        let config = ConfigFile::new()
+            .relay("batch_size = 50")
+            .sinks(&kafka_sink(&broker, "10s", ""))
+            .write(dir.path(), &old);
         init(&config);
         let mut relay = Relay::start(&config);
         old.psql(&rows(2000));
@@ -221,7 +207,10 @@ fn a_kafka_checkpoint_from_a_recreated_database_stops_the_relay() {
 
     let new = PgCluster::start();
     new.create_outbox("public.outbox");
-    let config = kafka_config(dir.path(), &new, &broker, "");
+    let config = ConfigFile::new()
+        .relay("batch_size = 50")
+        .sinks(&kafka_sink(&broker, "10s", ""))
+        .write(dir.path(), &new);
     init(&config);
     new.psql(&rows(5));
     let mut relay = Relay::start(&config);
@@ -285,37 +274,13 @@ fn settings(broker: &Broker, transactional_id: &str, topic: &str) -> KafkaSettin
     }
 }
 
-fn event(lsn: u64, seq: u64) -> Event {
-    Event {
-        position: Position {
-            commit_lsn: Lsn(lsn),
-            index: 0,
-        },
-        xid: 1,
-        commit_time_micros: 0,
-        table: "public.outbox".into(),
-        source: "/public.outbox".into(),
-        id: Text::from(format!("00000000-0000-4000-8000-{seq:012}")),
-        key: Text::from("k"),
-        aggregate_type: Text::from("order"),
-        aggregate_id: Text::from("k"),
-        event_type: Text::from("Seq"),
-        schema_version: None,
-        occurred_at: None,
-        traceparent: None,
-        headers: Vec::new(),
-        attributes: Vec::new(),
-        payload: Text::from(format!("{{\"seq\": {seq}}}")).into(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_producer_with_the_same_identity_fences_the_first() {
     let broker = Broker::start();
     let mut first = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
     assert_eq!(first.recover().await.unwrap(), None);
     first
-        .send(&[event(100, 0)], &mut [EventState::Pending])
+        .send(&[sample(100, 0)], &mut [EventState::Pending])
         .await
         .unwrap();
 
@@ -329,14 +294,14 @@ async fn a_second_producer_with_the_same_identity_fences_the_first() {
         "the checkpoint rides in the transaction"
     );
     match first
-        .send(&[event(200, 1)], &mut [EventState::Pending])
+        .send(&[sample(200, 0)], &mut [EventState::Pending])
         .await
     {
         Err(SinkError::Permanent(reason)) => assert!(reason.contains("fenced"), "{reason}"),
         other => panic!("the first producer must be fenced, got {other:?}"),
     }
     second
-        .send(&[event(200, 1)], &mut [EventState::Pending])
+        .send(&[sample(200, 0)], &mut [EventState::Pending])
         .await
         .unwrap();
     let mut third = KafkaSink::new(settings(&broker, "fencing-test", "fenced"));
@@ -352,13 +317,7 @@ async fn a_second_producer_with_the_same_identity_fences_the_first() {
 #[test]
 fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "");
-    set_sink_timeout(&config, "2s");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = kafka_relay(&broker, "2s", "").start();
     write(&pg, 4, 10);
     assert_eq!(
         consume(&broker, "outbox.event.order", 50).len(),
@@ -407,13 +366,7 @@ fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
 #[test]
 fn sigterm_while_the_broker_is_paused_exits_after_the_shutdown_timeout() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "");
-    set_sink_timeout(&config, "120s");
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg, .. }, mut relay) = kafka_relay(&broker, "120s", "").start();
     write(&pg, 2, 5);
     assert_eq!(
         consume(&broker, "outbox.event.order", 10).len(),
@@ -450,17 +403,12 @@ fn sigterm_while_the_broker_is_paused_exits_after_the_shutdown_timeout() {
 #[test]
 fn an_oversized_record_is_dead_lettered_and_the_stream_goes_on() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(
-        dir.path(),
-        &pg,
+    let (Scenario { pg, .. }, relay) = kafka_relay(
         &broker,
+        "10s",
         "message_max_bytes = 10000\nformat = \"raw\"",
-    );
-    init(&config);
-    let relay = Relay::start(&config);
+    )
+    .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'k', 'Seq', '{\"seq\": 0}'), \
@@ -474,9 +422,7 @@ fn an_oversized_record_is_dead_lettered_and_the_stream_goes_on() {
         "{}",
         relay.log()
     );
-    assert!(wait_until(WAIT, || pg
-        .psql("SELECT count(*) FROM outbox_relay.dead_letters")
-        == "1"));
+    assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 1));
     let reason = pg.psql("SELECT sink || ': ' || reason FROM outbox_relay.dead_letters");
     assert!(
         reason.starts_with("kafka: Kafka record of") && reason.contains("message.max.bytes"),
@@ -487,18 +433,13 @@ fn an_oversized_record_is_dead_lettered_and_the_stream_goes_on() {
 #[test]
 fn a_null_payload_under_the_tombstone_policy_is_a_record_with_a_null_value_in_order() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    pg.psql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(
-        dir.path(),
-        &pg,
+    let (Scenario { pg, .. }, relay) = kafka_relay(
         &broker,
+        "10s",
         "[outbox.\"public.outbox\"]\non_null_payload = \"tombstone\"",
-    );
-    init(&config);
-    let relay = Relay::start(&config);
+    )
+    .sql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL")
+    .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'k', 'Seq', '{\"seq\": 0}'), \
@@ -518,24 +459,18 @@ fn a_null_payload_under_the_tombstone_policy_is_a_record_with_a_null_value_in_or
     let tombstone = &records[1].headers;
     assert_eq!(tombstone.get("type").map(String::as_str), Some("Deleted"));
     assert_eq!(tombstone.get("id").map(String::len), Some(36));
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
-        "0"
-    );
+    assert_eq!(dead_letters(&pg, "reason").len(), 0);
 }
 
 #[test]
 fn a_bytea_payload_is_the_raw_record_value_byte_for_byte() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.psql(
-        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
-         aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL)",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &pg, &broker, "format = \"raw\"");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = kafka_relay(&broker, "10s", "format = \"raw\"")
+        .outbox_sql(
+            "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
+             aggregateid text NOT NULL, type text NOT NULL, payload bytea NOT NULL)",
+        )
+        .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'k', 'Avro', '\\x00ff0a0d7b22c3'), ('order', 'k', 'Avro', '\\x')",
@@ -552,17 +487,12 @@ fn a_bytea_payload_is_the_raw_record_value_byte_for_byte() {
 #[test]
 fn at_least_once_mode_delivers_everything_in_per_key_order() {
     let broker = Broker::start();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(
-        dir.path(),
-        &pg,
+    let (Scenario { pg, .. }, relay) = kafka_relay(
         &broker,
+        "10s",
         "exactly_once = false\nformat = \"debezium\"",
-    );
-    init(&config);
-    let relay = Relay::start(&config);
+    )
+    .start();
     write(&pg, 5, 20);
     let records = consume(&broker, "outbox.event.order", 100);
     assert_eq!(records.len(), 100, "{}", relay.log());
@@ -610,17 +540,9 @@ fn the_example_config_works() {
 #[test]
 fn a_broker_down_at_start_is_reported_by_check_and_waited_for_by_run() {
     let port = free_port();
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &format!(
+    let Scenario { pg, config, .. } = scenario().sinks(&format!(
             "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:{port}\"\ncreate_topics = true\ntimeout = \"2s\"\n"
-        ),
-    );
-    init(&config);
+        )).init();
     let (passed, text) = relay_check(&config);
     assert!(!passed, "{text}");
     assert!(
@@ -682,11 +604,9 @@ fn sasl_relay(
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join(PASSWORD_FILE);
     std::fs::write(&password_file, format!("{password}\n")).unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &sasl_sink(broker, mechanism, &password_file),
-    );
+    let config = ConfigFile::new()
+        .sinks(&sasl_sink(broker, mechanism, &password_file))
+        .write(dir.path(), &pg);
     init(&config);
     (pg, dir, config)
 }
@@ -711,9 +631,6 @@ fn tls_to_the_broker_verifies_its_certificate() {
     let other_ca = make_ca(certs.path(), "other-ca");
     let server = make_server_cert(certs.path(), "broker", &ca, "01", "IP:127.0.0.1");
     let broker = Broker::start_behind_tls(&ca.cert, &server);
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
     let sink = |ca: &Path| {
         format!(
             "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\ntimeout = \"10s\"\n\
@@ -722,8 +639,9 @@ fn tls_to_the_broker_verifies_its_certificate() {
             ca.display()
         )
     };
-    let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert));
-    init(&config);
+    let Scenario {
+        pg, dir, config, ..
+    } = scenario().sinks(&sink(&other_ca.cert)).init();
     assert_refused(
         &config,
         &[
@@ -734,7 +652,7 @@ fn tls_to_the_broker_verifies_its_certificate() {
         "check ssl.ca.location",
     );
 
-    let config = relay_config(dir.path(), &pg, &sink(&ca.cert));
+    let config = ConfigFile::new().sinks(&sink(&ca.cert)).write(&dir, &pg);
     let (passed, text) = relay_check(&config);
     assert!(passed, "{text}");
     let relay = Relay::start(&config);

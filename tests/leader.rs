@@ -6,23 +6,8 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A relay config with a file sink, leader election checked every `interval`, and the HTTP
-/// endpoint on `port`; written into `dir`.
-fn sidecar_config(dir: &Path, pg: &PgCluster, events: &Path, port: u16) -> std::path::PathBuf {
-    let sinks = format!(
-        "[leader]\ninterval = \"500ms\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-         [sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
-        events.display()
-    );
-    relay_config(dir, pg, &sinks)
-}
 
 /// One relay per port, each with its own config directory under `dir`, all on one slot and
 /// one file sink; the first runs `init`.
@@ -31,7 +16,7 @@ fn start_sidecars(dir: &Path, pg: &PgCluster, events: &Path, ports: &[u16]) -> V
     for (i, port) in ports.iter().enumerate() {
         let relay_dir = dir.join(format!("relay{i}"));
         std::fs::create_dir(&relay_dir).unwrap();
-        let config = sidecar_config(&relay_dir, pg, events, *port);
+        let config = sidecar_config(&relay_dir, pg, events, *port, "500ms");
         if i == 0 {
             init(&config);
         }
@@ -40,24 +25,8 @@ fn start_sidecars(dir: &Path, pg: &PgCluster, events: &Path, ports: &[u16]) -> V
     relays
 }
 
-/// GET `path` from the relay on `port`: status code and body, or None if nothing answers.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
 fn readiness(port: u16) -> Option<(u16, String)> {
-    get(port, "/readyz").map(|(status, body)| (status, body.trim().to_owned()))
+    http_get(port, "/readyz").map(|(status, body)| (status, body.trim().to_owned()))
 }
 
 /// Parses Prometheus/OpenMetrics text: every sample line is `name{labels} value`, and
@@ -122,7 +91,7 @@ fn one_leader_among_three_and_a_standby_takes_over_when_it_dies() {
     );
     for port in ports {
         assert_eq!(readiness(port).unwrap().0, 200);
-        assert_eq!(get(port, "/healthz"), Some((200, "ok\n".into())));
+        assert_eq!(http_get(port, "/healthz"), Some((200, "ok\n".into())));
     }
     let leader = states().iter().position(|s| s == "streaming").unwrap();
     assert!(relays[leader]
@@ -147,7 +116,7 @@ fn one_leader_among_three_and_a_standby_takes_over_when_it_dies() {
     assert!(wait_until(WAIT, || read_events(&events).len() == 10));
 
     // The leader's metrics: valid text, and the counters match what was delivered.
-    let metrics = |port| parse_metrics(&get(port, "/metrics").expect("metrics answer").1);
+    let metrics = |port| parse_metrics(&http_get(port, "/metrics").expect("metrics answer").1);
     let leader_port = ports[leader];
     assert!(wait_until(WAIT, || {
         metrics(leader_port)
@@ -267,11 +236,7 @@ fn the_least_privilege_role_runs_the_relay_and_reads_nothing_else() {
     assert!(passed, "{text}");
     let relay = Relay::start(&config);
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{}')");
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     let denied = std::process::Command::new(pg_bin().join("psql"))
         .args([
             "-X",

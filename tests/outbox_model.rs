@@ -7,29 +7,13 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-/// Writes a relay config with `source_extra` in [source], `rest` after it, into `dir`.
-fn config(dir: &Path, pg: &PgCluster, source_extra: &str, rest: &str) -> PathBuf {
-    let path = dir.join("relay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n{source_extra}\n[relay]\ncheckpoint_interval = \"100ms\"\n{rest}\n",
-            pg.url()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn file_sink(name: &str, dir: &Path, extra: &str) -> String {
+/// A file sink `name` writing `dir`/`name`.jsonl, with `extra` lines.
+fn named_sink(name: &str, dir: &Path, extra: &str) -> String {
     format!(
-        "[sinks.{name}]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n{extra}\n",
-        dir.join(format!("{name}.jsonl")).display()
+        "{}{extra}\n",
+        file_sink(name, &dir.join(format!("{name}.jsonl")))
     )
 }
 
@@ -92,12 +76,14 @@ fn each_format_writes_exactly_its_golden_output() {
     let dir = tempfile::tempdir().unwrap();
     let mapping = "[outbox.\"public.outbox\"]\nadditional = [{ column = \"tenant\", placement = \"envelope\" }]\n";
     let sinks = [
-        file_sink("cloudevents", dir.path(), "format = \"cloudevents\""),
-        file_sink("debezium", dir.path(), "format = \"debezium\""),
-        file_sink("raw", dir.path(), "format = \"raw\""),
+        named_sink("cloudevents", dir.path(), "format = \"cloudevents\""),
+        named_sink("debezium", dir.path(), "format = \"debezium\""),
+        named_sink("raw", dir.path(), "format = \"raw\""),
     ]
     .concat();
-    let config = config(dir.path(), &pg, "", &format!("{mapping}{sinks}"));
+    let config = ConfigFile::new()
+        .sinks(&format!("{mapping}{sinks}"))
+        .write(dir.path(), &pg);
     init(&config);
     let relay = Relay::start(&config);
     pg.psql(GOLDEN_ROWS);
@@ -131,12 +117,10 @@ fn two_outbox_tables_with_different_column_names_flow_in_commit_order() {
     let dir = tempfile::tempdir().unwrap();
     let mapping = "[outbox.\"billing.events\"]\nid = \"event_id\"\naggregate_type = \"kind\"\naggregate_id = \"account\"\n\
                    type = \"name\"\npayload = \"body\"\nschema_version = \"version\"\nsource = \"/billing/{aggregatetype}\"\n";
-    let config = config(
-        dir.path(),
-        &pg,
-        "tables = [\"public.outbox\", \"billing.events\"]",
-        &format!("{mapping}{}", file_sink("all", dir.path(), "")),
-    );
+    let config = ConfigFile::new()
+        .source("tables = [\"public.outbox\", \"billing.events\"]")
+        .sinks(&format!("{mapping}{}", named_sink("all", dir.path(), "")))
+        .write(dir.path(), &pg);
     init(&config);
     let relay = Relay::start(&config);
     pg.psql(
@@ -198,17 +182,10 @@ fn two_outbox_tables_with_different_column_names_flow_in_commit_order() {
 
 #[test]
 fn logical_messages_are_an_outbox_without_a_table() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        dir.path(),
-        &pg,
-        "message_prefixes = [\"outbox\"]",
-        &file_sink("all", dir.path(), ""),
-    );
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg, dir, .. }, mut relay) = scenario()
+        .source("message_prefixes = [\"outbox\"]")
+        .sinks_in(|dir| named_sink("all", dir, ""))
+        .start();
     pg.psql(
         "BEGIN; \
          INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"n\": 1}'); \
@@ -220,7 +197,7 @@ fn logical_messages_are_an_outbox_without_a_table() {
          SELECT pg_logical_emit_message(false, 'outbox', '{\"non-transactional\": true}'); \
          INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Closed', '{\"n\": 3}');",
     );
-    let path = dir.path().join("all.jsonl");
+    let path = dir.join("all.jsonl");
     assert!(
         wait_until(WAIT, || lines(&path).len() == 3),
         "relay log:\n{}",
@@ -254,25 +231,18 @@ fn logical_messages_are_an_outbox_without_a_table() {
 
 #[test]
 fn update_and_delete_policies_skip_dead_letter_or_fail() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
     let policies =
         "[outbox.\"public.outbox\"]\non_update = \"dead-letter\"\non_delete = \"skip\"\n";
-    let cfg = config(
-        dir.path(),
-        &pg,
-        "",
-        &format!("{policies}{}", file_sink("all", dir.path(), "")),
-    );
-    init(&cfg);
-    let relay = Relay::start(&cfg);
+    let (Scenario { pg, dir, .. }, relay) = scenario()
+        .tables(policies)
+        .sinks_in(|dir| named_sink("all", dir, ""))
+        .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{}'); \
          UPDATE outbox SET type = 'Edited'; DELETE FROM outbox; \
          INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'After', '{}');",
     );
-    let path = dir.path().join("all.jsonl");
+    let path = dir.join("all.jsonl");
     assert!(
         wait_until(WAIT, || lines(&path).len() == 2),
         "relay log:\n{}",
@@ -288,12 +258,10 @@ fn update_and_delete_policies_skip_dead_letter_or_fail() {
 
     let failing = "[outbox.\"public.outbox\"]\non_delete = \"fail\"\n";
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &pg,
-        "slot = \"strict\"",
-        &format!("{failing}{}", file_sink("all", dir.path(), "")),
-    );
+    let cfg = ConfigFile::new()
+        .source("slot = \"strict\"")
+        .sinks(&format!("{failing}{}", named_sink("all", dir.path(), "")))
+        .write(dir.path(), &pg);
     init(&cfg);
     let mut relay = Relay::start(&cfg);
     pg.psql("DELETE FROM outbox");
@@ -310,27 +278,21 @@ fn update_and_delete_policies_skip_dead_letter_or_fail() {
 
 #[test]
 fn a_null_payload_under_the_skip_policy_is_counted_and_its_neighbours_flow() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    pg.psql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &pg,
-        "",
-        &format!(
-            "[outbox.\"public.outbox\"]\non_null_payload = \"skip\"\n{}",
-            file_sink("all", dir.path(), "")
-        ),
-    );
-    init(&cfg);
-    let mut relay = Relay::start(&cfg);
+    let (Scenario { pg, dir, .. }, mut relay) = scenario()
+        .sql("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL")
+        .sinks_in(|dir| {
+            format!(
+                "[outbox.\"public.outbox\"]\non_null_payload = \"skip\"\n{}",
+                named_sink("all", dir, "")
+            )
+        })
+        .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'Before', '{}'), ('order', 'o-1', 'Empty', NULL), \
          ('order', 'o-1', 'After', '{}')",
     );
-    let path = dir.path().join("all.jsonl");
+    let path = dir.join("all.jsonl");
     assert!(
         wait_until(WAIT, || lines(&path).len() == 2),
         "relay log:\n{}",
@@ -347,10 +309,7 @@ fn a_null_payload_under_the_skip_policy_is_counted_and_its_neighbours_flow() {
         "{}",
         relay.log()
     );
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
-        "0"
-    );
+    assert_eq!(dead_letters(&pg, "reason").len(), 0);
 }
 
 #[test]
@@ -364,16 +323,14 @@ fn bytea_payloads_are_exact_bytes_as_data_base64_whether_backfilled_or_streamed(
          ALTER ROLE ALL SET bytea_output = 'escape'",
     );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &pg,
-        "tables = [\"public.blobs\"]\nbackfill = true",
-        &format!(
+    let cfg = ConfigFile::new()
+        .source("tables = [\"public.blobs\"]\nbackfill = true")
+        .sinks(&format!(
             "[outbox.\"public.blobs\"]\ncontent_type = \"application/avro\"\n{}{}",
-            file_sink("envelope", dir.path(), ""),
-            file_sink("raw", dir.path(), "format = \"raw\""),
-        ),
-    );
+            named_sink("envelope", dir.path(), ""),
+            named_sink("raw", dir.path(), "format = \"raw\""),
+        ))
+        .write(dir.path(), &pg);
     init(&cfg);
     let relay = Relay::start(&cfg);
     pg.psql(
@@ -401,25 +358,19 @@ fn bytea_payloads_are_exact_bytes_as_data_base64_whether_backfilled_or_streamed(
     );
     assert!(events.iter().all(|e| e.get("data").is_none()));
     assert_eq!(lines(&raw), ["AP8KDXsiww==", "3q2+7w=="]);
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM outbox_relay.dead_letters"),
-        "0"
-    );
+    assert_eq!(dead_letters(&pg, "reason").len(), 0);
 }
 
 #[test]
 fn schema_evolution_keeps_flowing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &pg, "", &file_sink("all", dir.path(), ""));
-    init(&cfg);
-    let relay = Relay::start(&cfg);
+    let (Scenario { pg, dir, .. }, relay) = scenario()
+        .sinks_in(|dir| named_sink("all", dir, ""))
+        .start();
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('order', 'o-1', 'Created', '{\"v\": 1}')");
     pg.psql("ALTER TABLE outbox ADD COLUMN schema_version int");
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) VALUES ('order', 'o-1', 'Created', '{\"v\": 2}', 2)");
     pg.psql("INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) VALUES ('order', 'o-1', 'Created', '{\"v\": 3, \"new\": true}', 3)");
-    let path = dir.path().join("all.jsonl");
+    let path = dir.join("all.jsonl");
     assert!(
         wait_until(WAIT, || lines(&path).len() == 3),
         "relay log:\n{}",
@@ -434,34 +385,25 @@ fn schema_evolution_keeps_flowing() {
 
 #[test]
 fn match_rules_fan_events_out_to_different_sinks() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let sinks = [
-        file_sink(
-            "orders",
-            dir.path(),
-            "[sinks.orders.match]\naggregate_types = [\"order\"]",
-        ),
-        file_sink(
-            "upgrades",
-            dir.path(),
-            "[sinks.upgrades.match]\nevent_types = [\"Customer*\"]",
-        ),
-    ]
-    .concat();
-    let cfg = config(dir.path(), &pg, "", &sinks);
-    init(&cfg);
-    let relay = Relay::start(&cfg);
+    let (Scenario { pg, dir, .. }, relay) = scenario()
+        .sinks_in(|dir| {
+            named_sink(
+                "orders",
+                dir,
+                "[sinks.orders.match]\naggregate_types = [\"order\"]",
+            ) + &named_sink(
+                "upgrades",
+                dir,
+                "[sinks.upgrades.match]\nevent_types = [\"Customer*\"]",
+            )
+        })
+        .start();
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
          ('order', 'o-1', 'OrderCreated', '{}'), ('customer', 'c-1', 'CustomerUpgraded', '{}'), \
          ('customer', 'c-1', 'AddressChanged', '{}'), ('order', 'o-2', 'OrderCreated', '{}')",
     );
-    let (orders, upgrades) = (
-        dir.path().join("orders.jsonl"),
-        dir.path().join("upgrades.jsonl"),
-    );
+    let (orders, upgrades) = (dir.join("orders.jsonl"), dir.join("upgrades.jsonl"));
     assert!(
         wait_until(WAIT, || lines(&orders).len() == 2
             && lines(&upgrades).len() == 1),
@@ -485,17 +427,13 @@ fn match_rules_fan_events_out_to_different_sinks() {
 
 #[test]
 fn a_dead_letter_fixed_in_place_is_replayed_once() {
-    let pg = PgCluster::start();
-    pg.psql("CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &pg, "", &file_sink("all", dir.path(), ""));
-    init(&cfg);
-    let relay = Relay::start(&cfg);
+    let (Scenario { pg, dir, config: cfg, .. }, relay) = scenario()
+        .outbox_sql("CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)")
+        .sinks_in(|dir| named_sink("all", dir, ""))
+        .start();
     pg.psql("INSERT INTO outbox VALUES ('55555555-5555-4555-8555-555555555555', 'order', 'o-1', 'Created', '{broken')");
     assert!(
-        wait_until(WAIT, || pg
-            .psql("SELECT count(*) FROM outbox_relay.dead_letters")
-            == "1"),
+        wait_until(WAIT, || dead_letters(&pg, "reason").len() == 1),
         "{}",
         relay.log()
     );
@@ -520,7 +458,7 @@ fn a_dead_letter_fixed_in_place_is_replayed_once() {
     pg.psql(&format!("UPDATE outbox_relay.dead_letters SET row_data = jsonb_set(row_data, '{{payload}}', to_jsonb('{{\"fixed\": true}}'::text)) WHERE id = {id}"));
     let replayed = relay_dlq(&cfg, &["replay", &id]);
     assert!(replayed.contains("replayed"), "{replayed}");
-    let path = dir.path().join("all.jsonl");
+    let path = dir.join("all.jsonl");
     assert!(
         wait_until(WAIT, || lines(&path).len() == 1),
         "relay log:\n{}",
@@ -584,12 +522,12 @@ fn payloads_failing_their_json_schema_are_dead_lettered() {
     .unwrap();
     std::fs::write(schemas.join("OrderCreated.json"), r#"{"type": "object"}"#).unwrap();
     let validation = format!("[validation]\nschema_dir = \"{}\"\n", schemas.display());
-    let cfg = config(
-        dir.path(),
-        &pg,
-        "",
-        &format!("{validation}{}", file_sink("all", dir.path(), "")),
-    );
+    let cfg = ConfigFile::new()
+        .sinks(&format!(
+            "{validation}{}",
+            named_sink("all", dir.path(), "")
+        ))
+        .write(dir.path(), &pg);
     init(&cfg);
     let relay = Relay::start(&cfg);
     pg.psql(
@@ -611,9 +549,7 @@ fn payloads_failing_their_json_schema_are_dead_lettered() {
         .map(|e| e["subject"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(subjects, ["o-1", "o-4", "o-5"]);
-    assert!(wait_until(WAIT, || pg
-        .psql("SELECT count(*) FROM outbox_relay.dead_letters")
-        == "2"));
+    assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 2));
     let reasons = pg.psql("SELECT string_agg(row_data->>'aggregateid' || ': ' || reason, E'\\n' ORDER BY event_index) FROM outbox_relay.dead_letters");
     assert!(
         reasons.contains("o-2: payload fails its JSON Schema") && reasons.contains("/total"),
@@ -663,12 +599,10 @@ async fn backfill_publishes_existing_rows_with_no_gap_or_duplicate_at_the_seam()
          SELECT 'order', 'k' || (i % 3), 'Seq', jsonb_build_object('seq', i / 3) FROM generate_series(0, 2999) i",
     );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &pg,
-        "backfill = true",
-        &file_sink("all", dir.path(), ""),
-    );
+    let cfg = ConfigFile::new()
+        .source("backfill = true")
+        .sinks(&named_sink("all", dir.path(), ""))
+        .write(dir.path(), &pg);
     let out = relay_command(&cfg, "init");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("left to `run`"),
@@ -712,22 +646,15 @@ async fn backfill_publishes_existing_rows_with_no_gap_or_duplicate_at_the_seam()
 
 #[test]
 fn an_interrupted_backfill_starts_over_and_loses_nothing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    pg.psql(
-        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-         SELECT 'order', 'k', 'Seq', jsonb_build_object('seq', i, 'pad', repeat('x', 200)) FROM generate_series(0, 49999) i",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &pg,
-        "backfill = true",
-        &file_sink("all", dir.path(), ""),
-    );
-    init(&cfg);
-    let path = dir.path().join("all.jsonl");
-    let mut relay = Relay::start(&cfg);
+    let (Scenario { pg, dir, config: cfg, .. }, mut relay) = scenario()
+        .sql(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'order', 'k', 'Seq', jsonb_build_object('seq', i, 'pad', repeat('x', 200)) FROM generate_series(0, 49999) i",
+        )
+        .source("backfill = true")
+        .sinks_in(|dir| named_sink("all", dir, ""))
+        .start();
+    let path = dir.join("all.jsonl");
     assert!(
         wait_until(WAIT, || !lines(&path).is_empty()),
         "relay log:\n{}",
@@ -773,10 +700,13 @@ fn backfill_turned_on_for_an_existing_slot_is_a_warning_with_the_way_to_backfill
     };
     insert("Existing");
     let dir = tempfile::tempdir().unwrap();
-    let sink = file_sink("all", dir.path(), "");
+    let sink = named_sink("all", dir.path(), "");
     // The slot is made without backfill; backfill is turned on afterwards.
-    init(&config(dir.path(), &pg, "", &sink));
-    let cfg = config(dir.path(), &pg, "backfill = true", &sink);
+    init(&ConfigFile::new().sinks(&sink).write(dir.path(), &pg));
+    let cfg = ConfigFile::new()
+        .source("backfill = true")
+        .sinks(&sink)
+        .write(dir.path(), &pg);
     const WARNING: &str =
         "source.backfill = true, but replication slot outbox_relay already exists";
     let (ok, report) = relay_check(&cfg);

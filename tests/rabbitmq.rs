@@ -15,7 +15,8 @@ use common::tls_proxy::TlsProxy;
 use common::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use outbox_relay_sinks::rabbitmq::{self, StreamSettings};
-use outbox_relay_sinks::{rejections, Event, EventState, Lsn, Position, Sink, Text};
+use outbox_relay_sinks::test_util::sample;
+use outbox_relay_sinks::{rejections, Event, EventState, Sink};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
@@ -24,16 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Runtime;
 
-const WAIT: Duration = Duration::from_secs(60);
-
 /// The Debezium outbox layout plus the optional headers and traceparent columns.
-fn create_outbox(pg: &PgCluster) {
-    pg.psql(
-        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
-         aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, \
-         payload jsonb NOT NULL, headers jsonb, traceparent text)",
-    );
-}
+const OUTBOX: &str = "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+     aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, \
+     payload jsonb NOT NULL, headers jsonb, traceparent text)";
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -95,6 +90,15 @@ fn assert_per_key_order(pairs: impl IntoIterator<Item = (String, String)>) {
     }
 }
 
+/// How many distinct events (by id) are among `messages`.
+fn distinct(messages: &[Received]) -> usize {
+    messages
+        .iter()
+        .map(Received::id)
+        .collect::<HashSet<_>>()
+        .len()
+}
+
 /// The last copy of each message, in arrival order.
 fn last_copies(messages: &[Received]) -> Vec<&Received> {
     let mut seen = HashSet::new();
@@ -107,13 +111,8 @@ fn last_copies(messages: &[Received]) -> Vec<&Received> {
     last
 }
 
-fn dead_letters(pg: &PgCluster) -> Vec<String> {
-    let out = pg.psql(
-        "SELECT sink || ' | ' || (row_data->>'aggregatetype') || ' | ' || reason \
-         FROM outbox_relay.dead_letters ORDER BY id",
-    );
-    out.lines().map(str::to_owned).collect()
-}
+/// What the tests read of a dead letter: "sink | aggregatetype | reason".
+const LETTER: &str = "sink, row_data->>'aggregatetype', reason";
 
 fn exchange_sink(vhost: &Vhost, extra: &str) -> String {
     format!(
@@ -130,12 +129,8 @@ fn exchange_sink(vhost: &Vhost, extra: &str) -> String {
 #[test]
 fn exchange_mode_delivers_every_event_once_in_per_key_order_with_its_headers() {
     let vhost = Vhost::new();
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sink = exchange_sink(&vhost, "declare = true\nqueue = \"all\"\n");
-    let config = relay_config(dir.path(), &pg, &sink);
-    init(&config);
+    let Scenario { pg, config, .. } = scenario().outbox_sql(OUTBOX).sinks(&sink).init();
     let check = relay_command(&config, "check");
     assert!(
         check.status.success(),
@@ -204,12 +199,7 @@ fn exchange_mode_delivers_every_event_once_in_per_key_order_with_its_headers() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                >= 600
+            distinct(&messages) >= 600
         }),
         "{} arrived after the restart; relay log:\n{}",
         messages.len(),
@@ -227,12 +217,10 @@ fn exchange_mode_delivers_every_event_once_in_per_key_order_with_its_headers() {
 fn exchange_mode_loses_nothing_when_the_broker_closes_its_connections() {
     let vhost = Vhost::new();
     vhost.declare_queue("events", "all", "#", FieldTable::default());
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &exchange_sink(&vhost, ""));
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg, config, .. }, mut relay) = scenario()
+        .outbox_sql(OUTBOX)
+        .sinks(&exchange_sink(&vhost, ""))
+        .start();
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(&pg, 0, 7, stop.clone());
@@ -280,12 +268,7 @@ fn exchange_mode_loses_nothing_when_the_broker_closes_its_connections() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                == total
+            distinct(&messages) == total
         }),
         "{} of {total} arrived; relay log:\n{}",
         messages.len(),
@@ -300,18 +283,13 @@ fn exchange_mode_loses_nothing_when_the_broker_closes_its_connections() {
 
 /// A relay publishing to exchange `events` in `vhost`, where only the queue `orders` is
 /// bound, for `order.#`.
-fn relay_with_an_orders_queue(vhost: &Vhost) -> (PgCluster, tempfile::TempDir, Relay) {
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
+fn relay_with_an_orders_queue(vhost: &Vhost) -> (PgCluster, Relay) {
     let sink = exchange_sink(
         vhost,
         "declare = true\nqueue = \"orders\"\nbinding_key = \"order.#\"\n",
     );
-    let config = relay_config(dir.path(), &pg, &sink);
-    init(&config);
-    let relay = Relay::start(&config);
-    (pg, dir, relay)
+    let (Scenario { pg, .. }, relay) = scenario().outbox_sql(OUTBOX).sinks(&sink).start();
+    (pg, relay)
 }
 
 /// Guarantee: with `mandatory`, an event no queue is bound for comes back, and the
@@ -320,7 +298,7 @@ fn relay_with_an_orders_queue(vhost: &Vhost) -> (PgCluster, tempfile::TempDir, R
 #[test]
 fn unroutable_events_are_dead_lettered() {
     let vhost = Vhost::new();
-    let (pg, _dir, relay) = relay_with_an_orders_queue(&vhost);
+    let (pg, relay) = relay_with_an_orders_queue(&vhost);
     insert_events(&pg, "order", 0, 10, 3);
     insert_events(&pg, "invoice", 10, 5, 3);
     insert_events(&pg, "order", 15, 10, 3);
@@ -328,16 +306,16 @@ fn unroutable_events_are_dead_lettered() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("orders", &mut messages);
-            messages.len() >= 20 && dead_letters(&pg).len() >= 5
+            messages.len() >= 20 && dead_letters(&pg, LETTER).len() >= 5
         }),
         "{} orders, dead letters {:?}; relay log:\n{}",
         messages.len(),
-        dead_letters(&pg),
+        dead_letters(&pg, LETTER),
         relay.log()
     );
     assert_eq!(messages.len(), 20);
     assert!(messages.iter().all(|m| m.routing_key == "order.Updated"));
-    let letters = dead_letters(&pg);
+    let letters = dead_letters(&pg, LETTER);
     assert_eq!(letters.len(), 5, "{letters:?}");
     for letter in &letters {
         assert!(
@@ -355,7 +333,7 @@ fn unroutable_events_are_dead_lettered() {
 #[test]
 fn interleaved_unroutable_events_are_each_dead_lettered_by_their_own_id() {
     let vhost = Vhost::new();
-    let (pg, _dir, relay) = relay_with_an_orders_queue(&vhost);
+    let (pg, relay) = relay_with_an_orders_queue(&vhost);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
          SELECT CASE WHEN i % 2 = 0 THEN 'order' ELSE 'invoice' END, 'k' || (i % 7), \
@@ -365,14 +343,14 @@ fn interleaved_unroutable_events_are_each_dead_lettered_by_their_own_id() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("orders", &mut messages);
-            messages.len() >= 200 && dead_letters(&pg).len() >= 200
+            messages.len() >= 200 && dead_letters(&pg, LETTER).len() >= 200
         }),
         "{} orders, {} dead letters; relay log:\n{}",
         messages.len(),
-        dead_letters(&pg).len(),
+        dead_letters(&pg, LETTER).len(),
         relay.log()
     );
-    let letters = dead_letters(&pg);
+    let letters = dead_letters(&pg, LETTER);
     let misplaced: Vec<&String> = letters
         .iter()
         .filter(|l| !l.starts_with("rabbit | invoice | returned by RabbitMQ: 312 NO_ROUTE"))
@@ -401,23 +379,16 @@ fn full_queue_arguments() -> FieldTable {
 fn nacked_events_are_retried_until_the_queue_has_room() {
     let vhost = Vhost::new();
     vhost.declare_queue("events", "small", "#", full_queue_arguments());
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), &pg, &exchange_sink(&vhost, ""));
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = scenario()
+        .outbox_sql(OUTBOX)
+        .sinks(&exchange_sink(&vhost, ""))
+        .start();
     insert_events(&pg, "order", 0, 30, 3);
     let mut messages = Vec::new();
     assert!(
         wait_until(WAIT, || {
             vhost.drain("small", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                == 30
+            distinct(&messages) == 30
         }),
         "{} arrived; relay log:\n{}",
         messages.len(),
@@ -433,7 +404,7 @@ fn nacked_events_are_retried_until_the_queue_has_room() {
             .into_iter()
             .map(Received::key_and_sequence),
     );
-    assert!(dead_letters(&pg).is_empty());
+    assert!(dead_letters(&pg, LETTER).is_empty());
 }
 
 /// Guarantee: with `on_nack = "dead-letter"` the refused events go to the dead-letter
@@ -442,41 +413,31 @@ fn nacked_events_are_retried_until_the_queue_has_room() {
 fn nacked_events_follow_the_dead_letter_and_fail_policies() {
     let vhost = Vhost::new();
     vhost.declare_queue("events", "small", "#", full_queue_arguments());
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &exchange_sink(&vhost, "on_nack = \"dead-letter\"\n"),
-    );
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg, dir, .. }, mut relay) = scenario()
+        .outbox_sql(OUTBOX)
+        .sinks(&exchange_sink(&vhost, "on_nack = \"dead-letter\"\n"))
+        .start();
     insert_events(&pg, "order", 0, 12, 3);
     assert!(
-        wait_until(WAIT, || dead_letters(&pg).len() >= 7),
+        wait_until(WAIT, || dead_letters(&pg, LETTER).len() >= 7),
         "dead letters {:?}; relay log:\n{}",
-        dead_letters(&pg),
+        dead_letters(&pg, LETTER),
         relay.log()
     );
     let mut messages = Vec::new();
     vhost.drain("small", &mut messages);
     assert_eq!(messages.len(), 5);
-    assert_eq!(dead_letters(&pg).len(), 7);
-    assert!(dead_letters(&pg)[0].contains("nacked by RabbitMQ"));
+    assert_eq!(dead_letters(&pg, LETTER).len(), 7);
+    assert!(dead_letters(&pg, LETTER)[0].contains("nacked by RabbitMQ"));
     assert!(relay.terminate(WAIT).is_some_and(|s| s.success()));
 
     // The queue is empty now; fill it again and fail on the first refusal.
-    let config = relay_config(
-        dir.path(),
-        &pg,
-        &exchange_sink(&vhost, "on_nack = \"fail\"\n"),
-    );
+    let config = ConfigFile::new()
+        .sinks(&exchange_sink(&vhost, "on_nack = \"fail\"\n"))
+        .write(&dir, &pg);
     let mut relay = Relay::start(&config);
     insert_events(&pg, "order", 12, 12, 3);
-    let status = relay.wait(WAIT);
-    assert!(status.is_some_and(|s| !s.success()), "{}", relay.log());
-    let log = relay.log();
+    let log = relay.stops_with_failure(WAIT, "on_nack = fail");
     assert!(
         log.contains("nacked by RabbitMQ") && log.contains("on_nack"),
         "{log}"
@@ -490,17 +451,13 @@ fn nacked_events_follow_the_dead_letter_and_fail_policies() {
 #[test]
 fn stream_mode_holds_every_event_exactly_once_across_kill9() {
     let vhost = Vhost::new();
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sink = format!(
         "[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
          stream = \"events\"\ndeclare = true\nwindow = 32\ntimeout = \"5s\"\n",
         vhost.stream_url()
     );
-    let config = relay_config(dir.path(), &pg, &sink);
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg, config, .. }, mut relay) =
+        scenario().outbox_sql(OUTBOX).sinks(&sink).start();
     insert_events(&pg, "order", 0, 50, 5);
     let received = vhost.read_stream("events");
     let count = || received.lock().unwrap().len();
@@ -578,8 +535,8 @@ fn a_stream_filled_from_a_recreated_database_stops_the_relay() {
     );
     {
         let old = PgCluster::start();
-        create_outbox(&old);
-        let config = relay_config(dir.path(), &old, &sink);
+        old.psql(OUTBOX);
+        let config = ConfigFile::new().sinks(&sink).write(dir.path(), &old);
         init(&config);
         let mut relay = Relay::start(&config);
         insert_events(&old, "order", 0, 2000, 5);
@@ -593,8 +550,8 @@ fn a_stream_filled_from_a_recreated_database_stops_the_relay() {
     }
 
     let new = PgCluster::start();
-    create_outbox(&new);
-    let config = relay_config(dir.path(), &new, &sink);
+    new.psql(OUTBOX);
+    let config = ConfigFile::new().sinks(&sink).write(dir.path(), &new);
     init(&config);
     insert_events(&new, "order", 0, 5, 5);
     let mut relay = Relay::start(&config);
@@ -607,34 +564,6 @@ fn a_stream_filled_from_a_recreated_database_stops_the_relay() {
             && log.contains("a new producer_name"),
         "{log}"
     );
-}
-
-fn event(lsn: u64, index: u32) -> Event {
-    let id = format!(
-        "00000000-0000-4000-8000-{:012x}",
-        lsn * 100_000 + u64::from(index)
-    );
-    Event {
-        position: Position {
-            commit_lsn: Lsn(lsn),
-            index,
-        },
-        xid: 7,
-        commit_time_micros: 1_700_000_000_000_000,
-        table: "public.outbox".into(),
-        source: "/public.outbox".into(),
-        id: Text::from(id),
-        key: Text::from(format!("k{}", index % 3)),
-        aggregate_type: Text::from("order"),
-        aggregate_id: Text::from(format!("k{}", index % 3)),
-        event_type: Text::from("Updated"),
-        schema_version: None,
-        occurred_at: None,
-        traceparent: None,
-        headers: Vec::new(),
-        attributes: Vec::new(),
-        payload: Text::from(format!("{{\"n\": {index}}}")).into(),
-    }
 }
 
 fn stream_settings(vhost: &Vhost, stream: &str) -> StreamSettings {
@@ -664,7 +593,7 @@ fn stream_replays_are_deduplicated_by_the_broker() {
     let vhost = Vhost::new();
     let rt = Runtime::new().unwrap();
     let batch: Vec<Event> = (0..3)
-        .flat_map(|tx| (0..40).map(move |i| event(0x1000 + tx, i)))
+        .flat_map(|tx| (0..40).map(move |i| sample(0x1000 + tx, i)))
         .collect();
     rt.block_on(async {
         let mut first = rabbitmq::sink(rabbitmq::RabbitMqSettings::Stream(stream_settings(
@@ -678,7 +607,7 @@ fn stream_replays_are_deduplicated_by_the_broker() {
 
         let mut second = rabbitmq::StreamSink::new(stream_settings(&vhost, "replay"));
         let mut last = batch.clone();
-        last.push(event(0x2000, rabbitmq::stream::MAX_INDEX + 1));
+        last.push(sample(0x2000, rabbitmq::stream::MAX_INDEX + 1));
         let mut states = vec![EventState::Pending; last.len()];
         second.send(&last, &mut states).await.unwrap();
         let rejected = rejections(states);
@@ -759,7 +688,7 @@ fn the_example_config_works() {
     let vhost = Vhost::new();
     vhost.declare_queue("outbox", "all", "#", FieldTable::default());
     let pg = PgCluster::start();
-    create_outbox(&pg);
+    pg.psql(OUTBOX);
     // A copy: the relay's logs are written beside its config.
     let dir = tempfile::tempdir().unwrap();
     let config = copy_example(dir.path(), "rabbitmq.toml");
@@ -803,13 +732,8 @@ fn exchange_mode_loses_nothing_across_a_30_second_network_partition() {
     let vhost = Vhost::new();
     vhost.declare_queue("events", "all", "#", FieldTable::default());
     let proxy = PartitionProxy::start(5672);
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sink = exchange_sink(&vhost, "").replace(":5672/", &format!(":{}/", proxy.port));
-    let config = relay_config(dir.path(), &pg, &sink);
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = scenario().outbox_sql(OUTBOX).sinks(&sink).start();
     insert_events(&pg, "order", 0, 20, 4);
     let mut messages = Vec::new();
     assert!(wait_until(WAIT, || {
@@ -835,19 +759,10 @@ fn exchange_mode_loses_nothing_across_a_30_second_network_partition() {
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);
-            messages
-                .iter()
-                .map(Received::id)
-                .collect::<HashSet<_>>()
-                .len()
-                == total
+            distinct(&messages) == total
         }),
         "{} distinct of {total} arrived; relay log:\n{}",
-        messages
-            .iter()
-            .map(Received::id)
-            .collect::<HashSet<_>>()
-            .len(),
+        distinct(&messages),
         relay.log()
     );
     assert_per_key_order(
@@ -870,7 +785,7 @@ fn amqps_verifies_the_broker_certificate() {
     let vhost = Vhost::new();
     vhost.declare_queue("events", "all", "#", FieldTable::default());
     let pg = PgCluster::start();
-    create_outbox(&pg);
+    pg.psql(OUTBOX);
     let dir = tempfile::tempdir().unwrap();
     let sink = |ca: &std::path::Path, host: &str| {
         format!(
@@ -891,7 +806,9 @@ fn amqps_verifies_the_broker_certificate() {
             "certificate not valid for name \"localhost\"",
         ),
     ] {
-        let config = relay_config(dir.path(), &pg, &sink(ca, host));
+        let config = ConfigFile::new()
+            .sinks(&sink(ca, host))
+            .write(dir.path(), &pg);
         init(&config);
         let (passed, text) = relay_check(&config);
         assert!(!passed, "{host}: {text}");
@@ -899,7 +816,9 @@ fn amqps_verifies_the_broker_certificate() {
     }
 
     // run stops on a refused certificate rather than retrying forever.
-    let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert, "127.0.0.1"));
+    let config = ConfigFile::new()
+        .sinks(&sink(&other_ca.cert, "127.0.0.1"))
+        .write(dir.path(), &pg);
     insert_events(&pg, "order", 100, 1, 1);
     let mut refused = Relay::start(&config);
     let status = refused
@@ -908,7 +827,9 @@ fn amqps_verifies_the_broker_certificate() {
     assert!(!status.success());
     assert!(refused.log().contains("check ca_file"), "{}", refused.log());
 
-    let config = relay_config(dir.path(), &pg, &sink(&ca.cert, "127.0.0.1"));
+    let config = ConfigFile::new()
+        .sinks(&sink(&ca.cert, "127.0.0.1"))
+        .write(dir.path(), &pg);
     let relay = Relay::start(&config);
     insert_events(&pg, "order", 0, 10, 2);
     let mut messages = Vec::new();
@@ -931,18 +852,13 @@ fn the_broker_stopped_for_30_seconds_delays_both_modes_but_loses_nothing() {
     let node = Node::start();
     let vhost = Vhost::on(&node);
     vhost.declare_queue("events", "all", "#", FieldTable::default());
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sinks = format!(
         "{}[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
          stream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
         exchange_sink(&vhost, ""),
         vhost.stream_url()
     );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, .. }, relay) = scenario().outbox_sql(OUTBOX).sinks(&sinks).start();
     insert_events(&pg, "order", 0, 20, 4);
     let mut messages = Vec::new();
     assert!(
@@ -969,13 +885,6 @@ fn the_broker_stopped_for_30_seconds_delays_both_modes_but_loses_nothing() {
     node.start_app();
 
     let total = 40;
-    let distinct = |messages: &[Received]| {
-        messages
-            .iter()
-            .map(Received::id)
-            .collect::<HashSet<_>>()
-            .len()
-    };
     assert!(
         wait_until(WAIT, || {
             vhost.drain("all", &mut messages);
@@ -1022,9 +931,6 @@ fn stream_tls_verifies_the_broker_certificate() {
     let node = Node::start_with_tls(&server, &ca.cert);
     let (_, stream_tls_port) = node.tls_ports.unwrap();
     let vhost = Vhost::on(&node);
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sink = |ca: &std::path::Path| {
         format!(
             "[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\n\
@@ -1034,9 +940,12 @@ fn stream_tls_verifies_the_broker_certificate() {
             ca.display()
         )
     };
-
-    let config = relay_config(dir.path(), &pg, &sink(&other_ca.cert));
-    init(&config);
+    let Scenario {
+        pg, dir, config, ..
+    } = scenario()
+        .outbox_sql(OUTBOX)
+        .sinks(&sink(&other_ca.cert))
+        .init();
     let (passed, text) = relay_check(&config);
     assert!(!passed, "{text}");
     assert!(text.contains("check ca_file"), "{text}");
@@ -1048,7 +957,7 @@ fn stream_tls_verifies_the_broker_certificate() {
     assert!(!status.success());
     assert!(refused.log().contains("check ca_file"), "{}", refused.log());
 
-    let config = relay_config(dir.path(), &pg, &sink(&ca.cert));
+    let config = ConfigFile::new().sinks(&sink(&ca.cert)).write(&dir, &pg);
     let (passed, text) = relay_check(&config);
     assert!(passed, "{text}");
     let relay = Relay::start(&config);
@@ -1073,9 +982,6 @@ fn a_vhost_connection_limit_reached_is_retried() {
         &vhost.name,
         "{\"max-connections\": 0}",
     ]);
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sinks = format!(
         "{}\n[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
          stream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
@@ -1085,9 +991,7 @@ fn a_vhost_connection_limit_reached_is_retried() {
         ),
         vhost.stream_url()
     );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg, .. }, mut relay) = scenario().outbox_sql(OUTBOX).sinks(&sinks).start();
     insert_events(&pg, "order", 0, 10, 3);
     let received = vhost.read_stream("events");
     assert!(
@@ -1126,9 +1030,6 @@ fn a_vhost_connection_limit_reached_is_retried() {
 fn check_reports_an_exchange_or_queue_that_exists_with_other_settings() {
     let vhost = Vhost::new();
     vhost.declare_queue("events", "orders", "order.#", full_queue_arguments());
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sinks = format!(
         "{}\n[sinks.same]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"events\"\n\
          declare = true\ntimeout = \"5s\"\n",
@@ -1138,8 +1039,9 @@ fn check_reports_an_exchange_or_queue_that_exists_with_other_settings() {
         ),
         vhost.amqp_url()
     );
-    let config = relay_config(dir.path(), &pg, &sinks);
-    init(&config);
+    let Scenario {
+        pg: _pg, config, ..
+    } = scenario().outbox_sql(OUTBOX).sinks(&sinks).init();
     let (ok, report) = relay_check(&config);
     assert!(!ok, "{report}");
     assert!(
@@ -1159,17 +1061,12 @@ fn check_reports_an_exchange_or_queue_that_exists_with_other_settings() {
 fn a_stream_name_taken_by_another_kind_of_queue_stops_run_with_the_cause() {
     let vhost = Vhost::new();
     vhost.declare_queue("events-exchange", "events", "#", FieldTable::default());
-    let pg = PgCluster::start();
-    create_outbox(&pg);
-    let dir = tempfile::tempdir().unwrap();
     let sink = format!(
         "[sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\n\
          stream = \"events\"\ndeclare = true\ntimeout = \"5s\"\n",
         vhost.stream_url()
     );
-    let config = relay_config(dir.path(), &pg, &sink);
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (Scenario { pg: _pg, .. }, mut relay) = scenario().outbox_sql(OUTBOX).sinks(&sink).start();
     let log = relay.stops_with_failure(WAIT, "the stream's name is a classic queue's");
     assert!(
         log.contains("its name is taken by a queue that is not a stream"),

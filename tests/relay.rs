@@ -7,25 +7,14 @@ use common::partition_proxy::PartitionProxy;
 use common::*;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(30);
-
 #[test]
 fn committed_insert_becomes_an_event() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario().start();
     pg.psql(
         "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES \
          ('6f1d6a0e-8f6b-4c1e-9a51-2f0c6b1d9e11', 'order', 'o-1', 'OrderCreated', '{\"total\": 12.5, \"items\": [1, 2]}')",
     );
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "no event; relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     let event = &read_events(&events)[0];
     // CloudEvents 1.0, structured mode: the default format.
     assert_eq!(event["specversion"], "1.0");
@@ -54,11 +43,9 @@ fn committed_insert_becomes_an_event() {
 /// never called the function ("query returned an unexpected number of rows", retried forever).
 #[test]
 fn run_creates_its_slot_on_a_server_without_slots() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario {
+        pg, config, events, ..
+    } = scenario().init();
     // Dropped, with the relay's record of it (else `run` refuses to create it again).
     pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
     pg.psql("DELETE FROM outbox_relay.slots WHERE slot = 'outbox_relay'");
@@ -73,11 +60,7 @@ fn run_creates_its_slot_on_a_server_without_slots() {
         relay.log()
     );
     pg.psql(&insert_sql("o-1", 1));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "no event; relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
 }
 
 /// (lsn, index) of every event, from the CloudEvents `sequence` extension (24 hex digits).
@@ -108,12 +91,7 @@ fn insert_sql(key: &str, seq: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transactions_arrive_in_commit_order() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario().start();
 
     // Three open transactions, inserted into in interleaved order, committed c, a, b.
     let (a, b, c) = (pg.client().await, pg.client().await, pg.client().await);
@@ -181,12 +159,7 @@ async fn concurrent_transactions_arrive_in_commit_order() {
 
 #[test]
 fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario().start();
     pg.psql(&format!("BEGIN; {}; ROLLBACK;", insert_sql("gone", 0)));
     pg.psql(&format!(
         "BEGIN; {}; SAVEPOINT s; {}; ROLLBACK TO SAVEPOINT s; {}; COMMIT;",
@@ -226,20 +199,16 @@ fn rollbacks_and_rolled_back_savepoints_yield_nothing() {
 
 #[test]
 fn clean_restart_repeats_nothing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let mut relay = Relay::start(&config);
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        mut relay,
+    ) = scenario().start();
     for i in 0..20 {
         pg.psql(&insert_sql("k", i));
     }
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 20),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 20);
     let status = relay
         .terminate(Duration::from_secs(10))
         .expect("relay did not exit after SIGTERM");
@@ -327,11 +296,9 @@ fn assert_exactly_once_per_key(events: &[serde_json::Value], writers: usize, row
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_and_repeats_nothing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario {
+        pg, config, events, ..
+    } = scenario().init();
     // Writers run throughout; the relay is killed five times, each time as soon as it has
     // delivered more, so kills land while rows are being written and delivered.
     let (writers, txs, kills) = (3, 1500, 5);
@@ -375,19 +342,10 @@ async fn sigterm_under_load_then_restart_repeats_nothing_on_the_stdout_sink() {
     // The stdout sink keeps no position of its own, and batches of 4 events split the
     // 3-row transactions, so shutdowns leave transactions partly delivered: only the
     // checkpoint table (not the slot's confirmed LSN) prevents repeating their first rows.
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n[relay]\ncheckpoint_interval = \"10s\"\nbatch_size = 4\n[sinks.out]\ntype = \"stdout\"\n",
-            pg.url()
-        ),
-    )
-    .unwrap();
-    init(&config);
+    let Scenario { pg, config, .. } = scenario()
+        .relay("checkpoint_interval = \"10s\"\nbatch_size = 4")
+        .sinks("[sinks.out]\ntype = \"stdout\"")
+        .init();
     let events = stdout_events_path(&config);
     let (writers, chunk, rounds) = (3, 150, 3);
     for round in 0..rounds {
@@ -419,18 +377,9 @@ async fn sigterm_under_load_then_restart_repeats_nothing_on_the_stdout_sink() {
 
 #[test]
 fn alter_table_mid_stream_keeps_flowing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario().start();
     pg.psql(&insert_sql("k", 0));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     pg.psql("ALTER TABLE outbox ADD COLUMN tenant text DEFAULT 'acme'");
     pg.psql(&insert_sql("k", 1));
     pg.psql("ALTER TABLE outbox DROP COLUMN tenant");
@@ -439,24 +388,15 @@ fn alter_table_mid_stream_keeps_flowing() {
         insert_sql("k", 2),
         insert_sql("k", 3)
     ));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 4),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 4);
     let seqs = read_seqs(&events);
     assert_eq!(seqs, [0, 1, 2, 3]);
 }
 
 #[test]
 fn idle_outbox_on_a_busy_database_advances_the_slot() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
+    let (Scenario { pg, .. }, relay) = scenario().start();
     pg.psql("CREATE TABLE other (n int)");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
     let start = pg.psql(
         "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
     );
@@ -476,14 +416,9 @@ fn idle_outbox_on_a_busy_database_advances_the_slot() {
 
 #[test]
 fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
-    let pg = PgCluster::start();
-    pg.psql(
-        "CREATE TABLE outbox (id text PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario()
+        .outbox_sql("CREATE TABLE outbox (id text PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload text)")
+        .start();
     pg.psql(
         "INSERT INTO outbox VALUES \
          ('00000000-0000-0000-0000-000000000001', 'order', 'o-1', 'T', '{not json'), \
@@ -491,15 +426,9 @@ fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
          ('', 'order', 'o-1', 'T', '{}'), \
          ('00000000-0000-0000-0000-000000000004', 'order', 'o-1', 'T', '{\"ok\": true}')",
     );
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 1);
     assert_eq!(read_events(&events)[0]["data"]["ok"], true);
-    assert!(wait_until(WAIT, || pg
-        .psql("SELECT count(*) FROM outbox_relay.dead_letters")
-        == "3"));
+    assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 3));
     let reasons = pg.psql(
         "SELECT string_agg(reason, ' | ' ORDER BY event_index) FROM outbox_relay.dead_letters",
     );
@@ -516,12 +445,7 @@ fn bad_rows_are_dead_lettered_and_the_stream_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarts_mid_stream_lose_and_repeat_nothing() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario().start();
     let mut expected = 0;
     for mode in ["fast", "immediate"] {
         for i in 0..50 {
@@ -560,18 +484,14 @@ async fn postgres_restarts_mid_stream_lose_and_repeat_nothing() {
 /// the same with election on).
 #[test]
 fn a_second_relay_on_the_same_slot_stands_by_and_takes_over() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "[leader]\nenabled = false");
-    init(&config);
-    let mut first = Relay::start(&config);
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        mut first,
+    ) = scenario().source("[leader]\nenabled = false").start();
     pg.psql(&insert_sql("k", 0));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 1),
-        "relay log:\n{}",
-        first.log()
-    );
+    first.delivers(&events, 1);
     let second = Relay::start(&config);
     assert!(
         wait_until(WAIT, || second
@@ -638,11 +558,7 @@ fn the_stdout_example_config_works_with_only_the_url_from_the_environment() {
 
 #[test]
 fn heartbeats_advance_the_slot_of_an_otherwise_idle_database() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _events) = write_config(dir.path(), &pg, "heartbeat_interval = \"100ms\"");
-    init(&config);
+    let Scenario { pg, config, .. } = scenario().source("heartbeat_interval = \"100ms\"").init();
     let start = pg.psql(
         "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
     );
@@ -666,11 +582,9 @@ fn heartbeats_advance_the_slot_of_an_otherwise_idle_database() {
 /// neither loses nor repeats anything.
 #[test]
 fn an_unwritable_checkpoint_table_delays_checkpoints_not_delivery() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "");
-    init(&config);
+    let Scenario {
+        pg, config, events, ..
+    } = scenario().init();
     pg.psql(
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN RAISE EXCEPTION 'checkpoints are read-only for this test'; END $$; \
@@ -719,12 +633,9 @@ fn an_unwritable_checkpoint_table_delays_checkpoints_not_delivery() {
 /// published again.
 #[test]
 fn an_outbox_table_missing_from_the_publication_is_reported_by_run() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, events) = write_config(dir.path(), &pg, "publication_check_interval = \"200ms\"");
-    init(&config);
-    let relay = Relay::start(&config);
+    let (Scenario { pg, events, .. }, relay) = scenario()
+        .source("publication_check_interval = \"200ms\"")
+        .start();
     pg.psql(&insert_sql("k", 0));
     assert!(wait_until(WAIT, || read_events(&events).len() == 1));
     pg.psql("DROP TABLE outbox");
@@ -746,11 +657,7 @@ fn an_outbox_table_missing_from_the_publication_is_reported_by_run() {
         relay.log()
     );
     pg.psql(&insert_sql("k", 1));
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 2),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 2);
 }
 
 /// A silent network partition between the relay and PostgreSQL (packets dropped, nothing
@@ -764,31 +671,25 @@ fn a_silent_partition_from_postgres_ends_the_session_after_the_tcp_user_timeout(
     let proxy = PartitionProxy::start_with_small_buffers(pg.port);
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
-    let config = dir.path().join("relay.toml");
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
         proxy.port
     );
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nurl = \"{url}\"\nstatus_interval = \"50ms\"\ntcp_user_timeout = \"2s\"\n\
-             [relay]\ncheckpoint_interval = \"100ms\"\n[leader]\nenabled = false\n\
-             [sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
-            events.display()
-        ),
-    )
-    .unwrap();
+    let config = ConfigFile::new()
+        .source(&format!(
+            "url = \"{url}\"\nstatus_interval = \"50ms\"\ntcp_user_timeout = \"2s\""
+        ))
+        .sinks(&format!(
+            "[leader]\nenabled = false\n{}",
+            file_sink("file", &events)
+        ))
+        .write(dir.path(), &pg);
     init(&config);
     let relay = Relay::start(&config);
     for seq in 0..5 {
         pg.psql(&insert_sql("o-1", seq));
     }
-    assert!(
-        wait_until(WAIT, || read_events(&events).len() == 5),
-        "relay log:\n{}",
-        relay.log()
-    );
+    relay.delivers(&events, 5);
 
     proxy.set_cut(true);
     for seq in 5..10 {

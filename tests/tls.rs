@@ -10,9 +10,6 @@ use common::certs::{make_ca, make_server_cert, KeyPair};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// What `check` prints when everything is ready.
 const CHECK_OK: &str = "ok: configuration, database, publication, slot and privileges are ready";
@@ -161,11 +158,7 @@ impl TlsCluster {
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
              VALUES ('order', 'o-1', 'T', '{}')",
         );
-        assert!(
-            wait_until(WAIT, || read_events(&events).len() == 1),
-            "no event; relay log:\n{}",
-            relay.log()
-        );
+        relay.delivers(&events, 1);
         let walsender = self.pg.psql(
             "SELECT r.usename || ' ' || coalesce(host(r.client_addr), 'unix') || ' ' || s.ssl \
              FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
@@ -394,13 +387,12 @@ fn refused_certificates_are_explained() {
 
 #[test]
 fn require_refuses_a_server_without_tls() {
-    let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write_config(dir.path(), &pg, "");
+    let Scenario {
+        pg, dir, config, ..
+    } = scenario().without_init();
     let out = relay_command(&config, "init");
     assert!(out.status.success(), "init failed: {}", stderr(&out));
-    let (config, _) = write_config(dir.path(), &pg, &tls_keys("require", None));
+    let (config, _) = write_config(&dir, &pg, &tls_keys("require", None));
     let out = relay_command(&config, "check");
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(

@@ -33,6 +33,8 @@ pub mod routing;
 mod secret;
 pub mod stdout;
 pub mod table_name;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 
 pub use backoff::Backoff;
 pub use config::{build_all, ConfigError, SinkConfig, SinkContext, SinkKind};

@@ -2,7 +2,7 @@
 //! scripts/install-test-deps.sh): the emulator, and AWS clients that set up a bus whose
 //! rule feeds an SQS queue and read that queue back.
 
-use super::{free_port, wait_until, Relay};
+use super::{free_port, wait_until, Relay, WAIT};
 use aws_sdk_eventbridge::types::Target;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use serde_json::Value;
@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::runtime::Runtime;
 
-const WAIT: Duration = Duration::from_secs(60);
 pub const REGION: &str = "us-east-1";
 /// Dummy credentials for the emulator, and no instance-metadata lookups.
 pub const AWS_ENV: [(&str, &str); 4] = [
@@ -20,6 +19,14 @@ pub const AWS_ENV: [(&str, &str); 4] = [
     ("AWS_EC2_METADATA_DISABLED", "true"),
     ("AWS_REGION", REGION),
 ];
+
+/// A `[sinks.NAME]` table: an EventBridge sink putting to `bus` at `endpoint` (the emulator,
+/// or a proxy in front of it), with more keys in `extra`.
+pub fn eventbridge_sink(name: &str, bus: &str, endpoint: &str, extra: &str) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"eventbridge\"\nbus = \"{bus}\"\nendpoint_url = \"{endpoint}\"\n{extra}\n"
+    )
+}
 
 /// A moto server on a free port, killed when dropped.
 pub struct Moto {

@@ -1,7 +1,7 @@
 //! The Kafka-protocol test broker (Tansu, from .venv-brokers) and a consumer that counts by
 //! reading (Tansu's watermarks are unreliable).
 
-use super::wait_until;
+use super::{wait_until, WAIT};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -12,8 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a consumer waits for what it expects.
-const WAIT: Duration = Duration::from_secs(60);
-
 /// A Tansu broker on a free port, stopped when dropped.
 pub struct Broker {
     child: Child,

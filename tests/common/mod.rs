@@ -1,6 +1,9 @@
 //! Test support: a throwaway PostgreSQL cluster per test (initdb into a temp dir,
 //! `wal_level=logical`, a free port, built from the server binaries on the machine), and the
-//! real relay binary run as a child process, so tests exercise what users run.
+//! real relay binary run as a child process, so tests exercise what users run. What every
+//! test file would otherwise set up again lives here once: the relay config template
+//! ([`ConfigFile`]), the scenario builder ([`scenario`]: cluster, outbox, config, `init`,
+//! `run`), the one [`WAIT`] and [`dead_letters`].
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod aws;
@@ -11,7 +14,7 @@ pub mod rabbitmq;
 pub mod sasl_gate;
 pub mod tls_proxy;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -401,11 +404,17 @@ impl PgCluster {
 
     /// Creates the Debezium-layout outbox table.
     pub fn create_outbox(&self, table: &str) {
-        self.psql(&format!(
-            "CREATE TABLE {table} (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, \
-             aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL)"
-        ));
+        self.psql(&debezium_outbox(table));
     }
+}
+
+/// The SQL that creates a Debezium-layout outbox table.
+fn debezium_outbox(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+         aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, \
+         payload jsonb NOT NULL)"
+    )
 }
 
 impl Drop for PgCluster {
@@ -424,39 +433,299 @@ pub fn relay_bin() -> &'static str {
     env!("CARGO_BIN_EXE_outbox-relay")
 }
 
-/// Writes a relay config with a file sink into `dir`; returns (config path, events path).
-pub fn write_config(dir: &Path, cluster: &PgCluster, extra: &str) -> (PathBuf, PathBuf) {
-    let events = dir.join("events.jsonl");
-    let config = dir.join("relay.toml");
-    let mut file = std::fs::File::create(&config).unwrap();
+/// How long a test waits for what must happen (an event, a dead letter, an exit) before it
+/// fails: long enough for a loaded machine, never spent when things work.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// GET `path` from the relay's HTTP endpoint on `port`: status code and body, or None if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
-        file,
-        "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n{extra}\n[relay]\ncheckpoint_interval = \"100ms\"\n\n\
-         [sinks.file]\ntype = \"file\"\npath = \"{}\"\nfsync = false\n",
-        cluster.url(),
-        events.display()
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// A relay config as TOML text, the one template every test's config is written from: the
+/// source on the test cluster with a short status interval, a short checkpoint interval, and
+/// what the test adds to `[source]` and `[relay]` (a key it sets replaces the template's),
+/// then its sink tables (see [`file_sink`]).
+#[derive(Clone, Default)]
+pub struct ConfigFile {
+    source: String,
+    relay: String,
+    sinks: String,
+}
+
+impl ConfigFile {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// More `[source]` lines.
+    pub fn source(mut self, lines: &str) -> Self {
+        self.source.push_str(lines);
+        self.source.push('\n');
+        self
+    }
+
+    /// More `[relay]` lines.
+    pub fn relay(mut self, lines: &str) -> Self {
+        self.relay.push_str(lines);
+        self.relay.push('\n');
+        self
+    }
+
+    /// More tables after `[relay]`: sinks (see [`file_sink`]), `[outbox.*]`, `[leader]`...
+    pub fn sinks(mut self, tables: &str) -> Self {
+        self.sinks.push_str(tables);
+        self.sinks.push('\n');
+        self
+    }
+
+    /// Writes the config for `pg` as `dir`/relay.toml and returns that path.
+    pub fn write(&self, dir: &Path, pg: &PgCluster) -> PathBuf {
+        let url = format!("url = \"{}\"", pg.url());
+        let source = [url.as_str(), "status_interval = \"500ms\""];
+        let relay = ["checkpoint_interval = \"100ms\""];
+        let path = dir.join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\n{}{}\n[relay]\n{}{}\n{}",
+                unless_set(&source, &self.source),
+                self.source,
+                unless_set(&relay, &self.relay),
+                self.relay,
+                self.sinks
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
+/// The template's `key = value` lines whose key `lines` do not set.
+fn unless_set(template: &[&str], lines: &str) -> String {
+    let key = |line: &str| line.split('=').next().unwrap_or_default().trim().to_owned();
+    let set: Vec<String> = lines.lines().map(key).collect();
+    template
+        .iter()
+        .filter(|line| !set.contains(&key(line)))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+/// A `[sinks.NAME]` table: a file sink writing to `path`, without fsync (tests survive
+/// process crashes, which need none).
+pub fn file_sink(name: &str, path: &Path) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n",
+        path.display()
+    )
+}
+
+/// A cluster (no outbox) where role `app` logs in with the password "right" over
+/// scram-sha-256, and a config in a temp dir beside a password file that holds a wrong one;
+/// (cluster, dir, config, password file).
+pub fn cluster_with_a_password() -> (PgCluster, tempfile::TempDir, PathBuf, PathBuf) {
+    let pg = PgCluster::start_with(ClusterOptions {
+        hba: vec!["host all app 127.0.0.1/32 scram-sha-256".into()],
+        ..Default::default()
+    });
+    pg.psql("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), &pg, "");
+    let secret = dir.path().join("password");
+    std::fs::write(&secret, "wrong\n").unwrap();
+    (pg, dir, config, secret)
+}
+
+/// A config for one of several relays on one slot: leader election checked every
+/// `interval`, the HTTP endpoint on `port` and the shared file sink at `events`; written
+/// into `dir`.
+pub fn sidecar_config(
+    dir: &Path,
+    pg: &PgCluster,
+    events: &Path,
+    port: u16,
+    interval: &str,
+) -> PathBuf {
+    let tables = format!(
+        "[leader]\ninterval = \"{interval}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{}",
+        file_sink("file", events)
+    );
+    ConfigFile::new().sinks(&tables).write(dir, pg)
+}
+
+/// A config with more `[source]` lines and a file sink at `dir`/events.jsonl, written into
+/// `dir`; returns (config, events).
+pub fn write_config(dir: &Path, pg: &PgCluster, source: &str) -> (PathBuf, PathBuf) {
+    let events = dir.join("events.jsonl");
+    let config = ConfigFile::new()
+        .source(source)
+        .sinks(&file_sink("file", &events))
+        .write(dir, pg);
     (config, events)
 }
 
-/// A relay config with `sinks` (TOML sink tables), written into `dir`.
-pub fn relay_config(dir: &Path, pg: &PgCluster, sinks: &str) -> PathBuf {
-    relay_config_with(dir, pg, "", sinks)
+/// What most tests stand on: a cluster with a Debezium-layout outbox table, a relay config
+/// (by default one file sink, at `events`) and `outbox-relay init` done. The relay's files
+/// are in a directory inside the cluster's temp dir, so they live as long as the cluster:
+/// a test may destructure the scenario and keep only what it uses.
+pub struct Scenario {
+    pub pg: PgCluster,
+    /// The directory of the config (the relay writes its logs beside it).
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    /// Where the default file sink writes (nothing is there with other sinks).
+    pub events: PathBuf,
 }
 
-/// Like [`relay_config`], with more `[relay]` settings (`relay`, TOML lines).
-pub fn relay_config_with(dir: &Path, pg: &PgCluster, relay: &str, sinks: &str) -> PathBuf {
-    let path = dir.join("relay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nurl = \"{}\"\nstatus_interval = \"500ms\"\n\n[relay]\ncheckpoint_interval = \"100ms\"\n{relay}\n{sinks}",
-            pg.url()
-        ),
-    )
-    .unwrap();
-    path
+/// Config tables made from a scenario's directory: see [`ScenarioBuilder::sinks_in`].
+type DirTables = Box<dyn FnOnce(&Path) -> String>;
+
+/// Builds a [`Scenario`]: see [`scenario`].
+pub struct ScenarioBuilder {
+    cluster: ClusterOptions,
+    /// The SQL that creates the outbox, then what else the test runs before `init`.
+    sql: Vec<String>,
+    config: ConfigFile,
+    /// Tables that name files in the scenario's directory, made once it exists.
+    tables_in_dir: Vec<DirTables>,
+    file_sink: bool,
+}
+
+/// A scenario on a default cluster with the outbox `public.outbox` and a file sink; change
+/// what the test needs, then [`ScenarioBuilder::init`] or [`ScenarioBuilder::start`].
+pub fn scenario() -> ScenarioBuilder {
+    ScenarioBuilder {
+        cluster: ClusterOptions::default(),
+        sql: vec![debezium_outbox("public.outbox")],
+        config: ConfigFile::new(),
+        tables_in_dir: Vec::new(),
+        file_sink: true,
+    }
+}
+
+impl ScenarioBuilder {
+    pub fn cluster(mut self, options: ClusterOptions) -> Self {
+        self.cluster = options;
+        self
+    }
+
+    /// The outbox table to create (Debezium layout).
+    pub fn outbox(mut self, table: &str) -> Self {
+        self.sql[0] = debezium_outbox(table);
+        self
+    }
+
+    /// The SQL that creates the outbox, for a layout other than Debezium's.
+    pub fn outbox_sql(mut self, sql: &str) -> Self {
+        self.sql[0] = sql.to_owned();
+        self
+    }
+
+    /// More SQL, run after the outbox is created and before `init`.
+    pub fn sql(mut self, sql: &str) -> Self {
+        self.sql.push(sql.to_owned());
+        self
+    }
+
+    /// More `[source]` lines.
+    pub fn source(mut self, lines: &str) -> Self {
+        self.config = self.config.source(lines);
+        self
+    }
+
+    /// More `[relay]` lines.
+    pub fn relay(mut self, lines: &str) -> Self {
+        self.config = self.config.relay(lines);
+        self
+    }
+
+    /// More tables after `[relay]` (`[outbox.*]`, `[leader]`...), beside the sinks.
+    pub fn tables(mut self, tables: &str) -> Self {
+        self.config = self.config.sinks(tables);
+        self
+    }
+
+    /// Sink tables instead of the default file sink.
+    pub fn sinks(mut self, tables: &str) -> Self {
+        self.config = self.config.sinks(tables);
+        self.file_sink = false;
+        self
+    }
+
+    /// Sink tables instead of the default file sink, made from the scenario's directory
+    /// (for file sinks of other names, schema directories...).
+    pub fn sinks_in(mut self, tables: impl FnOnce(&Path) -> String + 'static) -> Self {
+        self.tables_in_dir.push(Box::new(tables));
+        self.file_sink = false;
+        self
+    }
+
+    /// Starts the cluster, creates the outbox, writes the config and runs `init`.
+    pub fn init(self) -> Scenario {
+        let scenario = self.without_init();
+        init(&scenario.config);
+        scenario
+    }
+
+    /// Starts the cluster, creates the outbox and writes the config: for what the relay says
+    /// before `init` (or instead of it).
+    pub fn without_init(self) -> Scenario {
+        let pg = PgCluster::start_with(self.cluster);
+        for sql in &self.sql {
+            pg.psql(sql);
+        }
+        let dir = pg.dir.path().join("relay");
+        std::fs::create_dir(&dir).unwrap();
+        let events = dir.join("events.jsonl");
+        let mut config = self.config;
+        if self.file_sink {
+            config = config.sinks(&file_sink("file", &events));
+        }
+        for tables in self.tables_in_dir {
+            config = config.sinks(&tables(&dir));
+        }
+        let config = config.write(&dir, &pg);
+        Scenario {
+            pg,
+            dir,
+            config,
+            events,
+        }
+    }
+
+    /// [`ScenarioBuilder::init`], then `outbox-relay run`.
+    pub fn start(self) -> (Scenario, Relay) {
+        self.start_with_env(&[])
+    }
+
+    /// [`ScenarioBuilder::start`] with extra environment variables for the relay.
+    pub fn start_with_env(self, env: &[(&str, &str)]) -> (Scenario, Relay) {
+        let scenario = self.init();
+        let relay = Relay::start_with_env(&scenario.config, env);
+        (scenario, relay)
+    }
+}
+
+/// The dead letters in the relay's store in stream order, each as the values of `columns`
+/// (SQL expressions over `outbox_relay.dead_letters`, comma-separated) joined by " | ".
+pub fn dead_letters(pg: &PgCluster, columns: &str) -> Vec<String> {
+    let json = pg.psql(&format!(
+        "SELECT coalesce(json_agg(concat_ws(' | ', {columns}) \
+         ORDER BY commit_lsn, event_index, id), '[]') FROM outbox_relay.dead_letters"
+    ));
+    serde_json::from_str(&json).unwrap()
 }
 
 /// A copy of the example `config/<name>` in `dir` (the relay's logs go beside its config).
@@ -547,6 +816,19 @@ impl Relay {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asserts that the file sink's output at `events` holds `count` events within [`WAIT`].
+    pub fn delivers(&self, events: &Path, count: usize) {
+        let mut delivered = 0;
+        assert!(
+            wait_until(WAIT, || {
+                delivered = read_events(events).len();
+                delivered == count
+            }),
+            "{delivered} events delivered, not {count}; relay log:\n{}",
+            self.log()
+        );
     }
 
     pub fn kill9(&mut self) {
