@@ -3,19 +3,17 @@
 //! module and implements [`SinkKind`]; the enum only names the kinds and hands every question
 //! (build, validate, filter, tombstones, check) to the one it holds. The relay asks the enum,
 //! never a kind.
-//!
-//! Invariant: configuration errors name the key at fault (`sinks.NAME.KEY`) and say what to
-//! do; they never quote a secret.
+//! What each kind answers is its [`SinkKind`] implementation ([`crate::kind`]).
 
 use crate::eventbridge::EventBridgeConfig;
 use crate::file::FileConfig;
 use crate::kafka::KafkaConfig;
+use crate::kind::{ConfigError, SinkContext, SinkKind};
 use crate::null::NullConfig;
 use crate::rabbitmq::RabbitMqConfig;
-use crate::routing::{FilteredSink, MatchRule, TemplateError};
+use crate::routing::{FilteredSink, MatchRule};
 use crate::stdout::StdoutConfig;
-use crate::{SecretFileError, Sink};
-use async_trait::async_trait;
+use crate::Sink;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -35,42 +33,6 @@ pub enum SinkConfig {
     EventBridge(EventBridgeConfig),
     /// RabbitMQ: an exchange (AMQP 0-9-1) or a stream.
     RabbitMq(RabbitMqConfig),
-}
-
-/// What a sink's configuration needs besides its own keys.
-#[derive(Debug, Clone, Copy)]
-pub struct SinkContext<'a> {
-    /// The sink's name (`[sinks.NAME]`): in messages, and in identities derived from it.
-    pub name: &'a str,
-    /// The replication slot: sinks that name themselves to a broker (Kafka's transactional
-    /// id, a RabbitMQ stream producer) derive that name from the slot and the sink's name.
-    pub slot: &'a str,
-}
-
-/// What every kind of sink answers from its configuration.
-#[async_trait]
-pub trait SinkKind: Sync {
-    /// The sink, ready for `recover` and `send`; nothing connects yet.
-    fn build(&self, ctx: &SinkContext<'_>) -> Result<Box<dyn Sink>, ConfigError>;
-
-    /// Mistakes found without connecting, reported when the configuration is loaded.
-    fn validate(&self, _ctx: &SinkContext<'_>) -> Result<(), ConfigError> {
-        Ok(())
-    }
-
-    /// Which events the sink takes (`[sinks.NAME.match]`).
-    fn filter(&self) -> &MatchRule;
-
-    /// Whether the sink can carry a tombstone (an event without a payload).
-    fn takes_tombstones(&self) -> bool {
-        false
-    }
-
-    /// Problems with the destination that `outbox-relay check` reports, one line each with
-    /// the fix, each naming the sink.
-    async fn check(&self, _ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {
-        Ok(Vec::new())
-    }
 }
 
 impl SinkConfig {
@@ -140,43 +102,6 @@ pub fn build_all(
         .collect()
 }
 
-/// A mistake in a sink's configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A template that does not parse; `key` is the full key, e.g. `sinks.out.topic`.
-    #[error("{key}")]
-    Template {
-        key: String,
-        #[source]
-        source: TemplateError,
-    },
-    /// A secret file that cannot be read.
-    #[error(transparent)]
-    SecretFile(#[from] SecretFileError),
-    /// Settings that cannot work together, with the key and the fix.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl ConfigError {
-    /// A mistake in the settings of sink `name`, as the sink's own validation words it.
-    pub fn invalid(name: &str, problem: impl std::fmt::Display) -> Self {
-        ConfigError::Invalid(format!("sinks.{name}: {problem}"))
-    }
-}
-
-/// Parses the template `value` of key `sinks.NAME.KEY`.
-pub fn template(
-    ctx: &SinkContext<'_>,
-    key: &str,
-    value: &str,
-) -> Result<crate::routing::Template, ConfigError> {
-    crate::routing::Template::parse(value).map_err(|source| ConfigError::Template {
-        key: format!("sinks.{}.{key}", ctx.name),
-        source,
-    })
-}
-
 /// `err` with its causes, `: `-separated.
 fn with_causes(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -189,11 +114,6 @@ fn with_causes(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// `true`, for `#[serde(default = …)]`.
-pub(crate) fn default_true() -> bool {
-    true
-}
-
 #[cfg(test)]
 mod tests {
     //! What adding a sink takes, shown on a toy: a configuration that is a [`SinkKind`] and a
@@ -203,6 +123,7 @@ mod tests {
     use super::*;
     use crate::format::tests::sample;
     use crate::{Event, EventState, SinkError, Text};
+    use async_trait::async_trait;
     use std::sync::{Arc, Mutex};
 
     /// `type = "tally"`: counts the events it takes; refuses a configuration without room.

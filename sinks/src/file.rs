@@ -13,8 +13,8 @@
 //! full disk is retried (the operator frees space, the batch goes in), and the torn part of
 //! the failed batch is cut off first.
 
-use crate::config::{default_true, ConfigError, SinkContext, SinkKind};
 use crate::format::{self, Format};
+use crate::kind::{default_true, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Event, EventState, Position, Sink, SinkError};
 use async_trait::async_trait;

@@ -27,6 +27,7 @@ pub mod eventbridge;
 pub mod file;
 pub mod format;
 pub mod kafka;
+pub mod kind;
 pub mod null;
 pub mod rabbitmq;
 pub mod routing;
@@ -37,8 +38,9 @@ pub mod table_name;
 pub mod test_util;
 
 pub use backoff::Backoff;
-pub use config::{build_all, ConfigError, SinkConfig, SinkContext, SinkKind};
+pub use config::{build_all, SinkConfig};
 pub use event::{Event, Lsn, Payload, Position, Text};
+pub use kind::{ConfigError, SinkContext, SinkKind};
 pub use secret::{Secret, SecretFileError};
 
 use async_trait::async_trait;

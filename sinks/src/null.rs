@@ -1,7 +1,7 @@
 //! The null sink: acknowledges every event at once and writes nothing. It measures the
 //! relay itself (benchmarks) and lets a relay confirm a slot without publishing.
 
-use crate::config::{ConfigError, SinkContext, SinkKind};
+use crate::kind::{ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;

@@ -2,8 +2,8 @@
 //! into other tools. An event is acknowledged once its batch is flushed to the pipe; a crash
 //! may repeat the events since the last checkpoint (at-least-once).
 
-use crate::config::{ConfigError, SinkContext, SinkKind};
 use crate::format::{self, Format};
+use crate::kind::{ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;

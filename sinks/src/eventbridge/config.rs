@@ -2,8 +2,8 @@
 //! [`EventBridgeSettings`] (templates parsed, settings that would refuse every event refused).
 
 use super::{EventBridgeSettings, EventBridgeSink, DEFAULT_MAX_REQUEST_BYTES};
-use crate::config::{template, ConfigError, SinkContext, SinkKind};
 use crate::format::Format;
+use crate::kind::{template, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::Sink;
 use async_trait::async_trait;

@@ -3,8 +3,8 @@
 //! its file).
 
 use super::{KafkaSettings, KafkaSink};
-use crate::config::{default_true, template, ConfigError, SinkContext, SinkKind};
 use crate::format::Format;
+use crate::kind::{default_true, template, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;

@@ -5,8 +5,8 @@
 use super::exchange::{ExchangeSettings, DEFAULT_MAX_MESSAGE_BYTES};
 use super::stream::StreamSettings;
 use super::{Policy, RabbitMqSettings};
-use crate::config::{template, ConfigError, SinkContext, SinkKind};
 use crate::format::Format;
+use crate::kind::{template, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
