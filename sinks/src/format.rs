@@ -292,25 +292,13 @@ pub(crate) mod tests {
 
     pub(crate) fn sample(lsn: u64, index: u32) -> Event {
         Event {
-            position: Position {
-                commit_lsn: Lsn(lsn),
-                index,
-            },
             xid: 42,
             commit_time_micros: 1_700_000_000_123_456,
-            table: "public.outbox".into(),
-            source: "/public.outbox".into(),
             id: Text::from("0b6f1d62-3c1a-4f5e-9d1e-6a9f0c3b2a11"),
             key: Text::from("order-\"1\""),
-            aggregate_type: Text::from("order"),
             aggregate_id: Text::from("order-\"1\""),
-            event_type: Text::from("OrderCreated"),
-            schema_version: None,
-            occurred_at: None,
-            traceparent: None,
-            headers: Vec::new(),
-            attributes: Vec::new(),
             payload: Text::from(r#"{"total": 12}"#).into(),
+            ..crate::test_util::sample(lsn, index)
         }
     }
 

@@ -2,8 +2,8 @@
 //! over, kept in one place so a change to [`Event`] or [`Sink`] is made once: a sample event
 //! and a sink that records what it was sent.
 //!
-//! There is no in-memory checkpoint store here: the checkpoint store's trait lives in the
-//! relay crate (it stores the relay's own dead letters), so this crate cannot implement it.
+//! The checkpoint and dead-letter stores are the relay crate's traits, so their test doubles
+//! live in that crate's tests (the pipeline's tests record dead letters in memory).
 
 use crate::{Event, EventState, Lsn, Position, Sink, SinkError, Text};
 use async_trait::async_trait;
