@@ -68,6 +68,11 @@ impl SinkConfig {
         self.kind().takes_tombstones()
     }
 
+    /// Why this sink would refuse every event with a bytes payload ([`SinkKind`]).
+    pub fn binary_payload_problem(&self) -> Option<String> {
+        self.kind().binary_payload_problem()
+    }
+
     /// Problems `outbox-relay check` reports for this sink, one line each.
     pub async fn check(&self, ctx: &SinkContext<'_>) -> Vec<String> {
         self.kind()

@@ -39,6 +39,13 @@ pub trait SinkKind: Sync {
         false
     }
 
+    /// Why the sink would refuse every event whose payload is bytes (a `bytea` payload
+    /// column), with the fix; `None` when it carries them. `outbox-relay check` reports it
+    /// for each such table the sink takes.
+    fn binary_payload_problem(&self) -> Option<String> {
+        None
+    }
+
     /// Problems with the destination that `outbox-relay check` reports, one line each with
     /// the fix, each naming the sink.
     async fn check(&self, _ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {

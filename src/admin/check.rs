@@ -2,7 +2,7 @@
 //! (one line each, with the fix), and warnings that do not fail it.
 
 use super::{identify, relay_table};
-use crate::config::{parse_table_name, Config, Format, SinkConfig};
+use crate::config::{parse_table_name, Config};
 use crate::db;
 use crate::source::origin::Origin;
 use crate::source::slot::{self, dropped_slot_problem};
@@ -132,24 +132,12 @@ fn bytes_refused_by(config: &Config, table: &str) -> anyhow::Result<Vec<String>>
     Ok(config
         .sinks
         .iter()
-        .filter_map(|(name, sink)| match sink {
-            SinkConfig::EventBridge(eventbridge)
-                if eventbridge.format != Format::CloudEvents
-                    && eventbridge.filter.takes_table(&names) =>
-            {
-                let format = if eventbridge.format == Format::Raw {
-                    "raw"
-                } else {
-                    "debezium"
-                };
-                Some(format!(
-                    "sink {name}: the payload column of outbox table {table} is bytea, and an \
-                     EventBridge Detail in format \"{format}\" must be a JSON object: every event \
-                     of the table would be dead-lettered. Use format = \"cloudevents\" (the bytes \
-                     go into data_base64), or keep the table from the sink with match.tables"
-                ))
-            }
-            _ => None,
+        .filter(|(_, sink)| sink.filter().takes_table(&names))
+        .filter_map(|(name, sink)| {
+            let problem = sink.binary_payload_problem()?;
+            Some(format!(
+                "sink {name}: the payload column of outbox table {table} is bytea, and {problem}"
+            ))
         })
         .collect())
 }

@@ -109,4 +109,18 @@ impl SinkKind for EventBridgeConfig {
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {
         Ok(EventBridgeSink::new(self.settings(ctx)?).check().await)
     }
+
+    /// A Detail must be a JSON object; only CloudEvents carries bytes (in `data_base64`).
+    fn binary_payload_problem(&self) -> Option<String> {
+        let format = match self.format {
+            Format::CloudEvents => return None,
+            Format::Raw => "raw",
+            Format::Debezium => "debezium",
+        };
+        Some(format!(
+            "an EventBridge Detail in format \"{format}\" must be a JSON object: every event \
+             of the table would be dead-lettered. Use format = \"cloudevents\" (the bytes go \
+             into data_base64), or keep the table from the sink with match.tables"
+        ))
+    }
 }

@@ -70,7 +70,7 @@ impl BrokerErrors {
 
     /// `error` as the relay should see it: replaced by a refused login or certificate that
     /// librdkafka reported meanwhile, or with the broker's last complaint added.
-    pub(super) fn explain(&self, error: SinkError) -> SinkError {
+    pub(super) fn with_reported(&self, error: SinkError) -> SinkError {
         let SinkError::Retryable(message) = error else {
             return error;
         };
@@ -193,7 +193,7 @@ mod tests {
             RDKafkaErrorCode::BrokerTransportFailure,
             "Disconnected",
         );
-        match errors.explain(SinkError::Retryable("delivering: Message timed out".into())) {
+        match errors.with_reported(SinkError::Retryable("delivering: Message timed out".into())) {
             SinkError::Permanent(message) => {
                 assert!(
                     message.contains("SASL authentication error: refused"),
@@ -217,7 +217,7 @@ mod tests {
              tls_post_process_server_certificate error:0A000086:SSL routines::certificate \
              verify failed (after 3ms in state SSL_HANDSHAKE)",
         );
-        match errors.explain(SinkError::Retryable("timed out".into())) {
+        match errors.with_reported(SinkError::Retryable("timed out".into())) {
             SinkError::Permanent(message) => {
                 assert!(message.contains("check ssl.ca.location"), "{message}")
             }
@@ -238,7 +238,7 @@ mod tests {
             RDKafkaErrorCode::AllBrokersDown,
             "1/1 brokers are down",
         );
-        match errors.explain(SinkError::Retryable("timed out".into())) {
+        match errors.with_reported(SinkError::Retryable("timed out".into())) {
             SinkError::Retryable(message) => {
                 assert!(
                     message.ends_with("librdkafka last reported: Connection refused"),
@@ -254,7 +254,7 @@ mod tests {
             "SSL handshake failed: Disconnected",
         );
         assert!(matches!(
-            errors.explain(SinkError::Retryable("timed out".into())),
+            errors.with_reported(SinkError::Retryable("timed out".into())),
             SinkError::Retryable(_)
         ));
         report(
@@ -263,17 +263,17 @@ mod tests {
             "SSL handshake failed: certificate verify failed",
         );
         assert!(matches!(
-            errors.explain(SinkError::Retryable("timed out".into())),
+            errors.with_reported(SinkError::Retryable("timed out".into())),
             SinkError::Permanent(_)
         ));
         // A permanent error stays permanent; a batch's start forgets old reports.
         assert!(matches!(
-            errors.explain(SinkError::Permanent("fenced".into())),
+            errors.with_reported(SinkError::Permanent("fenced".into())),
             SinkError::Permanent(m) if m == "fenced"
         ));
         errors.take();
         assert!(matches!(
-            errors.explain(SinkError::Retryable("timed out".into())),
+            errors.with_reported(SinkError::Retryable("timed out".into())),
             SinkError::Retryable(m) if m == "timed out"
         ));
     }

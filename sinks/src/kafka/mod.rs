@@ -322,11 +322,10 @@ type Deliveries = VecDeque<(usize, DeliveryFuture)>;
 /// librdkafka holds records for `linger.ms` to fill produce requests. That suits a
 /// producer that never waits, but the sink waits for the whole batch before the relay hands
 /// it the next one, so the linger of the batch's last records would be idle time on every
-/// batch. `rd_kafka_flush` makes the
-/// broker threads send what they hold now, for as long as it runs; it returns when
-/// librdkafka has handed every delivery report to the producer's polling thread, or
-/// after `timeout`. Its outcome is not needed: the delivery reports say how each record
-/// fared.
+/// batch. `rd_kafka_flush` makes the broker threads send what they hold now, for as long
+/// as it runs; it returns when librdkafka has handed every delivery report to the
+/// producer's polling thread, or after `timeout`. Its outcome is not needed: the delivery
+/// reports say how each record fared.
 async fn deliver_now(
     producer: &FutureProducer<BrokerErrors>,
     timeout: Duration,
@@ -337,6 +336,10 @@ async fn deliver_now(
         let p = producer.clone();
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         let _ = tokio::task::spawn_blocking(move || {
+            // Why not the safe `Producer::flush`: rdkafka's calls `rd_kafka_flush` with a zero
+            // timeout in a loop and polls the producer's event queue from this thread, a
+            // queue the producer's own polling thread already serves; one call with the
+            // whole timeout lets librdkafka wait for the delivery reports itself.
             // SAFETY: the pointer is the producer's own handle, valid while `p` (a clone
             // that shares it) lives, which is until this call returns; librdkafka's flush
             // is thread-safe.
@@ -387,7 +390,7 @@ impl Sink for KafkaSink {
     async fn recover(&mut self) -> Result<Option<Position>, SinkError> {
         self.errors.take();
         let recovered = self.recover_checkpoint().await;
-        recovered.map_err(|e| self.errors.explain(e))
+        recovered.map_err(|e| self.errors.with_reported(e))
     }
 
     /// A batch's states change only once the whole batch went through (its transaction
@@ -396,7 +399,7 @@ impl Sink for KafkaSink {
     async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         self.errors.take();
         let sent = self.send_batch(batch).await;
-        for Rejection { index, reason } in sent.map_err(|e| self.errors.explain(e))? {
+        for Rejection { index, reason } in sent.map_err(|e| self.errors.with_reported(e))? {
             states[index] = EventState::Rejected(reason);
         }
         Ok(())
