@@ -13,8 +13,8 @@
 //!    `#[serde(deny_unknown_fields)]` and a `match` key ([`routing::MatchRule`]), and a
 //!    [`Sink`].
 //! 2. [`SinkKind`] for the configuration: `build` the sink, and where they apply `validate`
-//!    (what can be refused when the configuration loads), `takes_tombstones`, `check`
-//!    (what `outbox-relay check` reports).
+//!    (what can be refused when the configuration loads), `takes_tombstones`,
+//!    `binary_payload_problem`, `check` (what `outbox-relay check` reports).
 //! 3. One variant of [`SinkConfig`] (its name is the `type`) and its arm in
 //!    `SinkConfig::kind`. Nothing in the relay's crate changes.
 //!
