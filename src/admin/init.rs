@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::db;
 use crate::source::origin::Origin;
 use crate::source::replication::ReplicationConnection;
-use crate::source::slot::{self, dropped_slot_problem};
+use crate::source::slot;
 use crate::sql;
 use crate::tables::{self, quoted_table, PublicationProblem};
 use anyhow::Context;
@@ -178,25 +178,8 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
             source.slot
         ));
     } else {
-        if let Some(problem) =
-            dropped_slot_problem(&client, &config.relay.schema, &source.slot).await?
-        {
-            anyhow::bail!(problem);
-        }
         let system = identify(&params).await?;
-        let start: String = client
-            .query_one(
-                &format!(
-                    "SELECT lsn::text FROM {}",
-                    slot::create_slot_call(source.failover_slot)
-                ),
-                &[&source.slot],
-            )
-            .await
-            .map_err(db::explain)
-            .with_context(|| format!("creating replication slot {}", source.slot))?
-            .get(0);
-        let start = start.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        let start = slot::create(&client, source, &config.relay.schema).await?;
         Origin::record(&client, &config.relay.schema, &source.slot, &system, start).await?;
         done.push(format!("replication slot {}: created{kind}", source.slot));
     }

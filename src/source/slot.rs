@@ -51,33 +51,20 @@ pub async fn prepare(sql: &tokio_postgres::Client, config: &Config) -> anyhow::R
         )
         .await
         .map_err(db::explain)?;
-    let created = row.is_none();
-    let row = match row {
-        Some(row) => row,
-        None if source.create_slot => {
-            refuse_to_recreate_a_dropped_slot(sql, config).await?;
-            info!(slot = %source.slot, "creating the replication slot");
-            // The function's own result, not a join with pg_replication_slots: the planner
-            // may scan the view first, and on a server with no slots it then never calls
-            // the function at all.
-            sql.query_one(
-                &format!(
-                    "SELECT 'pgoutput', current_database()::text, current_database()::text, \
-                     NULL::text, lsn::text, $2::bool FROM {}",
-                    create_slot_call(source.failover_slot)
-                ),
-                &[&source.slot, &source.failover_slot],
-            )
-            .await
-            .map_err(|e| db::explain(e).context("creating the replication slot"))?
-        }
-        None => {
+    let Some(row) = row else {
+        if !source.create_slot {
             return Err(Problem(format!(
                 "replication slot {:?} does not exist: run `outbox-relay init`, or set source.create_slot = true",
                 source.slot
             ))
-            .into())
+            .into());
         }
+        info!(slot = %source.slot, "creating the replication slot");
+        return Ok(SlotState {
+            confirmed_flush: create(sql, source, &config.relay.schema).await?,
+            created: true,
+            needs_failover: false,
+        });
     };
     if let Some(problem) = slot_refusal(&row, 0, &source.slot, &config.relay.schema) {
         return Err(Problem(problem).into());
@@ -91,9 +78,36 @@ pub async fn prepare(sql: &tokio_postgres::Client, config: &Config) -> anyhow::R
     let failover: bool = row.get(5);
     Ok(SlotState {
         confirmed_flush,
-        created,
+        created: false,
         needs_failover: source.failover_slot && !failover,
     })
+}
+
+/// Creates the relay's slot (a failover slot if `source.failover_slot`) and returns where it
+/// starts: the WAL's end at its creation. Refuses to create again a slot the relay used
+/// ([`dropped_slot_problem`]). `run` and `init` create it here.
+pub async fn create(
+    sql: &tokio_postgres::Client,
+    source: &SourceConfig,
+    schema: &str,
+) -> anyhow::Result<Lsn> {
+    if let Some(problem) = dropped_slot_problem(sql, schema, &source.slot).await? {
+        return Err(Problem(problem).into());
+    }
+    // The function's own result, not a join with pg_replication_slots: the planner may scan
+    // the view first, and on a server with no slots it then never calls the function at all.
+    let start: String = sql
+        .query_one(
+            &format!(
+                "SELECT lsn::text FROM {}",
+                create_slot_call(source.failover_slot)
+            ),
+            &[&source.slot],
+        )
+        .await
+        .map_err(|e| db::explain(e).context(format!("creating replication slot {}", source.slot)))?
+        .get(0);
+    Ok(start.parse().map_err(Problem)?)
 }
 
 /// Stops the relay if its state for the slot comes from another server (see
@@ -134,18 +148,6 @@ pub async fn check_failover_slot_support(
         warn!(slot = %source.slot, "{warning}");
     }
     Ok(())
-}
-
-/// A missing slot that this relay has checkpoints for is not created again (see
-/// [`dropped_slot_problem`]).
-async fn refuse_to_recreate_a_dropped_slot(
-    sql: &tokio_postgres::Client,
-    config: &Config,
-) -> anyhow::Result<()> {
-    match dropped_slot_problem(sql, &config.relay.schema, &config.source.slot).await? {
-        Some(problem) => Err(Problem(problem).into()),
-        None => Ok(()),
-    }
 }
 
 /// Starts streaming; returns what the server said of itself (its WAL end, timeline and
@@ -283,7 +285,7 @@ fn foreign_slot_problem(
 }
 
 /// The call that creates the relay's slot (`$1` its name): a failover slot if asked for.
-pub fn create_slot_call(failover: bool) -> &'static str {
+fn create_slot_call(failover: bool) -> &'static str {
     if failover {
         "pg_create_logical_replication_slot($1, 'pgoutput', failover => true)"
     } else {
