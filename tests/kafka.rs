@@ -1,7 +1,8 @@
-//! The Kafka sink against a real Kafka-protocol broker: Tansu 0.6 (installed by
-//! scripts/install-test-deps.sh). What each test checks, given Tansu's known gaps (it shows
-//! aborted records to read_committed consumers too, and its high watermark is unreliable,
-//! so tests count by consuming):
+//! The Kafka sink against a real Kafka-protocol broker: Apache Kafka 4.4 in KRaft mode, or
+//! Tansu 0.6 where its jars are not installed (both by scripts/install-test-deps.sh; see
+//! tests/common/kafka.rs). What each test checks, given Tansu's known gaps (it shows aborted
+//! records to read_committed consumers too, and its high watermark is unreliable, so tests
+//! count by consuming; on Apache Kafka the watermark counts commit markers too):
 //! - per-key order over many keys and partitions, with the headers;
 //! - kill -9 during transactions: nothing lost; every event's LAST copy is in per-key order;
 //!   copies beyond the first come only from aborted transactions (which real Kafka hides

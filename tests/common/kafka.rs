@@ -1,5 +1,11 @@
-//! The Kafka-protocol test broker (Tansu, from .venv-brokers) and a consumer that counts by
-//! reading (Tansu's watermarks are unreliable).
+//! The Kafka test broker and a consumer that counts by reading.
+//!
+//! [`Broker::start`] runs a real Apache Kafka (a single-node KRaft broker, combined broker and
+//! controller, from the jars scripts/install-test-deps.sh puts in .kafka-broker/lib) when
+//! those are present, else Tansu (a Kafka-protocol stand-in from .venv-brokers);
+//! `OUTBOX_RELAY_TEST_KAFKA=apache|tansu` forces one. Each `Broker` is its own broker
+//! process on free ports, stopped when dropped. Counting is by consuming, because Tansu's
+//! watermarks are unreliable.
 
 use super::{wait_until, WAIT};
 use rdkafka::config::ClientConfig;
@@ -7,18 +13,41 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a consumer waits for what it expects.
-/// A Tansu broker on a free port, stopped when dropped.
+/// Which broker the Kafka tests run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Apache Kafka 4.x in KRaft mode, from .kafka-broker/lib.
+    Apache,
+    /// Tansu 0.6, from .venv-brokers.
+    Tansu,
+}
+
+/// `OUTBOX_RELAY_TEST_KAFKA` (`apache` or `tansu`) if set, else Apache Kafka when its jars are
+/// installed, else Tansu.
+pub fn kind() -> Kind {
+    match std::env::var("OUTBOX_RELAY_TEST_KAFKA").as_deref() {
+        Ok("apache") => Kind::Apache,
+        Ok("tansu") => Kind::Tansu,
+        Ok(other) => panic!("OUTBOX_RELAY_TEST_KAFKA={other}: expected apache or tansu"),
+        Err(_) if kafka_lib().join(".pom.sha256").exists() => Kind::Apache,
+        Err(_) => Kind::Tansu,
+    }
+}
+
+/// A Kafka broker on a free port, stopped when dropped.
 pub struct Broker {
     child: Child,
+    pub kind: Kind,
     /// Where clients bootstrap (the broker, or the TLS proxy in front of it).
     port: u16,
     /// librdkafka properties clients need (TLS).
     pub client_properties: Vec<(String, String)>,
+    /// Apache Kafka's configuration, data and log (broker.log).
+    dir: Option<tempfile::TempDir>,
     _tls: Option<super::tls_proxy::TlsProxy>,
     _sasl: Option<super::sasl_gate::SaslGate>,
 }
@@ -70,14 +99,20 @@ impl Broker {
     /// memory, so a test cannot give it one it would accept.)
     pub fn start_refusing_logins() -> Broker {
         let port = super::free_port();
-        Broker::spawn_with(port, port, &["--authentication"])
+        match kind() {
+            Kind::Apache => Broker::spawn_apache(port, port, true),
+            Kind::Tansu => Broker::spawn_tansu(port, port, &["--authentication"]),
+        }
     }
 
     fn spawn(port: u16, advertised: u16) -> Broker {
-        Broker::spawn_with(port, advertised, &[])
+        match kind() {
+            Kind::Apache => Broker::spawn_apache(port, advertised, false),
+            Kind::Tansu => Broker::spawn_tansu(port, advertised, &[]),
+        }
     }
 
-    fn spawn_with(port: u16, advertised: u16, args: &[&str]) -> Broker {
+    fn spawn_tansu(port: u16, advertised: u16, args: &[&str]) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(tansu_binary())
@@ -101,11 +136,129 @@ impl Broker {
         assert!(ready, "Tansu did not start");
         Broker {
             child,
+            kind: Kind::Tansu,
             port,
             client_properties: Vec::new(),
+            dir: None,
             _tls: None,
             _sasl: None,
         }
+    }
+
+    /// Apache Kafka listening for clients on `port` and advertising `advertised`: storage
+    /// formatted in a temp dir, then one JVM with a 512 MB heap. With `refuse_logins` the
+    /// client listener requires SASL/SCRAM and no user exists. The broker reaches itself
+    /// over an internal plaintext listener, and its controller on a third port.
+    fn spawn_apache(port: u16, advertised: u16, refuse_logins: bool) -> Broker {
+        let lib = kafka_lib();
+        assert!(
+            lib.join(".pom.sha256").exists(),
+            "the Apache Kafka test broker is missing: run scripts/install-test-deps.sh"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (internal, controller) = (super::free_port(), super::free_port());
+        let client_protocol = if refuse_logins {
+            "SASL_PLAINTEXT"
+        } else {
+            "PLAINTEXT"
+        };
+        let mut properties = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
+             listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=CLIENT://127.0.0.1:{advertised},INTERNAL://127.0.0.1:{internal}\n\
+             listener.security.protocol.map=CLIENT:{client_protocol},INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             controller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=INTERNAL\n\
+             log.dirs={data}\n\
+             num.partitions=1\n\
+             default.replication.factor=1\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=1\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=1\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             num.network.threads=2\n\
+             num.io.threads=2\n\
+             num.recovery.threads.per.data.dir=1\n",
+            data = dir.path().join("data").display(),
+        );
+        if refuse_logins {
+            properties.push_str(
+                "sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+                 listener.name.client.scram-sha-512.sasl.jaas.config=\
+                 org.apache.kafka.common.security.scram.ScramLoginModule required;\n",
+            );
+        }
+        let config = dir.path().join("server.properties");
+        std::fs::write(&config, properties).unwrap();
+        let java = |main: &str, log: &str| {
+            let log = std::fs::File::create(dir.path().join(log)).unwrap();
+            let mut command = Command::new(java_binary());
+            command
+                .args([
+                    "-Xmx512m",
+                    "-Xms64m",
+                    "-XX:+UseSerialGC",
+                    "-XX:TieredStopAtLevel=1",
+                ])
+                .arg(format!(
+                    "-Dlog4j2.configurationFile={}",
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("scripts/kafka/log4j2.properties")
+                        .display()
+                ))
+                .arg("-cp")
+                .arg(lib.join("*"))
+                .arg(main)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            command
+        };
+        let formatted = java("kafka.tools.StorageTool", "format.log")
+            .args(["format", "--standalone", "-t", &cluster_id(), "-c"])
+            .arg(&config)
+            .status()
+            .unwrap();
+        assert!(
+            formatted.success(),
+            "formatting Kafka's storage failed:\n{}",
+            std::fs::read_to_string(dir.path().join("format.log")).unwrap_or_default()
+        );
+        let mut child = java("kafka.Kafka", "broker.log")
+            .arg(&config)
+            .spawn()
+            .unwrap();
+        let ready = wait_until(WAIT, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || child.try_wait().unwrap().is_some()
+        }) && child.try_wait().unwrap().is_none();
+        assert!(
+            ready,
+            "Apache Kafka did not start:\n{}",
+            std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default()
+        );
+        Broker {
+            child,
+            kind: Kind::Apache,
+            port,
+            client_properties: Vec::new(),
+            dir: Some(dir),
+            _tls: None,
+            _sasl: None,
+        }
+    }
+
+    /// What the broker logged (Apache Kafka: warnings and errors; Tansu: nothing is kept).
+    pub fn log(&self) -> String {
+        self.dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.path().join("broker.log")).ok())
+            .unwrap_or_default()
     }
 
     pub fn address(&self) -> String {
@@ -120,7 +273,47 @@ impl Broker {
     }
 }
 
-fn tansu_binary() -> std::path::PathBuf {
+/// Where scripts/install-test-deps.sh puts Apache Kafka's jars.
+fn kafka_lib() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".kafka-broker/lib")
+}
+
+/// `$JAVA_HOME/bin/java`, else `java` on the PATH.
+fn java_binary() -> PathBuf {
+    std::env::var_os("JAVA_HOME")
+        .map(|home| PathBuf::from(home).join("bin/java"))
+        .filter(|java| java.exists())
+        .unwrap_or_else(|| "java".into())
+}
+
+/// A random KRaft cluster id: 16 random bytes in URL-safe base64 without padding, as
+/// `kafka-storage.sh random-uuid` prints them (without starting a JVM for it). One that
+/// starts with '-' would read as an option, so that one is drawn again.
+fn cluster_id() -> String {
+    use std::io::Read;
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
+    loop {
+        let mut bytes = [0u8; 16];
+        urandom.read_exact(&mut bytes).unwrap();
+        let (mut id, mut buffer, mut bits) = (String::new(), 0u32, 0);
+        for byte in bytes {
+            buffer = buffer << 8 | u32::from(byte);
+            bits += 8;
+            while bits >= 6 {
+                bits -= 6;
+                id.push(ALPHABET[(buffer >> bits) as usize & 63] as char);
+            }
+        }
+        // 128 bits leave 2 over: the last character holds them and four zero bits.
+        id.push(ALPHABET[(buffer << (6 - bits)) as usize & 63] as char);
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn tansu_binary() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::read_dir(root.join(".venv-brokers/lib"))
         .ok()
