@@ -5,7 +5,7 @@
 
 use crate::backfill;
 use crate::checkpoint::{write_checkpoints, CheckpointStore, PgCheckpointStore};
-use crate::config::Config;
+use crate::config::{Config, ConnectParams};
 use crate::db;
 use crate::dead_letters::{load_replay_key, DeadLetterStore, PgDeadLetterStore};
 use crate::failure::SessionEnd;
@@ -173,6 +173,8 @@ const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// What a session checked and opened before streaming.
 struct Prepared {
+    /// Read once per session: the password file is read here.
+    params: ConnectParams,
     sql: tokio_postgres::Client,
     catalog: tokio_postgres::Client,
     heartbeat_sql: Option<tokio_postgres::Client>,
@@ -243,6 +245,7 @@ async fn prepare(config: &Config) -> Result<Prepared, SessionEnd> {
         None => None,
     };
     Ok(Prepared {
+        params,
         sql,
         catalog,
         heartbeat_sql,
@@ -287,7 +290,7 @@ async fn stream(
 ) -> Result<SessionEnd, SessionEnd> {
     let source = &config.source;
     let prepared = prepare(config).await?;
-    let params = source.connect_params().map_err(SessionEnd::Fatal)?;
+    let params = prepared.params;
     // Acquire the slot first: once streaming starts no other relay can write to the sinks,
     // so the positions recovered below cannot go stale.
     let (system, stream, status_writer) =
