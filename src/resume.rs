@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::pipeline::SinkWorker;
 use crate::problem::Problem;
 use crate::telemetry::{Metrics, METRICS};
-use outbox_relay_sinks::{Lsn, Position, Sink, SinkError};
+use outbox_relay_sinks::{Lsn, Position, SinkError};
 use std::collections::BTreeMap;
 use tracing::info;
 
@@ -33,7 +33,7 @@ pub async fn ready_workers(
     remembered: Option<Remembered<'_>>,
 ) -> anyhow::Result<Vec<SinkWorker>> {
     let mut workers = Vec::new();
-    for (name, mut sink) in build_sinks(config)? {
+    for (name, mut sink) in outbox_relay_sinks::build_all(&config.sinks, &config.source.slot)? {
         let recovered = match sink.recover().await {
             Ok(recovered) => recovered,
             Err(SinkError::Retryable(reason)) => {
@@ -73,14 +73,6 @@ pub async fn ready_workers(
         });
     }
     Ok(workers)
-}
-
-/// Builds the configured sinks.
-fn build_sinks(config: &Config) -> anyhow::Result<Vec<(String, Box<dyn Sink>)>> {
-    Ok(outbox_relay_sinks::build_all(
-        &config.sinks,
-        &config.source.slot,
-    )?)
 }
 
 /// Where a sink's earlier deliveries end, by who remembers them.
