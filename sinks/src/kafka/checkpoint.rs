@@ -41,6 +41,16 @@ impl KafkaSink {
             )),
         )
         .await?;
+        let position = self.read_checkpoint().await?;
+        self.checkpoint = position;
+        tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
+            "recovered the checkpoint committed in Kafka");
+        Ok(position)
+    }
+
+    /// The checkpoint committed in Kafka now.
+    pub(super) async fn read_checkpoint(&mut self) -> Result<Option<Position>, SinkError> {
+        let topic = self.settings.checkpoint_topic.clone();
         let timeout = self.settings.timeout;
         let mut partitions = TopicPartitionList::new();
         partitions.add_partition(&topic, LSN_PARTITION);
@@ -56,8 +66,8 @@ impl KafkaSink {
             Some(Offset::Offset(offset)) => u64::try_from(offset).ok(),
             _ => None,
         };
-        let position = match (offset(LSN_PARTITION), offset(INDEX_PARTITION)) {
-            (Some(lsn), Some(index)) => Some(Position {
+        match (offset(LSN_PARTITION), offset(INDEX_PARTITION)) {
+            (Some(lsn), Some(index)) => Ok(Some(Position {
                 commit_lsn: Lsn(lsn),
                 index: u32::try_from(index).map_err(|_| {
                     SinkError::Permanent(format!(
@@ -65,12 +75,9 @@ impl KafkaSink {
                          (index {index}); give the sink its own checkpoint_topic"
                     ))
                 })?,
-            }),
-            _ => None,
-        };
-        tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
-            "recovered the checkpoint committed in Kafka");
-        Ok(position)
+            })),
+            _ => Ok(None),
+        }
     }
 
     /// Adds the checkpoint to the open transaction.

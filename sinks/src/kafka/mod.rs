@@ -48,6 +48,7 @@ use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -86,6 +87,9 @@ pub struct KafkaSink {
     admin: Option<AdminClient<BrokerErrors>>,
     errors: BrokerErrors,
     known_topics: HashSet<String>,
+    /// Exactly-once mode: the checkpoint this sink last read or committed, to tell a broker
+    /// that aborted its transaction from another producer that took over (see `send_batch`).
+    checkpoint: Option<Position>,
     /// Reused per batch: rendered topic names and encoded values.
     topic_buf: String,
     value_buf: Vec<u8>,
@@ -100,6 +104,7 @@ impl KafkaSink {
             admin: None,
             errors: BrokerErrors::default(),
             known_topics: HashSet::new(),
+            checkpoint: None,
             topic_buf: String::new(),
             value_buf: Vec::new(),
         }
@@ -398,7 +403,12 @@ impl Sink for KafkaSink {
     /// in exactly-once mode the failed attempt's transaction was aborted.
     async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
         self.errors.take();
-        let sent = self.send_batch(batch).await;
+        let mut sent = self.send_batch(batch).await;
+        if matches!(sent, Err(SinkError::Retryable(_))) {
+            if let Some(missing) = self.missing_topic(batch).await {
+                sent = Err(SinkError::Retryable(missing));
+            }
+        }
         for Rejection { index, reason } in sent.map_err(|e| self.errors.with_reported(e))? {
             states[index] = EventState::Rejected(reason);
         }
@@ -417,6 +427,49 @@ impl Sink for KafkaSink {
 }
 
 impl KafkaSink {
+    /// After a failed batch, when the sink does not create topics: the first of the batch's
+    /// topics the broker says does not exist, as the reason to give. librdkafka reports such
+    /// a record only as timed out, or as an unknown topic once it gives up waiting for the
+    /// topic to appear, neither of which says what to do.
+    async fn missing_topic(&mut self, batch: &[Event]) -> Option<String> {
+        if self.settings.create_topics.is_some() {
+            return None;
+        }
+        let mut topics: Vec<String> = Vec::new();
+        let mut topic = String::new();
+        for event in batch {
+            topic.clear();
+            self.settings.topic.render(event, &mut topic);
+            if !topics.contains(&topic) {
+                topics.push(topic.clone());
+            }
+        }
+        let producer = self.producer.clone()?;
+        let timeout = self.settings.timeout;
+        tokio::task::spawn_blocking(move || {
+            topics.into_iter().find(|topic| {
+                producer
+                    .client()
+                    .fetch_metadata(Some(topic), timeout)
+                    .is_ok_and(|metadata| {
+                        metadata.topics().iter().any(|t| {
+                            t.error()
+                                == Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+                        })
+                    })
+            })
+        })
+        .await
+        .ok()
+        .flatten()
+        .map(|topic| {
+            format!(
+                "Kafka topic {topic} does not exist and the broker does not create topics by \
+                 itself: create it, or set create_topics = true; the batch waits for it"
+            )
+        })
+    }
+
     /// The admin client, created on first use.
     fn admin(&mut self) -> Result<&AdminClient<BrokerErrors>, SinkError> {
         if self.admin.is_none() {
@@ -485,11 +538,22 @@ impl KafkaSink {
         if let Some((code, reason)) = producer.client().fatal_error() {
             // Deliveries fail as "purged" once the producer is fenced: say why.
             self.producer = None;
-            return Err(classify_code(
-                Some(code),
-                &reason,
-                "the Kafka producer failed",
-            ));
+            let failed = classify_code(Some(code), &reason, "the Kafka producer failed");
+            let unchanged = self.checkpoint;
+            if code == RDKafkaErrorCode::Fenced
+                && matches!(self.read_checkpoint().await, Ok(now) if now == unchanged)
+            {
+                // The broker fences a producer whose transaction outlived
+                // transaction.timeout.ms as it aborts that transaction. Had another relay
+                // taken over, it would have committed; nobody did: start over.
+                return Err(SinkError::Retryable(format!(
+                    "the Kafka producer failed: {reason}, and no other producer has committed \
+                     since: the broker aborted the open transaction, most likely because it \
+                     outlived transaction.timeout.ms (the relay was paused or starved); \
+                     starting over with a new producer"
+                )));
+            }
+            return Err(failed);
         }
         let timeout = self.settings.timeout;
         let p = producer.clone();
@@ -531,6 +595,7 @@ impl KafkaSink {
         })
         .await
         .map_err(|e| classify(&e, "committing the Kafka transaction"))?;
+        self.checkpoint = Some(last);
         Ok(rejected)
     }
 }
