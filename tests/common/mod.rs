@@ -11,7 +11,6 @@ pub mod certs;
 pub mod kafka;
 pub mod partition_proxy;
 pub mod rabbitmq;
-pub mod sasl_gate;
 pub mod tls_proxy;
 
 use std::io::{Read, Write};
