@@ -7,12 +7,14 @@
 //!   transaction that carries the batch's records AND this sink's checkpoint, as a
 //!   transactional offset commit for a consumer group named after the relay: the position's
 //!   commit LSN is the committed offset of partition 0 of the checkpoint topic, its index in
-//!   the transaction the offset of partition 1 (offsets, not offset metadata, because every
-//!   Kafka-protocol broker keeps offsets; Tansu drops the metadata, which carries the position
-//!   as text for people). [`Sink::recover`] reads that commit back on start,
+//!   the transaction the offset of partition 1 (the offset metadata carries the position as
+//!   text for people; README, Kafka, says why two offsets). [`Sink::recover`] reads that
+//!   commit back on start,
 //!   and the relay confirms PostgreSQL only after the Kafka commit. The `transactional.id`
 //!   is derived from the relay's identity (slot and sink), so a second or zombie relay with
-//!   the same identity fences the first. `read_committed` consumers see every event once.
+//!   the same identity fences the first, unless the broker fenced this producer itself for
+//!   outliving `transaction.timeout.ms`, which `send_batch` tells apart by the checkpoint.
+//!   `read_committed` consumers see every event once.
 //! - At-least-once mode: the idempotent producer without transactions; the relay's
 //!   checkpoint table decides where to resume, so a crash can repeat the events since the
 //!   last checkpoint. Every event carries its stable id for consumer-side dedup.
@@ -28,13 +30,15 @@
 //! envelope too): what compacted topics delete a key by.
 //!
 //! The jobs live beside this file: the configuration (`config.rs`), a record's encoding
-//! (`encode.rs`), librdkafka's error reports and their classification (`errors.rs`), and
-//! exactly-once mode's checkpoint (`checkpoint.rs`).
+//! (`encode.rs`), librdkafka's error reports and their classification (`errors.rs`), topic
+//! creation and missing topics (`topics.rs`), and exactly-once mode's checkpoint
+//! (`checkpoint.rs`).
 
 mod checkpoint;
 mod config;
 mod encode;
 mod errors;
+mod topics;
 
 pub use config::KafkaConfig;
 
@@ -43,12 +47,11 @@ use crate::routing::Template;
 use crate::{Event, EventState, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
 use errors::{classify, classify_code, BrokerErrors};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaRespErr;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -226,39 +229,6 @@ impl KafkaSink {
         }
     }
 
-    /// Creates `topic` if topic creation is configured and it was not seen yet.
-    async fn ensure_topic(
-        &mut self,
-        topic: &str,
-        partitions_replication: Option<(i32, i32)>,
-    ) -> Result<(), SinkError> {
-        let Some((partitions, replication)) = partitions_replication else {
-            return Ok(());
-        };
-        if self.known_topics.contains(topic) {
-            return Ok(());
-        }
-        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-        let options = AdminOptions::new().operation_timeout(Some(self.settings.timeout));
-        let results = self
-            .admin()?
-            .create_topics([&new_topic], &options)
-            .await
-            .map_err(|e| SinkError::Retryable(format!("creating Kafka topic {topic}: {e}")))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(SinkError::Permanent(format!(
-                        "cannot create Kafka topic {name}: {code}; create it yourself or fix create_topics"
-                    )))
-                }
-            }
-        }
-        self.known_topics.insert(topic.to_owned());
-        Ok(())
-    }
-
     /// Hands every event of `batch` to the producer; returns the events too large for the
     /// broker as rejections, and the deliveries still to wait for.
     async fn produce_all(
@@ -433,57 +403,6 @@ impl Sink for KafkaSink {
 }
 
 impl KafkaSink {
-    /// After a failed batch, when the sink does not create topics: the first of the batch's
-    /// topics the broker says does not exist, as the reason to give. librdkafka reports such
-    /// a record only as timed out, or as an unknown topic once it gives up waiting for the
-    /// topic to appear, neither of which says what to do.
-    async fn missing_topic(&mut self, batch: &[Event]) -> Option<String> {
-        if self.settings.create_topics.is_some() {
-            return None;
-        }
-        let mut topics: Vec<String> = Vec::new();
-        let mut topic = String::new();
-        for event in batch {
-            topic.clear();
-            self.settings.topic.render(event, &mut topic);
-            if !topics.contains(&topic) {
-                topics.push(topic.clone());
-            }
-        }
-        let producer = self.producer.clone()?;
-        let timeout = self.settings.timeout;
-        tokio::task::spawn_blocking(move || {
-            topics.into_iter().find(|topic| {
-                producer
-                    .client()
-                    .fetch_metadata(Some(topic), timeout)
-                    .is_ok_and(|metadata| {
-                        metadata.topics().iter().any(|t| {
-                            t.error()
-                                == Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
-                        })
-                    })
-            })
-        })
-        .await
-        .ok()
-        .flatten()
-        .map(|topic| {
-            format!(
-                "Kafka topic {topic} does not exist and the broker does not create topics by \
-                 itself: create it, or set create_topics = true; the batch waits for it"
-            )
-        })
-    }
-
-    /// The admin client, created on first use.
-    fn admin(&mut self) -> Result<&AdminClient<BrokerErrors>, SinkError> {
-        if self.admin.is_none() {
-            self.admin = Some(self.create_client(&self.client_config(), "admin client")?);
-        }
-        Ok(self.admin.as_ref().expect("created above"))
-    }
-
     /// A librdkafka client (`what`: producer, admin client, ...) reporting to the sink's
     /// broker-error context.
     fn create_client<C>(&self, config: &ClientConfig, what: &str) -> Result<C, SinkError>
