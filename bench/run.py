@@ -458,8 +458,9 @@ class Brokers:
     (Kafka: a new topic; RabbitMQ: a queue bound to the exchange outbox-relay-bench with the
     run's own key, or a stream); the queues and streams are deleted at the end."""
 
-    def __init__(self, work: Path, kafka_properties: list[str]):
+    def __init__(self, work: Path, kafka_properties: list[str], warm_up: int):
         self.work = work
+        self.warm_up = warm_up
         self.kafka_properties = dict(kv.split("=", 1) for kv in kafka_properties)
         self.kafka_port: int | None = None
         self.kafka: subprocess.Popen | None = None
@@ -478,7 +479,8 @@ class Brokers:
 
     def start_kafka(self) -> bool:
         """Formats a fresh KRaft log directory in the run's work dir and starts the broker;
-        ready once its group coordinator answers (bench/kafka/KafkaReady.java)."""
+        ready once its group coordinator answers, then warmed up with --kafka-warm-up records
+        (bench/kafka/KafkaReady.java)."""
         if not (KAFKA_LIB / "kafka-clients-4.4.0.jar").exists():
             log("Kafka sinks skipped: no Apache Kafka broker in .kafka-broker/lib "
                 "(scripts/install-test-deps.sh)")
@@ -531,12 +533,14 @@ num.recovery.threads.per.data.dir=1
         ready = wait_port(self.kafka_port, 60) and subprocess.run(
             [java_binary(), "-cp", str(KAFKA_LIB / "*"),
              f"-Dlog4j2.configurationFile={REPO / 'scripts' / 'kafka' / 'log4j2.properties'}",
-             str(REPO / "bench" / "kafka" / "KafkaReady.java"), self.kafka_bootstrap, "60000"],
+             str(REPO / "bench" / "kafka" / "KafkaReady.java"), self.kafka_bootstrap, "60000",
+             str(self.warm_up)],
             capture_output=True, text=True).returncode == 0
         if not ready or self.kafka.poll() is not None:
             log(f"Kafka sinks skipped: the broker did not become ready: {broker_log.read_text()[-1500:]}")
             return False
-        log(f"Apache Kafka ready on {self.kafka_bootstrap} in {time.monotonic() - started:.1f} s")
+        log(f"Apache Kafka ready and warmed up ({self.warm_up} records idempotent, {self.warm_up} in "
+            f"transactions) on {self.kafka_bootstrap} in {time.monotonic() - started:.1f} s")
         return True
 
     def start(self, wanted: list[str]) -> list[str]:
@@ -651,7 +655,7 @@ class Bench:
                     variant["env"][key] = value
             self.variants[label] = variant
         self.pg_version = ""
-        self.brokers = Brokers(self.work, args.kafka_property)
+        self.brokers = Brokers(self.work, args.kafka_property, args.kafka_warm_up)
         self.debezium_cp: str | None = None
 
     # -- plumbing
@@ -1758,6 +1762,10 @@ def main() -> int:
                         "(bin=PATH picks another relay binary)")
     p.add_argument("--kafka-property", action="append", default=[], metavar="KEY=VALUE",
                    help="a librdkafka property for the Kafka sinks (e.g. linger.ms=0)")
+    p.add_argument("--kafka-warm-up", type=int, default=50_000, metavar="RECORDS",
+                   help="before measuring, produce this many records into the fresh Apache Kafka "
+                        "broker idempotently and as many in transactions of 100, so that its JVM is "
+                        "warm (0: none)")
     p.add_argument("--relay-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the relay (e.g. TOKIO_WORKER_THREADS=1)")
     p.add_argument("--only", nargs="*", default=PHASES, choices=PHASES, help="phases to run")
