@@ -440,8 +440,9 @@ def java_binary() -> str:
 
 
 KAFKA_LIB = REPO / ".kafka-broker" / "lib"
-# The broker's JVM: the tests' flags (scripts' spawn_apache) without -XX:TieredStopAtLevel=1,
-# which shortens their start-up but leaves the broker without the optimising compiler.
+# The broker's JVM: the tests' flags (tests/common/kafka.rs, spawn_apache) with a larger heap and
+# without -XX:TieredStopAtLevel=1, which shortens their start-up but leaves the broker without
+# the optimising compiler.
 KAFKA_JVM = ["-Xmx1g", "-Xms256m", "-XX:+UseSerialGC"]
 
 
@@ -530,14 +531,18 @@ num.recovery.threads.per.data.dir=1
         self.kafka = subprocess.Popen([*java, "kafka.Kafka", str(config)], stdout=open(broker_log, "w"),
                                       stderr=subprocess.STDOUT)
         self.started.append(self.kafka)
-        ready = wait_port(self.kafka_port, 60) and subprocess.run(
-            [java_binary(), "-cp", str(KAFKA_LIB / "*"),
-             f"-Dlog4j2.configurationFile={REPO / 'scripts' / 'kafka' / 'log4j2.properties'}",
-             str(REPO / "bench" / "kafka" / "KafkaReady.java"), self.kafka_bootstrap, "60000",
-             str(self.warm_up)],
-            capture_output=True, text=True).returncode == 0
-        if not ready or self.kafka.poll() is not None:
-            log(f"Kafka sinks skipped: the broker did not become ready: {broker_log.read_text()[-1500:]}")
+        probe = None
+        if wait_port(self.kafka_port, 60):
+            probe = subprocess.run(
+                [java_binary(), "-cp", str(KAFKA_LIB / "*"),
+                 f"-Dlog4j2.configurationFile={REPO / 'scripts' / 'kafka' / 'log4j2.properties'}",
+                 str(REPO / "bench" / "kafka" / "KafkaReady.java"), self.kafka_bootstrap, "60000",
+                 str(self.warm_up)],
+                capture_output=True, text=True)
+        if probe is None or probe.returncode != 0 or self.kafka.poll() is not None:
+            log("Kafka sinks skipped: the broker did not become ready: "
+                f"{probe.stderr[-1500:] if probe else 'its port did not open'}\n"
+                f"{broker_log.read_text()[-1500:]}")
             return False
         log(f"Apache Kafka ready and warmed up ({self.warm_up} records idempotent, {self.warm_up} in "
             f"transactions) on {self.kafka_bootstrap} in {time.monotonic() - started:.1f} s")
@@ -1670,11 +1675,14 @@ def print_table(report: dict) -> None:
     if report.get("relay_vs_debezium"):
         print("\nrelay / Debezium on the same WAL (events/s: > 1 the relay is faster; CPU, RSS: < 1 "
               "the relay uses less):")
+        def ratio(x) -> str:
+            return "" if x is None else f"{x:.3g}"
+
         for c in report["relay_vs_debezium"]:
-            print(f"  {c['relay']} / {c['debezium']}: events/s {fmt(c['events_per_s'])}, drain "
-                  f"{fmt(c['drain_events_per_s'])} (Debezium's second half: "
-                  f"{fmt(c['relay_drain_over_debezium_second_half'])}), CPU/M {fmt(c['cpu_s_per_million'])} "
-                  f"(with walsender {fmt(c['cpu_s_per_million_with_walsender'])}), peak RSS {fmt(c['peak_rss'])}")
+            print(f"  {c['relay']} / {c['debezium']}: events/s {ratio(c['events_per_s'])}, drain "
+                  f"{ratio(c['drain_events_per_s'])} (Debezium's second half: "
+                  f"{ratio(c['relay_drain_over_debezium_second_half'])}), CPU/M {ratio(c['cpu_s_per_million'])} "
+                  f"(with walsender {ratio(c['cpu_s_per_million_with_walsender'])}), peak RSS {ratio(c['peak_rss'])}")
     if report.get("cold_start"):
         print(f"\ncold start to first event (file sink, fsync): {report['cold_start']}")
     print("\ntargets:")
