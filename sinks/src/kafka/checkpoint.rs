@@ -1,6 +1,7 @@
 //! Exactly-once mode's checkpoint: the position of the last event of every committed
 //! transaction travels in that transaction, as the offsets a consumer group named after the
-//! relay commits on a checkpoint topic; `recover` reads it back.
+//! relay commits on a checkpoint topic; `recover` reads it back, and `settle` reads it after
+//! a failed transaction to learn whether that transaction committed after all.
 
 use super::errors::{classify, BrokerErrors};
 use super::{blocking, KafkaSink, WARM_UP};
@@ -42,7 +43,9 @@ impl KafkaSink {
         )
         .await?;
         let position = self.read_checkpoint().await?;
+        // The relay skips through what Kafka holds: nothing is left to settle.
         self.checkpoint = position;
+        self.unsettled = None;
         tracing::info!(transactional_id = %self.settings.transactional_id, position = ?position.map(|p| p.to_string()),
             "recovered the checkpoint committed in Kafka");
         Ok(position)
@@ -55,10 +58,18 @@ impl KafkaSink {
         let mut partitions = TopicPartitionList::new();
         partitions.add_partition(&topic, LSN_PARTITION);
         partitions.add_partition(&topic, INDEX_PARTITION);
-        let committed = self
+        let committed = match self
             .checkpoint_reader()?
             .committed_offsets(partitions, timeout)
-            .map_err(|e| classify(&e, "reading the Kafka checkpoint"))?;
+        {
+            Ok(committed) => committed,
+            Err(e) => {
+                // Ask with a new client next time: one that met a broker restart can keep
+                // timing out while a new one gets the answer.
+                self.checkpoint_reader = None;
+                return Err(classify(&e, "reading the Kafka checkpoint"));
+            }
+        };
         let offset = |partition| match committed
             .find_partition(&topic, partition)
             .map(|elem| elem.offset())
@@ -78,6 +89,35 @@ impl KafkaSink {
             })),
             _ => Ok(None),
         }
+    }
+
+    /// After a failed transaction (`unsettled`), with the producer that will send the next
+    /// one (whose initialisation fenced any other producer and completed or aborted what the
+    /// old one left): reads the checkpoint in Kafka. Still this sink's: nothing was
+    /// committed. The failed transaction's position: it committed after all, and its events
+    /// are not sent again. Anything else: another relay with the same transactional id
+    /// committed, and this one stops.
+    pub(super) async fn settle(&mut self) -> Result<(), SinkError> {
+        let Some(attempted) = self.unsettled else {
+            return Ok(());
+        };
+        let now = self.read_checkpoint().await?;
+        if now != self.checkpoint && now != Some(attempted) {
+            self.producer = None;
+            return Err(SinkError::Permanent(format!(
+                "another relay with the same transactional id took over (fenced): Kafka's \
+                 checkpoint is at {}, where this sink had committed {} and tried {attempted}; \
+                 only one relay may publish for this slot",
+                describe(now),
+                describe(self.checkpoint)
+            )));
+        }
+        if now == Some(attempted) {
+            tracing::info!(position = %attempted, "the Kafka transaction that failed had committed; its events are not sent again");
+        }
+        self.checkpoint = now;
+        self.unsettled = None;
+        Ok(())
     }
 
     /// Adds the checkpoint to the open transaction.
@@ -109,4 +149,9 @@ impl KafkaSink {
             .await
             .map_err(|e| classify(&e, "adding the checkpoint to the Kafka transaction"))
     }
+}
+
+/// A checkpoint as the fencing message names it.
+fn describe(checkpoint: Option<Position>) -> String {
+    checkpoint.map_or_else(|| "nothing".to_owned(), |p| p.to_string())
 }

@@ -93,6 +93,12 @@ pub struct KafkaSink {
     /// Exactly-once mode: the checkpoint this sink last read or committed, to tell a broker
     /// that aborted its transaction from another producer that took over (see `send_batch`).
     checkpoint: Option<Position>,
+    /// Exactly-once mode, after a failed transaction: the position it would have committed.
+    /// Its outcome may be unknown (the broker died while it committed, or aborting it
+    /// failed), or the broker fenced this producer for outliving `transaction.timeout.ms`.
+    /// Before the next transaction, the checkpoint in Kafka says what happened (see
+    /// `settle`).
+    unsettled: Option<Position>,
     /// Reused per batch: rendered topic names and encoded values.
     topic_buf: String,
     value_buf: Vec<u8>,
@@ -108,6 +114,7 @@ impl KafkaSink {
             errors: BrokerErrors::default(),
             known_topics: HashSet::new(),
             checkpoint: None,
+            unsettled: None,
             topic_buf: String::new(),
             value_buf: Vec::new(),
         }
@@ -451,43 +458,81 @@ impl KafkaSink {
             deliver_now(&producer, self.settings.timeout, pending, batch).await?;
             return Ok(rejected);
         }
-        let last = batch.last().map(|e| e.position).unwrap_or_default();
+        self.settle().await?;
+        // What a failed transaction did commit is not sent again.
+        let done = self
+            .checkpoint
+            .map_or(0, |at| batch.partition_point(|e| e.position <= at));
+        let Some(last) = batch
+            .last()
+            .map(|e| e.position)
+            .filter(|_| done < batch.len())
+        else {
+            return Ok(Vec::new());
+        };
+        let began = Instant::now();
         let p = producer.clone();
         blocking(move || p.begin_transaction())
             .await
             .map_err(|e| classify(&e, "beginning a Kafka transaction"))?;
-        let outcome = self.produce_and_commit(&producer, batch, last).await;
+        let outcome = self
+            .produce_and_commit(&producer, &batch[done..], last)
+            .await;
         let Err(error) = outcome else {
-            return outcome;
+            return outcome.map(|rejected| {
+                rejected
+                    .into_iter()
+                    .map(|r| Rejection {
+                        index: r.index + done,
+                        reason: r.reason,
+                    })
+                    .collect()
+            });
         };
+        self.unsettled = Some(last);
         if let Some((code, reason)) = producer.client().fatal_error() {
             // Deliveries fail as "purged" once the producer is fenced: say why.
             self.producer = None;
-            let failed = classify_code(Some(code), &reason, "the Kafka producer failed");
-            let unchanged = self.checkpoint;
-            if code == RDKafkaErrorCode::Fenced
-                && matches!(self.read_checkpoint().await, Ok(now) if now == unchanged)
-            {
+            let timeout = self.transaction_timeout();
+            if code == RDKafkaErrorCode::Fenced && began.elapsed() >= timeout {
                 // The broker fences a producer whose transaction outlived
-                // transaction.timeout.ms as it aborts that transaction. Had another relay
-                // taken over, it would have committed; nobody did: start over.
+                // transaction.timeout.ms as it aborts that transaction, the same fencing
+                // another producer's start causes. This transaction did outlive it: start
+                // over; `settle` stops the relay if another producer has committed.
                 return Err(SinkError::Retryable(format!(
-                    "the Kafka producer failed: {reason}, and no other producer has committed \
-                     since: the broker aborted the open transaction, most likely because it \
-                     outlived transaction.timeout.ms (the relay was paused or starved); \
-                     starting over with a new producer"
+                    "the Kafka producer failed: {reason}: its transaction was open for {:?}, \
+                     past transaction.timeout.ms ({timeout:?}), so the broker aborted it (was \
+                     the relay paused or starved?); starting over with a new producer",
+                    began.elapsed()
                 )));
             }
-            return Err(failed);
+            self.unsettled = None;
+            return Err(classify_code(
+                Some(code),
+                &reason,
+                "the Kafka producer failed",
+            ));
         }
         let timeout = self.settings.timeout;
         let p = producer.clone();
         if let Err(abort) = blocking(move || p.abort_transaction(timeout)).await {
-            // The producer is unusable: start over with a new one (and a new epoch).
+            // The producer is unusable (and the transaction may have committed: the broker
+            // completes a commit it had begun): start over with a new one, whose
+            // initialisation waits for that.
             tracing::warn!(error = %abort, "aborting the Kafka transaction failed; recreating the producer");
             self.producer = None;
         }
         Err(error)
+    }
+
+    /// The producer's `transaction.timeout.ms`: the sink's default (twice `timeout`) unless
+    /// the properties set it.
+    fn transaction_timeout(&self) -> Duration {
+        self.settings
+            .properties
+            .get("transaction.timeout.ms")
+            .and_then(|ms| ms.parse().ok())
+            .map_or(self.settings.timeout * 2, Duration::from_millis)
     }
 
     /// Produces `batch` and its checkpoint in the open transaction, then commits it.
