@@ -228,10 +228,14 @@ impl Broker {
         );
     }
 
-    /// Kills the broker (SIGKILL: no clean shutdown) and starts it again on the same ports
-    /// and data, waiting until it serves clients.
+    /// Stops the broker (SIGTERM: a clean shutdown, as in a rolling restart) and starts it
+    /// again on the same ports and data, waiting until it serves clients.
     pub fn restart(&mut self) {
-        let _ = self.child.kill();
+        self.signal("-TERM");
+        let child = &mut self.child;
+        if !wait_until(WAIT, || child.try_wait().unwrap().is_some()) {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
         self.child = launch(self.dir.path());
         self.wait_ready();
