@@ -447,8 +447,12 @@ KAFKA_JVM = ["-Xmx1g", "-Xms256m", "-XX:+UseSerialGC"]
 
 
 def kafka_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding. One that starts
+    with '-' would read as an option to the storage tool (1 in 64), so it is drawn again."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class Brokers:
