@@ -12,9 +12,11 @@
 //!   commit back on start,
 //!   and the relay confirms PostgreSQL only after the Kafka commit. The `transactional.id`
 //!   is derived from the relay's identity (slot and sink), so a second or zombie relay with
-//!   the same identity fences the first, unless the broker fenced this producer itself for
-//!   outliving `transaction.timeout.ms`, which `send_batch` tells apart by the checkpoint.
-//!   `read_committed` consumers see every event once.
+//!   the same identity fences the first. The broker also fences a producer whose
+//!   transaction outlived `transaction.timeout.ms`: `send_batch` tells that apart by the
+//!   transaction's age and starts over; after any failed transaction, `settle` reads the
+//!   checkpoint before the next one (committed after all: not sent again; moved by another
+//!   relay: stop). `read_committed` consumers see every event once.
 //! - At-least-once mode: the idempotent producer without transactions; the relay's
 //!   checkpoint table decides where to resume, so a crash can repeat the events since the
 //!   last checkpoint. Every event carries its stable id for consumer-side dedup.
