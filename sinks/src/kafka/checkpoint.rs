@@ -67,7 +67,12 @@ impl KafkaSink {
                 // Ask with a new client next time: one that met a broker restart can keep
                 // timing out while a new one gets the answer.
                 self.checkpoint_reader = None;
-                return Err(classify(&e, "reading the Kafka checkpoint"));
+                return Err(classify(
+                    &e,
+                    "reading the Kafka checkpoint (if this keeps failing while the broker is \
+                     up, a transaction the broker did not complete may be hanging on \
+                     __consumer_offsets: kafka-transactions.sh find-hanging, then abort)",
+                ));
             }
         };
         let offset = |partition| match committed
