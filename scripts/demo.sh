@@ -4,7 +4,7 @@
 # a few rows in two transactions, prints the events, and cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-test-deps.sh --postgres-only
+scripts/install-test-deps.sh --demo
 cargo build --quiet --bin outbox-relay
 RELAY="${CARGO_TARGET_DIR:-target}/debug/outbox-relay"
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian/Ubuntu machine, and nothing that is
 # already there: PostgreSQL server binaries (tests start their own throwaway clusters).
+# With --demo, only what scripts/demo.sh needs: PostgreSQL and the build's C headers.
 # Idempotent; run as root or with sudo available.
 set -euo pipefail
 
@@ -19,18 +20,20 @@ fi
 if ! id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   useradd --system --home /var/lib/postgresql --shell /bin/sh postgres
 fi
-[ "${1:-}" = --postgres-only ] && exit 0
+
+# Headers the Kafka client (librdkafka, built by the rdkafka crate) compiles against: every
+# build needs them, the demo's too.
+if ! dpkg -s libssl-dev zlib1g-dev >/dev/null 2>&1; then
+  echo "installing libssl-dev and zlib1g-dev for librdkafka"
+  apt_install libssl-dev zlib1g-dev
+fi
+# scripts/demo.sh needs PostgreSQL and a build, nothing more.
+[ "${1:-}" = --demo ] && exit 0
 
 # tests/tls.rs makes its certificate authority with the openssl CLI.
 if ! command -v openssl >/dev/null 2>&1; then
   echo "installing openssl"
   apt_install openssl
-fi
-
-# Headers the Kafka client (librdkafka, built by the rdkafka crate) compiles against.
-if ! dpkg -s libssl-dev zlib1g-dev >/dev/null 2>&1; then
-  echo "installing libssl-dev and zlib1g-dev for librdkafka"
-  apt_install libssl-dev zlib1g-dev
 fi
 
 # Test brokers live in the repo's own virtualenv (git-ignored), pinned.
