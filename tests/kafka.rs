@@ -308,6 +308,42 @@ fn a_broker_restarted_mid_stream_loses_and_repeats_nothing() {
     assert_exactly_once_in_order(&records, expected, 4);
 }
 
+/// A cluster of three nodes, every partition on all three, whose transaction coordinator
+/// is killed (SIGKILL) mid-stream: the other two take over its partitions and the relay
+/// goes on; the node comes back. A read_committed consumer gets every event once, in order.
+/// (A single broker killed so can complete the open transaction without its markers on
+/// restart: RELIABILITY.md.)
+#[test]
+fn a_cluster_node_killed_mid_stream_loses_and_repeats_nothing() {
+    let mut nodes = Broker::cluster(3);
+    let brokers: Vec<String> = nodes.iter().map(Broker::address).collect();
+    let sink = format!(
+        "[sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\n\
+         partitions = 4\nreplication_factor = 3\ntimeout = \"10s\"\n",
+        brokers.join(",")
+    );
+    let (Scenario { pg, .. }, relay) = scenario().relay("batch_size = 50").sinks(&sink).start();
+    // About 1,000 events a second, through the kill and the return.
+    let writer = PacedWriter::start(&pg, Duration::from_millis(5));
+    let topic = "outbox.event.order";
+    assert_eq!(consume(&nodes[0], topic, 100).len(), 100, "{}", relay.log());
+    let coordinator = nodes[0].leader_of("__transaction_state", 0);
+    let victim = nodes.iter().position(|n| n.node == coordinator).unwrap();
+    let survivor = (victim + 1) % nodes.len();
+    let written: usize = pg.psql("SELECT count(*) FROM outbox").parse().unwrap();
+    nodes[victim].kill();
+    // Events written after the kill arrive while the node is down.
+    assert!(
+        consume(&nodes[survivor], topic, written + 1000).len() >= written + 1000,
+        "the relay made no progress on two nodes:\n{}",
+        relay.log()
+    );
+    nodes[victim].start_again();
+    let expected = writer.stop() * 5;
+    let records = wait_for_all(&nodes[survivor], expected, &relay);
+    assert_exactly_once_in_order(&records, expected, 4);
+}
+
 /// A topic that does not exist, with `create_topics = false` (and a broker that creates no
 /// topic by itself): the relay retries, saying which topic is missing and what to do, and
 /// delivers once the topic is there.

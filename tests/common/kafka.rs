@@ -45,6 +45,8 @@ enum Listener {
 /// A Kafka broker on a free port, stopped when dropped.
 pub struct Broker {
     child: Child,
+    /// Its `node.id`.
+    pub node: i32,
     /// Where clients bootstrap.
     port: u16,
     /// The internal plaintext listener (no TLS, no login), for readiness probes.
@@ -114,32 +116,17 @@ impl Broker {
             Listener::Tls { .. } => "SSL",
             Listener::Sasl { .. } => "SASL_PLAINTEXT",
         };
-        let mut properties = format!(
-            "process.roles=broker,controller\n\
-             node.id=1\n\
-             controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
-             listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}\n\
-             advertised.listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal}\n\
-             listener.security.protocol.map=CLIENT:{client_protocol},INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
-             controller.listener.names=CONTROLLER\n\
-             inter.broker.listener.name=INTERNAL\n\
-             log.dirs={data}\n\
-             auto.create.topics.enable=false\n\
-             transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n\
-             num.partitions=1\n\
-             default.replication.factor=1\n\
-             offsets.topic.replication.factor=1\n\
-             offsets.topic.num.partitions=1\n\
-             transaction.state.log.replication.factor=1\n\
-             transaction.state.log.min.isr=1\n\
-             transaction.state.log.num.partitions=1\n\
-             share.coordinator.state.topic.replication.factor=1\n\
-             share.coordinator.state.topic.min.isr=1\n\
-             group.initial.rebalance.delay.ms=0\n\
-             num.network.threads=2\n\
-             num.io.threads=2\n\
-             num.recovery.threads.per.data.dir=1\n",
-            data = dir.path().join("data").display(),
+        let mut properties = server_properties(
+            &Node {
+                id: 1,
+                client: port,
+                internal,
+                controller,
+            },
+            &format!("controller.quorum.bootstrap.servers=127.0.0.1:{controller}"),
+            client_protocol,
+            1,
+            dir.path(),
         );
         let mut scram_users = Vec::new();
         match &listener {
@@ -174,22 +161,11 @@ impl Broker {
         }
         let config = dir.path().join("server.properties");
         std::fs::write(&config, properties).unwrap();
-        let format_log = std::fs::File::create(dir.path().join("format.log")).unwrap();
-        let formatted = java(format_log)
-            .arg("kafka.tools.StorageTool")
-            .args(["format", "--standalone", "-t", &cluster_id(), "-c"])
-            .arg(&config)
-            .args(&scram_users)
-            .status()
-            .unwrap();
-        assert!(
-            formatted.success(),
-            "formatting Kafka's storage failed:\n{}",
-            std::fs::read_to_string(dir.path().join("format.log")).unwrap_or_default()
-        );
+        format(dir.path(), &cluster_id(), true, &scram_users);
         let child = launch(dir.path());
         let mut broker = Broker {
             child,
+            node: 1,
             port,
             internal,
             client_properties: Vec::new(),
@@ -237,8 +213,79 @@ impl Broker {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        self.start_again();
+    }
+
+    /// Kills the broker (SIGKILL: no clean shutdown), until [`Broker::start_again`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a stopped broker again on the same ports and data, waiting until it serves
+    /// clients.
+    pub fn start_again(&mut self) {
         self.child = launch(self.dir.path());
         self.wait_ready();
+    }
+
+    /// A cluster of `size` nodes, each a broker and a KRaft voter, with every internal topic
+    /// and every created topic replicated to all of them (`min.insync.replicas` 2): as in
+    /// production, a partition's leadership moves to another node when its leader dies.
+    pub fn cluster(size: u16) -> Vec<Broker> {
+        let nodes: Vec<Node> = (1..=size)
+            .map(|id| Node {
+                id,
+                client: super::free_port(),
+                internal: super::free_port(),
+                controller: super::free_port(),
+            })
+            .collect();
+        let voters = nodes
+            .iter()
+            .map(|n| format!("{}@127.0.0.1:{}", n.id, n.controller))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster = cluster_id();
+        let mut brokers: Vec<Broker> = nodes
+            .iter()
+            .map(|node| {
+                let dir = tempfile::tempdir().unwrap();
+                let properties = server_properties(
+                    node,
+                    &format!("controller.quorum.voters={voters}"),
+                    "PLAINTEXT",
+                    size,
+                    dir.path(),
+                );
+                std::fs::write(dir.path().join("server.properties"), properties).unwrap();
+                format(dir.path(), &cluster, false, &[]);
+                Broker {
+                    child: launch(dir.path()),
+                    node: i32::from(node.id),
+                    port: node.client,
+                    internal: node.internal,
+                    client_properties: Vec::new(),
+                    dir,
+                }
+            })
+            .collect();
+        for broker in &mut brokers {
+            broker.wait_ready();
+        }
+        brokers
+    }
+
+    /// The node id of the leader of `topic`'s partition `partition`, as this broker knows it.
+    pub fn leader_of(&self, topic: &str, partition: i32) -> i32 {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.address())
+            .create()
+            .unwrap();
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        metadata.topics()[0].partitions()[partition as usize].leader()
     }
 
     /// What the broker logged: warnings and errors, and its start-up lines.
@@ -256,6 +303,80 @@ impl Broker {
             .status()
             .unwrap();
     }
+}
+
+/// One node's id and ports: clients, the brokers among themselves, the KRaft controllers.
+struct Node {
+    id: u16,
+    client: u16,
+    internal: u16,
+    controller: u16,
+}
+
+/// `node`'s server.properties: broker and controller in one process, `quorum` naming the
+/// controllers, internal topics replicated `replicas` times, data in `dir`.
+fn server_properties(
+    node: &Node,
+    quorum: &str,
+    client_protocol: &str,
+    replicas: u16,
+    dir: &Path,
+) -> String {
+    let Node {
+        id,
+        client,
+        internal,
+        controller,
+    } = node;
+    let min_isr = replicas.min(2);
+    format!(
+        "process.roles=broker,controller\n\
+         node.id={id}\n\
+         {quorum}\n\
+         listeners=CLIENT://127.0.0.1:{client},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}\n\
+         advertised.listeners=CLIENT://127.0.0.1:{client},INTERNAL://127.0.0.1:{internal}\n\
+         listener.security.protocol.map=CLIENT:{client_protocol},INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+         controller.listener.names=CONTROLLER\n\
+         inter.broker.listener.name=INTERNAL\n\
+         log.dirs={data}\n\
+         auto.create.topics.enable=false\n\
+         transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n\
+         num.partitions=1\n\
+         default.replication.factor={replicas}\n\
+         min.insync.replicas={min_isr}\n\
+         offsets.topic.replication.factor={replicas}\n\
+         offsets.topic.num.partitions=1\n\
+         transaction.state.log.replication.factor={replicas}\n\
+         transaction.state.log.min.isr={min_isr}\n\
+         transaction.state.log.num.partitions=1\n\
+         share.coordinator.state.topic.replication.factor={replicas}\n\
+         share.coordinator.state.topic.min.isr={min_isr}\n\
+         group.initial.rebalance.delay.ms=0\n\
+         num.network.threads=2\n\
+         num.io.threads=2\n\
+         num.recovery.threads.per.data.dir=1\n",
+        data = dir.join("data").display(),
+    )
+}
+
+/// Formats the storage of the node configured in `dir` for cluster `cluster` (`standalone`:
+/// the node is the whole quorum), with `extra` arguments (SCRAM users).
+fn format(dir: &Path, cluster: &str, standalone: bool, extra: &[String]) {
+    let log = std::fs::File::create(dir.join("format.log")).unwrap();
+    let formatted = java(log)
+        .arg("kafka.tools.StorageTool")
+        .arg("format")
+        .args(standalone.then_some("--standalone"))
+        .args(["-t", cluster, "-c"])
+        .arg(dir.join("server.properties"))
+        .args(extra)
+        .status()
+        .unwrap();
+    assert!(
+        formatted.success(),
+        "formatting Kafka's storage failed:\n{}",
+        std::fs::read_to_string(dir.join("format.log")).unwrap_or_default()
+    );
 }
 
 /// A JVM for Kafka's classes, writing to `log`: a 512 MB heap, the serial
