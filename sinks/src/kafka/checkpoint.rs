@@ -58,23 +58,17 @@ impl KafkaSink {
         let mut partitions = TopicPartitionList::new();
         partitions.add_partition(&topic, LSN_PARTITION);
         partitions.add_partition(&topic, INDEX_PARTITION);
-        let committed = match self
+        let committed = self
             .checkpoint_reader()?
             .committed_offsets(partitions, timeout)
-        {
-            Ok(committed) => committed,
-            Err(e) => {
-                // Ask with a new client next time: one that met a broker restart can keep
-                // timing out while a new one gets the answer.
-                self.checkpoint_reader = None;
-                return Err(classify(
+            .map_err(|e| {
+                classify(
                     &e,
                     "reading the Kafka checkpoint (if this keeps failing while the broker is \
                      up, a transaction the broker did not complete may be hanging on \
                      __consumer_offsets: kafka-transactions.sh find-hanging, then abort)",
-                ));
-            }
-        };
+                )
+            })?;
         let offset = |partition| match committed
             .find_partition(&topic, partition)
             .map(|elem| elem.offset())

@@ -148,7 +148,7 @@ impl KafkaSink {
                 .set("transactional.id", &self.settings.transactional_id)
                 .set(
                     "transaction.timeout.ms",
-                    (self.settings.timeout.as_millis() * 2).to_string(),
+                    self.transaction_timeout().as_millis().to_string(),
                 );
         }
         for (key, value) in &self.settings.properties {
@@ -491,7 +491,6 @@ impl KafkaSink {
                     .collect()
             });
         };
-        self.unsettled = Some(last);
         if let Some((code, reason)) = producer.client().fatal_error() {
             // Deliveries fail as "purged" once the producer is fenced: say why.
             self.producer = None;
@@ -501,6 +500,7 @@ impl KafkaSink {
                 // transaction.timeout.ms as it aborts that transaction, the same fencing
                 // another producer's start causes. This transaction did outlive it: start
                 // over; `settle` stops the relay if another producer has committed.
+                self.unsettled = Some(last);
                 return Err(SinkError::Retryable(format!(
                     "the Kafka producer failed: {reason}: its transaction was open for {:?}, \
                      past transaction.timeout.ms ({timeout:?}), so the broker aborted it (was \
@@ -508,13 +508,13 @@ impl KafkaSink {
                     began.elapsed()
                 )));
             }
-            self.unsettled = None;
             return Err(classify_code(
                 Some(code),
                 &reason,
                 "the Kafka producer failed",
             ));
         }
+        self.unsettled = Some(last);
         let timeout = self.settings.timeout;
         let p = producer.clone();
         if let Err(abort) = blocking(move || p.abort_transaction(timeout)).await {
