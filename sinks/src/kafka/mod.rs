@@ -477,9 +477,22 @@ impl KafkaSink {
         blocking(move || p.begin_transaction())
             .await
             .map_err(|e| classify(&e, "beginning a Kafka transaction"))?;
-        let outcome = self
-            .produce_and_commit(&producer, &batch[done..], last)
-            .await;
+        let deadline = self.transaction_deadline();
+        let attempt = self.produce_and_commit(&producer, &batch[done..], last);
+        let Ok(outcome) = tokio::time::timeout(deadline, attempt).await else {
+            // librdkafka can wait past its own timeout, for ever, for a coordinator that went
+            // away (send_offsets_to_transaction: librdkafka issues 5456 and 5511). The producer
+            // is abandoned where it waits; the new one's initialisation fences it, aborting
+            // or completing its transaction, and `settle` reads what became of it.
+            self.producer = None;
+            self.unsettled = Some(last);
+            return Err(SinkError::Retryable(format!(
+                "the Kafka transaction did not finish within {deadline:?}, although each of its \
+                 steps has a {:?} timeout (librdkafka waits for a transaction coordinator that \
+                 went away); starting over with a new producer",
+                self.settings.timeout
+            )));
+        };
         let Err(error) = outcome else {
             return outcome.map(|rejected| {
                 rejected
@@ -525,6 +538,13 @@ impl KafkaSink {
             self.producer = None;
         }
         Err(error)
+    }
+
+    /// How long one transaction's produce, checkpoint and commit may take before the producer
+    /// is given up: the deliveries and the checkpoint run at once and the commit after them,
+    /// each bounded by `timeout`; a further `timeout` is the margin.
+    fn transaction_deadline(&self) -> Duration {
+        self.settings.timeout * 3
     }
 
     /// The producer's `transaction.timeout.ms`: the sink's default (twice `timeout`) unless
