@@ -1,7 +1,8 @@
-//! The `outbox-relay` command line: `run`, `check`, `init`, `status`.
+//! The `outbox-relay` command line: `run`, `check`, `init`, `status`, `dlq`, and the shell
+//! completions and man page generated from the same definitions.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use outbox_relay::config::{Config, LogFormat};
 use outbox_relay::{admin, relay};
 use std::io::IsTerminal;
@@ -13,9 +14,21 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{registry, EnvFilter, Layer};
 
+/// The version with the commit and the build date (`build.rs`), as `--version`, the start-up
+/// log line and `outbox_relay_build_info` report it.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OUTBOX_RELAY_COMMIT"),
+    ", built ",
+    env!("OUTBOX_RELAY_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
-    version,
+    name = "outbox-relay",
+    version = VERSION,
     about = "Relays outbox rows from PostgreSQL logical replication to message brokers"
 )]
 struct Cli {
@@ -41,6 +54,10 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -109,10 +126,37 @@ async fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "outbox-relay", &mut script);
+            return print_bytes(&script);
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .context("rendering the man page")?;
+            return print_bytes(&page);
+        }
+        _ => {}
+    }
     let config = Config::load(cli.config.as_deref())?;
     init_logging(&config);
     match cli.command {
+        Command::Completions { .. } | Command::Man => {}
         Command::Run => {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                commit = env!("OUTBOX_RELAY_COMMIT"),
+                built = env!("OUTBOX_RELAY_BUILD_DATE"),
+                "outbox-relay starting"
+            );
+            outbox_relay::telemetry::METRICS.set_build_info(
+                env!("CARGO_PKG_VERSION"),
+                env!("OUTBOX_RELAY_COMMIT"),
+                env!("OUTBOX_RELAY_BUILD_DATE"),
+            );
             if let Some(addr) = config.http.listen {
                 outbox_relay::http::serve(addr).await?;
             }
@@ -154,6 +198,16 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes generated text to stdout; a reader that closed the pipe early (`| head`) is not an
+/// error.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// How long the exit waits for blocking calls still running. Client libraries' calls that

@@ -34,6 +34,10 @@ use tracing::{debug, error, info, warn};
 /// Runs the relay until `shutdown` turns true (clean exit) or a permanent error. With leader
 /// election on, each session runs only while this relay holds the slot's leader lock.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    METRICS.register_config(
+        &config.sinks.keys().cloned().collect::<Vec<_>>(),
+        &config.event_sources(),
+    );
     // What each sink acknowledged in earlier sessions of this process.
     let mut acknowledged: BTreeMap<String, Position> = BTreeMap::new();
     let mut backoff =

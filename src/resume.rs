@@ -34,7 +34,9 @@ pub async fn ready_workers(
 ) -> anyhow::Result<Vec<SinkWorker>> {
     let mut workers = Vec::new();
     for (name, mut sink) in outbox_relay_sinks::build_all(&config.sinks, &config.source.slot)? {
-        let recovered = match sink.recover().await {
+        let recovered = sink.recover().await;
+        METRICS.set_sink_up(&name, recovered.is_ok());
+        let recovered = match recovered {
             Ok(recovered) => recovered,
             Err(SinkError::Retryable(reason)) => {
                 METRICS

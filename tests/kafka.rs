@@ -550,10 +550,21 @@ async fn a_second_producer_with_the_same_identity_fences_the_first() {
     );
 }
 
+/// The broker paused (SIGSTOP) for 30 s mid-stream: the relay retries, reports itself not
+/// ready (`/readyz` 503 naming the failing sink) until a delivery succeeds again, and loses
+/// nothing.
 #[test]
 fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
     let broker = Broker::start();
-    let (Scenario { pg, .. }, relay) = kafka_relay(&broker, "2s", "").start();
+    let port = free_port();
+    let (Scenario { pg, .. }, relay) = scenario()
+        .relay("batch_size = 50")
+        .sinks(&format!(
+            "[http]\nlisten = \"127.0.0.1:{port}\"\n\n{}",
+            kafka_sink(&broker, "2s", "")
+        ))
+        .start();
+    let readiness = || http_get(port, "/readyz");
     write(&pg, 4, 10);
     assert_eq!(
         consume(&broker, "outbox.event.order", 50).len(),
@@ -567,12 +578,19 @@ fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
     let retried = wait_until(WAIT, || {
         relay.log().contains("sink failed; retrying the batch")
     });
+    let not_ready = readiness();
     // The outage lasts 30 s whatever the relay does.
     std::thread::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed()));
     broker.signal("-CONT");
     assert!(
         retried,
         "the relay should have retried while the broker was paused:\n{}",
+        relay.log()
+    );
+    assert_eq!(
+        not_ready,
+        Some((503, "streaming; failing sinks: kafka\n".into())),
+        "{}",
         relay.log()
     );
     assert!(
@@ -587,6 +605,7 @@ fn a_broker_paused_for_30_seconds_delays_but_loses_nothing() {
         "{}",
         relay.log()
     );
+    assert!(wait_until(WAIT, || readiness() == Some((200, "streaming\n".into()))));
     // Each write numbers its rows per key from 0: 13 rows for k0 and k1, 12 for k2 and k3.
     for (key, seqs) in last_copies_by_key(&consume_all(&broker, "outbox.event.order")) {
         let per_write = if key == "k0" || key == "k1" { 13 } else { 12 };

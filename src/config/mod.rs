@@ -179,6 +179,22 @@ impl Config {
         mapping_in(&self.outbox, table)
     }
 
+    /// What events' `table` can be: each configured table as `schema.table` the way the
+    /// catalog holds it, and `message:<prefix>` per transactional-message prefix.
+    pub fn event_sources(&self) -> Vec<String> {
+        let tables = self.source.tables.iter().filter_map(|table| {
+            parse_table_name(table)
+                .ok()
+                .map(|(schema, name)| format!("{schema}.{name}"))
+        });
+        let prefixes = self
+            .source
+            .message_prefixes
+            .iter()
+            .map(|prefix| format!("message:{prefix}"));
+        tables.chain(prefixes).collect()
+    }
+
     /// Reads `path` (if given) and the `OUTBOX_RELAY__*` environment, then validates.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         Self::load_with_env(path, None)

@@ -76,9 +76,11 @@ pub(super) async fn run_worker(
             let span = info_span!("batch", events = fresh.len(), first = %fresh[0].position,
                 last = %fresh[fresh.len() - 1].position);
             let started = unix_micros();
+            METRICS.set_oldest_unacked(&worker.name, Some(fresh[0].commit_time_micros));
             let rejected = deliver(&mut worker, fresh, &*dead_letters, &slot)
                 .instrument(span)
                 .await?;
+            METRICS.set_oldest_unacked(&worker.name, None);
             let acked = unix_micros();
             let ms = |micros: i64| micros as f64 / 1000.0;
             debug!(
@@ -181,7 +183,9 @@ pub(super) async fn deliver(
     let mut states = vec![EventState::Pending; events.len()];
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
-        match worker.sink.send(events, &mut states).await {
+        let sent = worker.sink.send(events, &mut states).await;
+        METRICS.set_sink_up(&worker.name, sent.is_ok());
+        match sent {
             Ok(()) => break,
             Err(SinkError::Retryable(reason)) => {
                 let delay = backoff.next_delay();

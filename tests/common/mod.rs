@@ -438,18 +438,32 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// GET `path` from the relay's HTTP endpoint on `port`: status code and body, or None if nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_with(port, path, "").map(|(status, _, body)| (status, body))
+}
+
+/// Like [`http_get`] with extra request header lines (each ending in CRLF); also returns the
+/// response's Content-Type.
+pub fn http_get_with(port: u16, path: &str, headers: &str) -> Option<(u16, String, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let content_type = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    Some((status, content_type, body.to_owned()))
 }
 
 /// A relay config as TOML text, the one template every test's config is written from: the
