@@ -124,8 +124,9 @@ bad_rejected() {
     if out=$("$PY" scripts/pss_restricted.py "$work/bad.yaml" 2>&1); then
         echo "a privileged relay with a subPath mount passed"; return 1
     fi
-    grep -q "privileged" <<<"$out" && grep -q "subPath" <<<"$out" \
-        || { echo "$out"; echo "the failure does not name privileged and subPath"; return 1; }
+    if ! grep -q "privileged" <<<"$out" || ! grep -q "subPath" <<<"$out"; then
+        echo "$out"; echo "the failure does not name privileged and subPath"; return 1
+    fi
 }
 check "pss_restricted rejects privileged: true and a subPath mount" bad_rejected
 kv_rejects_typo() {
