@@ -225,28 +225,34 @@ fn one_leader_among_three_and_a_standby_takes_over_when_it_dies() {
     }
 }
 
-/// The relay.toml inside deploy/kubernetes.yaml is a valid configuration.
+/// The relay.toml inside each example of deploy/kubernetes/ is a valid configuration.
 #[test]
-fn the_kubernetes_example_config_loads() {
-    let manifest = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/kubernetes.yaml"
-    ))
-    .unwrap();
-    let block: String = manifest
-        .lines()
-        .skip_while(|line| !line.contains("relay.toml: |"))
-        .skip(1)
-        .take_while(|line| line.is_empty() || line.starts_with("    "))
-        .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, &block).unwrap();
-    let config = outbox_relay::config::Config::load(Some(&path))
-        .unwrap_or_else(|e| panic!("{e:#}\n{block}"));
-    assert!(config.leader.enabled);
-    assert_eq!(config.http.listen, Some("0.0.0.0:9187".parse().unwrap()));
+fn the_kubernetes_example_configs_load() {
+    for example in ["standalone.yaml", "sidecar.yaml"] {
+        let manifest = std::fs::read_to_string(format!(
+            "{}/deploy/kubernetes/{example}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let block: String = manifest
+            .lines()
+            .skip_while(|line| !line.contains("relay.toml: |"))
+            .skip(1)
+            .take_while(|line| line.is_empty() || line.starts_with("    "))
+            .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, &block).unwrap();
+        let config = outbox_relay::config::Config::load(Some(&path))
+            .unwrap_or_else(|e| panic!("{example}: {e:#}\n{block}"));
+        assert!(config.leader.enabled, "{example}");
+        assert_eq!(
+            config.http.listen,
+            Some("0.0.0.0:9187".parse().unwrap()),
+            "{example}"
+        );
+    }
 }
 
 /// migrations/003_relay_role.sql: the role it creates can init and run the relay, and
