@@ -200,7 +200,9 @@ fn heading_text(line: &str) -> Option<String> {
 
 /// The rows (key, example) of the table under the heading whose text is `heading`.
 fn rows(doc: &str, heading: &str) -> Vec<(String, String)> {
-    let mut lines = doc.lines().skip_while(|l| heading_text(l).as_deref() != Some(heading));
+    let mut lines = doc
+        .lines()
+        .skip_while(|l| heading_text(l).as_deref() != Some(heading));
     assert!(
         lines.next().is_some(),
         "{REFERENCE} has no heading {heading:?}"
@@ -268,7 +270,9 @@ fn every_section_and_every_kind_of_sink_has_its_heading() {
     let mod_rs = read("src/config/mod.rs");
     for section in serde_fields(&mod_rs, "src/config/mod.rs", "Config") {
         assert!(
-            headings.iter().any(|h| h.starts_with(&format!("[{section}"))),
+            headings
+                .iter()
+                .any(|h| h.starts_with(&format!("[{section}"))),
             "{REFERENCE} has no section for [{section}]"
         );
     }
@@ -300,7 +304,7 @@ fn load(toml: &str, what: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, toml).unwrap();
-    if let Err(err) = Config::load_with_env(Some(&path), Some(HashMap::new())) {
+    if let Err(err) = Config::load_with_env(Some(path.as_path()), Some(HashMap::new())) {
         panic!("{what} does not load: {err:#}\n---\n{toml}");
     }
 }
@@ -324,9 +328,7 @@ const STDOUT_SINK: &str = "[sinks.out]\ntype = \"stdout\"\n";
 
 /// A whole configuration around the examples of one section.
 fn config_for(heading: &str, pairs: &[(String, String)]) -> String {
-    let sink = |defaults: &[(&str, &str)]| {
-        format!("{SOURCE}[sinks.s]\n{}", body(pairs, defaults))
-    };
+    let sink = |defaults: &[(&str, &str)]| format!("{SOURCE}[sinks.s]\n{}", body(pairs, defaults));
     match heading {
         "[source]" => format!("[source]\n{}{STDOUT_SINK}", body(pairs, &[])),
         "[relay]" | "[leader]" | "[http]" | "[log]" | "[validation]" => {
@@ -343,7 +345,10 @@ fn config_for(heading: &str, pairs: &[(String, String)]) -> String {
                 entry.join(", ")
             )
         }
-        "[sinks.<name>.match]" => format!("{SOURCE}{STDOUT_SINK}[sinks.out.match]\n{}", body(pairs, &[])),
+        "[sinks.<name>.match]" => format!(
+            "{SOURCE}{STDOUT_SINK}[sinks.out.match]\n{}",
+            body(pairs, &[])
+        ),
         "type = \"rabbitmq\"" => sink(&[("exchange", "\"outbox\"")]),
         "mode = \"exchange\"" => sink(&[
             ("type", "\"rabbitmq\""),
@@ -353,7 +358,10 @@ fn config_for(heading: &str, pairs: &[(String, String)]) -> String {
         "mode = \"stream\"" => sink(&[
             ("type", "\"rabbitmq\""),
             ("mode", "\"stream\""),
-            ("url", "\"rabbitmq-stream://guest:guest@localhost:5552/%2f\""),
+            (
+                "url",
+                "\"rabbitmq-stream://guest:guest@localhost:5552/%2f\"",
+            ),
         ]),
         _ => sink(&[]),
     }
@@ -385,14 +393,16 @@ fn toml_blocks(text: &str) -> Vec<String> {
     let mut blocks = Vec::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
-        match (&mut current, line.trim_start()) {
-            (None, l) if l.starts_with("```toml") => current = Some(String::new()),
-            (Some(_), l) if l.starts_with("```") => blocks.push(current.take().unwrap()),
-            (Some(block), _) => {
+        let fence = line.trim_start().starts_with("```");
+        match current.take() {
+            None if line.trim_start().starts_with("```toml") => current = Some(String::new()),
+            None => {}
+            Some(block) if fence => blocks.push(block),
+            Some(mut block) => {
                 block.push_str(line);
                 block.push('\n');
+                current = Some(block);
             }
-            _ => {}
         }
     }
     blocks
@@ -418,7 +428,10 @@ fn every_complete_configuration_in_the_user_docs_loads() {
             }
         }
     }
-    assert!(loaded >= 6, "only {loaded} complete configurations found in {files:?}");
+    assert!(
+        loaded >= 6,
+        "only {loaded} complete configurations found in {files:?}"
+    );
 }
 
 #[test]
@@ -433,5 +446,8 @@ fn the_quickstart_configuration_is_at_most_ten_lines() {
         .find(|b| b.contains("[source]"))
         .expect("the Quickstart has a configuration");
     let lines = block.lines().filter(|l| !l.trim().is_empty()).count();
-    assert!(lines <= 10, "the Quickstart configuration has {lines} lines");
+    assert!(
+        lines <= 10,
+        "the Quickstart configuration has {lines} lines"
+    );
 }
