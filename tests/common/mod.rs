@@ -455,15 +455,33 @@ pub fn http_get_with(port: u16, path: &str, headers: &str) -> Option<(u16, Strin
     stream.read_to_string(&mut response).ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    let content_type = head
-        .lines()
-        .find_map(|line| {
+    let header = |wanted: &str| {
+        head.lines().find_map(|line| {
             let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-type")
+            name.eq_ignore_ascii_case(wanted)
                 .then(|| value.trim().to_owned())
         })
-        .unwrap_or_default();
-    Some((status, content_type, body.to_owned()))
+    };
+    let body = if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    Some((status, header("content-type").unwrap_or_default(), body))
+}
+
+/// A chunked HTTP/1.1 body, joined.
+fn dechunk(mut chunked: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, rest) = chunked.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(rest.get(..size)?);
+        chunked = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// A relay config as TOML text, the one template every test's config is written from: the
