@@ -3,16 +3,11 @@
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use outbox_relay::config::{Config, LogFormat};
+use outbox_relay::config::Config;
 use outbox_relay::{admin, relay};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tracing_subscriber::filter::{filter_fn, FilterExt};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{registry, EnvFilter, Layer};
 
 /// The version with the commit and the build date (`build.rs`), as `--version`, the start-up
 /// log line and `outbox_relay_build_info` report it.
@@ -73,34 +68,6 @@ enum DlqAction {
     Replay { id: i64 },
 }
 
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.log.level.as_deref().unwrap_or("info")));
-    // Logs go to stderr: stdout belongs to the stdout sink.
-    let layer = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let filter = filter.and(filter_fn(|metadata| !may_hold_payloads(metadata)));
-    match config.log.format {
-        LogFormat::Json => registry().with(layer.json().with_filter(filter)).init(),
-        LogFormat::Pretty => registry().with(layer.with_filter(filter)).init(),
-    }
-}
-
-/// Whether a library's log line may carry payloads or secrets, whatever `RUST_LOG` or
-/// `log.level` ask for. Libraries log what crosses them below info level (tokio-postgres a
-/// statement's parameters, a dead letter's row among them; lapin, the stream client, the AWS
-/// SDK and librdkafka the frames and bodies they send), and lapin logs every message RabbitMQ
-/// returns, body and all, as a warning (the RabbitMQ sink handles and counts returns itself).
-/// The relay's own crates log no payloads at any level.
-fn may_hold_payloads(metadata: &tracing::Metadata<'_>) -> bool {
-    let target = metadata.target();
-    if target.starts_with("outbox_relay") {
-        return false;
-    }
-    target.starts_with("lapin::returned_messages") || *metadata.level() > tracing::Level::INFO
-}
-
 async fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -142,7 +109,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     let config = Config::load(cli.config.as_deref())?;
-    init_logging(&config);
+    outbox_relay::logging::init(&config.log);
     match cli.command {
         Command::Completions { .. } | Command::Man => {}
         Command::Run => {

@@ -114,7 +114,7 @@ pub fn start(
         let (tx, rx) = mpsc::channel(queue_depth);
         senders.push(tx);
         labels.push(Metrics::sink(&worker.name));
-        let span = info_span!("sink", name = %worker.name);
+        let span = info_span!("sink", sink = %worker.name);
         let task = run_worker(
             index,
             worker,
