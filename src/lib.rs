@@ -19,7 +19,8 @@
 //! [`relay`] wires one session of these together. Beside the path: [`source::slot`] readies
 //! the slot, [`resume`] readies the sinks (what each already holds), [`backfill`] is the
 //! second source of rows, [`failure`] decides what a failure leads to, [`leader`] elects one
-//! relay per slot, [`admin`] holds the other commands; [`logging`], [`telemetry`] and [`http`]
+//! relay per slot, [`lifecycle`] runs it under signals (SIGTERM drains, SIGHUP reloads),
+//! [`admin`] holds the other commands; [`logging`], [`telemetry`] and [`http`]
 //! are what operators see.
 
 pub mod admin;
@@ -31,6 +32,7 @@ pub mod dead_letters;
 pub mod failure;
 pub mod http;
 pub mod leader;
+pub mod lifecycle;
 pub mod logging;
 pub mod outbox;
 pub mod pipeline;

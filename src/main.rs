@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use outbox_relay::admin;
 use outbox_relay::config::Config;
-use outbox_relay::{admin, relay};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -68,30 +68,6 @@ enum DlqAction {
     Replay { id: i64 },
 }
 
-async fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let terminate = std::future::pending::<()>();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate => {}
-        }
-        tracing::info!("shutdown requested: draining in-flight events");
-        let _ = tx.send(true);
-    });
-    rx
-}
-
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Completions { shell } => {
@@ -127,13 +103,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(addr) = config.http.listen {
                 outbox_relay::http::serve(addr).await?;
             }
-            let shutdown = shutdown_signal().await;
-            // On a worker thread rather than the main thread: the reader, the sink workers and
-            // the I/O driver then share the runtime's workers, without a futex hand-off per
-            // wakeup (relay CPU per event -20 to -34%, BENCHMARKS.md).
-            tokio::spawn(relay::run(config, shutdown))
-                .await
-                .context("the relay task panicked")??;
+            outbox_relay::lifecycle::run(cli.config.as_deref(), config).await?;
         }
         Command::Init => {
             for line in admin::init(&config).await.context("init failed")? {

@@ -128,7 +128,7 @@ pub struct HttpConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]

@@ -867,6 +867,14 @@ impl Relay {
         self.child.wait().unwrap();
     }
 
+    /// Sends a signal (`-HUP`, `-STOP`...) to the relay.
+    pub fn signal(&self, name: &str) {
+        Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         Command::new("kill")
