@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// The advisory lock key of a slot: one lock per slot name, shared by all its relays.
-const LOCK_KEY_SQL: &str = "hashtextextended('outbox-relay:' || $1, 0)";
+pub(crate) const LOCK_KEY_SQL: &str = "hashtextextended('outbox-relay:' || $1, 0)";
 
 /// Held leadership: the connection that holds the lock.
 pub struct Leadership {

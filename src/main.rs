@@ -42,8 +42,21 @@ enum Command {
     Check,
     /// Create the relay schema, the publication and the replication slot (idempotent).
     Init,
-    /// Show slot activity and lag, checkpoints per sink and dead letters.
-    Status,
+    /// Show the slot (activity, lag, invalidation), the leader, checkpoints per sink and dead
+    /// letters, with a verdict. Exit codes: 0 ok, 3 slot missing, 4 slot invalidated, 5 slot
+    /// inactive past --max-inactive (any inactive slot before PostgreSQL 17), 6 lag over
+    /// --max-lag-bytes; 1 when the command cannot run.
+    Status {
+        /// Print JSON (the same fields, for scripts).
+        #[arg(long)]
+        json: bool,
+        /// How long the slot may be inactive before the verdict says so (e.g. 30s, 5m).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        max_inactive: std::time::Duration,
+        /// How far the slot may lag behind the server's WAL, in bytes.
+        #[arg(long, default_value_t = 1 << 30)]
+        max_lag_bytes: u64,
+    },
     /// List, show and replay dead letters.
     Dlq {
         #[command(subcommand)]
@@ -124,7 +137,23 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Status => print!("{}", admin::status(&config).await?),
+        Command::Status {
+            json,
+            max_inactive,
+            max_lag_bytes,
+        } => {
+            let options = admin::StatusOptions {
+                max_inactive,
+                max_lag_bytes,
+            };
+            let status = admin::status(&config, &options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.text());
+            }
+            return Ok(ExitCode::from(status.verdict.exit_code));
+        }
         Command::Dlq { action } => print!(
             "{}",
             match action {

@@ -101,11 +101,14 @@ fn missing_publication_and_slot_are_explained() {
     }
     let out = relay_command(&config, "check");
     assert!(out.status.success(), "{}", stdout(&out));
+    // No relay streams yet: the verdict says so, in the exit code too (PostgreSQL before 17
+    // does not say since when a slot is inactive).
     let out = relay_command(&config, "status");
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("slot outbox_relay: inactive")
-            && stdout(&out).contains("file: none yet"),
+            && stdout(&out).contains("file: none yet")
+            && stdout(&out).contains("verdict: slot_inactive (exit 5)"),
         "{}",
         stdout(&out)
     );
@@ -226,4 +229,65 @@ fn check_counts_replication_granted_through_a_managed_platforms_role_and_names_e
     ] {
         assert!(line.contains(fix), "{fix}: {line}");
     }
+}
+
+/// `status --json` while a relay streams (its lock and checkpoint shown, exit 0), after it
+/// stopped (exit 5, the slot inactive), and without the slot (exit 3).
+#[test]
+fn status_json_judges_the_slot_by_exit_code_and_shows_the_leader() {
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        mut relay,
+    ) = scenario().start();
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'o-1', 'Placed', '{}')",
+    );
+    relay.delivers(&events, 1);
+    let status = |extra: &[&str]| {
+        let out = std::process::Command::new(relay_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["status", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}{}", stdout(&out), stderr(&out)));
+        (out.status.code(), json)
+    };
+    let mut streaming = (None, serde_json::Value::Null);
+    assert!(
+        wait_until(WAIT, || {
+            streaming = status(&[]);
+            streaming.1["checkpoints"][0]["position"].is_string()
+        }),
+        "{:?}",
+        streaming
+    );
+    let (code, json) = streaming;
+    assert_eq!(code, Some(0), "{json:#}");
+    assert_eq!(json["verdict"]["state"], "ok");
+    assert_eq!(json["slot"]["active"], true);
+    assert!(json["leader"]["pid"].is_i64(), "{json:#}");
+    assert_eq!(json["checkpoints"][0]["sink"], "file");
+    assert_eq!(json["dead_letters"]["open"], 0);
+
+    relay.stops_cleanly();
+    let (code, json) = status(&["--max-inactive", "1h"]);
+    assert_eq!(json["leader"], serde_json::Value::Null, "{json:#}");
+    if json["slot"]["inactive_seconds"].is_null() {
+        assert_eq!(code, Some(5), "{json:#}");
+        assert_eq!(json["verdict"]["state"], "slot_inactive");
+    } else {
+        assert_eq!(code, Some(0), "{json:#}");
+    }
+
+    pg.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    let (code, json) = status(&[]);
+    assert_eq!(code, Some(3), "{json:#}");
+    assert_eq!(json["verdict"]["state"], "slot_missing");
+    assert_eq!(json["slot"]["exists"], false);
 }

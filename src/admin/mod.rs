@@ -1,6 +1,6 @@
 //! The operator commands beside `run`, one file each: `init` creates what the relay needs,
 //! `check` finds every problem with the configuration and the database (one line each, with
-//! the fix) and warnings that do not fail it, `status` shows slot lag and checkpoints, and
+//! the fix) and warnings that do not fail it, `status` judges the slot (lag, activity, invalidation) and shows the leader and checkpoints, and
 //! `dlq` lists, shows and replays dead letters.
 
 mod check;
@@ -11,7 +11,7 @@ mod status;
 pub use check::{check, CheckReport};
 pub use dlq::{dlq_list, dlq_replay, dlq_show};
 pub use init::init;
-pub use status::status;
+pub use status::{status, Status, StatusOptions};
 
 use crate::config::{Config, ConnectParams};
 use crate::source::replication::{ReplicationConnection, SystemInfo};
