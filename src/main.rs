@@ -70,15 +70,47 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// The newest dead letters, oldest first.
+    /// The newest dead letters of a selection, oldest first.
     List {
+        #[command(flatten)]
+        selection: admin::Selection,
+        /// Only those not replayed yet.
+        #[arg(long)]
+        open: bool,
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
     },
     /// One dead letter with its reason and raw row, as JSON.
     Show { id: i64 },
-    /// Publish a dead letter again after fixing its row_data in place.
-    Replay { id: i64 },
+    /// Publish dead letters again after fixing their row_data in place: the given ids, or
+    /// with --all every open one of the selection. A letter a sink refused goes back to that
+    /// sink only. Exits 1 when one is refused (it would fail again) unless --force.
+    Replay {
+        ids: Vec<i64>,
+        /// Every open dead letter of the selection (needed when no id is given).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[command(flatten)]
+        selection: admin::Selection,
+        /// Replay even what would be dead-lettered again (fails validation, or its sink is
+        /// gone: then every sink that takes it gets it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete the dead letters of a selection stored longer ago than --older-than.
+    Purge {
+        /// Retention: delete what was stored before this long ago (e.g. 30d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Only those already replayed.
+        #[arg(long)]
+        replayed_only: bool,
+        #[command(flatten)]
+        selection: admin::Selection,
+    },
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -154,14 +186,44 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::from(status.verdict.exit_code));
         }
-        Command::Dlq { action } => print!(
-            "{}",
-            match action {
-                DlqAction::List { limit } => admin::dlq_list(&config, limit).await?,
-                DlqAction::Show { id } => admin::dlq_show(&config, id).await?,
-                DlqAction::Replay { id } => admin::dlq_replay(&config, id).await?,
+        Command::Dlq { action } => match action {
+            DlqAction::List {
+                selection,
+                open,
+                limit,
+                json,
+            } => print!(
+                "{}",
+                admin::dlq_list(&config, &selection, open, limit, json).await?
+            ),
+            DlqAction::Show { id } => print!("{}", admin::dlq_show(&config, id).await?),
+            DlqAction::Replay {
+                ids,
+                all,
+                selection,
+                force,
+            } => {
+                if ids.is_empty() && !all {
+                    anyhow::bail!(
+                        "name the dead letters to replay (`dlq replay 17 18`), or pass --all \
+                         with a selection (--sink, --table, --reason, --since, --until)"
+                    );
+                }
+                let report = admin::dlq_replay(&config, &ids, &selection, force).await?;
+                print!("{}", report.text());
+                if !report.refused.is_empty() {
+                    return Ok(ExitCode::FAILURE);
+                }
             }
-        ),
+            DlqAction::Purge {
+                older_than,
+                replayed_only,
+                selection,
+            } => print!(
+                "{}",
+                admin::dlq_purge(&config, &selection, older_than, replayed_only).await?
+            ),
+        },
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -80,19 +80,31 @@ impl SchemaRegistry {
     /// without a JSON payload (bytes from a `bytea` column, or a tombstone) has nothing to
     /// validate: JSON Schemas describe JSON.
     pub fn check(&self, event: &Event) -> Result<(), String> {
-        let Some(payload) = event.payload.as_json() else {
+        self.check_payload(
+            &event.event_type,
+            event.schema_version,
+            event.payload.as_json().map(|text| &**text),
+        )
+    }
+
+    /// [`SchemaRegistry::check`] on an event's parts: its type, schema version and JSON
+    /// payload (None for bytes or a tombstone).
+    pub fn check_payload(
+        &self,
+        event_type: &str,
+        schema_version: Option<i64>,
+        payload: Option<&str>,
+    ) -> Result<(), String> {
+        let Some(payload) = payload else {
             return Ok(());
         };
-        let event_type = event.event_type.to_string();
-        let validator = event
-            .schema_version
-            .and_then(|v| self.validators.get(&(event_type.clone(), Some(v))))
-            .or_else(|| self.validators.get(&(event_type, None)));
+        let validator = schema_version
+            .and_then(|v| self.validators.get(&(event_type.to_owned(), Some(v))))
+            .or_else(|| self.validators.get(&(event_type.to_owned(), None)));
         let Some(validator) = validator else {
             return if self.required {
                 Err(format!(
-                    "no schema for type {:?} version {:?} and validation.required = true",
-                    &*event.event_type, event.schema_version
+                    "no schema for type {event_type:?} version {schema_version:?} and validation.required = true"
                 ))
             } else {
                 Ok(())

@@ -450,9 +450,9 @@ fn a_dead_letter_fixed_in_place_is_replayed_once() {
     let refused = relay_command_args(&cfg, &["dlq", "replay", &id]);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("fix it first"),
+        String::from_utf8_lossy(&refused.stdout).contains("fix it first"),
         "{}",
-        String::from_utf8_lossy(&refused.stderr)
+        String::from_utf8_lossy(&refused.stdout)
     );
 
     pg.psql(&format!("UPDATE outbox_relay.dead_letters SET row_data = jsonb_set(row_data, '{{payload}}', to_jsonb('{{\"fixed\": true}}'::text)) WHERE id = {id}"));
@@ -559,6 +559,31 @@ fn payloads_failing_their_json_schema_are_dead_lettered() {
         reasons.contains("o-3: payload fails its JSON Schema"),
         "{reasons}"
     );
+
+    // A replay that would fail validation again is refused, unless fixed or forced.
+    let o2 =
+        pg.psql("SELECT id FROM outbox_relay.dead_letters WHERE row_data->>'aggregateid' = 'o-2'");
+    let refused = relay_command_args(&cfg, &["dlq", "replay", &o2]);
+    let printed = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains("its payload still fails validation") && printed.contains("--force"),
+        "{printed}"
+    );
+    pg.psql(&format!(
+        "UPDATE outbox_relay.dead_letters SET row_data = jsonb_set(row_data, '{{payload}}', \
+         to_jsonb('{{\"total\": 5.5}}'::text)) WHERE id = {o2}"
+    ));
+    relay_dlq(&cfg, &["replay", &o2]);
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 4),
+        "relay log:\n{}",
+        relay.log()
+    );
+    relay_dlq(&cfg, &["replay", "--all", "--force"]);
+    // The forced replay fails validation in the relay again: a new dead letter, no event.
+    assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 3));
+    assert_eq!(lines(&path).len(), 4);
 
     std::fs::write(schemas.join("Broken.json"), "{not json").unwrap();
     let out = relay_command(&cfg, "check");

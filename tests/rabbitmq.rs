@@ -325,6 +325,97 @@ fn unroutable_events_are_dead_lettered() {
     }
 }
 
+/// A dead letter one sink refused goes back to that sink only: two unroutable events,
+/// dead-lettered by the RabbitMQ sink while the file sink beside it took them, are replayed
+/// (`dlq replay --all --sink rabbit`) once a queue is bound for them; they reach that queue,
+/// and the file sink does not get them twice. Listing filters and purging follow.
+#[test]
+fn a_dead_letter_one_sink_refused_is_replayed_to_that_sink_only() {
+    let vhost = Vhost::new();
+    let sinks = format!(
+        "{}\n[sinks.file]\ntype = \"file\"\nfsync = false\npath = \"FILE\"\n",
+        exchange_sink(
+            &vhost,
+            "declare = true\nqueue = \"orders\"\nbinding_key = \"order.#\"\n"
+        )
+    );
+    let (
+        Scenario {
+            pg, config, dir, ..
+        },
+        relay,
+    ) = scenario()
+        .outbox_sql(OUTBOX)
+        .sinks_in(move |dir| sinks.replace("FILE", &dir.join("file.jsonl").display().to_string()))
+        .start();
+    let file = dir.join("file.jsonl");
+    insert_events(&pg, "invoice", 0, 2, 2);
+    assert!(
+        wait_until(WAIT, || dead_letters(&pg, LETTER).len() == 2
+            && read_events(&file).len() == 2),
+        "{:?}\n{}",
+        dead_letters(&pg, LETTER),
+        relay.log()
+    );
+    let dlq = |args: &[&str]| {
+        let out = std::process::Command::new(relay_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("dlq")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let listed = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["list", "--json"];
+        all.extend_from_slice(args);
+        let (code, out) = dlq(&all);
+        assert_eq!(code, Some(0), "{out}");
+        serde_json::from_str(&out).unwrap()
+    };
+    assert_eq!(
+        listed(&["--sink", "rabbit", "--reason", "no_route"]).len(),
+        2
+    );
+    assert_eq!(listed(&["--sink", "file"]).len(), 0);
+    assert_eq!(listed(&["--table", "outbox", "--since", "1h"]).len(), 2);
+
+    vhost.declare_queue("events", "invoices", "invoice.#", FieldTable::default());
+    let (code, out) = dlq(&["replay", "--all", "--sink", "rabbit"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("replayed").count(), 2, "{out}");
+    let mut invoices = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("invoices", &mut invoices);
+            invoices.len() == 2
+        }),
+        "{}",
+        relay.log()
+    );
+    // A replay is the event as it was: headers, trace context, key.
+    for invoice in &invoices {
+        assert_eq!(invoice.header("tenant").as_deref(), Some("acme"));
+        assert_eq!(invoice.header("traceparent").as_deref(), Some(TRACEPARENT));
+    }
+    // Written after the replays: once it is in the file, the replays were delivered past it.
+    insert_events(&pg, "order", 2, 1, 1);
+    assert!(wait_until(WAIT, || read_events(&file).len() >= 3));
+    assert_eq!(read_events(&file).len(), 3, "the file sink got a replay");
+    assert!(listed(&["--open"]).is_empty());
+    assert_eq!(listed(&[]).len(), 2);
+
+    let (code, out) = dlq(&["purge", "--older-than", "0s", "--replayed-only"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("2 dead letter(s)"), "{out}");
+    assert!(listed(&[]).is_empty());
+}
+
 /// RabbitMQ returns an unroutable message at once but confirms a routed persistent one only
 /// once it is on disk, and lapin hands a returned message to whichever confirm completes
 /// next (with a multiple ack, any of the acknowledged ones). The sink must find the returned

@@ -82,13 +82,14 @@ impl SinkConfig {
     }
 }
 
-/// The sink `kind` configures, behind the filter of its match rule.
+/// The sink `kind` configures, behind the filter of its match rule (and of events meant for
+/// one sink only).
 fn build_filtered(
     kind: &dyn SinkKind,
     ctx: &SinkContext<'_>,
 ) -> Result<Box<dyn Sink>, ConfigError> {
     Ok(FilteredSink::wrap(
-        kind.filter().event_filter(),
+        kind.filter().event_filter().for_sink(ctx.name),
         kind.build(ctx)?,
     ))
 }

@@ -197,6 +197,9 @@ pub struct Event {
     /// Extra envelope attributes: columns placed in the envelope.
     pub attributes: Vec<(Arc<str>, Text)>,
     pub payload: Payload,
+    /// The one sink this event is for: a replayed dead letter that one sink refused goes to
+    /// that sink only (`outbox-relay dlq replay`); None for every other event.
+    pub only_sink: Option<Arc<str>>,
 }
 
 impl Event {

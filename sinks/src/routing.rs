@@ -8,6 +8,7 @@ use crate::{Event, EventState, Position, Sink, SinkError};
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::fmt::Write;
+use std::sync::Arc;
 
 /// A field of an event a template can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +140,9 @@ pub struct EventFilter {
     tables: Vec<String>,
     aggregate_types: Vec<String>,
     event_type_globs: Vec<String>,
+    /// The sink's name: an event meant for one sink only ([`Event::only_sink`]) passes the
+    /// filter of that sink alone.
+    sink: Option<Arc<str>>,
 }
 
 impl EventFilter {
@@ -151,17 +155,29 @@ impl EventFilter {
             tables,
             aggregate_types,
             event_type_globs,
+            sink: None,
         }
+    }
+
+    /// The filter of the sink named `sink`.
+    pub fn for_sink(mut self, sink: &str) -> Self {
+        self.sink = Some(Arc::from(sink));
+        self
     }
 
     pub fn takes_everything(&self) -> bool {
         self.tables.is_empty()
             && self.aggregate_types.is_empty()
             && self.event_type_globs.is_empty()
+            && self.sink.is_none()
     }
 
     pub fn matches(&self, event: &Event) -> bool {
-        (self.tables.is_empty() || self.tables.iter().any(|t| **t == *event.table))
+        event
+            .only_sink
+            .as_deref()
+            .is_none_or(|only| self.sink.as_deref() == Some(only))
+            && (self.tables.is_empty() || self.tables.iter().any(|t| **t == *event.table))
             && (self.aggregate_types.is_empty()
                 || self
                     .aggregate_types
@@ -252,6 +268,10 @@ impl Sink for FilteredSink {
     }
 
     async fn send(&mut self, batch: &[Event], states: &mut [EventState]) -> Result<(), SinkError> {
+        // Most batches are all for this sink: they go through without a copy.
+        if batch.iter().all(|e| self.filter.matches(e)) {
+            return self.inner.send(batch, states).await;
+        }
         self.selected.clear();
         self.indices.clear();
         self.states.clear();
@@ -391,6 +411,19 @@ mod tests {
                 reason: "bad".into()
             }]
         );
+    }
+
+    #[test]
+    fn an_event_for_one_sink_passes_that_sinks_filter_only() {
+        let event = Event {
+            only_sink: Some("rmq".into()),
+            ..sample(1, 0)
+        };
+        assert!(EventFilter::default().for_sink("rmq").matches(&event));
+        assert!(!EventFilter::default().for_sink("kafka").matches(&event));
+        assert!(EventFilter::default()
+            .for_sink("kafka")
+            .matches(&sample(1, 1)));
     }
 
     #[test]

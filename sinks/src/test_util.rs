@@ -37,6 +37,7 @@ pub fn sample(lsn: u64, index: u32) -> Event {
         headers: Vec::new(),
         attributes: Vec::new(),
         payload: Text::from("{}").into(),
+        only_sink: None,
     }
 }
 

@@ -1,47 +1,174 @@
-//! `outbox-relay dlq`: list, show and replay dead letters. A replay is signed with the
-//! relay's key ([`crate::outbox::ReplayKey`]) so that only it becomes an event again.
+//! `outbox-relay dlq`: list, show and purge dead letters, selected by sink, table, reason
+//! and time. Replays live beside this file (`replay.rs`).
 
 use super::relay_table;
-use crate::config::Config;
+use crate::config::{parse_table_name, Config};
 use crate::db;
 use anyhow::Context;
+use serde::Serialize;
+use std::time::{Duration, SystemTime};
+use tokio_postgres::types::ToSql;
 
-/// `dlq list`: the newest dead letters, one line each.
-pub async fn dlq_list(config: &Config, limit: i64) -> anyhow::Result<String> {
+/// Which dead letters a `dlq` command is about; every given part must match.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Selection {
+    /// The sink that refused them (`""` for rows the mapping or validation refused).
+    #[arg(long)]
+    pub sink: Option<String>,
+    /// The outbox table they came from (`schema.table`, or `message:PREFIX`).
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Text their reason contains (case-insensitive).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Stored at or after this time: an RFC 3339 time, or a duration ago (`2h`, `7d`).
+    #[arg(long, value_parser = parse_when)]
+    pub since: Option<SystemTime>,
+    /// Stored before this time: an RFC 3339 time, or a duration ago.
+    #[arg(long, value_parser = parse_when)]
+    pub until: Option<SystemTime>,
+}
+
+impl Selection {
+    /// Whether nothing narrows the selection.
+    pub fn is_everything(&self) -> bool {
+        self.sink.is_none()
+            && self.table.is_none()
+            && self.reason.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    /// The SQL condition (after `WHERE slot = $1`) and its text parameters, numbered from $2.
+    fn condition(&self, slot: &str) -> (String, Vec<String>) {
+        let mut sql = String::from("slot = $1");
+        let mut params = vec![slot.to_owned()];
+        let mut add = |clause: &str, value: String| {
+            params.push(value);
+            sql.push_str(&clause.replace('$', &format!("${}", params.len())));
+        };
+        if let Some(sink) = &self.sink {
+            add(" AND sink = $", sink.clone());
+        }
+        if let Some(table) = &self.table {
+            let table = match parse_table_name(table) {
+                Ok((schema, name)) if !table.starts_with("message:") => format!("{schema}.{name}"),
+                _ => table.clone(),
+            };
+            add(" AND source_table = $", table);
+        }
+        if let Some(reason) = &self.reason {
+            add(" AND strpos(lower(reason), lower($)) > 0", reason.clone());
+        }
+        if let Some(since) = self.since {
+            add(" AND created_at >= $::text::timestamptz", rfc3339(since));
+        }
+        if let Some(until) = self.until {
+            add(" AND created_at < $::text::timestamptz", rfc3339(until));
+        }
+        (sql, params)
+    }
+}
+
+/// An RFC 3339 time, or a duration before now.
+fn parse_when(text: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{text} ago is before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!(
+            "{text:?} is neither a duration (2h, 7d) nor an RFC 3339 time (2026-01-31T12:00:00Z)"
+        )
+    })
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_micros(time).to_string()
+}
+
+/// Text parameters as the client takes them.
+fn as_params(params: &[String]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
+/// One dead letter as `dlq list` shows it.
+#[derive(Debug, Serialize)]
+pub struct Listed {
+    pub id: i64,
+    pub created_at: String,
+    pub sink: String,
+    pub table: String,
+    /// `commit_lsn#index`.
+    pub position: String,
+    pub reason: String,
+    pub replayed_at: Option<String>,
+}
+
+/// `dlq list`: the newest `limit` dead letters of `selection` (only those not replayed yet
+/// with `open`), oldest first, as text lines or a JSON array.
+pub async fn dlq_list(
+    config: &Config,
+    selection: &Selection,
+    open: bool,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<String> {
     let client = db::connect(&config.source.connect_params()?).await?;
-    let dead_letters = relay_table(config, "dead_letters");
+    let (mut condition, params) = selection.condition(&config.source.slot);
+    if open {
+        condition.push_str(" AND replayed_at IS NULL");
+    }
     let rows = client
         .query(
             &format!(
-                "SELECT id, created_at::text, sink, source_table, commit_lsn::text, event_index, reason, \
-                 replayed_at IS NOT NULL FROM {dead_letters} WHERE slot = $1 ORDER BY id DESC LIMIT $2"
+                "SELECT id, created_at::text, sink, source_table, \
+                 commit_lsn::text || '#' || event_index, reason, replayed_at::text \
+                 FROM {} WHERE {condition} ORDER BY id DESC LIMIT {}",
+                relay_table(config, "dead_letters"),
+                limit.max(0)
             ),
-            &[&config.source.slot, &limit],
+            &as_params(&params),
         )
         .await
         .map_err(db::explain)
         .context("reading dead letters (run `outbox-relay init` first)")?;
+    let listed: Vec<Listed> = rows
+        .iter()
+        .rev()
+        .map(|row| Listed {
+            id: row.get(0),
+            created_at: row.get(1),
+            sink: row.get(2),
+            table: row.get(3),
+            position: row.get(4),
+            reason: row.get(5),
+            replayed_at: row.get(6),
+        })
+        .collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&listed)? + "\n");
+    }
     let mut out = String::new();
-    for row in rows.iter().rev() {
-        let sink: String = row.get(2);
+    for letter in &listed {
         out.push_str(&format!(
-            "{:>6}  {}  {}  {}#{}{}{}  {}\n",
-            row.get::<_, i64>(0),
-            row.get::<_, String>(1),
-            row.get::<_, String>(3),
-            row.get::<_, String>(4),
-            row.get::<_, i32>(5),
-            if sink.is_empty() {
+            "{:>6}  {}  {}  {}{}{}  {}\n",
+            letter.id,
+            letter.created_at,
+            letter.table,
+            letter.position,
+            if letter.sink.is_empty() {
                 String::new()
             } else {
-                format!("  sink={sink}")
+                format!("  sink={}", letter.sink)
             },
-            if row.get::<_, bool>(7) {
+            if letter.replayed_at.is_some() {
                 "  (replayed)"
             } else {
                 ""
             },
-            row.get::<_, String>(6),
+            letter.reason,
         ));
     }
     if out.is_empty() {
@@ -60,8 +187,8 @@ pub async fn dlq_show(config: &Config, id: i64) -> anyhow::Result<String> {
             &format!(
                 "SELECT jsonb_build_object('id', id, 'created_at', created_at, 'sink', sink, 'table', source_table, \
                  'commit_lsn', commit_lsn::text, 'event_index', event_index, 'xid', xid, 'reason', reason, \
-                 'row', row_data, 'replayed_at', replayed_at), raw FROM {}.dead_letters WHERE id = $1 AND slot = $2",
-                config.relay.schema
+                 'row', row_data, 'replayed_at', replayed_at), raw FROM {} WHERE id = $1 AND slot = $2",
+                relay_table(config, "dead_letters")
             ),
             &[&id, &config.source.slot],
         )
@@ -91,135 +218,95 @@ fn show_raw(row: &serde_json::Value, raw: &[u8]) -> serde_json::Value {
     }
 }
 
-/// `dlq replay ID`: publishes a dead letter again, after it was fixed in place (its
-/// `row_data`), as a transactional logical message the relay maps like the original row;
-/// marks it replayed in the same transaction.
-pub async fn dlq_replay(config: &Config, id: i64) -> anyhow::Result<String> {
-    let mut client = db::connect(&config.source.connect_params()?).await?;
-    let dead_letters = relay_table(config, "dead_letters");
-    let tx = client.transaction().await.map_err(db::explain)?;
-    let row = tx
-        .query_opt(
+/// `dlq purge`: deletes the dead letters of `selection` stored more than `older_than` ago
+/// (only replayed ones with `replayed_only`); says how many.
+pub async fn dlq_purge(
+    config: &Config,
+    selection: &Selection,
+    older_than: Duration,
+    replayed_only: bool,
+) -> anyhow::Result<String> {
+    let client = db::connect(&config.source.connect_params()?).await?;
+    let cutoff = SystemTime::now()
+        .checked_sub(older_than)
+        .context("--older-than reaches before the epoch")?;
+    let (mut condition, mut params) = selection.condition(&config.source.slot);
+    params.push(rfc3339(cutoff));
+    condition.push_str(&format!(
+        " AND created_at < ${}::text::timestamptz",
+        params.len()
+    ));
+    if replayed_only {
+        condition.push_str(" AND replayed_at IS NOT NULL");
+    }
+    let deleted = client
+        .execute(
             &format!(
-                "SELECT source_table, row_data, replayed_at IS NOT NULL FROM {dead_letters} \
-                 WHERE id = $1 AND slot = $2 FOR UPDATE"
+                "DELETE FROM {} WHERE {condition}",
+                relay_table(config, "dead_letters")
             ),
-            &[&id, &config.source.slot],
+            &as_params(&params),
         )
         .await
-        .map_err(db::explain)?
-        .with_context(|| {
-            format!(
-                "there is no dead letter {id} for slot {}",
-                config.source.slot
-            )
-        })?;
-    let (table, row_data, replayed): (String, serde_json::Value, bool) =
-        (row.get(0), row.get(1), row.get(2));
-    if replayed {
-        anyhow::bail!("dead letter {id} was already replayed");
-    }
-    let document = replay_document(config, &table, row_data).with_context(|| {
-        format!(
-            "dead letter {id} cannot be replayed as it is: fix it first, e.g. \
-             UPDATE {dead_letters} SET row_data = jsonb_set(row_data, '{{payload}}', to_jsonb('{{\"fixed\": true}}'::text)) WHERE id = {id}"
-        )
-    })?;
-    let key = crate::dead_letters::load_replay_key(&tx, &config.relay.schema)
-        .await?
-        .context("the relay's schema has no replay key: run `outbox-relay init` (it adds one), then replay again")?;
-    tx.execute(
-        "SELECT pg_logical_emit_message(true, $1, $2)",
-        &[&crate::outbox::REPLAY_PREFIX, &key.sign(&document)],
-    )
-    .await
-    .map_err(db::explain)
-    .context("publishing the replay (the role needs EXECUTE on pg_logical_emit_message)")?;
-    tx.execute(
-        &format!("UPDATE {dead_letters} SET replayed_at = now() WHERE id = $1"),
-        &[&id],
-    )
-    .await
-    .map_err(db::explain)?;
-    tx.commit().await.map_err(db::explain)?;
+        .map_err(db::explain)
+        .context("purging dead letters (the role needs DELETE on the relay's dead_letters)")?;
     Ok(format!(
-        "dead letter {id} replayed: the relay publishes it as a new event of {table}\n"
+        "{deleted} dead letter(s) stored before {} purged\n",
+        rfc3339(cutoff)
     ))
 }
 
-/// The outbox event document for a dead letter's (fixed) row: the table's column mapping
-/// applied to the stored columns, or the stored message content.
-fn replay_document(
+/// The ids of the dead letters of `selection` not replayed yet, oldest first.
+pub(super) async fn open_ids(
+    client: &tokio_postgres::Client,
     config: &Config,
-    table: &str,
-    row: serde_json::Value,
-) -> anyhow::Result<serde_json::Value> {
-    use serde_json::{json, Value};
-    let mut document = match (table.strip_prefix("message:"), row) {
-        (Some(_), Value::String(content)) => {
-            serde_json::from_str(&content).context("the stored message content is not JSON")?
-        }
-        (Some(_), other) => other,
-        (None, Value::Object(columns)) => {
-            let mapping = config.mapping_for(table);
-            let text = |column: &str| {
-                columns
-                    .get(column)
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            };
-            let required = |column: &str| {
-                text(column)
-                    .with_context(|| format!("column {column:?} is missing or NULL in row_data"))
-            };
-            let payload = required(&mapping.payload)?;
-            let mut document = json!({
-                "id": required(&mapping.id)?,
-                "aggregatetype": required(&mapping.aggregate_type)?,
-                "aggregateid": required(&mapping.aggregate_id)?,
-                "type": required(&mapping.event_type)?,
-                "payload": serde_json::from_str::<Value>(&payload).context("the payload is not valid JSON")?,
-            });
-            if let Some(key) = mapping.key.as_deref().and_then(text) {
-                document["key"] = json!(key);
-            }
-            let optional = [
-                (
-                    "schema_version",
-                    mapping
-                        .schema_version
-                        .as_deref()
-                        .unwrap_or("schema_version"),
-                ),
-                ("headers", mapping.headers.as_deref().unwrap_or("headers")),
-                (
-                    "occurred_at",
-                    mapping.occurred_at.as_deref().unwrap_or("occurred_at"),
-                ),
-                (
-                    "traceparent",
-                    mapping.traceparent.as_deref().unwrap_or("traceparent"),
-                ),
-            ];
-            for (field, column) in optional {
-                if let Some(value) = text(column) {
-                    document[field] = match field {
-                        "schema_version" => json!(value
-                            .parse::<i64>()
-                            .context("schema_version is not an integer")?),
-                        "headers" => {
-                            serde_json::from_str(&value).context("headers is not a JSON object")?
-                        }
-                        "occurred_at" => json!(crate::outbox::pg_timestamp_to_rfc3339(&value)
-                            .context("occurred_at is not a timestamp")?),
-                        _ => json!(value),
-                    };
-                }
-            }
-            document
-        }
-        (None, _) => anyhow::bail!("the stored row is not an object of columns"),
-    };
-    document["table"] = json!(table);
-    Ok(document)
+    selection: &Selection,
+) -> anyhow::Result<Vec<i64>> {
+    let (condition, params) = selection.condition(&config.source.slot);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT id FROM {} WHERE {condition} AND replayed_at IS NULL ORDER BY id",
+                relay_table(config, "dead_letters")
+            ),
+            &as_params(&params),
+        )
+        .await
+        .map_err(db::explain)?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_selection_is_one_numbered_condition_per_part() {
+        let selection = Selection {
+            sink: Some("rmq".into()),
+            table: Some("outbox".into()),
+            reason: Some("too large".into()),
+            ..Selection::default()
+        };
+        let (sql, params) = selection.condition("slot");
+        assert_eq!(
+            sql,
+            "slot = $1 AND sink = $2 AND source_table = $3 AND strpos(lower(reason), lower($4)) > 0"
+        );
+        assert_eq!(params, ["slot", "rmq", "public.outbox", "too large"]);
+        let message = Selection {
+            table: Some("message:outbox".into()),
+            ..Selection::default()
+        };
+        assert_eq!(message.condition("s").1, ["s", "message:outbox"]);
+    }
+
+    #[test]
+    fn a_time_is_a_duration_ago_or_an_rfc3339_time() {
+        let ago = parse_when("2h").unwrap();
+        let elapsed = SystemTime::now().duration_since(ago).unwrap();
+        assert!(elapsed >= Duration::from_secs(7200) && elapsed < Duration::from_secs(7300));
+        assert!(parse_when("2026-01-31T12:00:00Z").is_ok());
+        assert!(parse_when("yesterday").unwrap_err().contains("neither"));
+    }
 }

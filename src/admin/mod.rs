@@ -1,16 +1,19 @@
 //! The operator commands beside `run`, one file each: `init` creates what the relay needs,
 //! `check` finds every problem with the configuration and the database (one line each, with
-//! the fix) and warnings that do not fail it, `status` judges the slot (lag, activity, invalidation) and shows the leader and checkpoints, and
-//! `dlq` lists, shows and replays dead letters.
+//! the fix) and warnings that do not fail it, `status` judges the slot (lag, activity,
+//! invalidation) and shows the leader and checkpoints, `dlq` lists, shows and purges dead
+//! letters, and `replay` publishes them again.
 
 mod check;
 mod dlq;
 mod init;
+mod replay;
 mod status;
 
 pub use check::{check, CheckReport};
-pub use dlq::{dlq_list, dlq_replay, dlq_show};
+pub use dlq::{dlq_list, dlq_purge, dlq_show, Selection};
 pub use init::init;
+pub use replay::{dlq_replay, ReplayReport};
 pub use status::{status, Status, StatusOptions};
 
 use crate::config::{Config, ConnectParams};

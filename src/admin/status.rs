@@ -239,15 +239,17 @@ fn judge(slot: &SlotStatus, options: &StatusOptions) -> Verdict {
         let limit = options.max_inactive.as_secs_f64();
         match slot.inactive_seconds {
             Some(seconds) if seconds <= limit => {}
-            Some(seconds) => return verdict(
-                "slot_inactive",
-                5,
-                format!(
+            Some(seconds) => {
+                return verdict(
+                    "slot_inactive",
+                    5,
+                    format!(
                     "no relay has streamed from slot {} for {seconds:.0} s (over {limit:.0} s): \
                          is the relay running, and can it reach PostgreSQL?",
                     slot.name
                 ),
-            ),
+                )
+            }
             None => {
                 return verdict(
                     "slot_inactive",

@@ -36,6 +36,12 @@ pub struct DeadLetter {
     pub sink: Option<String>,
 }
 
+/// The key that marks a dead letter's `row_data` as the event document of an event refused
+/// after mapping (by validation or a sink), rather than the columns of a row the mapping
+/// refused: `dlq replay` publishes such a document as it is (after a fix), headers, key and
+/// schema version included, whatever the table's column names.
+pub const EVENT_DOCUMENT: &str = "outbox_relay_event";
+
 impl DeadLetter {
     /// A dead letter for an event refused after mapping (by validation or by a sink).
     pub fn from_event(
@@ -51,7 +57,9 @@ impl DeadLetter {
             kind,
             reason,
             row: serde_json::json!({
+                EVENT_DOCUMENT: true,
                 "id": &*event.id,
+                "key": &*event.key,
                 "aggregatetype": &*event.aggregate_type,
                 "aggregateid": &*event.aggregate_id,
                 "type": &*event.event_type,
@@ -61,6 +69,13 @@ impl DeadLetter {
                     Payload::Tombstone => None,
                 },
                 "schema_version": event.schema_version,
+                "headers": event
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), serde_json::json!(&**value)))
+                    .collect::<serde_json::Map<_, _>>(),
+                "occurred_at": event.occurred_at.as_deref(),
+                "traceparent": event.traceparent.as_deref(),
             }),
             raw: None,
             sink,

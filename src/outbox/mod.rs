@@ -16,7 +16,7 @@ mod fields;
 mod layout;
 mod replay;
 
-pub use dead_letter::{frame_columns, unframe_columns, DeadLetter};
+pub use dead_letter::{frame_columns, unframe_columns, DeadLetter, EVENT_DOCUMENT};
 pub use fields::pg_timestamp_to_rfc3339;
 pub use replay::{ReplayKey, REPLAY_PREFIX};
 
@@ -465,7 +465,12 @@ impl OutboxMapper {
                     .expect("a slice of a JSON document that parsed as UTF-8"),
             ),
         };
-        Mapped::Event(Box::new(fields.into_event(ctx, table, source)))
+        let mut event = fields.into_event(ctx, table, source);
+        event.only_sink = content
+            .sink
+            .filter(|_| message.prefix == REPLAY_PREFIX)
+            .map(Arc::from);
+        Mapped::Event(Box::new(event))
     }
 }
 
@@ -506,6 +511,8 @@ struct MessageContent<'a> {
     traceparent: Option<String>,
     /// Only honoured for replays: the table the dead letter came from.
     table: Option<String>,
+    /// Only honoured for replays: the one sink to deliver to (the sink that refused it).
+    sink: Option<String>,
 }
 
 /// The parts of an event that come from the row or message.
@@ -542,6 +549,7 @@ impl EventFields {
             headers: self.headers,
             attributes: self.attributes,
             payload: self.payload,
+            only_sink: None,
         }
     }
 }
