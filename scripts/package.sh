@@ -56,7 +56,10 @@ case "$BUILT_VERSION" in
   *) die "$BIN reports '$BUILT_VERSION', Cargo.toml says $VERSION: a stale build? run without --skip-build" ;;
 esac
 
-# Reproducible archives: every file's time is the last commit's (or now, outside git).
+# Every archived file's time is the last commit's (or now, outside git), unless
+# SOURCE_DATE_EPOCH is set. It is set only after the build: build scripts in the tree (cc's,
+# hence ring's, openssl-sys's, libz-sys's) rerun when it changes, so a per-commit value would
+# rebuild most dependencies on every commit. The binary's build date is thus when it was built.
 SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
 export SOURCE_DATE_EPOCH
 umask 022
