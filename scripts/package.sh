@@ -52,7 +52,7 @@ fi
 [ -x "$BIN" ] || die "$BIN not found: build it, or run without --skip-build"
 BUILT_VERSION=$("$BIN" --version) || die "$BIN --version failed"
 case "$BUILT_VERSION" in
-  *" $VERSION"*) ;;
+  "outbox-relay $VERSION" | "outbox-relay $VERSION "*) ;;
   *) die "$BIN reports '$BUILT_VERSION', Cargo.toml says $VERSION: a stale build? run without --skip-build" ;;
 esac
 

@@ -45,7 +45,7 @@ check_version() {
   out=$("$bin" --version) || fail "$bin --version exited non-zero"
   echo "$bin --version: $out"
   case "$out" in
-    *" $VERSION"*) ;;
+    "outbox-relay $VERSION" | "outbox-relay $VERSION "*) ;;
     *) fail "$bin --version printed '$out', expected version $VERSION" ;;
   esac
 }
@@ -86,6 +86,15 @@ if command -v readelf >/dev/null 2>&1 && grep -q '\.symtab' <<<"$(readelf -S "$T
   fail "the tarball's binary is not stripped"
 fi
 check_version "$TAR_DIR/bin/outbox-relay"
+# What the binary can generate must be in the tarball.
+if "$TAR_DIR/bin/outbox-relay" man >/dev/null 2>&1; then
+  [ -s "$TAR_DIR/share/man/man1/outbox-relay.1" ] || fail "the tarball lacks share/man/man1/outbox-relay.1"
+fi
+if "$TAR_DIR/bin/outbox-relay" completions bash >/dev/null 2>&1; then
+  for f in outbox-relay.bash _outbox-relay outbox-relay.fish; do
+    [ -s "$TAR_DIR/share/completions/$f" ] || fail "the tarball lacks share/completions/$f"
+  done
+fi
 run_demo "$TAR_DIR/bin/outbox-relay" "$TAR_DIR" "$WORK/demo-tarball.log"
 echo "tarball: ok"
 
@@ -115,22 +124,24 @@ for f in /usr/share/outbox-relay/config/stdout.toml /usr/share/outbox-relay/migr
   /usr/share/doc/outbox-relay/copyright /usr/share/doc/outbox-relay/README.md; do
   [ -f "$f" ] || fail "$f missing after install"
 done
-DEB_LIST=$(dpkg-deb --contents "$DEB")
-if grep -q ' ./usr/share/man/man1/outbox-relay.1.gz$' <<<"$DEB_LIST"; then
+# What the binary can generate must be installed.
+if /usr/bin/outbox-relay man >/dev/null 2>&1; then
   if command -v man >/dev/null 2>&1; then
     MANPAGE=$(man -w outbox-relay) || fail "man -w outbox-relay finds no man page"
     echo "man page: $MANPAGE"
-  else
-    [ -f /usr/share/man/man1/outbox-relay.1.gz ] || fail "the man page is missing after install"
   fi
+  [ -s /usr/share/man/man1/outbox-relay.1.gz ] || fail "/usr/share/man/man1/outbox-relay.1.gz missing after install"
 else
-  echo "note: this package has no man page (the binary had no 'man' command)"
+  echo "note: this binary has no 'man' command, so the package has no man page"
 fi
-if grep -q ' ./usr/share/bash-completion/completions/outbox-relay$' <<<"$DEB_LIST"; then
-  [ -s /usr/share/bash-completion/completions/outbox-relay ] || fail "bash completion missing after install"
+if /usr/bin/outbox-relay completions bash >/dev/null 2>&1; then
+  for f in /usr/share/bash-completion/completions/outbox-relay /usr/share/zsh/vendor-completions/_outbox-relay \
+    /usr/share/fish/vendor_completions.d/outbox-relay.fish; do
+    [ -s "$f" ] || fail "$f missing after install"
+  done
   bash -n /usr/share/bash-completion/completions/outbox-relay || fail "the bash completion is not valid bash"
 else
-  echo "note: this package has no shell completions (the binary had no 'completions' command)"
+  echo "note: this binary has no 'completions' command, so the package has no completions"
 fi
 run_demo /usr/bin/outbox-relay /usr/share/outbox-relay "$WORK/demo-deb.log"
 $SUDO dpkg -r outbox-relay >/dev/null || fail "dpkg -r outbox-relay failed"
