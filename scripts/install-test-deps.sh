@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian/Ubuntu machine, and nothing that is
 # already there: PostgreSQL server binaries (tests start their own throwaway clusters).
-# With --demo, only what scripts/demo.sh needs: PostgreSQL and the build's C headers.
+# With --demo, only what scripts/demo.sh needs: PostgreSQL and the build's C headers; with
+# --demo-runtime, PostgreSQL and python3 only (the demo of an already-built relay).
 # Idempotent; run as root or with sudo available.
 set -euo pipefail
 
@@ -21,11 +22,23 @@ if ! id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   useradd --system --home /var/lib/postgresql --shell /bin/sh postgres
 fi
 
-# Headers the Kafka client (librdkafka, built by the rdkafka crate) compiles against: every
-# build needs them, the demo's too.
-if ! dpkg -s libssl-dev zlib1g-dev >/dev/null 2>&1; then
-  echo "installing libssl-dev and zlib1g-dev for librdkafka"
-  apt_install libssl-dev zlib1g-dev
+# scripts/pg-throwaway.sh picks a free port with python3, which a minimal Debian lacks.
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "installing python3"
+  apt_install python3
+fi
+# scripts/demo.sh with an already-built relay (OUTBOX_RELAY_BIN) needs PostgreSQL only.
+[ "${1:-}" = --demo-runtime ] && exit 0
+
+# Headers the Kafka client (librdkafka, built by the rdkafka crate) compiles against, and the
+# tools its configure-and-make build runs: every build needs them, the demo's too.
+if ! dpkg -s libssl-dev zlib1g-dev pkg-config make >/dev/null 2>&1; then
+  echo "installing libssl-dev, zlib1g-dev, pkg-config and make for librdkafka"
+  apt_install libssl-dev zlib1g-dev pkg-config make
+fi
+if ! command -v cc >/dev/null 2>&1; then
+  echo "installing a C compiler for librdkafka"
+  apt_install gcc libc6-dev
 fi
 # scripts/demo.sh needs PostgreSQL and a build, nothing more.
 [ "${1:-}" = --demo ] && exit 0
