@@ -10,4 +10,8 @@ scripts/install-test-deps.sh
 # Prometheus the end-to-end metrics test scrapes the relay with).
 scripts/check-deploy.sh
 scripts/check-prometheus.sh
+# The release artefacts: build the tarball and the .deb, install each here and run the demo
+# from it.
+scripts/package.sh
+scripts/test-packages.sh
 cargo nextest run --workspace --no-fail-fast "$@"
