@@ -49,6 +49,14 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt_install openssl
 fi
 
+# tests/common/redis.rs starts a redis-server per test on a free port (the package's own
+# service is not used: it is stopped if the package started it).
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server"
+  apt_install redis-server
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
+fi
+
 # Test brokers live in the repo's own virtualenv (git-ignored), pinned.
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/.venv-brokers"

@@ -1,5 +1,5 @@
 //! The crash-loop checker: concurrent writers insert outbox rows with a sequence number per
-//! key while the relay, publishing to four sinks at once, is killed with SIGKILL at random
+//! key while the relay, publishing to five sinks at once, is killed with SIGKILL at random
 //! moments and restarted. Then an independent consumer per sink reads everything back and
 //! counts lost, duplicated and reordered events.
 //!
@@ -10,6 +10,8 @@
 //! What is asserted, per sink:
 //! - file (exactly-once): nothing lost, nothing repeated, every key in order.
 //! - RabbitMQ stream (exactly-once by broker dedup): the same.
+//! - Redis stream (exactly-once: an entry's id is the event's position, and Redis refuses
+//!   one that is not above the stream's last): the same.
 //! - Kafka, transactional (Apache Kafka, tests/common/kafka.rs), read by a `read_committed`
 //!   consumer: the same, since the relay resumes from the checkpoint committed in Kafka and
 //!   the transactions a kill interrupted are aborted. A `read_uncommitted` consumer of the
@@ -29,6 +31,7 @@ mod common;
 use common::aws::{eventbridge_sink, Aws, Moto, AWS_ENV};
 use common::kafka::{consume_all, consume_all_uncommitted, Broker, Record};
 use common::rabbitmq::Vhost;
+use common::redis::Redis;
 use common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -276,6 +279,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
     eprintln!("crash loop: {kills} kills, {events} events, CRASH_LOOP_SEED={seed}");
 
     let broker = Broker::start();
+    let redis = Redis::start();
     let vhost = Vhost::new();
     vhost.declare_queue("outbox", "all", "#", Default::default());
     let pg = PgCluster::start();
@@ -286,11 +290,13 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         "[sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n\
          [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\npartitions = 4\ntimeout = \"10s\"\n\
          [sinks.exchange]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"outbox\"\n\
-         [sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\nstream = \"events\"\ndeclare = true\n",
+         [sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\nstream = \"events\"\ndeclare = true\n\
+         [sinks.redis]\ntype = \"redis\"\nurl = \"{}\"\nstream = \"events\"\n",
         file.display(),
         broker.address(),
         vhost.amqp_url(),
         vhost.stream_url(),
+        redis.url(),
     );
     let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     init(&config);
@@ -305,7 +311,8 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         vhost.drain("all", &mut queued);
         let distinct = |ids: &mut dyn Iterator<Item = String>| ids.collect::<HashSet<_>>().len();
         let file_done = read_events(&file).len() >= events;
-        let stream_done = stream.lock().unwrap().len() >= events;
+        let stream_done =
+            stream.lock().unwrap().len() >= events && redis.entries("events").len() >= events;
         let queue_done = distinct(&mut queued.iter().map(|m| m.id())) >= events;
         let kafka_done = file_done && stream_done && queue_done && {
             kafka = consume_all(&broker, "outbox.event.order");
@@ -324,6 +331,11 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         .iter()
         .map(|m| envelope_copy(&serde_json::from_slice(&m.body).unwrap()))
         .collect();
+    let redis_copies: Vec<Copy> = redis
+        .entries("events")
+        .iter()
+        .map(|entry| envelope_copy(&entry.event()))
+        .collect();
     let record_copy = |r: &Record| Copy {
         id: r.id.clone(),
         key: r.key.clone(),
@@ -338,6 +350,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         analyse("file", &file_copies, &expected),
         analyse("rabbitmq stream", &stream_copies, &expected),
         analyse("kafka (read_committed)", &kafka_copies, &expected),
+        analyse("redis stream", &redis_copies, &expected),
         analyse("kafka (read_uncommitted)", &uncommitted_copies, &expected),
         analyse("rabbitmq exchange", &queue_copies, &expected),
     ];
@@ -351,7 +364,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         assert_eq!(r.lost, 0, "{r:?}");
         assert_eq!(r.reordered_last_copies, 0, "{r:?}");
     }
-    for exactly_once in &reports[..3] {
+    for exactly_once in &reports[..4] {
         assert_eq!(exactly_once.duplicated, 0, "{exactly_once:?}");
         assert_eq!(exactly_once.reordered_first_copies, 0, "{exactly_once:?}");
     }

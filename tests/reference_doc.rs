@@ -108,6 +108,11 @@ const GROUPS: &[Group] = &[
         structs: &[("sinks/src/rabbitmq/config.rs", "RabbitMqConfig")],
         extra: &["type"],
     },
+    Group {
+        headings: &["type = \"redis\""],
+        structs: &[("sinks/src/redis/config.rs", "RedisConfig")],
+        extra: &["type"],
+    },
 ];
 
 fn root() -> PathBuf {

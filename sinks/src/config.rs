@@ -11,6 +11,7 @@ use crate::kafka::KafkaConfig;
 use crate::kind::{ConfigError, SinkContext, SinkKind};
 use crate::null::NullConfig;
 use crate::rabbitmq::RabbitMqConfig;
+use crate::redis::RedisConfig;
 use crate::routing::{FilteredSink, MatchRule};
 use crate::stdout::StdoutConfig;
 use crate::Sink;
@@ -33,6 +34,8 @@ pub enum SinkConfig {
     EventBridge(EventBridgeConfig),
     /// RabbitMQ: an exchange (AMQP 0-9-1) or a stream.
     RabbitMq(RabbitMqConfig),
+    /// Redis Streams (`XADD`).
+    Redis(RedisConfig),
 }
 
 impl SinkConfig {
@@ -45,6 +48,7 @@ impl SinkConfig {
             SinkConfig::Kafka(config) => config,
             SinkConfig::EventBridge(config) => config,
             SinkConfig::RabbitMq(config) => config,
+            SinkConfig::Redis(config) => config,
         }
     }
 

@@ -30,6 +30,7 @@ pub mod kafka;
 pub mod kind;
 pub mod null;
 pub mod rabbitmq;
+pub mod redis;
 pub mod routing;
 mod secret;
 pub mod stdout;

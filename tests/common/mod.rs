@@ -11,6 +11,7 @@ pub mod certs;
 pub mod kafka;
 pub mod partition_proxy;
 pub mod rabbitmq;
+pub mod redis;
 pub mod tls_proxy;
 
 use std::io::{Read, Write};
