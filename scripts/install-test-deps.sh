@@ -57,6 +57,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO service redis-server stop >/dev/null 2>&1 || true
 fi
 
+# tests/common/nats.rs starts a nats-server (with JetStream) per test on a free port.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  echo "installing nats-server"
+  apt_install nats-server
+  $SUDO service nats-server stop >/dev/null 2>&1 || true
+fi
+
 # Test brokers live in the repo's own virtualenv (git-ignored), pinned.
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/.venv-brokers"

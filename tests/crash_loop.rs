@@ -1,5 +1,5 @@
 //! The crash-loop checker: concurrent writers insert outbox rows with a sequence number per
-//! key while the relay, publishing to five sinks at once, is killed with SIGKILL at random
+//! key while the relay, publishing to six sinks at once, is killed with SIGKILL at random
 //! moments and restarted. Then an independent consumer per sink reads everything back and
 //! counts lost, duplicated and reordered events.
 //!
@@ -12,6 +12,8 @@
 //! - RabbitMQ stream (exactly-once by broker dedup): the same.
 //! - Redis stream (exactly-once: an entry's id is the event's position, and Redis refuses
 //!   one that is not above the stream's last): the same.
+//! - NATS JetStream (exactly-once within the stream's duplicate window, which every restart
+//!   here is inside: `Nats-Msg-Id` is the event id): the same.
 //! - Kafka, transactional (Apache Kafka, tests/common/kafka.rs), read by a `read_committed`
 //!   consumer: the same, since the relay resumes from the checkpoint committed in Kafka and
 //!   the transactions a kill interrupted are aborted. A `read_uncommitted` consumer of the
@@ -30,6 +32,7 @@ mod common;
 
 use common::aws::{eventbridge_sink, Aws, Moto, AWS_ENV};
 use common::kafka::{consume_all, consume_all_uncommitted, Broker, Record};
+use common::nats::Nats;
 use common::rabbitmq::Vhost;
 use common::redis::Redis;
 use common::*;
@@ -280,6 +283,8 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
 
     let broker = Broker::start();
     let redis = Redis::start();
+    let nats = Nats::start();
+    nats.create_stream("OUTBOX", &["outbox.>"]);
     let vhost = Vhost::new();
     vhost.declare_queue("outbox", "all", "#", Default::default());
     let pg = PgCluster::start();
@@ -291,12 +296,14 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
          [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\npartitions = 4\ntimeout = \"10s\"\n\
          [sinks.exchange]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"outbox\"\n\
          [sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\nstream = \"events\"\ndeclare = true\n\
-         [sinks.redis]\ntype = \"redis\"\nurl = \"{}\"\nstream = \"events\"\n",
+         [sinks.redis]\ntype = \"redis\"\nurl = \"{}\"\nstream = \"events\"\n\
+         [sinks.nats]\ntype = \"nats\"\nurl = \"{}\"\n",
         file.display(),
         broker.address(),
         vhost.amqp_url(),
         vhost.stream_url(),
         redis.url(),
+        nats.url(),
     );
     let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     init(&config);
@@ -336,6 +343,11 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         .iter()
         .map(|entry| envelope_copy(&entry.event()))
         .collect();
+    let nats_copies: Vec<Copy> = nats
+        .messages("OUTBOX")
+        .iter()
+        .map(|message| envelope_copy(&message.event()))
+        .collect();
     let record_copy = |r: &Record| Copy {
         id: r.id.clone(),
         key: r.key.clone(),
@@ -351,6 +363,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         analyse("rabbitmq stream", &stream_copies, &expected),
         analyse("kafka (read_committed)", &kafka_copies, &expected),
         analyse("redis stream", &redis_copies, &expected),
+        analyse("nats jetstream", &nats_copies, &expected),
         analyse("kafka (read_uncommitted)", &uncommitted_copies, &expected),
         analyse("rabbitmq exchange", &queue_copies, &expected),
     ];
@@ -364,7 +377,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
         assert_eq!(r.lost, 0, "{r:?}");
         assert_eq!(r.reordered_last_copies, 0, "{r:?}");
     }
-    for exactly_once in &reports[..4] {
+    for exactly_once in &reports[..5] {
         assert_eq!(exactly_once.duplicated, 0, "{exactly_once:?}");
         assert_eq!(exactly_once.reordered_first_copies, 0, "{exactly_once:?}");
     }

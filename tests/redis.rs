@@ -6,34 +6,18 @@ mod common;
 
 use common::redis::{Entry, Redis};
 use common::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
-/// The outbox, with a headers column.
-const OUTBOX: &str = "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
-     aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, \
-     payload jsonb NOT NULL, headers jsonb)";
+/// The `event` field of each entry.
+fn events_of(entries: &[Entry]) -> Vec<serde_json::Value> {
+    entries.iter().map(Entry::event).collect()
+}
 
 fn redis_sink(redis: &Redis, extra: &str) -> String {
     format!(
         "[sinks.redis]\ntype = \"redis\"\nurl = \"{}\"\ntimeout = \"2s\"\n{extra}\n",
         redis.url()
     )
-}
-
-/// Inserts `txs` transactions of 5 rows of `aggregate`, over keys k0..k3, numbered from
-/// `first` (the `n` of the payload).
-fn insert(pg: &PgCluster, aggregate: &str, first: usize, txs: usize) {
-    let mut sql = String::new();
-    for tx in 0..txs {
-        let from = first + tx * 5;
-        sql.push_str(&format!(
-            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
-             SELECT '{aggregate}', 'k' || (n % 4), 'Seq', jsonb_build_object('n', n), \
-             '{{\"tenant\": \"acme\"}}' FROM generate_series({from}, {}) n;",
-            from + 4
-        ));
-    }
-    pg.psql(&sql);
 }
 
 /// Waits until `stream` holds `count` distinct events; returns its entries.
@@ -57,35 +41,20 @@ fn wait_for(redis: &Redis, stream: &str, count: usize, relay: &Relay) -> Vec<Ent
     entries
 }
 
-/// Asserts every event is there once, and each key's `n`s grow.
-fn assert_once_in_order(entries: &[Entry], count: usize) {
-    let ids: HashSet<String> = entries.iter().map(|e| e.text("id")).collect();
-    assert_eq!(ids.len(), count);
-    assert_eq!(entries.len(), count, "an event was added twice");
-    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for entry in entries {
-        let n = entry.event()["data"]["n"].as_u64().unwrap();
-        by_key.entry(entry.text("key")).or_default().push(n);
-    }
-    for (key, ns) in by_key {
-        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{key}: {ns:?}");
-    }
-}
-
 #[test]
 fn events_are_entries_in_commit_order_with_their_position_as_id() {
     let redis = Redis::start();
     let (Scenario { pg, .. }, relay) = scenario()
-        .outbox_sql(OUTBOX)
+        .outbox_sql(OUTBOX_WITH_HEADERS)
         .sinks(&redis_sink(&redis, ""))
         .start();
-    insert(&pg, "order", 0, 4);
-    insert(&pg, "invoice", 0, 2);
-    insert(&pg, "order", 20, 2);
+    insert_numbered(&pg, "order", 0, 4);
+    insert_numbered(&pg, "invoice", 0, 2);
+    insert_numbered(&pg, "order", 20, 2);
     let orders = wait_for(&redis, "outbox.order", 30, &relay);
     let invoices = wait_for(&redis, "outbox.invoice", 10, &relay);
-    assert_once_in_order(&orders, 30);
-    assert_once_in_order(&invoices, 10);
+    assert_once_in_order(&events_of(&orders), 30);
+    assert_once_in_order(&events_of(&invoices), 10);
     let first = &orders[0];
     let position = outbox_relay_sinks::redis::position_of(&first.id).expect("a position");
     assert_eq!(first.event()["lsn"], position.commit_lsn.to_string());
@@ -114,7 +83,7 @@ fn kill_9_loses_and_repeats_nothing() {
     for stream in ["outbox.{aggregatetype}", "events"] {
         let redis = Redis::start();
         let (Scenario { pg, config, .. }, mut relay) = scenario()
-            .outbox_sql(OUTBOX)
+            .outbox_sql(OUTBOX_WITH_HEADERS)
             .relay("batch_size = 20")
             .sinks(&redis_sink(&redis, &format!("stream = \"{stream}\"")))
             .start();
@@ -124,13 +93,13 @@ fn kill_9_loses_and_repeats_nothing() {
             "outbox.order"
         };
         for round in 0..3 {
-            insert(&pg, "order", round * 100, 20);
+            insert_numbered(&pg, "order", round * 100, 20);
             assert!(wait_until(WAIT, || redis.entries(read).len() > round * 100));
             relay.kill9();
             relay = Relay::start(&config);
         }
         let entries = wait_for(&redis, read, 300, &relay);
-        assert_once_in_order(&entries, 300);
+        assert_once_in_order(&events_of(&entries), 300);
         relay.stops_cleanly();
     }
 }
@@ -142,15 +111,15 @@ fn a_paused_and_a_restarted_redis_delay_but_lose_nothing() {
     let mut redis = Redis::start();
     let port = free_port();
     let (Scenario { pg, .. }, relay) = scenario()
-        .outbox_sql(OUTBOX)
+        .outbox_sql(OUTBOX_WITH_HEADERS)
         .tables(&format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"))
         .sinks(&redis_sink(&redis, "stream = \"events\""))
         .start();
-    insert(&pg, "order", 0, 4);
+    insert_numbered(&pg, "order", 0, 4);
     wait_for(&redis, "events", 20, &relay);
 
     redis.signal("-STOP");
-    insert(&pg, "order", 20, 4);
+    insert_numbered(&pg, "order", 20, 4);
     assert!(
         wait_until(WAIT, || relay
             .log()
@@ -167,9 +136,9 @@ fn a_paused_and_a_restarted_redis_delay_but_lose_nothing() {
     wait_for(&redis, "events", 40, &relay);
 
     redis.restart();
-    insert(&pg, "order", 40, 4);
+    insert_numbered(&pg, "order", 40, 4);
     let entries = wait_for(&redis, "events", 60, &relay);
-    assert_once_in_order(&entries, 60);
+    assert_once_in_order(&events_of(&entries), 60);
     assert!(wait_until(WAIT, || http_get(port, "/readyz")
         == Some((200, "streaming\n".into()))));
 }
@@ -180,7 +149,7 @@ fn a_paused_and_a_restarted_redis_delay_but_lose_nothing() {
 fn what_redis_cannot_take_is_dead_lettered_and_the_stream_goes_on() {
     let redis = Redis::start();
     let (Scenario { pg, .. }, relay) = scenario()
-        .outbox_sql(OUTBOX)
+        .outbox_sql(OUTBOX_WITH_HEADERS)
         .sinks(&redis_sink(
             &redis,
             "stream = \"events\"\nmax_entry_bytes = 2000",
@@ -190,7 +159,7 @@ fn what_redis_cannot_take_is_dead_lettered_and_the_stream_goes_on() {
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
          VALUES ('order', 'big', 'Big', jsonb_build_object('pad', repeat('x', 3000)))",
     );
-    insert(&pg, "order", 0, 1);
+    insert_numbered(&pg, "order", 0, 1);
     wait_for(&redis, "events", 5, &relay);
     assert!(wait_until(WAIT, || dead_letters(&pg, "sink, reason").len() == 1));
     let letters = dead_letters(&pg, "sink, reason");
@@ -202,7 +171,7 @@ fn what_redis_cannot_take_is_dead_lettered_and_the_stream_goes_on() {
 
     // Another writer's entry far past the relay's positions.
     redis.command(&["XADD", "events", "999999999999-0", "id", "foreign"]);
-    insert(&pg, "order", 5, 1);
+    insert_numbered(&pg, "order", 5, 1);
     assert!(wait_until(WAIT, || dead_letters(&pg, "sink, reason").len() == 6));
     let letters = dead_letters(&pg, "reason");
     assert!(
@@ -219,7 +188,7 @@ fn what_redis_cannot_take_is_dead_lettered_and_the_stream_goes_on() {
 fn check_reports_what_would_lose_or_stop_events() {
     let mut redis = Redis::start();
     let scenario = scenario()
-        .outbox_sql(OUTBOX)
+        .outbox_sql(OUTBOX_WITH_HEADERS)
         .sinks(&redis_sink(&redis, "stream = \"events\""))
         .init();
     let (ok, text) = relay_check(&scenario.config);

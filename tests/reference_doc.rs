@@ -113,6 +113,11 @@ const GROUPS: &[Group] = &[
         structs: &[("sinks/src/redis/config.rs", "RedisConfig")],
         extra: &["type"],
     },
+    Group {
+        headings: &["type = \"nats\""],
+        structs: &[("sinks/src/nats/config.rs", "NatsConfig")],
+        extra: &["type"],
+    },
 ];
 
 fn root() -> PathBuf {
@@ -381,17 +386,49 @@ fn the_examples_of_every_section_load() {
     for heading in GROUPS.iter().flat_map(|g| g.headings) {
         let pairs: Vec<(String, String)> = rows(&doc, heading)
             .into_iter()
-            .map(|(key, example)| match key.ends_with("password_file") {
-                true => (key, format!("'{}'", secret.path().display())),
-                false => (key, example),
-            })
+            .map(
+                |(key, example)| match key.ends_with("password_file") || key == "token_file" {
+                    true => (key, format!("'{}'", secret.path().display())),
+                    false => (key, example),
+                },
+            )
             .collect();
-        load(
-            &config_for(heading, &pairs),
-            &format!("{REFERENCE}, the examples of {heading}"),
-        );
+        // Keys that exclude each other are loaded one choice at a time.
+        let choices = EXCLUSIVE
+            .iter()
+            .find(|(h, _)| *h == *heading)
+            .map_or(&[][..], |(_, choices)| choices);
+        let excluded: Vec<&str> = choices.iter().flat_map(|c| c.iter().copied()).collect();
+        let runs: Vec<Vec<&str>> = if choices.is_empty() {
+            vec![Vec::new()]
+        } else {
+            choices.iter().map(|c| c.to_vec()).collect()
+        };
+        for chosen in runs {
+            let pairs: Vec<(String, String)> = pairs
+                .iter()
+                .filter(|(key, _)| {
+                    !excluded.contains(&key.as_str()) || chosen.contains(&key.as_str())
+                })
+                .cloned()
+                .collect();
+            load(
+                &config_for(heading, &pairs),
+                &format!("{REFERENCE}, the examples of {heading} ({chosen:?})"),
+            );
+        }
     }
 }
+
+/// Sections whose keys exclude each other: each choice is loaded alone.
+const EXCLUSIVE: &[(&str, &[&[&str]])] = &[(
+    "type = \"nats\"",
+    &[
+        &["credentials_file"],
+        &["username", "password_file"],
+        &["token_file"],
+    ],
+)];
 
 /// The fenced TOML blocks of a Markdown file.
 fn toml_blocks(text: &str) -> Vec<String> {

@@ -9,6 +9,7 @@ use crate::eventbridge::EventBridgeConfig;
 use crate::file::FileConfig;
 use crate::kafka::KafkaConfig;
 use crate::kind::{ConfigError, SinkContext, SinkKind};
+use crate::nats::NatsConfig;
 use crate::null::NullConfig;
 use crate::rabbitmq::RabbitMqConfig;
 use crate::redis::RedisConfig;
@@ -36,6 +37,8 @@ pub enum SinkConfig {
     RabbitMq(RabbitMqConfig),
     /// Redis Streams (`XADD`).
     Redis(RedisConfig),
+    /// NATS JetStream.
+    Nats(NatsConfig),
 }
 
 impl SinkConfig {
@@ -49,6 +52,7 @@ impl SinkConfig {
             SinkConfig::EventBridge(config) => config,
             SinkConfig::RabbitMq(config) => config,
             SinkConfig::Redis(config) => config,
+            SinkConfig::Nats(config) => config,
         }
     }
 

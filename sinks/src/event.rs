@@ -56,6 +56,23 @@ impl fmt::Display for Position {
     }
 }
 
+impl std::str::FromStr for Position {
+    type Err = String;
+
+    /// Parses the `16/B374D848#3` form [`Position`]'s `Display` writes.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (lsn, index) = s
+            .split_once('#')
+            .ok_or_else(|| format!("invalid position {s:?}: expected the form 16/B374D848#3"))?;
+        Ok(Position {
+            commit_lsn: lsn.parse()?,
+            index: index
+                .parse()
+                .map_err(|_| format!("invalid position {s:?}: {index:?} is not an index"))?,
+        })
+    }
+}
+
 /// UTF-8 text sharing the buffer it was received in.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Text(Bytes);

@@ -28,6 +28,7 @@ pub mod file;
 pub mod format;
 pub mod kafka;
 pub mod kind;
+pub mod nats;
 pub mod null;
 pub mod rabbitmq;
 pub mod redis;

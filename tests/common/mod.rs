@@ -9,11 +9,13 @@
 pub mod aws;
 pub mod certs;
 pub mod kafka;
+pub mod nats;
 pub mod partition_proxy;
 pub mod rabbitmq;
 pub mod redis;
 pub mod tls_proxy;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -999,4 +1001,59 @@ where
         }
     });
     (port, runtime)
+}
+
+/// An outbox in Debezium's layout with a `headers` column, for the broker sinks' tests.
+pub const OUTBOX_WITH_HEADERS: &str =
+    "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+     aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, \
+     payload jsonb NOT NULL, headers jsonb)";
+
+/// Inserts `txs` transactions of 5 rows of `aggregate` into [`OUTBOX_WITH_HEADERS`], over
+/// keys k0..k3, numbered from `first` (the payload's `n`), each with the header
+/// `tenant: acme`.
+pub fn insert_numbered(pg: &PgCluster, aggregate: &str, first: usize, txs: usize) {
+    let mut sql = String::new();
+    for tx in 0..txs {
+        let from = first + tx * 5;
+        sql.push_str(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) \
+             SELECT '{aggregate}', 'k' || (n % 4), 'Seq', jsonb_build_object('n', n), \
+             '{{\"tenant\": \"acme\"}}' FROM generate_series({from}, {}) n;",
+            from + 4
+        ));
+    }
+    pg.psql(&sql);
+}
+
+/// Asserts that `events` (CloudEvents envelopes) hold `count` distinct ids, none twice, and
+/// that each aggregate's `data.n` grow.
+pub fn assert_once_in_order(events: &[serde_json::Value], count: usize) {
+    let ids: std::collections::HashSet<&str> =
+        events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), count);
+    assert_eq!(events.len(), count, "an event arrived twice");
+    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for event in events {
+        let key = format!("{}/{}", event["aggregatetype"], event["subject"]);
+        by_key
+            .entry(key)
+            .or_default()
+            .push(event["data"]["n"].as_u64().unwrap());
+    }
+    for (key, ns) in by_key {
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{key}: {ns:?}");
+    }
+}
+
+/// `command` with the kernel told to kill it when the test's thread dies.
+pub fn dies_with_the_test(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
 }

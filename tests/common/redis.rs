@@ -3,7 +3,6 @@
 //! restart keeps what it acknowledged; killed by the kernel if the test dies.
 
 use super::{free_port, wait_until, WAIT};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -150,14 +149,7 @@ fn launch(dir: &Path, port: u16, config: &str) -> Child {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    command
+    super::dies_with_the_test(&mut command)
         .spawn()
         .expect("redis-server is installed by scripts/install-test-deps.sh")
 }

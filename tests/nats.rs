@@ -1,0 +1,217 @@
+//! The NATS JetStream sink against a real nats-server (tests/common/nats.rs): messages in
+//! commit order with the event id as `Nats-Msg-Id`, exactly once across kill -9 within the
+//! duplicate window, a paused and a restarted server, dead letters for what the server
+//! cannot take, and `check`.
+
+mod common;
+
+use common::nats::{Message, Nats};
+use common::*;
+use std::collections::HashSet;
+
+/// The body of each message.
+fn events_of(messages: &[Message]) -> Vec<serde_json::Value> {
+    messages.iter().map(Message::event).collect()
+}
+
+fn nats_sink(nats: &Nats, extra: &str) -> String {
+    format!(
+        "[sinks.nats]\ntype = \"nats\"\nurl = \"{}\"\ntimeout = \"2s\"\n{extra}\n",
+        nats.url()
+    )
+}
+
+/// Waits until stream `name` holds `count` distinct events; returns its messages.
+fn wait_for(nats: &Nats, name: &str, count: usize, relay: &Relay) -> Vec<Message> {
+    let mut messages = Vec::new();
+    let complete = wait_until(WAIT, || {
+        messages = nats.messages(name);
+        messages
+            .iter()
+            .map(|m| m.headers["Nats-Msg-Id"].clone())
+            .collect::<HashSet<_>>()
+            .len()
+            >= count
+    });
+    assert!(
+        complete,
+        "{} of {count} in {name}; relay log:\n{}",
+        messages.len(),
+        relay.log()
+    );
+    messages
+}
+
+#[test]
+fn events_are_messages_in_commit_order_with_their_id_and_position() {
+    let nats = Nats::start();
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let (Scenario { pg, .. }, relay) = scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(&nats, ""))
+        .start();
+    insert_numbered(&pg, "order", 0, 4);
+    insert_numbered(&pg, "invoice", 0, 2);
+    insert_numbered(&pg, "order", 20, 2);
+    let messages = wait_for(&nats, "OUTBOX", 40, &relay);
+    assert_once_in_order(&events_of(&messages), 40);
+    let first = &messages[0];
+    assert_eq!(first.subject, "outbox.order.Seq");
+    assert_eq!(first.event()["id"], first.headers["Nats-Msg-Id"].as_str());
+    assert_eq!(first.headers["tenant"], "acme");
+    let positions: Vec<outbox_relay_sinks::Position> = messages
+        .iter()
+        .map(|m| m.headers["Outbox-Relay-Position"].parse().unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "commit order");
+}
+
+/// kill -9 while rows are written, three times: what the relay publishes again after a
+/// restart is inside the stream's duplicate window, and JetStream stores it once.
+#[test]
+fn kill_9_loses_and_repeats_nothing_within_the_duplicate_window() {
+    let nats = Nats::start();
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let (Scenario { pg, config, .. }, mut relay) = scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .relay("batch_size = 20")
+        .sinks(&nats_sink(&nats, ""))
+        .start();
+    for round in 0..3 {
+        insert_numbered(&pg, "order", round * 100, 20);
+        assert!(wait_until(WAIT, || nats.messages("OUTBOX").len() > round * 100));
+        relay.kill9();
+        relay = Relay::start(&config);
+    }
+    let messages = wait_for(&nats, "OUTBOX", 300, &relay);
+    assert_once_in_order(&events_of(&messages), 300);
+    relay.stops_cleanly();
+}
+
+/// The server paused (SIGSTOP) past the sink's timeout, then stopped and started again: the
+/// relay retries, is not ready meanwhile, and every event is stored once, in order.
+#[test]
+fn a_paused_and_a_restarted_server_delay_but_lose_nothing() {
+    let mut nats = Nats::start();
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let port = free_port();
+    let (Scenario { pg, .. }, relay) = scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .tables(&format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"))
+        .sinks(&nats_sink(&nats, ""))
+        .start();
+    insert_numbered(&pg, "order", 0, 4);
+    wait_for(&nats, "OUTBOX", 20, &relay);
+
+    nats.signal("-STOP");
+    insert_numbered(&pg, "order", 20, 4);
+    assert!(
+        wait_until(WAIT, || relay
+            .log()
+            .contains("sink failed; retrying the batch")),
+        "{}",
+        relay.log()
+    );
+    let not_ready = http_get(port, "/readyz");
+    nats.signal("-CONT");
+    assert_eq!(
+        not_ready,
+        Some((503, "streaming; failing sinks: nats\n".into()))
+    );
+    wait_for(&nats, "OUTBOX", 40, &relay);
+
+    nats.restart();
+    insert_numbered(&pg, "order", 40, 4);
+    let messages = wait_for(&nats, "OUTBOX", 60, &relay);
+    assert_once_in_order(&events_of(&messages), 60);
+}
+
+/// A message over the server's `max_payload` is dead-lettered with the reason; the events
+/// after it arrive.
+#[test]
+fn a_message_over_max_payload_is_dead_lettered_and_the_stream_goes_on() {
+    let nats = Nats::start_with("max_payload: 4096");
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let (Scenario { pg, .. }, relay) = scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(&nats, ""))
+        .start();
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'big', 'Big', jsonb_build_object('pad', repeat('x', 5000)))",
+    );
+    insert_numbered(&pg, "order", 0, 1);
+    wait_for(&nats, "OUTBOX", 5, &relay);
+    assert!(wait_until(WAIT, || dead_letters(&pg, "sink, reason").len() == 1));
+    let letters = dead_letters(&pg, "sink, reason");
+    assert!(
+        letters[0].starts_with("nats | the message is about ")
+            && letters[0].contains("over the NATS server's max_payload (4096)"),
+        "{letters:?}"
+    );
+}
+
+/// `check` names a subject no stream captures and an unreachable server; `run` waits for
+/// the stream, saying so, and delivers once it exists.
+#[test]
+fn a_subject_without_a_stream_is_reported_and_waited_for() {
+    let nats = Nats::start();
+    let (Scenario { pg, config, .. }, relay) = scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(&nats, "subject = \"events.all\""))
+        .start();
+    let (ok, text) = relay_check(&config);
+    assert!(!ok);
+    assert!(
+        text.contains("no JetStream stream captures subject \"events.all\""),
+        "{text}"
+    );
+    insert_numbered(&pg, "order", 0, 1);
+    assert!(
+        wait_until(WAIT, || relay
+            .log()
+            .contains("no JetStream stream captures subject \"events.all\"")),
+        "{}",
+        relay.log()
+    );
+    nats.create_stream("EVENTS", &["events.all"]);
+    let messages = wait_for(&nats, "EVENTS", 5, &relay);
+    assert_once_in_order(&events_of(&messages), 5);
+    let (ok, text) = relay_check(&config);
+    assert!(ok, "{text}");
+    drop(nats);
+    let (ok, text) = relay_check(&config);
+    assert!(!ok && text.contains("connecting to NATS"), "{text}");
+}
+
+/// The example config/nats.toml works as documented, with the URLs from the environment.
+#[test]
+fn the_example_config_works_with_the_urls_from_the_environment() {
+    let nats = Nats::start();
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_example(dir.path(), "nats.toml");
+    let (url, nats_url) = (pg.url(), nats.url());
+    let env = [
+        ("OUTBOX_RELAY__SOURCE__URL", url.as_str()),
+        ("OUTBOX_RELAY__SINKS__EVENTS__URL", nats_url.as_str()),
+    ];
+    for command in ["init", "check"] {
+        let out = relay_command_with_env(&config, command, &env);
+        assert!(
+            out.status.success(),
+            "{command}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let relay = Relay::start_with_env(&config, &env);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'o-1', 'OrderCreated', '{\"n\": 1}')",
+    );
+    let messages = wait_for(&nats, "OUTBOX", 1, &relay);
+    assert_eq!(messages[0].event()["data"]["n"], 1);
+}
