@@ -16,7 +16,19 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// The advisory lock key of a slot: one lock per slot name, shared by all its relays.
-pub(crate) const LOCK_KEY_SQL: &str = "hashtextextended('outbox-relay:' || $1, 0)";
+const LOCK_KEY_SQL: &str = "hashtextextended('outbox-relay:' || $1, 0)";
+
+/// `FROM` … `WHERE` … of the granted leader lock (`pg_locks l`) of the slot `$1` in this
+/// database: how `verify` and `outbox-relay status` look the lock up.
+pub(crate) fn granted_lock_sql() -> String {
+    format!(
+        "pg_locks l, (SELECT {LOCK_KEY_SQL} AS k) lock_key \
+         WHERE l.locktype = 'advisory' AND l.granted \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND l.classid = ((k >> 32) & 4294967295)::oid \
+         AND l.objid = (k & 4294967295)::oid AND l.objsubid = 1"
+    )
+}
 
 /// Held leadership: the connection that holds the lock.
 pub struct Leadership {
@@ -77,11 +89,8 @@ impl Leadership {
     /// and the server lists the lock as granted to that connection.
     pub async fn verify(&self) -> bool {
         let sql = format!(
-            "SELECT EXISTS (SELECT FROM pg_locks l, (SELECT {LOCK_KEY_SQL} AS k) lock_key \
-             WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted \
-             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             AND l.classid = ((k >> 32) & 4294967295)::oid \
-             AND l.objid = (k & 4294967295)::oid AND l.objsubid = 1)"
+            "SELECT EXISTS (SELECT FROM {} AND l.pid = pg_backend_pid())",
+            granted_lock_sql()
         );
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.slot];
         let query = self.client.query_one(&sql, &params);

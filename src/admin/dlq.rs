@@ -30,15 +30,6 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// Whether nothing narrows the selection.
-    pub fn is_everything(&self) -> bool {
-        self.sink.is_none()
-            && self.table.is_none()
-            && self.reason.is_none()
-            && self.since.is_none()
-            && self.until.is_none()
-    }
-
     /// The SQL condition (after `WHERE slot = $1`) and its text parameters, numbered from $2.
     fn condition(&self, slot: &str) -> (String, Vec<String>) {
         let mut sql = String::from("slot = $1");

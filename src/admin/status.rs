@@ -142,14 +142,9 @@ pub async fn status(config: &Config, options: &StatusOptions) -> anyhow::Result<
     let leader = client
         .query_opt(
             &format!(
-                "SELECT a.pid, a.application_name, a.client_addr::text \
-                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid, \
-                 (SELECT {} AS k) lock_key \
-                 WHERE l.locktype = 'advisory' AND l.granted \
-                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 AND l.classid = ((k >> 32) & 4294967295)::oid \
-                 AND l.objid = (k & 4294967295)::oid AND l.objsubid = 1 LIMIT 1",
-                crate::leader::LOCK_KEY_SQL
+                "SELECT a.pid, a.application_name, a.client_addr::text FROM pg_stat_activity a \
+                 WHERE a.pid = (SELECT l.pid FROM {} LIMIT 1)",
+                crate::leader::granted_lock_sql()
             ),
             &[&source.slot],
         )

@@ -115,18 +115,29 @@ impl NatsSink {
         Ok(self.connection.clone().expect("just set"))
     }
 
-    /// The message's headers.
-    fn headers(event: &Event) -> HeaderMap {
+    /// The message's headers, and about the bytes they add (names, values and framing).
+    fn headers(event: &Event) -> (HeaderMap, usize) {
+        let position = event.position.to_string();
+        let pairs = [
+            ("Nats-Msg-Id", &*event.id),
+            (POSITION_HEADER, position.as_str()),
+        ]
+        .into_iter()
+        .chain(event.traceparent.as_deref().map(|t| ("traceparent", t)))
+        .chain(
+            event
+                .headers
+                .iter()
+                .map(|(name, value)| (&**name, &**value)),
+        );
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", &*event.id);
-        headers.insert(POSITION_HEADER, event.position.to_string().as_str());
-        if let Some(traceparent) = &event.traceparent {
-            headers.insert("traceparent", &**traceparent);
+        // "NATS/1.0\r\n" and the closing "\r\n", then "name: value\r\n" per header.
+        let mut bytes = 12;
+        for (name, value) in pairs {
+            bytes += name.len() + value.len() + 4;
+            headers.insert(name, value);
         }
-        for (name, value) in &event.headers {
-            headers.insert(&**name, &**value);
-        }
-        headers
+        (headers, bytes)
     }
 
     /// What a failed publish or acknowledgement means for the batch.
@@ -199,8 +210,8 @@ impl Sink for NatsSink {
             let mut body = Vec::new();
             format::write_line(self.settings.format, event, &mut body);
             body.pop();
-            let headers = Self::headers(event);
-            let size = body.len() + header_bytes(event);
+            let (headers, header_bytes) = Self::headers(event);
+            let size = body.len() + header_bytes;
             if size > max_payload {
                 states[index] = EventState::Rejected(format!(
                     "the message is about {size} bytes, over the NATS server's max_payload \
@@ -242,24 +253,6 @@ impl Sink for NatsSink {
         }
         Ok(())
     }
-}
-
-/// About the bytes [`NatsSink::headers`] adds: names, values and framing.
-fn header_bytes(event: &Event) -> usize {
-    let framing = 4;
-    let header = |name: &str, value: &str| name.len() + value.len() + framing;
-    let mut bytes = 12
-        + header("Nats-Msg-Id", &event.id)
-        + header(POSITION_HEADER, &event.position.to_string());
-    if let Some(traceparent) = &event.traceparent {
-        bytes += header("traceparent", traceparent);
-    }
-    bytes
-        + event
-            .headers
-            .iter()
-            .map(|(name, value)| header(name, value))
-            .sum::<usize>()
 }
 
 impl NatsSink {

@@ -6,6 +6,7 @@
 
 use crate::format::{self, Format};
 use crate::{Event, Lsn, Position};
+use std::borrow::Cow;
 
 /// The stream entry id of `position`.
 pub fn entry_id(position: Position) -> String {
@@ -24,33 +25,35 @@ pub fn position_of(id: &str) -> Option<Position> {
 
 /// The fields of an event's entry, in order: `id`, `key`, `type`, `aggregatetype`,
 /// `aggregateid`, `traceparent` (when set), one `header:<name>` per header, then `event`:
-/// the event in `format` (the CloudEvents envelope, or the payload).
-pub fn fields(event: &Event, format: Format) -> Vec<(String, Vec<u8>)> {
-    let mut fields: Vec<(String, Vec<u8>)> = vec![
-        ("id".into(), event.id.as_bytes().to_vec()),
-        ("key".into(), event.key.as_bytes().to_vec()),
-        ("type".into(), event.event_type.as_bytes().to_vec()),
-        (
-            "aggregatetype".into(),
-            event.aggregate_type.as_bytes().to_vec(),
-        ),
-        ("aggregateid".into(), event.aggregate_id.as_bytes().to_vec()),
+/// the event in `format` (the CloudEvents envelope, or the payload), written into `line`
+/// (a buffer the caller reuses). The values borrow the event's text.
+pub fn fields<'a>(
+    event: &'a Event,
+    format: Format,
+    line: &'a mut Vec<u8>,
+) -> Vec<(Cow<'static, str>, &'a [u8])> {
+    let mut fields: Vec<(Cow<'static, str>, &'a [u8])> = vec![
+        ("id".into(), event.id.as_bytes()),
+        ("key".into(), event.key.as_bytes()),
+        ("type".into(), event.event_type.as_bytes()),
+        ("aggregatetype".into(), event.aggregate_type.as_bytes()),
+        ("aggregateid".into(), event.aggregate_id.as_bytes()),
     ];
     if let Some(traceparent) = &event.traceparent {
-        fields.push(("traceparent".into(), traceparent.as_bytes().to_vec()));
+        fields.push(("traceparent".into(), traceparent.as_bytes()));
     }
     for (name, value) in &event.headers {
-        fields.push((format!("header:{name}"), value.as_bytes().to_vec()));
+        fields.push((format!("header:{name}").into(), value.as_bytes()));
     }
-    let mut line = Vec::new();
-    format::write_line(format, event, &mut line);
+    line.clear();
+    format::write_line(format, event, line);
     line.pop();
-    fields.push(("event".into(), line));
+    fields.push(("event".into(), line.as_slice()));
     fields
 }
 
 /// The bytes of an entry as the size limit counts them: field names and values.
-pub fn size(fields: &[(String, Vec<u8>)]) -> usize {
+pub fn size(fields: &[(Cow<'static, str>, &[u8])]) -> usize {
     fields
         .iter()
         .map(|(name, value)| name.len() + value.len())
@@ -75,8 +78,9 @@ mod tests {
     fn the_fields_name_the_event_and_carry_its_envelope_last() {
         let mut event = sample(1, 0);
         event.headers = vec![("tenant".into(), crate::Text::from("acme"))];
-        let fields = fields(&event, Format::CloudEvents);
-        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        let mut line = Vec::new();
+        let fields = fields(&event, Format::CloudEvents, &mut line);
+        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_ref()).collect();
         assert_eq!(
             names,
             [
@@ -89,7 +93,7 @@ mod tests {
                 "event"
             ]
         );
-        let envelope: serde_json::Value = serde_json::from_slice(&fields[6].1).unwrap();
+        let envelope: serde_json::Value = serde_json::from_slice(fields[6].1).unwrap();
         assert_eq!(envelope["id"], &*event.id);
         assert_eq!(size(&fields[..1]), 2 + event.id.len());
     }

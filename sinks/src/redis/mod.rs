@@ -50,6 +50,8 @@ pub struct RedisSink {
     settings: RedisSettings,
     connection: Option<MultiplexedConnection>,
     stream_buf: String,
+    /// The `event` field of the entry being built, reused.
+    line: Vec<u8>,
 }
 
 /// An entry Redis refused with a plain error: looked up before it is judged.
@@ -66,6 +68,7 @@ impl RedisSink {
             settings,
             connection: None,
             stream_buf: String::new(),
+            line: Vec::new(),
         }
     }
 
@@ -286,7 +289,7 @@ impl Sink for RedisSink {
             }
             self.stream_buf.clear();
             self.settings.stream.render(event, &mut self.stream_buf);
-            let fields = entry::fields(event, self.settings.format);
+            let fields = entry::fields(event, self.settings.format, &mut self.line);
             let size = entry::size(&fields);
             if size > self.settings.max_entry_bytes {
                 states[index] = EventState::Rejected(format!(
@@ -302,7 +305,7 @@ impl Sink for RedisSink {
             }
             command.arg(&id);
             for (name, value) in &fields {
-                command.arg(name).arg(value.as_slice());
+                command.arg(name.as_ref()).arg(*value);
             }
             sent.push((index, self.stream_buf.clone(), id));
         }
