@@ -198,15 +198,7 @@ fn the_example_config_works_with_the_urls_from_the_environment() {
         ("OUTBOX_RELAY__SOURCE__URL", url.as_str()),
         ("OUTBOX_RELAY__SINKS__EVENTS__URL", nats_url.as_str()),
     ];
-    for command in ["init", "check"] {
-        let out = relay_command_with_env(&config, command, &env);
-        assert!(
-            out.status.success(),
-            "{command}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    init_and_check(&config, &env);
     let relay = Relay::start_with_env(&config, &env);
     pg.psql(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \

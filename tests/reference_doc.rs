@@ -100,6 +100,21 @@ const GROUPS: &[Group] = &[
         extra: &["type"],
     },
     Group {
+        headings: &["type = \"sqs\""],
+        structs: &[("sinks/src/sqs/config.rs", "SqsConfig")],
+        extra: &["type"],
+    },
+    Group {
+        headings: &["type = \"sns\""],
+        structs: &[("sinks/src/sqs/config.rs", "SnsConfig")],
+        extra: &["type"],
+    },
+    Group {
+        headings: &["type = \"webhook\""],
+        structs: &[("sinks/src/webhook/config.rs", "WebhookConfig")],
+        extra: &["type"],
+    },
+    Group {
         headings: &[
             "type = \"rabbitmq\"",
             "mode = \"exchange\"",
@@ -380,18 +395,21 @@ fn config_for(heading: &str, pairs: &[(String, String)]) -> String {
 #[test]
 fn the_examples_of_every_section_load() {
     let doc = read(REFERENCE);
-    // Password files are read when the configuration loads: point them at a real one.
+    // Password and secret files are read when the configuration loads: point them at a real
+    // one.
     let secret = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret.path(), "secret\n").unwrap();
     for heading in GROUPS.iter().flat_map(|g| g.headings) {
         let pairs: Vec<(String, String)> = rows(&doc, heading)
             .into_iter()
-            .map(
-                |(key, example)| match key.ends_with("password_file") || key == "token_file" {
+            .map(|(key, example)| {
+                match key.ends_with("password_file")
+                    || ["token_file", "secret_file", "authorization_file"].contains(&key.as_str())
+                {
                     true => (key, format!("'{}'", secret.path().display())),
                     false => (key, example),
-                },
-            )
+                }
+            })
             .collect();
         // Keys that exclude each other are loaded one choice at a time.
         let choices = EXCLUSIVE

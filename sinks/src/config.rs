@@ -14,7 +14,9 @@ use crate::null::NullConfig;
 use crate::rabbitmq::RabbitMqConfig;
 use crate::redis::RedisConfig;
 use crate::routing::{FilteredSink, MatchRule};
+use crate::sqs::{SnsConfig, SqsConfig};
 use crate::stdout::StdoutConfig;
+use crate::webhook::WebhookConfig;
 use crate::Sink;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -39,6 +41,12 @@ pub enum SinkConfig {
     Redis(RedisConfig),
     /// NATS JetStream.
     Nats(NatsConfig),
+    /// Amazon SQS `SendMessageBatch` (standard and FIFO queues).
+    Sqs(SqsConfig),
+    /// Amazon SNS `PublishBatch` (standard and FIFO topics).
+    Sns(SnsConfig),
+    /// HTTP webhooks: one `POST` per event.
+    Webhook(WebhookConfig),
 }
 
 impl SinkConfig {
@@ -53,6 +61,9 @@ impl SinkConfig {
             SinkConfig::RabbitMq(config) => config,
             SinkConfig::Redis(config) => config,
             SinkConfig::Nats(config) => config,
+            SinkConfig::Sqs(config) => config,
+            SinkConfig::Sns(config) => config,
+            SinkConfig::Webhook(config) => config,
         }
     }
 

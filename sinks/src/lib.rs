@@ -20,7 +20,9 @@
 //!
 //! The test module of `config.rs` shows it on a toy sink.
 
+pub mod aws;
 mod backoff;
+mod batch;
 pub mod config;
 mod event;
 pub mod eventbridge;
@@ -34,10 +36,12 @@ pub mod rabbitmq;
 pub mod redis;
 pub mod routing;
 mod secret;
+pub mod sqs;
 pub mod stdout;
 pub mod table_name;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+pub mod webhook;
 
 pub use backoff::Backoff;
 pub use config::{build_all, SinkConfig};
@@ -46,6 +50,25 @@ pub use kind::{ConfigError, SinkContext, SinkKind};
 pub use secret::{Secret, SecretFileError};
 
 use async_trait::async_trait;
+
+/// An error and its sources on one line (whitespace folded, repeats left out), without a
+/// library's debug dump: what sinks put in their messages.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = Some(err);
+    while let Some(err) = current {
+        let text = err
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        current = err.source();
+    }
+    parts.join(": ")
+}
 
 /// Why a sink could not take a batch.
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,14 @@
-//! Amazon EventBridge and SQS on moto's server mode (installed in .venv-brokers by
+//! Amazon EventBridge, SQS and SNS on moto's server mode (installed in .venv-brokers by
 //! scripts/install-test-deps.sh): the emulator, and AWS clients that set up a bus whose
-//! rule feeds an SQS queue and read that queue back.
+//! rule feeds an SQS queue, queues, topics feeding a queue, and read queues back.
 
 use super::{free_port, wait_until, Relay, WAIT};
 use aws_sdk_eventbridge::types::Target;
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -83,12 +86,24 @@ pub struct Aws {
     pub rt: Runtime,
     pub eventbridge: aws_sdk_eventbridge::Client,
     pub sqs: aws_sdk_sqs::Client,
+    pub sns: aws_sdk_sns::Client,
+}
+
+/// One message read from a queue.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The body, parsed as JSON (`Value::String` when it is not JSON).
+    pub body: Value,
+    /// The message attributes (string values).
+    pub attributes: BTreeMap<String, String>,
+    /// The FIFO group id.
+    pub group: Option<String>,
 }
 
 impl Aws {
     pub fn new(moto: &Moto) -> Aws {
         let rt = Runtime::new().unwrap();
-        let config = rt.block_on(outbox_relay_sinks::eventbridge::sdk_config(
+        let config = rt.block_on(outbox_relay_sinks::aws::sdk_config(
             Some(REGION),
             Some(&moto.url()),
             Duration::from_secs(10),
@@ -102,6 +117,11 @@ impl Aws {
         );
         let sqs = aws_sdk_sqs::Client::from_conf(
             aws_sdk_sqs::config::Builder::from(&config)
+                .credentials_provider(credentials.clone())
+                .build(),
+        );
+        let sns = aws_sdk_sns::Client::from_conf(
+            aws_sdk_sns::config::Builder::from(&config)
                 .credentials_provider(credentials)
                 .build(),
         );
@@ -109,6 +129,7 @@ impl Aws {
             rt,
             eventbridge,
             sqs,
+            sns,
         }
     }
 
@@ -122,27 +143,8 @@ impl Aws {
                 .send()
                 .await
                 .unwrap();
-            // Messages stay hidden once received: each is read exactly once per test.
-            let queue = self
-                .sqs
-                .create_queue()
-                .queue_name(bus)
-                .attributes(QueueAttributeName::VisibilityTimeout, "43200")
-                .send()
-                .await
-                .unwrap()
-                .queue_url()
-                .unwrap()
-                .to_owned();
-            let attributes = self
-                .sqs
-                .get_queue_attributes()
-                .queue_url(&queue)
-                .attribute_names(QueueAttributeName::QueueArn)
-                .send()
-                .await
-                .unwrap();
-            let arn = attributes.attributes().unwrap()[&QueueAttributeName::QueueArn].clone();
+            let queue = self.create_queue(bus, false).await;
+            let arn = self.queue_arn(&queue).await;
             let rule = format!("{bus}-all");
             self.eventbridge
                 .put_rule()
@@ -164,8 +166,78 @@ impl Aws {
         })
     }
 
+    /// Creates queue `name` (`name.fifo`, a FIFO queue, when `fifo`); returns its URL.
+    /// Messages stay hidden once received: each is read exactly once per test.
+    async fn create_queue(&self, name: &str, fifo: bool) -> String {
+        let mut create = self
+            .sqs
+            .create_queue()
+            .queue_name(if fifo {
+                format!("{name}.fifo")
+            } else {
+                name.to_owned()
+            })
+            .attributes(QueueAttributeName::VisibilityTimeout, "43200");
+        if fifo {
+            create = create.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        let created = create.send().await.unwrap();
+        created.queue_url().unwrap().to_owned()
+    }
+
+    async fn queue_arn(&self, queue: &str) -> String {
+        let attributes = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap();
+        attributes.attributes().unwrap()[&QueueAttributeName::QueueArn].clone()
+    }
+
+    /// Creates queue `name` (FIFO when `fifo`); returns its URL.
+    pub fn queue(&self, name: &str, fifo: bool) -> String {
+        self.rt.block_on(self.create_queue(name, fifo))
+    }
+
+    /// Creates topic `name` (FIFO when `fifo`) with a queue of the same kind subscribed
+    /// with raw message delivery; returns the topic's ARN and the queue's URL.
+    pub fn topic_into_queue(&self, name: &str, fifo: bool) -> (String, String) {
+        self.rt.block_on(async {
+            let mut create = self.sns.create_topic().name(if fifo {
+                format!("{name}.fifo")
+            } else {
+                name.to_owned()
+            });
+            if fifo {
+                create = create.attributes("FifoTopic", "true");
+            }
+            let topic = create.send().await.unwrap().topic_arn().unwrap().to_owned();
+            let queue = self.create_queue(name, fifo).await;
+            self.sns
+                .subscribe()
+                .topic_arn(&topic)
+                .protocol("sqs")
+                .endpoint(self.queue_arn(&queue).await)
+                .attributes("RawMessageDelivery", "true")
+                .send()
+                .await
+                .unwrap();
+            (topic, queue)
+        })
+    }
+
     /// Appends the events that arrived in `queue` since the last call, in arrival order.
     pub fn receive(&self, queue: &str, into: &mut Vec<Value>) {
+        let mut messages = Vec::new();
+        self.receive_messages(queue, &mut messages);
+        into.extend(messages.into_iter().map(|m| m.body));
+    }
+
+    /// Appends the messages that arrived in `queue` since the last call, in arrival order.
+    pub fn receive_messages(&self, queue: &str, into: &mut Vec<Received>) {
         self.rt.block_on(async {
             loop {
                 let out = self
@@ -173,6 +245,8 @@ impl Aws {
                     .receive_message()
                     .queue_url(queue)
                     .max_number_of_messages(10)
+                    .message_attribute_names("All")
+                    .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
                     .send()
                     .await
                     .unwrap();
@@ -182,7 +256,28 @@ impl Aws {
                 }
                 let mut delete = self.sqs.delete_message_batch().queue_url(queue);
                 for (n, message) in messages.iter().enumerate() {
-                    into.push(serde_json::from_str(message.body().unwrap()).unwrap());
+                    let body = message.body().unwrap();
+                    let attributes = message
+                        .message_attributes()
+                        .into_iter()
+                        .flatten()
+                        .map(|(name, value)| {
+                            (
+                                name.clone(),
+                                value.string_value().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect();
+                    let group = message
+                        .attributes()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId))
+                        .cloned();
+                    into.push(Received {
+                        body: serde_json::from_str(body)
+                            .unwrap_or_else(|_| Value::String(body.to_owned())),
+                        attributes,
+                        group,
+                    });
                     delete = delete.entries(
                         DeleteMessageBatchRequestEntry::builder()
                             .id(n.to_string())

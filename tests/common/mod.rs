@@ -14,6 +14,7 @@ pub mod partition_proxy;
 pub mod rabbitmq;
 pub mod redis;
 pub mod tls_proxy;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -811,6 +812,20 @@ pub fn relay_command_with_env(config: &Path, command: &str, env: &[(&str, &str)]
         .envs(env.iter().copied())
         .output()
         .unwrap()
+}
+
+/// Runs `init`, then `check`, on `config` with `env`, and fails the test with their output
+/// if either fails.
+pub fn init_and_check(config: &Path, env: &[(&str, &str)]) {
+    for command in ["init", "check"] {
+        let out = relay_command_with_env(config, command, env);
+        assert!(
+            out.status.success(),
+            "{command}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// A running `outbox-relay run`.

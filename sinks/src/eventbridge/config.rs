@@ -1,7 +1,8 @@
 //! `type = "eventbridge"`: the serde configuration and how it becomes
 //! [`EventBridgeSettings`] (templates parsed, settings that would refuse every event refused).
 
-use super::{EventBridgeSettings, EventBridgeSink, DEFAULT_MAX_REQUEST_BYTES};
+use super::{EventBridgeApi, EventBridgeSettings, DEFAULT_MAX_REQUEST_BYTES};
+use crate::batch::BatchSink;
 use crate::format::Format;
 use crate::kind::{template, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
@@ -95,7 +96,9 @@ impl EventBridgeConfig {
 #[async_trait]
 impl SinkKind for EventBridgeConfig {
     fn build(&self, ctx: &SinkContext<'_>) -> Result<Box<dyn Sink>, ConfigError> {
-        Ok(Box::new(EventBridgeSink::new(self.settings(ctx)?)))
+        Ok(Box::new(BatchSink::new(EventBridgeApi::new(
+            self.settings(ctx)?,
+        ))))
     }
 
     fn validate(&self, ctx: &SinkContext<'_>) -> Result<(), ConfigError> {
@@ -107,7 +110,7 @@ impl SinkKind for EventBridgeConfig {
     }
 
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {
-        Ok(EventBridgeSink::new(self.settings(ctx)?).check().await)
+        Ok(EventBridgeApi::new(self.settings(ctx)?).check().await)
     }
 
     /// A Detail must be a JSON object; only CloudEvents carries bytes (in `data_base64`).

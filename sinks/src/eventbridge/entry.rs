@@ -57,13 +57,6 @@ pub fn xray_trace_header(traceparent: &str) -> Option<String> {
     ))
 }
 
-/// One event as a `PutEvents` entry, with its size.
-#[derive(Debug, Clone)]
-pub(super) struct Entry {
-    pub(super) entry: PutEventsRequestEntry,
-    pub(super) size: usize,
-}
-
 impl EventBridgeSettings {
     /// Mistakes that would make EventBridge refuse every event: a fixed bus name it cannot
     /// accept, a fixed empty source or detail type, no room for a request.
@@ -89,8 +82,8 @@ impl EventBridgeSettings {
         Ok(())
     }
 
-    /// The entry for `event`, or why EventBridge could never take it.
-    pub(super) fn entry(&self, event: &Event) -> Result<Entry, String> {
+    /// The entry for `event` and its size, or why EventBridge could never take it.
+    pub(super) fn entry(&self, event: &Event) -> Result<(PutEventsRequestEntry, usize), String> {
         let render = |template: &Template| {
             let mut out = String::new();
             template.render(event, &mut out);
@@ -149,7 +142,7 @@ impl EventBridgeSettings {
             .set_resources((!resources.is_empty()).then_some(resources))
             .set_trace_header(event.traceparent.as_deref().and_then(xray_trace_header))
             .build();
-        Ok(Entry { entry, size })
+        Ok((entry, size))
     }
 }
 
@@ -183,7 +176,7 @@ mod tests {
         event.traceparent = Some(Text::from(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ));
-        let Entry { entry, size } = settings(Format::CloudEvents).entry(&event).unwrap();
+        let (entry, size) = settings(Format::CloudEvents).entry(&event).unwrap();
         assert_eq!(entry.event_bus_name(), Some("orders"));
         assert_eq!(entry.source(), Some("outbox.order"));
         assert_eq!(entry.detail_type(), Some("OrderCreated"));
@@ -211,7 +204,7 @@ mod tests {
     #[test]
     fn without_occurred_at_the_time_is_the_commit_time() {
         let event = sample(1, 0);
-        let Entry { entry, .. } = settings(Format::Raw).entry(&event).unwrap();
+        let (entry, _) = settings(Format::Raw).entry(&event).unwrap();
         assert_eq!(
             entry.time().unwrap().to_millis().unwrap(),
             1_700_000_000_123
@@ -243,7 +236,7 @@ mod tests {
                 "{reason}"
             );
         }
-        let Entry { entry, .. } = settings(Format::CloudEvents).entry(&event).unwrap();
+        let (entry, _) = settings(Format::CloudEvents).entry(&event).unwrap();
         let detail: serde_json::Value = serde_json::from_str(entry.detail().unwrap()).unwrap();
         assert_eq!(detail["data_base64"], "AAE=");
         assert_eq!(detail["datacontenttype"], "application/x-protobuf");
@@ -265,7 +258,7 @@ mod tests {
         let payload = |len: usize| format!("{{\"p\":\"{}\"}}", "x".repeat(len - 8));
         let mut event = sample(1, 0);
         event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed)).into();
-        assert_eq!(s.entry(&event).unwrap().size, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(s.entry(&event).unwrap().1, DEFAULT_MAX_REQUEST_BYTES);
         event.payload = Text::from(payload(DEFAULT_MAX_REQUEST_BYTES - fixed + 1)).into();
         let reason = s.entry(&event).unwrap_err();
         assert!(reason.contains("262145 bytes"), "{reason}");

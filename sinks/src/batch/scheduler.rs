@@ -1,16 +1,23 @@
-//! Which events of a batch go out in which `PutEvents` request: at most one event per key in
-//! flight, in key order; at most 10 entries and `max_bytes` per request; a failed entry
-//! waits out its own backoff.
+//! Which events of a batch go out in which request: at most one event per key in flight,
+//! in key order; at most `max_entries` entries and `max_bytes` per request; a failed entry
+//! waits out its own backoff, or the wait the service asked for when longer.
+//!
+//! Invariant: an event is handed out only when every earlier event of its key is settled
+//! (acknowledged or rejected), so a retried event can never land after a later one of its
+//! key.
 
-use super::entry::Entry;
-use super::{ATTEMPTS_PER_SEND, FIRST_BACKOFF, MAX_BACKOFF, MAX_ENTRIES_PER_REQUEST};
+use super::{ATTEMPTS_PER_SEND, FIRST_BACKOFF, MAX_BACKOFF};
 use crate::{Backoff, EventState};
 use std::collections::HashMap;
+use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Debug)]
-pub(super) struct Slot {
-    pub(super) entry: Option<Entry>,
+pub(super) struct Slot<E> {
+    /// The request entry; `None` for an event settled before sending.
+    pub(super) entry: Option<E>,
+    /// The entry's size as the service counts it against its request limit.
+    size: usize,
     /// Index of the event's key in [`Scheduler::groups`].
     group: usize,
     pub(super) state: EventState,
@@ -28,24 +35,28 @@ pub(super) struct Slot {
 /// What one finished request means for its entries.
 pub(super) enum Outcome {
     Acknowledged,
-    Retry(String),
+    /// Retry after the backoff, or after the given wait when it is longer.
+    Retry(String, Option<Duration>),
     Reject(String),
 }
 
 /// Decides which events go out in which request: at most one event per key in flight, in
 /// key order; at most 10 entries and `max_bytes` per request.
-pub(super) struct Scheduler {
-    pub(super) slots: Vec<Slot>,
+pub(super) struct Scheduler<E> {
+    pub(super) slots: Vec<Slot<E>>,
     /// The events of each key, in batch order, and how many of them are done.
     groups: Vec<(Vec<usize>, usize)>,
+    max_entries: usize,
     max_bytes: usize,
 }
 
-impl Scheduler {
+impl<E> Scheduler<E> {
+    /// `entries`: each event's entry and its size (`None` when already settled) and state;
+    /// `limits`: most entries and most bytes per request.
     pub(super) fn new(
-        entries: Vec<(Option<Entry>, EventState)>,
+        entries: Vec<(Option<(E, usize)>, EventState)>,
         keys: &[&str],
-        max_bytes: usize,
+        (max_entries, max_bytes): (usize, usize),
     ) -> Self {
         let mut group_of: HashMap<&str, usize> = HashMap::new();
         let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
@@ -60,8 +71,13 @@ impl Scheduler {
                     groups.len() - 1
                 });
                 groups[group].0.push(index);
+                let (entry, size) = match entry {
+                    Some((entry, size)) => (Some(entry), size),
+                    None => (None, 0),
+                };
                 Slot {
                     entry,
+                    size,
                     group,
                     state,
                     in_flight: false,
@@ -75,6 +91,7 @@ impl Scheduler {
         let mut scheduler = Scheduler {
             slots,
             groups,
+            max_entries,
             max_bytes,
         };
         for group in 0..scheduler.groups.len() {
@@ -119,9 +136,9 @@ impl Scheduler {
         let request = pack(
             ready.map(|i| {
                 let slot = &self.slots[i];
-                let size = slot.entry.as_ref().map_or(0, |e| e.size);
-                (i, size, slot.alone)
+                (i, slot.size, slot.alone)
             }),
+            self.max_entries,
             self.max_bytes,
         );
         for &i in &request {
@@ -147,9 +164,10 @@ impl Scheduler {
         match outcome {
             Outcome::Acknowledged => slot.state = EventState::Acked,
             Outcome::Reject(reason) => slot.state = EventState::Rejected(reason),
-            Outcome::Retry(_) => {
+            Outcome::Retry(_, asked) => {
                 slot.failures += 1;
-                slot.not_before = now + slot.backoff.next_delay();
+                let backoff = slot.backoff.next_delay();
+                slot.not_before = now + asked.map_or(backoff, |asked| asked.max(backoff));
                 exhausted = slot.failures >= ATTEMPTS_PER_SEND;
             }
         }
@@ -170,8 +188,12 @@ impl Scheduler {
 }
 
 /// Packs one request from `candidates` (index, entry size, must go alone), taken in order:
-/// each one that still fits goes in, up to 10 entries and `max_bytes`.
-fn pack(candidates: impl Iterator<Item = (usize, usize, bool)>, max_bytes: usize) -> Vec<usize> {
+/// each one that still fits goes in, up to `max_entries` and `max_bytes`.
+fn pack(
+    candidates: impl Iterator<Item = (usize, usize, bool)>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Vec<usize> {
     let mut request = Vec::new();
     let mut bytes = 0;
     for (index, size, alone) in candidates {
@@ -184,7 +206,7 @@ fn pack(candidates: impl Iterator<Item = (usize, usize, bool)>, max_bytes: usize
         if bytes + size <= max_bytes {
             request.push(index);
             bytes += size;
-            if request.len() == MAX_ENTRIES_PER_REQUEST {
+            if request.len() == max_entries {
                 break;
             }
         }
@@ -195,14 +217,15 @@ fn pack(candidates: impl Iterator<Item = (usize, usize, bool)>, max_bytes: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eventbridge::DEFAULT_MAX_REQUEST_BYTES;
-    use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+
+    const DEFAULT_MAX_REQUEST_BYTES: usize = 256 * 1024;
+    const LIMITS: (usize, usize) = (10, DEFAULT_MAX_REQUEST_BYTES);
 
     #[test]
     fn packing_stops_at_ten_entries() {
         let candidates = (0..25).map(|i| (i, 100, false));
         assert_eq!(
-            pack(candidates, DEFAULT_MAX_REQUEST_BYTES),
+            pack(candidates, 10, DEFAULT_MAX_REQUEST_BYTES),
             (0..10).collect::<Vec<_>>()
         );
     }
@@ -212,46 +235,52 @@ mod tests {
         let max = DEFAULT_MAX_REQUEST_BYTES;
         // Exactly at the limit: both fit.
         assert_eq!(
-            pack([(0, max - 1000, false), (1, 1000, false)].into_iter(), max),
+            pack(
+                [(0, max - 1000, false), (1, 1000, false)].into_iter(),
+                10,
+                max
+            ),
             [0, 1]
         );
         // One byte over: the second waits for the next request, a smaller one still fits.
         assert_eq!(
             pack(
                 [(0, max - 1000, false), (1, 1001, false), (2, 1000, false)].into_iter(),
+                10,
                 max
             ),
             [0, 2]
         );
         // A maximal entry goes alone.
-        assert_eq!(pack([(0, max, false), (1, 1, false)].into_iter(), max), [0]);
+        assert_eq!(
+            pack([(0, max, false), (1, 1, false)].into_iter(), 10, max),
+            [0]
+        );
     }
 
     #[test]
     fn isolated_entries_travel_alone() {
         let max = DEFAULT_MAX_REQUEST_BYTES;
-        assert_eq!(pack([(0, 10, true), (1, 10, false)].into_iter(), max), [0]);
+        assert_eq!(
+            pack([(0, 10, true), (1, 10, false)].into_iter(), 10, max),
+            [0]
+        );
         assert_eq!(
             pack(
                 [(0, 10, false), (1, 10, true), (2, 10, false)].into_iter(),
+                10,
                 max
             ),
             [0, 2]
         );
     }
 
-    fn scheduler(keys: &[&str], size: usize) -> Scheduler {
+    fn scheduler(keys: &[&str], size: usize) -> Scheduler<()> {
         let entries = keys
             .iter()
-            .map(|_| {
-                let entry = Entry {
-                    entry: PutEventsRequestEntry::builder().build(),
-                    size,
-                };
-                (Some(entry), EventState::Pending)
-            })
+            .map(|_| (Some(((), size)), EventState::Pending))
             .collect();
-        Scheduler::new(entries, keys, DEFAULT_MAX_REQUEST_BYTES)
+        Scheduler::new(entries, keys, LIMITS)
     }
 
     #[test]
@@ -265,7 +294,7 @@ mod tests {
         );
         // b's first event fails for now: b's second must wait for it, even though a retry
         // is pending and the request with it would be quicker.
-        s.finish(2, Outcome::Retry("ThrottlingException".into()), now);
+        s.finish(2, Outcome::Retry("ThrottlingException".into(), None), now);
         s.finish(0, Outcome::Acknowledged, now);
         s.finish(3, Outcome::Reject("MalformedDetail".into()), now);
         assert_eq!(
@@ -309,7 +338,7 @@ mod tests {
         let mut waits = Vec::new();
         for attempt in 1..=ATTEMPTS_PER_SEND {
             assert_eq!(s.next_request(now), [0]);
-            let exhausted = s.finish(0, Outcome::Retry("ThrottlingException".into()), now);
+            let exhausted = s.finish(0, Outcome::Retry("ThrottlingException".into(), None), now);
             assert_eq!(exhausted, attempt == ATTEMPTS_PER_SEND);
             let ready = s.next_ready().unwrap();
             waits.push(ready - now);
