@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::nats::{Message, Nats};
+use common::nats::{Access, Message, Nats};
 use common::*;
 use std::collections::HashSet;
 
@@ -206,4 +206,118 @@ fn the_example_config_works_with_the_urls_from_the_environment() {
     );
     let messages = wait_for(&nats, "OUTBOX", 1, &relay);
     assert_eq!(messages[0].event()["data"]["n"], 1);
+}
+
+/// A secret file holding `text`, in `dir`.
+fn secret_file(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{text}\n")).unwrap();
+    path.display().to_string()
+}
+
+/// Guarantee: a user logs in with `username` and `password_file`, and a server asking for
+/// a token takes `token_file`; a wrong password is reported by `check` and stops `run` with
+/// the fix. Secrets never reach the log.
+#[test]
+fn user_and_token_logins_work_and_a_wrong_password_stops_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = "authorization { users = [ \
+                 {user: relay, password: \"s3cret-pw\"}, {user: admin, password: \"admin-pw\"} ] }";
+    let access = Access {
+        user: Some(("admin".into(), "admin-pw".into())),
+        ..Access::default()
+    };
+    let nats = Nats::start_secured(users, access);
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let login = |file: &str| format!("username = \"relay\"\npassword_file = \"{file}\"");
+    let right = secret_file(dir.path(), "password", "s3cret-pw");
+    let scenario = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(&nats, &login(&right)))
+        .init();
+    let (ok, text) = relay_check(&scenario.config);
+    assert!(ok, "{text}");
+    let mut relay = Relay::start(&scenario.config);
+    insert_numbered(&scenario.pg, "order", 0, 2);
+    let messages = wait_for(&nats, "OUTBOX", 10, &relay);
+    assert_once_in_order(&events_of(&messages), 10);
+    relay.stops_cleanly();
+    assert!(
+        !relay.log().contains("s3cret-pw"),
+        "the password reached the log"
+    );
+
+    let wrong = secret_file(dir.path(), "wrong", "not-it");
+    let scenario = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(&nats, &login(&wrong)))
+        .init();
+    let (ok, text) = relay_check(&scenario.config);
+    assert!(!ok, "{text}");
+    assert!(text.contains("check the login"), "{text}");
+    let mut relay = Relay::start(&scenario.config);
+    insert_numbered(&scenario.pg, "order", 0, 1);
+    let log = relay.stops_with_failure(WAIT, "the password is wrong");
+    assert!(log.contains("check the login"), "{log}");
+    assert!(!log.contains("not-it"), "the password reached the log");
+
+    let access = Access {
+        token: Some("t0ken-value".into()),
+        ..Access::default()
+    };
+    let nats = Nats::start_secured("authorization { token: \"t0ken-value\" }", access);
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let token = secret_file(dir.path(), "token", "t0ken-value");
+    let scenario = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(&nats, &format!("token_file = \"{token}\"")))
+        .init();
+    let relay = Relay::start(&scenario.config);
+    insert_numbered(&scenario.pg, "order", 0, 1);
+    wait_for(&nats, "OUTBOX", 5, &relay);
+    assert!(
+        !relay.log().contains("t0ken-value"),
+        "the token reached the log"
+    );
+}
+
+/// Guarantee: against a server that requires TLS, the sink verifies its certificate
+/// against `ca_file`; without it the test CA is not trusted and `check` says so.
+#[test]
+fn tls_verifies_the_server_against_the_ca_file() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = common::certs::make_ca(certs.path(), "ca");
+    let server = common::certs::make_server_cert(certs.path(), "nats", &ca, "01", "IP:127.0.0.1");
+    let tls = format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        server.cert.display(),
+        server.key.display()
+    );
+    let access = Access {
+        ca_file: Some(ca.cert.clone()),
+        ..Access::default()
+    };
+    let nats = Nats::start_secured(&tls, access);
+    nats.create_stream("OUTBOX", &["outbox.>"]);
+    let scenario = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(
+            &nats,
+            &format!("ca_file = \"{}\"", ca.cert.display()),
+        ))
+        .init();
+    let (ok, text) = relay_check(&scenario.config);
+    assert!(ok, "{text}");
+    let relay = Relay::start(&scenario.config);
+    insert_numbered(&scenario.pg, "order", 0, 2);
+    let messages = wait_for(&nats, "OUTBOX", 10, &relay);
+    assert_once_in_order(&events_of(&messages), 10);
+
+    let untrusted = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&nats_sink(&nats, ""))
+        .init();
+    let (ok, text) = relay_check(&untrusted.config);
+    assert!(!ok, "{text}");
+    assert!(text.contains("connecting to NATS"), "{text}");
 }

@@ -240,3 +240,92 @@ fn the_example_config_works_with_the_urls_from_the_environment() {
     let entries = wait_for(&redis, "outbox.order", 1, &relay);
     assert_eq!(entries[0].event()["data"]["n"], 1);
 }
+
+/// Guarantee: an ACL user logs in with the user in `url` and the password from
+/// `password_file` (the password never in the log); a wrong password is reported by `check`
+/// and stops `run` with the fix instead of retrying forever.
+#[test]
+fn an_acl_user_logs_in_with_its_password_file_and_a_wrong_one_stops_the_relay() {
+    let redis = Redis::start();
+    redis.command(&["ACL", "SETUSER", "relay", "on", ">s3cret-pw", "~*", "+@all"]);
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret-pw\n").unwrap();
+    let url = redis.url().replace("redis://", "redis://relay@");
+    let sink = |file: &std::path::Path| {
+        format!(
+            "[sinks.redis]\ntype = \"redis\"\nurl = \"{url}\"\npassword_file = \"{}\"\nstream = \"events\"\n",
+            file.display()
+        )
+    };
+    let scenario = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&sink(&password))
+        .init();
+    let (ok, text) = relay_check(&scenario.config);
+    assert!(ok, "{text}");
+    let mut relay = Relay::start(&scenario.config);
+    insert_numbered(&scenario.pg, "order", 0, 2);
+    let entries = wait_for(&redis, "events", 10, &relay);
+    assert_once_in_order(&events_of(&entries), 10);
+    relay.stops_cleanly();
+    assert!(
+        !relay.log().contains("s3cret-pw"),
+        "the password reached the log"
+    );
+
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    let scenario = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&sink(&wrong))
+        .init();
+    let (ok, text) = relay_check(&scenario.config);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("set the password (sinks.redis.password_file)"),
+        "{text}"
+    );
+    let mut relay = Relay::start(&scenario.config);
+    insert_numbered(&scenario.pg, "order", 0, 1);
+    let log = relay.stops_with_failure(WAIT, "the password is wrong");
+    assert!(
+        log.contains("set the password (sinks.redis.password_file)"),
+        "{log}"
+    );
+    assert!(!log.contains("not-it"), "the password reached the log");
+}
+
+/// Guarantee: `rediss://` verifies the server's certificate against `ca_file` (Redis behind
+/// a TLS proxy with a certificate from a test CA); without it the test CA is not trusted and
+/// `check` says so.
+#[test]
+fn rediss_verifies_the_server_against_the_ca_file() {
+    let redis = Redis::start();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = common::certs::make_ca(certs.path(), "ca");
+    let server = common::certs::make_server_cert(certs.path(), "redis", &ca, "01", "IP:127.0.0.1");
+    let proxy = common::tls_proxy::TlsProxy::start(&server.cert, &server.key, redis.port);
+    let url = format!("rediss://127.0.0.1:{}/0", proxy.port);
+    let sink = |extra: &str| {
+        format!("[sinks.redis]\ntype = \"redis\"\nurl = \"{url}\"\nstream = \"events\"\n{extra}\n")
+    };
+    let scenario = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&sink(&format!("ca_file = \"{}\"", ca.cert.display())))
+        .init();
+    let (ok, text) = relay_check(&scenario.config);
+    assert!(ok, "{text}");
+    let relay = Relay::start(&scenario.config);
+    insert_numbered(&scenario.pg, "order", 0, 2);
+    let entries = wait_for(&redis, "events", 10, &relay);
+    assert_once_in_order(&events_of(&entries), 10);
+
+    let untrusted = common::scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .sinks(&sink(""))
+        .init();
+    let (ok, text) = relay_check(&untrusted.config);
+    assert!(!ok, "{text}");
+    assert!(text.contains("connecting to Redis"), "{text}");
+}

@@ -3,7 +3,7 @@
 //! restart keeps its streams; killed by the kernel if the test dies.
 
 use super::{free_port, wait_until, WAIT};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 pub struct Nats {
@@ -12,6 +12,16 @@ pub struct Nats {
     dir: tempfile::TempDir,
     config: String,
     runtime: tokio::runtime::Runtime,
+    /// How the test's own client logs in and trusts the server.
+    access: Access,
+}
+
+/// How the test's own client connects: a user and password or a token, and a CA for TLS.
+#[derive(Default, Clone)]
+pub struct Access {
+    pub user: Option<(String, String)>,
+    pub token: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One stored message: its subject, headers and body.
@@ -35,6 +45,11 @@ impl Nats {
 
     /// With `config` (nats-server configuration lines, e.g. `max_payload: 4096`).
     pub fn start_with(config: &str) -> Nats {
+        Nats::start_secured(config, Access::default())
+    }
+
+    /// With `config` asking for a login or TLS, which the test's client meets with `access`.
+    pub fn start_secured(config: &str, access: Access) -> Nats {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = launch(dir.path(), port, config);
@@ -47,6 +62,7 @@ impl Nats {
                 .enable_all()
                 .build()
                 .unwrap(),
+            access,
         };
         nats.wait_ready();
         nats
@@ -71,19 +87,35 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The test's own client.
+    async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some((user, password)) = &self.access.user {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.access.token {
+            options = options.token(token.clone());
+        }
+        if let Some(ca_file) = &self.access.ca_file {
+            options = options
+                .add_root_certificates(ca_file.clone())
+                .require_tls(true);
+        }
+        options.connect(self.url()).await
+    }
+
     fn jetstream(&self) -> async_nats::jetstream::Context {
         self.runtime.block_on(async {
-            let client = async_nats::connect(self.url()).await.unwrap();
+            let client = self.client().await.unwrap();
             async_nats::jetstream::new(client)
         })
     }
 
     fn wait_ready(&self) {
-        let url = self.url();
         let ready = wait_until(WAIT, || {
             self.runtime
                 .block_on(async {
-                    let client = async_nats::connect(url.as_str()).await.ok()?;
+                    let client = self.client().await.ok()?;
                     client.request("$JS.API.INFO", "".into()).await.ok()
                 })
                 .is_some()

@@ -27,6 +27,9 @@ pub struct NatsConfig {
     pub password_file: Option<PathBuf>,
     /// A token login, read from this file.
     pub token_file: Option<PathBuf>,
+    /// Trusted CA certificates (PEM) for TLS; TLS is then required. Default: the Mozilla
+    /// roots, for servers that ask for TLS or `tls://` URLs.
+    pub ca_file: Option<PathBuf>,
     /// The message body: the CloudEvents envelope, or the payload (debezium, raw).
     #[serde(default)]
     pub format: Format,
@@ -94,6 +97,7 @@ impl NatsConfig {
             username: self.username.clone(),
             password: secret(&self.password_file, "password_file")?,
             token: secret(&self.token_file, "token_file")?,
+            ca_file: self.ca_file.clone(),
             format: self.format,
             window: self.window,
             timeout: self.timeout,

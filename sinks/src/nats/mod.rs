@@ -44,6 +44,8 @@ pub struct NatsSettings {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub token: Option<Secret>,
+    /// Trusted roots (PEM); TLS is required when set.
+    pub ca_file: Option<PathBuf>,
     pub format: Format,
     pub window: usize,
     pub timeout: Duration,
@@ -90,6 +92,11 @@ impl NatsSink {
         }
         if let Some(token) = &settings.token {
             options = options.token(token.expose().to_owned());
+        }
+        if let Some(ca_file) = &settings.ca_file {
+            options = options
+                .add_root_certificates(ca_file.clone())
+                .require_tls(true);
         }
         let client = options.connect(settings.url.as_str()).await.map_err(|e| {
             let context = format!("connecting to NATS at {}: {e}", settings.url);

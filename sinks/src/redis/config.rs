@@ -19,6 +19,8 @@ pub struct RedisConfig {
     pub url: String,
     /// The password, read from this file at start (keeps it out of the TOML and the URL).
     pub password_file: Option<PathBuf>,
+    /// Trusted CA certificates (PEM) for `rediss://`; default: the Mozilla roots.
+    pub ca_file: Option<PathBuf>,
     /// Stream key template, e.g. `outbox.{aggregatetype}`.
     #[serde(default = "default_stream")]
     pub stream: String,
@@ -65,6 +67,12 @@ impl RedisConfig {
                 "the password is both in url and in password_file: keep it in password_file",
             ));
         }
+        if self.ca_file.is_some() && url.scheme() != "rediss" {
+            return Err(ConfigError::invalid(
+                ctx.name,
+                "ca_file is set but the url is not rediss://",
+            ));
+        }
         if self.max_entry_bytes == 0 || self.timeout.is_zero() {
             return Err(ConfigError::invalid(
                 ctx.name,
@@ -82,6 +90,7 @@ impl RedisConfig {
             name: ctx.name.to_owned(),
             url: self.url.clone(),
             password,
+            ca_file: self.ca_file.clone(),
             stream: template(ctx, "stream", &self.stream)?,
             format: self.format,
             maxlen: self.maxlen,

@@ -31,6 +31,7 @@ use crate::{Event, EventState, Position, Secret, Sink, SinkError};
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything the Redis sink needs, resolved from the configuration.
@@ -39,6 +40,8 @@ pub struct RedisSettings {
     pub name: String,
     pub url: String,
     pub password: Option<Secret>,
+    /// Trusted roots for `rediss://` (PEM); the Mozilla roots when `None`.
+    pub ca_file: Option<PathBuf>,
     pub stream: Template,
     pub format: Format,
     pub maxlen: Option<u64>,
@@ -93,8 +96,23 @@ impl RedisSink {
                 .set_password(password.expose());
             info = info.set_redis_settings(redis);
         }
-        let client = redis::Client::open(info)
-            .map_err(|e| classify(name, &e, "opening the Redis client"))?;
+        let client = match &self.settings.ca_file {
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|err| {
+                    SinkError::Permanent(format!(
+                        "sink {name}: cannot read ca_file {}: {err}",
+                        path.display()
+                    ))
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(info, certificates)
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| classify(name, &e, "opening the Redis client"))?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.timeout))
             .set_response_timeout(Some(self.settings.timeout));
@@ -236,10 +254,10 @@ fn classify(sink: &str, error: &RedisError, what: &str) -> SinkError {
     if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
         return SinkError::Retryable(context);
     }
+    let refused_login = error.kind() == redis::ErrorKind::AuthenticationFailed;
     match error.code() {
-        Some("NOAUTH" | "WRONGPASS") => SinkError::Permanent(format!(
-            "{context}: set the password (sinks.{sink}.password_file) and the user (in url)"
-        )),
+        _ if refused_login => wrong_login(sink, &context),
+        Some("NOAUTH" | "WRONGPASS") => wrong_login(sink, &context),
         Some("NOPERM") => SinkError::Permanent(format!(
             "{context}: the Redis user needs XADD, XRANGE and XINFO on the streams (ACL)"
         )),
@@ -256,6 +274,14 @@ fn classify(sink: &str, error: &RedisError, what: &str) -> SinkError {
         )),
         _ => SinkError::Retryable(context),
     }
+}
+
+/// A login Redis refused (a wrong password or user, or none where one is needed): the
+/// relay stops with the fix rather than retrying forever.
+fn wrong_login(sink: &str, context: &str) -> SinkError {
+    SinkError::Permanent(format!(
+        "{context}: set the password (sinks.{sink}.password_file) and the user (in url)"
+    ))
 }
 
 #[async_trait]
