@@ -321,3 +321,52 @@ fn tls_verifies_the_server_against_the_ca_file() {
     assert!(!ok, "{text}");
     assert!(text.contains("connecting to NATS"), "{text}");
 }
+
+/// Guarantee, as documented: past the stream's duplicate window, events acknowledged after
+/// the relay's last checkpoint are stored again, each copy with the event id as its
+/// `Nats-Msg-Id`. The relay confirms nothing to PostgreSQL and writes no checkpoint after
+/// its first moments here (intervals of an hour; a first event is delivered before the
+/// ones under test, so that the checkpoint writer's first round is behind them), is
+/// killed, and starts again after the one-second window.
+#[test]
+fn past_the_duplicate_window_a_resend_is_stored_again_with_the_same_msg_id() {
+    let nats = Nats::start();
+    nats.create_stream_with_window("OUTBOX", &["outbox.>"], std::time::Duration::from_secs(1));
+    let (scenario, mut relay) = scenario()
+        .outbox_sql(OUTBOX_WITH_HEADERS)
+        .relay("checkpoint_interval = \"1h\"\n")
+        .source("status_interval = \"1h\"\n")
+        .sinks(&nats_sink(&nats, ""))
+        .start();
+    scenario.pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('warmup', 'w', 'T', '{}')",
+    );
+    wait_for(&nats, "OUTBOX", 1, &relay);
+    insert_numbered(&scenario.pg, "order", 0, 2);
+    wait_for(&nats, "OUTBOX", 11, &relay);
+    relay.kill9();
+    // The relay stays down longer than the window: that is the case under test.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let relay = Relay::start(&scenario.config);
+    let complete = wait_until(WAIT, || nats.messages("OUTBOX").len() >= 21);
+    let messages = nats.messages("OUTBOX");
+    assert!(
+        complete,
+        "{} messages; relay log:\n{}",
+        messages.len(),
+        relay.log()
+    );
+    let orders: Vec<&Message> = messages
+        .iter()
+        .filter(|m| m.event()["aggregatetype"] == "order")
+        .collect();
+    assert_eq!(orders.len(), 20, "each event stored again");
+    let ids: HashSet<&str> = orders
+        .iter()
+        .map(|m| m.headers["Nats-Msg-Id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 10, "each copy with the same Nats-Msg-Id");
+    let second: Vec<serde_json::Value> = orders[10..].iter().map(|m| m.event()).collect();
+    assert_once_in_order(&second, 10);
+}

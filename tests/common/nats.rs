@@ -123,14 +123,26 @@ impl Nats {
         assert!(ready, "nats-server did not start:\n{}", self.log());
     }
 
-    /// Creates the stream `name` capturing `subjects`.
+    /// Creates the stream `name` capturing `subjects`, with the default duplicate window.
     pub fn create_stream(&self, name: &str, subjects: &[&str]) {
+        self.create_stream_with_window(name, subjects, std::time::Duration::ZERO);
+    }
+
+    /// Creates the stream `name` capturing `subjects` with duplicate window `window` (zero:
+    /// the server's default, two minutes).
+    pub fn create_stream_with_window(
+        &self,
+        name: &str,
+        subjects: &[&str],
+        window: std::time::Duration,
+    ) {
         let jetstream = self.jetstream();
         self.runtime.block_on(async {
             jetstream
                 .create_stream(async_nats::jetstream::stream::Config {
                     name: name.to_owned(),
                     subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+                    duplicate_window: window,
                     ..Default::default()
                 })
                 .await
