@@ -10,13 +10,13 @@
 mod common;
 
 use common::aws::{eventbridge_sink, Aws, Moto, AWS_ENV};
+use common::aws_proxy::{self, forward, forward_whole, json_response};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
 /// Inserts `count` events in one transaction: keys k0..k{keys-1} in turn, payload `{"n": i}`.
@@ -301,6 +301,9 @@ fn a_bytea_payload_is_data_base64_in_the_envelope_and_refused_as_a_raw_detail() 
     );
 }
 
+/// EventBridge's protocol: JSON 1.1.
+const JSON_1_1: &str = "application/x-amz-json-1.1";
+
 /// Failures the proxy injects into PutEvents requests before they reach moto.
 #[derive(Default)]
 struct Faults {
@@ -332,114 +335,15 @@ fn take(counter: &AtomicUsize) -> Option<usize> {
 
 /// Starts the fault-injecting proxy to moto on `rt`; returns its URL.
 fn start_proxy(rt: &Runtime, moto: &Moto, faults: Arc<Faults>) -> String {
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let upstream = moto.port;
-    rt.spawn(async move {
-        while let Ok((connection, _)) = listener.accept().await {
-            tokio::spawn(proxy_one(connection, upstream, faults.clone()));
-        }
-    });
-    format!("http://127.0.0.1:{port}")
-}
-
-/// Reads one HTTP/1.1 message with a Content-Length body (or up to EOF when `to_eof`).
-async fn read_message(
-    stream: &mut tokio::net::TcpStream,
-    to_eof: bool,
-) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8(buf[..head_end].to_vec()).ok()?;
-    let mut body = buf[head_end..].to_vec();
-    if to_eof {
-        stream.read_to_end(&mut body).await.ok()?;
-    } else {
-        let length = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            })
-            .unwrap_or(0);
-        while body.len() < length {
-            let n = stream.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            body.extend_from_slice(&chunk[..n]);
-        }
-    }
-    Some((head, body))
-}
-
-/// `head` with its Content-Length set to `length` and the connection closed after it.
-fn with_length(head: &str, length: usize) -> String {
-    let mut out: String = head
-        .trim_end()
-        .split("\r\n")
-        .filter(|l| {
-            let name = l.split(':').next().unwrap_or_default().to_ascii_lowercase();
-            name != "content-length" && name != "connection"
-        })
-        .map(|l| format!("{l}\r\n"))
-        .collect();
-    out.push_str(&format!(
-        "Content-Length: {length}\r\nConnection: close\r\n\r\n"
-    ));
-    out
-}
-
-async fn forward(head: &str, body: &[u8], upstream: u16) -> (String, Vec<u8>) {
-    let mut moto = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
-        .await
-        .unwrap();
-    moto.write_all(with_length(head, body.len()).as_bytes())
-        .await
-        .unwrap();
-    moto.write_all(body).await.unwrap();
-    read_message(&mut moto, true).await.unwrap()
-}
-
-fn json_response(status: &str, body: &Value) -> Vec<u8> {
-    let body = body.to_string();
-    let head = with_length(
-        &format!("HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.1\r\n"),
-        body.len(),
-    );
-    [head.into_bytes(), body.into_bytes()].concat()
-}
-
-/// Serves one request (every response closes the connection).
-async fn proxy_one(mut client: tokio::net::TcpStream, upstream: u16, faults: Arc<Faults>) {
-    let Some((head, body)) = read_message(&mut client, false).await else {
-        return;
-    };
-    let response = respond(&head, &body, upstream, &faults).await;
-    let _ = client.write_all(&response).await;
-    let _ = client.shutdown().await;
+    aws_proxy::start(rt, moto.port, move |head, body, upstream| {
+        let faults = faults.clone();
+        async move { respond(&head, &body, upstream, &faults).await }
+    })
 }
 
 async fn respond(head: &str, body: &[u8], upstream: u16, faults: &Faults) -> Vec<u8> {
-    let is_put_events = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("x-amz-target:") && l.ends_with("AWSEvents.PutEvents")
-    });
-    if !is_put_events {
-        let (head, body) = forward(head, body, upstream).await;
-        return [with_length(&head, body.len()).into_bytes(), body].concat();
+    if aws_proxy::target(head) != "AWSEvents.PutEvents" {
+        return forward_whole(head, body, upstream).await;
     }
     let concurrent = faults.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     faults.max_in_flight.fetch_max(concurrent, Ordering::SeqCst);
@@ -467,6 +371,7 @@ async fn put_events(head: &str, body: &[u8], upstream: u16, faults: &Faults) -> 
         if entries.iter().any(|e| e["DetailType"] == invalid) {
             faults.injected_invalid.fetch_add(1, Ordering::SeqCst);
             return json_response(
+                JSON_1_1,
                 "400 Bad Request",
                 &json!({"__type": "ValidationException", "message": "1 validation error detected (injected)"}),
             );
@@ -476,11 +381,13 @@ async fn put_events(head: &str, body: &[u8], upstream: u16, faults: &Faults) -> 
         faults.injected_whole.fetch_add(1, Ordering::SeqCst);
         return if left % 2 == 0 {
             json_response(
+                JSON_1_1,
                 "500 Internal Server Error",
                 &json!({"__type": "InternalFailure", "message": "injected"}),
             )
         } else {
             json_response(
+                JSON_1_1,
                 "400 Bad Request",
                 &json!({"__type": "ThrottlingException", "message": "Rate exceeded (injected)"}),
             )
@@ -502,12 +409,12 @@ async fn put_events(head: &str, body: &[u8], upstream: u16, faults: &Faults) -> 
             .collect();
         let failed = answer["FailedEntryCount"].as_u64().unwrap() as usize + refused;
         return json_response(
+            JSON_1_1,
             "200 OK",
             &json!({"FailedEntryCount": failed, "Entries": results}),
         );
     }
-    let (head, body) = forward(head, body, upstream).await;
-    [with_length(&head, body.len()).into_bytes(), body].concat()
+    forward_whole(head, body, upstream).await
 }
 
 /// Guarantee: throttling and server errors, of whole requests and of single entries, are

@@ -6,9 +6,12 @@
 mod common;
 
 use common::aws::{Aws, Moto, Received, AWS_ENV};
+use common::aws_proxy;
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// What the tests read of a dead letter: "sink | reason".
 const LETTER: &str = "sink, reason";
@@ -308,4 +311,108 @@ fn the_example_config_works_with_settings_from_the_environment() {
     let messages = read_all(&aws, &queue, 1, &relay);
     assert_eq!(messages[0].body["data"]["n"], 1);
     assert_eq!(messages[0].group.as_deref(), Some("o-1"));
+}
+
+/// SQS's protocol: JSON 1.0.
+const JSON_1_0: &str = "application/x-amz-json-1.0";
+
+/// Answers `SendMessageBatch` requests in part: of the first `partial` requests of several
+/// entries only every other entry reaches moto, the rest fail with `InternalError` (a
+/// service fault); an entry whose body names the type `Poison` fails with
+/// `InvalidMessageContents` (a sender fault). Everything else goes to moto.
+async fn send_in_part(
+    head: String,
+    body: Vec<u8>,
+    upstream: u16,
+    partial: &AtomicUsize,
+) -> Vec<u8> {
+    if aws_proxy::target(&head) != "AmazonSQS.SendMessageBatch" {
+        return aws_proxy::forward_whole(&head, &body, upstream).await;
+    }
+    let mut request: Value = serde_json::from_slice(&body).unwrap();
+    let entries = request["Entries"].as_array().unwrap().clone();
+    let split = entries.len() >= 2
+        && partial
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    let mut failed = Vec::new();
+    let mut forwarded = Vec::new();
+    for (i, entry) in entries.into_iter().enumerate() {
+        let id = entry["Id"].clone();
+        if entry["MessageBody"]
+            .as_str()
+            .unwrap()
+            .contains("\"type\":\"Poison\"")
+        {
+            failed.push(
+                json!({"Id": id, "SenderFault": true, "Code": "InvalidMessageContents",
+                "Message": "injected"}),
+            );
+        } else if split && i % 2 == 1 {
+            failed.push(
+                json!({"Id": id, "SenderFault": false, "Code": "InternalError",
+                "Message": "injected"}),
+            );
+        } else {
+            forwarded.push(entry);
+        }
+    }
+    let mut successful = Vec::new();
+    if !forwarded.is_empty() {
+        request["Entries"] = Value::Array(forwarded);
+        let body = serde_json::to_vec(&request).unwrap();
+        let (_, answer) = aws_proxy::forward(&head, &body, upstream).await;
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        successful = answer["Successful"].as_array().cloned().unwrap_or_default();
+        failed.extend(answer["Failed"].as_array().cloned().unwrap_or_default());
+    }
+    aws_proxy::json_response(
+        JSON_1_0,
+        "200 OK",
+        &json!({"Successful": successful, "Failed": failed}),
+    )
+}
+
+/// Guarantee: entries SQS refuses for now (a service fault) are retried alone, without
+/// loss, repeats or reordering of a FIFO queue's keys; an entry refused for its content (a
+/// sender fault) is dead-lettered with SQS's code, and the stream goes on.
+#[test]
+fn entries_refused_in_part_are_retried_or_dead_lettered_by_their_fault() {
+    let moto = Moto::start();
+    let aws = Aws::new(&moto);
+    let queue = aws.queue(&unique("partial"), true);
+    let partial = Arc::new(AtomicUsize::new(2));
+    let counter = partial.clone();
+    let proxy = aws_proxy::start(&aws.rt, moto.port, move |head, body, upstream| {
+        let counter = counter.clone();
+        async move { send_in_part(head, body, upstream, &counter).await }
+    });
+    let (Scenario { pg, .. }, relay) =
+        relay_to(&aws_sink("q", "sqs", &queue, &proxy, "")).start_with_env(&AWS_ENV);
+    insert_numbered(&pg, "order", 0, 10);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('order', 'k1', 'Poison', '{}')",
+    );
+    insert_numbered(&pg, "order", 50, 2);
+    let messages = read_all(&aws, &queue, 60, &relay);
+    assert_once_in_order(&bodies(&messages), 60);
+    assert_eq!(
+        partial.load(Ordering::SeqCst),
+        0,
+        "the proxy refused nothing in part"
+    );
+    assert!(
+        relay
+            .log()
+            .contains("SendMessageBatch refused some entries for now"),
+        "{}",
+        relay.log()
+    );
+    let letters = dead_letters(&pg, LETTER);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0].starts_with("q | SQS refused the message: InvalidMessageContents"),
+        "{letters:?}"
+    );
 }

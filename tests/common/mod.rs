@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod aws;
+pub mod aws_proxy;
 pub mod certs;
 pub mod kafka;
 pub mod nats;
