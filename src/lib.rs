@@ -41,6 +41,7 @@ pub mod reader;
 pub mod relay;
 pub mod resume;
 pub mod row;
+pub mod schemas;
 pub mod source;
 pub mod sql;
 pub mod tables;

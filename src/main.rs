@@ -1,4 +1,4 @@
-//! The `outbox-relay` command line: `run`, `check`, `init`, `status`, `dlq`, and the shell
+//! The `outbox-relay` command line: `run`, `check`, `init`, `status`, `dlq`, `schemas`, and the shell
 //! completions and man page generated from the same definitions.
 
 use anyhow::Context;
@@ -62,10 +62,30 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Check the schema directory: each event type's versions against the one before.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) to stdout.
     Man,
+}
+
+#[derive(Subcommand)]
+enum SchemasAction {
+    /// Compare every version N+1 of each event type with version N (Confluent's JSON Schema
+    /// compatibility rules); print each difference. Exits 1 when a step breaks the required
+    /// compatibility, for application CI.
+    Check {
+        /// The schema directory (default: validation.schema_dir of the configuration).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// What every new version must keep.
+        #[arg(long, value_enum, default_value = "backward")]
+        compatibility: outbox_relay::schemas::Compatibility,
+    },
 }
 
 #[derive(Subcommand)]
@@ -127,6 +147,13 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("rendering the man page")?;
             return print_bytes(&page);
         }
+        Command::Schemas {
+            action:
+                SchemasAction::Check {
+                    dir: Some(ref dir),
+                    compatibility,
+                },
+        } => return check_schemas(dir, compatibility),
         _ => {}
     }
     let config = Config::load(cli.config.as_deref())?;
@@ -186,6 +213,17 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::from(status.verdict.exit_code));
         }
+        Command::Schemas {
+            action: SchemasAction::Check { compatibility, .. },
+        } => {
+            let Some(dir) = &config.validation.schema_dir else {
+                anyhow::bail!(
+                    "no schema directory: pass --dir, or set validation.schema_dir in the \
+                     configuration"
+                );
+            };
+            return check_schemas(dir, compatibility);
+        }
         Command::Dlq { action } => match action {
             DlqAction::List {
                 selection,
@@ -226,6 +264,19 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `schemas check`: the report on stdout; exit 1 when a step breaks `level`.
+fn check_schemas(
+    dir: &std::path::Path,
+    level: outbox_relay::schemas::Compatibility,
+) -> anyhow::Result<ExitCode> {
+    let steps = outbox_relay::schemas::check_dir(dir)?;
+    print_bytes(outbox_relay::schemas::report(&steps, level).as_bytes())?;
+    Ok(match steps.iter().all(|step| step.keeps(level)) {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
+    })
 }
 
 /// Writes generated text to stdout; a reader that closed the pipe early (`| head`) is not an

@@ -37,20 +37,12 @@ impl SchemaRegistry {
         let mut validators = HashMap::new();
         for entry in entries {
             let path = entry?.path();
-            let Some(name) = path
+            let Some(key) = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(crate::schemas::schema_key)
             else {
                 continue;
-            };
-            let key = match name.rsplit_once(".v") {
-                Some((event_type, version))
-                    if !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit()) =>
-                {
-                    (event_type.to_owned(), Some(version.parse::<i64>()?))
-                }
-                _ => (name.to_owned(), None),
             };
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;

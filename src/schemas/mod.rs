@@ -1,0 +1,158 @@
+//! The schema directory as a whole (`validation.schema_dir`): how its files are named, and
+//! `outbox-relay schemas check`, which tells producers' teams when a new version of an
+//! event's schema would break its consumers.
+//!
+//! Files are `<type>.v<version>.json` (one per version) or `<type>.json` (any version).
+//! For every type with several versions, each version is compared with the one before it
+//! ([`compat`]): BACKWARD (consumers on the new version read old events), FORWARD (consumers
+//! still on the old version read new events), FULL (both).
+
+pub mod compat;
+
+use anyhow::{bail, Context};
+use compat::{narrowings, Difference};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The event type and version a schema file is for, from its name; `None` for a file that
+/// is not `*.json`.
+pub fn schema_key(file_name: &str) -> Option<(String, Option<i64>)> {
+    let name = file_name.strip_suffix(".json")?;
+    let versioned = name.rsplit_once(".v").and_then(|(event_type, version)| {
+        let digits = !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit());
+        digits
+            .then(|| version.parse::<i64>().ok())
+            .flatten()
+            .map(|v| (event_type, v))
+    });
+    Some(match versioned {
+        Some((event_type, version)) => (event_type.to_owned(), Some(version)),
+        None => (name.to_owned(), None),
+    })
+}
+
+/// Which directions a new version must keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compatibility {
+    /// Consumers on the new version can read events of the previous one.
+    Backward,
+    /// Consumers on the previous version can read events of the new one.
+    Forward,
+    /// Both.
+    Full,
+}
+
+/// Differences Confluent's rules accept: reported, not a break.
+const ACCEPTED: [&str; 1] = ["REQUIRED_PROPERTY_WITH_DEFAULT_ADDED"];
+
+/// One version compared with the one before it.
+#[derive(Debug)]
+pub struct Step {
+    pub event_type: String,
+    pub from: i64,
+    pub to: i64,
+    /// Ways the new version accepts less than the old one (breaks BACKWARD).
+    pub backward: Vec<Difference>,
+    /// Ways the old version accepts less than the new one (breaks FORWARD).
+    pub forward: Vec<Difference>,
+}
+
+impl Step {
+    fn breaks(differences: &[Difference]) -> bool {
+        differences.iter().any(|d| !ACCEPTED.contains(&d.kind))
+    }
+
+    /// Whether this step keeps `level`.
+    pub fn keeps(&self, level: Compatibility) -> bool {
+        let backward = !Self::breaks(&self.backward);
+        let forward = !Self::breaks(&self.forward);
+        match level {
+            Compatibility::Backward => backward,
+            Compatibility::Forward => forward,
+            Compatibility::Full => backward && forward,
+        }
+    }
+}
+
+/// Compares every version of every type in `dir` with the version before it.
+pub fn check_dir(dir: &Path) -> anyhow::Result<Vec<Step>> {
+    let mut versions: BTreeMap<String, BTreeMap<i64, serde_json::Value>> = BTreeMap::new();
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read schema directory {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let Some((event_type, Some(version))) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(schema_key)
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let schema = serde_json::from_str(&text)
+            .with_context(|| format!("schema file {} is not JSON", path.display()))?;
+        versions
+            .entry(event_type)
+            .or_default()
+            .insert(version, schema);
+    }
+    if versions.is_empty() {
+        bail!(
+            "{} holds no versioned schema: name files <type>.v<version>.json",
+            dir.display()
+        );
+    }
+    let mut steps = Vec::new();
+    for (event_type, schemas) in versions {
+        let ordered: Vec<(&i64, &serde_json::Value)> = schemas.iter().collect();
+        for pair in ordered.windows(2) {
+            let ((from, old), (to, new)) = (pair[0], pair[1]);
+            steps.push(Step {
+                event_type: event_type.clone(),
+                from: *from,
+                to: *to,
+                backward: narrowings(old, new),
+                forward: narrowings(new, old),
+            });
+        }
+    }
+    Ok(steps)
+}
+
+/// The report `schemas check` prints: one line per step, then one per difference.
+pub fn report(steps: &[Step], level: Compatibility) -> String {
+    let mut out = String::new();
+    let verdict = |differences: &[Difference]| match Step::breaks(differences) {
+        true => "broken",
+        false => "ok",
+    };
+    for step in steps {
+        out.push_str(&format!(
+            "{} v{} -> v{}: BACKWARD {}, FORWARD {}{}\n",
+            step.event_type,
+            step.from,
+            step.to,
+            verdict(&step.backward),
+            verdict(&step.forward),
+            if step.keeps(level) {
+                ""
+            } else {
+                "  <- breaks the required compatibility"
+            }
+        ));
+        for (direction, differences) in [("backward", &step.backward), ("forward", &step.forward)] {
+            for d in differences {
+                let path = if d.path.is_empty() { "/" } else { &d.path };
+                out.push_str(&format!(
+                    "  {direction}: {path}: {} ({})\n",
+                    d.detail, d.kind
+                ));
+            }
+        }
+    }
+    if steps.is_empty() {
+        out.push_str("no event type has two versions yet: nothing to compare\n");
+    }
+    out
+}
