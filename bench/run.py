@@ -334,9 +334,13 @@ ALONE_TOOLS = {
     "rabbitmq-alone": ("rabbitmq_publisher_alone", "RabbitMQ publisher alone (no PostgreSQL)"),
     "redis-alone": ("redis_xadd_alone", "Redis XADD in MULTI/EXEC alone (no PostgreSQL)"),
     "nats-alone": ("nats_jetstream_alone", "NATS JetStream publisher alone (no PostgreSQL)"),
+    "webhook-alone": ("webhook_post_alone", "webhook POSTs alone (no PostgreSQL)"),
 }
+# The webhook sinks' receiver (sinks/examples): answers 204 to every request.
+WEBHOOK_ENDPOINT = "webhook_endpoint"
 ALONE_OF_SINK = {"kafka-idempotent": "kafka-alone", "kafka-transactional": "kafka-alone",
-                 "rabbitmq-confirms": "rabbitmq-alone", "redis": "redis-alone", "nats": "nats-alone"}
+                 "rabbitmq-confirms": "rabbitmq-alone", "redis": "redis-alone", "nats": "nats-alone",
+                 "webhook": "webhook-alone"}
 # The envelope the relay wraps a payload in (CloudEvents, structured) adds about this much.
 ENVELOPE_BYTES = 330
 # Debezium's embedded engine (bench/debezium): reader -> (the driver's mode, the row's label).
@@ -503,15 +507,17 @@ class Brokers:
     """The broker sinks' counterparts: Apache Kafka 4.4.0 (a single KRaft node, broker and
     controller, from the jars scripts/install-test-deps.sh puts in .kafka-broker/lib, with the
     tests' server.properties), Redis and NATS (Debian's redis-server and nats-server, as the
-    tests start them), moto from the repo's .venv-brokers, RabbitMQ as the machine's
+    tests start them), an HTTP endpoint answering 204 (sinks/examples/webhook_endpoint.rs),
+    moto from the repo's .venv-brokers, RabbitMQ as the machine's
     service on 5672 (stream plugin on 5552). Each run publishes to a destination of its own
     (Kafka: a new topic; Redis: a new stream; NATS: a new JetStream stream capturing the
-    run's own subject; RabbitMQ: a queue bound to the exchange outbox-relay-bench with the
+    run's own subject; webhook: a path of its own; RabbitMQ: a queue bound to the exchange outbox-relay-bench with the
     run's own key, or a stream); RabbitMQ's queues and streams are deleted at the end, the
     other brokers' files are in the run's work dir."""
 
-    def __init__(self, work: Path, kafka_properties: list[str], warm_up: int):
+    def __init__(self, work: Path, examples: Path, kafka_properties: list[str], warm_up: int):
         self.work = work
+        self.examples = examples
         self.warm_up = warm_up
         self.kafka_properties = dict(kv.split("=", 1) for kv in kafka_properties)
         self.kafka_port: int | None = None
@@ -521,6 +527,7 @@ class Brokers:
         self.moto_port: int | None = None
         self.redis_port: int | None = None
         self.nats_port: int | None = None
+        self.webhook_port: int | None = None
         self.rabbit_queues: list[str] = []
         self.started: list[subprocess.Popen] = []
 
@@ -645,6 +652,22 @@ num.recovery.threads.per.data.dir=1
             log("nats skipped: its JetStream API did not answer")
         return False
 
+    def start_webhook(self) -> bool:
+        """The 204 endpoint, built with the broker-alone clients."""
+        endpoint = self.examples / WEBHOOK_ENDPOINT
+        if not endpoint.exists():
+            log(f"webhook skipped: no {endpoint} (cargo build --release -p outbox-relay-sinks --examples)")
+            return False
+        self.webhook_port = free_port()
+        process = subprocess.Popen([str(endpoint), str(self.webhook_port)], stdout=subprocess.DEVNULL,
+                                   stderr=open(self.work / "webhook.log", "w"))
+        self.started.append(process)
+        if not wait_port(self.webhook_port, 10):
+            log("webhook skipped: the endpoint did not open its port")
+            return False
+        self.servers["webhook"] = process
+        return True
+
     def start(self, wanted: list[str]) -> list[str]:
         """Starts what `wanted` needs; returns the sinks whose broker is there."""
         available = []
@@ -665,6 +688,8 @@ num.recovery.threads.per.data.dir=1
                 available.append("redis")
         if "nats" in wanted and self.start_nats():
             available.append("nats")
+        if "webhook" in wanted and self.start_webhook():
+            available.append("webhook")
         if "eventbridge" in wanted:
             moto = REPO / ".venv-brokers" / "bin" / "moto_server"
             if moto.exists():
@@ -713,6 +738,9 @@ num.recovery.threads.per.data.dir=1
             self.create_nats_stream(unique)
             return (f'[sinks.bench]\ntype = "nats"\nurl = "nats://127.0.0.1:{self.nats_port}"\n'
                     f'subject = "{unique}"\n')
+        if sink == "webhook":
+            return (f'[sinks.bench]\ntype = "webhook"\n'
+                    f'url = "http://127.0.0.1:{self.webhook_port}/{unique}"\n')
         if sink == "eventbridge":
             return ('[sinks.bench]\ntype = "eventbridge"\nbus = "default"\n'
                     f'endpoint_url = "http://127.0.0.1:{self.moto_port}"\nregion = "us-east-1"\n')
@@ -741,6 +769,9 @@ num.recovery.threads.per.data.dir=1
         if reader == "nats-alone":
             return [str(tool), f"nats://127.0.0.1:{self.nats_port}", unique, str(messages),
                     str(body_bytes), "256"]
+        if reader == "webhook-alone":
+            return [str(tool), f"http://127.0.0.1:{self.webhook_port}/{unique}", str(messages),
+                    str(body_bytes), "16"]
         self.rabbit_queues.append(unique)
         return [str(tool), "amqp://guest:guest@127.0.0.1:5672/%2f", unique, str(messages),
                 str(body_bytes), "1024"]
@@ -786,7 +817,8 @@ class Bench:
                     variant["env"][key] = value
             self.variants[label] = variant
         self.pg_version = ""
-        self.brokers = Brokers(self.work, args.kafka_property, args.kafka_warm_up)
+        self.brokers = Brokers(self.work, self.relay_bin.parent / "examples", args.kafka_property,
+                               args.kafka_warm_up)
         self.debezium_cp: str | None = None
 
     # -- plumbing
@@ -995,7 +1027,7 @@ level = "info"
 
     def alone_tool(self, reader: str) -> Path | None:
         """The example binary next to the relay binary (built with it unless --no-build)."""
-        tool = self.relay_bin.parent / "examples" / ALONE_TOOLS[reader][0]
+        tool = self.brokers.examples / ALONE_TOOLS[reader][0]
         return tool if tool.exists() else None
 
     def broker_alone(self, phase: str, reader: str, events: int) -> Result:
@@ -1542,7 +1574,7 @@ level = "info"
 
 PHASES = ["batched", "brokers", "debezium", "single", "latency", "cold", "memory"]
 BROKER_SINKS = ["kafka-idempotent", "kafka-transactional", "rabbitmq-confirms", "rabbitmq-stream",
-                "redis", "nats", "eventbridge"]
+                "redis", "nats", "webhook", "eventbridge"]
 
 
 def median(values: list[float]) -> float:
@@ -1915,10 +1947,11 @@ def main() -> int:
         a.broker_rows = 5_000
         a.debezium_rows = 20_000
     if not a.no_build:
-        log("cargo build --release --bin outbox-relay (and the broker-alone examples)")
+        log("cargo build --release --bin outbox-relay (and the broker-alone examples, the webhook endpoint)")
         subprocess.run(["cargo", "build", "--release", "-p", "outbox-relay", "-p", "outbox-relay-sinks",
                         "--bin", "outbox-relay",
-                        *(arg for tool, _ in ALONE_TOOLS.values() for arg in ("--example", tool))],
+                        *(arg for tool, _ in ALONE_TOOLS.values() for arg in ("--example", tool)),
+                        "--example", WEBHOOK_ENDPOINT],
                        cwd=REPO, check=True, env={**os.environ, "CARGO_TARGET_DIR": str(target_dir)})
     if not Path(a.relay_bin).is_file():
         p.error(f"no relay binary at {a.relay_bin}: build it (run without --no-build) or pass --relay-bin")
