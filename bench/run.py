@@ -23,9 +23,11 @@ and also: the broker sinks on a smaller workload of their own (`brokers` phase: 
 Apache Kafka 4.4.0 broker started here, a single KRaft node from .kafka-broker/lib, idempotent
 and transactional; RabbitMQ exchange with publisher confirms and RabbitMQ stream, on the local
 RabbitMQ; Redis Streams on a redis-server and NATS JetStream on a nats-server started here as
-the tests start them (appendfsync always; a file store); EventBridge on moto; each next to
-decode-only and the null sink of the same WAL, and Kafka, RabbitMQ, Redis and NATS next to a
-client that only publishes, from sinks/examples: the broker alone),
+the tests start them (appendfsync always; a file store); webhooks against an endpoint that
+answers 204 (sinks/examples/webhook_endpoint.rs); EventBridge on moto (SQS and SNS are not
+measured: moto would be the limit); each next to decode-only and the null sink of the same
+WAL, and all but EventBridge and the RabbitMQ stream next to a client that only publishes,
+from sinks/examples: the broker alone),
 Debezium's embedded engine next to the relay (`debezium` phase, bench/debezium, built with
 Maven on first use: readers `debezium` (no-op consumer), `debezium-outbox` (with the EventRouter
 transform) and `debezium-kafka` (EventRouter, idempotent producer into the same Apache Kafka as
@@ -40,6 +42,8 @@ as `postgres` via runuser) or as an ordinary user.
 
     python3 bench/run.py                      # everything, defaults as in BENCHMARKS.md
     python3 bench/run.py --quick              # a smaller, ~1 minute smoke run
+    python3 bench/run.py --only brokers --broker-sinks redis nats webhook
+                                              # one phase, some sinks (and their clients alone)
     python3 bench/run.py --help
 """
 
@@ -1055,7 +1059,7 @@ level = "info"
         result = Result(
             phase, ALONE_TOOLS[reader][1], events, seconds, client_cpu_s=_r(client_cpu, 2),
             extra={"note": "time from the first message to the last acknowledgement; "
-                           "connecting and creating the topic or queue are not counted",
+                           "connecting and creating the topic, queue or stream are not counted",
                    "body_bytes": self.args.payload + ENVELOPE_BYTES, **broker,
                    **other_cpu(busy0, client_cpu, None, broker.get("broker_cpu_s"))},
         )
