@@ -22,8 +22,12 @@ its own slot after the workload is written:
 and also: the broker sinks on a smaller workload of their own (`brokers` phase: Kafka on an
 Apache Kafka 4.4.0 broker started here, a single KRaft node from .kafka-broker/lib, idempotent
 and transactional; RabbitMQ exchange with publisher confirms and RabbitMQ stream, on the local
-RabbitMQ; EventBridge on moto; each next to decode-only and the null sink of the same WAL, and
-Kafka and RabbitMQ next to a client that only publishes, from sinks/examples: the broker alone),
+RabbitMQ; Redis Streams on a redis-server and NATS JetStream on a nats-server started here as
+the tests start them (appendfsync always; a file store); webhooks against an endpoint that
+answers 204 (sinks/examples/webhook_endpoint.rs); EventBridge on moto (SQS and SNS are not
+measured: moto would be the limit); each next to decode-only and the null sink of the same
+WAL, and all but EventBridge and the RabbitMQ stream next to a client that only publishes,
+from sinks/examples: the broker alone),
 Debezium's embedded engine next to the relay (`debezium` phase, bench/debezium, built with
 Maven on first use: readers `debezium` (no-op consumer), `debezium-outbox` (with the EventRouter
 transform) and `debezium-kafka` (EventRouter, idempotent producer into the same Apache Kafka as
@@ -38,6 +42,8 @@ as `postgres` via runuser) or as an ordinary user.
 
     python3 bench/run.py                      # everything, defaults as in BENCHMARKS.md
     python3 bench/run.py --quick              # a smaller, ~1 minute smoke run
+    python3 bench/run.py --only brokers --broker-sinks redis nats webhook
+                                              # one phase, some sinks (and their clients alone)
     python3 bench/run.py --help
 """
 
@@ -330,9 +336,15 @@ DECODE_FETCHED = "decode, fetched by psql"
 ALONE_TOOLS = {
     "kafka-alone": ("kafka_producer_alone", "Kafka producer alone (no PostgreSQL)"),
     "rabbitmq-alone": ("rabbitmq_publisher_alone", "RabbitMQ publisher alone (no PostgreSQL)"),
+    "redis-alone": ("redis_xadd_alone", "Redis XADD in MULTI/EXEC alone (no PostgreSQL)"),
+    "nats-alone": ("nats_jetstream_alone", "NATS JetStream publisher alone (no PostgreSQL)"),
+    "webhook-alone": ("webhook_post_alone", "webhook POSTs alone (no PostgreSQL)"),
 }
+# The webhook sinks' receiver (sinks/examples): answers 204 to every request.
+WEBHOOK_ENDPOINT = "webhook_endpoint"
 ALONE_OF_SINK = {"kafka-idempotent": "kafka-alone", "kafka-transactional": "kafka-alone",
-                 "rabbitmq-confirms": "rabbitmq-alone"}
+                 "rabbitmq-confirms": "rabbitmq-alone", "redis": "redis-alone", "nats": "nats-alone",
+                 "webhook": "webhook-alone"}
 # The envelope the relay wraps a payload in (CloudEvents, structured) adds about this much.
 ENVELOPE_BYTES = 330
 # Debezium's embedded engine (bench/debezium): reader -> (the driver's mode, the row's label).
@@ -446,6 +458,46 @@ KAFKA_LIB = REPO / ".kafka-broker" / "lib"
 KAFKA_JVM = ["-Xmx1g", "-Xms256m", "-XX:+UseSerialGC"]
 
 
+# Redis and NATS as the tests start them (tests/common/redis.rs, tests/common/nats.rs): Debian's
+# binaries, a configuration file naming a free port and the files' directory; Redis with every
+# write fsynced to its append-only file, NATS with JetStream storing to files.
+REDIS_SERVER = ("/usr/bin/redis-server", """port {port}
+bind 127.0.0.1
+dir {home}
+logfile {home}/redis.log
+appendonly yes
+appendfsync always
+save ""
+daemonize no
+""")
+NATS_SERVER = ("/usr/sbin/nats-server", """listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{home}/store" }}
+log_file: "{home}/nats.log"
+""")
+
+
+def nats_request(port: int, subject: str, payload: dict | None = None) -> dict:
+    """One request over NATS's text protocol, answered with JSON: enough for the JetStream
+    API calls the harness makes (the server's JetStream status, creating a stream)."""
+    body = json.dumps(payload).encode() if payload is not None else b""
+    inbox = f"_INBOX.bench.{os.getpid()}"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        answers = sock.makefile("rb")
+        answers.readline()  # the server's INFO
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\n'
+                     + f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(body)}\r\n".encode()
+                     + body + b"\r\n")
+        while True:
+            line = answers.readline()
+            if line.startswith(b"PING"):
+                sock.sendall(b"PONG\r\n")
+            elif line.startswith(b"MSG"):
+                size = int(line.split()[-1])
+                return json.loads(answers.read(size + 2)[:size])
+            elif not line or line.startswith(b"-ERR"):
+                raise RuntimeError(f"NATS request {subject}: {line.decode(errors='replace').strip()}")
+
+
 def kafka_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding. One that starts
     with '-' would read as an option to the storage tool (1 in 64), so it is drawn again."""
@@ -458,19 +510,28 @@ def kafka_cluster_id() -> str:
 class Brokers:
     """The broker sinks' counterparts: Apache Kafka 4.4.0 (a single KRaft node, broker and
     controller, from the jars scripts/install-test-deps.sh puts in .kafka-broker/lib, with the
-    tests' server.properties), moto from the repo's .venv-brokers, RabbitMQ as the machine's
+    tests' server.properties), Redis and NATS (Debian's redis-server and nats-server, as the
+    tests start them), an HTTP endpoint answering 204 (sinks/examples/webhook_endpoint.rs),
+    moto from the repo's .venv-brokers, RabbitMQ as the machine's
     service on 5672 (stream plugin on 5552). Each run publishes to a destination of its own
-    (Kafka: a new topic; RabbitMQ: a queue bound to the exchange outbox-relay-bench with the
-    run's own key, or a stream); the queues and streams are deleted at the end."""
+    (Kafka: a new topic; Redis: a new stream; NATS: a new JetStream stream capturing the
+    run's own subject; webhook: a path of its own; RabbitMQ: a queue bound to the exchange outbox-relay-bench with the
+    run's own key, or a stream); RabbitMQ's queues and streams are deleted at the end, the
+    other brokers' files are in the run's work dir."""
 
-    def __init__(self, work: Path, kafka_properties: list[str], warm_up: int):
+    def __init__(self, work: Path, examples: Path, kafka_properties: list[str], warm_up: int):
         self.work = work
+        self.examples = examples
         self.warm_up = warm_up
         self.kafka_properties = dict(kv.split("=", 1) for kv in kafka_properties)
         self.kafka_port: int | None = None
-        self.kafka: subprocess.Popen | None = None
+        # The brokers started here, by kind (kafka, redis, nats): whose CPU a run reports.
+        self.servers: dict[str, subprocess.Popen] = {}
         self.kafka_starts = 0
         self.moto_port: int | None = None
+        self.redis_port: int | None = None
+        self.nats_port: int | None = None
+        self.webhook_port: int | None = None
         self.rabbit_queues: list[str] = []
         self.started: list[subprocess.Popen] = []
 
@@ -478,9 +539,12 @@ class Brokers:
     def kafka_bootstrap(self) -> str:
         return f"127.0.0.1:{self.kafka_port}"
 
-    def kafka_cpu(self) -> float | None:
-        """The Kafka broker JVM's CPU seconds so far (None without a broker)."""
-        return cpu_seconds(self.kafka.pid) if self.kafka and self.kafka.poll() is None else None
+    def cpu(self, reader: str) -> float | None:
+        """The CPU seconds so far of the broker a reader publishes to (a sink, a broker-alone
+        client, debezium-kafka), if the harness started it; None otherwise."""
+        kind = "kafka" if reader == "debezium-kafka" else reader.split("-")[0]
+        server = self.servers.get(kind)
+        return cpu_seconds(server.pid) if server and server.poll() is None else None
 
     def start_kafka(self) -> bool:
         """Formats a fresh KRaft log directory in the run's work dir and starts the broker;
@@ -532,9 +596,10 @@ num.recovery.threads.per.data.dir=1
                 f"{(home / 'format.log').read_text()[-1500:]}")
             return False
         started = time.monotonic()
-        self.kafka = subprocess.Popen([*java, "kafka.Kafka", str(config)], stdout=open(broker_log, "w"),
-                                      stderr=subprocess.STDOUT)
-        self.started.append(self.kafka)
+        kafka = subprocess.Popen([*java, "kafka.Kafka", str(config)], stdout=open(broker_log, "w"),
+                                 stderr=subprocess.STDOUT)
+        self.started.append(kafka)
+        self.servers["kafka"] = kafka
         probe = None
         if wait_port(self.kafka_port, 60):
             probe = subprocess.run(
@@ -543,13 +608,68 @@ num.recovery.threads.per.data.dir=1
                  str(REPO / "bench" / "kafka" / "KafkaReady.java"), self.kafka_bootstrap, "60000",
                  str(self.warm_up)],
                 capture_output=True, text=True)
-        if probe is None or probe.returncode != 0 or self.kafka.poll() is not None:
+        if probe is None or probe.returncode != 0 or kafka.poll() is not None:
             log("Kafka sinks skipped: the broker did not become ready: "
                 f"{probe.stderr[-1500:] if probe else 'its port did not open'}\n"
                 f"{broker_log.read_text()[-1500:]}")
             return False
         log(f"Apache Kafka ready and warmed up ({self.warm_up} records idempotent, {self.warm_up} in "
             f"transactions) on {self.kafka_bootstrap} in {time.monotonic() - started:.1f} s")
+        return True
+
+    def start_server(self, kind: str, server: tuple[str, str]) -> int | None:
+        """A broker from the machine's packages (`server`: its binary and configuration) on a
+        free port, its configuration and files in the run's work dir; its port once it
+        accepts connections, else None."""
+        binary = server[0] if Path(server[0]).exists() else shutil.which(Path(server[0]).name)
+        if not binary:
+            log(f"{kind} skipped: no {Path(server[0]).name} (scripts/install-test-deps.sh)")
+            return None
+        home = self.work / kind
+        home.mkdir(exist_ok=True)
+        port = free_port()
+        config = home / f"{kind}.conf"
+        config.write_text(server[1].format(port=port, home=home))
+        args = ["-c", str(config)] if kind == "nats" else [str(config)]
+        process = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL,
+                                   stderr=open(home / "stderr.log", "w"))
+        self.started.append(process)
+        if not wait_port(port, 20):
+            log(f"{kind} skipped: {binary} did not open its port: "
+                f"{(home / 'stderr.log').read_text()[-1500:]}")
+            return None
+        self.servers[kind] = process
+        return port
+
+    def start_nats(self) -> bool:
+        """nats-server with JetStream, ready once its JetStream API answers."""
+        self.nats_port = self.start_server("nats", NATS_SERVER)
+        deadline = time.monotonic() + 20
+        while self.nats_port and time.monotonic() < deadline:
+            try:
+                if "error" not in nats_request(self.nats_port, "$JS.API.INFO"):
+                    return True
+            except (OSError, RuntimeError):
+                pass
+            time.sleep(0.1)
+        if self.nats_port:
+            log("nats skipped: its JetStream API did not answer")
+        return False
+
+    def start_webhook(self) -> bool:
+        """The 204 endpoint, built with the broker-alone clients."""
+        endpoint = self.examples / WEBHOOK_ENDPOINT
+        if not endpoint.exists():
+            log(f"webhook skipped: no {endpoint} (cargo build --release -p outbox-relay-sinks --examples)")
+            return False
+        self.webhook_port = free_port()
+        process = subprocess.Popen([str(endpoint), str(self.webhook_port)], stdout=subprocess.DEVNULL,
+                                   stderr=open(self.work / "webhook.log", "w"))
+        self.started.append(process)
+        if not wait_port(self.webhook_port, 10):
+            log("webhook skipped: the endpoint did not open its port")
+            return False
+        self.servers["webhook"] = process
         return True
 
     def start(self, wanted: list[str]) -> list[str]:
@@ -566,6 +686,14 @@ num.recovery.threads.per.data.dir=1
                     log("rabbitmq-stream skipped: nothing on 5552 (rabbitmq-plugins enable rabbitmq_stream)")
             else:
                 log("RabbitMQ sinks skipped: nothing on 127.0.0.1:5672")
+        if "redis" in wanted:
+            self.redis_port = self.start_server("redis", REDIS_SERVER)
+            if self.redis_port:
+                available.append("redis")
+        if "nats" in wanted and self.start_nats():
+            available.append("nats")
+        if "webhook" in wanted and self.start_webhook():
+            available.append("webhook")
         if "eventbridge" in wanted:
             moto = REPO / ".venv-brokers" / "bin" / "moto_server"
             if moto.exists():
@@ -607,18 +735,47 @@ num.recovery.threads.per.data.dir=1
             return ('[sinks.bench]\ntype = "rabbitmq"\nmode = "stream"\n'
                     'url = "rabbitmq-stream://guest:guest@127.0.0.1:5552/%2f"\n'
                     f'stream = "{unique}"\ndeclare = true\n')
+        if sink == "redis":
+            return (f'[sinks.bench]\ntype = "redis"\nurl = "redis://127.0.0.1:{self.redis_port}/0"\n'
+                    f'stream = "{unique}"\n')
+        if sink == "nats":
+            self.create_nats_stream(unique)
+            return (f'[sinks.bench]\ntype = "nats"\nurl = "nats://127.0.0.1:{self.nats_port}"\n'
+                    f'subject = "{unique}"\n')
+        if sink == "webhook":
+            return (f'[sinks.bench]\ntype = "webhook"\n'
+                    f'url = "http://127.0.0.1:{self.webhook_port}/{unique}"\n')
         if sink == "eventbridge":
             return ('[sinks.bench]\ntype = "eventbridge"\nbus = "default"\n'
                     f'endpoint_url = "http://127.0.0.1:{self.moto_port}"\nregion = "us-east-1"\n')
         raise ValueError(f"unknown sink {sink}")
 
+    def create_nats_stream(self, name: str) -> None:
+        """A file-backed JetStream stream `name` capturing the subject `name` (the sink
+        publishes to a stream that exists; a stream per run, as the same WAL's event ids
+        would be duplicates in one stream)."""
+        answer = nats_request(self.nats_port, f"$JS.API.STREAM.CREATE.{name}",
+                              {"name": name, "subjects": [name], "storage": "file"})
+        if "error" in answer:
+            raise RuntimeError(f"creating the NATS stream {name}: {answer['error']}")
+
     def alone_command(self, tool: Path, reader: str, unique: str, messages: int,
-                      body_bytes: int) -> list[str]:
+                      body_bytes: int, batch: int) -> list[str]:
         """The broker-alone tool's command line: the same number of messages, of about the
         size of the relay's, with the same guarantees (idempotent producer; persistent
-        messages with confirms and the sink's default window)."""
+        messages with confirms and the sink's default window; Redis: MULTI/EXEC batches of
+        the relay's batch_size; NATS: Nats-Msg-Id and the sink's default window)."""
         if reader == "kafka-alone":
             return [str(tool), f"127.0.0.1:{self.kafka_port}", unique, str(messages), str(body_bytes)]
+        if reader == "redis-alone":
+            return [str(tool), f"redis://127.0.0.1:{self.redis_port}/0", unique, str(messages),
+                    str(body_bytes), str(batch)]
+        if reader == "nats-alone":
+            return [str(tool), f"nats://127.0.0.1:{self.nats_port}", unique, str(messages),
+                    str(body_bytes), "256"]
+        if reader == "webhook-alone":
+            return [str(tool), f"http://127.0.0.1:{self.webhook_port}/{unique}", str(messages),
+                    str(body_bytes), "16"]
         self.rabbit_queues.append(unique)
         return [str(tool), "amqp://guest:guest@127.0.0.1:5672/%2f", unique, str(messages),
                 str(body_bytes), "1024"]
@@ -633,7 +790,7 @@ num.recovery.threads.per.data.dir=1
                 child.kill()
                 child.wait()
         self.started.clear()
-        self.kafka = None
+        self.servers.clear()
 
 
 # ---------------------------------------------------------------- the bench
@@ -664,7 +821,8 @@ class Bench:
                     variant["env"][key] = value
             self.variants[label] = variant
         self.pg_version = ""
-        self.brokers = Brokers(self.work, args.kafka_property, args.kafka_warm_up)
+        self.brokers = Brokers(self.work, self.relay_bin.parent / "examples", args.kafka_property,
+                               args.kafka_warm_up)
         self.debezium_cp: str | None = None
 
     # -- plumbing
@@ -873,7 +1031,7 @@ level = "info"
 
     def alone_tool(self, reader: str) -> Path | None:
         """The example binary next to the relay binary (built with it unless --no-build)."""
-        tool = self.relay_bin.parent / "examples" / ALONE_TOOLS[reader][0]
+        tool = self.brokers.examples / ALONE_TOOLS[reader][0]
         return tool if tool.exists() else None
 
     def broker_alone(self, phase: str, reader: str, events: int) -> Result:
@@ -882,10 +1040,10 @@ level = "info"
         tool = self.alone_tool(reader)
         unique = f"{phase}-{reader}-{os.getpid()}-{len(self.results)}"
         cmd = self.brokers.alone_command(tool, reader, unique, events,
-                                         self.args.payload + ENVELOPE_BYTES)
+                                         self.args.payload + ENVELOPE_BYTES, self.args.batch_size)
         self.wait_quiet()
         busy0 = machine_busy()
-        broker0 = self.brokers.kafka_cpu() if reader == "kafka-alone" else None
+        broker0 = self.brokers.cpu(reader)
         output = self.work / f"{unique}.out"
         with open(output, "w") as sink:
             proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
@@ -897,20 +1055,20 @@ level = "info"
             raise RuntimeError(f"{tool.name} failed: {text[-2000:]}")
         seconds = json.loads(text.strip().splitlines()[-1])["seconds"]
         client_cpu = usage.ru_utime + usage.ru_stime
-        broker = self.broker_cpu(broker0, events)
+        broker = self.broker_cpu(reader, broker0, events)
         result = Result(
             phase, ALONE_TOOLS[reader][1], events, seconds, client_cpu_s=_r(client_cpu, 2),
             extra={"note": "time from the first message to the last acknowledgement; "
-                           "connecting and creating the topic or queue are not counted",
+                           "connecting and creating the topic, queue or stream are not counted",
                    "body_bytes": self.args.payload + ENVELOPE_BYTES, **broker,
                    **other_cpu(busy0, client_cpu, None, broker.get("broker_cpu_s"))},
         )
         self.add(result)
         return result
 
-    def broker_cpu(self, before: float | None, events: int) -> dict:
-        """The Kafka broker JVM's CPU since `before` (a run on a Kafka sink), per million events."""
-        after = self.brokers.kafka_cpu()
+    def broker_cpu(self, reader: str, before: float | None, events: int) -> dict:
+        """The CPU of the broker `reader` publishes to since `before`, per million events."""
+        after = self.brokers.cpu(reader)
         if before is None or after is None:
             return {}
         used = after - before
@@ -976,7 +1134,7 @@ level = "info"
                "-cp", self.debezium_cp, "DebeziumBench", mode, str(events), str(props)]
         self.wait_quiet()
         busy0 = machine_busy()
-        broker0 = self.brokers.kafka_cpu() if mode == "kafka" else None
+        broker0 = self.brokers.cpu(reader)
         wall_started = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(errors, "w"), text=True)
         self.children.append(proc)
@@ -1004,7 +1162,7 @@ level = "info"
         jvm_cpu = cpu_seconds(proc.pid)
         hwm = status_kb(proc.pid, "VmHWM")
         server_cpu = cpu_seconds(walsender) if walsender else None
-        broker = self.broker_cpu(broker0, events)
+        broker = self.broker_cpu(reader, broker0, events)
         background = other_cpu(busy0, jvm_cpu, server_cpu, broker.get("broker_cpu_s"))
         code = self.stop_relay(proc)
         first = int(marks["first"]) / 1e6
@@ -1041,7 +1199,7 @@ level = "info"
             )
             time.sleep(0.5)
         busy0 = machine_busy()
-        broker0 = self.brokers.kafka_cpu() if sink.startswith("kafka") else None
+        broker0 = self.brokers.cpu(sink)
         started = time.monotonic()
         wall_started = time.time()
         proc, stderr = self.spawn_relay(
@@ -1069,7 +1227,7 @@ level = "info"
         relay_cpu = cpu_seconds(proc.pid)
         hwm = status_kb(proc.pid, "VmHWM")
         server_cpu = cpu_seconds(walsender) if walsender else None
-        broker = self.broker_cpu(broker0, events)
+        broker = self.broker_cpu(sink, broker0, events)
         background = other_cpu(busy0, relay_cpu, server_cpu, broker.get("broker_cpu_s"))
         if profiler:
             profiler.send_signal(signal.SIGINT)
@@ -1420,7 +1578,7 @@ level = "info"
 
 PHASES = ["batched", "brokers", "debezium", "single", "latency", "cold", "memory"]
 BROKER_SINKS = ["kafka-idempotent", "kafka-transactional", "rabbitmq-confirms", "rabbitmq-stream",
-                "eventbridge"]
+                "redis", "nats", "webhook", "eventbridge"]
 
 
 def median(values: list[float]) -> float:
@@ -1793,10 +1951,11 @@ def main() -> int:
         a.broker_rows = 5_000
         a.debezium_rows = 20_000
     if not a.no_build:
-        log("cargo build --release --bin outbox-relay (and the broker-alone examples)")
+        log("cargo build --release --bin outbox-relay (and the broker-alone examples, the webhook endpoint)")
         subprocess.run(["cargo", "build", "--release", "-p", "outbox-relay", "-p", "outbox-relay-sinks",
                         "--bin", "outbox-relay",
-                        *(arg for tool, _ in ALONE_TOOLS.values() for arg in ("--example", tool))],
+                        *(arg for tool, _ in ALONE_TOOLS.values() for arg in ("--example", tool)),
+                        "--example", WEBHOOK_ENDPOINT],
                        cwd=REPO, check=True, env={**os.environ, "CARGO_TARGET_DIR": str(target_dir)})
     if not Path(a.relay_bin).is_file():
         p.error(f"no relay binary at {a.relay_bin}: build it (run without --no-build) or pass --relay-bin")
