@@ -2,13 +2,17 @@
 //! in key order; at most `max_entries` entries and `max_bytes` per request; a failed entry
 //! waits out its own backoff, or the wait the service asked for when longer.
 //!
-//! Invariant: an event is handed out only when every earlier event of its key is settled
-//! (acknowledged or rejected), so a retried event can never land after a later one of its
-//! key.
+//! Invariants:
+//! - An event is handed out only when every earlier event of its key is settled
+//!   (acknowledged or rejected), so a retried event can never land after a later one of its
+//!   key.
+//! - `idle` (and `idle_by_time`) hold exactly the heads of the keys (their first unsettled
+//!   event) that are not in flight, so choosing a request and finding the next wake-up cost
+//!   what is chosen, not a walk over every key of the batch.
 
 use super::{ATTEMPTS_PER_SEND, FIRST_BACKOFF, MAX_BACKOFF};
 use crate::{Backoff, EventState};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -46,6 +50,12 @@ pub(super) struct Scheduler<E> {
     pub(super) slots: Vec<Slot<E>>,
     /// The events of each key, in batch order, and how many of them are done.
     groups: Vec<(Vec<usize>, usize)>,
+    /// The heads not in flight, in batch order.
+    idle: BTreeSet<usize>,
+    /// The same heads, by the time they may go.
+    idle_by_time: BTreeSet<(Instant, usize)>,
+    /// How many keys have an unsettled event.
+    open: usize,
     max_entries: usize,
     max_bytes: usize,
 }
@@ -88,9 +98,13 @@ impl<E> Scheduler<E> {
                 }
             })
             .collect();
+        let open = groups.len();
         let mut scheduler = Scheduler {
             slots,
             groups,
+            idle: BTreeSet::new(),
+            idle_by_time: BTreeSet::new(),
+            open,
             max_entries,
             max_bytes,
         };
@@ -100,48 +114,46 @@ impl<E> Scheduler<E> {
         scheduler
     }
 
-    /// Moves the group's cursor past its finished events.
+    /// Moves the group's cursor past its finished events, and makes its head idle.
     fn advance(&mut self, group: usize) {
         let (members, done) = &mut self.groups[group];
+        let was_open = *done < members.len();
         while *done < members.len() && self.slots[members[*done]].state.is_settled() {
             *done += 1;
         }
-    }
-
-    /// The first unfinished event of each key that is pending, in batch order.
-    fn heads(&self) -> Vec<usize> {
-        let mut heads: Vec<usize> = self
-            .groups
-            .iter()
-            .filter_map(|(members, done)| members.get(*done).copied())
-            .filter(|&i| !self.slots[i].in_flight)
-            .collect();
-        heads.sort_unstable();
-        heads
+        match members.get(*done).copied() {
+            Some(head) if !self.slots[head].in_flight => {
+                self.idle.insert(head);
+                self.idle_by_time
+                    .insert((self.slots[head].not_before, head));
+            }
+            Some(_) => {}
+            None if was_open => self.open -= 1,
+            None => {}
+        }
     }
 
     pub(super) fn all_done(&self) -> bool {
-        self.groups
-            .iter()
-            .all(|(members, done)| *done == members.len())
+        self.open == 0
     }
 
     /// The events of the next request among those ready at `now`, marked in flight; empty
     /// when none is ready.
     pub(super) fn next_request(&mut self, now: Instant) -> Vec<usize> {
+        let slots = &self.slots;
         let ready = self
-            .heads()
-            .into_iter()
-            .filter(|&i| self.slots[i].not_before <= now);
+            .idle
+            .iter()
+            .copied()
+            .filter(|&i| slots[i].not_before <= now);
         let request = pack(
-            ready.map(|i| {
-                let slot = &self.slots[i];
-                (i, slot.size, slot.alone)
-            }),
+            ready.map(|i| (i, slots[i].size, slots[i].alone)),
             self.max_entries,
             self.max_bytes,
         );
         for &i in &request {
+            self.idle.remove(&i);
+            self.idle_by_time.remove(&(self.slots[i].not_before, i));
             self.slots[i].in_flight = true;
         }
         request
@@ -149,15 +161,16 @@ impl<E> Scheduler<E> {
 
     /// When the earliest pending head becomes ready.
     pub(super) fn next_ready(&self) -> Option<Instant> {
-        self.heads()
-            .into_iter()
-            .map(|i| self.slots[i].not_before)
-            .min()
+        self.idle_by_time.first().map(|(time, _)| *time)
     }
 
     /// Records the outcome of an event that was in flight; returns whether it has now failed
     /// too often in this `send`.
     pub(super) fn finish(&mut self, index: usize, outcome: Outcome, now: Instant) -> bool {
+        // A lone event refused as invalid was made idle by `isolate` and is finished at once.
+        self.idle.remove(&index);
+        self.idle_by_time
+            .remove(&(self.slots[index].not_before, index));
         let slot = &mut self.slots[index];
         let mut exhausted = false;
         slot.in_flight = false;
@@ -182,6 +195,8 @@ impl<E> Scheduler<E> {
         for &i in request {
             self.slots[i].in_flight = false;
             self.slots[i].alone = true;
+            self.idle.insert(i);
+            self.idle_by_time.insert((self.slots[i].not_before, i));
         }
         request.len() == 1
     }
@@ -346,5 +361,62 @@ mod tests {
         }
         assert_eq!(waits[0], FIRST_BACKOFF);
         assert!(waits.iter().all(|wait| *wait <= MAX_BACKOFF), "{waits:?}");
+    }
+
+    #[test]
+    fn settled_events_are_skipped_and_isolated_ones_come_back_one_by_one() {
+        let keys = ["a", "a", "b", "c"];
+        let entries = vec![
+            (None, EventState::Acked),
+            (Some(((), 10)), EventState::Pending),
+            (Some(((), 10)), EventState::Pending),
+            (None, EventState::Rejected("before".into())),
+        ];
+        let mut s = Scheduler::new(entries, &keys, LIMITS);
+        let now = Instant::now();
+        assert!(!s.all_done());
+        assert_eq!(s.next_request(now), [1, 2]);
+        assert!(!s.isolate(&[1, 2]), "two events: not yet the one at fault");
+        assert_eq!(s.next_request(now), [1], "alone");
+        assert_eq!(s.next_request(now), [2], "alone");
+        s.finish(1, Outcome::Acknowledged, now);
+        assert!(!s.all_done());
+        s.finish(
+            2,
+            Outcome::Retry("later".into(), Some(Duration::from_secs(7))),
+            now,
+        );
+        assert_eq!(
+            s.next_ready(),
+            Some(now + Duration::from_secs(7)),
+            "the wait asked for"
+        );
+        assert!(s.next_request(now).is_empty());
+        let later = now + Duration::from_secs(7);
+        assert_eq!(s.next_request(later), [2]);
+        s.finish(2, Outcome::Acknowledged, later);
+        assert!(s.all_done());
+        assert_eq!(s.next_ready(), None);
+    }
+
+    #[test]
+    fn a_lone_event_refused_as_invalid_is_rejected_and_never_handed_out_again() {
+        let mut s = scheduler(&["a", "a", "b"], 10);
+        let now = Instant::now();
+        assert_eq!(s.next_request(now), [0, 2]);
+        assert!(!s.isolate(&[0, 2]));
+        assert_eq!(s.next_request(now), [0]);
+        assert!(s.isolate(&[0]), "alone: the one at fault");
+        s.finish(0, Outcome::Reject("invalid".into()), now);
+        assert_eq!(
+            s.next_request(now),
+            [1],
+            "a's next event, not the rejected one"
+        );
+        assert_eq!(s.next_request(now), [2]);
+        s.finish(1, Outcome::Acknowledged, now);
+        s.finish(2, Outcome::Acknowledged, now);
+        assert!(s.all_done());
+        assert!(s.next_request(now).is_empty());
     }
 }
