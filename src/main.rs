@@ -1,4 +1,4 @@
-//! The `outbox-relay` command line: `run`, `check`, `init`, `status`, `dlq`, `schemas`, and the shell
+//! The `outbox-relay` command line: `run`, `check`, `init`, `status`, `dlq`, `schemas`, `catalog`, and the shell
 //! completions and man page generated from the same definitions.
 
 use anyhow::Context;
@@ -66,6 +66,14 @@ enum Command {
     Schemas {
         #[command(subcommand)]
         action: SchemasAction,
+    },
+    /// Print the AsyncAPI 3.0 document of the events the configured sinks publish (one
+    /// channel per sink, one message per schema version of validation.schema_dir), or with
+    /// --markdown a one-page catalog for people.
+    Catalog {
+        /// The Markdown page instead of the AsyncAPI document.
+        #[arg(long)]
+        markdown: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
@@ -223,6 +231,16 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             };
             return check_schemas(dir, compatibility);
+        }
+        Command::Catalog { markdown } => {
+            let text = match markdown {
+                true => outbox_relay::schemas::catalog::markdown(&config)?,
+                false => {
+                    let document = outbox_relay::schemas::catalog::asyncapi(&config)?;
+                    serde_json::to_string_pretty(&document)? + "\n"
+                }
+            };
+            return print_bytes(text.as_bytes());
         }
         Command::Dlq { action } => match action {
             DlqAction::List {

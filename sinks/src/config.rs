@@ -92,6 +92,11 @@ impl SinkConfig {
         self.kind().binary_payload_problem()
     }
 
+    /// Where this sink puts events, for the event catalog.
+    pub fn channel(&self) -> crate::kind::Channel {
+        self.kind().channel()
+    }
+
     /// Problems `outbox-relay check` reports for this sink, one line each.
     pub async fn check(&self, ctx: &SinkContext<'_>) -> Vec<String> {
         self.kind()
@@ -194,6 +199,16 @@ mod tests {
 
         fn filter(&self) -> &MatchRule {
             &self.filter
+        }
+
+        fn channel(&self) -> crate::kind::Channel {
+            crate::kind::Channel {
+                protocol: "tally",
+                address: String::new(),
+                route: None,
+                format: crate::format::Format::CloudEvents,
+                guarantee: "counts events",
+            }
         }
     }
 

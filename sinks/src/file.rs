@@ -14,7 +14,7 @@
 //! the failed batch is cut off first.
 
 use crate::format::{self, Format};
-use crate::kind::{default_true, ConfigError, SinkContext, SinkKind};
+use crate::kind::{default_true, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Event, EventState, Position, Sink, SinkError};
 use async_trait::async_trait;
@@ -45,6 +45,16 @@ impl SinkKind for FileConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "file",
+            address: self.path.display().to_string(),
+            route: None,
+            format: self.format,
+            guarantee: "commit order; exactly once in the cloudevents format",
+        }
     }
 }
 

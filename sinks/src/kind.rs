@@ -51,6 +51,26 @@ pub trait SinkKind: Sync {
     async fn check(&self, _ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {
         Ok(Vec::new())
     }
+
+    /// Where the sink puts events, for the event catalog (`outbox-relay catalog`).
+    fn channel(&self) -> Channel;
+}
+
+/// Where a sink puts events, as the event catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    /// The protocol, as AsyncAPI names it where it has a name (`kafka`, `amqp`, `sqs`,
+    /// `sns`, `nats`, `redis`, `http`), else the service (`eventbridge`, `file`, `stdout`).
+    pub protocol: &'static str,
+    /// The destination: a template (`{aggregatetype}`…) or a fixed name; empty for a sink
+    /// that publishes nothing.
+    pub address: String,
+    /// The routing key (RabbitMQ exchange) or detail type (EventBridge) template.
+    pub route: Option<String>,
+    /// How each message's body is laid out.
+    pub format: crate::format::Format,
+    /// The guarantee the sink gives, in one sentence (README's guarantees table).
+    pub guarantee: &'static str,
 }
 
 /// A mistake in a sink's configuration.

@@ -14,7 +14,8 @@
 //!    [`Sink`].
 //! 2. [`SinkKind`] for the configuration: `build` the sink, and where they apply `validate`
 //!    (what can be refused when the configuration loads), `takes_tombstones`,
-//!    `binary_payload_problem`, `check` (what `outbox-relay check` reports).
+//!    `binary_payload_problem`, `check` (what `outbox-relay check` reports), and `channel`
+//!    (where it publishes, for `outbox-relay catalog`).
 //! 3. One variant of [`SinkConfig`] (its name is the `type`) and its arm in
 //!    `SinkConfig::kind`. Nothing in the relay's crate changes.
 //!
@@ -46,7 +47,7 @@ pub mod webhook;
 pub use backoff::Backoff;
 pub use config::{build_all, SinkConfig};
 pub use event::{Event, Lsn, Payload, Position, Text};
-pub use kind::{ConfigError, SinkContext, SinkKind};
+pub use kind::{Channel, ConfigError, SinkContext, SinkKind};
 pub use secret::{Secret, SecretFileError};
 
 use async_trait::async_trait;

@@ -1,7 +1,7 @@
 //! The null sink: acknowledges every event at once and writes nothing. It measures the
 //! relay itself (benchmarks) and lets a relay confirm a slot without publishing.
 
-use crate::kind::{ConfigError, SinkContext, SinkKind};
+use crate::kind::{Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
@@ -22,6 +22,16 @@ impl SinkKind for NullConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "null",
+            address: String::new(),
+            route: None,
+            format: crate::format::Format::CloudEvents,
+            guarantee: "publishes nothing",
+        }
     }
 }
 

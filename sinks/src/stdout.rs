@@ -3,7 +3,7 @@
 //! may repeat the events since the last checkpoint (at-least-once).
 
 use crate::format::{self, Format};
-use crate::kind::{ConfigError, SinkContext, SinkKind};
+use crate::kind::{Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
@@ -27,6 +27,16 @@ impl SinkKind for StdoutConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "stdout",
+            address: String::new(),
+            route: None,
+            format: self.format,
+            guarantee: "commit order; at-least-once across crashes",
+        }
     }
 }
 

@@ -1,12 +1,13 @@
-//! The schema directory as a whole (`validation.schema_dir`): how its files are named, and
+//! The schema directory as a whole (`validation.schema_dir`): how its files are named,
 //! `outbox-relay schemas check`, which tells producers' teams when a new version of an
-//! event's schema would break its consumers.
+//! event's schema would break its consumers, and the event catalog ([`catalog`]).
 //!
 //! Files are `<type>.v<version>.json` (one per version) or `<type>.json` (any version).
 //! For every type with several versions, each version is compared with the one before it
 //! ([`compat`]): BACKWARD (consumers on the new version read old events), FORWARD (consumers
 //! still on the old version read new events), FULL (both).
 
+pub mod catalog;
 pub mod compat;
 
 use anyhow::{bail, Context};

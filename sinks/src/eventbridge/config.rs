@@ -4,7 +4,7 @@
 use super::{EventBridgeApi, EventBridgeSettings, DEFAULT_MAX_REQUEST_BYTES};
 use crate::batch::BatchSink;
 use crate::format::Format;
-use crate::kind::{template, ConfigError, SinkContext, SinkKind};
+use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::Sink;
 use async_trait::async_trait;
@@ -107,6 +107,16 @@ impl SinkKind for EventBridgeConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "eventbridge",
+            address: self.bus.clone(),
+            route: Some(self.detail_type.clone()),
+            format: self.format,
+            guarantee: "per key (one event per key in flight); at-least-once",
+        }
     }
 
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {

@@ -4,7 +4,7 @@
 
 use super::{KafkaSettings, KafkaSink};
 use crate::format::Format;
-use crate::kind::{default_true, template, ConfigError, SinkContext, SinkKind};
+use crate::kind::{default_true, template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
@@ -121,6 +121,21 @@ impl SinkKind for KafkaConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "kafka",
+            address: self.topic.clone(),
+            route: None,
+            format: self.format,
+            guarantee: if self.exactly_once {
+                "per key (the record key is the event's key); exactly once for read_committed \
+                 consumers"
+            } else {
+                "per key (the record key is the event's key); at-least-once"
+            },
+        }
     }
 
     fn takes_tombstones(&self) -> bool {

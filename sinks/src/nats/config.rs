@@ -3,7 +3,7 @@
 
 use super::{NatsSettings, NatsSink};
 use crate::format::Format;
-use crate::kind::{template, ConfigError, SinkContext, SinkKind};
+use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
@@ -117,6 +117,16 @@ impl SinkKind for NatsConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "nats",
+            address: self.subject.clone(),
+            route: None,
+            format: self.format,
+            guarantee: "commit order; exactly once within the stream's duplicate window",
+        }
     }
 
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {

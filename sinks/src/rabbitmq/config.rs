@@ -6,7 +6,7 @@ use super::exchange::{ExchangeSettings, DEFAULT_MAX_MESSAGE_BYTES};
 use super::stream::StreamSettings;
 use super::{Policy, RabbitMqSettings};
 use crate::format::Format;
-use crate::kind::{template, ConfigError, SinkContext, SinkKind};
+use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
@@ -198,6 +198,30 @@ impl SinkKind for RabbitMqConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        match self.mode {
+            RabbitMqMode::Exchange => Channel {
+                protocol: "amqp",
+                address: self.exchange.clone().unwrap_or_default(),
+                route: Some(
+                    self.routing_key
+                        .clone()
+                        .unwrap_or_else(|| "{aggregatetype}.{type}".into()),
+                ),
+                format: self.format,
+                guarantee: "per key, for the last copy of every event; at-least-once with a \
+                            stable message_id",
+            },
+            RabbitMqMode::Stream => Channel {
+                protocol: "rabbitmq-stream",
+                address: self.stream.clone().unwrap_or_default(),
+                route: None,
+                format: self.format,
+                guarantee: "commit order; exactly once into the stream",
+            },
+        }
     }
 
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {

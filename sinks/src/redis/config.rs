@@ -3,7 +3,7 @@
 
 use super::{RedisSettings, RedisSink};
 use crate::format::Format;
-use crate::kind::{template, ConfigError, SinkContext, SinkKind};
+use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
@@ -112,6 +112,16 @@ impl SinkKind for RedisConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "redis",
+            address: self.stream.clone(),
+            route: None,
+            format: self.format,
+            guarantee: "commit order in every stream; exactly once into the stream",
+        }
     }
 
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {

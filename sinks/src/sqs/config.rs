@@ -8,7 +8,7 @@ use super::topic::Sns;
 use super::{QueueSettings, SNS_MAX_REQUEST_BYTES, SQS_MAX_REQUEST_BYTES};
 use crate::batch::BatchSink;
 use crate::format::Format;
-use crate::kind::{ConfigError, SinkContext, SinkKind};
+use crate::kind::{Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Event, Sink};
 use async_trait::async_trait;
@@ -207,6 +207,21 @@ impl SinkKind for SqsConfig {
         &self.filter
     }
 
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "sqs",
+            address: self.queue_url.clone(),
+            route: None,
+            format: self.format,
+            guarantee: if self.queue_url.ends_with(".fifo") {
+                "per key (the group id is the event's key); exactly once within the 5-minute \
+                 deduplication interval"
+            } else {
+                "at-least-once, the event id in the id attribute"
+            },
+        }
+    }
+
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {
         Ok(Api::<Sqs>::new(self.settings(ctx)?).check().await)
     }
@@ -230,6 +245,21 @@ impl SinkKind for SnsConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "sns",
+            address: self.topic_arn.clone(),
+            route: None,
+            format: self.format,
+            guarantee: if self.topic_arn.ends_with(".fifo") {
+                "per key (the group id is the event's key); exactly once within the 5-minute \
+                 deduplication interval"
+            } else {
+                "at-least-once, the event id in the id attribute"
+            },
+        }
     }
 
     async fn check(&self, ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {

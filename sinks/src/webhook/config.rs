@@ -5,7 +5,7 @@
 use super::request::Mode;
 use super::{client, WebhookApi, WebhookSettings};
 use crate::batch::BatchSink;
-use crate::kind::{template, ConfigError, SinkContext, SinkKind};
+use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
@@ -155,6 +155,20 @@ impl SinkKind for WebhookConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn channel(&self) -> Channel {
+        Channel {
+            protocol: "http",
+            address: self.url.clone(),
+            route: None,
+            format: match self.mode {
+                Mode::Structured => crate::format::Format::CloudEvents,
+                Mode::Binary => crate::format::Format::Raw,
+            },
+            guarantee: "per key (one request per key in flight); at-least-once with an \
+                        Idempotency-Key",
+        }
     }
 
     /// A host that cannot be reached (TCP, and TLS for `https`); nothing is sent.
