@@ -47,4 +47,5 @@ pub mod sql;
 pub mod tables;
 pub mod telemetry;
 pub mod tls;
+pub mod upcast;
 pub mod validation;

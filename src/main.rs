@@ -1,4 +1,4 @@
-//! The `outbox-relay` command line: `run`, `check`, `init`, `status`, `dlq`, `schemas`, `catalog`, and the shell
+//! The `outbox-relay` command line: `run`, `check`, `init`, `status`, `dlq`, `schemas`, `catalog`, `upcast`, and the shell
 //! completions and man page generated from the same definitions.
 
 use anyhow::Context;
@@ -74,6 +74,20 @@ enum Command {
         /// The Markdown page instead of the AsyncAPI document.
         #[arg(long)]
         markdown: bool,
+    },
+    /// Run the [upcast] chain of an event type by hand: a payload of version --from on
+    /// stdin, the payload of version --to (the latest the chain reaches when left out) on
+    /// stdout, validated against that version's schema when validation.schema_dir is set.
+    Upcast {
+        /// The event type.
+        #[arg(long = "type")]
+        event_type: String,
+        /// The payload's version.
+        #[arg(long)]
+        from: i64,
+        /// The version wanted.
+        #[arg(long)]
+        to: Option<i64>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
@@ -232,6 +246,11 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             return check_schemas(dir, compatibility);
         }
+        Command::Upcast {
+            event_type,
+            from,
+            to,
+        } => return upcast(&config, &event_type, from, to),
         Command::Catalog { markdown } => {
             let text = match markdown {
                 true => outbox_relay::schemas::catalog::markdown(&config)?,
@@ -282,6 +301,41 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `upcast`: the payload on stdin through the chain; the result on stdout, the version
+/// reached on stderr; exit 1 (with the reason) when a step or the target schema refuses it.
+fn upcast(
+    config: &Config,
+    event_type: &str,
+    from: i64,
+    to: Option<i64>,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Read;
+    let upcasters = outbox_relay::upcast::Upcasters::compile(&config.upcast)?;
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("reading the payload from stdin")?;
+    let payload: serde_json::Value =
+        serde_json::from_str(&text).context("the payload on stdin is not JSON")?;
+    let (payload, version) = match upcasters.upcast(event_type, from, to, payload) {
+        Ok(done) => done,
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let output = serde_json::to_string_pretty(&payload)? + "\n";
+    if let Some(dir) = &config.validation.schema_dir {
+        let schemas = outbox_relay::validation::SchemaRegistry::load(dir, false)?;
+        if let Err(reason) = schemas.check_payload(event_type, Some(version), Some(&output)) {
+            eprintln!("error: version {version} of {event_type} does not validate: {reason}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    eprintln!("{event_type} version {from} -> {version}");
+    print_bytes(output.as_bytes())
 }
 
 /// `schemas check`: the report on stdout; exit 1 when a step breaks `level`.

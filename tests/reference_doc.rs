@@ -60,6 +60,11 @@ const GROUPS: &[Group] = &[
         extra: &[],
     },
     Group {
+        headings: &["[upcast.<type>.<version>]"],
+        structs: &[("src/upcast.rs", "UpcastStep")],
+        extra: &[],
+    },
+    Group {
         headings: &["[outbox.\"schema.table\"]"],
         structs: &[("src/config/mapping.rs", "TableMapping")],
         extra: &[],
@@ -359,6 +364,10 @@ fn config_for(heading: &str, pairs: &[(String, String)]) -> String {
         "[relay]" | "[leader]" | "[http]" | "[log]" | "[validation]" => {
             format!("{SOURCE}{heading}\n{}{STDOUT_SINK}", body(pairs, &[]))
         }
+        "[upcast.<type>.<version>]" => format!(
+            "{SOURCE}[upcast.OrderPlaced.1]\n{}{STDOUT_SINK}",
+            body(pairs, &[])
+        ),
         "[outbox.\"schema.table\"]" => format!(
             "{SOURCE}[outbox.\"public.outbox\"]\n{}{STDOUT_SINK}",
             body(pairs, &[])

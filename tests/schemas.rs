@@ -99,3 +99,92 @@ fn schemas_check_reports_each_step_and_fails_on_a_break() {
         "{text}"
     );
 }
+
+/// Runs `outbox-relay --config CONFIG upcast ARGS` with `stdin`; its exit status, stdout and
+/// stderr.
+fn upcast(config: &Path, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(relay_bin())
+        .args(["--config", config.to_str().unwrap(), "upcast"])
+        .args(args)
+        .env_remove("OUTBOX_RELAY_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Guarantee: `upcast` runs the configured jq chain on a payload and validates the result
+/// against the target version's schema; a program that does not compile stops the
+/// configuration from loading, naming its key.
+#[test]
+fn upcast_runs_the_chain_and_validates_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir(&schemas).unwrap();
+    write(
+        &schemas,
+        "OrderPlaced.v2.json",
+        serde_json::json!({"type": "object", "required": ["totalAmount", "currency"],
+            "properties": {"totalAmount": {"type": "number"}, "currency": {"type": "string"}}}),
+    );
+    let config = |program: &str| {
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"postgres://relay@localhost/app\"\n[validation]\nschema_dir = \"{}\"\n\
+                 [upcast.OrderPlaced.1]\nto = 2\nprogram = '{program}'\n[sinks.out]\ntype = \"stdout\"\n",
+                schemas.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let good = config(r#"{totalAmount: .amount, currency: "USD"} + del(.amount)"#);
+    let (code, stdout, stderr) = upcast(
+        &good,
+        &["--type", "OrderPlaced", "--from", "1"],
+        r#"{"amount": 12, "id": "o-1"}"#,
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let payload: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        payload,
+        serde_json::json!({"id": "o-1", "totalAmount": 12, "currency": "USD"})
+    );
+    assert!(stderr.contains("OrderPlaced version 1 -> 2"), "{stderr}");
+
+    let forgetful = config(r#"{totalAmount: .amount}"#);
+    let (code, _, stderr) = upcast(
+        &forgetful,
+        &["--type", "OrderPlaced", "--from", "1"],
+        r#"{"amount": 12}"#,
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("version 2 of OrderPlaced does not validate"),
+        "{stderr}"
+    );
+
+    let broken = config("{totalAmount: ");
+    let (code, _, stderr) = upcast(&broken, &["--type", "OrderPlaced", "--from", "1"], "{}");
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("upcast.OrderPlaced.1.program: it does not parse"),
+        "{stderr}"
+    );
+}

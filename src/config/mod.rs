@@ -43,6 +43,9 @@ pub struct Config {
     pub outbox: BTreeMap<String, TableMapping>,
     #[serde(default)]
     pub validation: ValidationConfig,
+    /// Upcasters per event type and version (`[upcast.<type>.<version>]`).
+    #[serde(default)]
+    pub upcast: BTreeMap<String, BTreeMap<String, crate::upcast::UpcastStep>>,
     pub sinks: BTreeMap<String, SinkConfig>,
 }
 
@@ -276,6 +279,7 @@ impl Config {
         if self.sinks.is_empty() {
             bail!("no sink is configured: add a [sinks.NAME] table with a `type` (stdout, file, null)");
         }
+        crate::upcast::Upcasters::compile(&self.upcast)?;
         for name in self.sinks.keys() {
             check_identifier("sink name", name)?;
         }
