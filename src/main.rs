@@ -98,8 +98,10 @@ enum Command {
 #[derive(Subcommand)]
 enum SchemasAction {
     /// Compare every version N+1 of each event type with version N (Confluent's JSON Schema
-    /// compatibility rules); print each difference. Exits 1 when a step breaks the required
-    /// compatibility, for application CI.
+    /// compatibility rules); print each difference. With the configuration (no --dir), also
+    /// run each [upcast] step on the `examples` of its version's schema and validate the
+    /// result. Exits 1 when a step breaks the required compatibility or an upcast example
+    /// fails, for application CI.
     Check {
         /// The schema directory (default: validation.schema_dir of the configuration).
         #[arg(long)]
@@ -244,7 +246,14 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                      configuration"
                 );
             };
-            return check_schemas(dir, compatibility);
+            let upcasters = outbox_relay::upcast::Upcasters::compile(&config.upcast)?;
+            let code = check_schemas(dir, compatibility)?;
+            let (report, passed) = outbox_relay::schemas::check_upcasters(dir, &upcasters)?;
+            print_bytes(report.as_bytes())?;
+            return Ok(match passed {
+                true => code,
+                false => ExitCode::FAILURE,
+            });
         }
         Command::Upcast {
             event_type,

@@ -98,6 +98,15 @@ impl Upcasters {
         Ok(Upcasters { steps })
     }
 
+    /// Every step: event type, the version it starts from, the version it goes to.
+    pub fn steps(&self) -> impl Iterator<Item = (&str, i64, i64)> {
+        self.steps.iter().flat_map(|(event_type, steps)| {
+            steps
+                .iter()
+                .map(move |(from, step)| (event_type.as_str(), *from, step.to))
+        })
+    }
+
     /// The latest version the chain from `from` reaches for `event_type`.
     pub fn latest(&self, event_type: &str, from: i64) -> i64 {
         let mut version = from;

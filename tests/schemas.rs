@@ -188,3 +188,44 @@ fn upcast_runs_the_chain_and_validates_the_result() {
         "{stderr}"
     );
 }
+
+/// Guarantee: `schemas check` with the configuration runs each upcaster on the examples of
+/// its version's schema and validates the results against the next version's schema,
+/// naming each example that fails.
+#[test]
+fn schemas_check_tries_each_upcaster_on_the_examples_of_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir(&schemas).unwrap();
+    write(
+        &schemas,
+        "OrderPlaced.v1.json",
+        serde_json::json!({"type": "object", "properties": {"amount": {"type": "number"}},
+            "examples": [{"amount": 12}, {"amount": 7.5}]}),
+    );
+    write(
+        &schemas,
+        "OrderPlaced.v2.json",
+        serde_json::json!({"type": "object", "required": ["totalAmount"],
+            "properties": {"totalAmount": {"type": "integer"}}}),
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"postgres://relay@localhost/app\"\n[validation]\nschema_dir = \"{}\"\n\
+             [upcast.OrderPlaced.1]\nto = 2\nprogram = '{{totalAmount: .amount}}'\n\
+             [sinks.out]\ntype = \"stdout\"\n",
+            schemas.display()
+        ),
+    )
+    .unwrap();
+    let (out, text) = schemas_check(&["--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("OrderPlaced v1 -> v2 upcaster, example 1: validates")
+            && text.contains("OrderPlaced v1 -> v2 upcaster, example 2: fails:"),
+        "{text}"
+    );
+    assert!(!text.contains("7.5"), "a failure quotes no value: {text}");
+}

@@ -157,3 +157,50 @@ pub fn report(steps: &[Step], level: Compatibility) -> String {
     }
     out
 }
+
+/// Runs every upcaster on the `examples` of the schema of the version it starts from and
+/// validates each result against the schema of the version it goes to: that consumers of
+/// the new version can read old events once upcast. One line per example; `false` when one
+/// fails.
+pub fn check_upcasters(
+    dir: &Path,
+    upcasters: &crate::upcast::Upcasters,
+) -> anyhow::Result<(String, bool)> {
+    let registry = crate::validation::SchemaRegistry::load(dir, false)?;
+    let mut out = String::new();
+    let mut passed = true;
+    for (event_type, from, to) in upcasters.steps() {
+        let file = dir.join(format!("{event_type}.v{from}.json"));
+        let examples: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|schema| schema.get("examples").and_then(|e| e.as_array()).cloned())
+            .unwrap_or_default();
+        if examples.is_empty() {
+            out.push_str(&format!(
+                "{event_type} v{from} -> v{to} upcaster: no examples in {} to try it on\n",
+                file.display()
+            ));
+            continue;
+        }
+        for (n, example) in examples.into_iter().enumerate() {
+            let verdict = upcasters
+                .upcast(event_type, from, Some(to), example)
+                .and_then(|(payload, version)| {
+                    registry.check_payload(event_type, Some(version), Some(&payload.to_string()))
+                });
+            let line = match verdict {
+                Ok(()) => "validates".to_owned(),
+                Err(reason) => {
+                    passed = false;
+                    format!("fails: {reason}")
+                }
+            };
+            out.push_str(&format!(
+                "{event_type} v{from} -> v{to} upcaster, example {}: {line}\n",
+                n + 1
+            ));
+        }
+    }
+    Ok((out, passed))
+}
