@@ -23,6 +23,23 @@ use std::path::Path;
 /// (`max_stack_depth`, a few MB); this leaves a wide margin. Only touched pages are used.
 const DEEP_STACK: usize = 256 * 1024 * 1024;
 
+/// The event type and version a schema file is for, from its name; `None` for a file that
+/// is not `*.json`.
+pub fn schema_key(file_name: &str) -> Option<(String, Option<i64>)> {
+    let name = file_name.strip_suffix(".json")?;
+    let versioned = name.rsplit_once(".v").and_then(|(event_type, version)| {
+        let digits = !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit());
+        digits
+            .then(|| version.parse::<i64>().ok())
+            .flatten()
+            .map(|v| (event_type, v))
+    });
+    Some(match versioned {
+        Some((event_type, version)) => (event_type.to_owned(), Some(version)),
+        None => (name.to_owned(), None),
+    })
+}
+
 pub struct SchemaRegistry {
     validators: HashMap<(String, Option<i64>), jsonschema::Validator>,
     /// Whether an event type without a schema is refused (dead-lettered).
@@ -40,7 +57,7 @@ impl SchemaRegistry {
             let Some(key) = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(crate::schemas::schema_key)
+                .and_then(schema_key)
             else {
                 continue;
             };

@@ -15,22 +15,7 @@ use compat::{narrowings, Difference};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The event type and version a schema file is for, from its name; `None` for a file that
-/// is not `*.json`.
-pub fn schema_key(file_name: &str) -> Option<(String, Option<i64>)> {
-    let name = file_name.strip_suffix(".json")?;
-    let versioned = name.rsplit_once(".v").and_then(|(event_type, version)| {
-        let digits = !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit());
-        digits
-            .then(|| version.parse::<i64>().ok())
-            .flatten()
-            .map(|v| (event_type, v))
-    });
-    Some(match versioned {
-        Some((event_type, version)) => (event_type.to_owned(), Some(version)),
-        None => (name.to_owned(), None),
-    })
-}
+pub use crate::validation::schema_key;
 
 /// Which directions a new version must keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
