@@ -177,7 +177,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir: Some(ref dir),
                     compatibility,
                 },
-        } => return check_schemas(dir, compatibility),
+        } => {
+            let files = outbox_relay::schemas::read_schema_files(dir)?;
+            return check_schemas(dir, &files, compatibility);
+        }
         _ => {}
     }
     let config = Config::load(cli.config.as_deref())?;
@@ -247,8 +250,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             };
             let upcasters = outbox_relay::upcast::Upcasters::compile(&config.upcast)?;
-            let code = check_schemas(dir, compatibility)?;
-            let (report, passed) = outbox_relay::schemas::check_upcasters(dir, &upcasters)?;
+            let files = outbox_relay::schemas::read_schema_files(dir)?;
+            let code = check_schemas(dir, &files, compatibility)?;
+            let (report, passed) = outbox_relay::schemas::check_upcasters(&files, &upcasters)?;
             print_bytes(report.as_bytes())?;
             return Ok(match passed {
                 true => code,
@@ -350,9 +354,10 @@ fn upcast(
 /// `schemas check`: the report on stdout; exit 1 when a step breaks `level`.
 fn check_schemas(
     dir: &std::path::Path,
+    files: &[outbox_relay::schemas::SchemaFile],
     level: outbox_relay::schemas::Compatibility,
 ) -> anyhow::Result<ExitCode> {
-    let steps = outbox_relay::schemas::check_dir(dir)?;
+    let steps = outbox_relay::schemas::check_files(dir, files)?;
     print_bytes(outbox_relay::schemas::report(&steps, level).as_bytes())?;
     Ok(match steps.iter().all(|step| step.keeps(level)) {
         true => ExitCode::SUCCESS,

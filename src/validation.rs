@@ -16,7 +16,7 @@ use outbox_relay_sinks::Event;
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The stack of the thread that parses and validates a payload nested deeper than
 /// serde_json's default limit. PostgreSQL's own parser bounds the depth by its stack
@@ -40,6 +40,46 @@ pub fn schema_key(file_name: &str) -> Option<(String, Option<i64>)> {
     })
 }
 
+/// One schema file of the schema directory, read and parsed.
+#[derive(Debug, Clone)]
+pub struct SchemaFile {
+    pub event_type: String,
+    /// `None` for `<type>.json` (any version).
+    pub version: Option<i64>,
+    pub path: PathBuf,
+    pub schema: serde_json::Value,
+}
+
+/// Every `*.json` schema file of `dir`, parsed, by type then version: the one reader of
+/// the schema directory (validation, `schemas check`, the catalog).
+pub fn read_schema_files(dir: &Path) -> anyhow::Result<Vec<SchemaFile>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read schema directory {}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let Some((event_type, version)) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(schema_key)
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let schema = serde_json::from_str(&text)
+            .with_context(|| format!("schema file {} is not JSON", path.display()))?;
+        files.push(SchemaFile {
+            event_type,
+            version,
+            path,
+            schema,
+        });
+    }
+    files.sort_by(|a, b| (&a.event_type, a.version).cmp(&(&b.event_type, b.version)));
+    Ok(files)
+}
+
 pub struct SchemaRegistry {
     validators: HashMap<(String, Option<i64>), jsonschema::Validator>,
     /// Whether an event type without a schema is refused (dead-lettered).
@@ -49,35 +89,27 @@ pub struct SchemaRegistry {
 impl SchemaRegistry {
     /// Compiles every `*.json` schema in `dir`; a bad file is an error that names it.
     pub fn load(dir: &Path, required: bool) -> anyhow::Result<Self> {
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read validation.schema_dir {}", dir.display()))?;
-        let mut validators = HashMap::new();
-        for entry in entries {
-            let path = entry?.path();
-            let Some(key) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(schema_key)
-            else {
-                continue;
-            };
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let schema: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("schema file {} is not JSON", path.display()))?;
-            let validator = jsonschema::validator_for(&schema).map_err(|e| {
-                anyhow::anyhow!(
-                    "schema file {} is not a valid JSON Schema: {e}",
-                    path.display()
-                )
-            })?;
-            validators.insert(key, validator);
-        }
-        if validators.is_empty() {
+        let files = read_schema_files(dir)?;
+        if files.is_empty() {
             bail!(
                 "validation.schema_dir {} holds no schema: name files <type>.v<version>.json or <type>.json",
                 dir.display()
             );
+        }
+        Self::compile(&files, required)
+    }
+
+    /// Compiles schema files already read.
+    pub fn compile(files: &[SchemaFile], required: bool) -> anyhow::Result<Self> {
+        let mut validators = HashMap::new();
+        for file in files {
+            let validator = jsonschema::validator_for(&file.schema).map_err(|e| {
+                anyhow::anyhow!(
+                    "schema file {} is not a valid JSON Schema: {e}",
+                    file.path.display()
+                )
+            })?;
+            validators.insert((file.event_type.clone(), file.version), validator);
         }
         Ok(SchemaRegistry {
             validators,

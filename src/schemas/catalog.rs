@@ -8,6 +8,7 @@
 //! `^[a-zA-Z0-9.\-_]+$` (others are replaced by `_`), and every placeholder of an address is
 //! a declared parameter, so the document passes the AsyncAPI parser (tests/catalog.rs).
 
+use super::SchemaFile;
 use crate::config::Config;
 use outbox_relay_sinks::format::Format;
 use outbox_relay_sinks::routing::glob_matches;
@@ -15,13 +16,6 @@ use outbox_relay_sinks::Channel;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// One schema file: its event type, version (`None`: `<type>.json`) and schema.
-struct EventSchema {
-    event_type: String,
-    version: Option<i64>,
-    schema: Value,
-}
 
 /// A key AsyncAPI accepts.
 fn key(text: &str) -> String {
@@ -33,37 +27,17 @@ fn key(text: &str) -> String {
         .collect()
 }
 
-fn load_schemas(dir: &Path) -> anyhow::Result<Vec<EventSchema>> {
-    use anyhow::Context;
-    let mut schemas = Vec::new();
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read schema directory {}", dir.display()))?;
-    for entry in entries {
-        let path = entry?.path();
-        let Some((event_type, version)) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(super::schema_key)
-        else {
-            continue;
-        };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let mut schema: Value = serde_json::from_str(&text)
-            .with_context(|| format!("schema file {} is not JSON", path.display()))?;
-        if let Some(object) = schema.as_object_mut() {
-            // The document's own schema format applies inside it.
+/// The schema files of `dir`, without the keywords that name their own schema format
+/// (the document's applies inside it).
+fn load_schemas(dir: &Path) -> anyhow::Result<Vec<SchemaFile>> {
+    let mut files = super::read_schema_files(dir)?;
+    for file in &mut files {
+        if let Some(object) = file.schema.as_object_mut() {
             object.remove("$schema");
             object.remove("$id");
         }
-        schemas.push(EventSchema {
-            event_type,
-            version,
-            schema,
-        });
     }
-    schemas.sort_by(|a, b| (&a.event_type, a.version).cmp(&(&b.event_type, b.version)));
-    Ok(schemas)
+    Ok(files)
 }
 
 /// A value the schema accepts, for the message's example: its first `examples` entry, else
@@ -358,7 +332,7 @@ pub fn markdown(config: &Config) -> anyhow::Result<String> {
             "\nNo schema directory (`validation.schema_dir`): the types are not known here.\n",
         );
     }
-    let mut by_type: BTreeMap<&str, Vec<&EventSchema>> = BTreeMap::new();
+    let mut by_type: BTreeMap<&str, Vec<&SchemaFile>> = BTreeMap::new();
     for schema in &schemas {
         by_type.entry(&schema.event_type).or_default().push(schema);
     }
@@ -374,7 +348,7 @@ pub fn markdown(config: &Config) -> anyhow::Result<String> {
             .map(|(name, _)| format!("`{name}`"))
             .collect();
         out.push_str(&format!("Published by: {}.\n", sinks.join(", ")));
-        let mut previous: Option<&EventSchema> = None;
+        let mut previous: Option<&SchemaFile> = None;
         for schema in versions {
             let label = schema
                 .version

@@ -10,12 +10,12 @@
 pub mod catalog;
 pub mod compat;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use compat::{narrowings, Difference};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use crate::validation::schema_key;
+pub use crate::validation::{read_schema_files, schema_key, SchemaFile};
 
 /// Which directions a new version must keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,28 +60,17 @@ impl Step {
     }
 }
 
-/// Compares every version of every type in `dir` with the version before it.
-pub fn check_dir(dir: &Path) -> anyhow::Result<Vec<Step>> {
-    let mut versions: BTreeMap<String, BTreeMap<i64, serde_json::Value>> = BTreeMap::new();
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read schema directory {}", dir.display()))?;
-    for entry in entries {
-        let path = entry?.path();
-        let Some((event_type, Some(version))) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(schema_key)
-        else {
-            continue;
-        };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let schema = serde_json::from_str(&text)
-            .with_context(|| format!("schema file {} is not JSON", path.display()))?;
-        versions
-            .entry(event_type)
-            .or_default()
-            .insert(version, schema);
+/// Compares every version of every type with the version before it; `dir` names the
+/// directory `files` come from, for the message when none is versioned.
+pub fn check_files(dir: &Path, files: &[SchemaFile]) -> anyhow::Result<Vec<Step>> {
+    let mut versions: BTreeMap<&str, BTreeMap<i64, &serde_json::Value>> = BTreeMap::new();
+    for file in files {
+        if let Some(version) = file.version {
+            versions
+                .entry(&file.event_type)
+                .or_default()
+                .insert(version, &file.schema);
+        }
     }
     if versions.is_empty() {
         bail!(
@@ -91,11 +80,11 @@ pub fn check_dir(dir: &Path) -> anyhow::Result<Vec<Step>> {
     }
     let mut steps = Vec::new();
     for (event_type, schemas) in versions {
-        let ordered: Vec<(&i64, &serde_json::Value)> = schemas.iter().collect();
+        let ordered: Vec<(&i64, &&serde_json::Value)> = schemas.iter().collect();
         for pair in ordered.windows(2) {
             let ((from, old), (to, new)) = (pair[0], pair[1]);
             steps.push(Step {
-                event_type: event_type.clone(),
+                event_type: event_type.to_owned(),
                 from: *from,
                 to: *to,
                 backward: narrowings(old, new),
@@ -148,23 +137,25 @@ pub fn report(steps: &[Step], level: Compatibility) -> String {
 /// the new version can read old events once upcast. One line per example; `false` when one
 /// fails.
 pub fn check_upcasters(
-    dir: &Path,
+    files: &[SchemaFile],
     upcasters: &crate::upcast::Upcasters,
 ) -> anyhow::Result<(String, bool)> {
-    let registry = crate::validation::SchemaRegistry::load(dir, false)?;
+    let registry = crate::validation::SchemaRegistry::compile(files, false)?;
     let mut out = String::new();
     let mut passed = true;
     for (event_type, from, to) in upcasters.steps() {
-        let file = dir.join(format!("{event_type}.v{from}.json"));
-        let examples: Vec<serde_json::Value> = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|schema| schema.get("examples").and_then(|e| e.as_array()).cloned())
+        let source = files
+            .iter()
+            .find(|f| f.event_type == event_type && f.version == Some(from));
+        let examples = source
+            .and_then(|f| f.schema.get("examples"))
+            .and_then(|e| e.as_array())
+            .cloned()
             .unwrap_or_default();
         if examples.is_empty() {
             out.push_str(&format!(
-                "{event_type} v{from} -> v{to} upcaster: no examples in {} to try it on\n",
-                file.display()
+                "{event_type} v{from} -> v{to} upcaster: no examples in {event_type}.v{from}.json \
+                 to try it on\n"
             ));
             continue;
         }
