@@ -22,6 +22,7 @@ use crate::row::{Column, Row, Table, Value};
 use crate::source::origin::Origin;
 use crate::source::replication::ReplicationConnection;
 use crate::sql;
+use crate::validation::SchemaRegistry;
 use anyhow::Context;
 use bytes::Bytes;
 use outbox_relay_sinks::{Lsn, Position};
@@ -178,7 +179,20 @@ async fn publish_snapshot(
     // Every backfilled event lies below the consistent point. A destination that holds
     // positions beyond it belongs to another database or history, and a deduplicating one (a
     // RabbitMQ stream) would drop the backfill as already stored.
-    let workers = ready_workers(config, Horizon::NewSlot(consistent_point), None).await?;
+    let schemas = match &config.validation.schema_dir {
+        Some(dir) => Some(Arc::new(SchemaRegistry::load(
+            dir,
+            config.validation.required,
+        )?)),
+        None => None,
+    };
+    let workers = ready_workers(
+        config,
+        Horizon::NewSlot(consistent_point),
+        None,
+        schemas.as_ref(),
+    )
+    .await?;
     let progress = Progress::new(workers.iter().map(|w| w.name.clone()), Lsn(0));
     let limit = BatchLimit::of(&config.relay);
     let (pipeline, handles) = pipeline::start(

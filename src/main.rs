@@ -89,6 +89,13 @@ enum Command {
         #[arg(long)]
         to: Option<i64>,
     },
+    /// The process upcasters run in while streaming (started by the relay itself).
+    #[command(name = "upcast-sandbox", hide = true)]
+    UpcastSandbox {
+        /// The process's data segment limit.
+        #[arg(long)]
+        memory_bytes: u64,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) to stdout.
@@ -186,7 +193,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
     outbox_relay::logging::init(&config.log);
     match cli.command {
-        Command::Completions { .. } | Command::Man => {}
+        Command::Completions { .. } | Command::Man | Command::UpcastSandbox { .. } => {}
         Command::Run => {
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
@@ -383,6 +390,13 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::UpcastSandbox { memory_bytes } = cli.command {
+        // Before any runtime: the helper is one thread reading its pipe.
+        return match outbox_relay::upcast::sandbox::serve(memory_bytes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -315,7 +315,7 @@ async fn stream(
         stored: &stored,
         acknowledged,
     };
-    let workers = ready_workers(config, horizon, Some(remembered))
+    let workers = ready_workers(config, horizon, Some(remembered), prepared.schemas.as_ref())
         .await
         .map_err(SessionEnd::of)?;
 

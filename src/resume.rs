@@ -1,4 +1,5 @@
-//! Where each sink resumes: builds the configured sinks, asks each destination what it
+//! Where each sink resumes: builds the configured sinks (each with the versions it publishes
+//! at, [`SinkVersions`]), asks each destination what it
 //! holds ([`Sink::recover`]), and decides through which position the sink skips events it
 //! has already. Used by streaming and by the backfill alike.
 //!
@@ -10,8 +11,13 @@ use crate::config::Config;
 use crate::pipeline::SinkWorker;
 use crate::problem::Problem;
 use crate::telemetry::{Metrics, METRICS};
+use crate::upcast::publish::SinkVersions;
+use crate::upcast::sandbox::Limits;
+use crate::upcast::Upcasters;
+use crate::validation::SchemaRegistry;
 use outbox_relay_sinks::{Lsn, Position, SinkError};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tracing::info;
 
 /// What this relay remembers of the sinks' earlier deliveries, by sink name.
@@ -31,7 +37,13 @@ pub async fn ready_workers(
     config: &Config,
     horizon: Horizon,
     remembered: Option<Remembered<'_>>,
+    schemas: Option<&Arc<SchemaRegistry>>,
 ) -> anyhow::Result<Vec<SinkWorker>> {
+    let upcasters = Arc::new(Upcasters::compile(&config.upcast)?);
+    let limits = Limits {
+        time: config.relay.upcast_timeout,
+        memory_bytes: config.relay.upcast_memory_bytes,
+    };
     let mut workers = Vec::new();
     for (name, mut sink) in outbox_relay_sinks::build_all(&config.sinks, &config.source.slot)? {
         let recovered = sink.recover().await;
@@ -68,10 +80,19 @@ pub async fn ready_workers(
         if remembered.is_some() {
             info!(sink = %name, skip_through = ?skip_through.map(|p| p.to_string()), "sink ready");
         }
+        let versions = SinkVersions::for_sink(
+            &name,
+            &config.sinks[&name],
+            &config.upcast,
+            limits,
+            &upcasters,
+            schemas,
+        )?;
         workers.push(SinkWorker {
             name,
             sink,
             skip_through,
+            versions,
         });
     }
     Ok(workers)

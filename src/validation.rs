@@ -117,6 +117,14 @@ impl SchemaRegistry {
         })
     }
 
+    /// Whether a schema covers events of `event_type` at `schema_version` (a versioned
+    /// file, or the type's unversioned one).
+    pub fn covers(&self, event_type: &str, schema_version: Option<i64>) -> bool {
+        let key = |version| (event_type.to_owned(), version);
+        schema_version.is_some_and(|v| self.validators.contains_key(&key(Some(v))))
+            || self.validators.contains_key(&key(None))
+    }
+
     /// `Err` with the reason when the event's payload does not match its schema. An event
     /// without a JSON payload (bytes from a `bytea` column, or a tombstone) has nothing to
     /// validate: JSON Schemas describe JSON.

@@ -54,7 +54,9 @@ fn the_catalog_is_a_valid_asyncapi_document_of_every_sink_and_schema_version() {
              [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"localhost:9092\"\n\
              [sinks.exchange]\ntype = \"rabbitmq\"\nurl = \"amqp://localhost:5672/%2f\"\nexchange = \"outbox\"\n\
              [sinks.queue]\ntype = \"sqs\"\nqueue_url = \"https://sqs.eu-west-1.amazonaws.com/1/orders.fifo\"\nformat = \"raw\"\n\
+             [upcast.OrderPlaced.1]\nto = 2\nprogram = '. + {{currency: \"EUR\"}}'\n\
              [sinks.hook]\ntype = \"webhook\"\nurl = \"https://hooks.example.com/{{aggregatetype}}/{{type}}\"\n\
+             upcast = {{ to = \"latest\" }}\n\
              [sinks.hook.match]\nevent_types = [\"Order*\"]\n\
              [sinks.log]\ntype = \"stdout\"\n",
             schemas.display()
@@ -90,8 +92,8 @@ fn the_catalog_is_a_valid_asyncapi_document_of_every_sink_and_schema_version() {
     let hook_messages: Vec<&String> = hook["messages"].as_object().unwrap().keys().collect();
     assert_eq!(
         hook_messages,
-        ["OrderPlaced.v1", "OrderPlaced.v2"],
-        "match.event_types applies"
+        ["OrderPlaced.v2"],
+        "match.event_types applies, and the sink upcasts v1 to v2"
     );
     assert!(hook["parameters"]["type"].is_object());
     assert_eq!(channels["log"]["address"], Value::Null);

@@ -61,7 +61,7 @@ const GROUPS: &[Group] = &[
     },
     Group {
         headings: &["[upcast.<type>.<version>]"],
-        structs: &[("src/upcast.rs", "UpcastStep")],
+        structs: &[("src/upcast/mod.rs", "UpcastStep")],
         extra: &[],
     },
     Group {
@@ -77,6 +77,11 @@ const GROUPS: &[Group] = &[
     Group {
         headings: &["[sinks.<name>.match]"],
         structs: &[("sinks/src/routing.rs", "MatchRule")],
+        extra: &[],
+    },
+    Group {
+        headings: &["[sinks.<name>.upcast]"],
+        structs: &[("sinks/src/upcast_rule.rs", "UpcastRule")],
         extra: &[],
     },
     Group {
@@ -355,10 +360,14 @@ fn body(pairs: &[(String, String)], defaults: &[(&str, &str)]) -> String {
 
 const SOURCE: &str = "[source]\nurl = \"postgres://relay@localhost:5432/app\"\n";
 const STDOUT_SINK: &str = "[sinks.out]\ntype = \"stdout\"\n";
+/// An upcaster producing version 2 of `OrderPlaced`, for the sinks' `upcast` examples.
+const UPCASTER: &str = "[upcast.OrderPlaced.1]\nto = 2\nprogram = '.'\n";
 
 /// A whole configuration around the examples of one section.
 fn config_for(heading: &str, pairs: &[(String, String)]) -> String {
-    let sink = |defaults: &[(&str, &str)]| format!("{SOURCE}[sinks.s]\n{}", body(pairs, defaults));
+    let sink = |defaults: &[(&str, &str)]| {
+        format!("{SOURCE}[sinks.s]\n{}{UPCASTER}", body(pairs, defaults))
+    };
     match heading {
         "[source]" => format!("[source]\n{}{STDOUT_SINK}", body(pairs, &[])),
         "[relay]" | "[leader]" | "[http]" | "[log]" | "[validation]" => {
@@ -379,6 +388,10 @@ fn config_for(heading: &str, pairs: &[(String, String)]) -> String {
                 entry.join(", ")
             )
         }
+        "[sinks.<name>.upcast]" => format!(
+            "{SOURCE}{UPCASTER}{STDOUT_SINK}[sinks.out.upcast]\n{}",
+            body(pairs, &[])
+        ),
         "[sinks.<name>.match]" => format!(
             "{SOURCE}{STDOUT_SINK}[sinks.out.match]\n{}",
             body(pairs, &[])

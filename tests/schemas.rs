@@ -1,6 +1,8 @@
-//! `outbox-relay schemas check` end to end: a schema directory with versions that keep and
-//! break compatibility, given with `--dir` or through the configuration's
-//! `validation.schema_dir`; the report and the exit code application CI relies on.
+//! Schema evolution end to end: `outbox-relay schemas check` (a schema directory with
+//! versions that keep and break compatibility, given with `--dir` or through the
+//! configuration's `validation.schema_dir`; the report and the exit code application CI
+//! relies on), `outbox-relay upcast` by hand, and upcasting in the stream: each sink at its
+//! own version, bad upcasts dead-lettered.
 
 mod common;
 
@@ -228,4 +230,282 @@ fn schemas_check_tries_each_upcaster_on_the_examples_of_its_version() {
         "{text}"
     );
     assert!(!text.contains("7.5"), "a failure quotes no value: {text}");
+}
+
+const UPCAST_SCHEMAS: &[(&str, &str)] = &[
+    (
+        "OrderPlaced.v1.json",
+        r#"{"type": "object", "required": ["amount"], "properties": {"amount": {"type": "number"}}}"#,
+    ),
+    (
+        "OrderPlaced.v2.json",
+        r#"{"type": "object", "required": ["totalAmount", "currency", "items"],
+            "properties": {"totalAmount": {"type": "number"}, "currency": {"type": "string"},
+            "items": {"type": "array"}}}"#,
+    ),
+    (
+        "OrderPlaced.v3.json",
+        r#"{"type": "object", "required": ["totalAmount", "channel"]}"#,
+    ),
+    (
+        "Invalid.v2.json",
+        r#"{"type": "object", "required": ["total"]}"#,
+    ),
+];
+
+const UPCASTERS: &str = r#"
+[upcast.OrderPlaced.1]
+to = 2
+program = '{totalAmount: .amount, currency: "USD", items: []} + del(.amount)'
+[upcast.OrderPlaced.2]
+to = 3
+program = '. + {channel: "web"}'
+[upcast.Failing.1]
+to = 2
+program = 'error("no")'
+[upcast.Slow.1]
+to = 2
+program = 'until(false; .)'
+[upcast.Hog.1]
+to = 2
+program = '"x" | until(false; . + .)'
+[upcast.Invalid.1]
+to = 2
+program = '{other: 1}'
+"#;
+
+/// Guarantee: each sink publishes at its own version: as stored (the default), upcast to
+/// the latest version, or pinned per type; an upcast event carries the published version
+/// and the stored one (`originalschemaversion`). An event whose chain fails, runs out of
+/// time or memory, or whose result fails the target schema is a dead letter for that sink
+/// with the reason (both versions' for a schema failure), and the stream goes on: a step
+/// that ran out of time or memory is not run again in the run, so it cannot stall the sink.
+#[test]
+fn each_sink_publishes_at_its_version_and_a_bad_upcast_is_a_dead_letter() {
+    use common::*;
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    pg.psql("ALTER TABLE outbox ADD COLUMN schema_version int");
+    let dir = tempfile::tempdir().unwrap();
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir(&schemas).unwrap();
+    for (name, schema) in UPCAST_SCHEMAS {
+        std::fs::write(schemas.join(name), schema).unwrap();
+    }
+    let sink = |name: &str, rule: &str| {
+        format!(
+            "{}upcast = {rule}\n",
+            file_sink(name, &dir.path().join(format!("{name}.jsonl")))
+        )
+    };
+    let cfg = ConfigFile::new()
+        .relay("upcast_timeout = \"500ms\"\nupcast_memory_bytes = 67108864\n")
+        .sinks(&format!(
+            "[validation]\nschema_dir = \"{}\"\n{UPCASTERS}{}{}{}",
+            schemas.display(),
+            file_sink("stored", &dir.path().join("stored.jsonl")),
+            sink("latest", "{ to = \"latest\" }"),
+            sink("pinned", "{ pinned = { OrderPlaced = 2 } }"),
+        ))
+        .write(dir.path(), &pg);
+    init(&cfg);
+    let relay = Relay::start(&cfg);
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) VALUES \
+         ('order', 'e1', 'OrderPlaced', '{\"amount\": 12}', 1), \
+         ('order', 'e2', 'OrderPlaced', '{\"totalAmount\": 7, \"currency\": \"EUR\", \"items\": []}', 2), \
+         ('order', 'e3', 'OrderPlaced', '{\"totalAmount\": 9, \"channel\": \"app\"}', 3), \
+         ('order', 'e4', 'Failing', '{}', 1), \
+         ('order', 'e5', 'Failing', '{}', 1), \
+         ('order', 'e6', 'Slow', '{}', 1), \
+         ('order', 'e7', 'Slow', '{}', 1), \
+         ('order', 'e8', 'Hog', '{}', 1), \
+         ('order', 'e9', 'Invalid', '{}', 1), \
+         ('order', 'e10', 'OrderPlaced', '{\"amount\": 5}', 1), \
+         ('order', 'e11', 'Unversioned', '{\"any\": 1}', NULL)",
+    );
+    let events = |name: &str| read_events(&dir.path().join(format!("{name}.jsonl")));
+    let seen = |relay: &Relay, name: &str, count: usize| {
+        assert!(
+            wait_until(WAIT, || events(name).len() == count),
+            "sink {name} has {:?}; relay log:\n{}",
+            events(name),
+            relay.log()
+        );
+        events(name)
+    };
+    let subjects = |events: &[serde_json::Value]| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| e["subject"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let stored = seen(&relay, "stored", 11);
+    assert!(stored
+        .iter()
+        .all(|e| e.get("originalschemaversion").is_none()));
+    assert_eq!(stored[0]["data"], serde_json::json!({"amount": 12}));
+
+    let latest = seen(&relay, "latest", 5);
+    assert_eq!(subjects(&latest), ["e1", "e2", "e3", "e10", "e11"]);
+    assert_eq!(
+        latest[0]["data"],
+        serde_json::json!({"totalAmount": 12, "currency": "USD", "items": [], "channel": "web"})
+    );
+    let versions = |e: &serde_json::Value| {
+        (
+            e["schemaversion"].as_i64(),
+            e.get("originalschemaversion").and_then(|v| v.as_i64()),
+        )
+    };
+    let published: Vec<_> = latest.iter().map(versions).collect();
+    assert_eq!(
+        published,
+        [
+            (Some(3), Some(1)),
+            (Some(3), Some(2)),
+            (Some(3), None),
+            (Some(3), Some(1)),
+            (None, None)
+        ]
+    );
+    assert_eq!(
+        latest[0]["id"], stored[0]["id"],
+        "an upcast event keeps its id"
+    );
+
+    let pinned = seen(&relay, "pinned", 11);
+    let published: Vec<_> = pinned.iter().take(3).map(versions).collect();
+    assert_eq!(
+        published,
+        [(Some(2), Some(1)), (Some(2), None), (Some(3), None)]
+    );
+    assert_eq!(
+        pinned[0]["data"],
+        serde_json::json!({"totalAmount": 12, "currency": "USD", "items": []})
+    );
+
+    let letters = dead_letters(&pg, "sink, row_data->>'aggregateid', reason");
+    assert_eq!(letters.len(), 6, "{letters:#?}");
+    let reason = |id: &str| {
+        letters
+            .iter()
+            .find(|l| l.starts_with(&format!("latest | {id} | ")))
+            .unwrap_or_else(|| panic!("no dead letter of {id} for sink latest: {letters:#?}"))
+            .clone()
+    };
+    for id in ["e4", "e5"] {
+        assert!(reason(id).contains("failed (a jq error)"), "{}", reason(id));
+    }
+    assert!(
+        reason("e6").contains("ran longer than relay.upcast_timeout (500ms)"),
+        "{}",
+        reason("e6")
+    );
+    assert!(
+        reason("e7").contains("not run again until the relay restarts"),
+        "{}",
+        reason("e7")
+    );
+    assert!(
+        reason("e8").contains("ended its process") && reason("e8").contains("out of memory"),
+        "{}",
+        reason("e8")
+    );
+    assert!(
+        reason("e9").contains("fails version 2's schema")
+            && reason("e9").contains("the stored version 1 has no schema"),
+        "{}",
+        reason("e9")
+    );
+    let log = relay.log();
+    assert!(!log.contains("amount"), "payloads stay out of logs:\n{log}");
+
+    // The helper processes end with the relay, even when it is killed.
+    let helpers = Command::new("pgrep")
+        .args(["-P", &relay.child.id().to_string()])
+        .output()
+        .unwrap();
+    let helpers: Vec<String> = String::from_utf8_lossy(&helpers.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !helpers.is_empty(),
+        "the upcasting sinks run helper processes"
+    );
+    let mut relay = relay;
+    relay.kill9();
+    let gone = |pid: &String| {
+        // Gone, or a zombie its dead parent left for init to reap.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
+    assert!(
+        wait_until(WAIT, || helpers.iter().all(gone)),
+        "helpers {helpers:?} outlived the relay"
+    );
+
+    // Fixed and restarted, the relay publishes a replayed dead letter at the sink's version.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace(r#"error("no")"#, "{fixed: true}")).unwrap();
+    let relay = Relay::start(&cfg);
+    let e4 =
+        pg.psql("SELECT id FROM outbox_relay.dead_letters WHERE row_data->>'aggregateid' = 'e4'");
+    let out = Command::new(relay_bin())
+        .args(["--config", cfg.to_str().unwrap(), "dlq", "replay", &e4])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let latest = seen(&relay, "latest", 6);
+    assert_eq!(latest[5]["subject"], "e4");
+    assert_eq!(latest[5]["data"], serde_json::json!({"fixed": true}));
+    assert_eq!(versions(&latest[5]), (Some(2), Some(1)));
+    assert_eq!(
+        events("stored").len(),
+        11,
+        "a replay for one sink reaches that sink only"
+    );
+}
+
+/// Guarantee: a sink rule the upcasters cannot serve stops the configuration from loading
+/// with the fix: a pin no upcaster produces, `latest` without any upcaster.
+#[test]
+fn a_sink_rule_the_upcasters_cannot_serve_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |tables: &str| {
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"postgres://relay@localhost/app\"\ntables = [\"public.outbox\"]\n\
+                 {tables}[sinks.out]\ntype = \"stdout\"\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let pinned = config(
+        "[upcast.OrderPlaced.1]\nto = 2\nprogram = '.'\n[sinks.old]\ntype = \"stdout\"\n\
+         upcast = { pinned = { OrderPlaced = 3 } }\n",
+    );
+    let (code, _, stderr) = upcast(&pinned, &["--type", "OrderPlaced", "--from", "1"], "{}");
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("sinks.old.upcast.pinned.OrderPlaced = 3")
+            && stderr.contains("no [upcast.OrderPlaced.<version>] program has to = 3"),
+        "{stderr}"
+    );
+    let latest = config("[sinks.new]\ntype = \"stdout\"\nupcast = { to = \"latest\" }\n");
+    let (code, _, stderr) = upcast(&latest, &["--type", "OrderPlaced", "--from", "1"], "{}");
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("sinks.new.upcast.to = \"latest\", but no upcaster is configured"),
+        "{stderr}"
+    );
 }

@@ -16,6 +16,7 @@ use crate::redis::RedisConfig;
 use crate::routing::{FilteredSink, MatchRule};
 use crate::sqs::{SnsConfig, SqsConfig};
 use crate::stdout::StdoutConfig;
+use crate::upcast_rule::UpcastRule;
 use crate::webhook::WebhookConfig;
 use crate::Sink;
 use serde::Deserialize;
@@ -80,6 +81,11 @@ impl SinkConfig {
     /// Which events this sink takes.
     pub fn filter(&self) -> &MatchRule {
         self.kind().filter()
+    }
+
+    /// Which version this sink publishes each event at.
+    pub fn upcast(&self) -> &UpcastRule {
+        self.kind().upcast()
     }
 
     /// Whether this sink can carry a tombstone (only Kafka has records with a null value).
@@ -163,6 +169,8 @@ mod tests {
         capacity: usize,
         #[serde(default, rename = "match")]
         filter: MatchRule,
+        #[serde(default)]
+        upcast: UpcastRule,
         #[serde(skip)]
         seen: Arc<Mutex<usize>>,
     }
@@ -199,6 +207,10 @@ mod tests {
 
         fn filter(&self) -> &MatchRule {
             &self.filter
+        }
+
+        fn upcast(&self) -> &UpcastRule {
+            &self.upcast
         }
 
         fn channel(&self) -> crate::kind::Channel {

@@ -204,6 +204,10 @@ pub struct Event {
     pub event_type: Text,
     /// The version of the event's own schema, when the outbox has one.
     pub schema_version: Option<i64>,
+    /// The version the outbox row was stored at, when the relay upcast the payload to
+    /// `schema_version` for this sink (`[sinks.NAME.upcast]`); `None` when published as
+    /// stored. Sinks carry it next to `schema_version` (`originalschemaversion`).
+    pub original_schema_version: Option<i64>,
     /// When the event happened (RFC 3339), when the outbox says; otherwise the commit time
     /// stands in.
     pub occurred_at: Option<Text>,

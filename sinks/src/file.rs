@@ -16,6 +16,7 @@
 use crate::format::{self, Format};
 use crate::kind::{default_true, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Event, EventState, Position, Sink, SinkError};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -36,6 +37,8 @@ pub struct FileConfig {
     pub format: Format,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 impl SinkKind for FileConfig {
@@ -45,6 +48,10 @@ impl SinkKind for FileConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

@@ -2,8 +2,9 @@
 //!
 //! - `cloudevents`: structured JSON mode: `specversion, id, source, type, subject (the
 //!   aggregate id), time, datacontenttype, data`, plus extension attributes `aggregatetype`,
-//!   `schemaversion`, `traceparent`, `lsn`, `txid` and `sequence` (the position as a string
-//!   that sorts in commit order, per the CloudEvents sequence extension). [`attributes`]
+//!   `schemaversion`, `originalschemaversion` (the stored version, when the relay upcast the
+//!   payload for the sink), `traceparent`, `lsn`, `txid` and `sequence` (the position as a
+//!   string that sorts in commit order, per the CloudEvents sequence extension). [`attributes`]
 //!   gives the same attributes for binary mode, where they travel as message headers.
 //! - `debezium`: value = the payload only; key = the aggregate id and header `id` = the
 //!   event id on sinks that have keys and headers. This is what Debezium's outbox router
@@ -152,8 +153,8 @@ impl Attribute<'_> {
     }
 }
 
-/// How many fixed attributes an event can have (two of them are optional).
-const FIXED_ATTRIBUTES: usize = 13;
+/// How many fixed attributes an event can have (three of them are optional).
+const FIXED_ATTRIBUTES: usize = 14;
 
 /// Calls `visit` with every CloudEvents attribute of `event` except `data`, in a stable
 /// order: the fixed ones, then the event's extra attributes and headers as extensions,
@@ -181,6 +182,9 @@ fn visit_attributes(event: &Event, mut visit: impl FnMut(&str, Attribute<'_>)) {
     fixed_attribute("aggregatetype", Str(&event.aggregate_type));
     if let Some(version) = event.schema_version {
         fixed_attribute("schemaversion", Integer(version));
+    }
+    if let Some(version) = event.original_schema_version {
+        fixed_attribute("originalschemaversion", Integer(version));
     }
     if let Some(traceparent) = &event.traceparent {
         fixed_attribute("traceparent", Str(traceparent));

@@ -7,6 +7,7 @@
 //! do; they never quote a secret.
 
 use crate::routing::{MatchRule, TemplateError};
+use crate::upcast_rule::UpcastRule;
 use crate::{SecretFileError, Sink};
 use async_trait::async_trait;
 
@@ -33,6 +34,9 @@ pub trait SinkKind: Sync {
 
     /// Which events the sink takes (`[sinks.NAME.match]`).
     fn filter(&self) -> &MatchRule;
+
+    /// Which version the sink publishes each event at (`[sinks.NAME.upcast]`).
+    fn upcast(&self) -> &UpcastRule;
 
     /// Whether the sink can carry a tombstone (an event without a payload).
     fn takes_tombstones(&self) -> bool {

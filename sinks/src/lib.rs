@@ -10,8 +10,8 @@
 //!
 //! 1. A module (a folder once it has more than one job: `config.rs`, encoding, transport,
 //!    `mod.rs` with the sink) holding the serde configuration of `[sinks.NAME]`, with
-//!    `#[serde(deny_unknown_fields)]` and a `match` key ([`routing::MatchRule`]), and a
-//!    [`Sink`].
+//!    `#[serde(deny_unknown_fields)]`, a `match` key ([`routing::MatchRule`]) and an
+//!    `upcast` key ([`UpcastRule`]), and a [`Sink`].
 //! 2. [`SinkKind`] for the configuration: `build` the sink, and where they apply `validate`
 //!    (what can be refused when the configuration loads), `takes_tombstones`,
 //!    `binary_payload_problem`, `check` (what `outbox-relay check` reports), and `channel`
@@ -42,6 +42,7 @@ pub mod stdout;
 pub mod table_name;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+pub mod upcast_rule;
 pub mod webhook;
 
 pub use backoff::Backoff;
@@ -49,6 +50,7 @@ pub use config::{build_all, SinkConfig};
 pub use event::{Event, Lsn, Payload, Position, Text};
 pub use kind::{Channel, ConfigError, SinkContext, SinkKind};
 pub use secret::{Secret, SecretFileError};
+pub use upcast_rule::{UpcastRule, UpcastTarget};
 
 use async_trait::async_trait;
 

@@ -3,6 +3,7 @@
 
 use crate::kind::{Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -13,6 +14,8 @@ use serde::Deserialize;
 pub struct NullConfig {
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 impl SinkKind for NullConfig {
@@ -22,6 +25,10 @@ impl SinkKind for NullConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

@@ -5,6 +5,7 @@
 use crate::format::{self, Format};
 use crate::kind::{Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Event, EventState, Sink, SinkError};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -18,6 +19,8 @@ pub struct StdoutConfig {
     pub format: Format,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 impl SinkKind for StdoutConfig {
@@ -27,6 +30,10 @@ impl SinkKind for StdoutConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

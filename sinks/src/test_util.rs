@@ -32,6 +32,7 @@ pub fn sample(lsn: u64, index: u32) -> Event {
         aggregate_id: Text::from("k"),
         event_type: Text::from("OrderCreated"),
         schema_version: None,
+        original_schema_version: None,
         occurred_at: None,
         traceparent: None,
         headers: Vec::new(),

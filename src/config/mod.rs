@@ -45,7 +45,7 @@ pub struct Config {
     pub validation: ValidationConfig,
     /// Upcasters per event type and version (`[upcast.<type>.<version>]`).
     #[serde(default)]
-    pub upcast: BTreeMap<String, BTreeMap<String, crate::upcast::UpcastStep>>,
+    pub upcast: crate::upcast::Programs,
     pub sinks: BTreeMap<String, SinkConfig>,
 }
 
@@ -82,6 +82,12 @@ pub struct RelayConfig {
     /// How long a graceful shutdown may spend draining in-flight deliveries.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long one event's upcast chain may run before it is dead-lettered.
+    #[serde(default = "default_upcast_timeout", with = "humantime_serde")]
+    pub upcast_timeout: Duration,
+    /// The memory (data segment) of the process upcasters run in.
+    #[serde(default = "default_upcast_memory_bytes")]
+    pub upcast_memory_bytes: u64,
 }
 
 impl Default for RelayConfig {
@@ -93,6 +99,8 @@ impl Default for RelayConfig {
             queue_depth: default_queue_depth(),
             checkpoint_interval: default_checkpoint_interval(),
             shutdown_timeout: default_shutdown_timeout(),
+            upcast_timeout: default_upcast_timeout(),
+            upcast_memory_bytes: default_upcast_memory_bytes(),
         }
     }
 }
@@ -174,6 +182,14 @@ fn default_checkpoint_interval() -> Duration {
 
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_upcast_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_upcast_memory_bytes() -> u64 {
+    256 << 20
 }
 
 impl Config {
@@ -279,7 +295,13 @@ impl Config {
         if self.sinks.is_empty() {
             bail!("no sink is configured: add a [sinks.NAME] table with a `type` (stdout, file, null)");
         }
-        crate::upcast::Upcasters::compile(&self.upcast)?;
+        let upcasters = crate::upcast::Upcasters::compile(&self.upcast)?;
+        for (name, sink) in &self.sinks {
+            check_upcast_rule(name, sink.upcast(), &upcasters)?;
+        }
+        if self.relay.upcast_timeout.is_zero() || self.relay.upcast_memory_bytes < 16 << 20 {
+            bail!("relay.upcast_timeout must be positive and relay.upcast_memory_bytes at least 16777216 (16 MiB)");
+        }
         for name in self.sinks.keys() {
             check_identifier("sink name", name)?;
         }
@@ -401,3 +423,31 @@ fn mask_quoted(line: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// A sink's `upcast` rule against the configured upcasters: upcasting to the latest version
+/// needs some upcaster, and a pinned version must be one an upcaster of its type reaches.
+fn check_upcast_rule(
+    sink: &str,
+    rule: &outbox_relay_sinks::UpcastRule,
+    upcasters: &crate::upcast::Upcasters,
+) -> anyhow::Result<()> {
+    if rule.to == outbox_relay_sinks::UpcastTarget::Latest && upcasters.steps().next().is_none() {
+        bail!(
+            "sinks.{sink}.upcast.to = \"latest\", but no upcaster is configured: add \
+             [upcast.<type>.<version>] programs, or remove the key to publish events as stored"
+        );
+    }
+    for (event_type, &version) in &rule.pinned {
+        let reached = upcasters
+            .steps()
+            .any(|(step_type, _, to)| step_type == event_type && to == version);
+        if !reached {
+            bail!(
+                "sinks.{sink}.upcast.pinned.{event_type} = {version}, but no \
+                 [upcast.{event_type}.<version>] program has to = {version}: add the upcaster \
+                 that produces version {version}, or pin a version one produces"
+            );
+        }
+    }
+    Ok(())
+}

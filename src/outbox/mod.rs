@@ -544,6 +544,7 @@ impl EventFields {
             aggregate_id: self.aggregate_id,
             event_type: self.event_type,
             schema_version: self.schema_version,
+            original_schema_version: None,
             occurred_at: self.occurred_at,
             traceparent: self.traceparent,
             headers: self.headers,

@@ -8,6 +8,10 @@
 //! keepalive position when no transaction is open. Every sink sees every boundary, in the same
 //! order, so the LSN confirmed upstream is the minimum over sinks of one monotone sequence.
 //!
+//! A sink that publishes some events at a later schema version than stored
+//! (`[sinks.NAME.upcast]`) gets its own copy of those events, upcast, before `send`
+//! ([`SinkVersions`]); the others share the batch.
+//!
 //! Each worker also measures commit→acknowledgement latency per event (the commit time
 //! PostgreSQL stamped on the transaction to the moment the sink's `send` returned) into a
 //! fixed-size [`LatencyHistogram`], and logs its percentiles when it stops.
@@ -24,6 +28,7 @@ use worker::run_worker;
 
 use crate::dead_letters::DeadLetterStore;
 use crate::telemetry::{Metrics, SinkLabels, METRICS};
+use crate::upcast::publish::SinkVersions;
 use outbox_relay_sinks::{Event, Lsn, Position, Sink};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
@@ -95,6 +100,8 @@ pub struct SinkWorker {
     pub sink: Box<dyn Sink>,
     /// Events at or below this position were delivered before: skip them.
     pub skip_through: Option<Position>,
+    /// The versions the sink publishes events at; `None`: as stored.
+    pub versions: Option<SinkVersions>,
 }
 
 /// Starts one worker task per sink; returns the reader's handle and the workers' handles.

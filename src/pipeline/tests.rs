@@ -131,6 +131,7 @@ async fn a_retry_shows_the_sink_what_earlier_attempts_settled_and_rejections_are
             shown: shown.clone(),
         }),
         skip_through: None,
+        versions: None,
     };
     let letters = Letters::default();
     let events = [sample(10, 0), sample(10, 1)];
@@ -180,6 +181,7 @@ async fn sends_after_falling_behind(limit: BatchLimit) -> Vec<usize> {
             commit_lsn: Lsn(10),
             index: 0,
         }),
+        versions: None,
     };
     let (pipeline, handles) = start(
         vec![worker],

@@ -1,6 +1,8 @@
 //! One worker per sink: takes batches in order, skips what the sink already holds, delivers
 //! with retry (the pipeline keeps each event's state across attempts), sends rejected events
-//! to the dead-letter store, and reports acknowledgements to [`Progress`](super::Progress).
+//! to the dead-letter store (with those its upcasters could not take:
+//! [`SinkVersions`](crate::upcast::publish::SinkVersions)),
+//! and reports acknowledgements to [`Progress`](super::Progress).
 //!
 //! Invariant: a batch is acknowledged only once `send` returned for it; an error fails that
 //! batch, never a later one.
@@ -9,6 +11,7 @@ use super::{Batch, BatchLimit, LatencyHistogram, Progress, SinkWorker};
 use crate::dead_letters::DeadLetterStore;
 use crate::outbox::DeadLetter;
 use crate::telemetry::{Metrics, SinkTableLabels, METRICS};
+use crate::upcast::publish::UPCAST_FAILED;
 use outbox_relay_sinks::{Backoff, Event, EventState, SinkError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -72,33 +75,56 @@ pub(super) async fn run_worker(
             }
             &merged
         };
-        if !fresh.is_empty() {
-            let span = info_span!("batch", events = fresh.len(), first = %fresh[0].position,
-                last = %fresh[fresh.len() - 1].position);
+        let upcast = match &mut worker.versions {
+            Some(versions) if !fresh.is_empty() => versions.apply(fresh).await,
+            _ => None,
+        };
+        let published: &[Event] = match &upcast {
+            Some(upcast) => &upcast.events,
+            None => fresh,
+        };
+        if let Some(upcast) = &upcast {
+            for (index, reason) in &upcast.failed {
+                let letter = DeadLetter::from_event(
+                    &fresh[*index],
+                    UPCAST_FAILED,
+                    reason.clone(),
+                    Some(worker.name.clone()),
+                );
+                dead_letters.store(&slot, &letter).await?;
+            }
+            METRICS
+                .dead_letters
+                .get_or_create(&labels)
+                .inc_by(upcast.failed.len() as u64);
+        }
+        if !published.is_empty() {
+            let span = info_span!("batch", events = published.len(), first = %published[0].position,
+                last = %published[published.len() - 1].position);
             let started = unix_micros();
-            METRICS.set_oldest_unacked(&worker.name, Some(fresh[0].commit_time_micros));
-            let rejected = deliver(&mut worker, fresh, &*dead_letters, &slot)
+            METRICS.set_oldest_unacked(&worker.name, Some(published[0].commit_time_micros));
+            let rejected = deliver(&mut worker, published, &*dead_letters, &slot)
                 .instrument(span)
                 .await?;
             METRICS.set_oldest_unacked(&worker.name, None);
             let acked = unix_micros();
             let ms = |micros: i64| micros as f64 / 1000.0;
             debug!(
-                events = fresh.len(),
+                events = published.len(),
                 batches = queued.len(),
-                oldest_waited_ms = ms(started - fresh[0].commit_time_micros),
+                oldest_waited_ms = ms(started - published[0].commit_time_micros),
                 send_ms = ms(acked - started),
                 "batch acknowledged"
             );
             let seconds = METRICS.publish_latency.get_or_create(&labels);
-            let mut refused = vec![false; fresh.len()];
+            let mut refused = vec![false; published.len()];
             for &index in &rejected {
                 refused[index] = true;
             }
             // Published events are counted per run of one table (usually the whole batch),
             // not per event: a labelled counter lookup allocates its labels.
             let mut run: Option<(&str, u64)> = None;
-            for (event, refused) in fresh.iter().zip(refused) {
+            for (event, refused) in published.iter().zip(refused) {
                 let micros = acked.saturating_sub(event.commit_time_micros);
                 latency.record(micros);
                 seconds.observe(micros.max(0) as f64 / 1e6);

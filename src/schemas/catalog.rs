@@ -10,9 +10,10 @@
 
 use super::SchemaFile;
 use crate::config::Config;
+use crate::upcast::Upcasters;
 use outbox_relay_sinks::format::Format;
 use outbox_relay_sinks::routing::glob_matches;
-use outbox_relay_sinks::Channel;
+use outbox_relay_sinks::{Channel, UpcastTarget};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -217,6 +218,7 @@ pub fn asyncapi(config: &Config) -> anyhow::Result<Value> {
     let mut channels = Map::new();
     let mut operations = Map::new();
     let mut components = Map::new();
+    let upcasters = Upcasters::compile(&config.upcast)?;
     for (name, sink) in &config.sinks {
         let described = sink.channel();
         let rule = sink.filter();
@@ -238,6 +240,12 @@ pub fn asyncapi(config: &Config) -> anyhow::Result<Value> {
                             .event_types
                             .iter()
                             .any(|g| glob_matches(g, &s.event_type))
+                })
+                .filter(|s| {
+                    // A version the sink upcasts to a later one is not what it publishes.
+                    s.version.is_none_or(|v| {
+                        upcasters.published_version(sink.upcast(), &s.event_type, v) == v
+                    })
                 })
                 .map(|s| (s.event_type.clone(), s.version, s.schema.clone()))
                 .collect()
@@ -296,6 +304,7 @@ pub fn asyncapi(config: &Config) -> anyhow::Result<Value> {
 /// from each version to the next (the schema differences in both directions), its
 /// properties, and the sinks that publish it; the producers' tables; the destinations.
 pub fn markdown(config: &Config) -> anyhow::Result<String> {
+    let upcasters = Upcasters::compile(&config.upcast)?;
     let schemas = match &config.validation.schema_dir {
         Some(dir) => load_schemas(dir)?,
         None => Vec::new(),
@@ -345,7 +354,18 @@ pub fn markdown(config: &Config) -> anyhow::Result<String> {
                 let globs = &sink.filter().event_types;
                 globs.is_empty() || globs.iter().any(|g| glob_matches(g, event_type))
             })
-            .map(|(name, _)| format!("`{name}`"))
+            .map(|(name, sink)| {
+                let rule = sink.upcast();
+                match rule.pinned.get(event_type) {
+                    Some(version) => format!("`{name}` (upcast to v{version})"),
+                    None if rule.to == UpcastTarget::Latest
+                        && upcasters.steps().any(|(t, _, _)| t == event_type) =>
+                    {
+                        format!("`{name}` (upcast to the latest version)")
+                    }
+                    None => format!("`{name}`"),
+                }
+            })
             .collect();
         out.push_str(&format!("Published by: {}.\n", sinks.join(", ")));
         let mut previous: Option<&SchemaFile> = None;

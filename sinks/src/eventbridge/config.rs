@@ -6,6 +6,7 @@ use crate::batch::BatchSink;
 use crate::format::Format;
 use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::Sink;
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -45,6 +46,8 @@ pub struct EventBridgeConfig {
     pub timeout: Duration,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 fn default_bus() -> String {
@@ -107,6 +110,10 @@ impl SinkKind for EventBridgeConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

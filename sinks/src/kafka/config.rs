@@ -6,6 +6,7 @@ use super::{KafkaSettings, KafkaSink};
 use crate::format::Format;
 use crate::kind::{default_true, template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -55,6 +56,8 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 fn default_topic() -> String {
@@ -121,6 +124,10 @@ impl SinkKind for KafkaConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

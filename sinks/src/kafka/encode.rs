@@ -26,6 +26,9 @@ pub(super) fn headers(settings: &KafkaSettings, event: &Event) -> OwnedHeaders {
         if let Some(version) = event.schema_version {
             add("schema_version", &version.to_string());
         }
+        if let Some(version) = event.original_schema_version {
+            add("original_schema_version", &version.to_string());
+        }
         if let Some(traceparent) = &event.traceparent {
             add("traceparent", traceparent);
         }

@@ -5,6 +5,7 @@ use super::{NatsSettings, NatsSink};
 use crate::format::Format;
 use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -41,6 +42,8 @@ pub struct NatsConfig {
     pub timeout: Duration,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 fn default_subject() -> String {
@@ -117,6 +120,10 @@ impl SinkKind for NatsConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

@@ -8,6 +8,7 @@ use super::{Policy, RabbitMqSettings};
 use crate::format::Format;
 use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -60,6 +61,8 @@ pub struct RabbitMqConfig {
     pub producer_name: Option<String>,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -198,6 +201,10 @@ impl SinkKind for RabbitMqConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

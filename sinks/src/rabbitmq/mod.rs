@@ -132,6 +132,9 @@ impl Content {
                 if let Some(version) = event.schema_version {
                     add("schema_version", AttributeValue::Integer(version));
                 }
+                if let Some(version) = event.original_schema_version {
+                    add("original_schema_version", AttributeValue::Integer(version));
+                }
                 Content {
                     body: event.payload.as_bytes().to_vec(),
                     content_type: event.payload.content_type().to_owned(),
@@ -241,6 +244,22 @@ mod tests {
                 "id".to_owned(),
                 AttributeValue::String(event.id.to_string())
             )]
+        );
+        let upcast = Event {
+            schema_version: Some(3),
+            original_schema_version: Some(1),
+            ..event
+        };
+        let content = Content::of(&upcast, Format::Raw, false);
+        assert_eq!(
+            content.headers,
+            vec![
+                ("schema_version".to_owned(), AttributeValue::Integer(3)),
+                (
+                    "original_schema_version".to_owned(),
+                    AttributeValue::Integer(1)
+                )
+            ]
         );
     }
 

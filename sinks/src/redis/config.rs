@@ -5,6 +5,7 @@ use super::{RedisSettings, RedisSink};
 use crate::format::Format;
 use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -37,6 +38,8 @@ pub struct RedisConfig {
     pub timeout: Duration,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 fn default_stream() -> String {
@@ -112,6 +115,10 @@ impl SinkKind for RedisConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

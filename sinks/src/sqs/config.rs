@@ -10,6 +10,7 @@ use crate::batch::BatchSink;
 use crate::format::Format;
 use crate::kind::{Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Event, Sink};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -39,6 +40,8 @@ pub struct SqsConfig {
     pub timeout: Duration,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 /// `type = "sns"`.
@@ -65,6 +68,8 @@ pub struct SnsConfig {
     pub timeout: Duration,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 fn default_concurrency() -> usize {
@@ -207,6 +212,10 @@ impl SinkKind for SqsConfig {
         &self.filter
     }
 
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
+    }
+
     fn channel(&self) -> Channel {
         Channel {
             protocol: "sqs",
@@ -245,6 +254,10 @@ impl SinkKind for SnsConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

@@ -77,6 +77,9 @@ impl Message {
         if let Some(version) = event.schema_version {
             attributes.push(("schemaversion", version.to_string()));
         }
+        if let Some(version) = event.original_schema_version {
+            attributes.push(("originalschemaversion", version.to_string()));
+        }
         if let Some(traceparent) = &event.traceparent {
             attributes.push(("traceparent", traceparent.as_str().to_owned()));
         }
@@ -143,6 +146,8 @@ mod tests {
         event.traceparent = Some(Text::from(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ));
+        event.schema_version = Some(3);
+        event.original_schema_version = Some(1);
         let message = Message::new(&event, Format::CloudEvents, false).unwrap();
         let body: serde_json::Value = serde_json::from_str(&message.body).unwrap();
         assert_eq!(body["id"], event.id.as_str());
@@ -150,6 +155,8 @@ mod tests {
         let names: Vec<&str> = message.attributes.iter().map(|(n, _)| *n).collect();
         assert!(names.starts_with(&["id", "type", "aggregatetype", "aggregateid", "sequence"]));
         assert!(names.contains(&"traceparent"));
+        assert!(names.contains(&"schemaversion") && names.contains(&"originalschemaversion"));
+        assert_eq!(body["originalschemaversion"], 1);
         assert!(names.len() <= 10, "SQS takes at most 10 attributes");
         assert_eq!(message.fifo, None);
         let attributes: usize = message

@@ -7,6 +7,7 @@ use super::{client, WebhookApi, WebhookSettings};
 use crate::batch::BatchSink;
 use crate::kind::{template, Channel, ConfigError, SinkContext, SinkKind};
 use crate::routing::MatchRule;
+use crate::upcast_rule::UpcastRule;
 use crate::{Secret, Sink};
 use async_trait::async_trait;
 use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION};
@@ -41,6 +42,8 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     #[serde(default, rename = "match")]
     pub filter: MatchRule,
+    #[serde(default)]
+    pub upcast: UpcastRule,
 }
 
 fn default_concurrency() -> usize {
@@ -155,6 +158,10 @@ impl SinkKind for WebhookConfig {
 
     fn filter(&self) -> &MatchRule {
         &self.filter
+    }
+
+    fn upcast(&self) -> &UpcastRule {
+        &self.upcast
     }
 
     fn channel(&self) -> Channel {

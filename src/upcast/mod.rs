@@ -2,6 +2,9 @@
 //! N+1 (`[upcast.<type>.<N>] to = N+1, program = '…'`), run in-process with jaq (a Rust jq;
 //! no subprocess), chained from a version to a later one.
 //!
+//! Inside the stream the chains run in a helper process ([`sandbox`]) and each sink
+//! publishes at the version its `[sinks.NAME.upcast]` asks ([`publish`]).
+//!
 //! Invariants:
 //! - Every program compiles when the configuration loads; a step goes to a later version.
 //! - A step must produce exactly one JSON value: none, several, or a jq error is a failure
@@ -12,11 +15,14 @@ use anyhow::bail;
 use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{Compiler, Ctx, Native, RcIter};
 use jaq_json::Val;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod publish;
+pub mod sandbox;
+
 /// `[upcast.<type>.<version>]`: the step from that version.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpcastStep {
     /// The version the program's output is.
@@ -24,6 +30,9 @@ pub struct UpcastStep {
     /// A jq program from a payload of the step's version to one of `to`.
     pub program: String,
 }
+
+/// `[upcast]`: by event type, then by the version a step starts from (as the TOML key).
+pub type Programs = BTreeMap<String, BTreeMap<String, UpcastStep>>;
 
 type Filter = jaq_core::Filter<Native<Val>>;
 
@@ -68,9 +77,7 @@ fn compile(program: &str) -> Result<Filter, String> {
 impl Upcasters {
     /// Compiles `[upcast]` (type → version → step); a program that does not compile or a
     /// step that does not go to a later version is an error naming its key.
-    pub fn compile(
-        config: &BTreeMap<String, BTreeMap<String, UpcastStep>>,
-    ) -> anyhow::Result<Self> {
+    pub fn compile(config: &Programs) -> anyhow::Result<Self> {
         let mut steps: BTreeMap<String, BTreeMap<i64, Step>> = BTreeMap::new();
         for (event_type, versions) in config {
             for (from, step) in versions {
@@ -114,6 +121,19 @@ impl Upcasters {
             version = step.to;
         }
         version
+    }
+
+    /// The version a sink with `rule` publishes an event of `event_type` stored at `stored`
+    /// at: the pinned or latest version when the rule asks for a later one, else `stored`
+    /// (there is no downcasting).
+    pub fn published_version(
+        &self,
+        rule: &outbox_relay_sinks::UpcastRule,
+        event_type: &str,
+        stored: i64,
+    ) -> i64 {
+        rule.target(event_type, || self.latest(event_type, stored))
+            .map_or(stored, |target| target.max(stored))
     }
 
     /// Runs the chain from version `from` up to `to` (the latest when `None`); the payload
