@@ -133,6 +133,20 @@ def as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if is_root() else args
 
 
+def metric(port: int, sample: str) -> float:
+    """The value of one sample of the relay's /metrics (0 when absent or unreachable)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1444,6 +1458,53 @@ level = "info"
         self.cold = {"runs_s": [round(t, 4) for t in times], "median_s": round(times[len(times) // 2], 4)}
         log(f"cold start to first event: {self.cold}")
 
+    def restart(self) -> None:
+        """kill -9 right after a backlog is acknowledged, then restart: the time from the
+        restart to the next event acknowledged, and the events read again and skipped."""
+        a = self.args
+        self.restarts = []
+        wanted = [s for s in a.restart_sinks if s in BROKER_SINKS]
+        available = self.brokers.start(wanted) if wanted else []
+        for sink in a.restart_sinks:
+            if sink in BROKER_SINKS and sink not in available:
+                continue
+            slot = f"restart_{sink.replace('-', '_')}"
+            name = f"restart-{sink}"
+            self.create_slot(slot)
+            self.write_workload(a.restart_rows, a.rows_per_tx)
+            port = free_port()
+            config = self.relay_config(name, slot, sink)
+            config.write_text(config.read_text() + f'\n[http]\nlisten = "127.0.0.1:{port}"\n')
+            proc, stderr = self.spawn_relay(config, name)
+            deadline = time.monotonic() + a.timeout
+            while metric(port, f'outbox_relay_events_published_total{{sink="bench",table="public.outbox"}}') < a.restart_rows:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: backlog not delivered: {stderr.read_text()[-2000:]}")
+                time.sleep(0.01)
+            proc.kill()
+            proc.wait()
+            confirmed_at_kill = self.slot_state(slot)[0]
+            backlog_end = self.insert_lsn()
+            self.write_workload(1, 1)
+            end = self.insert_lsn()
+            started = time.monotonic()
+            proc, stderr = self.spawn_relay(config, f"{name}-again")
+            while self.slot_state(slot)[0] < end:
+                if proc.poll() is not None or time.monotonic() > started + a.timeout:
+                    raise RuntimeError(f"{name}: no new event after the restart: {stderr.read_text()[-2000:]}")
+                time.sleep(0.005)
+            elapsed = time.monotonic() - started
+            skipped = metric(port, 'outbox_relay_events_skipped_total{sink="bench"}')
+            self.stop_relay(proc)
+            self.drop_slot(slot)
+            result = {"sink": sink, "backlog": a.restart_rows,
+                      "restart_to_next_acknowledged_s": round(elapsed, 3),
+                      "events_read_again": int(skipped),
+                      "wal_behind_at_kill_bytes": max(0, backlog_end - confirmed_at_kill)}
+            log(f"restart after kill -9: {result}")
+            self.restarts.append(result)
+        self.brokers.stop()
+
     def memory(self) -> None:
         self.big = {}
         for rows in self.args.big_tx:
@@ -1506,6 +1567,8 @@ level = "info"
                 self.brokers.stop()
             if "cold" in a.only:
                 self.cold_start()
+            if "restart" in a.only:
+                self.restart()
             if a.big_tx and "memory" in a.only:
                 self.memory()
         finally:
@@ -1546,7 +1609,8 @@ level = "info"
                     if run.get("drain_events_per_s"):
                         run["drain_ratio_to_broker_alone"] = round(run["drain_events_per_s"] / max(alone), 3)
         results = summarize(runs)
-        targets = evaluate_targets(results, self.cold, getattr(self, "big", {}), a)
+        targets = evaluate_targets(results, self.cold, getattr(self, "big", {}), a,
+                                   getattr(self, "restarts", []))
         comparisons = compare_debezium(results)
         return {
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -1571,12 +1635,13 @@ level = "info"
             "results": results,
             "runs": runs,
             "cold_start": self.cold,
+            "restart": getattr(self, "restarts", []),
             "targets": targets,
             "relay_vs_debezium": comparisons,
         }
 
 
-PHASES = ["batched", "brokers", "debezium", "single", "latency", "cold", "memory"]
+PHASES = ["batched", "brokers", "debezium", "single", "latency", "cold", "restart", "memory"]
 BROKER_SINKS = ["kafka-idempotent", "kafka-transactional", "rabbitmq-confirms", "rabbitmq-stream",
                 "redis", "nats", "webhook", "eventbridge"]
 
@@ -1691,7 +1756,8 @@ def parse_latency(text: str) -> dict:
     return found
 
 
-def evaluate_targets(results: list[dict], cold: dict, big: dict, a) -> list[dict]:
+def evaluate_targets(results: list[dict], cold: dict, big: dict, a,
+                     restarts: list[dict] | None = None) -> list[dict]:
     def find(phase: str, reader_prefix: str) -> dict | None:
         return next(
             (r for r in results if r["phase"] == phase and r["reader"].startswith(reader_prefix)),
@@ -1729,6 +1795,11 @@ def evaluate_targets(results: list[dict], cold: dict, big: dict, a) -> list[dict
     if cold:
         targets.append({"target": "cold start to first event <= 1 s (file sink, fsync)",
                         "value": cold["median_s"], "met": cold["median_s"] <= 1.0})
+    for r in restarts or []:
+        targets.append({"target": f"restart after kill -9 to the next event <= 2 s with {r['backlog']} "
+                                  f"events in the sink ({r['sink']})",
+                        "value": r["restart_to_next_acknowledged_s"],
+                        "met": r["restart_to_next_acknowledged_s"] <= 2.0})
     if big:
         peak = max(v for v in big.values() if v)
         small = min(v for v in big.values() if v)
@@ -1847,6 +1918,10 @@ def print_table(report: dict) -> None:
                   f"(with walsender {ratio(c['cpu_s_per_million_with_walsender'])}), peak RSS {ratio(c['peak_rss'])}")
     if report.get("cold_start"):
         print(f"\ncold start to first event (file sink, fsync): {report['cold_start']}")
+    for r in report.get("restart", []):
+        print(f"restart after kill -9 ({r['sink']}, {r['backlog']} events delivered): next event "
+              f"acknowledged {r['restart_to_next_acknowledged_s']} s after the restart; "
+              f"{r['events_read_again']} events read again")
     print("\ntargets:")
     for t in report["targets"]:
         notes = []
@@ -1903,6 +1978,10 @@ def main() -> int:
     p.add_argument("--big-tx", type=int, nargs="*", default=[100_000, 1_000_000],
                    help="single-transaction sizes for the memory check (none: skip)")
     p.add_argument("--cold-start-runs", type=int, default=3)
+    p.add_argument("--restart-rows", type=int, default=100_000,
+                   help="backlog delivered before the kill -9 of the restart phase")
+    p.add_argument("--restart-sinks", nargs="*", default=["file-fsync", "kafka-transactional"],
+                   choices=["null", "file-nofsync", "file-fsync", *BROKER_SINKS])
     p.add_argument("--batch-size", type=int, default=1000, help="relay.batch_size")
     p.add_argument("--queue-depth", type=int, default=4, help="relay.queue_depth")
     p.add_argument("--batch-bytes", type=int,

@@ -90,6 +90,7 @@ pub struct Metrics {
     pub in_flight_events: Family<SinkLabels, Gauge>,
     pub in_flight_bytes: Family<SinkLabels, Gauge>,
     pub sink_retries: Family<SinkLabels, Counter>,
+    pub events_skipped: Family<SinkLabels, Counter>,
     pub received_lsn: Gauge,
     pub confirmed_lsn: Gauge,
     pub replication_lag_bytes: Gauge,
@@ -176,6 +177,12 @@ impl Metrics {
                 &mut registry,
                 "sink_retries",
                 "Batches a sink failed with a retryable error (broker down, throttled, ...)",
+                Family::<SinkLabels, Counter>::default(),
+            ),
+            events_skipped: register(
+                &mut registry,
+                "events_skipped",
+                "Events read again after a restart that the sink already held (skipped)",
                 Family::<SinkLabels, Counter>::default(),
             ),
             received_lsn: register(

@@ -713,3 +713,56 @@ fn a_silent_partition_from_postgres_ends_the_session_after_the_tcp_user_timeout(
     assert_eq!(ids.len(), 10);
     assert_eq!(read_events(&events).len(), 10, "nothing repeated");
 }
+
+/// Guarantee: a position every sink acknowledged is confirmed to PostgreSQL within moments,
+/// not at the next standby status interval (60 s here), so a relay killed with SIGKILL
+/// afterwards re-reads none of what it delivered: the restarted relay skips nothing
+/// (`outbox_relay_events_skipped_total`) and delivers the new events once.
+#[test]
+fn acknowledged_positions_are_confirmed_promptly_so_a_crash_rereads_nothing() {
+    let port = free_port();
+    let (
+        Scenario {
+            pg, config, events, ..
+        },
+        mut relay,
+    ) = scenario()
+        .source("status_interval = \"60s\"\n")
+        .tables(&format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"))
+        .start();
+    for i in 0..20 {
+        pg.psql(&insert_sql("k", i));
+    }
+    relay.delivers(&events, 20);
+    let last_lsn = read_events(&events).last().unwrap()["lsn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let confirmed = || {
+        pg.psql(&format!(
+            "SELECT confirmed_flush_lsn > '{last_lsn}'::pg_lsn FROM pg_replication_slots \
+             WHERE slot_name = 'outbox_relay'"
+        )) == "t"
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), confirmed),
+        "the slot was not confirmed past {last_lsn} within 5 s; log:\n{}",
+        relay.log()
+    );
+    relay.kill9();
+    for i in 20..30 {
+        pg.psql(&insert_sql("k", i));
+    }
+    let relay = Relay::start(&config);
+    relay.delivers(&events, 30);
+    assert_eq!(read_seqs(&events), (0..30).collect::<Vec<u64>>());
+    let metrics = http_get(port, "/metrics").expect("metrics answer").1;
+    let skipped: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("outbox_relay_events_skipped_total{"))
+        .collect();
+    assert!(
+        skipped.iter().all(|line| line.ends_with(" 0")),
+        "the restart re-read delivered events: {skipped:?}"
+    );
+}

@@ -210,6 +210,11 @@ async fn sends_after_falling_behind(limit: BatchLimit) -> Vec<usize> {
             .unwrap();
     }
     assert_eq!(progress.confirmed(), Lsn(41));
+    let skipped = crate::telemetry::METRICS
+        .events_skipped
+        .get_or_create(&crate::telemetry::Metrics::sink("gated"))
+        .get();
+    assert!(skipped >= 1, "the event skip_through covers is counted");
     assert_eq!(
         progress.checkpoints()["gated"],
         Position {

@@ -145,7 +145,14 @@ pub(super) async fn run_worker(
                 .inc_by(rejected.len() as u64);
         }
         for batch in &queued {
-            let last = batch.events[fresh_of(batch)].last().map(|e| e.position);
+            let fresh = fresh_of(batch);
+            if fresh.start > 0 {
+                METRICS
+                    .events_skipped
+                    .get_or_create(&labels)
+                    .inc_by(fresh.start as u64);
+            }
+            let last = batch.events[fresh].last().map(|e| e.position);
             progress.acknowledge(index, last, batch.boundary);
             METRICS
                 .in_flight_events

@@ -1,6 +1,6 @@
 //! The sending half of a replication connection while it streams: standby status updates,
 //! sent by their own task on their own timer (and whenever the server asks), so a stalled
-//! pipeline never trips `wal_sender_timeout`.
+//! pipeline never trips `wal_sender_timeout`, and promptly whenever the confirmed LSN moves.
 //!
 //! Invariant: the flushed position reported is only ever the pipeline's confirmed LSN, the
 //! end of a transaction every sink acknowledged ([`Progress::confirmed`]); the server may
@@ -59,8 +59,14 @@ impl StatusWriter {
     }
 }
 
+/// How often the confirmed LSN is checked, and sent at once when it moved. Confirming
+/// promptly keeps the slot close to what the sinks hold, so a relay restarted after a crash
+/// re-reads little WAL only to skip it; a status update is a few dozen bytes.
+pub const CONFIRM_CHECK: Duration = Duration::from_millis(100);
+
 /// Sends standby status updates every `interval` and whenever the server asks, independent
-/// of the reader; on stop, a final update with the last confirmed LSN, then ends streaming.
+/// of the reader, and within [`CONFIRM_CHECK`] of the confirmed LSN moving; on stop, a final
+/// update with the last confirmed LSN, then ends streaming.
 pub async fn status_updates(
     mut writer: StatusWriter,
     progress: Arc<Progress>,
@@ -70,14 +76,23 @@ pub async fn status_updates(
 ) -> Result<(), SourceError> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut confirm_check = tokio::time::interval(CONFIRM_CHECK);
+    confirm_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = reply_requested.notified() => {}
+            _ = confirm_check.tick() => {
+                if sent == Some(progress.confirmed()) {
+                    continue;
+                }
+            }
             _ = stop.wait_for(|stop| *stop) => break,
         }
         let (received, confirmed) = (progress.received_lsn(), progress.confirmed());
         writer.send(received, confirmed).await?;
+        sent = Some(confirmed);
         METRICS.received_lsn.set(gauge_value(received.0));
         METRICS.confirmed_lsn.set(gauge_value(confirmed.0));
         METRICS
