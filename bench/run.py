@@ -547,6 +547,8 @@ class Brokers:
         self.nats_port: int | None = None
         self.webhook_port: int | None = None
         self.rabbit_queues: list[str] = []
+        # `channels` of the rabbitmq-confirms sink (None: the sink's default).
+        self.rabbitmq_channels: int | None = None
         self.started: list[subprocess.Popen] = []
 
     @property
@@ -743,7 +745,8 @@ num.recovery.threads.per.data.dir=1
             return ('[sinks.bench]\ntype = "rabbitmq"\nmode = "exchange"\n'
                     'url = "amqp://guest:guest@127.0.0.1:5672/%2f"\n'
                     'exchange = "outbox-relay-bench"\ndeclare = true\n'
-                    f'queue = "{unique}"\nrouting_key = "{unique}"\nbinding_key = "{unique}"\n')
+                    f'queue = "{unique}"\nrouting_key = "{unique}"\nbinding_key = "{unique}"\n'
+                    + (f'channels = {self.rabbitmq_channels}\n' if self.rabbitmq_channels else ''))
         if sink == "rabbitmq-stream":
             self.rabbit_queues.append(unique)
             return ('[sinks.bench]\ntype = "rabbitmq"\nmode = "stream"\n'
@@ -837,6 +840,7 @@ class Bench:
         self.pg_version = ""
         self.brokers = Brokers(self.work, self.relay_bin.parent / "examples", args.kafka_property,
                                args.kafka_warm_up)
+        self.brokers.rabbitmq_channels = args.rabbitmq_channels
         self.debezium_cp: str | None = None
 
     # -- plumbing
@@ -1900,7 +1904,7 @@ def print_table(report: dict) -> None:
             fmt(r.get("latency_p50_ms")), fmt(r.get("latency_p99_ms")),
             fmt(r.get("other_cpu_s")),
         ))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(widths[i]) for i, h in enumerate(header)))
     print("-+-".join("-" * wd for wd in widths))
     for row in rows:
@@ -1978,6 +1982,8 @@ def main() -> int:
     p.add_argument("--big-tx", type=int, nargs="*", default=[100_000, 1_000_000],
                    help="single-transaction sizes for the memory check (none: skip)")
     p.add_argument("--cold-start-runs", type=int, default=3)
+    p.add_argument("--rabbitmq-channels", type=int,
+                   help="channels of the rabbitmq-confirms sink (default: the sink's own)")
     p.add_argument("--restart-rows", type=int, default=100_000,
                    help="backlog delivered before the kill -9 of the restart phase")
     p.add_argument("--restart-sinks", nargs="*", default=["file-fsync", "kafka-transactional"],

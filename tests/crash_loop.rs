@@ -302,7 +302,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
     let sinks = format!(
         "[sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n\
          [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\npartitions = 4\ntimeout = \"10s\"\n\
-         [sinks.exchange]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"outbox\"\n\
+         [sinks.exchange]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"outbox\"\nchannels = 4\n\
          [sinks.stream]\ntype = \"rabbitmq\"\nmode = \"stream\"\nurl = \"{}\"\nstream = \"events\"\ndeclare = true\n\
          [sinks.redis]\ntype = \"redis\"\nurl = \"{}\"\nstream = \"events\"\n\
          [sinks.nats]\ntype = \"nats\"\nurl = \"{}\"\n\

@@ -117,15 +117,16 @@ const LETTER: &str = "sink, row_data->>'aggregatetype', reason";
 fn exchange_sink(vhost: &Vhost, extra: &str) -> String {
     format!(
         "[sinks.rabbit]\ntype = \"rabbitmq\"\nurl = \"{}\"\nexchange = \"events\"\n\
-         binary = true\nwindow = 16\ntimeout = \"5s\"\n{extra}\n",
+         binary = true\nwindow = 16\nchannels = 4\ntimeout = \"5s\"\n{extra}\n",
         vhost.amqp_url()
     )
 }
 
 /// Guarantee: exchange mode publishes every event once (no failures here), in per-key
-/// commit order, persistent, with message_id, type, timestamp, content type, the event's
-/// headers, traceparent and the CloudEvents attributes as cloudEvents_ headers. The sink
-/// declares the exchange and the bound queue itself; `check` passes.
+/// commit order over 4 channels (each key on one), persistent, with message_id, type,
+/// timestamp, content type, the event's headers, traceparent and the CloudEvents attributes
+/// as cloudEvents_ headers. The sink declares the exchange and the bound queue itself;
+/// `check` passes.
 #[test]
 fn exchange_mode_delivers_every_event_once_in_per_key_order_with_its_headers() {
     let vhost = Vhost::new();

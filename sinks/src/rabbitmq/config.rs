@@ -2,7 +2,7 @@
 //! [`RabbitMqSettings`] (templates parsed, the password file read, every key checked against
 //! the mode).
 
-use super::exchange::{ExchangeSettings, DEFAULT_MAX_MESSAGE_BYTES};
+use super::exchange::{ExchangeSettings, DEFAULT_CHANNELS, DEFAULT_MAX_MESSAGE_BYTES};
 use super::stream::StreamSettings;
 use super::{Policy, RabbitMqSettings};
 use crate::format::Format;
@@ -52,6 +52,8 @@ pub struct RabbitMqConfig {
     pub queue: Option<String>,
     pub binding_key: Option<String>,
     pub mandatory: Option<bool>,
+    /// Channels the events are spread over by key (each key always on the same one).
+    pub channels: Option<usize>,
     pub on_nack: Option<Policy>,
     pub on_unroutable: Option<Policy>,
     pub max_message_bytes: Option<usize>,
@@ -137,6 +139,7 @@ impl RabbitMqConfig {
                     on_nack: self.on_nack.unwrap_or(Policy::Retry),
                     on_unroutable: self.on_unroutable.unwrap_or(Policy::DeadLetter),
                     window: self.window,
+                    channels: self.channels.unwrap_or(DEFAULT_CHANNELS),
                     max_message_bytes: self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
                     timeout: self.timeout,
                 })
@@ -150,6 +153,7 @@ impl RabbitMqConfig {
                         ("queue", self.queue.is_some()),
                         ("binding_key", self.binding_key.is_some()),
                         ("mandatory", self.mandatory.is_some()),
+                        ("channels", self.channels.is_some()),
                         ("on_nack", self.on_nack.is_some()),
                         ("on_unroutable", self.on_unroutable.is_some()),
                         ("max_message_bytes", self.max_message_bytes.is_some()),

@@ -5,10 +5,14 @@
 //!   mode, `message_id` = the event id, `type` = the event type, `timestamp` (seconds),
 //!   `content_type`, `app_id` = `outbox-relay`; headers = the event's headers, `traceparent`,
 //!   and in CloudEvents binary mode the attributes as `cloudEvents_*` headers.
-//! - **Confirms.** One channel per sink, in confirm mode. Publishes are pipelined: up to
-//!   `window` events are handed to lapin and unconfirmed at once (see `Publishing`), and
-//!   `send` returns only when every event of the batch is confirmed or rejected, so the
-//!   relay's checkpoint only moves over confirmed events.
+//! - **Channels and confirms.** One connection per sink with `channels` channels in confirm
+//!   mode; each event goes to the channel its key hashes to, so every event of a key takes
+//!   one channel, and RabbitMQ keeps a channel's messages in order. RabbitMQ handles each
+//!   channel in a process of its own, so several channels publish in parallel where one
+//!   waits. Publishes are pipelined: up to `window` events per channel are handed to lapin
+//!   and unconfirmed at once (see `Publishing`), and `send` returns only when every event of
+//!   the batch is confirmed or rejected, so the relay's checkpoint only moves over confirmed
+//!   events.
 //! - **Negative outcomes.** A `basic.nack` follows `on_nack`, a `mandatory` publish
 //!   returned unroutable follows `on_unroutable`: `retry`, `dead-letter` (a rejection the
 //!   relay stores in its dead-letter table with the broker's reason) or `fail` (the relay
@@ -62,6 +66,10 @@ const ROUNDS_PER_SEND: u32 = 5;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Channels per sink unless `channels` says otherwise: chosen by measurement
+/// (BENCHMARKS.md, the RabbitMQ channels experiment).
+pub const DEFAULT_CHANNELS: usize = 4;
+
 /// RabbitMQ's default `max_message_size` (128 MiB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
@@ -95,8 +103,10 @@ pub struct ExchangeSettings {
     pub mandatory: bool,
     pub on_nack: Policy,
     pub on_unroutable: Policy,
-    /// Most unconfirmed publishes at once.
+    /// Most unconfirmed publishes at once, per channel.
     pub window: usize,
+    /// Channels the events are spread over by key.
+    pub channels: usize,
     /// Larger messages are dead-lettered (RabbitMQ's `max_message_size`).
     pub max_message_bytes: usize,
     /// Connecting, and waiting for one confirm.
@@ -112,6 +122,9 @@ impl ExchangeSettings {
         }
         if self.window == 0 {
             return Err("window must be at least 1".into());
+        }
+        if !(1..=MAX_CHANNELS).contains(&self.channels) {
+            return Err(format!("channels must be from 1 to {MAX_CHANNELS}"));
         }
         if ShortString::try_new(self.exchange.as_str()).is_err() {
             return Err("exchange names are at most 255 bytes".into());
@@ -155,10 +168,13 @@ impl ExchangeSettings {
     }
 }
 
-/// An open connection and its publishing channel, in confirm mode.
+/// The most channels a sink opens (RabbitMQ's default `channel_max` is 2047).
+const MAX_CHANNELS: usize = 64;
+
+/// An open connection and its publishing channels, in confirm mode.
 struct Link {
     connection: Connection,
-    channel: Channel,
+    channels: Vec<Channel>,
 }
 
 pub struct ExchangeSink {
@@ -236,13 +252,19 @@ impl ExchangeSink {
         let context = format!("sink {}", settings.name);
         let io = |err: lapin::Error| classify(&context, &err, settings);
         let setup = async {
-            let channel = connection.create_channel().await.map_err(io)?;
-            declare(&channel, settings).await.map_err(io)?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(io)?;
-            Ok::<_, SinkError>(channel)
+            let mut channels = Vec::with_capacity(settings.channels);
+            for _ in 0..settings.channels {
+                let channel = connection.create_channel().await.map_err(io)?;
+                if channels.is_empty() {
+                    declare(&channel, settings).await.map_err(io)?;
+                }
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(io)?;
+                channels.push(channel);
+            }
+            Ok::<_, SinkError>(channels)
         };
         let result = tokio::time::timeout(settings.timeout, setup)
             .await
@@ -253,11 +275,12 @@ impl ExchangeSink {
                 )))
             });
         match result {
-            Ok(channel) => {
-                info!(sink = %settings.name, endpoint = %settings.endpoint(), exchange = %settings.exchange, "connected to RabbitMQ");
+            Ok(channels) => {
+                info!(sink = %settings.name, endpoint = %settings.endpoint(), exchange = %settings.exchange,
+                    channels = channels.len(), "connected to RabbitMQ");
                 Ok(Link {
                     connection,
-                    channel,
+                    channels,
                 })
             }
             Err(err) => {
@@ -333,11 +356,11 @@ impl ExchangeSink {
         prepared: &[Option<Prepared>],
         states: &mut [EventState],
     ) -> Result<(), SinkError> {
-        if self
-            .link
-            .as_ref()
-            .is_some_and(|link| !link.channel.status().connected())
-        {
+        if self.link.as_ref().is_some_and(|link| {
+            link.channels
+                .iter()
+                .any(|channel| !channel.status().connected())
+        }) {
             self.disconnect().await;
         }
         if self.link.is_none() {
@@ -353,7 +376,7 @@ impl ExchangeSink {
             self.link = Some(link);
         }
         let settings = &self.settings;
-        let channel = &self.link.as_ref().expect("connected above").channel;
+        let channels = &self.link.as_ref().expect("connected above").channels;
         let context = format!("sink {}", settings.name);
         let options = BasicPublishOptions {
             mandatory: settings.mandatory,
@@ -364,10 +387,12 @@ impl ExchangeSink {
             .filter(|&i| states[i] == EventState::Pending)
             .collect();
         let mut answers = Answers::new(&pending);
+        let window = settings.window * channels.len();
         for &index in &pending {
             let message = prepared[index]
                 .as_ref()
                 .expect("pending events are prepared");
+            let channel = &channels[channel_of(&batch[index].key, channels.len())];
             let publishing = Publishing::start(channel.basic_publish(
                 ShortString::from(settings.exchange.as_str()),
                 message.routing_key.clone(),
@@ -377,7 +402,7 @@ impl ExchangeSink {
             ))
             .await;
             in_flight.push_back((index, publishing));
-            while in_flight.len() >= settings.window {
+            while in_flight.len() >= window {
                 let (index, publishing) = in_flight.pop_front().expect("window is not empty");
                 let answer = publishing.answer(settings, &context).await?;
                 answers.settle(settings, batch, index, answer, states)?;
@@ -396,6 +421,15 @@ impl ExchangeSink {
         }
         Ok(())
     }
+}
+
+/// The channel of the events of `key`: a hash that stays the same across runs and
+/// versions (FNV-1a), so a key's events keep to one channel.
+fn channel_of(key: &str, channels: usize) -> usize {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % channels as u64) as usize
 }
 
 #[async_trait]
@@ -484,6 +518,7 @@ mod tests {
             on_nack: Policy::Retry,
             on_unroutable: Policy::DeadLetter,
             window: 64,
+            channels: DEFAULT_CHANNELS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             timeout: Duration::from_secs(5),
         }
@@ -514,6 +549,19 @@ mod tests {
         small.max_message_bytes = 4;
         let err = ExchangeSink::new(small).prepare(&sample(1, 0)).unwrap_err();
         assert!(err.contains("max_message_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_key_keeps_to_one_channel_and_keys_spread_over_all() {
+        let mut used = [0; 4];
+        for n in 0..1000 {
+            let key = format!("order-{n}");
+            let channel = channel_of(&key, 4);
+            assert_eq!(channel, channel_of(&key, 4));
+            used[channel] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 150), "{used:?}");
+        assert_eq!(channel_of("anything", 1), 0);
     }
 
     #[test]
