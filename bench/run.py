@@ -457,6 +457,69 @@ def wait_port(port: int, seconds: float) -> bool:
     return False
 
 
+class LatencyProxy:
+    """A TCP proxy that delays what the client sends by `delay_ms`, in order, on a thread of
+    its own: an AWS endpoint's round trip in front of moto, which answers in microseconds.
+    Each chunk is forwarded `delay_ms` after it arrived, so a request (one or more chunks on
+    a keep-alive connection) reaches the server one delay late, and requests on different
+    connections are delayed independently."""
+
+    def __init__(self, upstream_port: int, delay_ms: float):
+        import asyncio
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.delay = delay_ms / 1000
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        import asyncio
+        asyncio.set_event_loop(self.loop)
+
+        async def pipe(reader, writer, delay: float) -> None:
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def forward() -> None:
+                while True:
+                    due, data = await queue.get()
+                    if data is None:
+                        break
+                    wait = due - self.loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    writer.write(data)
+                    await writer.drain()
+                writer.close()
+
+            task = asyncio.ensure_future(forward())
+            try:
+                while data := await reader.read(65536):
+                    queue.put_nowait((self.loop.time() + delay, data))
+            except OSError:
+                pass
+            queue.put_nowait((0, None))
+            await task
+
+        async def handle(client_reader, client_writer) -> None:
+            try:
+                server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            except OSError:
+                client_writer.close()
+                return
+            await asyncio.gather(pipe(client_reader, server_writer, self.delay),
+                                 pipe(server_reader, client_writer, 0), return_exceptions=True)
+
+        async def serve() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+            ready.set()
+            async with server:
+                await server.serve_forever()
+
+        self.loop.run_until_complete(serve())
+
+
 def java_binary() -> str:
     """java from JAVA_HOME, else from PATH."""
     home = os.environ.get("JAVA_HOME")
@@ -549,6 +612,10 @@ class Brokers:
         self.rabbit_queues: list[str] = []
         # `channels` of the rabbitmq-confirms sink (None: the sink's default).
         self.rabbitmq_channels: int | None = None
+        # The EventBridge sink's `concurrency`, and the latency put in front of moto.
+        self.aws_concurrency: int | None = None
+        self.aws_latency_ms: float = 0
+        self.aws_port: int | None = None
         self.started: list[subprocess.Popen] = []
 
     @property
@@ -720,6 +787,11 @@ num.recovery.threads.per.data.dir=1
                 if wait_port(self.moto_port, 20):
                     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                                       AWS_REGION="us-east-1")
+                    if self.aws_latency_ms:
+                        self.aws_port = LatencyProxy(self.moto_port, self.aws_latency_ms).port
+                        log(f"eventbridge: moto behind a {self.aws_latency_ms} ms latency proxy")
+                    else:
+                        self.aws_port = self.moto_port
                     available.append("eventbridge")
             else:
                 log("eventbridge skipped: no moto_server in .venv-brokers (scripts/install-test-deps.sh)")
@@ -764,7 +836,8 @@ num.recovery.threads.per.data.dir=1
                     f'url = "http://127.0.0.1:{self.webhook_port}/{unique}"\n')
         if sink == "eventbridge":
             return ('[sinks.bench]\ntype = "eventbridge"\nbus = "default"\n'
-                    f'endpoint_url = "http://127.0.0.1:{self.moto_port}"\nregion = "us-east-1"\n')
+                    f'endpoint_url = "http://127.0.0.1:{self.aws_port}"\nregion = "us-east-1"\n'
+                    + (f'concurrency = {self.aws_concurrency}\n' if self.aws_concurrency else ''))
         raise ValueError(f"unknown sink {sink}")
 
     def create_nats_stream(self, name: str) -> None:
@@ -841,6 +914,8 @@ class Bench:
         self.brokers = Brokers(self.work, self.relay_bin.parent / "examples", args.kafka_property,
                                args.kafka_warm_up)
         self.brokers.rabbitmq_channels = args.rabbitmq_channels
+        self.brokers.aws_concurrency = args.aws_concurrency
+        self.brokers.aws_latency_ms = args.aws_latency_ms
         self.debezium_cp: str | None = None
 
     # -- plumbing
@@ -1982,6 +2057,10 @@ def main() -> int:
     p.add_argument("--big-tx", type=int, nargs="*", default=[100_000, 1_000_000],
                    help="single-transaction sizes for the memory check (none: skip)")
     p.add_argument("--cold-start-runs", type=int, default=3)
+    p.add_argument("--aws-concurrency", type=int,
+                   help="concurrency of the EventBridge sink (default: the sink's own)")
+    p.add_argument("--aws-latency-ms", type=float, default=0,
+                   help="latency added in front of moto, as an AWS endpoint's round trip")
     p.add_argument("--rabbitmq-channels", type=int,
                    help="channels of the rabbitmq-confirms sink (default: the sink's own)")
     p.add_argument("--restart-rows", type=int, default=100_000,

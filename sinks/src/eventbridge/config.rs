@@ -60,7 +60,7 @@ fn default_detail_type() -> String {
     "{type}".into()
 }
 fn default_concurrency() -> usize {
-    8
+    16
 }
 fn default_max_request_bytes() -> usize {
     DEFAULT_MAX_REQUEST_BYTES
