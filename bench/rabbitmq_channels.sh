@@ -1,22 +1,9 @@
 #!/bin/bash
-# Run as root on a machine with PostgreSQL 15 (initdb via runuser) and, for RabbitMQ, the
-# local broker with rabbitmq_consistent_hash_exchange enabled and rabbitmqadmin.
 # RabbitMQ exchange sink, channels 1/2/4/8, into 4 classic queues behind a consistent-hash
-# exchange (routing key = aggregate id): 100k events, 1000 keys, drain time.
-set -e
-WORK=${WORK:-/tmp/outbox-relay-bench-$$}
-mkdir -p $WORK && chown postgres: $WORK
-BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-target}/release/outbox-relay}
-D=$WORK/pg; P=55437
+# exchange (routing key = aggregate id): 100k events, 1000 keys, drain time. Needs the local
+# RabbitMQ with rabbitmq_consistent_hash_exchange enabled, and rabbitmqadmin.
+. "$(dirname "$0")/scratch_pg.sh"
 Q=${QUEUES:-4}
-rm -rf $D; runuser -u postgres -- initdb -D $D -U postgres >/dev/null 2>&1
-echo "wal_level=logical
-port=$P
-unix_socket_directories='$WORK'
-max_wal_senders=10
-max_replication_slots=20" >> $D/postgresql.conf
-runuser -u postgres -- pg_ctl -D $D -l $WORK/pg.log start >/dev/null
-PSQL="psql -h $WORK -p $P -U postgres -qAt"
 $PSQL -c "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL)"
 rabbitmqadmin -q delete exchange name=bench-hash >/dev/null 2>&1 || true
 rabbitmqadmin -q declare exchange name=bench-hash type=x-consistent-hash durable=true
@@ -58,4 +45,4 @@ for ch in ${CHANNELS:-1 2 4 8}; do
   echo "channels $ch, $Q queues: $secs s, $(echo "100000 / $secs" | bc) events/s, relay cpu $cpu s"
   for q in $(seq 1 $Q); do rabbitmqadmin -q purge queue name=bench-q$q; done
 done
-runuser -u postgres -- pg_ctl -D $D stop >/dev/null
+stop_scratch_pg

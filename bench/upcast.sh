@@ -1,20 +1,6 @@
 #!/bin/bash
-# Run as root on a machine with PostgreSQL 15 (initdb via runuser) and, for RabbitMQ, the
-# local broker with rabbitmq_consistent_hash_exchange enabled and rabbitmqadmin.
 # Upcast throughput by hand: 100k OrderPlaced v1 events, null sink, as stored vs upcast to latest.
-set -e
-WORK=${WORK:-/tmp/outbox-relay-bench-$$}
-mkdir -p $WORK && chown postgres: $WORK
-BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-target}/release/outbox-relay}
-D=$WORK/pg; P=55437
-rm -rf $D; runuser -u postgres -- initdb -D $D -U postgres >/dev/null
-echo "wal_level=logical
-port=$P
-unix_socket_directories='$WORK'
-max_wal_senders=10
-max_replication_slots=10" >> $D/postgresql.conf
-runuser -u postgres -- pg_ctl -D $D -l $WORK/pg.log start >/dev/null
-PSQL="psql -h $WORK -p $P -U postgres -qAt"
+. "$(dirname "$0")/scratch_pg.sh"
 $PSQL -c "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, schema_version int)"
 for mode in stored latest; do
 cat > $WORK/$mode.toml <<TOML
@@ -49,4 +35,4 @@ for mode in stored latest; do
   kill $pid; wait $pid 2>/dev/null || true
   echo "$mode: $(echo "$end - $start" | bc) s, relay cpu $cpu s, helper cpu $kcpu s"
 done
-runuser -u postgres -- pg_ctl -D $D stop >/dev/null
+stop_scratch_pg

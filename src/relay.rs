@@ -359,6 +359,7 @@ async fn stream(
             params: params.clone(),
             publication: source.publication.clone(),
             tables: source.tables.clone(),
+            shard: source.sharding(),
             interval: source.publication_check_interval,
         },
         helpers_stopped.clone(),
@@ -377,6 +378,7 @@ async fn stream(
             });
 
     let mapper = OutboxMapper::new(&source.tables, &config.outbox, &source.message_prefixes)
+        .for_slot(&source.slot)
         .with_replay_key(replay_key);
     let links = ReaderLinks {
         catalog: prepared.catalog,

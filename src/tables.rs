@@ -11,7 +11,7 @@
 //! [`PublicationProblem::ViaPartitions`], `check` reports them all, and the publication
 //! watch logs them while the relay streams.
 
-use crate::config::parse_table_name;
+use crate::config::{parse_table_name, Shard};
 use crate::db;
 use crate::sql;
 use std::collections::HashMap;
@@ -31,6 +31,13 @@ pub enum PublicationProblem {
         publication: String,
         table: String,
         filter: String,
+    },
+    /// A shard's publication that publishes every row of a table, or one whose row filter is
+    /// not this shard's (its comment is not the one `init` writes for the shard).
+    NotTheShard {
+        publication: String,
+        table: String,
+        shard: Shard,
     },
     /// A partitioned outbox table in a publication that publishes through the partitions:
     /// the relay maps each partition to its table, but a partition detached before its rows
@@ -79,6 +86,20 @@ impl std::fmt::Display for PublicationProblem {
                 sql::ident(publication),
                 quoted_table(table)
             ),
+            PublicationProblem::NotTheShard {
+                publication,
+                table,
+                shard,
+            } => write!(
+                f,
+                "publication {publication} is not the one `outbox-relay init` creates for shard {} \
+                 of {}: it does not filter the rows of {table} by the shard's key hash, so this \
+                 relay would publish rows of other shards, or miss its own. Drop it \
+                 (DROP PUBLICATION {}) and run `outbox-relay init` with this configuration",
+                shard.index,
+                shard.count,
+                sql::ident(publication)
+            ),
             PublicationProblem::ViaPartitions { publication, table } => write!(
                 f,
                 "{table} is partitioned and publication {publication} publishes its rows under each \
@@ -101,15 +122,20 @@ pub fn quoted_table(table: &str) -> String {
 
 /// Everything about `publication` that keeps rows of `tables` (configured `schema.table`
 /// names) from the relay. Tables that do not exist are left out: `check` reports them.
+///
+/// With `shard` (a key-sharded outbox) every table must be filtered, by this shard's filter:
+/// the publication's comment says whose its filters are ([`Shard::comment`]).
 pub async fn publication_problems(
     client: &impl GenericClient,
     publication: &str,
     tables: &[String],
+    shard: Option<Shard>,
 ) -> anyhow::Result<Vec<PublicationProblem>> {
     // Read through JSON: pubviaroot exists from PostgreSQL 13 on.
     let row = client
         .query_opt(
-            "SELECT p.pubinsert, coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false) \
+            "SELECT p.pubinsert, coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false), \
+             obj_description(p.oid, 'pg_publication') \
              FROM pg_publication p WHERE p.pubname = $1",
             &[&publication],
         )
@@ -121,6 +147,8 @@ pub async fn publication_problems(
         }]);
     };
     let (inserts, via_root): (bool, bool) = (row.get(0), row.get(1));
+    let comment: Option<String> = row.get(2);
+    let the_shards = shard.filter(|shard| comment.as_deref() == Some(shard.comment().as_str()));
     let mut problems = Vec::new();
     if !inserts {
         problems.push(PublicationProblem::NoInserts {
@@ -165,13 +193,24 @@ pub async fn publication_problems(
             problems.push(PublicationProblem::Unpublished { publication, table });
             continue;
         }
-        if let Some(filter) = filter {
-            let (publication, table) = named();
-            problems.push(PublicationProblem::RowFilter {
-                publication,
-                table,
-                filter,
-            });
+        match (shard, filter) {
+            (Some(shard), filter) if the_shards.is_none() || filter.is_none() => {
+                let (publication, table) = named();
+                problems.push(PublicationProblem::NotTheShard {
+                    publication,
+                    table,
+                    shard,
+                });
+            }
+            (None, Some(filter)) => {
+                let (publication, table) = named();
+                problems.push(PublicationProblem::RowFilter {
+                    publication,
+                    table,
+                    filter,
+                });
+            }
+            _ => {}
         }
         if partitioned && !via_root {
             let (publication, table) = named();
@@ -245,4 +284,45 @@ pub async fn partition_root(
         .await
         .map_err(db::explain)?;
     Ok(row.map(|row| (row.get(0), (row.get(1), row.get(2)))))
+}
+
+/// The row filter of shard `shard` for `table`, sharded by its key column `column`: the
+/// column's hash by its type's default hash operator class (the extended hash that hash
+/// partitioning uses, the same on every platform and version), NULL taken as 0, modulo
+/// the shard count, kept non-negative without `abs` (which overflows on the smallest
+/// value). A row filter may call only built-in immutable functions and cannot cast through
+/// text, so the hash function is looked up for the column's type.
+pub async fn shard_filter(
+    client: &impl GenericClient,
+    table: &str,
+    column: &str,
+    shard: Shard,
+) -> anyhow::Result<String> {
+    let (schema, name) = parse_table_name(table)?;
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, p.proname::text FROM pg_attribute a \
+             JOIN pg_opclass oc ON oc.opcintype = a.atttypid AND oc.opcdefault \
+               AND oc.opcmethod = (SELECT oid FROM pg_am WHERE amname = 'hash') \
+             JOIN pg_amproc ap ON ap.amprocfamily = oc.opcfamily AND ap.amprocnum = 2 \
+               AND ap.amproclefttype = oc.opcintype \
+             JOIN pg_proc p ON p.oid = ap.amproc JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+            &[&sql::qualified(&schema, &name), &column],
+        )
+        .await
+        .map_err(db::explain)?;
+    let Some(row) = row else {
+        anyhow::bail!(
+            "cannot shard {table} by column {column}: the column does not exist, or its type \
+             has no hash operator class (shard by a text, uuid or integer key column)"
+        );
+    };
+    let function = sql::qualified(row.get(0), row.get(1));
+    let count = shard.count;
+    Ok(format!(
+        "((coalesce({function}({}, 0), 0) % {count}) + {count}) % {count} = {}",
+        sql::ident(column),
+        shard.index
+    ))
 }

@@ -98,6 +98,11 @@ impl SinkConfig {
         self.kind().binary_payload_problem()
     }
 
+    /// Why this sink cannot publish one shard of a key-sharded outbox ([`SinkKind`]).
+    pub fn shard_problem(&self) -> Option<String> {
+        self.kind().shard_problem()
+    }
+
     /// Where this sink puts events, for the event catalog.
     pub fn channel(&self) -> crate::kind::Channel {
         self.kind().channel()

@@ -50,6 +50,14 @@ pub trait SinkKind: Sync {
         None
     }
 
+    /// Why the sink cannot publish one shard of a key-sharded outbox (`source.shards`), with
+    /// the fix; `None` when it can. Positions are a shard's own (every shard numbers the
+    /// events of a transaction from 0), so a destination that orders or deduplicates by
+    /// position, shared by the shards, would take one shard's events for another's.
+    fn shard_problem(&self) -> Option<String> {
+        None
+    }
+
     /// Problems with the destination that `outbox-relay check` reports, one line each with
     /// the fix, each naming the sink.
     async fn check(&self, _ctx: &SinkContext<'_>) -> Result<Vec<String>, ConfigError> {

@@ -235,10 +235,15 @@ async fn check_database(
     }
 
     problems.extend(
-        tables::publication_problems(client, &source.publication, &source.tables)
-            .await?
-            .iter()
-            .map(ToString::to_string),
+        tables::publication_problems(
+            client,
+            &source.publication,
+            &source.tables,
+            source.sharding(),
+        )
+        .await?
+        .iter()
+        .map(ToString::to_string),
     );
 
     let slot = client

@@ -13,6 +13,38 @@ use anyhow::Context;
 
 const RELAY_SCHEMA_SQL: &str = include_str!("../../migrations/002_relay_schema.sql");
 
+/// `tables` as a publication lists them: quoted, and for a key-sharded outbox each with the
+/// shard's row filter on its key column (PostgreSQL 15 or later).
+async fn published_tables(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    tables: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let Some(shard) = config.source.sharding() else {
+        return Ok(tables.iter().map(|t| quoted_table(t)).collect());
+    };
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(db::explain)?
+        .get(0);
+    if version < 150000 {
+        anyhow::bail!(
+            "source.shards > 1 needs PostgreSQL 15 or later (publication row filters split the \
+             rows by key); this server is PostgreSQL {}. Use source.shards = 1",
+            version / 10000
+        );
+    }
+    let mut published = Vec::new();
+    for table in tables {
+        let mapping = config.mapping_for(table);
+        let column = mapping.key.as_deref().unwrap_or(&mapping.aggregate_id);
+        let filter = tables::shard_filter(client, table, column, shard).await?;
+        published.push(format!("{} WHERE ({filter})", quoted_table(table)));
+    }
+    Ok(published)
+}
+
 /// Creates the relay schema, the publication (or adds missing tables to it) and the slot;
 /// safe to run any number of times.
 pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
@@ -41,19 +73,34 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
         config.relay.schema
     ));
 
-    let problems =
-        tables::publication_problems(&client, &source.publication, &source.tables).await?;
+    let problems = tables::publication_problems(
+        &client,
+        &source.publication,
+        &source.tables,
+        source.sharding(),
+    )
+    .await?;
     let publication = sql::ident(&source.publication);
     if problems
         .iter()
         .any(|p| matches!(p, PublicationProblem::Missing { .. }))
     {
-        let tables: Vec<String> = source.tables.iter().map(|t| quoted_table(t)).collect();
+        let tables = published_tables(&client, config, &source.tables).await?;
         // Via the root: a partitioned outbox table's rows then arrive under its own name,
-        // whichever partition holds them, and whenever a partition was attached.
+        // whichever partition holds them, and whenever a partition was attached. A shard's
+        // publication publishes inserts only: with a row filter on a column outside the
+        // replica identity, PostgreSQL refuses UPDATE and DELETE of the table.
+        let publish = match source.sharding() {
+            Some(shard) => format!(
+                "publish = 'insert', publish_via_partition_root = true); COMMENT ON PUBLICATION \
+                 {publication} IS {}",
+                sql::literal(&shard.comment())
+            ),
+            None => "publish_via_partition_root = true)".to_owned(),
+        };
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                "CREATE PUBLICATION {publication} FOR TABLE {} WITH ({publish}",
                 tables.join(", ")
             ))
             .await
@@ -70,13 +117,14 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
             source.tables.join(", ")
         ));
     } else {
-        let missing: Vec<String> = problems
+        let unpublished: Vec<String> = problems
             .iter()
             .filter_map(|p| match p {
-                PublicationProblem::Unpublished { table, .. } => Some(quoted_table(table)),
+                PublicationProblem::Unpublished { table, .. } => Some(table.clone()),
                 _ => None,
             })
             .collect();
+        let missing = published_tables(&client, config, &unpublished).await?;
         if !missing.is_empty() {
             client
                 .batch_execute(&format!(
@@ -113,7 +161,9 @@ pub async fn init(config: &Config) -> anyhow::Result<Vec<String>> {
             .filter(|p| {
                 matches!(
                     p,
-                    PublicationProblem::NoInserts { .. } | PublicationProblem::RowFilter { .. }
+                    PublicationProblem::NoInserts { .. }
+                        | PublicationProblem::RowFilter { .. }
+                        | PublicationProblem::NotTheShard { .. }
                 )
             })
             .collect();

@@ -117,6 +117,9 @@ async fn replay_one(
     if !sink.is_empty() && config.sinks.contains_key(&sink) {
         document["sink"] = serde_json::json!(sink);
     }
+    // Every slot of the database receives the message; the one whose dead letter it is
+    // publishes it.
+    document["slot"] = serde_json::json!(config.source.slot);
     let key = crate::dead_letters::load_replay_key(&tx, &config.relay.schema)
         .await?
         .context("the relay's schema has no replay key: run `outbox-relay init` (it adds one), then replay again")?;

@@ -247,8 +247,9 @@ impl Config {
             .try_parsing(true)
             .source(env);
         let raw = builder.add_source(environment).build().map_err(redacted)?;
-        let config: Config = raw.try_deserialize().map_err(redacted)?;
+        let mut config: Config = raw.try_deserialize().map_err(redacted)?;
         config.validate()?;
+        config.name_the_shard()?;
         Ok(config)
     }
 
@@ -291,7 +292,84 @@ impl Config {
         }
     }
 
+    /// A relay of one shard streams through a slot and a publication of its own:
+    /// `source.slot` and `source.publication` with `_<shard>_of_<shards>` added, so that the
+    /// leader lock, the checkpoints, the dead letters and every name derived from the slot
+    /// are the shard's.
+    fn name_the_shard(&mut self) -> anyhow::Result<()> {
+        if let Some(shard) = self.source.sharding() {
+            self.source.slot.push_str(&shard.suffix());
+            self.source.publication.push_str(&shard.suffix());
+            check_identifier("source.slot with the shard's suffix", &self.source.slot)?;
+            check_identifier(
+                "source.publication with the shard's suffix",
+                &self.source.publication,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What key sharding (`source.shards` > 1) cannot do: split logical messages (a
+    /// publication filters rows, not messages), backfill (not split by shard yet), see
+    /// updates and deletes (a row filter on a column outside the replica identity would make
+    /// them fail, so a shard's publication publishes inserts only), or publish to a sink
+    /// whose destination orders by position.
+    fn check_sharding(&self) -> anyhow::Result<()> {
+        let source = &self.source;
+        if !(1..=MAX_SHARDS).contains(&source.shards) || source.shard >= source.shards {
+            bail!(
+                "source.shards must be from 1 to {MAX_SHARDS} and source.shard from 0 to \
+                 source.shards - 1 (got shard {} of {})",
+                source.shard,
+                source.shards
+            );
+        }
+        if source.shards == 1 {
+            return Ok(());
+        }
+        if !source.message_prefixes.is_empty() {
+            bail!(
+                "source.message_prefixes cannot be sharded: a publication's row filter splits \
+                 table rows, not logical messages. Use source.shards = 1, or write the events \
+                 to an outbox table"
+            );
+        }
+        if source.backfill {
+            bail!(
+                "source.backfill is not supported with source.shards > 1 yet: backfill with \
+                 one shard first, or start the shards without it"
+            );
+        }
+        for table in &source.tables {
+            let mapping = self.mapping_for(table);
+            for (change, policy) in [
+                ("on_update", mapping.on_update),
+                ("on_delete", mapping.on_delete),
+            ] {
+                if policy != ChangePolicy::Skip {
+                    let policy = match policy {
+                        ChangePolicy::DeadLetter => "dead-letter",
+                        _ => "fail",
+                    };
+                    bail!(
+                        "[outbox.\"{table}\"] {change} = \"{policy}\" needs updates and deletes in \
+                         the stream, but a shard's publication publishes inserts only (a row \
+                         filter on the key would make UPDATE and DELETE of the table fail). Use \
+                         \"skip\", or source.shards = 1"
+                    );
+                }
+            }
+        }
+        for (name, sink) in &self.sinks {
+            if let Some(problem) = sink.shard_problem() {
+                bail!("sinks.{name}: {problem}");
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.check_sharding()?;
         if self.sinks.is_empty() {
             bail!("no sink is configured: add a [sinks.NAME] table with a `type` (stdout, file, null)");
         }

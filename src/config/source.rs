@@ -68,7 +68,40 @@ pub struct SourceConfig {
     /// tables before streaming, consistently with the slot's snapshot.
     #[serde(default)]
     pub backfill: bool,
+    /// Key sharding: the number of shards the outbox tables' rows are split into by the hash
+    /// of their key, each streamed through a slot and publication of its own.
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    /// Which shard this relay streams, from 0.
+    #[serde(default)]
+    pub shard: u32,
 }
+
+/// One shard of a key-sharded outbox: the rows whose key hashes to `index` modulo `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// What `init` writes as the comment of the shard's publication, and what the relay
+    /// expects there: the row filters of a publication with this comment are the relay's.
+    pub fn comment(&self) -> String {
+        format!(
+            "outbox-relay shard {} of {}: rows whose key hashes to {} modulo {}",
+            self.index, self.count, self.index, self.count
+        )
+    }
+
+    /// The suffix of the shard's slot and publication names.
+    pub fn suffix(&self) -> String {
+        format!("_{}_of_{}", self.index, self.count)
+    }
+}
+
+/// The most shards: one walsender and slot each.
+pub const MAX_SHARDS: u32 = 64;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -94,6 +127,10 @@ impl std::str::FromStr for SslMode {
             ),
         })
     }
+}
+
+fn default_shards() -> u32 {
+    1
 }
 
 fn default_slot() -> String {
@@ -164,6 +201,14 @@ impl fmt::Display for ConnectParams {
 }
 
 impl SourceConfig {
+    /// The shard this relay streams, when the outbox is key-sharded (`shards` > 1).
+    pub fn sharding(&self) -> Option<Shard> {
+        (self.shards > 1).then_some(Shard {
+            index: self.shard,
+            count: self.shards,
+        })
+    }
+
     /// Resolves the URL, the password file and TLS options; reads the password file now.
     pub fn connect_params(&self) -> anyhow::Result<ConnectParams> {
         let (url, url_sslmode, url_rootcert) = split_tls_params(&self.url);

@@ -89,6 +89,10 @@ pub struct OutboxMapper {
     message_prefixes: HashMap<String, (Arc<str>, Arc<str>)>,
     /// Verifies replay messages; without it every replay message is dead-lettered.
     replay_key: Option<ReplayKey>,
+    /// The slot this relay streams: a replay message written for another slot (the
+    /// logical messages of a database reach every slot, whatever its publication) is not
+    /// this relay's to publish.
+    slot: Option<String>,
 }
 
 impl OutboxMapper {
@@ -131,7 +135,14 @@ impl OutboxMapper {
             relations: HashMap::new(),
             message_prefixes,
             replay_key: None,
+            slot: None,
         }
+    }
+
+    /// The slot this relay streams: replays written for another slot are left to it.
+    pub fn for_slot(mut self, slot: &str) -> Self {
+        self.slot = Some(slot.to_owned());
+        self
     }
 
     /// The key replay messages must be signed with (`None`: the relay's schema has none yet).
@@ -405,6 +416,9 @@ impl OutboxMapper {
             })
         };
         let document = if message.prefix == REPLAY_PREFIX {
+            if self.replay_for_another_slot(message.content) {
+                return Mapped::NotOutbox;
+            }
             match self.verified_replay(message.content) {
                 Ok(document) => document,
                 Err(reason) => return dead(reason),
@@ -475,6 +489,29 @@ impl OutboxMapper {
 }
 
 impl OutboxMapper {
+    /// Whether a replay message names a slot other than this relay's. Read before the
+    /// signature is checked: the name only decides whose message it is (another relay
+    /// verifies it), never whether it becomes an event.
+    fn replay_for_another_slot(&self, content: &[u8]) -> bool {
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            event: &'a serde_json::value::RawValue,
+        }
+        #[derive(Deserialize)]
+        struct Addressed {
+            slot: Option<String>,
+        }
+        let Some(own) = &self.slot else {
+            return false;
+        };
+        serde_json::from_slice::<Envelope>(content)
+            .ok()
+            .and_then(|envelope| serde_json::from_str::<Addressed>(envelope.event.get()).ok())
+            .and_then(|addressed| addressed.slot)
+            .is_some_and(|slot| slot != *own)
+    }
+
     /// The event document of a replay message whose signature verifies, or why it is refused.
     fn verified_replay<'a>(&self, content: &'a [u8]) -> Result<&'a [u8], String> {
         const FORGED: &str = "a replay message that `outbox-relay dlq replay` did not sign: \
@@ -513,6 +550,10 @@ struct MessageContent<'a> {
     table: Option<String>,
     /// Only honoured for replays: the one sink to deliver to (the sink that refused it).
     sink: Option<String>,
+    /// Only for replays: the slot whose dead letter it is, read before the document is
+    /// (see [`OutboxMapper::for_slot`]); accepted here, not used.
+    #[serde(rename = "slot")]
+    _slot: Option<serde::de::IgnoredAny>,
 }
 
 /// The parts of an event that come from the row or message.

@@ -537,3 +537,31 @@ fn postgres_timestamps_become_rfc3339() {
         assert_eq!(pg_timestamp_to_rfc3339(pg).as_deref(), rfc, "{pg}");
     }
 }
+
+#[test]
+fn a_replay_is_published_by_the_slot_it_names_only() {
+    let key = ReplayKey::new(b"secret");
+    let mapper = OutboxMapper::new(&[], &BTreeMap::new(), &[])
+        .for_slot("outbox_relay_0_of_2")
+        .with_replay_key(Some(key.clone()));
+    let replay = |slot: Option<&str>| {
+        let mut document = serde_json::json!({"id": ID, "aggregatetype": "order",
+            "aggregateid": "o-1", "type": "Created", "payload": {"a": 1}});
+        if let Some(slot) = slot {
+            document["slot"] = serde_json::json!(slot);
+        }
+        let frame = Bytes::from(key.sign(&document));
+        let message = Message {
+            prefix: REPLAY_PREFIX,
+            content: &frame,
+            frame: &frame,
+        };
+        matches!(mapper.map_message(message, CTX), Mapped::Event(_))
+    };
+    assert!(replay(Some("outbox_relay_0_of_2")));
+    assert!(
+        replay(None),
+        "a replay written before replays named their slot"
+    );
+    assert!(!replay(Some("outbox_relay_1_of_2")));
+}

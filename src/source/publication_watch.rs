@@ -6,7 +6,7 @@
 //! Invariant: it reports (error log, `outbox_relay_unpublished_tables`); it never ends the
 //! session, since the stream itself stays correct for what it carries.
 
-use crate::config::ConnectParams;
+use crate::config::{ConnectParams, Shard};
 use crate::db;
 use crate::tables;
 use crate::telemetry::METRICS;
@@ -19,6 +19,8 @@ pub struct PublicationWatch {
     pub params: ConnectParams,
     pub publication: String,
     pub tables: Vec<String>,
+    /// The shard the relay streams, when the outbox is key-sharded.
+    pub shard: Option<Shard>,
     pub interval: Duration,
 }
 
@@ -39,8 +41,13 @@ pub async fn watch_publication(watch: PublicationWatch, mut stop: watch::Receive
             client = db::connect(&watch.params).await.ok();
         }
         let Some(sql) = &client else { continue };
-        let problems = match tables::publication_problems(sql, &watch.publication, &watch.tables)
-            .await
+        let problems = match tables::publication_problems(
+            sql,
+            &watch.publication,
+            &watch.tables,
+            watch.shard,
+        )
+        .await
         {
             Ok(problems) => problems,
             Err(err) => {

@@ -30,7 +30,10 @@ pub struct SlotState {
 
 pub async fn prepare(sql: &tokio_postgres::Client, config: &Config) -> anyhow::Result<SlotState> {
     let source = &config.source;
-    for problem in tables::publication_problems(sql, &source.publication, &source.tables).await? {
+    for problem in
+        tables::publication_problems(sql, &source.publication, &source.tables, source.sharding())
+            .await?
+    {
         if problem.is_warning() {
             warn!("{problem}");
         } else {

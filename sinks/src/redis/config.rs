@@ -121,6 +121,15 @@ impl SinkKind for RedisConfig {
         &self.upcast
     }
 
+    fn shard_problem(&self) -> Option<String> {
+        Some(
+            "the redis sink numbers stream entries by the event's position, and the shards of \
+             a key-sharded outbox number their events apart: one stream cannot take two shards' \
+             entries. Use source.shards = 1 for this outbox"
+                .into(),
+        )
+    }
+
     fn channel(&self) -> Channel {
         Channel {
             protocol: "redis",

@@ -1,0 +1,164 @@
+//! Key-sharded slots (`source.shards`, `source.shard`): each shard's relay streams its own
+//! slot through a publication whose row filter takes one hash range of the key, so the
+//! shards split the keys between them, every event reaches exactly one shard, and per-key
+//! order holds; what sharding cannot do is refused with the fix.
+
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The configuration of shard `index` of `count`, with a file sink of its own, in `dir`.
+fn shard_config(pg: &PgCluster, dir: &Path, index: u32, count: u32, extra: &str) -> PathBuf {
+    let dir = dir.join(format!("shard{index}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    ConfigFile::new()
+        .source(&format!("shards = {count}\nshard = {index}\n{extra}"))
+        .sinks(&file_sink("file", &dir.join("events.jsonl")))
+        .write(&dir, pg)
+}
+
+/// Guarantee: two shards' relays together deliver every event exactly once, each key from
+/// one shard only and in commit order, transactions that mix keys of both shards included;
+/// UPDATE and DELETE of the outbox still work (a shard's publication publishes inserts
+/// only); `check` passes, and reports a shard's publication that does not filter its rows.
+#[test]
+fn two_shards_split_the_keys_and_keep_per_key_order() {
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<PathBuf> = (0..2)
+        .map(|i| shard_config(&pg, dir.path(), i, 2, ""))
+        .collect();
+    for config in &configs {
+        init(config);
+    }
+    let slots =
+        pg.psql("SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots");
+    assert_eq!(slots, "outbox_relay_0_of_2,outbox_relay_1_of_2");
+    let relays: Vec<Relay> = configs.iter().map(|c| Relay::start(c)).collect();
+    // 40 transactions of 5 rows, each over 5 of 20 keys: most mix both shards.
+    for tx in 0..40 {
+        let rows: Vec<String> = (0..5)
+            .map(|row| {
+                let key = (tx * 5 + row) % 20;
+                let seq = (tx * 5 + row) / 20;
+                format!("('order', 'k{key}', 'Seq', '{{\"seq\": {seq}}}')")
+            })
+            .collect();
+        pg.psql(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES {}",
+            rows.join(", ")
+        ));
+    }
+    pg.psql("UPDATE outbox SET type = 'Seq' WHERE aggregateid = 'k0'");
+    pg.psql("DELETE FROM outbox WHERE aggregateid = 'k1'");
+    let files: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("shard{i}/events.jsonl")))
+        .collect();
+    assert!(
+        wait_until(WAIT, || files
+            .iter()
+            .map(|f| read_events(f).len())
+            .sum::<usize>()
+            == 200),
+        "logs:\n{}\n{}",
+        relays[0].log(),
+        relays[1].log()
+    );
+    let mut keys_of: Vec<BTreeSet<String>> = Vec::new();
+    let mut ids = BTreeSet::new();
+    for file in &files {
+        let events = read_events(file);
+        assert!(!events.is_empty(), "each shard takes some keys");
+        let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for event in &events {
+            assert!(ids.insert(event["id"].as_str().unwrap().to_owned()));
+            seqs.entry(event["subject"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(event["data"]["seq"].as_u64().unwrap());
+        }
+        for (key, seqs) in &seqs {
+            assert_eq!(
+                seqs,
+                &(0..10).collect::<Vec<u64>>(),
+                "per-key order of {key}"
+            );
+        }
+        keys_of.push(seqs.into_keys().collect());
+    }
+    assert_eq!(ids.len(), 200, "every event exactly once");
+    assert!(
+        keys_of[0].is_disjoint(&keys_of[1]),
+        "a key belongs to one shard: {keys_of:?}"
+    );
+    assert_eq!(keys_of[0].len() + keys_of[1].len(), 20);
+    let (ok, report) = relay_check(&configs[0]);
+    assert!(ok, "{report}");
+
+    // A shard's publication that publishes every row is reported, with the fix.
+    pg.psql("DROP PUBLICATION outbox_relay_1_of_2");
+    pg.psql("CREATE PUBLICATION outbox_relay_1_of_2 FOR TABLE outbox");
+    let (ok, report) = relay_check(&configs[1]);
+    assert!(!ok);
+    assert!(
+        report.contains("is not the one `outbox-relay init` creates for shard 1 of 2"),
+        "{report}"
+    );
+}
+
+/// Guarantee: what a key-sharded outbox cannot do stops the configuration from loading,
+/// saying why and what to do: logical-message outboxes, backfill, update and delete
+/// policies other than skip, the Redis sink, and a shard index out of range.
+#[test]
+fn what_sharding_cannot_do_is_refused_at_load() {
+    let pg = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |extra: &str, sinks: &str| {
+        let dir = dir.path().join(format!("c{}", extra.len() + sinks.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = ConfigFile::new()
+            .source(&format!("shards = 2\n{extra}"))
+            .sinks(if sinks.is_empty() {
+                "[sinks.out]\ntype = \"stdout\"\n"
+            } else {
+                sinks
+            })
+            .write(&dir, &pg);
+        let (ok, report) = relay_check(&config);
+        assert!(!ok, "{extra}{sinks}: {report}");
+        report
+    };
+    let report = refused("message_prefixes = [\"outbox\"]\n", "");
+    assert!(
+        report.contains("source.message_prefixes cannot be sharded"),
+        "{report}"
+    );
+    let report = refused("backfill = true\n", "");
+    assert!(
+        report.contains("source.backfill is not supported with source.shards > 1"),
+        "{report}"
+    );
+    let report = refused("shard = 2\n", "");
+    assert!(
+        report.contains("source.shard from 0 to source.shards - 1"),
+        "{report}"
+    );
+    let report = refused(
+        "",
+        "[outbox.\"public.outbox\"]\non_delete = \"dead-letter\"\n[sinks.out]\ntype = \"stdout\"\n",
+    );
+    assert!(
+        report.contains("on_delete = \"dead-letter\" needs updates and deletes"),
+        "{report}"
+    );
+    let report = refused(
+        "",
+        "[sinks.r]\ntype = \"redis\"\nurl = \"redis://127.0.0.1:1/0\"\nstream = \"events\"\n",
+    );
+    assert!(
+        report.contains("sinks.r: the redis sink numbers stream entries"),
+        "{report}"
+    );
+}
