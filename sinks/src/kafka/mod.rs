@@ -564,13 +564,22 @@ impl KafkaSink {
         batch: &[Event],
         last: Position,
     ) -> Result<Vec<Rejection>, SinkError> {
+        let started = Instant::now();
         let (rejected, pending) = self.produce_all(producer, batch).await?;
         // The checkpoint's round trips overlap the records'.
         let timeout = self.settings.timeout;
+        let ms = |from: Instant| from.elapsed().as_secs_f64() * 1000.0;
         let (delivered, added) = tokio::join!(
-            deliver_now(producer, timeout, pending, batch),
-            self.add_checkpoint(producer, last)
+            async {
+                let delivered = deliver_now(producer, timeout, pending, batch).await;
+                (delivered, ms(started))
+            },
+            async {
+                let added = self.add_checkpoint(producer, last).await;
+                (added, ms(started))
+            }
         );
+        let ((delivered, deliver_ms), (added, checkpoint_ms)) = (delivered, added);
         // The checkpoint's error first: a fenced producer's deliveries only say "purged",
         // while AddOffsetsToTxn says why.
         added.and(delivered)?;
@@ -587,6 +596,13 @@ impl KafkaSink {
         })
         .await
         .map_err(|e| classify(&e, "committing the Kafka transaction"))?;
+        tracing::debug!(
+            events = batch.len(),
+            deliver_ms,
+            checkpoint_ms,
+            committed_ms = ms(started),
+            "Kafka transaction committed (times from the first record produced)"
+        );
         self.checkpoint = Some(last);
         Ok(rejected)
     }
