@@ -416,7 +416,11 @@ impl OutboxMapper {
             })
         };
         let document = if message.prefix == REPLAY_PREFIX {
-            if self.replay_for_another_slot(message.content) {
+            if self
+                .slot
+                .as_deref()
+                .is_some_and(|own| replay::addressed_elsewhere(message.content, own))
+            {
                 return Mapped::NotOutbox;
             }
             match self.verified_replay(message.content) {
@@ -489,29 +493,6 @@ impl OutboxMapper {
 }
 
 impl OutboxMapper {
-    /// Whether a replay message names a slot other than this relay's. Read before the
-    /// signature is checked: the name only decides whose message it is (another relay
-    /// verifies it), never whether it becomes an event.
-    fn replay_for_another_slot(&self, content: &[u8]) -> bool {
-        #[derive(Deserialize)]
-        struct Envelope<'a> {
-            #[serde(borrow)]
-            event: &'a serde_json::value::RawValue,
-        }
-        #[derive(Deserialize)]
-        struct Addressed {
-            slot: Option<String>,
-        }
-        let Some(own) = &self.slot else {
-            return false;
-        };
-        serde_json::from_slice::<Envelope>(content)
-            .ok()
-            .and_then(|envelope| serde_json::from_str::<Addressed>(envelope.event.get()).ok())
-            .and_then(|addressed| addressed.slot)
-            .is_some_and(|slot| slot != *own)
-    }
-
     /// The event document of a replay message whose signature verifies, or why it is refused.
     fn verified_replay<'a>(&self, content: &'a [u8]) -> Result<&'a [u8], String> {
         const FORGED: &str = "a replay message that `outbox-relay dlq replay` did not sign: \

@@ -51,3 +51,25 @@ pub(super) struct ReplayEnvelope<'a> {
     #[serde(borrow)]
     event: &'a serde_json::value::RawValue,
 }
+
+/// Whether a replay message names a slot other than `own`. Every slot of a database
+/// receives every logical message, whatever its publication, and the relay of each would
+/// publish a replay it can verify: the message names the slot whose dead letter it is.
+/// Read before the signature is checked: the name only decides whose message it is (that
+/// relay verifies it), never whether it becomes an event.
+pub(super) fn addressed_elsewhere(content: &[u8], own: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        event: &'a serde_json::value::RawValue,
+    }
+    #[derive(Deserialize)]
+    struct Addressed {
+        slot: Option<String>,
+    }
+    serde_json::from_slice::<Envelope>(content)
+        .ok()
+        .and_then(|envelope| serde_json::from_str::<Addressed>(envelope.event.get()).ok())
+        .and_then(|addressed| addressed.slot)
+        .is_some_and(|slot| slot != own)
+}

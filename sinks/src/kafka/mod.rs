@@ -38,6 +38,7 @@
 
 mod checkpoint;
 mod config;
+mod deliver;
 mod encode;
 mod errors;
 mod topics;
@@ -48,12 +49,13 @@ use crate::format::Format;
 use crate::routing::Template;
 use crate::{Event, EventState, Position, Rejection, Sink, SinkError};
 use async_trait::async_trait;
+use deliver::{deliver_now, delivery_result, Deliveries};
 use errors::{classify, classify_code, BrokerErrors};
 use rdkafka::admin::AdminClient;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -301,63 +303,6 @@ impl KafkaSink {
             self.topic_buf = topic;
         }
         Ok((rejected, pending))
-    }
-}
-
-/// Deliveries of a batch not yet reported, with the index of their event.
-type Deliveries = VecDeque<(usize, DeliveryFuture)>;
-
-/// Sends the batch's records at once and waits for every delivery report.
-///
-/// librdkafka holds records for `linger.ms` to fill produce requests. That suits a
-/// producer that never waits, but the sink waits for the whole batch before the relay hands
-/// it the next one, so the linger of the batch's last records would be idle time on every
-/// batch. `rd_kafka_flush` makes the broker threads send what they hold now, for as long
-/// as it runs; it returns when librdkafka has handed every delivery report to the
-/// producer's polling thread, or after `timeout`. Its outcome is not needed: the delivery
-/// reports say how each record fared.
-async fn deliver_now(
-    producer: &FutureProducer<BrokerErrors>,
-    timeout: Duration,
-    pending: Deliveries,
-    batch: &[Event],
-) -> Result<(), SinkError> {
-    if !pending.is_empty() {
-        let p = producer.clone();
-        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        let _ = tokio::task::spawn_blocking(move || {
-            // Why not the safe `Producer::flush`: rdkafka's calls `rd_kafka_flush` with a zero
-            // timeout in a loop and polls the producer's event queue from this thread, a
-            // queue the producer's own polling thread already serves; one call with the
-            // whole timeout lets librdkafka wait for the delivery reports itself.
-            // SAFETY: the pointer is the producer's own handle, valid while `p` (a clone
-            // that shares it) lives, which is until this call returns; librdkafka's flush
-            // is thread-safe.
-            unsafe { rdkafka::bindings::rd_kafka_flush(p.client().native_ptr(), timeout_ms) }
-        })
-        .await;
-    }
-    for (index, delivery) in pending {
-        delivery_result(index, delivery, batch).await?;
-    }
-    Ok(())
-}
-
-/// Waits for one delivery report.
-async fn delivery_result(
-    index: usize,
-    delivery: DeliveryFuture,
-    batch: &[Event],
-) -> Result<(), SinkError> {
-    match delivery.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(classify(
-            &e,
-            &format!("delivering event {} to Kafka", batch[index].position),
-        )),
-        Err(_) => Err(SinkError::Retryable(
-            "the Kafka producer was closed during delivery".into(),
-        )),
     }
 }
 
