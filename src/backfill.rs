@@ -15,7 +15,7 @@ use crate::checkpoint::{CheckpointStore, PgCheckpointStore};
 use crate::config::{parse_table_name, Config, ConnectParams};
 use crate::db;
 use crate::dead_letters::{DeadLetterStore, PgDeadLetterStore};
-use crate::outbox::{Mapped, OutboxMapper, RowContext};
+use crate::outbox::{DeadLetter, Mapped, OutboxMapper, RowContext};
 use crate::pipeline::{self, BatchLimit, PendingBatch, Progress};
 use crate::resume::{ready_workers, Horizon};
 use crate::row::{Column, Row, Table, Value};
@@ -303,7 +303,19 @@ async fn publish_snapshot(
                     commit_time_micros: now_micros,
                 };
                 match mapper.map_insert(relation_id, row, ctx)? {
-                    Mapped::Event(event) => batch.push(*event),
+                    // Validated as when streaming: a backfilled row is no less an event.
+                    Mapped::Event(event) => match schemas.as_ref().map(|s| s.check(&event)) {
+                        Some(Err(reason)) => {
+                            let letter = DeadLetter::from_event(
+                                &event,
+                                "payload fails validation",
+                                reason,
+                                None,
+                            );
+                            dead_letters.store(&config.source.slot, &letter).await?
+                        }
+                        _ => batch.push(*event),
+                    },
                     Mapped::DeadLetter(letter) => {
                         dead_letters.store(&config.source.slot, &letter).await?
                     }

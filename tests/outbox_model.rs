@@ -781,3 +781,49 @@ fn backfill_turned_on_for_an_existing_slot_is_a_warning_with_the_way_to_backfill
     relay.stops_cleanly();
     assert!(!relay.log().contains(WARNING), "{}", relay.log());
 }
+
+/// Guarantee: a backfilled row is validated as a streamed one: a payload failing its JSON
+/// Schema is dead-lettered with the reason, and the rows around it are published.
+#[test]
+fn backfilled_rows_failing_their_schema_are_dead_lettered() {
+    let (Scenario { pg, dir, .. }, relay) = scenario()
+        .sql(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+             ('order', 'o-1', 'OrderCreated', '{\"total\": 5}'), \
+             ('order', 'o-2', 'OrderCreated', '{\"total\": \"five\"}'), \
+             ('order', 'o-3', 'OrderCreated', '{\"total\": 7}')",
+        )
+        .source("backfill = true")
+        .sinks_in(|dir| {
+            let schemas = dir.join("schemas");
+            std::fs::create_dir(&schemas).unwrap();
+            std::fs::write(
+                schemas.join("OrderCreated.json"),
+                r#"{"type": "object", "properties": {"total": {"type": "number"}}}"#,
+            )
+            .unwrap();
+            format!(
+                "[validation]\nschema_dir = \"{}\"\n{}",
+                schemas.display(),
+                named_sink("all", dir, "")
+            )
+        })
+        .start();
+    let path = dir.join("all.jsonl");
+    assert!(
+        wait_until(WAIT, || lines(&path).len() == 2),
+        "relay log:\n{}",
+        relay.log()
+    );
+    let subjects: Vec<String> = read_events(&path)
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(subjects, ["o-1", "o-3"]);
+    assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 1));
+    let reason = dead_letters(&pg, "row_data->>'aggregateid', reason").join("");
+    assert!(
+        reason.starts_with("o-2 | payload fails its JSON Schema"),
+        "{reason}"
+    );
+}
