@@ -306,12 +306,7 @@ async fn publish_snapshot(
                     // Validated as when streaming: a backfilled row is no less an event.
                     Mapped::Event(event) => match schemas.as_ref().map(|s| s.check(&event)) {
                         Some(Err(reason)) => {
-                            let letter = DeadLetter::from_event(
-                                &event,
-                                "payload fails validation",
-                                reason,
-                                None,
-                            );
+                            let letter = DeadLetter::invalid_payload(&event, reason);
                             dead_letters.store(&config.source.slot, &letter).await?
                         }
                         _ => batch.push(*event),

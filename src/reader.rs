@@ -395,12 +395,7 @@ impl Reader {
                 return Ok(());
             }
             Mapped::Event(event) => match self.links.schemas.as_ref().map(|s| s.check(&event)) {
-                Some(Err(reason)) => Some(DeadLetter::from_event(
-                    &event,
-                    "payload fails validation",
-                    reason,
-                    None,
-                )),
+                Some(Err(reason)) => Some(DeadLetter::invalid_payload(&event, reason)),
                 _ => {
                     self.counts.events += 1;
                     self.pending.push(*event);

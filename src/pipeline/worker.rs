@@ -85,13 +85,8 @@ pub(super) async fn run_worker(
         };
         if let Some(upcast) = &upcast {
             for (index, reason) in &upcast.failed {
-                let letter = DeadLetter::from_event(
-                    &fresh[*index],
-                    UPCAST_FAILED,
-                    reason.clone(),
-                    Some(worker.name.clone()),
-                );
-                dead_letters.store(&slot, &letter).await?;
+                let letter = (&fresh[*index], UPCAST_FAILED, reason.clone());
+                store_for_sink(&*dead_letters, &slot, &worker.name, letter).await?;
             }
             METRICS
                 .dead_letters
@@ -238,16 +233,24 @@ pub(super) async fn deliver(
     let mut rejected = Vec::with_capacity(rejections.len());
     for rejection in rejections {
         rejected.push(rejection.index);
-        let letter = DeadLetter::from_event(
-            &events[rejection.index],
-            "refused by the sink",
-            rejection.reason,
-            Some(worker.name.clone()),
-        );
-        // Not the reason: a sink's refusal may quote the event.
-        warn!(sink = %worker.name, position = %letter.position,
-            "sink refused an event; dead-lettered (`outbox-relay dlq list` shows why)");
-        dead_letters.store(slot, &letter).await?;
+        let event = &events[rejection.index];
+        let letter = (event, "refused by the sink", rejection.reason);
+        store_for_sink(dead_letters, slot, &worker.name, letter).await?;
     }
     Ok(rejected)
+}
+
+/// Stores a dead letter of sink `sink` (an event it refused, or could not have at its
+/// version): `dlq replay` sends it back to that sink only. The log line says the kind,
+/// not the reason, which may quote the event.
+async fn store_for_sink(
+    dead_letters: &dyn DeadLetterStore,
+    slot: &str,
+    sink: &str,
+    (event, kind, reason): (&Event, &'static str, String),
+) -> anyhow::Result<()> {
+    let letter = DeadLetter::from_event(event, kind, reason, Some(sink.to_owned()));
+    warn!(sink, position = %letter.position, kind,
+        "an event is a dead letter for the sink (`outbox-relay dlq list` shows why)");
+    dead_letters.store(slot, &letter).await
 }

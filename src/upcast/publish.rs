@@ -34,8 +34,6 @@ pub struct SinkVersions {
     upcasters: Arc<Upcasters>,
     schemas: Option<Arc<SchemaRegistry>>,
     sandbox: Sandbox,
-    time_limit: Duration,
-    memory_bytes: u64,
     /// Steps (type, version upcast from) that ran out of time or memory, and why. Usually
     /// empty.
     broken: Vec<(String, i64, String)>,
@@ -78,8 +76,6 @@ impl SinkVersions {
             upcasters: upcasters.clone(),
             schemas: schemas.cloned(),
             sandbox: Sandbox::new(exe, programs, limits),
-            time_limit: limits.time,
-            memory_bytes: limits.memory_bytes,
             broken: Vec::new(),
         }))
     }
@@ -107,7 +103,7 @@ impl SinkVersions {
         if targets.is_empty() {
             return None;
         }
-        let mut results: Vec<Result<(String, i64), String>> = Vec::with_capacity(targets.len());
+        let mut results: Vec<Result<String, String>> = Vec::with_capacity(targets.len());
         while results.len() < targets.len() {
             let jobs: Vec<Job<'_>> = targets[results.len()..]
                 .iter()
@@ -137,14 +133,9 @@ impl SinkVersions {
                 published.events.push(event.clone());
                 continue;
             };
-            match result.and_then(|(payload, version)| self.validated(event, *to, payload, version))
-            {
+            match result.and_then(|payload| self.validated(event, *to, payload)) {
                 Ok(upcast) => published.events.push(upcast),
-                Err(reason) => {
-                    warn!(sink = %self.sink, position = %event.position, event_type = %event.event_type,
-                        "an event could not be upcast for the sink; dead-lettered (`outbox-relay dlq list` shows why)");
-                    published.failed.push((index, reason));
-                }
+                Err(reason) => published.failed.push((index, reason)),
             }
         }
         Some(published)
@@ -176,20 +167,20 @@ impl SinkVersions {
     }
 
     /// An outcome as a result; a step that ran out of time or memory is marked broken.
-    fn settle(&mut self, outcome: Outcome, event: &Event) -> Result<(String, i64), String> {
+    fn settle(&mut self, outcome: Outcome, event: &Event) -> Result<String, String> {
         let from = event.schema_version.expect("targets have a version");
         let step = format!("the upcaster of {} from version {from}", event.event_type);
         let why = match outcome {
-            Outcome::Upcast { payload, version } => return Ok((payload, version)),
+            Outcome::Upcast(payload) => return Ok(payload),
             Outcome::Failed(reason) => return Err(reason),
             Outcome::TimedOut => format!(
                 "{step} ran longer than relay.upcast_timeout ({})",
-                humantime::format_duration(self.time_limit)
+                humantime::format_duration(self.sandbox.limits().time)
             ),
             Outcome::Died(how) => format!(
                 "{step} ended its process ({how}): it ran out of memory \
                  (relay.upcast_memory_bytes = {}) or stack",
-                self.memory_bytes
+                self.sandbox.limits().memory_bytes
             ),
         };
         error!(sink = %self.sink, position = %event.position, "{why}; the step is not run \
@@ -209,20 +200,8 @@ impl SinkVersions {
     }
 
     /// The upcast event, after checking the result against the target version's schema.
-    fn validated(
-        &self,
-        event: &Event,
-        to: i64,
-        payload: String,
-        version: i64,
-    ) -> Result<Event, String> {
+    fn validated(&self, event: &Event, to: i64, payload: String) -> Result<Event, String> {
         let from = event.schema_version.expect("targets have a version");
-        if version != to {
-            return Err(format!(
-                "the upcasters of {} reach version {version} from {from}, not {to}",
-                event.event_type
-            ));
-        }
         if let Some(schemas) = &self.schemas {
             if let Err(target) = schemas.check_payload(&event.event_type, Some(to), Some(&payload))
             {

@@ -9,8 +9,8 @@
 //!
 //! The pipe carries frames: a little-endian `u32` length, then that many bytes of JSON. The
 //! first frame is the programs (`[upcast]` as a table), then one frame per job
-//! (`{"type", "from", "to", "payload"}`) answered by one frame (`{"payload", "version"}` or
-//! `{"error"}`), in order.
+//! (`{"type", "from", "to", "payload"}`) answered by one frame (`{"payload"}`, the payload
+//! at version `to`, or `{"error"}`), in order.
 //!
 //! Invariants:
 //! - [`Sandbox::run`] answers a prefix of its jobs, in order, ending at the first job that
@@ -39,8 +39,8 @@ const MAX_FRAME: u32 = 1 << 30;
 /// How an event's upcast ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The payload at `version`, as JSON text.
-    Upcast { payload: String, version: i64 },
+    /// The payload at the job's `to` version, as JSON text.
+    Upcast(String),
     /// The chain failed on this payload (no value, several, a jq error); the reason never
     /// quotes the payload.
     Failed(String),
@@ -90,8 +90,6 @@ struct Helper {
 struct Answer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     payload: Option<Box<serde_json::value::RawValue>>,
-    #[serde(default)]
-    version: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -116,6 +114,11 @@ impl Sandbox {
             limits,
             helper: None,
         }
+    }
+
+    /// The limits each helper runs under.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Runs `jobs` in order; the outcomes of a prefix of them, ending at the first that
@@ -231,12 +234,8 @@ fn answer(frame: &[u8]) -> Outcome {
     match serde_json::from_slice::<Answer>(frame) {
         Ok(Answer {
             payload: Some(payload),
-            version,
             ..
-        }) => Outcome::Upcast {
-            payload: payload.get().to_owned(),
-            version,
-        },
+        }) => Outcome::Upcast(payload.get().to_owned()),
         Ok(Answer {
             error: Some(error), ..
         }) => Outcome::Failed(error),
@@ -265,20 +264,18 @@ pub fn serve(memory_bytes: u64) -> anyhow::Result<()> {
                 Some(request.to),
                 request.payload,
             ) {
-                Ok((payload, version)) => Answer {
+                // The chain stops at `to` or fails: what it returns is version `to`.
+                Ok((payload, _)) => Answer {
                     payload: Some(serde_json::value::to_raw_value(&payload)?),
-                    version,
                     error: None,
                 },
                 Err(error) => Answer {
                     payload: None,
-                    version: 0,
                     error: Some(error),
                 },
             },
             Err(_) => Answer {
                 payload: None,
-                version: 0,
                 error: Some(
                     "the payload cannot be upcast: it does not parse as JSON within the \
                      upcaster's nesting limit (128 levels)"
