@@ -416,17 +416,18 @@ impl OutboxMapper {
             })
         };
         let document = if message.prefix == REPLAY_PREFIX {
+            let document = match self.verified_replay(message.content) {
+                Ok(document) => document,
+                Err(reason) => return dead(reason),
+            };
             if self
                 .slot
                 .as_deref()
-                .is_some_and(|own| replay::addressed_elsewhere(message.content, own))
+                .is_some_and(|own| replay::addressed_elsewhere(document, own))
             {
                 return Mapped::NotOutbox;
             }
-            match self.verified_replay(message.content) {
-                Ok(document) => document,
-                Err(reason) => return dead(reason),
-            }
+            document
         } else {
             message.content
         };
@@ -531,8 +532,8 @@ struct MessageContent<'a> {
     table: Option<String>,
     /// Only honoured for replays: the one sink to deliver to (the sink that refused it).
     sink: Option<String>,
-    /// Only for replays: the slot whose dead letter it is, read before the document is
-    /// (see [`OutboxMapper::for_slot`]); accepted here, not used.
+    /// Only for replays: the slot whose dead letter it is, read once the signature is
+    /// checked (see [`OutboxMapper::for_slot`]); accepted here, not used.
     #[serde(rename = "slot")]
     _slot: Option<serde::de::IgnoredAny>,
 }

@@ -52,24 +52,18 @@ pub(super) struct ReplayEnvelope<'a> {
     event: &'a serde_json::value::RawValue,
 }
 
-/// Whether a replay message names a slot other than `own`. Every slot of a database
-/// receives every logical message, whatever its publication, and the relay of each would
-/// publish a replay it can verify: the message names the slot whose dead letter it is.
-/// Read before the signature is checked: the name only decides whose message it is (that
-/// relay verifies it), never whether it becomes an event.
-pub(super) fn addressed_elsewhere(content: &[u8], own: &str) -> bool {
-    #[derive(Deserialize)]
-    struct Envelope<'a> {
-        #[serde(borrow)]
-        event: &'a serde_json::value::RawValue,
-    }
+/// Whether a verified replay's event document names a slot other than `own`. Every slot
+/// of a database receives every logical message, whatever its publication, and the relay
+/// of each would publish a replay it can verify: the document names the slot whose dead
+/// letter it is (the signature covers the name). A message that does not verify is a dead
+/// letter wherever it arrives, whatever slot it names.
+pub(super) fn addressed_elsewhere(document: &[u8], own: &str) -> bool {
     #[derive(Deserialize)]
     struct Addressed {
         slot: Option<String>,
     }
-    serde_json::from_slice::<Envelope>(content)
+    serde_json::from_slice::<Addressed>(document)
         .ok()
-        .and_then(|envelope| serde_json::from_str::<Addressed>(envelope.event.get()).ok())
         .and_then(|addressed| addressed.slot)
         .is_some_and(|slot| slot != own)
 }

@@ -565,3 +565,22 @@ fn a_replay_is_published_by_the_slot_it_names_only() {
     );
     assert!(!replay(Some("outbox_relay_1_of_2")));
 }
+
+#[test]
+fn a_forged_replay_naming_another_slot_is_still_a_dead_letter() {
+    let mapper = OutboxMapper::new(&[], &BTreeMap::new(), &[])
+        .for_slot("outbox_relay_0_of_2")
+        .with_replay_key(Some(ReplayKey::new(b"secret")));
+    let document = serde_json::json!({"id": ID, "aggregatetype": "order",
+        "aggregateid": "o-1", "type": "Created", "payload": {}, "slot": "elsewhere"});
+    let frame = Bytes::from(ReplayKey::new(b"not the key").sign(&document));
+    let message = Message {
+        prefix: REPLAY_PREFIX,
+        content: &frame,
+        frame: &frame,
+    };
+    assert!(matches!(
+        mapper.map_message(message, CTX),
+        Mapped::DeadLetter(_)
+    ));
+}
