@@ -84,7 +84,8 @@ impl PartitionProxy {
     }
 }
 
-/// Copies `from` to `to` except while `cut`; ends (closing both) when either side closes.
+/// Copies `from` to `to` except while `cut`: nothing read after the cut began is written
+/// before it ends. Ends (closing both) when either side closes.
 fn forward(from: &mut TcpStream, to: &mut TcpStream, cut: &AtomicBool) {
     from.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
@@ -97,6 +98,11 @@ fn forward(from: &mut TcpStream, to: &mut TcpStream, cut: &AtomicBool) {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                // A read that was waiting when the cut began returns what came after it:
+                // held until the cut ends, like everything else sent during it.
+                while cut.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
