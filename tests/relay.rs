@@ -762,6 +762,10 @@ fn acknowledged_positions_are_confirmed_promptly_so_a_crash_rereads_nothing() {
         .filter(|line| line.starts_with("outbox_relay_events_skipped_total{"))
         .collect();
     assert!(
+        !skipped.is_empty(),
+        "no outbox_relay_events_skipped_total series in the metrics:\n{metrics}"
+    );
+    assert!(
         skipped.iter().all(|line| line.ends_with(" 0")),
         "the restart re-read delivered events: {skipped:?}"
     );

@@ -29,6 +29,8 @@ pub(super) async fn run_worker(
 ) -> anyhow::Result<()> {
     let mut latency = LatencyHistogram::new();
     let labels = Metrics::sink(&worker.name);
+    // Exported from the start: a restart that read nothing again shows 0, not no series.
+    METRICS.events_skipped.get_or_create(&labels).inc_by(0);
     let mut queued = Vec::new();
     let mut merged = Vec::new();
     let mut carried = None;
