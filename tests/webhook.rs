@@ -12,6 +12,8 @@ use common::*;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The signing secret of the tests (Standard Webhooks form).
@@ -215,6 +217,65 @@ fn refused_events_are_dead_lettered_and_the_stream_goes_on() {
             .any(|l| l.starts_with("hook | Moved |") && l.contains("redirects are not followed")),
         "{letters:?}"
     );
+}
+
+/// Guarantee: an event the endpoint refuses after the relay upcast it for this sink is a dead
+/// letter that keeps the event as stored (payload and version), the reason naming both
+/// versions; replayed once the endpoint takes it, it is upcast again and carries both.
+#[test]
+fn a_refused_upcast_event_is_kept_as_stored_and_upcast_again_on_replay() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let plan_fixed = fixed.clone();
+    let hook = Hook::with_plan(Box::new(move |request, _| {
+        if request.json()["data"]["total"] == 13 && !plan_fixed.load(Ordering::SeqCst) {
+            Reply::status(422)
+        } else {
+            Reply::ok()
+        }
+    }));
+    let upcaster = "[upcast.OrderPlaced.1]\nto = 2\nprogram = '{total: .amount}'\n";
+    let sink = hook_sink(&hook.url("/in"), "upcast = { to = \"latest\" }");
+    let (Scenario { pg, config, .. }, relay) = relay_to(&format!("{upcaster}{sink}"))
+        .sql("ALTER TABLE outbox ADD COLUMN schema_version int")
+        .start();
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) VALUES \
+         ('order', 'k1', 'OrderPlaced', '{\"amount\": 12}', 1), \
+         ('order', 'k2', 'OrderPlaced', '{\"amount\": 13}', 1), \
+         ('order', 'k3', 'OrderPlaced', '{\"amount\": 14}', 1)",
+    );
+    wait_accepted(&hook, 2, &relay);
+    assert!(wait_until(WAIT, || dead_letters(&pg, LETTER).len() == 1));
+    let kept = pg.psql(
+        "SELECT (row_data->>'schema_version') || ' ' || \
+         ((row_data->>'payload')::jsonb = '{\"amount\": 13}')::text \
+         FROM outbox_relay.dead_letters",
+    );
+    assert_eq!(
+        kept, "1 true",
+        "the dead letter keeps the stored version and payload"
+    );
+    let letters = dead_letters(&pg, LETTER);
+    assert!(
+        letters[0].starts_with("hook | OrderPlaced |")
+            && letters[0].contains("answered HTTP 422")
+            && letters[0].contains("sent upcast from version 1 to 2"),
+        "{letters:?}"
+    );
+
+    fixed.store(true, Ordering::SeqCst);
+    run_ok(
+        std::process::Command::new(relay_bin())
+            .args(["--config", config.to_str().unwrap()])
+            .args(["dlq", "replay", "--all", "--sink", "hook"]),
+    );
+    let accepted = wait_accepted(&hook, 3, &relay);
+    let replayed = bodies(&accepted)
+        .into_iter()
+        .find(|body| body["data"]["total"] == 13)
+        .expect("the replay reached the endpoint");
+    assert_eq!(replayed["schemaversion"], 2);
+    assert_eq!(replayed["originalschemaversion"], 1);
 }
 
 /// Guarantee: connections dropped without an answer and answers slower than the sink's

@@ -135,7 +135,7 @@ async fn a_retry_shows_the_sink_what_earlier_attempts_settled_and_rejections_are
     };
     let letters = Letters::default();
     let events = [sample(10, 0), sample(10, 1)];
-    let rejected = deliver(&mut worker, &events, &letters, "slot")
+    let rejected = deliver(&mut worker, &events, &events, &letters, "slot")
         .await
         .unwrap();
     assert_eq!(rejected, [1]);

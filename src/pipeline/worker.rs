@@ -100,7 +100,7 @@ pub(super) async fn run_worker(
                 last = %published[published.len() - 1].position);
             let started = unix_micros();
             METRICS.set_oldest_unacked(&worker.name, Some(published[0].commit_time_micros));
-            let rejected = deliver(&mut worker, published, &*dead_letters, &slot)
+            let rejected = deliver(&mut worker, published, fresh, &*dead_letters, &slot)
                 .instrument(span)
                 .await?;
             METRICS.set_oldest_unacked(&worker.name, None);
@@ -204,9 +204,14 @@ fn unix_micros() -> i64 {
 /// go to the dead-letter store, and their indices are returned. The events' states live here,
 /// one per event, and every retry of the batch hands the sink the same ones: what an earlier
 /// attempt settled is not sent again.
+/// Sends `events` to the worker's sink until it answers for every one; stores the events it
+/// refused as dead letters and returns their indexes. `stored` holds the events as the outbox
+/// stored them (`events` may be their upcast copies, a subset in the same order): a dead
+/// letter keeps the stored event, so its replay is upcast again like the original.
 pub(super) async fn deliver(
     worker: &mut SinkWorker,
     events: &[Event],
+    stored: &[Event],
     dead_letters: &dyn DeadLetterStore,
     slot: &str,
 ) -> anyhow::Result<Vec<usize>> {
@@ -235,8 +240,24 @@ pub(super) async fn deliver(
     let mut rejected = Vec::with_capacity(rejections.len());
     for rejection in rejections {
         rejected.push(rejection.index);
-        let event = &events[rejection.index];
-        let letter = (event, "refused by the sink", rejection.reason);
+        let sent = &events[rejection.index];
+        let original = sent.original_schema_version.and_then(|from| {
+            let at = stored
+                .binary_search_by(|e| e.position.cmp(&sent.position))
+                .ok()?;
+            Some((&stored[at], from))
+        });
+        let (event, reason) = match (original, sent.schema_version) {
+            (Some((event, from)), Some(to)) => (
+                event,
+                format!(
+                    "{} (sent upcast from version {from} to {to}; kept here as stored, version {from})",
+                    rejection.reason
+                ),
+            ),
+            _ => (sent, rejection.reason),
+        };
+        let letter = (event, "refused by the sink", reason);
         store_for_sink(dead_letters, slot, &worker.name, letter).await?;
     }
     Ok(rejected)

@@ -798,6 +798,18 @@ pub fn init(config: &Path) {
     );
 }
 
+/// Runs `command` and fails the test with its standard error unless it succeeds.
+pub fn run_ok(command: &mut Command) -> Output {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        command,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs a one-shot relay command (`init`, `check`, `status`).
 pub fn relay_command(config: &Path, command: &str) -> Output {
     relay_command_with_env(config, command, &[])
