@@ -33,6 +33,12 @@
 //!     cargo nextest run --test crash_loop aws --no-capture
 //! Asserted: nothing lost, last copies in per-key order; the FIFO destinations nothing
 //! repeated and first copies in order; EventBridge's repeats reported.
+//!
+//! Key-sharded slots have a loop of their own: two shards' relays, each with a file sink and
+//! a transactional Kafka sink into one topic, killed in turn at random. Asserted over both
+//! shards' output: nothing lost, nothing repeated, every key in order, no key in both:
+//!   CRASH_LOOP_SHARD_KILLS=20 CRASH_LOOP_SHARD_EVENTS=20000 \
+//!     cargo nextest run --test crash_loop sharded --no-capture
 
 mod common;
 
@@ -207,31 +213,36 @@ fn seed() -> u64 {
         })
 }
 
-/// Writes `events` rows while killing the relay with SIGKILL `kills` times at random
-/// moments and restarting it; returns the relay that runs after the last kill.
+/// Writes `events` rows while killing one of the relays (one per config, chosen at random)
+/// with SIGKILL `kills` times at random moments and restarting it; returns the relays that
+/// run after the last kill.
 fn write_while_killing(
     pg: &PgCluster,
-    config: &Path,
+    configs: &[&Path],
     env: &[(&str, &str)],
     events: usize,
     kills: usize,
     seed: u64,
-) -> Relay {
+) -> Vec<Relay> {
     let rate = events as f64 / (kills as f64 * MEAN_INTERVAL.as_secs_f64()).max(1.0);
     let writers = spawn_writers(pg, events, rate, seed);
     let mut random = XorShift(seed);
-    let mut relay = Relay::start_with_env(config, env);
+    let mut relays: Vec<Relay> = configs
+        .iter()
+        .map(|config| Relay::start_with_env(config, env))
+        .collect();
     for _ in 0..kills {
         let pause = MEAN_INTERVAL.as_millis() as u64 / 4
             + random.next() % (MEAN_INTERVAL.as_millis() as u64 * 3 / 2);
         std::thread::sleep(Duration::from_millis(pause));
-        relay.kill9();
-        relay = Relay::start_with_env(config, env);
+        let victim = (random.next() % configs.len() as u64) as usize;
+        relays[victim].kill9();
+        relays[victim] = Relay::start_with_env(configs[victim], env);
     }
     for writer in writers {
         writer.join().unwrap();
     }
-    relay
+    relays
 }
 
 /// Every committed row's id, from the table itself.
@@ -318,7 +329,7 @@ fn kill_9_loops_lose_nothing_and_keep_per_key_order_on_every_sink() {
     let config = ConfigFile::new().sinks(&sinks).write(dir.path(), &pg);
     init(&config);
 
-    let relay = write_while_killing(&pg, &config, &[], events, kills, seed);
+    let relay = write_while_killing(&pg, &[&config], &[], events, kills, seed).remove(0);
     let expected = committed_ids(&pg, events);
 
     let stream = vhost.read_stream("events");
@@ -425,7 +436,7 @@ fn aws_kill_9_loops_lose_nothing_and_fifo_destinations_repeat_nothing() {
         ))
         .init();
 
-    let relay = write_while_killing(&pg, &config, &AWS_ENV, events, kills, seed);
+    let relay = write_while_killing(&pg, &[&config], &AWS_ENV, events, kills, seed).remove(0);
     let expected = committed_ids(&pg, events);
     let id_of = |e: &Value| e["id"].as_str().unwrap_or_default().to_owned();
     let (mut from_bus, mut from_fifo, mut from_topic) = (Vec::new(), Vec::new(), Vec::new());
@@ -471,5 +482,98 @@ fn aws_kill_9_loops_lose_nothing_and_fifo_destinations_repeat_nothing() {
     for fifo in &reports[..2] {
         assert_eq!(fifo.duplicated, 0, "{fifo:?}");
         assert_eq!(fifo.reordered_first_copies, 0, "{fifo:?}");
+    }
+}
+
+/// Key-sharded slots under the crash loop: two shards, each its own relay with a file sink
+/// and a transactional Kafka sink into one topic, killed in turn at random. Together they
+/// deliver every event exactly once, each key in order (a key belongs to one shard): each
+/// shard resumes from its own checkpoints (`CRASH_LOOP_SHARD_KILLS`, `_EVENTS`, `_REPORT`).
+#[test]
+fn sharded_kill_9_loops_lose_nothing_and_repeat_nothing() {
+    let kills = setting("CRASH_LOOP_SHARD_KILLS", 6);
+    let events = setting("CRASH_LOOP_SHARD_EVENTS", 3_000);
+    let seed = seed();
+    eprintln!("sharded crash loop: {kills} kills, {events} events, CRASH_LOOP_SEED={seed}");
+
+    let broker = Broker::start();
+    let pg = PgCluster::start();
+    pg.create_outbox("public.outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let shard_file = |shard: u32| dir.path().join(format!("shard{shard}/events.jsonl"));
+    let configs: Vec<std::path::PathBuf> = (0..2)
+        .map(|shard| {
+            let shard_dir = dir.path().join(format!("shard{shard}"));
+            std::fs::create_dir_all(&shard_dir).unwrap();
+            let sinks = format!(
+                "[sinks.file]\ntype = \"file\"\nfsync = false\npath = \"{}\"\n\
+                 [sinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ncreate_topics = true\npartitions = 4\ntimeout = \"10s\"\n",
+                shard_file(shard).display(),
+                broker.address(),
+            );
+            let config = ConfigFile::new()
+                .source(&format!("shards = 2\nshard = {shard}\n"))
+                .sinks(&sinks)
+                .write(&shard_dir, &pg);
+            init(&config);
+            config
+        })
+        .collect();
+    let config_paths: Vec<&Path> = configs.iter().map(|c| c.as_path()).collect();
+
+    let relays = write_while_killing(&pg, &config_paths, &[], events, kills, seed);
+    let expected = committed_ids(&pg, events);
+    let files = || -> Vec<Value> {
+        (0..2)
+            .flat_map(|shard| read_events(&shard_file(shard)))
+            .collect()
+    };
+    let mut kafka = Vec::new();
+    let complete = wait_until(Duration::from_secs(120), || {
+        files().len() >= events && {
+            kafka = consume_all(&broker, "outbox.event.order");
+            kafka.iter().map(|r| &r.id).collect::<HashSet<_>>().len() >= events
+        }
+    });
+    let mut keys_of_shard = Vec::new();
+    for shard in 0..2 {
+        let keys: HashSet<String> = read_events(&shard_file(shard))
+            .iter()
+            .map(|e| envelope_copy(e).key)
+            .collect();
+        keys_of_shard.push(keys);
+    }
+    let file_copies: Vec<Copy> = files().iter().map(envelope_copy).collect();
+    let kafka_copies: Vec<Copy> = kafka
+        .iter()
+        .map(|r| Copy {
+            id: r.id.clone(),
+            key: r.key.clone(),
+            seq: r.seq,
+        })
+        .collect();
+    let reports = [
+        analyse("file, both shards", &file_copies, &expected),
+        analyse(
+            "kafka (read_committed), both shards",
+            &kafka_copies,
+            &expected,
+        ),
+    ];
+    report(&reports, kills, events, seed, "CRASH_LOOP_SHARD_REPORT");
+    assert!(
+        complete,
+        "the shards did not deliver every event; logs:\n{}\n{}",
+        relays[0].log(),
+        relays[1].log()
+    );
+    assert!(
+        keys_of_shard[0].is_disjoint(&keys_of_shard[1]) && !keys_of_shard[0].is_empty(),
+        "each key belongs to one shard: {keys_of_shard:?}"
+    );
+    for r in &reports {
+        assert_eq!(r.lost, 0, "{r:?}");
+        assert_eq!(r.duplicated, 0, "{r:?}");
+        assert_eq!(r.reordered_first_copies, 0, "{r:?}");
     }
 }
