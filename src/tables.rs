@@ -291,7 +291,12 @@ pub async fn partition_root(
 /// partitioning uses, the same on every platform and version), NULL taken as 0, modulo
 /// the shard count, kept non-negative without `abs` (which overflows on the smallest
 /// value). A row filter may call only built-in immutable functions and cannot cast through
-/// text, so the hash function is looked up for the column's type.
+/// text, so the hash function is looked up for the column's type; a type without a hash
+/// class of its own uses one it converts to implicitly without a function, the preferred
+/// type first (`varchar` → `text`, as PostgreSQL picks a default operator class), which the
+/// filter may do. PostgreSQL refuses
+/// user-defined types in a row filter (type OIDs from `FirstNormalObjectId`, 16384: domains,
+/// enums, extension types such as `citext`): refused here, with the fix.
 pub async fn shard_filter(
     client: &impl GenericClient,
     table: &str,
@@ -301,12 +306,22 @@ pub async fn shard_filter(
     let (schema, name) = parse_table_name(table)?;
     let row = client
         .query_opt(
-            "SELECT n.nspname::text, p.proname::text FROM pg_attribute a \
-             JOIN pg_opclass oc ON oc.opcintype = a.atttypid AND oc.opcdefault \
-               AND oc.opcmethod = (SELECT oid FROM pg_am WHERE amname = 'hash') \
-             JOIN pg_amproc ap ON ap.amprocfamily = oc.opcfamily AND ap.amprocnum = 2 \
+            "SELECT n.nspname::text, p.proname::text, format_type(a.atttypid, NULL), \
+               a.atttypid >= 16384 \
+             FROM pg_attribute a \
+             LEFT JOIN LATERAL (SELECT oc.opcfamily, oc.opcintype FROM pg_opclass oc \
+               WHERE oc.opcdefault \
+                 AND oc.opcmethod = (SELECT oid FROM pg_am WHERE amname = 'hash') \
+                 AND (oc.opcintype = a.atttypid OR EXISTS (SELECT 1 FROM pg_cast c \
+                   WHERE c.castsource = a.atttypid AND c.casttarget = oc.opcintype \
+                     AND c.castmethod = 'b' AND c.castcontext = 'i')) \
+               ORDER BY oc.opcintype = a.atttypid DESC, \
+                 (SELECT typispreferred FROM pg_type WHERE oid = oc.opcintype) DESC, \
+                 oc.opcintype LIMIT 1) oc ON true \
+             LEFT JOIN pg_amproc ap ON ap.amprocfamily = oc.opcfamily AND ap.amprocnum = 2 \
                AND ap.amproclefttype = oc.opcintype \
-             JOIN pg_proc p ON p.oid = ap.amproc JOIN pg_namespace n ON n.oid = p.pronamespace \
+             LEFT JOIN pg_proc p ON p.oid = ap.amproc \
+             LEFT JOIN pg_namespace n ON n.oid = p.pronamespace \
              WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
             &[&sql::qualified(&schema, &name), &column],
         )
@@ -314,11 +329,26 @@ pub async fn shard_filter(
         .map_err(db::explain)?;
     let Some(row) = row else {
         anyhow::bail!(
-            "cannot shard {table} by column {column}: the column does not exist, or its type \
-             has no hash operator class (shard by a text, uuid or integer key column)"
+            "cannot shard {table} by column {column}: the table has no such column (set the \
+             outbox mapping's key or aggregate_id column)"
         );
     };
-    let function = sql::qualified(row.get(0), row.get(1));
+    let (type_name, user_defined): (String, bool) = (row.get(2), row.get(3));
+    if user_defined {
+        anyhow::bail!(
+            "cannot shard {table} by column {column}: its type {type_name} is user-defined \
+             (a domain, enum or extension type), and PostgreSQL allows only built-in types in \
+             a publication's row filter. Change the column to its base type (text, varchar, \
+             uuid, bigint...) or use source.shards = 1"
+        );
+    }
+    let (Some(schema), Some(function)) = (row.get::<_, Option<&str>>(0), row.get(1)) else {
+        anyhow::bail!(
+            "cannot shard {table} by column {column}: its type {type_name} has no hash \
+             operator class (shard by a text, varchar, uuid or integer key column)"
+        );
+    };
+    let function = sql::qualified(schema, function);
     let count = shard.count;
     Ok(format!(
         "((coalesce({function}({}, 0), 0) % {count}) + {count}) % {count} = {}",

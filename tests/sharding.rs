@@ -20,13 +20,18 @@ fn shard_config(pg: &PgCluster, dir: &Path, index: u32, count: u32, extra: &str)
 }
 
 /// Guarantee: two shards' relays together deliver every event exactly once, each key from
-/// one shard only and in commit order, transactions that mix keys of both shards included;
-/// UPDATE and DELETE of the outbox still work (a shard's publication publishes inserts
-/// only); `check` passes, and reports a shard's publication that does not filter its rows.
+/// one shard only and in commit order, transactions that mix keys of both shards included,
+/// on Debezium's documented outbox layout (`varchar(255)` key); UPDATE and DELETE of the
+/// outbox still work (a shard's publication publishes inserts only); `check` passes, and
+/// reports a shard's publication that does not filter its rows.
 #[test]
 fn two_shards_split_the_keys_and_keep_per_key_order() {
     let pg = PgCluster::start();
-    pg.create_outbox("public.outbox");
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+         aggregatetype varchar(255) NOT NULL, aggregateid varchar(255) NOT NULL, \
+         type varchar(255) NOT NULL, payload jsonb)",
+    );
     let dir = tempfile::tempdir().unwrap();
     let configs: Vec<PathBuf> = (0..2)
         .map(|i| shard_config(&pg, dir.path(), i, 2, ""))
@@ -110,7 +115,8 @@ fn two_shards_split_the_keys_and_keep_per_key_order() {
 
 /// Guarantee: what a key-sharded outbox cannot do stops the configuration from loading,
 /// saying why and what to do: logical-message outboxes, backfill, update and delete
-/// policies other than skip, the Redis sink, and a shard index out of range.
+/// policies other than skip, the Redis sink, and a shard index out of range; and `init`
+/// refuses a key column of a user-defined type, which no row filter may use.
 #[test]
 fn what_sharding_cannot_do_is_refused_at_load() {
     let pg = PgCluster::start();
@@ -160,5 +166,22 @@ fn what_sharding_cannot_do_is_refused_at_load() {
     assert!(
         report.contains("sinks.r: the redis sink numbers stream entries"),
         "{report}"
+    );
+
+    // A key of a user-defined type (here a domain) cannot be in a row filter: init says so.
+    pg.psql(
+        "CREATE DOMAIN aggregate_key AS text; \
+         CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+         aggregatetype text NOT NULL, aggregateid aggregate_key NOT NULL, type text NOT NULL, \
+         payload jsonb)",
+    );
+    let config = shard_config(&pg, dir.path(), 0, 2, "");
+    let out = relay_command(&config, "init");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("its type aggregate_key is user-defined")
+            && stderr.contains("Change the column to its base type"),
+        "{stderr}"
     );
 }
