@@ -242,6 +242,43 @@ fn wait_for_all(broker: &Broker, expected: usize, relay: &Relay) -> Vec<Record> 
     records
 }
 
+/// Guarantee: a Kafka sink that upcasts (`upcast = { to = "latest" }`) publishes each event
+/// at the later version, with the published version as `schema_version` and the stored one
+/// as `original_schema_version` (and as `ce_schemaversion` / `ce_originalschemaversion` in
+/// binary mode), same ids, every key in order.
+#[test]
+fn an_upcasting_sink_publishes_the_later_version_with_both_versions_in_headers() {
+    let broker = Broker::start();
+    let upcaster = "[upcast.Seq.1]\nto = 2\nprogram = '. + {upcast: true}'\n";
+    let sink = kafka_sink(
+        &broker,
+        "10s",
+        "binary = true\nupcast = { to = \"latest\" }",
+    );
+    let (Scenario { pg, .. }, relay) = scenario()
+        .relay("batch_size = 50")
+        .sql("ALTER TABLE outbox ADD COLUMN schema_version int")
+        .sinks(&format!("{upcaster}{sink}"))
+        .start();
+    pg.psql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, schema_version) \
+         SELECT 'order', 'k' || (n % 3), 'Seq', jsonb_build_object('seq', n / 3), 1 \
+         FROM generate_series(0, 29) n",
+    );
+    let records = consume(&broker, "outbox.event.order", 30);
+    assert_eq!(records.len(), 30, "relay log:\n{}", relay.log());
+    for record in &records {
+        let header = |name: &str| record.headers.get(name).map(String::as_str);
+        assert_eq!(header("schema_version"), Some("2"), "{:?}", record.headers);
+        assert_eq!(header("original_schema_version"), Some("1"));
+        assert_eq!(header("ce_schemaversion"), Some("2"));
+        assert_eq!(header("ce_originalschemaversion"), Some("1"));
+    }
+    for (key, seqs) in last_copies_by_key(&records) {
+        assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "order of {key}");
+    }
+}
+
 /// A relay frozen (SIGSTOP) inside a transaction for longer than its
 /// `transaction.timeout.ms`: the broker aborts that transaction and bumps the producer's
 /// epoch. Thawed, the relay finds its transaction gone, starts over from the checkpoint

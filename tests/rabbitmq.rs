@@ -816,6 +816,51 @@ fn the_example_config_works() {
     assert_eq!(messages[0].routing_key, "order.Updated");
 }
 
+/// Guarantee: an exchange sink that upcasts (`upcast = { to = "latest" }`) publishes each
+/// event at the later version, the published and the stored version as the
+/// `cloudEvents_schemaversion` and `cloudEvents_originalschemaversion` headers, in per-key
+/// order.
+#[test]
+fn an_upcasting_exchange_sink_publishes_the_later_version_with_both_versions() {
+    let vhost = Vhost::new();
+    let upcaster = "[upcast.Updated.1]\nto = 2\nprogram = '. + {upcast: true}'\n";
+    let sink = exchange_sink(
+        &vhost,
+        "declare = true\nqueue = \"all\"\nupcast = { to = \"latest\" }\n",
+    );
+    let (Scenario { pg, .. }, relay) = scenario()
+        .outbox_sql(OUTBOX)
+        .sql("ALTER TABLE outbox ADD COLUMN schema_version int DEFAULT 1")
+        .sinks(&format!("{upcaster}{sink}"))
+        .start();
+    insert_events(&pg, "order", 0, 20, 4);
+    let mut messages = Vec::new();
+    assert!(
+        wait_until(WAIT, || {
+            vhost.drain("all", &mut messages);
+            messages.len() >= 20
+        }),
+        "{} of 20 arrived; relay log:\n{}",
+        messages.len(),
+        relay.log()
+    );
+    for message in &messages {
+        assert_eq!(
+            message.header("cloudEvents_schemaversion").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            message
+                .header("cloudEvents_originalschemaversion")
+                .as_deref(),
+            Some("1")
+        );
+        let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+        assert_eq!(body["upcast"], true, "{body}");
+    }
+    assert_per_key_order(messages.iter().map(Received::key_and_sequence));
+}
+
 /// Guarantee: the relay's network to RabbitMQ cut for 30 s mid-stream (a partition: no
 /// resets, just silence) delays delivery; after it heals, every event is in the queue, last
 /// copies in per-key order (at-least-once: unconfirmed publishes are sent again).
