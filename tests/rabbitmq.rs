@@ -99,6 +99,27 @@ fn distinct(messages: &[Received]) -> usize {
         .len()
 }
 
+/// Drains the queue `all` into `messages` until `enough` holds of them, or fails the test
+/// with what arrived and the relay's log.
+fn drain_until(
+    vhost: &Vhost,
+    messages: &mut Vec<Received>,
+    relay: &Relay,
+    enough: impl Fn(&[Received]) -> bool,
+) {
+    let arrived = wait_until(WAIT, || {
+        vhost.drain("all", messages);
+        enough(messages)
+    });
+    assert!(
+        arrived,
+        "{} messages ({} distinct) arrived; relay log:\n{}",
+        messages.len(),
+        distinct(messages),
+        relay.log()
+    );
+}
+
 /// The last copy of each message, in arrival order.
 fn last_copies(messages: &[Received]) -> Vec<&Received> {
     let mut seen = HashSet::new();
@@ -145,15 +166,7 @@ fn exchange_mode_delivers_every_event_once_in_per_key_order_with_its_headers() {
         insert_events(&pg, "order", tx * 25, 25, 10);
     }
     let mut messages = Vec::new();
-    assert!(
-        wait_until(WAIT, || {
-            vhost.drain("all", &mut messages);
-            messages.len() >= 500
-        }),
-        "{} of 500 arrived; relay log:\n{}",
-        messages.len(),
-        relay.log()
-    );
+    drain_until(&vhost, &mut messages, &relay, |m| m.len() >= 500);
     let ids: HashSet<String> = messages.iter().map(Received::id).collect();
     assert_eq!(
         (messages.len(), ids.len()),
@@ -266,15 +279,7 @@ fn exchange_mode_loses_nothing_when_the_broker_closes_its_connections() {
     let relay = Relay::start(&config);
     stop.store(true, Ordering::Relaxed);
     let total = writer.join().unwrap() + 1;
-    assert!(
-        wait_until(WAIT, || {
-            vhost.drain("all", &mut messages);
-            distinct(&messages) == total
-        }),
-        "{} of {total} arrived; relay log:\n{}",
-        messages.len(),
-        relay.log()
-    );
+    drain_until(&vhost, &mut messages, &relay, |m| distinct(m) == total);
     assert_per_key_order(
         last_copies(&messages)
             .into_iter()
@@ -835,15 +840,7 @@ fn an_upcasting_exchange_sink_publishes_the_later_version_with_both_versions() {
         .start();
     insert_events(&pg, "order", 0, 20, 4);
     let mut messages = Vec::new();
-    assert!(
-        wait_until(WAIT, || {
-            vhost.drain("all", &mut messages);
-            messages.len() >= 20
-        }),
-        "{} of 20 arrived; relay log:\n{}",
-        messages.len(),
-        relay.log()
-    );
+    drain_until(&vhost, &mut messages, &relay, |m| m.len() >= 20);
     for message in &messages {
         assert_eq!(
             message.header("cloudEvents_schemaversion").as_deref(),
@@ -893,15 +890,7 @@ fn exchange_mode_loses_nothing_across_a_30_second_network_partition() {
     proxy.set_cut(false);
 
     let total = 40;
-    assert!(
-        wait_until(WAIT, || {
-            vhost.drain("all", &mut messages);
-            distinct(&messages) == total
-        }),
-        "{} distinct of {total} arrived; relay log:\n{}",
-        distinct(&messages),
-        relay.log()
-    );
+    drain_until(&vhost, &mut messages, &relay, |m| distinct(m) == total);
     assert_per_key_order(
         last_copies(&messages)
             .into_iter()
@@ -970,14 +959,7 @@ fn amqps_verifies_the_broker_certificate() {
     let relay = Relay::start(&config);
     insert_events(&pg, "order", 0, 10, 2);
     let mut messages = Vec::new();
-    assert!(
-        wait_until(WAIT, || {
-            vhost.drain("all", &mut messages);
-            messages.len() >= 11
-        }),
-        "relay log:\n{}",
-        relay.log()
-    );
+    drain_until(&vhost, &mut messages, &relay, |m| m.len() >= 11);
 }
 
 /// Outage: the broker itself (a node of the test's own) stopped for 30 s mid-stream, with
@@ -998,14 +980,7 @@ fn the_broker_stopped_for_30_seconds_delays_both_modes_but_loses_nothing() {
     let (Scenario { pg, .. }, relay) = scenario().outbox_sql(OUTBOX).sinks(&sinks).start();
     insert_events(&pg, "order", 0, 20, 4);
     let mut messages = Vec::new();
-    assert!(
-        wait_until(WAIT, || {
-            vhost.drain("all", &mut messages);
-            messages.len() >= 20
-        }),
-        "relay log:\n{}",
-        relay.log()
-    );
+    drain_until(&vhost, &mut messages, &relay, |m| m.len() >= 20);
 
     node.stop_app();
     let stopped_at = std::time::Instant::now();
@@ -1022,15 +997,7 @@ fn the_broker_stopped_for_30_seconds_delays_both_modes_but_loses_nothing() {
     node.start_app();
 
     let total = 40;
-    assert!(
-        wait_until(WAIT, || {
-            vhost.drain("all", &mut messages);
-            distinct(&messages) == total
-        }),
-        "{} distinct of {total} in the queue; relay log:\n{}",
-        distinct(&messages),
-        relay.log()
-    );
+    drain_until(&vhost, &mut messages, &relay, |m| distinct(m) == total);
     assert_per_key_order(
         last_copies(&messages)
             .into_iter()
