@@ -163,9 +163,9 @@ pub async fn publication_problems(
         // unless the publication publishes via the root; the tree of a table that is not
         // partitioned is empty). The row filter is read through JSON:
         // pg_publication_tables has it from PostgreSQL 15 on.
-        let row = client
-            .query_one(
-                "WITH t AS (SELECT to_regclass($2) AS oid) \
+        let row = query_giving_way(
+            client,
+            "WITH t AS (SELECT to_regclass($2) AS oid) \
                  SELECT t.oid IS NOT NULL, \
                    coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = t.oid), false), \
                    EXISTS (SELECT 1 FROM (SELECT t.oid AS relid UNION \
@@ -178,10 +178,9 @@ pub async fn publication_problems(
                      JOIN pg_class c ON c.oid = t.oid JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname) \
                  FROM t",
-                &[&publication, &sql::qualified(&schema, &name)],
-            )
-            .await
-            .map_err(db::explain)?;
+            &[&publication, &sql::qualified(&schema, &name)],
+        )
+        .await?;
         let (exists, partitioned, published, filter): (bool, bool, bool, Option<String>) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
         if !exists {
@@ -218,6 +217,52 @@ pub async fn publication_problems(
         }
     }
     Ok(problems)
+}
+
+/// How long the publication check waits for a lock before it gives way. Reading
+/// `pg_publication_tables` opens the published tables (a partition can be locked before its
+/// root), so the check could close a deadlock with DDL on the outbox, `CREATE TABLE …
+/// PARTITION OF` for one, and PostgreSQL would abort one of the two: it was seen to abort
+/// the application's DDL. Waiting less than `deadlock_timeout` (1 s by default), the check
+/// is the one that gives way, and tries again a little later.
+const GIVE_WAY_AFTER: &str = "200ms";
+const GIVE_WAY_ATTEMPTS: u32 = 25;
+
+/// `client.query_one(sql, params)` under [`GIVE_WAY_AFTER`]'s `lock_timeout`, tried again
+/// while it times out on a lock; the session's own `lock_timeout` is restored after.
+async fn query_giving_way(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> anyhow::Result<tokio_postgres::Row> {
+    let set = "SELECT set_config('lock_timeout', $1, false)";
+    let previous: String = client
+        .query_one("SELECT current_setting('lock_timeout')", &[])
+        .await
+        .map_err(db::explain)?
+        .get(0);
+    client
+        .execute(set, &[&GIVE_WAY_AFTER])
+        .await
+        .map_err(db::explain)?;
+    let mut attempts = 1;
+    let result = loop {
+        match client.query_one(sql, params).await {
+            Err(err)
+                if err.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                    && attempts < GIVE_WAY_ATTEMPTS =>
+            {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    client
+        .execute(set, &[&previous])
+        .await
+        .map_err(db::explain)?;
+    result.map_err(db::explain)
 }
 
 fn normalized(schema: &str, name: &str) -> String {

@@ -113,6 +113,73 @@ fn two_shards_split_the_keys_and_keep_per_key_order() {
     );
 }
 
+/// Guarantee: a partitioned outbox is sharded by its root (the row filter on the parent,
+/// published via the root), here over three shards: every event once, each key from one
+/// shard and in order, a partition attached while the relays stream included.
+#[test]
+fn a_partitioned_outbox_splits_over_three_shards() {
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE outbox (id uuid NOT NULL DEFAULT gen_random_uuid(), \
+         aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, \
+         payload jsonb NOT NULL, PRIMARY KEY (id, aggregatetype)) \
+         PARTITION BY LIST (aggregatetype); \
+         CREATE TABLE outbox_order PARTITION OF outbox FOR VALUES IN ('order'); \
+         CREATE TABLE outbox_rest PARTITION OF outbox DEFAULT",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| shard_config(&pg, dir.path(), i, 3, ""))
+        .collect();
+    for config in &configs {
+        init(config);
+    }
+    let relays: Vec<Relay> = configs.iter().map(|c| Relay::start(c)).collect();
+    // 30 events per kind over 10 keys of that kind: seq 0, 1, 2 per key.
+    let insert = |kind: &str| {
+        pg.psql(&format!(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT '{kind}', '{kind}-' || (n % 10), 'Seq', jsonb_build_object('seq', n / 10) \
+             FROM generate_series(0, 29) n"
+        ))
+    };
+    insert("order");
+    insert("customer");
+    pg.psql("CREATE TABLE outbox_invoice PARTITION OF outbox FOR VALUES IN ('invoice')");
+    insert("invoice");
+    let files: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("shard{i}/events.jsonl")))
+        .collect();
+    let delivered = || files.iter().map(|f| read_events(f).len()).sum::<usize>();
+    assert!(
+        wait_until(WAIT, || delivered() >= 90),
+        "{} of 90 delivered; logs:\n{}",
+        delivered(),
+        relays.iter().map(Relay::log).collect::<Vec<_>>().join("\n")
+    );
+    let mut ids = BTreeSet::new();
+    let mut keys_of: Vec<BTreeSet<String>> = Vec::new();
+    for file in &files {
+        let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for event in read_events(file) {
+            assert!(ids.insert(event["id"].as_str().unwrap().to_owned()));
+            seqs.entry(event["subject"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(event["data"]["seq"].as_u64().unwrap());
+        }
+        for (key, seqs) in &seqs {
+            assert_eq!(seqs, &[0, 1, 2], "per-key order of {key}");
+        }
+        keys_of.push(seqs.into_keys().collect());
+    }
+    assert_eq!(ids.len(), 90, "every event exactly once");
+    assert_eq!(keys_of.iter().map(BTreeSet::len).sum::<usize>(), 30);
+    assert!(
+        keys_of.iter().all(|keys| !keys.is_empty()),
+        "each shard takes some keys: {keys_of:?}"
+    );
+}
+
 /// Guarantee: what a key-sharded outbox cannot do stops the configuration from loading,
 /// saying why and what to do: logical-message outboxes, backfill, update and delete
 /// policies other than skip, the Redis sink, and a shard index out of range; and `init`
