@@ -907,8 +907,13 @@ class Bench:
                 key, value = kv.split("=", 1)
                 if key == "bin":
                     variant["binary"] = value
-                else:
+                elif key.isupper():
                     variant["env"][key] = value
+                else:
+                    # A mistyped `binary=` would otherwise become an environment variable and
+                    # the run would measure the default binary.
+                    raise SystemExit(f"--variant {spec!r}: {key!r} is neither bin=PATH nor an "
+                                     "environment variable in upper case")
             self.variants[label] = variant
         self.pg_version = ""
         self.brokers = Brokers(self.work, self.relay_bin.parent / "examples", args.kafka_property,
