@@ -339,9 +339,9 @@ pub async fn partition_root(
 /// text, so the hash function is looked up for the column's type; a type without a hash
 /// class of its own uses one it converts to implicitly without a function, the preferred
 /// type first (`varchar` → `text`, as PostgreSQL picks a default operator class), which the
-/// filter may do. PostgreSQL refuses
-/// user-defined types in a row filter (type OIDs from `FirstNormalObjectId`, 16384: domains,
-/// enums, extension types such as `citext`): refused here, with the fix.
+/// filter may do. PostgreSQL refuses user-defined types in a row filter (type OIDs from
+/// `FirstNormalObjectId`, 16384: domains, enums, extension types such as `citext`):
+/// refused here, with the fix.
 pub async fn shard_filter(
     client: &impl GenericClient,
     table: &str,

@@ -25,6 +25,19 @@ fn lines(path: &Path) -> Vec<String> {
     complete.lines().map(str::to_owned).collect()
 }
 
+/// The subjects of the events in the file at `path`, once it holds `count` lines.
+fn subjects_once_there_are(path: &Path, count: usize, relay: &Relay) -> Vec<String> {
+    assert!(
+        wait_until(WAIT, || lines(path).len() == count),
+        "relay log:\n{}",
+        relay.log()
+    );
+    read_events(path)
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Replaces what differs between runs (positions, transaction ids) with placeholders,
 /// leaving every other byte as the relay wrote it.
 fn normalized(line: &str) -> String {
@@ -486,27 +499,6 @@ fn a_dead_letter_fixed_in_place_is_replayed_once() {
     );
 }
 
-fn relay_command_args(config: &Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(relay_bin())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn relay_dlq(config: &Path, args: &[&str]) -> String {
-    let mut all = vec!["dlq"];
-    all.extend_from_slice(args);
-    let out = relay_command_args(config, &all);
-    assert!(
-        out.status.success(),
-        "dlq {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn payloads_failing_their_json_schema_are_dead_lettered() {
     let pg = PgCluster::start();
@@ -539,15 +531,7 @@ fn payloads_failing_their_json_schema_are_dead_lettered() {
          ('order', 'o-5', 'Unschematized', '\"anything\"', 7)",
     );
     let path = dir.path().join("all.jsonl");
-    assert!(
-        wait_until(WAIT, || lines(&path).len() == 3),
-        "relay log:\n{}",
-        relay.log()
-    );
-    let subjects: Vec<String> = read_events(&path)
-        .iter()
-        .map(|e| e["subject"].as_str().unwrap().to_owned())
-        .collect();
+    let subjects = subjects_once_there_are(&path, 3, &relay);
     assert_eq!(subjects, ["o-1", "o-4", "o-5"]);
     assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 2));
     let reasons = pg.psql("SELECT string_agg(row_data->>'aggregateid' || ': ' || reason, E'\\n' ORDER BY event_index) FROM outbox_relay.dead_letters");
@@ -810,15 +794,7 @@ fn backfilled_rows_failing_their_schema_are_dead_lettered() {
         })
         .start();
     let path = dir.join("all.jsonl");
-    assert!(
-        wait_until(WAIT, || lines(&path).len() == 2),
-        "relay log:\n{}",
-        relay.log()
-    );
-    let subjects: Vec<String> = read_events(&path)
-        .iter()
-        .map(|e| e["subject"].as_str().unwrap().to_owned())
-        .collect();
+    let subjects = subjects_once_there_are(&path, 2, &relay);
     assert_eq!(subjects, ["o-1", "o-3"]);
     assert!(wait_until(WAIT, || dead_letters(&pg, "reason").len() == 1));
     let reason = dead_letters(&pg, "row_data->>'aggregateid', reason").join("");

@@ -453,13 +453,7 @@ fn each_sink_publishes_at_its_version_and_a_bad_upcast_is_a_dead_letter() {
     let relay = Relay::start(&cfg);
     let e4 =
         pg.psql("SELECT id FROM outbox_relay.dead_letters WHERE row_data->>'aggregateid' = 'e4'");
-    run_ok(Command::new(relay_bin()).args([
-        "--config",
-        cfg.to_str().unwrap(),
-        "dlq",
-        "replay",
-        &e4,
-    ]));
+    relay_dlq(&cfg, &["replay", &e4]);
     let latest = seen(&relay, "latest", 6);
     assert_eq!(latest[5]["subject"], "e4");
     assert_eq!(latest[5]["data"], serde_json::json!({"fixed": true}));

@@ -264,11 +264,7 @@ fn a_refused_upcast_event_is_kept_as_stored_and_upcast_again_on_replay() {
     );
 
     fixed.store(true, Ordering::SeqCst);
-    run_ok(
-        std::process::Command::new(relay_bin())
-            .args(["--config", config.to_str().unwrap()])
-            .args(["dlq", "replay", "--all", "--sink", "hook"]),
-    );
+    relay_dlq(&config, &["replay", "--all", "--sink", "hook"]);
     let accepted = wait_accepted(&hook, 3, &relay);
     let replayed = bodies(&accepted)
         .into_iter()

@@ -43,13 +43,13 @@ pub struct DeadLetter {
 pub const EVENT_DOCUMENT: &str = "outbox_relay_event";
 
 impl DeadLetter {
-    /// A dead letter for an event refused after mapping (by validation or by a sink).
     /// A dead letter for an event whose payload fails its JSON Schema (streamed or
     /// backfilled alike).
     pub fn invalid_payload(event: &Event, reason: String) -> Self {
         Self::from_event(event, "payload fails validation", reason, None)
     }
 
+    /// A dead letter for an event refused after mapping (by validation or by a sink).
     pub fn from_event(
         event: &Event,
         kind: &'static str,

@@ -203,11 +203,9 @@ fn unix_micros() -> i64 {
 /// Sends `events` until the sink takes them, backing off on retryable errors; rejected events
 /// go to the dead-letter store, and their indices are returned. The events' states live here,
 /// one per event, and every retry of the batch hands the sink the same ones: what an earlier
-/// attempt settled is not sent again.
-/// Sends `events` to the worker's sink until it answers for every one; stores the events it
-/// refused as dead letters and returns their indexes. `stored` holds the events as the outbox
-/// stored them (`events` may be their upcast copies, a subset in the same order): a dead
-/// letter keeps the stored event, so its replay is upcast again like the original.
+/// attempt settled is not sent again. `stored` holds the events as the outbox stored them
+/// (`events` may be their upcast copies, a subset in the same order): a dead letter keeps
+/// the stored event, so its replay is upcast again like the original.
 pub(super) async fn deliver(
     worker: &mut SinkWorker,
     events: &[Event],
@@ -240,27 +238,28 @@ pub(super) async fn deliver(
     let mut rejected = Vec::with_capacity(rejections.len());
     for rejection in rejections {
         rejected.push(rejection.index);
-        let sent = &events[rejection.index];
-        let original = sent.original_schema_version.and_then(|from| {
-            let at = stored
-                .binary_search_by(|e| e.position.cmp(&sent.position))
-                .ok()?;
-            Some((&stored[at], from))
-        });
-        let (event, reason) = match (original, sent.schema_version) {
-            (Some((event, from)), Some(to)) => (
-                event,
-                format!(
-                    "{} (sent upcast from version {from} to {to}; kept here as stored, version {from})",
-                    rejection.reason
-                ),
-            ),
-            _ => (sent, rejection.reason),
-        };
+        let (event, reason) = as_stored(&events[rejection.index], stored, rejection.reason);
         let letter = (event, "refused by the sink", reason);
         store_for_sink(dead_letters, slot, &worker.name, letter).await?;
     }
     Ok(rejected)
+}
+
+/// The event the outbox stored for `sent`, and the sink's `reason`, saying the versions
+/// when `sent` is an upcast copy (found among `stored` by position); `sent` itself otherwise.
+fn as_stored<'a>(sent: &'a Event, stored: &'a [Event], reason: String) -> (&'a Event, String) {
+    let versions = sent.original_schema_version.zip(sent.schema_version);
+    let original = stored
+        .binary_search_by(|e| e.position.cmp(&sent.position))
+        .ok()
+        .map(|at| &stored[at]);
+    match (versions, original) {
+        (Some((from, to)), Some(original)) => (
+            original,
+            format!("{reason} (sent upcast from version {from} to {to}; kept here as stored, version {from})"),
+        ),
+        _ => (sent, reason),
+    }
 }
 
 /// Stores a dead letter of sink `sink` (an event it refused, or could not have at its

@@ -798,16 +798,29 @@ pub fn init(config: &Path) {
     );
 }
 
-/// Runs `command` and fails the test with its standard error unless it succeeds.
-pub fn run_ok(command: &mut Command) -> Output {
-    let out = command.output().unwrap();
+/// Runs the relay with `args` after `--config config` (`dlq replay ID`, …).
+pub fn relay_command_args(config: &Path, args: &[&str]) -> Output {
+    Command::new(relay_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+/// Runs `outbox-relay dlq` with `args` and returns what it printed; fails the test, with
+/// its standard error, unless it succeeds.
+pub fn relay_dlq(config: &Path, args: &[&str]) -> String {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(args);
+    let out = relay_command_args(config, &all);
     assert!(
         out.status.success(),
-        "{:?} failed: {}",
-        command,
+        "dlq {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    out
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs a one-shot relay command (`init`, `check`, `status`).
